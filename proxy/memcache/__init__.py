@@ -1,0 +1,1 @@
+"""Sans-IO Memcached text protocol: request and response framing."""

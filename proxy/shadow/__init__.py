@@ -1,0 +1,1 @@
+"""Shadow path: sampling, translation to Redis, dispatch and comparison."""
