@@ -1,0 +1,581 @@
+"""memshadow's configuration: the YAML schema as frozen dataclasses, validation that names the
+file, line and key of every mistake, and the command-line flags that override the file."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import math
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, cast
+from urllib.parse import quote, unquote, urlsplit
+
+import yaml
+from yaml.constructor import SafeConstructor
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from proxy.errors import ConfigError, InvalidValue, MemshadowError
+
+DEFAULTS_SOURCE = "defaults"
+COMMAND_LINE = "command line"
+
+_STR_TAG = "tag:yaml.org,2002:str"
+_INT_TAG = "tag:yaml.org,2002:int"
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_NULL_TAG = "tag:yaml.org,2002:null"
+
+# A DNS name or IPv4 literal: letters, digits, '-', '_' and '.', not starting or ending with '.'.
+_HOSTNAME_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?")
+_PORT_RE = re.compile(r"[0-9]{1,5}")
+_SIZE_RE = re.compile(r"([0-9]+)\s*(B|KiB|MiB|GiB)?", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+_LOG_FORMATS = ("text", "json")
+
+LogFormat = Literal["text", "json"]
+
+
+class _Conflict(MemshadowError):
+    """Two options of one section disagree. The error is reported at the first of ``fields``
+    that the file sets. Never leaves this module."""
+
+    def __init__(self, fields: tuple[str, ...], problem: str) -> None:
+        super().__init__(problem)
+        self.fields = fields
+        self.problem = problem
+
+
+def _check_host(host: str) -> str:
+    if not host:
+        raise InvalidValue("missing host")
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise InvalidValue(f"invalid IPv6 address {host!r}") from None
+        return host
+    if not _HOSTNAME_RE.fullmatch(host):
+        raise InvalidValue(f"invalid host name {host!r}")
+    return host
+
+
+def _check_port(text: str, *, allow_zero: bool) -> int:
+    low = 0 if allow_zero else 1
+    port = int(text) if _PORT_RE.fullmatch(text) else -1
+    if not low <= port <= 65535:
+        raise InvalidValue(f"port must be a number between {low} and 65535, got {text!r}")
+    return port
+
+
+def _format_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    """A TCP address. IPv6 hosts are kept without brackets and printed with them."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, *, allow_port_zero: bool = False) -> HostPort:
+        """Parse ``HOST:PORT`` or ``[IPV6]:PORT``; raise InvalidValue (a ValueError) naming
+        what is wrong. Port 0 (pick any free port) is only accepted with allow_port_zero."""
+        text = text.strip()
+        if text.startswith("["):
+            close = text.find("]")
+            if close < 0:
+                raise InvalidValue(f"missing ']' in {text!r}; expected [IPV6]:PORT")
+            host, rest = text[1:close], text[close + 1 :]
+            if not rest.startswith(":"):
+                raise InvalidValue(f"expected [IPV6]:PORT, got {text!r}")
+            port_text = rest[1:]
+            if not host or ":" not in host:
+                raise InvalidValue(f"brackets are only for IPv6 addresses, got {text!r}")
+        else:
+            host, sep, port_text = text.rpartition(":")
+            if not sep:
+                raise InvalidValue(f"expected HOST:PORT, got {text!r}")
+            if not host:
+                raise InvalidValue(
+                    f"missing host in {text!r}; expected HOST:PORT, e.g. 127.0.0.1:11211"
+                )
+            if ":" in host:
+                raise InvalidValue(
+                    f"IPv6 addresses must be in brackets, e.g. [::1]:11211; got {text!r}"
+                )
+        return cls(_check_host(host), _check_port(port_text, allow_zero=allow_port_zero))
+
+    def __str__(self) -> str:
+        return f"{_format_host(self.host)}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class RedisURL:
+    """Where the shadow copy lives: ``redis[s]://[[USER]:PASSWORD@]HOST[:PORT][/DB]``.
+
+    str() hides the password so the value can be logged; to_url() gives it back in full.
+    """
+
+    host: str
+    port: int = 6379
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> RedisURL:
+        """Parse a Redis URL; raise InvalidValue (a ValueError) naming what is wrong."""
+        text = text.strip()
+        if "://" not in text:
+            raise InvalidValue(f"expected a URL like redis://HOST:PORT/DB, got {_redact(text)!r}")
+        try:
+            parts = urlsplit(text)
+        except ValueError as exc:  # e.g. an unclosed '[' of an IPv6 host
+            raise InvalidValue(f"{exc} in {_redact(text)!r}") from None
+        scheme = parts.scheme.lower()
+        if scheme not in ("redis", "rediss"):
+            raise InvalidValue(
+                f"scheme must be redis:// or rediss://, got {parts.scheme + '://'!r}"
+            )
+        if parts.query:
+            raise InvalidValue(f"query parameters are not supported, got '?{parts.query}'")
+        if parts.fragment:
+            raise InvalidValue(f"fragments are not supported, got '#{parts.fragment}'")
+        netloc = parts.netloc.rpartition("@")[2]
+        if not parts.hostname:
+            raise InvalidValue(f"missing host in {_redact(text)!r}")
+        host = _check_host(parts.hostname)
+        port = 6379
+        port_text = netloc.rpartition("]")[2] if netloc.startswith("[") else netloc
+        if ":" in port_text:
+            port = _check_port(port_text.rpartition(":")[2], allow_zero=False)
+        path = parts.path
+        if path in ("", "/"):
+            db = 0
+        elif re.fullmatch(r"/[0-9]{1,9}", path):
+            db = int(path[1:])
+        else:
+            raise InvalidValue(
+                f"database must be a number, as in redis://HOST:PORT/0; got {path!r}"
+            )
+        username = unquote(parts.username) if parts.username else None
+        password = unquote(parts.password) if parts.password is not None else None
+        if username is not None and password is None:
+            raise InvalidValue("a user name needs a password: redis://USER:PASSWORD@HOST")
+        return cls(host, port, db, username, password or None, scheme == "rediss")
+
+    def to_url(self, *, redact: bool = False) -> str:
+        scheme = "rediss" if self.tls else "redis"
+        auth = ""
+        if self.password is not None:
+            secret = "***" if redact else quote(self.password, safe="")
+            auth = f"{quote(self.username or '', safe='')}:{secret}@"
+        return f"{scheme}://{auth}{_format_host(self.host)}:{self.port}/{self.db}"
+
+    def __str__(self) -> str:
+        return self.to_url(redact=True)
+
+
+def _redact(url: str) -> str:
+    # Error messages quote the URL; never echo a password back to a terminal or log.
+    return re.sub(r":[^/@:]*@", ":***@", url)
+
+
+# --- value parsers: one YAML node in, a Python value out, or _Invalid -------------------------
+
+_constructor = SafeConstructor()
+
+
+def _scalar(node: Node) -> Any:
+    return _constructor.construct_object(node) if isinstance(node, ScalarNode) else None
+
+
+def _describe(node: Node) -> str:
+    """How to show a bad value in a message: the YAML text the user wrote."""
+    if isinstance(node, MappingNode):
+        return "a mapping"
+    if isinstance(node, SequenceNode):
+        return "a list"
+    text = str(node.value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    if node.tag == _NULL_TAG:
+        return "nothing (null)"
+    if node.tag == _BOOL_TAG:
+        return f"{text} (a boolean)"
+    if node.tag == _STR_TAG:
+        return repr(text)
+    return text
+
+
+def _plain_text(node: Node) -> str | None:
+    """The raw text of a scalar whatever YAML resolved it to: `1:30` would otherwise be the
+    sexagesimal int 90, which is never what someone writing an address meant."""
+    if isinstance(node, ScalarNode) and node.tag != _NULL_TAG:
+        return str(node.value)
+    return None
+
+
+def _number(node: Node) -> float | None:
+    if not isinstance(node, ScalarNode) or node.tag == _BOOL_TAG:
+        return None
+    if node.tag in (_INT_TAG, _FLOAT_TAG):
+        value = float(_scalar(node))
+    elif node.tag == _STR_TAG and node.style is None:
+        # PyYAML (YAML 1.1) leaves 1e-3 as a string; an unquoted number is still a number.
+        try:
+            value = float(node.value)
+        except ValueError:
+            return None
+    else:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _host_port_parser(*, allow_port_zero: bool) -> Callable[[Node], HostPort]:
+    def parse(node: Node) -> HostPort:
+        text = _plain_text(node)
+        if text is None:
+            raise InvalidValue(f"must be HOST:PORT, e.g. 127.0.0.1:11211; got {_describe(node)}")
+        return HostPort.parse(text, allow_port_zero=allow_port_zero)
+
+    return parse
+
+
+def _redis_url(node: Node) -> RedisURL | None:
+    if isinstance(node, ScalarNode) and node.tag == _NULL_TAG:
+        return None
+    text = _plain_text(node)
+    if text is None:
+        raise InvalidValue(f"must be a redis:// URL or null, got {_describe(node)}")
+    return RedisURL.parse(text)
+
+
+def _fraction(node: Node) -> float:
+    value = _number(node)
+    if value is None or not 0.0 <= value <= 1.0:
+        raise InvalidValue(f"must be a number between 0 and 1, got {_describe(node)}")
+    return value
+
+
+def _positive_int(node: Node) -> int:
+    if isinstance(node, ScalarNode) and node.tag == _INT_TAG and (value := _scalar(node)) > 0:
+        return int(value)
+    raise InvalidValue(f"must be a whole number above zero, got {_describe(node)}")
+
+
+def _byte_size(node: Node) -> int:
+    value: int | None = None
+    if isinstance(node, ScalarNode) and node.tag == _INT_TAG:
+        value = int(_scalar(node))
+    elif isinstance(node, ScalarNode) and node.tag == _STR_TAG:
+        match = _SIZE_RE.fullmatch(node.value.strip())
+        if match:
+            value = int(match[1]) * _SIZE_UNITS[(match[2] or "b").lower()]
+    if value is None or value <= 0:
+        raise InvalidValue(
+            f"must be a positive number of bytes, e.g. 65536 or 64KiB; got {_describe(node)}"
+        )
+    return value
+
+
+def _seconds_parser(*, allow_zero: bool) -> Callable[[Node], float]:
+    def parse(node: Node) -> float:
+        value = _number(node)
+        if value is None or value < 0 or (value == 0 and not allow_zero):
+            wanted = "zero or more" if allow_zero else "more than zero"
+            raise InvalidValue(f"must be a number of seconds, {wanted}; got {_describe(node)}")
+        return value
+
+    return parse
+
+
+def _choice_parser(choices: tuple[str, ...]) -> Callable[[Node], str]:
+    def parse(node: Node) -> str:
+        text = _plain_text(node) if node.tag == _STR_TAG else None
+        if text is not None and text.lower() in choices:
+            return text.lower()
+        hint = ""
+        if text is not None and (close := difflib.get_close_matches(text.lower(), choices, 1)):
+            hint = f" (did you mean {close[0]!r}?)"
+        raise InvalidValue(f"must be one of {', '.join(choices)}; got {_describe(node)}{hint}")
+
+    return parse
+
+
+def _parsed_by(parse: Callable[[Node], Any]) -> dict[str, Any]:
+    """Field metadata: this option's YAML node is turned into a value by ``parse``."""
+    return {"parse": parse}
+
+
+def _section_of(factory: Callable[[], Any]) -> dict[str, Any]:
+    """Field metadata: this option is a nested mapping of further options."""
+    return {"section": factory}
+
+
+# --- the schema --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """Bounds on what one client connection may make the proxy buffer."""
+
+    # Longest non-get command line; memcached closes connections that exceed its own limit.
+    max_line_bytes: int = field(default=2048, metadata=_parsed_by(_byte_size))
+    # Multi-get lines are buffered up to this; a longer one gets the connection relayed unframed.
+    max_get_line_bytes: int = field(default=8 << 20, metadata=_parsed_by(_byte_size))
+    # Values larger than this are streamed through, never buffered (memcached's 1 MiB item
+    # limit plus room for the header).
+    max_value_bytes: int = field(default=(1 << 20) + 512, metadata=_parsed_by(_byte_size))
+    # Requests awaiting a reply on one connection before the proxy stops reading the client.
+    max_pending_requests: int = field(default=4096, metadata=_parsed_by(_positive_int))
+    # Transport write-buffer water marks for flow control between client and upstream.
+    write_buffer_high: int = field(default=256 << 10, metadata=_parsed_by(_byte_size))
+    write_buffer_low: int = field(default=64 << 10, metadata=_parsed_by(_byte_size))
+
+
+def _check_limits(limits: LimitsConfig) -> None:
+    if limits.write_buffer_low > limits.write_buffer_high:
+        raise _Conflict(
+            ("write_buffer_low", "write_buffer_high"),
+            f"write_buffer_low ({limits.write_buffer_low}) must not exceed "
+            f"write_buffer_high ({limits.write_buffer_high})",
+        )
+    if limits.max_get_line_bytes < limits.max_line_bytes:
+        raise _Conflict(
+            ("max_get_line_bytes", "max_line_bytes"),
+            f"max_get_line_bytes ({limits.max_get_line_bytes}) must be at least "
+            f"max_line_bytes ({limits.max_line_bytes})",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowConfig:
+    """Which keys are mirrored to Redis, and which Redis."""
+
+    redis: RedisURL | None = field(default=None, metadata=_parsed_by(_redis_url))
+    sample_rate: float = field(default=0.0, metadata=_parsed_by(_fraction))
+
+    @property
+    def enabled(self) -> bool:
+        """Shadowing happens only with both a Redis URL and a non-zero rate. A rate without a
+        URL is not an error, so a file may set the rate and --redis supply the server."""
+        return self.redis is not None and self.sample_rate > 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = field(default="info", metadata=_parsed_by(_choice_parser(_LOG_LEVELS)))
+    format: LogFormat = field(default="text", metadata=_parsed_by(_choice_parser(_LOG_FORMATS)))
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration. ``source`` says where it came from (a path or "defaults")
+    and is not part of equality."""
+
+    listen: HostPort = field(
+        default=HostPort("127.0.0.1", 11311),
+        metadata=_parsed_by(_host_port_parser(allow_port_zero=True)),
+    )
+    memcached: HostPort = field(
+        default=HostPort("127.0.0.1", 11211),
+        metadata=_parsed_by(_host_port_parser(allow_port_zero=False)),
+    )
+    admin: HostPort = field(
+        default=HostPort("127.0.0.1", 9180),
+        metadata=_parsed_by(_host_port_parser(allow_port_zero=True)),
+    )
+    shadow: ShadowConfig = field(default_factory=ShadowConfig, metadata=_section_of(ShadowConfig))
+    limits: LimitsConfig = field(default_factory=LimitsConfig, metadata=_section_of(LimitsConfig))
+    upstream_connect_timeout: float = field(
+        default=2.0, metadata=_parsed_by(_seconds_parser(allow_zero=False))
+    )
+    shutdown_timeout: float = field(
+        default=10.0, metadata=_parsed_by(_seconds_parser(allow_zero=True))
+    )
+    log: LogConfig = field(default_factory=LogConfig, metadata=_section_of(LogConfig))
+    source: str = field(default=DEFAULTS_SOURCE, compare=False)
+
+
+# Checks that involve several options of one section, run after the section is built.
+_SECTION_CHECKS: dict[type[Any], Callable[[Any], None]] = {LimitsConfig: _check_limits}
+
+
+_T = TypeVar("_T")
+
+
+def option_paths(cls: type[Any] = Config, prefix: str = "") -> Iterator[str]:
+    """Every dotted option name of the schema, e.g. ``shadow.sample_rate``."""
+    for f in dataclasses.fields(cls):
+        if "section" in f.metadata:
+            yield from option_paths(f.metadata["section"], f"{prefix}{f.name}.")
+        elif "parse" in f.metadata:
+            yield f"{prefix}{f.name}"
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+class _Loader:
+    """Walks the composed YAML tree against the dataclass schema, keeping marks for errors."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+
+    def error(self, node: Node | None, key: str, problem: str) -> ConfigError:
+        line = node.start_mark.line + 1 if node is not None and node.start_mark else None
+        return ConfigError(self.file, problem, line=line, key=key)
+
+    def section(self, cls: type[_T], node: Node | None, path: str) -> _T:
+        if node is None or (isinstance(node, ScalarNode) and node.tag == _NULL_TAG):
+            return cls()  # "shadow:" with every option commented out means defaults
+        if not isinstance(node, MappingNode):
+            where = path or "top level"
+            raise self.error(node, where, f"must be a mapping of options, got {_describe(node)}")
+        fields = {
+            f.name: f
+            for f in dataclasses.fields(cast(Any, cls))
+            if "parse" in f.metadata or "section" in f.metadata
+        }
+        values: dict[str, Any] = {}
+        nodes: dict[str, Node] = {}
+        for key_node, value_node in node.value:
+            if not (isinstance(key_node, ScalarNode) and key_node.tag == _STR_TAG):
+                raise self.error(key_node, path or "top level", "option names must be plain words")
+            name = key_node.value
+            dotted = f"{path}.{name}" if path else name
+            if name in nodes:
+                first = nodes[name].start_mark.line + 1
+                raise self.error(key_node, dotted, f"given twice (first on line {first})")
+            nodes[name] = key_node
+            spec = fields.get(name)
+            if spec is None:
+                raise self.error(key_node, dotted, _unknown_key_problem(name, path, list(fields)))
+            if "section" in spec.metadata:
+                values[name] = self.section(spec.metadata["section"], value_node, dotted)
+                continue
+            try:
+                values[name] = spec.metadata["parse"](value_node)
+            except InvalidValue as exc:
+                raise self.error(value_node, dotted, exc.problem) from None
+        result = cls(**values)
+        try:
+            _SECTION_CHECKS.get(cls, _no_check)(result)
+        except _Conflict as exc:
+            name = next((n for n in exc.fields if n in nodes), exc.fields[0])
+            key = f"{path}.{name}" if path else name
+            raise self.error(nodes.get(name, node), key, exc.problem) from None
+        return result
+
+
+def _no_check(section: Any) -> None:
+    pass
+
+
+def _unknown_key_problem(name: str, path: str, valid: list[str]) -> str:
+    problem = f"unknown option {name!r}"
+    close = difflib.get_close_matches(name, valid, n=1)
+    if close:
+        here = f"{path}.{close[0]}" if path else close[0]
+        return f"{problem} (did you mean {here!r}?)"
+    elsewhere = [p for p in option_paths() if p.rsplit(".", 1)[-1] == name or p == name]
+    if elsewhere:
+        return f"{problem} here (did you mean {elsewhere[0]!r}?)"
+    return f"{problem}; valid options here: {', '.join(valid)}"
+
+
+def load_config(path: str | None) -> Config:
+    """Read and validate a YAML config file; None gives the defaults. Raises ConfigError."""
+    if path is None:
+        return Config()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read config file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, f"config file is not UTF-8 text ({exc.reason})") from None
+    return parse_config(text, source=path)
+
+
+def parse_config(text: str, *, source: str) -> Config:
+    """Validate YAML text; ``source`` names it in errors and becomes Config.source."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else None
+        detail = exc.problem or "syntax error"
+        if exc.context:
+            started = ""
+            if exc.context_mark is not None and exc.context_mark.line + 1 != line:
+                started = f" started on line {exc.context_mark.line + 1}"
+            detail = f"{detail} ({exc.context}{started})"
+        raise ConfigError(source, f"invalid YAML: {detail}", line=line) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, f"invalid YAML: {exc}") from None
+    config = _Loader(source).section(Config, root, "")
+    return dataclasses.replace(config, source=source)
+
+
+def apply_overrides(
+    config: Config,
+    *,
+    listen: str | None = None,
+    memcached: str | None = None,
+    redis: str | None = None,
+    sample_rate: str | float | None = None,
+    admin: str | None = None,
+) -> Config:
+    """Return config with command-line values in place of the file's. Values are the raw flag
+    text; a bad one raises ConfigError whose key is the flag (``--sample-rate``). An empty
+    ``redis`` turns shadowing off."""
+
+    def flag(name: str, parse: Callable[[str], _T], raw: str) -> _T:
+        try:
+            return parse(raw)
+        except InvalidValue as exc:
+            raise ConfigError(COMMAND_LINE, exc.problem, key=name) from None
+
+    changes: dict[str, Any] = {}
+    if listen is not None:
+        changes["listen"] = flag("--listen", _flag_host_port(allow_port_zero=True), listen)
+    if memcached is not None:
+        changes["memcached"] = flag(
+            "--memcached", _flag_host_port(allow_port_zero=False), memcached
+        )
+    if admin is not None:
+        changes["admin"] = flag("--admin", _flag_host_port(allow_port_zero=True), admin)
+    shadow = config.shadow
+    if redis is not None:
+        parsed = flag("--redis", RedisURL.parse, redis) if redis.strip() else None
+        shadow = dataclasses.replace(shadow, redis=parsed)
+    if sample_rate is not None:
+        shadow = dataclasses.replace(
+            shadow, sample_rate=flag("--sample-rate", _flag_fraction, str(sample_rate))
+        )
+    if shadow is not config.shadow:
+        changes["shadow"] = shadow
+    return dataclasses.replace(config, **changes)
+
+
+def _flag_host_port(*, allow_port_zero: bool) -> Callable[[str], HostPort]:
+    return lambda text: HostPort.parse(text, allow_port_zero=allow_port_zero)
+
+
+def _flag_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:  # also rejects nan
+        raise InvalidValue(f"must be a number between 0 and 1, got {text!r}")
+    return value

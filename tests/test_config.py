@@ -1,0 +1,605 @@
+"""Config schema, validation messages (file, line, key, problem) and command-line overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+from pathlib import Path
+
+import pytest
+import yaml
+
+from proxy.config import (
+    COMMAND_LINE,
+    Config,
+    HostPort,
+    LimitsConfig,
+    LogConfig,
+    RedisURL,
+    ShadowConfig,
+    apply_overrides,
+    load_config,
+    option_paths,
+    parse_config,
+)
+from proxy.errors import ConfigError, InvalidValue, MemshadowError
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "memshadow.yaml"
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "memshadow.yaml"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def error_of(tmp_path: Path, text: str) -> ConfigError:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.file == path
+    return info.value
+
+
+# --- ConfigError itself ------------------------------------------------------------------------
+
+
+def test_config_error_message_names_file_line_key_and_problem() -> None:
+    err = ConfigError(
+        "config/memshadow.yaml",
+        "must be a number between 0 and 1, got 'abc'",
+        line=12,
+        key="shadow.sample_rate",
+    )
+    assert str(err) == (
+        "config/memshadow.yaml:12: shadow.sample_rate: must be a number between 0 and 1, got 'abc'"
+    )
+    assert isinstance(err, MemshadowError)
+
+
+def test_config_error_without_line_or_key() -> None:
+    assert str(ConfigError("a.yaml", "cannot read", key="listen")) == "a.yaml: listen: cannot read"
+    assert str(ConfigError("a.yaml", "cannot read")) == "a.yaml: cannot read"
+
+
+def test_config_error_survives_pickling() -> None:
+    err = ConfigError("a.yaml", "bad", line=3, key="log.level")
+    copy = pickle.loads(pickle.dumps(err))
+    assert (copy.file, copy.line, copy.key, copy.problem) == ("a.yaml", 3, "log.level", "bad")
+    assert str(copy) == str(err)
+
+
+def test_invalid_value_is_a_value_error_and_a_memshadow_error() -> None:
+    with pytest.raises(ValueError):
+        HostPort.parse("nope")
+    with pytest.raises(MemshadowError):
+        HostPort.parse("nope")
+
+
+# --- defaults and the example file ---------------------------------------------------------------
+
+
+def test_defaults() -> None:
+    config = load_config(None)
+    assert config.source == "defaults"
+    assert config.listen == HostPort("127.0.0.1", 11311)
+    assert config.memcached == HostPort("127.0.0.1", 11211)
+    assert config.admin == HostPort("127.0.0.1", 9180)
+    assert config.shadow == ShadowConfig(redis=None, sample_rate=0.0)
+    assert not config.shadow.enabled
+    assert config.limits == LimitsConfig(
+        max_line_bytes=2048,
+        max_get_line_bytes=8 * 1024 * 1024,
+        max_value_bytes=1048576 + 512,
+        max_pending_requests=4096,
+        write_buffer_high=256 * 1024,
+        write_buffer_low=64 * 1024,
+    )
+    assert config.upstream_connect_timeout == 2.0
+    assert config.shutdown_timeout == 10.0
+    assert config.log == LogConfig(level="info", format="text")
+
+
+@pytest.mark.parametrize("text", ["", "\n", "# only a comment\n", "---\n", "~\n"])
+def test_empty_file_means_defaults(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text)
+    config = load_config(path)
+    assert config == Config()
+    assert config.source == path
+
+
+def test_empty_sections_mean_defaults(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "shadow:\nlimits:\nlog:\n")) == Config()
+
+
+def test_example_file_loads_and_equals_the_defaults() -> None:
+    config = load_config(str(EXAMPLE))
+    assert config == Config()
+    assert config.source == str(EXAMPLE)
+
+
+def test_example_file_sets_every_option() -> None:
+    tree = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
+    for dotted in option_paths():
+        node = tree
+        for part in dotted.split("."):
+            assert part in node, f"{dotted} is missing from {EXAMPLE.name}"
+            node = node[part]
+
+
+def test_example_file_comments_every_option() -> None:
+    # Each option line is preceded by a comment line (or shares the comment of a pair).
+    lines = EXAMPLE.read_text(encoding="utf-8").splitlines()
+    for dotted in option_paths():
+        leaf = dotted.rsplit(".", 1)[-1]
+        index = next(i for i, line in enumerate(lines) if line.strip().startswith(f"{leaf}:"))
+        above = [line.strip() for line in lines[max(0, index - 2) : index]]
+        assert any(line.startswith("#") for line in above), f"{dotted} has no comment"
+
+
+def test_full_file(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+listen: 0.0.0.0:21311
+memcached: "[::1]:21211"
+admin: localhost:0
+upstream_connect_timeout: 0.5
+shutdown_timeout: 0
+shadow:
+  redis: rediss://app:s%40cret@redis.example:6380/2
+  sample_rate: 0.25
+limits:
+  max_line_bytes: 4KiB
+  max_get_line_bytes: 1 MiB
+  max_value_bytes: 2097152
+  max_pending_requests: 16
+  write_buffer_high: 1MiB
+  write_buffer_low: 1MiB
+log:
+  level: DEBUG
+  format: json
+""",
+    )
+    config = load_config(path)
+    assert config.listen == HostPort("0.0.0.0", 21311)
+    assert config.memcached == HostPort("::1", 21211)
+    assert config.admin == HostPort("localhost", 0)
+    assert config.upstream_connect_timeout == 0.5
+    assert config.shutdown_timeout == 0.0
+    assert config.shadow.redis == RedisURL(
+        host="redis.example", port=6380, db=2, username="app", password="s@cret", tls=True
+    )
+    assert config.shadow.sample_rate == 0.25
+    assert config.shadow.enabled
+    assert config.limits == LimitsConfig(4096, 1 << 20, 2097152, 16, 1 << 20, 1 << 20)
+    assert config.log == LogConfig(level="debug", format="json")
+
+
+def test_unquoted_exponent_is_a_number(tmp_path: Path) -> None:
+    # PyYAML resolves 1e-3 to a string; an unquoted number should still work.
+    path = write(tmp_path, "shadow:\n  redis: redis://r\n  sample_rate: 1e-3\n")
+    assert load_config(path).shadow.sample_rate == 0.001
+
+
+def test_config_is_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Config().listen = HostPort("h", 1)  # type: ignore[misc]
+
+
+# --- every error a user can trigger in a file ------------------------------------------------
+
+
+def test_unknown_key_suggests_the_closest(tmp_path: Path) -> None:
+    err = error_of(tmp_path, "listen: 127.0.0.1:1\nshadow:\n  sample_rat: 0.1\n")
+    assert (err.line, err.key) == (3, "shadow.sample_rat")
+    assert err.problem == "unknown option 'sample_rat' (did you mean 'shadow.sample_rate'?)"
+    assert str(err) == (
+        f"{err.file}:3: shadow.sample_rat: unknown option 'sample_rat' "
+        "(did you mean 'shadow.sample_rate'?)"
+    )
+
+
+def test_unknown_top_level_key_suggests_the_closest(tmp_path: Path) -> None:
+    err = error_of(tmp_path, "\nmemcache: 127.0.0.1:11211\n")
+    assert (err.line, err.key) == (2, "memcache")
+    assert "did you mean 'memcached'?" in err.problem
+
+
+def test_key_in_the_wrong_section_names_the_right_one(tmp_path: Path) -> None:
+    err = error_of(tmp_path, "sample_rate: 0.1\n")
+    assert err.key == "sample_rate"
+    assert "did you mean 'shadow.sample_rate'?" in err.problem
+
+
+def test_unknown_key_without_a_close_match_lists_valid_keys(tmp_path: Path) -> None:
+    err = error_of(tmp_path, "log:\n  colour: yes\n")
+    assert (err.line, err.key) == (2, "log.colour")
+    assert err.problem == "unknown option 'colour'; valid options here: level, format"
+
+
+def test_duplicate_key(tmp_path: Path) -> None:
+    err = error_of(tmp_path, "listen: 127.0.0.1:1\n\nlisten: 127.0.0.1:2\n")
+    assert (err.line, err.key) == (3, "listen")
+    assert err.problem == "given twice (first on line 1)"
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "key", "problem"),
+    [
+        (
+            "shadow:\n  sample_rate: abc\n",
+            2,
+            "shadow.sample_rate",
+            "must be a number between 0 and 1, got 'abc'",
+        ),
+        (
+            "shadow:\n  sample_rate: 1.5\n",
+            2,
+            "shadow.sample_rate",
+            "must be a number between 0 and 1, got 1.5",
+        ),
+        (
+            "shadow:\n  sample_rate: -0.1\n",
+            2,
+            "shadow.sample_rate",
+            "must be a number between 0 and 1, got -0.1",
+        ),
+        (
+            "shadow:\n  sample_rate: .nan\n",
+            2,
+            "shadow.sample_rate",
+            "must be a number between 0 and 1, got .nan",
+        ),
+        (
+            "shadow:\n  sample_rate: true\n",
+            2,
+            "shadow.sample_rate",
+            "must be a number between 0 and 1, got true (a boolean)",
+        ),
+        (
+            "shadow:\n  sample_rate: '0.5'\n",
+            2,
+            "shadow.sample_rate",
+            "must be a number between 0 and 1, got '0.5'",
+        ),
+        (
+            "listen: [127.0.0.1, 11311]\n",
+            1,
+            "listen",
+            "must be HOST:PORT, e.g. 127.0.0.1:11211; got a list",
+        ),
+        ("listen:\n", 1, "listen", "must be HOST:PORT, e.g. 127.0.0.1:11211; got nothing (null)"),
+        ("shadow: yes\n", 1, "shadow", "must be a mapping of options, got yes (a boolean)"),
+        ("- listen\n", 1, "top level", "must be a mapping of options, got a list"),
+        (
+            "limits:\n  max_line_bytes: lots\n",
+            2,
+            "limits.max_line_bytes",
+            "must be a positive number of bytes, e.g. 65536 or 64KiB; got 'lots'",
+        ),
+        (
+            "limits:\n  max_value_bytes: 0\n",
+            2,
+            "limits.max_value_bytes",
+            "must be a positive number of bytes, e.g. 65536 or 64KiB; got 0",
+        ),
+        (
+            "limits:\n  max_value_bytes: 1.5\n",
+            2,
+            "limits.max_value_bytes",
+            "must be a positive number of bytes, e.g. 65536 or 64KiB; got 1.5",
+        ),
+        (
+            "limits:\n  max_pending_requests: 0\n",
+            2,
+            "limits.max_pending_requests",
+            "must be a whole number above zero, got 0",
+        ),
+        (
+            "limits:\n  max_line_bytes: 1\n  write_buffer_high: 1KiB\n",
+            3,  # write_buffer_low keeps its default, so the option the file sets is blamed
+            "limits.write_buffer_high",
+            "write_buffer_low (65536) must not exceed write_buffer_high (1024)",
+        ),
+        (
+            "limits:\n  write_buffer_low: 2MiB\n  write_buffer_high: 1MiB\n",
+            2,
+            "limits.write_buffer_low",
+            "write_buffer_low (2097152) must not exceed write_buffer_high (1048576)",
+        ),
+        (
+            "limits:\n  max_line_bytes: 4096\n  max_get_line_bytes: 1024\n",
+            3,
+            "limits.max_get_line_bytes",
+            "max_get_line_bytes (1024) must be at least max_line_bytes (4096)",
+        ),
+        (
+            "upstream_connect_timeout: 0\n",
+            1,
+            "upstream_connect_timeout",
+            "must be a number of seconds, more than zero; got 0",
+        ),
+        (
+            "shutdown_timeout: -1\n",
+            1,
+            "shutdown_timeout",
+            "must be a number of seconds, zero or more; got -1",
+        ),
+        (
+            "shutdown_timeout: soon\n",
+            1,
+            "shutdown_timeout",
+            "must be a number of seconds, zero or more; got 'soon'",
+        ),
+        (
+            "log:\n  level: warn\n",
+            2,
+            "log.level",
+            "must be one of debug, info, warning, error, critical; got 'warn' "
+            "(did you mean 'warning'?)",
+        ),
+        ("log:\n  format: xml\n", 2, "log.format", "must be one of text, json; got 'xml'"),
+        (
+            "log:\n  level: 3\n",
+            2,
+            "log.level",
+            "must be one of debug, info, warning, error, critical; got 3",
+        ),
+        ("1: x\n", 1, "top level", "option names must be plain words"),
+    ],
+)
+def test_wrong_values(tmp_path: Path, text: str, line: int, key: str, problem: str) -> None:
+    err = error_of(tmp_path, text)
+    assert (err.line, err.key, err.problem) == (line, key, problem)
+    assert str(err) == f"{err.file}:{line}: {key}: {problem}"
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (":11311", "missing host in ':11311'; expected HOST:PORT, e.g. 127.0.0.1:11211"),
+        ("localhost", "expected HOST:PORT, got 'localhost'"),
+        ("11311", "expected HOST:PORT, got '11311'"),
+        ("'localhost:'", "port must be a number between 0 and 65535, got ''"),
+        ("localhost:http", "port must be a number between 0 and 65535, got 'http'"),
+        ("localhost:65536", "port must be a number between 0 and 65535, got '65536'"),
+        ("localhost:-1", "port must be a number between 0 and 65535, got '-1'"),
+        ("::1:11311", "IPv6 addresses must be in brackets, e.g. [::1]:11211; got '::1:11311'"),
+        ("'[::1:11311'", "missing ']' in '[::1:11311'; expected [IPV6]:PORT"),
+        ("'[::1]11311'", "expected [IPV6]:PORT, got '[::1]11311'"),
+        ("'[localhost]:1'", "brackets are only for IPv6 addresses, got '[localhost]:1'"),
+        ("'[fe80::zz]:1'", "invalid IPv6 address 'fe80::zz'"),
+        ("bad host:1", "invalid host name 'bad host'"),
+        ("-dash:1", "invalid host name '-dash'"),
+    ],
+)
+def test_bad_host_port(tmp_path: Path, value: str, problem: str) -> None:
+    err = error_of(tmp_path, f"log:\n  level: info\nlisten: {value}\n")
+    assert (err.line, err.key, err.problem) == (3, "listen", problem)
+
+
+def test_port_zero_only_for_listening_addresses(tmp_path: Path) -> None:
+    assert (
+        load_config(write(tmp_path, "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\n")).listen.port == 0
+    )
+    err = error_of(tmp_path, "memcached: 127.0.0.1:0\n")
+    assert (err.key, err.problem) == (
+        "memcached",
+        "port must be a number between 1 and 65535, got '0'",
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("http://localhost:6379", "scheme must be redis:// or rediss://, got 'http://'"),
+        ("localhost:6379", "expected a URL like redis://HOST:PORT/DB, got 'localhost:6379'"),
+        ("redis://", "missing host in 'redis://'"),
+        ("redis://:6379", "missing host in 'redis://:6379'"),
+        ("redis://h:99999", "port must be a number between 1 and 65535, got '99999'"),
+        ("redis://h:0", "port must be a number between 1 and 65535, got '0'"),
+        ("redis://h:port", "port must be a number between 1 and 65535, got 'port'"),
+        ("redis://h/db1", "database must be a number, as in redis://HOST:PORT/0; got '/db1'"),
+        ("redis://h/1/2", "database must be a number, as in redis://HOST:PORT/0; got '/1/2'"),
+        ("redis://h/0?timeout=1", "query parameters are not supported, got '?timeout=1'"),
+        ("redis://h/0#x", "fragments are not supported, got '#x'"),
+        ("redis://user@h", "a user name needs a password: redis://USER:PASSWORD@HOST"),
+        ("redis://bad_host!:1", "invalid host name 'bad_host!'"),
+        ("redis://u:hunter2@:6379", "missing host in 'redis://u:***@:6379'"),
+        ("[1, 2]", "must be a redis:// URL or null, got a list"),
+    ],
+)
+def test_bad_redis_url(tmp_path: Path, value: str, problem: str) -> None:
+    err = error_of(tmp_path, f"shadow:\n  redis: {value}\n")
+    assert (err.line, err.key, err.problem) == (2, "shadow.redis", problem)
+    assert "hunter2" not in str(err)
+
+
+def test_bad_yaml_syntax_names_the_line(tmp_path: Path) -> None:
+    err = error_of(tmp_path, "listen: 127.0.0.1:1\nshadow:\n  redis: [\n")
+    assert err.line == 4
+    assert err.key == ""
+    assert err.problem.startswith("invalid YAML: ")
+    assert str(err).startswith(f"{err.file}:4: invalid YAML: ")
+
+
+def test_yaml_mapping_error_names_the_line(tmp_path: Path) -> None:
+    err = error_of(tmp_path, "listen: 127.0.0.1:1\nlog: level: info\n")
+    assert err.line == 2
+    assert err.problem == "invalid YAML: mapping values are not allowed here"
+
+
+def test_yaml_tab_indentation(tmp_path: Path) -> None:
+    err = error_of(tmp_path, "log:\n\tlevel: info\n")
+    assert err.line == 2
+    assert "invalid YAML" in err.problem
+
+
+def test_two_documents_are_an_error(tmp_path: Path) -> None:
+    err = error_of(tmp_path, "listen: 127.0.0.1:1\n---\nlisten: 127.0.0.1:2\n")
+    assert err.line == 2
+    assert "expected a single document" in err.problem
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = str(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: cannot read config file: No such file or directory"
+    assert info.value.line is None
+
+
+def test_directory_instead_of_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(str(tmp_path))
+    assert str(info.value) == f"{tmp_path}: cannot read config file: Is a directory"
+
+
+def test_file_that_is_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"listen: caf\xe9:1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert "not UTF-8" in info.value.problem
+
+
+def test_parse_config_names_the_given_source() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config("log: {level: loud}\n", source="<inline>")
+    assert str(info.value).startswith("<inline>:1: log.level: must be one of")
+
+
+# --- HostPort and RedisURL -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected", "rendered"),
+    [
+        ("127.0.0.1:11211", HostPort("127.0.0.1", 11211), "127.0.0.1:11211"),
+        ("localhost:1", HostPort("localhost", 1), "localhost:1"),
+        (" cache-1.example.com:65535 ", HostPort("cache-1.example.com", 65535), None),
+        ("[::1]:11311", HostPort("::1", 11311), "[::1]:11311"),
+        ("[::]:0", HostPort("::", 0), "[::]:0"),
+    ],
+)
+def test_host_port_round_trip(text: str, expected: HostPort, rendered: str | None) -> None:
+    parsed = HostPort.parse(text, allow_port_zero=True)
+    assert parsed == expected
+    assert str(parsed) == (rendered or text.strip())
+    assert HostPort.parse(str(parsed), allow_port_zero=True) == parsed
+
+
+def test_host_port_rejects_port_zero_by_default() -> None:
+    with pytest.raises(InvalidValue, match="between 1 and 65535"):
+        HostPort.parse("h:0")
+
+
+def test_redis_url_defaults_and_rendering() -> None:
+    url = RedisURL.parse("redis://cache")
+    assert url == RedisURL(host="cache", port=6379, db=0, username=None, password=None, tls=False)
+    assert url.to_url() == "redis://cache:6379/0"
+    ipv6 = RedisURL.parse("rediss://[::1]:6380/5")
+    assert (ipv6.host, ipv6.port, ipv6.db, ipv6.tls) == ("::1", 6380, 5, True)
+    assert str(ipv6) == "rediss://[::1]:6380/5"
+
+
+def test_redis_url_password_is_hidden_from_str_and_repr() -> None:
+    url = RedisURL.parse("redis://user:p%40ss%2Fword@h:1/3")
+    assert (url.username, url.password) == ("user", "p@ss/word")
+    assert str(url) == "redis://user:***@h:1/3"
+    assert "p@ss" not in repr(url)
+    assert url.to_url() == "redis://user:p%40ss%2Fword@h:1/3"
+    assert RedisURL.parse(url.to_url()) == url
+
+
+def test_redis_url_password_without_user() -> None:
+    url = RedisURL.parse("redis://:secret@h")
+    assert (url.username, url.password) == (None, "secret")
+    assert url.to_url() == "redis://:secret@h:6379/0"
+    assert RedisURL.parse(url.to_url()) == url
+
+
+# --- command-line overrides ------------------------------------------------------------------
+
+
+def test_overrides_replace_file_values(tmp_path: Path) -> None:
+    base = load_config(
+        write(tmp_path, "listen: 127.0.0.1:1\nshadow:\n  sample_rate: 0.5\nlog:\n  level: debug\n")
+    )
+    config = apply_overrides(
+        base,
+        listen="0.0.0.0:2",
+        memcached="[::1]:3",
+        redis="redis://r:4/1",
+        sample_rate="0.125",
+        admin="127.0.0.1:0",
+    )
+    assert config.listen == HostPort("0.0.0.0", 2)
+    assert config.memcached == HostPort("::1", 3)
+    assert config.admin == HostPort("127.0.0.1", 0)
+    assert config.shadow == ShadowConfig(redis=RedisURL("r", 4, 1), sample_rate=0.125)
+    assert config.log.level == "debug"  # untouched options keep the file's value
+    assert config.source == base.source
+
+
+def test_no_overrides_returns_an_equal_config() -> None:
+    base = Config()
+    assert apply_overrides(base) == base
+
+
+def test_sample_rate_override_accepts_a_float() -> None:
+    assert apply_overrides(Config(), sample_rate=1.0).shadow.sample_rate == 1.0
+
+
+def test_empty_redis_override_turns_shadowing_off() -> None:
+    base = apply_overrides(Config(), redis="redis://r", sample_rate="1")
+    assert base.shadow.enabled
+    config = apply_overrides(base, redis="")
+    assert config.shadow.redis is None
+    assert not config.shadow.enabled
+
+
+def test_rate_without_redis_is_allowed_but_disabled() -> None:
+    config = apply_overrides(Config(), sample_rate="0.5")
+    assert config.shadow.sample_rate == 0.5
+    assert not config.shadow.enabled
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            {"sample_rate": "abc"},
+            "command line: --sample-rate: must be a number between 0 and 1, got 'abc'",
+        ),
+        (
+            {"sample_rate": "2"},
+            "command line: --sample-rate: must be a number between 0 and 1, got '2'",
+        ),
+        (
+            {"sample_rate": "nan"},
+            "command line: --sample-rate: must be a number between 0 and 1, got 'nan'",
+        ),
+        (
+            {"listen": ":11311"},
+            "command line: --listen: missing host in ':11311'; expected HOST:PORT, "
+            "e.g. 127.0.0.1:11211",
+        ),
+        (
+            {"memcached": "127.0.0.1:0"},
+            "command line: --memcached: port must be a number between 1 and 65535, got '0'",
+        ),
+        ({"admin": "localhost"}, "command line: --admin: expected HOST:PORT, got 'localhost'"),
+        (
+            {"redis": "http://x"},
+            "command line: --redis: scheme must be redis:// or rediss://, got 'http://'",
+        ),
+    ],
+)
+def test_bad_override_names_the_flag(flags: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        apply_overrides(Config(), **flags)
+    assert str(info.value) == message
+    assert info.value.file == COMMAND_LINE
+    assert info.value.key.startswith("--")
