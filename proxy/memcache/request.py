@@ -1,0 +1,355 @@
+"""Incremental request framer for the Memcached text protocol (classic and meta), sans-IO.
+
+Fed arbitrary chunks of client bytes, it finds request boundaries exactly as memcached 1.6.18
+does (line ending, tokenizer, when a data block follows and how long it is) and tells the
+caller which requests have replies it cannot predict, so that an `mn` sentinel can be put
+after them (REFERENCE 3). It never re-serialises: the caller forwards the client's own bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import IntEnum
+
+from proxy.memcache.numbers import INT32_MAX, safe_strtol, safe_strtoul, safe_strtoull
+
+KEY_MAX_LENGTH = 250
+# memcached's tokenizer keeps at most 23 words; ms refuses more than 19 (ntokens > 20).
+MAX_WORDS = 23
+META_SET_MAX_WORDS = 19
+SENTINEL = b"mn\r\n"
+
+
+class Expect(IntEnum):
+    """The shape of the reply memcached will send for a request."""
+
+    RETRIEVAL = 0  # VALUE ... END, or one error line
+    LINE = 1  # exactly one line
+    META = 2  # one line, plus a data block when it is `VA <n>`
+    UNTIL_SENTINEL = 3  # unknown count: everything up to the MN of our injected `mn`
+    CLOSE = 4  # no reply; memcached closes the connection (quit)
+    STREAM = 5  # the connection becomes a raw stream (watch)
+
+
+@dataclass(frozen=True, slots=True)
+class FramingLimits:
+    """Bounds on what the framer buffers; past them a connection is relayed without framing."""
+
+    max_line_bytes: int = 2048
+    max_get_line_bytes: int = 8 * 1024 * 1024
+    max_value_bytes: int = 1024 * 1024 + 512
+
+
+class Request:
+    """One client request, registered when its command line is complete.
+
+    `data` is filled when the data block has arrived, if it was captured; `complete` tells
+    whether the whole request (line and block) has been read.
+    """
+
+    __slots__ = (
+        "capture",
+        "command",
+        "complete",
+        "data",
+        "data_len",
+        "data_ok",
+        "expect",
+        "line",
+        "response",
+        "sentinel",
+        "started",
+        "words",
+    )
+
+    def __init__(
+        self,
+        line: bytes,
+        words: list[bytes],
+        command: str,
+        expect: Expect,
+        sentinel: bool,
+        data_len: int = -1,
+    ) -> None:
+        self.line = line
+        self.words = words
+        self.command = command
+        # A request followed by a sentinel is answered by whatever comes before the MN.
+        self.expect = Expect.UNTIL_SENTINEL if sentinel else expect
+        self.sentinel = sentinel
+        self.data_len = data_len  # -1: no data block follows
+        self.data: bytes | None = None
+        self.data_ok = True  # False when the block did not end in \r\n (bad data chunk)
+        self.complete = data_len < 0
+        self.capture = False
+        self.started = 0.0
+        self.response: bytes | None = None
+
+    def __repr__(self) -> str:
+        return f"Request({self.line[:60]!r}, expect={self.expect.name}, sentinel={self.sentinel})"
+
+    @property
+    def key(self) -> bytes | None:
+        """The key of a single-key command, None for multi-key or keyless ones."""
+        if self.command in _MULTI_KEY or self.command in _KEYLESS or len(self.words) < 2:
+            return None
+        return self.words[1]
+
+    @property
+    def keys(self) -> list[bytes]:
+        """Every key the request names (several for get/gets/gat/gats)."""
+        if self.command in ("get", "gets", "bget"):
+            return self.words[1:]
+        if self.command in ("gat", "gats"):
+            return self.words[2:]
+        key = self.key
+        return [] if key is None else [key]
+
+
+_MULTI_KEY = frozenset(("get", "gets", "bget", "gat", "gats"))
+_KEYLESS = frozenset(
+    ("flush_all", "version", "verbosity", "stats", "quit", "mn", "watch", "unknown")
+)
+
+# Commands whose label is their own name in metrics; anything else is "unknown".
+_LABELS: dict[bytes, str] = {
+    name.encode(): name
+    for name in [
+        "get",
+        "gets",
+        "bget",
+        "gat",
+        "gats",
+        "set",
+        "add",
+        "replace",
+        "append",
+        "prepend",
+        "cas",
+        "delete",
+        "incr",
+        "decr",
+        "touch",
+        "flush_all",
+        "version",
+        "verbosity",
+        "stats",
+        "quit",
+        "mn",
+        "mg",
+        "ms",
+        "md",
+        "ma",
+        "me",
+        "watch",
+        "shutdown",
+        "cache_memlimit",
+        "slabs",
+        "lru",
+        "lru_crawler",
+        "misbehave",
+        "debugtime",
+    ]
+}
+_STORAGE_WORDS = {b"set": 5, b"add": 5, b"replace": 5, b"append": 5, b"prepend": 5, b"cas": 6}
+_SIMPLE_LINE = frozenset((b"delete", b"incr", b"decr", b"touch", b"flush_all", b"verbosity"))
+_META_NO_DATA = frozenset((b"mg", b"md", b"ma"))
+
+
+def _words(line: bytes) -> list[bytes]:
+    """memcached's tokenizer: split on the space character only, collapse runs."""
+    words = line.split(b" ")
+    if b"" in words:
+        words = [w for w in words if w]
+    return words
+
+
+def _storage_data_len(words: list[bytes], is_cas: bool) -> int:
+    """Data block length for a classic storage line, or -1 when memcached reads no block."""
+    if len(words) not in ((6, 7) if is_cas else (5, 6)):
+        return -1
+    if len(words[1]) > KEY_MAX_LENGTH:
+        return -1
+    if safe_strtoul(words[2]) is None or safe_strtol(words[3]) is None:
+        return -1
+    vlen = safe_strtol(words[4])
+    if vlen is None or (is_cas and safe_strtoull(words[5]) is None):
+        return -1
+    if vlen < 0 or vlen > INT32_MAX - 2:
+        return -1
+    return vlen
+
+
+def _meta_set_data_len(words: list[bytes]) -> int:
+    """Data block length for `ms`, or -1 when memcached reads no block (REFERENCE 2.2)."""
+    if len(words) < 3 or len(words[1]) > KEY_MAX_LENGTH or len(words) > META_SET_MAX_WORDS:
+        return -1
+    vlen = safe_strtol(words[2])
+    if vlen is None or vlen < 0 or vlen > INT32_MAX - 2:
+        return -1
+    return vlen
+
+
+def _quiet(flags: list[bytes]) -> bool:
+    return any(flag[0] == 113 for flag in flags)  # 'q'
+
+
+def parse_line(raw: bytes) -> Request:
+    """Classify one command line (without its \\n) the way memcached would dispatch it."""
+    line = raw
+    if len(line) > 1 and line[-1] == 13:  # memcached strips \r only from lines of 2+ bytes
+        line = line[:-1]
+    nul = line.find(b"\0")
+    if nul >= 0:  # memcached uses strlen(): a NUL ends the line
+        line = line[:nul]
+    words = _words(line)
+    if not words:
+        return Request(raw, words, "unknown", Expect.UNTIL_SENTINEL, True)
+    name = words[0]
+    label = _LABELS.get(name, "unknown")
+    last_is_noreply = words[-1] == b"noreply"
+
+    if label in _MULTI_KEY:
+        return Request(raw, words, label, Expect.RETRIEVAL, last_is_noreply)
+    wanted = _STORAGE_WORDS.get(name)
+    if wanted is not None:
+        data_len = _storage_data_len(words, name == b"cas")
+        return Request(raw, words, label, Expect.LINE, last_is_noreply, data_len)
+    if name == b"ms":
+        data_len = _meta_set_data_len(words)
+        quiet = len(words) > MAX_WORDS or _quiet(words[3:])
+        return Request(raw, words, label, Expect.META, quiet, data_len)
+    if name in _META_NO_DATA:
+        quiet = len(words) > MAX_WORDS or _quiet(words[2:])
+        return Request(raw, words, label, Expect.META, quiet)
+    if name == b"mn":
+        return Request(raw, words, label, Expect.LINE, False)
+    if name == b"me":
+        return Request(raw, words, label, Expect.META, len(words) > MAX_WORDS)
+    if name in _SIMPLE_LINE:
+        return Request(raw, words, label, Expect.LINE, last_is_noreply or len(words) > MAX_WORDS)
+    if name == b"version":
+        return Request(raw, words, label, Expect.LINE, last_is_noreply)
+    if name == b"quit":
+        return Request(raw, words, label, Expect.CLOSE, False)
+    if name == b"watch":
+        return Request(raw, words, label, Expect.STREAM, False)
+    # stats, lru_crawler, slabs, unknown commands...: replies of varied shape and count.
+    return Request(raw, words, label, Expect.UNTIL_SENTINEL, True)
+
+
+class RequestFramer:
+    """Turns a stream of client bytes into Requests, with the places to put sentinels.
+
+    `feed(chunk)` returns the requests whose command line completed in this chunk (in order)
+    and the offsets in the chunk after which `mn\\r\\n` must be sent upstream. After a
+    `watch`, `quit`, a binary-protocol first byte or an over-long line, the framer turns
+    `raw`: later bytes are forwarded with no framing (`raw_reason` says why).
+    """
+
+    def __init__(
+        self,
+        limits: FramingLimits | None = None,
+        capture: Callable[[Request], bool] | None = None,
+    ) -> None:
+        self.limits = limits or FramingLimits()
+        self._capture = capture
+        self.raw = False
+        self.raw_reason = ""
+        self._started = False
+        self._partial = bytearray()
+        self._block_left = 0  # bytes of the current data block (with \r\n) still to come
+        self._block_req: Request | None = None
+        self._block_buf: bytearray | None = None
+
+    def _go_raw(self, reason: str) -> None:
+        self.raw = True
+        self.raw_reason = reason
+        self._partial = bytearray()
+
+    def feed(self, data: bytes) -> tuple[list[Request], list[int]]:
+        requests: list[Request] = []
+        cuts: list[int] = []
+        if self.raw or not data:
+            return requests, cuts
+        if not self._started:
+            self._started = True
+            if data[0] == 0x80:
+                self._go_raw("binary_protocol")
+                return requests, cuts
+        n = len(data)
+        pos = 0
+        if self._block_left:
+            pos = self._take_block(data, 0)
+            if self._block_left:
+                return requests, cuts
+            self._finish_block(cuts, pos)
+        while pos < n:
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                self._partial += data[pos:]
+                self._check_partial()
+                break
+            if self._partial:
+                self._partial += data[pos:nl]
+                raw = bytes(self._partial)
+                self._partial = bytearray()
+            else:
+                raw = data[pos:nl]
+            pos = nl + 1
+            request = parse_line(raw)
+            requests.append(request)
+            if request.data_len >= 0:
+                self._block_req = request
+                self._block_left = request.data_len + 2
+                capture = self._capture is not None and self._capture(request)
+                request.capture = capture
+                if capture and request.data_len <= self.limits.max_value_bytes:
+                    self._block_buf = bytearray()
+                pos = self._take_block(data, pos)
+                if self._block_left:
+                    break
+                self._finish_block(cuts, pos)
+                continue
+            if self._capture is not None:
+                request.capture = self._capture(request)
+            if request.sentinel:
+                cuts.append(pos)
+            elif request.expect == Expect.CLOSE or request.expect == Expect.STREAM:
+                self._go_raw(request.command)
+                break
+        return requests, cuts
+
+    def _take_block(self, data: bytes, pos: int) -> int:
+        take = min(self._block_left, len(data) - pos)
+        if self._block_buf is not None:
+            self._block_buf += data[pos : pos + take]
+        self._block_left -= take
+        return pos + take
+
+    def _finish_block(self, cuts: list[int], pos: int) -> None:
+        request = self._block_req
+        assert request is not None
+        buf = self._block_buf
+        if buf is not None:
+            request.data_ok = buf[-2:] == b"\r\n"
+            request.data = bytes(buf[:-2])
+        request.complete = True
+        self._block_req = None
+        self._block_buf = None
+        if request.sentinel:
+            cuts.append(pos)
+
+    def _check_partial(self) -> None:
+        """Bound the partial line as memcached does: only get/gets lines may grow past 2 KiB."""
+        size = len(self._partial)
+        if size <= self.limits.max_line_bytes:
+            return
+        stripped = self._partial.lstrip(b" ")
+        if size - len(stripped) > 100 or not (
+            stripped.startswith(b"get ") or stripped.startswith(b"gets ")
+        ):
+            self._go_raw("line_too_long")
+        elif size > self.limits.max_get_line_bytes:
+            self._go_raw("get_line_too_long")

@@ -1,0 +1,346 @@
+"""The client path: listener, client sessions and their Memcached upstream connections.
+
+Each client connection gets its own upstream connection. Client bytes go upstream unchanged
+(an `mn` sentinel is inserted after requests whose reply count is unknown), replies come back
+unchanged (minus the sentinels' `MN`), and every (request, reply) pair is handed to an
+optional observer: the shadow's one narrow entry point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
+
+from proxy.memcache.request import SENTINEL, Expect, FramingLimits, Request, RequestFramer
+from proxy.memcache.response import ResponseFramer
+
+if TYPE_CHECKING:
+    from proxy.config import Config
+    from proxy.health import UpstreamHealth
+    from proxy.metrics import ProxyMetrics
+
+log = logging.getLogger("memshadow.server")
+
+# Why the client side of a session is not being read (a bit each).
+_PAUSE_UPSTREAM_FULL = 1  # Memcached's socket buffer is full
+_PAUSE_PENDING = 2  # too many requests await a reply
+_PAUSE_CONNECTING = 4  # the upstream connection is not up yet
+_PAUSE_DRAINING = 8  # the proxy is shutting down
+
+ReplyObserver = Callable[[list[Request]], None]
+CaptureDecider = Callable[[Request], bool]
+
+
+class _Upstream(asyncio.Protocol):
+    """The Memcached side of one session; everything it hears goes to the session."""
+
+    def __init__(self, session: ClientSession) -> None:
+        self.session = session
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        _set_nodelay(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.session.upstream_data(data)
+
+    def eof_received(self) -> bool:
+        return False  # close; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.session.upstream_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.session.pause_client(_PAUSE_UPSTREAM_FULL)
+
+    def resume_writing(self) -> None:
+        self.session.resume_client(_PAUSE_UPSTREAM_FULL)
+
+
+class ClientSession(asyncio.Protocol):
+    """One client connection and its private Memcached connection."""
+
+    def __init__(self, proxy: ProxyServer) -> None:
+        self.proxy = proxy
+        config = proxy.config
+        limits = config.limits
+        self.pending: deque[Request] = deque()
+        self.requests = RequestFramer(
+            FramingLimits(
+                max_line_bytes=limits.max_line_bytes,
+                max_get_line_bytes=limits.max_get_line_bytes,
+                max_value_bytes=limits.max_value_bytes,
+            ),
+            capture=proxy.capture,
+        )
+        self.replies = ResponseFramer(self.pending)
+        self.max_pending = limits.max_pending_requests
+        self.transport: asyncio.Transport | None = None
+        self.upstream: _Upstream | None = None
+        self._paused = 0
+        self._closed = False
+        self._client_eof = False
+        self._connect_task: asyncio.Task[None] | None = None
+        self._unframed_reported = False
+        self._early: list[bytes] = []
+
+    # -- client side ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        _set_nodelay(transport)
+        limits = self.proxy.config.limits
+        self.transport.set_write_buffer_limits(limits.write_buffer_high, limits.write_buffer_low)
+        self.proxy.session_opened(self)
+        self.pause_client(_PAUSE_CONNECTING)
+        self._connect_task = asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> None:
+        proxy = self.proxy
+        target = proxy.config.memcached
+        loop = asyncio.get_running_loop()
+        try:
+            _, upstream = await asyncio.wait_for(
+                loop.create_connection(lambda: _Upstream(self), target.host, target.port),
+                proxy.config.upstream_connect_timeout,
+            )
+        except (TimeoutError, OSError) as exc:
+            kind = "connect_timeout" if isinstance(exc, asyncio.TimeoutError) else "connect"
+            proxy.upstream_failed(kind, exc)
+            self.close()
+            return
+        if self._closed:
+            assert upstream.transport is not None
+            upstream.transport.close()
+            return
+        proxy.upstream_ok()
+        self.upstream = upstream
+        assert upstream.transport is not None
+        limits = proxy.config.limits
+        upstream.transport.set_write_buffer_limits(
+            limits.write_buffer_high, limits.write_buffer_low
+        )
+        early, self._early = self._early, []
+        for chunk in early:
+            self.data_received(chunk)
+        self.resume_client(_PAUSE_CONNECTING)
+        if self._client_eof:
+            self._forward_eof()
+
+    def data_received(self, data: bytes) -> None:
+        upstream = self.upstream
+        if upstream is None or upstream.transport is None:
+            # uvloop may deliver data before pause_reading() from connection_made applies.
+            self._early.append(data)
+            return
+        requests, cuts = self.requests.feed(data)
+        if requests:
+            now = time.perf_counter()
+            for request in requests:
+                request.started = now
+            self.pending.extend(requests)
+            if len(self.pending) >= self.max_pending:
+                self.pause_client(_PAUSE_PENDING)
+        if self.requests.raw and not self._unframed_reported:
+            self._unframed_reported = True
+            self.proxy.metrics.unframed(self.requests.raw_reason)
+        if not cuts:
+            upstream.transport.write(data)
+            return
+        pieces: list[bytes] = []
+        start = 0
+        for cut in cuts:
+            pieces.append(data[start:cut])
+            pieces.append(SENTINEL)
+            start = cut
+        pieces.append(data[start:])
+        upstream.transport.write(b"".join(pieces))
+
+    def eof_received(self) -> bool:
+        # Half-close: let Memcached see the EOF after our forwarded bytes, as it would directly.
+        self._client_eof = True
+        if self.upstream is not None:
+            self._forward_eof()
+        return True
+
+    def _forward_eof(self) -> None:
+        upstream = self.upstream
+        if upstream is None or upstream.transport is None:
+            return
+        if upstream.transport.can_write_eof():
+            upstream.transport.write_eof()
+        else:
+            upstream.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        if self._connect_task is not None and not self._connect_task.done():
+            self._connect_task.cancel()
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.close()
+        self.pending.clear()
+        self.proxy.session_closed(self)
+
+    def pause_writing(self) -> None:
+        # The client reads slowly: stop reading Memcached's replies for it.
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.resume_reading()
+
+    # -- upstream side -------------------------------------------------------------------
+
+    def upstream_data(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None or self._closed:
+            return
+        pieces, done = self.replies.feed(data)
+        if len(pieces) == 1:
+            if pieces[0]:
+                transport.write(pieces[0])
+        else:
+            transport.write(b"".join(pieces))
+        if done:
+            now = time.perf_counter()
+            observe = self.proxy.metrics.requests.observe
+            for request in done:
+                observe(request.command, now - request.started)
+            observer = self.proxy.observer
+            if observer is not None:
+                observer(done)
+            if self._paused & _PAUSE_PENDING and len(self.pending) < self.max_pending // 2:
+                self.resume_client(_PAUSE_PENDING)
+        if self.proxy.draining and not self.pending:
+            self.close()
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        if self._closed:
+            return
+        if self.pending and self.pending[0].expect != Expect.CLOSE and not self.proxy.draining:
+            self.proxy.upstream_failed("disconnect", exc)
+        self.close()
+
+    # -- flow control and life cycle -----------------------------------------------------
+
+    def pause_client(self, reason: int) -> None:
+        was = self._paused
+        self._paused |= reason
+        if not was and self.transport is not None and not self._closed:
+            self.transport.pause_reading()
+
+    def resume_client(self, reason: int) -> None:
+        if not self._paused & reason:
+            return
+        self._paused &= ~reason
+        if not self._paused and self.transport is not None and not self._closed:
+            self.transport.resume_reading()
+
+    def drain(self) -> None:
+        """Shutdown: read no more requests, close once every pending reply has been sent."""
+        self.pause_client(_PAUSE_DRAINING)
+        if not self.pending or self.upstream is None:
+            self.close()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()  # flushes what is buffered, then connection_lost
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class ProxyServer:
+    """Accepts clients and runs a ClientSession for each."""
+
+    def __init__(
+        self,
+        config: Config,
+        metrics: ProxyMetrics,
+        health: UpstreamHealth | None = None,
+        *,
+        capture: CaptureDecider | None = None,
+        observer: ReplyObserver | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.health = health
+        self.capture = capture
+        self.observer = observer
+        self.sessions: set[ClientSession] = set()
+        self.draining = False
+        self._server: asyncio.Server | None = None
+        self._all_closed = asyncio.Event()
+        self._all_closed.set()
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        assert self._server is not None and self._server.sockets
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return str(host), int(port)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        listen = self.config.listen
+        self._server = await loop.create_server(
+            lambda: ClientSession(self), listen.host, listen.port, reuse_address=True, backlog=1024
+        )
+
+    async def stop(self, timeout: float) -> None:
+        """Stop accepting, let in-flight requests finish within `timeout`, then close all."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        for session in list(self.sessions):
+            session.drain()
+        try:
+            await asyncio.wait_for(self._all_closed.wait(), timeout)
+        except TimeoutError:
+            log.warning("shutdown: %d connections still busy, closing them", len(self.sessions))
+            for session in list(self.sessions):
+                session.abort()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+
+    def session_opened(self, session: ClientSession) -> None:
+        self.sessions.add(session)
+        self._all_closed.clear()
+        self.metrics.client_opened()
+        if self.draining:
+            session.close()
+
+    def session_closed(self, session: ClientSession) -> None:
+        if session in self.sessions:
+            self.sessions.discard(session)
+            self.metrics.client_closed()
+        if not self.sessions:
+            self._all_closed.set()
+
+    def upstream_failed(self, kind: str, exc: BaseException | None) -> None:
+        self.metrics.upstream_error(kind)
+        if self.health is not None and kind.startswith("connect"):
+            self.health.note_failure()
+        log.debug("upstream %s: %s", kind, exc)
+
+    def upstream_ok(self) -> None:
+        if self.health is not None:
+            self.health.note_success()
+
+
+def _set_nodelay(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
