@@ -1,0 +1,205 @@
+"""Every Prometheus metric memshadow exports, defined in one place on a private registry.
+
+The request path never calls prometheus_client: RequestStats.observe() only bumps plain Python
+ints, and a custom collector turns them into a counter and a histogram when /metrics is
+scraped. Measured on the 2-core dev machine (Python 3.11.7, 1M calls, best of 5; reproduce
+with MEMSHADOW_BENCH=1 pytest tests/test_metrics.py -k bench -s):
+RequestStats.observe 0.15-0.17 us, prometheus Histogram child.observe 0.69-0.72 us,
+Histogram.labels(cmd).observe 1.57-1.64 us: 4x and 10x the cost of observe().
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator
+from typing import Final
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from proxy import __version__
+
+# Upper bounds (le) of the request latency histogram; +Inf is implicit. Sub-millisecond
+# resolution because a proxied get on loopback takes tens of microseconds.
+DURATION_BUCKETS: Final[tuple[float, ...]] = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
+
+# Label values come from what clients send; at most this many series (OTHER_COMMAND included)
+# exist, later new commands counting as OTHER_COMMAND, so a client cannot grow the exposition.
+MAX_COMMANDS: Final = 64
+OTHER_COMMAND: Final = "other"
+
+# Bucket labels spelled exactly as prometheus_client's own Histogram spells them ("5e-05").
+_go_float: Callable[[float], str] = floatToGoString  # untyped upstream
+_BUCKET_LABELS: Final = (*(_go_float(b) for b in DURATION_BUCKETS), "+Inf")
+
+
+class _CommandStats:
+    """Latency observations of one command: non-cumulative bucket counts and their sum."""
+
+    __slots__ = ("buckets", "total_seconds")
+
+    def __init__(self) -> None:
+        # One slot per bound plus the +Inf overflow slot.
+        self.buckets = [0] * (len(DURATION_BUCKETS) + 1)
+        self.total_seconds = 0.0
+
+
+class RequestStats:
+    """Per-command request counts and latency histograms, kept as plain Python numbers.
+
+    Single-threaded by design: observe() and the scrape both run on the event loop.
+    """
+
+    __slots__ = ("_commands",)
+
+    def __init__(self) -> None:
+        self._commands: dict[str, _CommandStats] = {}
+
+    def observe(self, command: str, seconds: float) -> None:
+        """Count one request of ``command`` that took ``seconds``. Hot path: keep it tiny."""
+        stats = self._commands.get(command)
+        if stats is None:
+            stats = self._add(command)
+        # bisect_left: a value equal to a bound belongs in that bound's bucket (le is <=).
+        stats.buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        stats.total_seconds += seconds
+
+    def _add(self, command: str) -> _CommandStats:
+        if len(self._commands) >= MAX_COMMANDS - 1:  # keep the last slot for "other"
+            command = OTHER_COMMAND
+            existing = self._commands.get(command)
+            if existing is not None:
+                return existing
+        stats = self._commands[command] = _CommandStats()
+        return stats
+
+    def count(self, command: str) -> int:
+        stats = self._commands.get(command)
+        return sum(stats.buckets) if stats is not None else 0
+
+    def snapshot(self) -> Iterator[tuple[str, list[int], float]]:
+        """(command, cumulative bucket counts ending with +Inf, sum of seconds), by command."""
+        for command in sorted(self._commands):
+            stats = self._commands[command]
+            cumulative: list[int] = []
+            running = 0
+            for count in stats.buckets:
+                running += count
+                cumulative.append(running)
+            yield command, cumulative, stats.total_seconds
+
+
+class _RequestCollector(Collector):
+    """Exports RequestStats at scrape time as memshadow_requests_total and
+    memshadow_request_duration_seconds."""
+
+    def __init__(self, stats: RequestStats) -> None:
+        self._stats = stats
+
+    def _families(self) -> tuple[CounterMetricFamily, HistogramMetricFamily]:
+        return (
+            CounterMetricFamily(
+                "memshadow_requests",
+                "Client requests forwarded to Memcached, by command.",
+                labels=["command"],
+            ),
+            HistogramMetricFamily(
+                "memshadow_request_duration_seconds",
+                "Time from a request's arrival to its reply's, by command.",
+                labels=["command"],
+            ),
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        # Lets the registry refuse a second collector exporting the same names.
+        return self._families()
+
+    def collect(self) -> Iterable[Metric]:
+        requests, durations = self._families()
+        for command, cumulative, total_seconds in self._stats.snapshot():
+            requests.add_metric([command], cumulative[-1])
+            durations.add_metric(
+                [command],
+                buckets=list(zip(_BUCKET_LABELS, cumulative, strict=True)),
+                sum_value=total_seconds,
+            )
+        return (requests, durations)
+
+
+class ProxyMetrics:
+    """All of memshadow's metrics on one registry of their own, so tests can make several.
+
+    Connection-level events (open, close, upstream error, unframed relay) are rare enough
+    to use prometheus_client directly; per-request figures go through ``requests``.
+    """
+
+    def __init__(self, *, version: str = __version__) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = RequestStats()
+        self.registry.register(_RequestCollector(self.requests))
+        self._client_connections = Gauge(
+            "memshadow_client_connections",
+            "Client connections open now.",
+            registry=self.registry,
+        )
+        self._upstream_errors = Counter(
+            "memshadow_upstream_errors",
+            "Failures talking to Memcached, by kind (connect, timeout, closed, protocol).",
+            ["kind"],
+            registry=self.registry,
+        )
+        self._unframed = Counter(
+            "memshadow_unframed_connections",
+            "Client connections relayed raw without framing (and so without shadowing), "
+            "by reason (binary protocol, watch, line too long).",
+            ["reason"],
+            registry=self.registry,
+        )
+        build_info = Gauge(
+            "memshadow_build_info",
+            "Always 1; the version label says which memshadow is running.",
+            ["version"],
+            registry=self.registry,
+        )
+        build_info.labels(version).set(1)
+        ProcessCollector(registry=self.registry)
+
+    def client_opened(self) -> None:
+        self._client_connections.inc()
+
+    def client_closed(self) -> None:
+        self._client_connections.dec()
+
+    def upstream_error(self, kind: str) -> None:
+        self._upstream_errors.labels(kind).inc()
+
+    def unframed(self, reason: str) -> None:
+        self._unframed.labels(reason).inc()
+
+    def render(self) -> bytes:
+        """The registry in the Prometheus text exposition format (version 0.0.4)."""
+        return bytes(generate_latest(self.registry))

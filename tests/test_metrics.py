@@ -1,0 +1,224 @@
+"""Metric names, label sets and histogram buckets as Prometheus scrapes them.
+
+Micro-benchmark (opt-in, never a pass/fail test): MEMSHADOW_BENCH=1 pytest
+tests/test_metrics.py -k bench -s prints RequestStats.observe against prometheus_client's
+Histogram; the figures are quoted in proxy/metrics.py's docstring.
+"""
+
+from __future__ import annotations
+
+import os
+import timeit
+
+import pytest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from proxy import __version__
+from proxy.metrics import (
+    DURATION_BUCKETS,
+    MAX_COMMANDS,
+    OTHER_COMMAND,
+    ProxyMetrics,
+    RequestStats,
+)
+
+EXPECTED_BOUNDS = [
+    "5e-05",
+    "0.0001",
+    "0.00025",
+    "0.0005",
+    "0.001",
+    "0.0025",
+    "0.005",
+    "0.01",
+    "0.025",
+    "0.05",
+    "0.1",
+    "0.25",
+    "0.5",
+    "1.0",
+    "2.5",
+    "+Inf",
+]
+
+
+def samples(metrics: ProxyMetrics, name: str) -> list[Sample]:
+    text = metrics.render().decode()
+    return [s for f in text_string_to_metric_families(text) for s in f.samples if s.name == name]
+
+
+def value(metrics: ProxyMetrics, name: str, **labels: str) -> float:
+    found = [s.value for s in samples(metrics, name) if s.labels == labels]
+    assert len(found) == 1, f"{name}{labels}: {found}"
+    return found[0]
+
+
+def test_bucket_bounds_are_the_documented_ones() -> None:
+    assert DURATION_BUCKETS == (
+        0.00005,
+        0.0001,
+        0.00025,
+        0.0005,
+        0.001,
+        0.0025,
+        0.005,
+        0.01,
+        0.025,
+        0.05,
+        0.1,
+        0.25,
+        0.5,
+        1,
+        2.5,
+    )
+
+
+def test_exposition_has_every_metric_name() -> None:
+    metrics = ProxyMetrics()
+    metrics.requests.observe("get", 0.0002)
+    metrics.upstream_error("connect")
+    metrics.unframed("binary")
+    text = metrics.render().decode()
+    for line in [
+        "# TYPE memshadow_client_connections gauge",
+        "# TYPE memshadow_requests_total counter",
+        "# TYPE memshadow_request_duration_seconds histogram",
+        "# TYPE memshadow_upstream_errors_total counter",
+        "# TYPE memshadow_unframed_connections_total counter",
+        "# TYPE memshadow_build_info gauge",
+        'memshadow_requests_total{command="get"} 1.0',
+        'memshadow_upstream_errors_total{kind="connect"} 1.0',
+        'memshadow_unframed_connections_total{reason="binary"} 1.0',
+        f'memshadow_build_info{{version="{__version__}"}} 1.0',
+        "memshadow_client_connections 0.0",
+    ]:
+        assert line in text.splitlines(), line
+
+
+def test_histogram_buckets_after_observations() -> None:
+    metrics = ProxyMetrics()
+    for seconds in [0.00001, 0.00005, 0.00007, 0.0003, 0.0003, 0.004, 0.9, 1.0, 3.0]:
+        metrics.requests.observe("get", seconds)
+    metrics.requests.observe("set", 0.0002)
+
+    buckets = [
+        (s.labels["le"], s.value)
+        for s in samples(metrics, "memshadow_request_duration_seconds_bucket")
+        if s.labels["command"] == "get"
+    ]
+    assert [le for le, _ in buckets] == EXPECTED_BOUNDS
+    # Cumulative counts; a value equal to a bound (5e-05, 1.0) falls in that bound's bucket.
+    assert [count for _, count in buckets] == [2, 3, 3, 5, 5, 5, 6, 6, 6, 6, 6, 6, 6, 8, 8, 9]
+    assert value(metrics, "memshadow_request_duration_seconds_count", command="get") == 9
+    assert value(metrics, "memshadow_request_duration_seconds_sum", command="get") == pytest.approx(
+        4.90473
+    )
+    assert value(metrics, "memshadow_requests_total", command="get") == 9
+    assert value(metrics, "memshadow_requests_total", command="set") == 1
+    assert metrics.requests.count("get") == 9
+    assert metrics.requests.count("delete") == 0
+
+
+def test_matches_prometheus_client_histogram_exactly() -> None:
+    # The hand-rolled histogram must be indistinguishable from the library's own.
+    metrics = ProxyMetrics()
+    registry = CollectorRegistry()
+    reference = Histogram(
+        "memshadow_request_duration_seconds",
+        "Time from a request's arrival to its reply's, by command.",
+        ["command"],
+        buckets=DURATION_BUCKETS,
+        registry=registry,
+    )
+    observations = [("get", 0.00004), ("get", 0.0001), ("gets", 0.02), ("get", 7.5), ("set", 0.5)]
+    for command, seconds in observations:
+        metrics.requests.observe(command, seconds)
+        reference.labels(command).observe(seconds)
+
+    def histogram_lines(text: str) -> list[str]:
+        return sorted(
+            line
+            for line in text.splitlines()
+            if line.startswith("memshadow_request_duration_seconds_")
+            and not line.startswith("memshadow_request_duration_seconds_created")
+        )
+
+    ours = histogram_lines(metrics.render().decode())
+    theirs = histogram_lines(generate_latest(registry).decode())
+    assert ours == theirs
+    assert len(ours) == 3 * (len(EXPECTED_BOUNDS) + 2)
+
+
+def test_no_request_series_before_any_request() -> None:
+    metrics = ProxyMetrics()
+    assert samples(metrics, "memshadow_requests_total") == []
+    assert samples(metrics, "memshadow_request_duration_seconds_bucket") == []
+
+
+def test_client_connection_gauge() -> None:
+    metrics = ProxyMetrics()
+    metrics.client_opened()
+    metrics.client_opened()
+    metrics.client_closed()
+    assert value(metrics, "memshadow_client_connections") == 1
+
+
+def test_error_and_unframed_counters_by_label() -> None:
+    metrics = ProxyMetrics()
+    for kind in ["connect", "connect", "timeout"]:
+        metrics.upstream_error(kind)
+    metrics.unframed("line_too_long")
+    assert value(metrics, "memshadow_upstream_errors_total", kind="connect") == 2
+    assert value(metrics, "memshadow_upstream_errors_total", kind="timeout") == 1
+    assert value(metrics, "memshadow_unframed_connections_total", reason="line_too_long") == 1
+
+
+def test_build_info_version_label() -> None:
+    assert value(ProxyMetrics(version="9.9.9"), "memshadow_build_info", version="9.9.9") == 1
+
+
+def test_registries_are_independent() -> None:
+    first, second = ProxyMetrics(), ProxyMetrics()
+    first.requests.observe("get", 0.001)
+    first.client_opened()
+    assert value(first, "memshadow_requests_total", command="get") == 1
+    assert samples(second, "memshadow_requests_total") == []
+    assert value(second, "memshadow_client_connections") == 0
+
+
+def test_command_label_values_are_capped() -> None:
+    stats = RequestStats()
+    for i in range(MAX_COMMANDS + 10):
+        stats.observe(f"cmd{i}", 0.001)
+    stats.observe("cmd0", 0.001)  # a known command still has its own series
+    commands = [command for command, _, _ in stats.snapshot()]
+    assert len(commands) == MAX_COMMANDS
+    assert OTHER_COMMAND in commands
+    assert stats.count("cmd0") == 2
+    assert stats.count(OTHER_COMMAND) == 11
+
+
+def test_render_is_text_exposition_bytes() -> None:
+    text = ProxyMetrics().render()
+    assert isinstance(text, bytes)
+    assert text.endswith(b"\n")
+
+
+@pytest.mark.skipif(not os.environ.get("MEMSHADOW_BENCH"), reason="set MEMSHADOW_BENCH=1")
+def test_bench_observe_against_prometheus_client() -> None:
+    stats = RequestStats()
+    registry = CollectorRegistry()
+    histogram = Histogram("h", "h", ["command"], buckets=DURATION_BUCKETS, registry=registry)
+    child = histogram.labels("get")
+    number = 1_000_000
+    timings = {
+        "RequestStats.observe": "stats.observe('get', 0.0003)",
+        "Histogram child.observe": "child.observe(0.0003)",
+        "Histogram.labels(cmd).observe": "histogram.labels('get').observe(0.0003)",
+    }
+    env = {"stats": stats, "child": child, "histogram": histogram}
+    for name, statement in timings.items():
+        best = min(timeit.repeat(statement, globals=env, number=number, repeat=5))
+        print(f"{name:32s} {best / number * 1e6:.3f} us/call")
