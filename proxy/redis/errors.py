@@ -1,0 +1,35 @@
+"""Exceptions of the Redis side of the shadow; every one derives from RedisError."""
+
+from __future__ import annotations
+
+
+class RedisError(Exception):
+    """Base class of every failure talking to the shadow Redis."""
+
+
+class RedisUnavailable(RedisError):
+    """The connection is down (not yet connected, reconnecting, or closed)."""
+
+
+class RedisBusy(RedisError):
+    """Too many commands are already in flight on the connection; the call was not sent."""
+
+
+class RedisTimeout(RedisError):
+    """No reply came in time; the connection is reset because later replies would be misaligned."""
+
+
+class RedisReplyError(RedisError):
+    """Redis answered with an error reply (the message is the exception's text)."""
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class RedisProtocolError(RedisError):
+    """A reply could not be parsed, or had a shape the caller did not expect."""
+
+
+class CorruptValue(RedisError):
+    """A stored value does not follow the flags|cas|data layout (shorter than its header)."""
