@@ -1,0 +1,574 @@
+"""Pipelined asyncio Redis client on hiredis.Reader: bounded connections that reconnect.
+
+A RedisConnection writes every command issued in one loop iteration with a single write and
+matches replies to futures in FIFO order. Calls never wait for a connection or for room: they
+fail at once with RedisUnavailable or RedisBusy, and a reply that does not come in time fails
+with RedisTimeout and resets the connection (later replies would be misaligned). A RedisPool
+maps each key to one connection with a stable hash, so the commands of a key stay in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+import zlib
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeAlias, cast
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import hiredis
+
+from proxy.redis.errors import (
+    RedisBusy,
+    RedisError,
+    RedisProtocolError,
+    RedisReplyError,
+    RedisTimeout,
+    RedisUnavailable,
+)
+
+log = logging.getLogger(__name__)
+
+Reply: TypeAlias = bytes | int | float | list["Reply"] | None
+"""A decoded RESP2 reply (error replies are raised as RedisReplyError instead)."""
+
+Arg: TypeAlias = bytes | str | int | float
+"""One command argument; str is UTF-8 encoded, numbers are sent in decimal."""
+
+DEFAULT_PORT = 6379
+
+_MISSING_FUNCTION_PREFIXES = ("ERR Function not found", "NOSCRIPT")
+
+
+# URLs ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RedisURL:
+    """Where and how to connect: ``redis[s]://[user:pass@]host[:port][/db][?timeout=s]``."""
+
+    host: str = "localhost"
+    port: int = DEFAULT_PORT
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    timeout: float | None = None
+    tls_verify: bool = True
+
+    def __str__(self) -> str:
+        """The URL without its password, for logs and errors."""
+        scheme = "rediss" if self.tls else "redis"
+        user = f"{self.username or ''}:***@" if self.password is not None else ""
+        return f"{scheme}://{user}{self.host}:{self.port}/{self.db}"
+
+
+def parse_url(url: str) -> RedisURL:
+    """Parse a redis:// or rediss:// URL; ValueError when it is not one.
+
+    Query options: ``timeout`` (seconds per command) and, for rediss, ``ssl_cert_reqs=none``
+    to skip certificate verification.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError(
+            f"unsupported Redis URL scheme {parts.scheme!r} (want redis:// or rediss://)"
+        )
+    try:
+        port = parts.port or DEFAULT_PORT
+    except ValueError as exc:
+        raise ValueError(f"bad port in Redis URL: {exc}") from None
+    path = parts.path.strip("/")
+    query = parse_qs(parts.query)
+    db_text = path or query.get("db", ["0"])[0]
+    try:
+        db = int(db_text)
+    except ValueError:
+        raise ValueError(f"bad database number {db_text!r} in Redis URL") from None
+    if db < 0:
+        raise ValueError(f"bad database number {db} in Redis URL")
+    timeout: float | None = None
+    if "timeout" in query:
+        try:
+            timeout = float(query["timeout"][0])
+        except ValueError:
+            raise ValueError(f"bad timeout {query['timeout'][0]!r} in Redis URL") from None
+        if timeout <= 0:
+            raise ValueError("timeout in Redis URL must be positive")
+    verify = query.get("ssl_cert_reqs", ["required"])[0].lower() != "none"
+    return RedisURL(
+        host=parts.hostname or "localhost",
+        port=port,
+        db=db,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+        tls=parts.scheme == "rediss",
+        timeout=timeout,
+        tls_verify=verify,
+    )
+
+
+# encoding -----------------------------------------------------------------------------------
+
+
+def _to_bytes(arg: Arg) -> bytes:
+    if isinstance(arg, bytes):
+        return arg
+    if isinstance(arg, str):
+        return arg.encode()
+    return repr(arg).encode() if isinstance(arg, float) else str(arg).encode()
+
+
+def resp_encode(args: Sequence[Arg]) -> bytes:
+    """Encode a command as a RESP array of bulk strings (fallback for hiredis.pack_command)."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = _to_bytes(arg)
+        out.append(b"$%d\r\n" % len(data))
+        out.append(data)
+        out.append(b"\r\n")
+    return b"".join(out)
+
+
+def _pack_command(args: Sequence[Arg]) -> bytes:
+    # cast: hiredis's stub types the argument as a 1-tuple
+    return bytes(hiredis.pack_command(cast(Any, tuple(args))))
+
+
+encode_command: Callable[[Sequence[Arg]], bytes] = (
+    _pack_command if hasattr(hiredis, "pack_command") else resp_encode
+)
+
+
+# protocol -----------------------------------------------------------------------------------
+
+
+class _RespProtocol(asyncio.Protocol):
+    """One TCP/TLS connection: batched writes, FIFO replies, and the reply deadline."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_timeout: Callable[[int], None]) -> None:
+        self._loop = loop
+        self._on_timeout = on_timeout
+        self._reader = hiredis.Reader()
+        self._transport: asyncio.Transport | None = None
+        self._pending: deque[tuple[asyncio.Future[Reply], float]] = deque()
+        self._outbuf: list[bytes] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = 0.0
+        self.lost: asyncio.Future[None] = loop.create_future()
+
+    @property
+    def inflight(self) -> int:
+        return len(self._pending)
+
+    @property
+    def is_open(self) -> bool:
+        return self._transport is not None and not self.lost.done()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it
+        self._transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail_all(RedisUnavailable(f"connection lost: {exc or 'closed'}"))
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self._outbuf.clear()
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    def send(self, payload: bytes, timeout: float) -> asyncio.Future[Reply]:
+        """Queue one encoded command; it is written with the others of this loop iteration."""
+        future: asyncio.Future[Reply] = self._loop.create_future()
+        deadline = self._loop.time() + timeout
+        self._pending.append((future, deadline))
+        self._outbuf.append(payload)
+        if self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush)
+        if self._timer is None or deadline < self._timer_when:
+            self._arm(deadline)
+        return future
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def abort(self, exc: RedisError) -> None:
+        """Drop the connection at once, failing every command still waiting for its reply."""
+        self._fail_all(exc)
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        if not self._outbuf or self._transport is None or self._transport.is_closing():
+            return
+        data = self._outbuf[0] if len(self._outbuf) == 1 else b"".join(self._outbuf)
+        self._outbuf.clear()
+        self._transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        while True:
+            try:
+                reply = self._reader.gets()
+            except hiredis.ProtocolError as exc:
+                self.abort(RedisProtocolError(f"unparsable reply from Redis: {exc}"))
+                return
+            if reply is False:
+                return
+            if not self._pending:
+                self.abort(RedisProtocolError("reply from Redis with no command waiting for it"))
+                return
+            future, _ = self._pending.popleft()
+            if future.done():  # the caller gave up waiting; the reply still had to be read
+                continue
+            if isinstance(reply, hiredis.ReplyError):
+                future.set_exception(RedisReplyError(str(reply)))
+            else:
+                future.set_result(reply)
+
+    def _fail_all(self, exc: RedisError) -> None:
+        while self._pending:
+            future, _ = self._pending.popleft()
+            if not future.done():
+                future.set_exception(exc)
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_when = when
+        self._timer = self._loop.call_at(when, self._check_deadlines)
+
+    def _check_deadlines(self) -> None:
+        self._timer = None
+        now = self._loop.time()
+        earliest: float | None = None
+        expired = 0
+        for future, deadline in self._pending:
+            if future.done():
+                continue
+            if deadline <= now:
+                expired += 1
+            elif earliest is None or deadline < earliest:
+                earliest = deadline
+        if expired:
+            for future, deadline in self._pending:
+                if not future.done() and deadline <= now:
+                    future.set_exception(RedisTimeout("no reply from Redis in time"))
+            self._on_timeout(expired)
+            self.abort(RedisUnavailable("connection reset after a command timed out"))
+        elif earliest is not None:
+            self._arm(earliest)
+
+
+# connection ---------------------------------------------------------------------------------
+
+
+def _consume_result(future: asyncio.Future[Reply]) -> None:
+    """Mark a failure as seen, for futures that may end up with no one awaiting them."""
+    if future.done() and not future.cancelled():
+        future.exception()
+
+
+def _missing_function(exc: RedisReplyError) -> bool:
+    return exc.message.startswith(_MISSING_FUNCTION_PREFIXES)
+
+
+class RedisConnection:
+    """One Redis connection kept up by a background task, with Functions loaded on connect."""
+
+    def __init__(
+        self,
+        url: str | RedisURL,
+        *,
+        timeout: float = 1.0,
+        connect_timeout: float = 2.0,
+        max_inflight: int = 1024,
+        backoff_initial: float = 0.05,
+        backoff_max: float = 2.0,
+        library: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        name: str = "redis",
+    ) -> None:
+        self.url = parse_url(url) if isinstance(url, str) else url
+        self.timeout = self.url.timeout if self.url.timeout is not None else timeout
+        self.connect_timeout = connect_timeout
+        self.max_inflight = max_inflight
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.library = library
+        self.name = name
+        self._ssl_context = ssl_context
+        self._protocol: _RespProtocol | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self._attempted = asyncio.Event()
+        self._closing = False
+        self._reload: asyncio.Future[Reply] | None = None
+        self.connects = 0
+        """Successful connections (handshake included) since start."""
+        self.reconnects = 0
+        """Successful connections after the first one."""
+        self.connect_failures = 0
+        self.timeouts = 0
+        """Commands that failed with RedisTimeout."""
+        self.function_reloads = 0
+        self.last_error: str | None = None
+
+    # lifecycle
+
+    @property
+    def is_connected(self) -> bool:
+        return self._protocol is not None and self._protocol.is_open
+
+    @property
+    def inflight(self) -> int:
+        return self._protocol.inflight if self._protocol is not None else 0
+
+    async def start(self) -> bool:
+        """Start the reconnecting task and wait for its first attempt; True if it connected."""
+        if self._supervisor is None:
+            self._closing = False
+            self._supervisor = asyncio.get_running_loop().create_task(
+                self._supervise(), name=f"redis-{self.name}"
+            )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._attempted.wait(), self.connect_timeout + 1.0)
+        return self.is_connected
+
+    async def wait_connected(self, timeout: float) -> bool:
+        """Wait until the connection is up (or the timeout passes); True if it is."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        return self.is_connected
+
+    async def close(self) -> None:
+        self._closing = True
+        task, self._supervisor = self._supervisor, None
+        if self._protocol is not None:
+            self._protocol.abort(RedisUnavailable("connection closed by the client"))
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._protocol = None
+        self._connected.clear()
+
+    async def _supervise(self) -> None:
+        delay = self.backoff_initial
+        while not self._closing:
+            try:
+                protocol = await self._connect_once()
+            except (OSError, TimeoutError, RedisError) as exc:
+                self.connect_failures += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                self._attempted.set()
+                log.warning(
+                    "redis %s (%s): connect failed: %s", self.name, self.url, self.last_error
+                )
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, self.backoff_max)
+                continue
+            delay = self.backoff_initial
+            if self.connects:
+                self.reconnects += 1
+            self.connects += 1
+            self._protocol = protocol
+            self._connected.set()
+            self._attempted.set()
+            try:
+                await protocol.lost
+            finally:
+                self._connected.clear()
+                self._protocol = None
+            if not self._closing:
+                log.warning("redis %s (%s): connection lost, reconnecting", self.name, self.url)
+
+    async def _connect_once(self) -> _RespProtocol:
+        loop = asyncio.get_running_loop()
+        url = self.url
+        ssl_ctx: ssl.SSLContext | None = None
+        if url.tls:
+            ssl_ctx = self._ssl_context or ssl.create_default_context()
+            if self._ssl_context is None and not url.tls_verify:
+                ssl_ctx.check_hostname = False
+                ssl_ctx.verify_mode = ssl.CERT_NONE
+
+        def factory() -> _RespProtocol:
+            return _RespProtocol(loop, self._count_timeouts)
+
+        _, protocol = await asyncio.wait_for(
+            loop.create_connection(
+                factory,
+                url.host,
+                url.port,
+                ssl=ssl_ctx,
+                server_hostname=url.host if ssl_ctx else None,
+            ),
+            self.connect_timeout,
+        )
+        futures: list[asyncio.Future[Reply]] = []
+        try:
+            handshake: list[tuple[Arg, ...]] = []
+            if url.password is not None:
+                if url.username:
+                    handshake.append((b"AUTH", url.username, url.password))
+                else:
+                    handshake.append((b"AUTH", url.password))
+            if url.db:
+                handshake.append((b"SELECT", url.db))
+            if self.library is not None:
+                handshake.append((b"FUNCTION", b"LOAD", b"REPLACE", self.library))
+            for cmd in handshake:
+                futures.append(protocol.send(encode_command(cmd), self.connect_timeout))
+            for cmd, future in zip(handshake, futures, strict=True):
+                try:
+                    await future
+                except RedisReplyError as exc:
+                    raise RedisReplyError(f"{_to_bytes(cmd[0]).decode()} failed: {exc}") from None
+        except BaseException:
+            protocol.abort(RedisUnavailable("handshake failed"))
+            for future in futures:
+                _consume_result(future)
+            raise
+        return protocol
+
+    def _count_timeouts(self, count: int) -> None:
+        self.timeouts += count
+        log.warning("redis %s (%s): %d command(s) timed out; resetting", self.name, self.url, count)
+
+    # commands
+
+    def send(self, *args: Arg, timeout: float | None = None) -> asyncio.Future[Reply]:
+        """Queue a command and return the future of its reply, or fail at once.
+
+        Raises RedisUnavailable when the connection is down and RedisBusy when max_inflight
+        commands are already waiting. The future fails with RedisReplyError, RedisTimeout or
+        RedisUnavailable.
+        """
+        protocol = self._protocol
+        if protocol is None or not protocol.is_open:
+            raise RedisUnavailable(f"redis {self.name} ({self.url}) is not connected")
+        if protocol.inflight >= self.max_inflight:
+            raise RedisBusy(f"redis {self.name}: {protocol.inflight} commands already in flight")
+        return protocol.send(encode_command(args), self.timeout if timeout is None else timeout)
+
+    async def execute(self, *args: Arg, timeout: float | None = None) -> Reply:
+        """Run one command and return its reply (see send() for the failures)."""
+        return await self.send(*args, timeout=timeout)
+
+    async def fcall(self, function: str, key: bytes, *args: Arg) -> Reply:
+        """FCALL a function of the loaded library on one key; reload the library once if missing."""
+        try:
+            return await self.send(b"FCALL", function, 1, key, *args)
+        except RedisReplyError as exc:
+            if self.library is None or not _missing_function(exc):
+                raise
+        await self.reload_library()
+        return await self.send(b"FCALL", function, 1, key, *args)
+
+    async def reload_library(self) -> None:
+        """FUNCTION LOAD REPLACE the library; concurrent callers share one load."""
+        if self.library is None:
+            return
+        if self._reload is None or self._reload.done():
+            self._reload = self.send(b"FUNCTION", b"LOAD", b"REPLACE", self.library)
+            self._reload.add_done_callback(_consume_result)
+            self.function_reloads += 1
+            log.warning("redis %s (%s): function library missing, reloading", self.name, self.url)
+        reload = self._reload
+        assert reload is not None
+        await asyncio.shield(reload)
+
+
+# pool ---------------------------------------------------------------------------------------
+
+
+class RedisPool:
+    """A fixed set of connections; each key always uses the same one (crc32 of the key)."""
+
+    def __init__(
+        self,
+        url: str | RedisURL,
+        size: int = 4,
+        *,
+        timeout: float = 1.0,
+        connect_timeout: float = 2.0,
+        max_inflight: int = 1024,
+        backoff_initial: float = 0.05,
+        backoff_max: float = 2.0,
+        library: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        if size < 1:
+            raise ValueError("a Redis pool needs at least one connection")
+        self.url = parse_url(url) if isinstance(url, str) else url
+        self.connections = [
+            RedisConnection(
+                self.url,
+                timeout=timeout,
+                connect_timeout=connect_timeout,
+                max_inflight=max_inflight,
+                backoff_initial=backoff_initial,
+                backoff_max=backoff_max,
+                library=library,
+                ssl_context=ssl_context,
+                name=str(index),
+            )
+            for index in range(size)
+        ]
+
+    @property
+    def size(self) -> int:
+        return len(self.connections)
+
+    def index_for(self, key: bytes) -> int:
+        return zlib.crc32(key) % len(self.connections)
+
+    def connection_for(self, key: bytes) -> RedisConnection:
+        """The connection of a key; the same for the life of the pool, so per-key order holds."""
+        return self.connections[zlib.crc32(key) % len(self.connections)]
+
+    async def start(self) -> bool:
+        """Start every connection; True if all of them connected on the first attempt."""
+        results = await asyncio.gather(*(conn.start() for conn in self.connections))
+        return all(results)
+
+    async def wait_connected(self, timeout: float) -> bool:
+        results = await asyncio.gather(*(c.wait_connected(timeout) for c in self.connections))
+        return all(results)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(conn.close() for conn in self.connections))
+
+    @property
+    def is_connected(self) -> bool:
+        """True when every connection is up."""
+        return all(conn.is_connected for conn in self.connections)
+
+    @property
+    def connected_count(self) -> int:
+        return sum(conn.is_connected for conn in self.connections)
+
+    @property
+    def reconnects(self) -> int:
+        return sum(conn.reconnects for conn in self.connections)
+
+    @property
+    def timeouts(self) -> int:
+        return sum(conn.timeouts for conn in self.connections)
+
+    @property
+    def connect_failures(self) -> int:
+        return sum(conn.connect_failures for conn in self.connections)
