@@ -1,0 +1,206 @@
+"""Command-line entry point: read flags and config, then run the proxy, the admin endpoint and
+the upstream health probe on uvloop until SIGTERM or SIGINT, and stop gracefully."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+
+from proxy import __version__
+from proxy.admin import AdminServer
+from proxy.config import Config, HostPort, LogConfig, apply_overrides, load_config
+from proxy.errors import ConfigError
+from proxy.health import UpstreamHealth
+from proxy.metrics import ProxyMetrics
+
+log = logging.getLogger("memshadow")
+
+EXIT_OK = 0
+EXIT_RUNTIME_ERROR = 1  # could not bind, or a forced (second-signal) shutdown
+EXIT_CONFIG_ERROR = 2  # same code argparse uses for bad usage
+
+# MEMSHADOW_LOOP=asyncio runs on the stdlib event loop instead of uvloop (for debugging, or
+# to compare the two).
+LOOP_ENV = "MEMSHADOW_LOOP"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="memshadow",
+        description="Transparent Memcached proxy that shadows a sampled fraction of keys to "
+        "Redis. Flags override the config file.",
+    )
+    parser.add_argument("--config", metavar="PATH", help="YAML config file (default: built-ins)")
+    parser.add_argument("--listen", metavar="HOST:PORT", help="where clients connect")
+    parser.add_argument("--memcached", metavar="HOST:PORT", help="the real Memcached")
+    parser.add_argument("--redis", metavar="URL", help="shadow Redis, redis://HOST:PORT/DB")
+    parser.add_argument("--sample-rate", metavar="F", help="fraction of keys to shadow, 0..1")
+    parser.add_argument("--admin", metavar="HOST:PORT", help="HTTP admin/metrics endpoint")
+    parser.add_argument(
+        "--check-config", action="store_true", help="validate the configuration and exit"
+    )
+    parser.add_argument("--version", action="version", version=f"memshadow {__version__}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_CONFIG_ERROR
+    try:
+        config = apply_overrides(
+            load_config(args.config),
+            listen=args.listen,
+            memcached=args.memcached,
+            redis=args.redis,
+            sample_rate=args.sample_rate,
+            admin=args.admin,
+        )
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    if args.check_config:
+        print(f"config OK: {config.source}")
+        return EXIT_OK
+    configure_logging(config.log)
+    return run(config)
+
+
+def run(config: Config) -> int:
+    """Serve until a signal; the return value is the process exit code."""
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        return runner.run(serve(config))
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if os.environ.get(LOOP_ENV, "uvloop").strip().lower() == "asyncio":
+        return None  # asyncio.Runner's default: the stdlib loop
+    import uvloop
+
+    return uvloop.new_event_loop
+
+
+async def serve(config: Config) -> int:
+    # Imported here so that config checking and --version work without the data path.
+    from proxy.server import ProxyServer
+
+    loop = asyncio.get_running_loop()
+    metrics = ProxyMetrics()
+    health = UpstreamHealth(config.memcached, timeout=config.upstream_connect_timeout)
+    admin = AdminServer(
+        config.admin, metrics, ready=lambda: health.ready, not_ready_reason=lambda: health.reason
+    )
+    server = ProxyServer(config, metrics, health)
+
+    stop_requested = asyncio.Event()
+    force = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        name = signal.Signals(signum).name
+        if stop_requested.is_set():
+            log.warning("%s again: closing all connections now", name)
+            force.set()
+            return
+        log.info(
+            "%s: no longer accepting; in-flight requests have %gs to finish",
+            name,
+            config.shutdown_timeout,
+        )
+        stop_requested.set()
+
+    async with contextlib.AsyncExitStack() as cleanup:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal, signum)
+            cleanup.callback(loop.remove_signal_handler, signum)
+        try:
+            await server.start()
+        except OSError as exc:
+            log.error("cannot listen for clients on %s: %s", config.listen, exc)
+            return EXIT_RUNTIME_ERROR
+        try:
+            await admin.start()
+        except OSError as exc:
+            log.error("cannot listen for admin requests on %s: %s", config.admin, exc)
+            await server.stop(0.0)
+            return EXIT_RUNTIME_ERROR
+        cleanup.push_async_callback(admin.stop)
+        await health.start()
+        cleanup.push_async_callback(health.stop)
+        log.info(
+            "memshadow %s listening on %s, memcached %s, admin http://%s, %s (config: %s)",
+            __version__,
+            HostPort(*server.listen_address),
+            config.memcached,
+            HostPort(*admin.address),
+            _describe_shadow(config),
+            config.source,
+        )
+        await stop_requested.wait()
+        started = time.monotonic()
+        if not await _stop_unless_forced(server.stop(config.shutdown_timeout), force):
+            await server.stop(0.0)  # a zero grace period aborts whatever is still open
+            return EXIT_RUNTIME_ERROR
+        log.info("stopped after %.2fs", time.monotonic() - started)
+    return EXIT_OK
+
+
+async def _stop_unless_forced(graceful_stop: Awaitable[None], force: asyncio.Event) -> bool:
+    """Run the graceful stop; False if `force` was set first (the stop is then cancelled)."""
+    graceful = asyncio.ensure_future(graceful_stop)
+    forced = asyncio.ensure_future(force.wait())
+    await asyncio.wait({graceful, forced}, return_when=asyncio.FIRST_COMPLETED)
+    forced.cancel()
+    if graceful.done():
+        graceful.result()
+        return True
+    graceful.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await graceful
+    return False
+
+
+def _describe_shadow(config: Config) -> str:
+    shadow = config.shadow
+    if shadow.enabled:
+        return f"shadowing {shadow.sample_rate:g} of keys to {shadow.redis}"
+    if shadow.sample_rate > 0:
+        log.warning("shadow.sample_rate is %g but no Redis URL is set", shadow.sample_rate)
+    return "shadow off"
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: ts (UTC, ISO 8601), level, logger, msg, and exc if any."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(config: LogConfig) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if config.format == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(config.level.upper())

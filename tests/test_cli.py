@@ -1,0 +1,407 @@
+"""The memshadow command: --version, --check-config, exit code 2 on bad config or flags, and
+a real run that starts, serves, and stops gracefully on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import urllib.request
+from pathlib import Path
+
+import pytest
+from pymemcache.client.base import Client
+
+from proxy import __version__
+from proxy.cli import JsonLogFormatter, main
+from tests.support import ServerProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = "config/memshadow.yaml"
+STARTED = re.compile(r"listening on (\S+), memcached (\S+), admin http://(\S+), ")
+
+
+def env(**extra: str) -> dict[str, str]:
+    result = dict(os.environ)
+    result["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), result.get("PYTHONPATH")]))
+    result.update(extra)
+    return result
+
+
+def memshadow(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def port_of(address: str) -> int:
+    return int(address.rsplit(":", 1)[1])
+
+
+class Running:
+    """A memshadow process whose stderr is collected line by line."""
+
+    def __init__(self, argv: list[str], **extra_env: str) -> None:
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=env(**extra_env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._stdout: list[str] = []
+        self._pumps = [
+            threading.Thread(target=self._pump_stderr, daemon=True),
+            threading.Thread(target=self._pump_stdout, daemon=True),
+        ]
+        for pump in self._pumps:
+            pump.start()
+
+    def _pump_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def _pump_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        self._stdout.append(self.proc.stdout.read())
+
+    def wait_for(self, pattern: re.Pattern[str], timeout: float = 30.0) -> re.Match[str]:
+        while True:
+            try:
+                line = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                raise AssertionError(f"no line matching {pattern.pattern}: {self.lines}") from None
+            if line is None:
+                raise AssertionError(f"exited without {pattern.pattern}: {self.lines}")
+            self.lines.append(line)
+            if match := pattern.search(line):
+                return match
+
+    def finish(self, timeout: float = 60.0) -> tuple[int, str]:
+        """Wait for the exit; (exit code, all of stdout). Collects the rest of stderr."""
+        code = self.proc.wait(timeout=timeout)
+        for pump in self._pumps:
+            pump.join(timeout)
+        while (line := self._queue.get(timeout=timeout)) is not None:
+            self.lines.append(line)
+        return code, "".join(self._stdout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# --- --version and --check-config ------------------------------------------------------------
+
+
+def test_version() -> None:
+    result = memshadow("--version")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "memshadow 0.1.0\n", "")
+    assert __version__ == "0.1.0"
+
+
+def test_check_config_defaults() -> None:
+    result = memshadow("--check-config")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "config OK: defaults\n", "")
+
+
+def test_check_config_example_file() -> None:
+    result = memshadow("--config", EXAMPLE, "--check-config")
+    assert (result.returncode, result.stdout) == (0, f"config OK: {EXAMPLE}\n")
+
+
+def test_check_config_with_flags() -> None:
+    result = memshadow(
+        "--config",
+        EXAMPLE,
+        "--listen",
+        "[::1]:0",
+        "--memcached",
+        "localhost:11211",
+        "--redis",
+        "redis://127.0.0.1:6379/0",
+        "--sample-rate",
+        "0.5",
+        "--admin",
+        "127.0.0.1:0",
+        "--check-config",
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"config OK: {EXAMPLE}\n", "")
+
+
+def test_bad_config_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("listen: 127.0.0.1:1\nshadow:\n  sample_rate: abc\n")
+    result = memshadow("--config", str(path), "--check-config")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"{path}:3: shadow.sample_rate: must be a number between 0 and 1, got 'abc'\n"
+    )
+
+
+def test_bad_config_stops_a_normal_start_too(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("listn: 127.0.0.1:1\n")
+    result = memshadow("--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr == f"{path}:1: listn: unknown option 'listn' (did you mean 'listen'?)\n"
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "missing.yaml"
+    result = memshadow("--config", str(path), "--check-config")
+    assert result.returncode == 2
+    assert result.stderr == f"{path}: cannot read config file: No such file or directory\n"
+
+
+def test_invalid_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("log:\n  level: [info\n")
+    result = memshadow("--config", str(path), "--check-config")
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"{path}:3: invalid YAML: ")
+    assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--sample-rate", "abc"],
+            "command line: --sample-rate: must be a number between 0 and 1, got 'abc'",
+        ),
+        (
+            ["--listen", ":11311"],
+            "command line: --listen: missing host in ':11311'; expected HOST:PORT, "
+            "e.g. 127.0.0.1:11211",
+        ),
+        (
+            ["--memcached", "localhost"],
+            "command line: --memcached: expected HOST:PORT, got 'localhost'",
+        ),
+        (
+            ["--redis", "http://localhost"],
+            "command line: --redis: scheme must be redis:// or rediss://, got 'http://'",
+        ),
+        (
+            ["--admin", "127.0.0.1:99999"],
+            "command line: --admin: port must be a number between 0 and 65535, got '99999'",
+        ),
+    ],
+)
+def test_bad_flag_values_exit_2(flags: list[str], message: str) -> None:
+    result = memshadow(*flags, "--check-config")
+    assert (result.returncode, result.stdout, result.stderr) == (2, "", message + "\n")
+
+
+def test_flags_are_checked_even_when_the_file_is_fine() -> None:
+    result = memshadow("--config", EXAMPLE, "--sample-rate", "2")
+    assert result.returncode == 2
+    assert (
+        result.stderr == "command line: --sample-rate: must be a number between 0 and 1, got '2'\n"
+    )
+
+
+def test_unknown_flag_is_a_usage_error() -> None:
+    result = memshadow("--frobnicate")
+    assert result.returncode == 2
+    assert "unrecognized arguments: --frobnicate" in result.stderr
+
+
+def test_main_in_process(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == "memshadow 0.1.0\n"
+    assert main(["--check-config"]) == 0
+    assert capsys.readouterr().out == "config OK: defaults\n"
+    assert main(["--config", str(tmp_path / "none.yaml")]) == 2
+    assert "cannot read config file" in capsys.readouterr().err
+    assert main(["--nope"]) == 2
+
+
+def test_json_log_formatter() -> None:
+    import logging
+
+    try:
+        raise ValueError("bad")
+    except ValueError:
+        record = logging.LogRecord(
+            "memshadow.x", logging.WARNING, __file__, 1, "hello %s", ("you",), sys.exc_info()
+        )
+    entry = json.loads(JsonLogFormatter().format(record))
+    assert entry["level"] == "warning"
+    assert entry["logger"] == "memshadow.x"
+    assert entry["msg"] == "hello you"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", entry["ts"])
+    assert "ValueError: bad" in entry["exc"]
+
+
+# --- running, with a stand-in for the data path ------------------------------------------------
+
+# Replaces proxy.server so the wiring in cli.serve() can be checked on its own: prints each
+# stop(timeout) call; with HANG set, a graceful stop never finishes.
+FAKE_SERVER = """
+import asyncio, os, sys, types
+
+class ProxyServer:
+    def __init__(self, config, metrics, health):
+        self.config = config
+        print(f"health={type(health).__name__}", flush=True)
+
+    async def start(self):
+        listen = self.config.listen
+        self._server = await asyncio.start_server(
+            lambda r, w: w.close(), listen.host, listen.port
+        )
+
+    @property
+    def listen_address(self):
+        return self._server.sockets[0].getsockname()[:2]
+
+    async def stop(self, timeout):
+        print(f"stop({timeout})", flush=True)
+        if os.environ.get("HANG") and timeout:
+            await asyncio.Event().wait()
+        self._server.close()
+
+module = types.ModuleType("proxy.server")
+module.ProxyServer = ProxyServer
+sys.modules["proxy.server"] = module
+from proxy.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def run_fake(*args: str, **extra_env: str) -> Running:
+    return Running([sys.executable, "-c", FAKE_SERVER, *args], **extra_env)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_gracefully_with_the_configured_timeout(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nshutdown_timeout: 7.5\n")
+    proc = run_fake("--config", str(config), "--memcached", "127.0.0.1:1")
+    try:
+        match = proc.wait_for(STARTED)
+        assert match[2] == "127.0.0.1:1"
+        assert port_of(match[1]) > 0 and port_of(match[3]) > 0
+        started = proc.lines[-1]
+        assert f"memshadow {__version__} listening on 127.0.0.1:" in started
+        assert f"shadow off (config: {config})" in started
+        proc.proc.send_signal(signum)
+        code, stdout = proc.finish()
+    finally:
+        proc.kill()
+    assert code == 0
+    assert stdout.splitlines() == ["health=UpstreamHealth", "stop(7.5)"]
+    assert any(f"{signum.name}: no longer accepting" in line for line in proc.lines)
+    assert any("stopped after" in line for line in proc.lines)
+
+
+def test_second_signal_forces_the_stop() -> None:
+    proc = run_fake(
+        "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--memcached", "127.0.0.1:1", HANG="1"
+    )
+    try:
+        proc.wait_for(STARTED)
+        proc.proc.send_signal(signal.SIGTERM)
+        proc.wait_for(re.compile("SIGTERM: no longer accepting"))
+        proc.proc.send_signal(signal.SIGTERM)
+        code, stdout = proc.finish()
+    finally:
+        proc.kill()
+    assert code == 1
+    assert stdout.splitlines() == ["health=UpstreamHealth", "stop(10.0)", "stop(0.0)"]
+    assert any("SIGTERM again: closing all connections now" in line for line in proc.lines)
+
+
+def test_json_logs(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nlog:\n  format: json\n")
+    proc = run_fake("--config", str(config), "--memcached", "127.0.0.1:1")
+    try:
+        proc.wait_for(STARTED)
+        proc.proc.send_signal(signal.SIGTERM)
+        code, _ = proc.finish()
+    finally:
+        proc.kill()
+    assert code == 0
+    entries = [json.loads(line) for line in proc.lines]
+    assert {"ts", "level", "logger", "msg"} <= set(entries[0])
+    assert any(e["logger"] == "memshadow" and "listening on" in e["msg"] for e in entries)
+    # memcached at 127.0.0.1:1 is down: the health probe says so
+    assert any(e["logger"] == "memshadow.health" and e["level"] == "warning" for e in entries)
+
+
+def test_port_in_use_is_exit_1() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run_fake("--listen", f"127.0.0.1:{port}", "--memcached", "127.0.0.1:1")
+        try:
+            code, _ = proc.finish()
+        finally:
+            proc.kill()
+    assert code == 1
+    assert any(f"cannot listen for clients on 127.0.0.1:{port}" in line for line in proc.lines)
+
+
+# --- running for real, in front of a real memcached -------------------------------------------
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_serves_clients_and_stops_on_sigterm(memcached: ServerProcess, loop: str) -> None:
+    proc = Running(
+        [
+            sys.executable,
+            "-m",
+            "proxy",
+            "--config",
+            EXAMPLE,
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--memcached",
+            str(memcached.address),
+        ],
+        MEMSHADOW_LOOP=loop,
+    )
+    try:
+        match = proc.wait_for(STARTED)
+        listen, admin = port_of(match[1]), port_of(match[3])
+        client = Client(("127.0.0.1", listen), connect_timeout=5, timeout=5)
+        assert client.set("greeting", b"hello", noreply=False)
+        assert client.get("greeting") == b"hello"
+        client.close()
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=10) as reply:
+            assert (reply.status, reply.read()) == (200, b"ready")
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+        assert 'memshadow_requests_total{command="get"} 1.0' in text
+        assert 'memshadow_requests_total{command="set"} 1.0' in text
+        proc.proc.send_signal(signal.SIGTERM)
+        code, _ = proc.finish()
+    finally:
+        proc.kill()
+    assert code == 0, proc.lines
