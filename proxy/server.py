@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
-from proxy.memcache.request import SENTINEL, Expect, FramingLimits, Request, RequestFramer
+from proxy.memcache.request import Expect, FramingLimits, Request, RequestFramer
 from proxy.memcache.response import ResponseFramer
 
 if TYPE_CHECKING:
@@ -142,7 +142,7 @@ class ClientSession(asyncio.Protocol):
             # uvloop may deliver data before pause_reading() from connection_made applies.
             self._early.append(data)
             return
-        requests, cuts = self.requests.feed(data)
+        requests, out = self.requests.feed(data)
         if requests:
             now = time.perf_counter()
             for request in requests:
@@ -153,17 +153,10 @@ class ClientSession(asyncio.Protocol):
         if self.requests.raw and not self._unframed_reported:
             self._unframed_reported = True
             self.proxy.metrics.unframed(self.requests.raw_reason)
-        if not cuts:
-            upstream.transport.write(data)
-            return
-        pieces: list[bytes] = []
-        start = 0
-        for cut in cuts:
-            pieces.append(data[start:cut])
-            pieces.append(SENTINEL)
-            start = cut
-        pieces.append(data[start:])
-        upstream.transport.write(b"".join(pieces))
+        if len(out) == 1:
+            upstream.transport.write(out[0])
+        elif out:
+            upstream.transport.write(b"".join(out))
 
     def eof_received(self) -> bool:
         # Half-close: let Memcached see the EOF after our forwarded bytes, as it would directly.
@@ -215,10 +208,11 @@ class ClientSession(asyncio.Protocol):
             now = time.perf_counter()
             observe = self.proxy.metrics.requests.observe
             for request in done:
-                observe(request.command, now - request.started)
+                if not request.synthetic:
+                    observe(request.command, now - request.started)
             observer = self.proxy.observer
             if observer is not None:
-                observer(done)
+                observer([r for r in done if not r.synthetic])
             if self._paused & _PAUSE_PENDING and len(self.pending) < self.max_pending // 2:
                 self.resume_client(_PAUSE_PENDING)
         if self.proxy.draining and not self.pending:

@@ -56,10 +56,12 @@ class Request:
         "data_len",
         "data_ok",
         "expect",
+        "flush_before",
         "line",
         "response",
         "sentinel",
         "started",
+        "synthetic",
         "words",
     )
 
@@ -85,6 +87,8 @@ class Request:
         self.capture = False
         self.started = 0.0
         self.response: bytes | None = None
+        self.flush_before = False  # an `mn` must go upstream before this request
+        self.synthetic = False  # a sentinel of the proxy's own, not a client request
 
     def __repr__(self) -> str:
         return f"Request({self.line[:60]!r}, expect={self.expect.name}, sentinel={self.sentinel})"
@@ -191,6 +195,13 @@ def _meta_set_data_len(words: list[bytes]) -> int:
     return vlen
 
 
+def flush_sentinel() -> Request:
+    """The pending entry for an `mn` the proxy sends before a request (see flush_before)."""
+    request = Request(b"mn", [b"mn"], "mn", Expect.UNTIL_SENTINEL, True)
+    request.synthetic = True
+    return request
+
+
 def _quiet(flags: list[bytes]) -> bool:
     return any(flag[0] == 113 for flag in flags)  # 'q'
 
@@ -211,7 +222,13 @@ def parse_line(raw: bytes) -> Request:
     last_is_noreply = words[-1] == b"noreply"
 
     if label in _MULTI_KEY:
-        return Request(raw, words, label, Expect.RETRIEVAL, last_is_noreply)
+        request = Request(raw, words, label, Expect.RETRIEVAL, last_is_noreply)
+        # memcached 1.6.18 answers a get with a key over 250 bytes by discarding every reply
+        # it has not flushed yet on the connection (conn_release_items). An `mn` first flushes
+        # them, so each request keeps exactly its own reply.
+        if len(line) > KEY_MAX_LENGTH + 4 and any(len(w) > KEY_MAX_LENGTH for w in words):
+            request.flush_before = True
+        return request
     wanted = _STORAGE_WORDS.get(name)
     if wanted is not None:
         data_len = _storage_data_len(words, name == b"cas")
@@ -268,37 +285,57 @@ class RequestFramer:
         self.raw_reason = reason
         self._partial = bytearray()
 
-    def feed(self, data: bytes) -> tuple[list[Request], list[int]]:
+    def feed(self, data: bytes) -> tuple[list[Request], list[bytes]]:
+        """Frame a chunk: (requests whose line completed, in order; bytes to send upstream).
+
+        The bytes to send are the client's own, with `mn\\r\\n` inserted where needed. An
+        incomplete trailing line is held back until its end arrives (or the line is too long,
+        when the framer turns raw and lets it through), so that a sentinel can still be put in
+        front of it.
+        """
         requests: list[Request] = []
-        cuts: list[int] = []
-        if self.raw or not data:
-            return requests, cuts
+        if self.raw:
+            return requests, [data]
+        if not data:
+            return requests, []
         if not self._started:
             self._started = True
             if data[0] == 0x80:
                 self._go_raw("binary_protocol")
-                return requests, cuts
-        n = len(data)
+                return requests, [data]
+        out: list[bytes] = []
         pos = 0
-        if self._block_left:
+        emit_from = 0
+        if self._partial:
+            if data.find(b"\n") < 0:
+                self._partial += data
+                return requests, self._check_partial()
+            data = bytes(self._partial) + data
+            self._partial = bytearray()
+        elif self._block_left:
             pos = self._take_block(data, 0)
             if self._block_left:
-                return requests, cuts
-            self._finish_block(cuts, pos)
+                return requests, [data]
+            if self._block_req is not None and self._block_req.sentinel:
+                out.append(data[:pos])
+                emit_from = pos
+            self._finish_block(out, data, pos)
+        n = len(data)
         while pos < n:
             nl = data.find(b"\n", pos)
             if nl < 0:
+                out.append(data[emit_from:pos])
                 self._partial += data[pos:]
-                self._check_partial()
-                break
-            if self._partial:
-                self._partial += data[pos:nl]
-                raw = bytes(self._partial)
-                self._partial = bytearray()
-            else:
-                raw = data[pos:nl]
+                out.extend(self._check_partial())
+                return requests, out
+            line_start = pos
             pos = nl + 1
-            request = parse_line(raw)
+            request = parse_line(data[line_start:nl])
+            if request.flush_before:
+                out.append(data[emit_from:line_start])
+                out.append(SENTINEL)
+                emit_from = line_start
+                requests.append(flush_sentinel())
             requests.append(request)
             if request.data_len >= 0:
                 self._block_req = request
@@ -310,16 +347,22 @@ class RequestFramer:
                 pos = self._take_block(data, pos)
                 if self._block_left:
                     break
-                self._finish_block(cuts, pos)
+                if request.sentinel:
+                    out.append(data[emit_from:pos])
+                    emit_from = pos
+                self._finish_block(out, data, pos)
                 continue
             if self._capture is not None:
                 request.capture = self._capture(request)
             if request.sentinel:
-                cuts.append(pos)
+                out.append(data[emit_from:pos])
+                out.append(SENTINEL)
+                emit_from = pos
             elif request.expect == Expect.CLOSE or request.expect == Expect.STREAM:
                 self._go_raw(request.command)
                 break
-        return requests, cuts
+        out.append(data[emit_from:])
+        return requests, out
 
     def _take_block(self, data: bytes, pos: int) -> int:
         take = min(self._block_left, len(data) - pos)
@@ -328,7 +371,11 @@ class RequestFramer:
         self._block_left -= take
         return pos + take
 
-    def _finish_block(self, cuts: list[int], pos: int) -> None:
+    def _finish_block(self, out: list[bytes], data: bytes, pos: int) -> None:
+        """The data block ended at `pos`: fill in the request, add its sentinel if any.
+
+        The caller has already emitted the bytes up to `pos` when the request needs one.
+        """
         request = self._block_req
         assert request is not None
         buf = self._block_buf
@@ -339,13 +386,17 @@ class RequestFramer:
         self._block_req = None
         self._block_buf = None
         if request.sentinel:
-            cuts.append(pos)
+            out.append(SENTINEL)
 
-    def _check_partial(self) -> None:
-        """Bound the partial line as memcached does: only get/gets lines may grow past 2 KiB."""
+    def _check_partial(self) -> list[bytes]:
+        """Bound the held line as memcached does: only get/gets lines may grow past 2 KiB.
+
+        Returns the held bytes when the framer gives up and turns raw (they must be sent).
+        """
         size = len(self._partial)
         if size <= self.limits.max_line_bytes:
-            return
+            return []
+        held = bytes(self._partial)
         stripped = self._partial.lstrip(b" ")
         if size - len(stripped) > 100 or not (
             stripped.startswith(b"get ") or stripped.startswith(b"gets ")
@@ -353,3 +404,6 @@ class RequestFramer:
             self._go_raw("line_too_long")
         elif size > self.limits.max_get_line_bytes:
             self._go_raw("get_line_too_long")
+        else:
+            return []
+        return [held]

@@ -1,0 +1,236 @@
+"""Test support: real memcached and redis-server processes on free loopback ports, and an
+in-process memshadow running on its own event loop thread so that tests can use blocking
+clients (raw sockets, pymemcache) against it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from proxy.config import Config, HostPort
+
+MEMCACHED = shutil.which("memcached") or "/usr/bin/memcached"
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.01)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+class ServerProcess:
+    """A server started on a fixed loopback port that can be stopped and started again."""
+
+    def __init__(self, argv: Callable[[int], list[str]], port: int | None = None) -> None:
+        self._argv = argv
+        self.port = port or free_port()
+        self.host = "127.0.0.1"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> HostPort:
+        return HostPort(self.host, self.port)
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            self._argv(self.port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_for_port(self.port)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(19)  # SIGSTOP
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(18)  # SIGCONT
+
+
+def memcached_argv(*extra: str) -> Callable[[int], list[str]]:
+    user = ["-u", "nobody"] if os.geteuid() == 0 else []
+    return lambda port: [
+        MEMCACHED,
+        *user,
+        "-p",
+        str(port),
+        "-l",
+        "127.0.0.1",
+        "-U",
+        "0",
+        "-t",
+        "2",
+        *extra,
+    ]
+
+
+def redis_argv(*extra: str) -> Callable[[int], list[str]]:
+    return lambda port: [
+        REDIS_SERVER,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--daemonize",
+        "no",
+        *extra,
+    ]
+
+
+class ProxyThread:
+    """memshadow's ProxyServer on a private event loop in a background thread."""
+
+    def __init__(self, config: Config, use_uvloop: bool = True, **server_kwargs: Any) -> None:
+        from proxy.metrics import ProxyMetrics
+
+        self.config = config
+        self.metrics = ProxyMetrics()
+        self._server_kwargs = server_kwargs
+        self._use_uvloop = use_uvloop
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.server: Any = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="memshadow-test", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("proxy did not start")
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        if self._use_uvloop:
+            import uvloop
+
+            self.loop = uvloop.new_event_loop()
+        else:
+            self.loop = asyncio.new_event_loop()
+        try:
+            self.loop.run_until_complete(self._main())
+        finally:
+            self.loop.close()
+
+    async def _main(self) -> None:
+        from proxy.server import ProxyServer
+
+        self._stop = asyncio.Event()
+        try:
+            self.server = ProxyServer(self.config, self.metrics, None, **self._server_kwargs)
+            await self.server.start()
+        except BaseException as exc:  # surfaced in start()
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        await self._stop.wait()
+        await self.server.stop(self.config.shutdown_timeout)
+
+    @property
+    def port(self) -> int:
+        return int(self.server.listen_address[1])
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on the proxy's loop and return its result."""
+        assert self.loop is not None
+        result: list[Any] = []
+        done = threading.Event()
+
+        def runner() -> None:
+            result.append(fn())
+            done.set()
+
+        self.loop.call_soon_threadsafe(runner)
+        done.wait(5)
+        return result[0]
+
+    def stop(self) -> None:
+        if self.loop is not None and self._stop is not None and self._thread is not None:
+            self.loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(15)
+
+
+def proxy_config(memcached: ServerProcess, **changes: Any) -> Config:
+    config = Config()
+    return replace(config, listen=HostPort("127.0.0.1", 0), memcached=memcached.address, **changes)
+
+
+class RawClient:
+    """A blocking socket client that reads whatever comes back within a quiet period."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.closed = False
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read_until(self, suffix: bytes, timeout: float = 5.0) -> bytes:
+        deadline = time.monotonic() + timeout
+        out = b""
+        while not out.endswith(suffix):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no {suffix!r} after {out[-200:]!r}")
+            self.sock.settimeout(left)
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                self.closed = True
+                raise ConnectionError(f"closed before {suffix!r}; got {out[-200:]!r}")
+            out += chunk
+        return out
+
+    def read_quiet(self, quiet: float = 0.15, limit: float = 10.0) -> bytes:
+        """Read until nothing arrives for `quiet` seconds (or the peer closes)."""
+        out = b""
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            self.sock.settimeout(quiet)
+            try:
+                chunk = self.sock.recv(1 << 20)
+            except TimeoutError:
+                break
+            except ConnectionResetError:
+                self.closed = True
+                break
+            if not chunk:
+                self.closed = True
+                break
+            out += chunk
+        return out
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
