@@ -1,0 +1,54 @@
+# memshadow developer commands. On a fresh Debian machine with Python 3.11+:
+#   make run     memcached + redis-server on loopback, memshadow in front of them
+#   make test    lint, type-check, then the whole test suite
+# Both create .venv and install what they need (apt-get for the servers, pip for Python).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+RUN_PACKAGES := memcached redis-server
+TEST_PACKAGES := memcached redis-server libmemcached-tools nutcracker
+LINT_PATHS := proxy tests $(wildcard bench)
+
+.PHONY: run test lint typecheck bench clean venv
+
+run: $(STAMP)
+	scripts/ensure-packages.sh $(RUN_PACKAGES)
+	scripts/dev-run.sh $(ARGS)
+
+test: $(STAMP)
+	scripts/ensure-packages.sh $(TEST_PACKAGES)
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/mypy
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check $(LINT_PATHS)
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	scripts/ensure-packages.sh $(TEST_PACKAGES)
+	$(BIN)/python bench/run.py $(ARGS)
+
+venv: $(STAMP)
+
+# The venv is rebuilt when pyproject.toml changes. Debian's own python3 needs python3-venv
+# for `-m venv` to work, so that is installed first when it is missing.
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+		echo "error: memshadow needs Python 3.11 or newer, but $(PYTHON) is" \
+			"$$($(PYTHON) --version 2>&1 || echo missing); run with PYTHON=/path/to/python3.11" >&2; \
+		exit 1; }
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || scripts/ensure-packages.sh python3-venv
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --editable '.[test]'
+	@touch $@
+
+clean:
+	rm -rf $(VENV) .run build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
