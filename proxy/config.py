@@ -194,7 +194,10 @@ _constructor = SafeConstructor()
 
 
 def _scalar(node: Node) -> Any:
-    return _constructor.construct_object(node) if isinstance(node, ScalarNode) else None
+    try:
+        return _constructor.construct_object(node) if isinstance(node, ScalarNode) else None
+    except (ValueError, yaml.YAMLError):  # e.g. an explicit `!!float abc`
+        raise InvalidValue(f"{node.value!r} is not a valid {node.tag.rsplit(':', 1)[-1]}") from None
 
 
 def _describe(node: Node) -> str:

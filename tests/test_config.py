@@ -347,6 +347,7 @@ def test_duplicate_key(tmp_path: Path) -> None:
             "must be one of debug, info, warning, error, critical; got 3",
         ),
         ("1: x\n", 1, "top level", "option names must be plain words"),
+        ("shutdown_timeout: !!float soon\n", 1, "shutdown_timeout", "'soon' is not a valid float"),
     ],
 )
 def test_wrong_values(tmp_path: Path, text: str, line: int, key: str, problem: str) -> None:
