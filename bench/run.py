@@ -1,0 +1,852 @@
+"""memshadow benchmark: memcaslap load against memcached, twemproxy, a bare relay and memshadow.
+
+All targets sit in front of the SAME memcached (started here on a free loopback port).
+For R rounds, every target is measured once in a shuffled order (short memcaslap
+warm-up, then a T-second memcaslap run with a paced latency prober alongside).
+Per target we report the median over rounds; ratios are computed per round
+(paired, same round = same machine conditions) and summarised by their median.
+
+Usage:
+    python bench/run.py [--rounds 5] [--seconds 10] [--targets direct,relay,...]
+                        [--variant 'NAME=EXTRA MEMSHADOW ARGS'] [--json [PATH]]
+
+See bench/README.md for what is measured and how to read the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import getpass
+import json
+import math
+import os
+import platform
+import random
+import re
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+HOST = "127.0.0.1"  # every process and every request stays on loopback
+
+BUILTIN_TARGETS = ("direct", "nutcracker", "relay", "memshadow")
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def parse_cpus(spec: str | None) -> set[int] | None:
+    """'1' / '0,1' / '0-3' -> set of CPU ids; None/'' -> no pinning."""
+    if not spec:
+        return None
+    cpus: set[int] = set()
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def affinity_preexec(cpus: set[int] | None) -> Callable[[], None] | None:
+    if cpus is None:
+        return None
+
+    def pin() -> None:
+        os.sched_setaffinity(0, cpus)
+
+    return pin
+
+
+class Processes:
+    """Starts every child in its own process group and kills all groups on close()."""
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        self, name: str, argv: Sequence[str], *, cpus: set[int] | None = None, **kw: Any
+    ) -> tuple[subprocess.Popen[bytes], Path]:
+        log = self.logdir / f"{name}.log"
+        with log.open("wb") as fh:
+            proc = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=affinity_preexec(cpus),
+                **kw,
+            )
+        self.procs.append(proc)
+        return proc, log
+
+    @staticmethod
+    def kill_group(proc: subprocess.Popen[Any], timeout: float = 3.0) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout=timeout)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        # The group may outlive its leader (children of the leader): sweep it.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            self.kill_group(proc)
+        self.procs.clear()
+
+
+def log_tail(path: Path, lines: int = 6) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(text[-lines:])
+
+
+def wait_ready(
+    proc: subprocess.Popen[bytes], port: int, request: bytes, expect: bytes, timeout: float
+) -> str | None:
+    """Poll until the port answers `request` with a reply starting with `expect`.
+
+    Returns None when ready, else a human-readable reason.
+    """
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return f"exited with code {proc.returncode}"
+        try:
+            with socket.create_connection((HOST, port), timeout=1.0) as s:
+                s.sendall(request)
+                reply = s.recv(256)
+            if reply.startswith(expect):
+                return None
+            last = f"unexpected reply {reply[:60]!r}"
+        except OSError as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        time.sleep(0.1)
+    return f"not ready after {timeout:.0f}s ({last})"
+
+
+# --------------------------------------------------------------------------- targets
+
+
+@dataclass
+class Target:
+    name: str
+    kind: str  # direct | nutcracker | relay | memshadow
+    extra_args: list[str] = field(default_factory=list)
+    port: int = 0
+    status: str = "pending"  # ok | skipped | died
+    reason: str = ""
+    proc: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
+    argv: list[str] = field(default_factory=list)
+
+
+def nutcracker_config(path: Path, listen: int, memcached: int) -> None:
+    path.write_text(
+        "bench:\n"
+        f"  listen: {HOST}:{listen}\n"
+        "  hash: fnv1a_64\n"
+        "  distribution: ketama\n"
+        "  timeout: 4000\n"
+        "  auto_eject_hosts: false\n"
+        "  preconnect: true\n"
+        "  server_connections: 1\n"
+        "  servers:\n"
+        f"    - {HOST}:{memcached}:1\n"
+    )
+
+
+def substitute(arg: str, values: dict[str, str]) -> str:
+    for key, val in values.items():
+        arg = arg.replace("{" + key + "}", val)
+    return arg
+
+
+def target_argv(t: Target, mc_port: int, workdir: Path, subst: dict[str, str]) -> list[str]:
+    if t.kind == "nutcracker":
+        conf = workdir / f"{t.name}.yml"
+        nutcracker_config(conf, t.port, mc_port)
+        exe = shutil.which("nutcracker") or "/usr/sbin/nutcracker"
+        stats_port = free_port()
+        return [exe, "-c", str(conf), "-s", str(stats_port), "-a", HOST, "-v", "4"]
+    if t.kind == "relay":
+        return [
+            sys.executable, str(BENCH_DIR / "relay.py"),
+            "--listen", f"{HOST}:{t.port}", "--upstream", f"{HOST}:{mc_port}",
+        ]  # fmt: skip
+    if t.kind == "memshadow":
+        return [
+            sys.executable, "-m", "proxy",
+            "--listen", f"{HOST}:{t.port}",
+            "--memcached", f"{HOST}:{mc_port}",
+            "--admin", f"{HOST}:{free_port()}",
+            *(substitute(a, subst) for a in t.extra_args),
+        ]  # fmt: skip
+    raise ValueError(t.kind)
+
+
+def start_target(t: Target, procs: Processes, mc_port: int, workdir: Path,
+                 subst: dict[str, str], cpus: set[int] | None, timeout: float) -> None:  # fmt: skip
+    if t.kind == "direct":
+        t.port, t.status = mc_port, "ok"
+        return
+    t.port = free_port()
+    try:
+        t.argv = target_argv(t, mc_port, workdir, subst)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p))  # fmt: skip
+        t.proc, t.log = procs.start(t.name, t.argv, cpus=cpus, cwd=REPO_ROOT, env=env)
+    except OSError as exc:
+        t.status, t.reason = "skipped", f"cannot start: {exc}"
+        return
+    why = wait_ready(t.proc, t.port, b"version\r\n", b"VERSION ", timeout)
+    if why is None:
+        t.status = "ok"
+        return
+    tail = log_tail(t.log)
+    t.status, t.reason = "skipped", why + (f"; log: {tail}" if tail else "")
+    Processes.kill_group(t.proc)
+
+
+# --------------------------------------------------------------------------- memcaslap
+
+
+def memcaslap_config(path: Path, key_size: int, value_size: int, get_ratio: float) -> None:
+    # Format: see `man memcaslap`, section CONFIGURATION FILE. cmd 0 = set, 1 = get.
+    path.write_text(
+        "key\n"
+        f"{key_size} {key_size} 1\n"
+        "value\n"
+        f"{value_size} {value_size} 1\n"
+        "cmd\n"
+        f"0 {1 - get_ratio:.3f}\n"
+        f"1 {get_ratio:.3f}\n"
+    )
+
+
+_RUN_LINE = re.compile(r"Run time: ([\d.]+)s Ops: (\d+) TPS: (\d+)")
+_BLOCK = re.compile(
+    r"^(Get|Set|Total) Statistics \((\d+) events\)\n(.*?)(?:\n\s*\n|\Z)", re.M | re.S
+)
+_FIELD = re.compile(r"^\s*(Min|Max|Avg|Geo|Std):\s+([\d.]+)", re.M)
+_DIST_ROW = re.compile(r"^\s*(\d+):((?:[ \t]+\d+)+)[ \t]*$", re.M)
+_COUNTER = re.compile(r"^(cmd_get|cmd_set|get_misses): (\d+)", re.M)
+
+
+def parse_memcaslap(out: str) -> dict[str, Any]:
+    """Parse the end-of-run summary memcaslap prints (needs --stat_freq for the histograms)."""
+    m = _RUN_LINE.search(out)
+    if not m:
+        raise ValueError("no 'Run time: ... TPS:' line in memcaslap output")
+    run_time, ops = float(m.group(1)), int(m.group(2))
+    res: dict[str, Any] = {
+        "run_time_s": run_time,
+        "ops": ops,
+        "tps": ops / run_time if run_time > 0 else float(m.group(3)),
+        "tps_reported": int(m.group(3)),
+    }
+    res.update({k: int(v) for k, v in _COUNTER.findall(out)})
+    for kind, events, body in _BLOCK.findall(out):
+        block: dict[str, Any] = {"events": int(events)}
+        block.update({k.lower(): float(v) for k, v in _FIELD.findall(body)})
+        dist: dict[int, int] = {}
+        for start, values in _DIST_ROW.findall(body.split("Log2 Dist:", 1)[-1]):
+            for i, v in enumerate(values.split()):
+                dist[int(start) + i] = int(v)
+        block["log2_dist"] = dist
+        block["p50_log2"] = log2_percentile(dist, 50)
+        block["p99_log2"] = log2_percentile(dist, 99)
+        res[kind.lower()] = block
+    return res
+
+
+def log2_percentile(dist: dict[int, int], q: float) -> float | None:
+    """Percentile from memcaslap's Log2 histogram.
+
+    memcaslap (ms_stats.c, ms_local_log2) counts a latency v (integer µs) in bucket
+    i = the smallest i with 2**i >= v, i.e. bucket i holds (2**(i-1), 2**i] µs.
+    We interpolate geometrically inside the bucket, so the result is only good to
+    within a factor of 2 (the bucket width).
+    """
+    total = sum(dist.values())
+    if total == 0:
+        return None
+    rank = total * q / 100.0
+    cum = 0
+    for i in sorted(dist):
+        n = dist[i]
+        if n and cum + n >= rank:
+            frac = float(rank - cum) / n
+            if i == 0:
+                return frac
+            lo = 2.0 ** (i - 1)
+            return lo * math.pow(2.0, frac)
+        cum += n
+    return None
+
+
+@dataclass
+class LoadSpec:
+    memcaslap: str
+    cfg: Path
+    concurrency: int
+    threads: int
+    tps: int
+    probe_rate: float
+    probe_cpus: set[int] | None
+    probe_rt: int
+    value_size: int
+
+
+def run_memcaslap(spec: LoadSpec, port: int, seconds: int) -> tuple[int, str]:
+    argv = [
+        spec.memcaslap,
+        f"--servers={HOST}:{port}",
+        f"--concurrency={spec.concurrency}",
+        f"--threads={spec.threads}",
+        f"--time={seconds}s",
+        f"--cfg_cmd={spec.cfg}",
+        "--division=1",  # single-key get
+        f"--stat_freq={seconds}s",  # needed for the Log2 latency histograms at exit
+    ]
+    if spec.tps > 0:
+        argv.append(f"--tps={spec.tps}")
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=seconds + 30)
+    except subprocess.TimeoutExpired:
+        Processes.kill_group(proc)
+        out, _ = proc.communicate()
+        return -9, out.decode(errors="replace") + "\n[killed: memcaslap timed out]"
+    finally:
+        Processes.kill_group(proc, timeout=1)
+    return proc.returncode, out.decode(errors="replace")
+
+
+def measure(spec: LoadSpec, t: Target, seconds: int, warmup: int) -> dict[str, Any]:
+    sample: dict[str, Any] = {"target": t.name}
+    if warmup > 0:
+        rc, out = run_memcaslap(spec, t.port, warmup)
+        if rc != 0:
+            sample["error"] = f"warm-up memcaslap rc={rc}: {out.strip()[-300:]}"
+            return sample
+    probe = subprocess.Popen(
+        [sys.executable, str(BENCH_DIR / "probe.py"), "--target", f"{HOST}:{t.port}",
+         "--rate", str(spec.probe_rate), "--value-size", str(spec.value_size),
+         "--max-seconds", str(seconds + 30), "--realtime", str(spec.probe_rt)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        start_new_session=True, preexec_fn=affinity_preexec(spec.probe_cpus),
+    )  # fmt: skip
+    try:
+        rc, out = run_memcaslap(spec, t.port, seconds)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            probe.send_signal(signal.SIGTERM)
+        try:
+            pout, perr = probe.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            Processes.kill_group(probe)
+            pout, perr = probe.communicate()
+    try:
+        sample["probe"] = json.loads(pout.decode())
+    except ValueError:
+        sample["probe"] = {"n": 0, "errors": [perr.decode(errors="replace")[-300:]]}
+    if rc != 0:
+        sample["error"] = f"memcaslap rc={rc}: {out.strip()[-300:]}"
+        return sample
+    try:
+        sample["memcaslap"] = parse_memcaslap(out)
+    except ValueError as exc:
+        sample["error"] = f"{exc}: {out.strip()[-300:]}"
+    return sample
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def med(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def sample_metrics(s: dict[str, Any]) -> dict[str, float | None]:
+    if "error" in s:
+        return {}
+    mc = s["memcaslap"]
+    total = mc.get("total", {})
+    probe = s.get("probe", {})
+    return {
+        "tps": mc["tps"],
+        "p50": probe.get("p50"),
+        "p99": probe.get("p99"),
+        "mc_avg": total.get("avg"),
+        "mc_p50_log2": total.get("p50_log2"),
+        "mc_p99_log2": total.get("p99_log2"),
+    }
+
+
+Round = dict[str, dict[str, float | None]]  # target -> metric -> value, for one round
+
+
+def summarize(rounds: list[list[dict[str, Any]]], names: list[str]) -> dict[str, Any]:
+    per_target: dict[str, dict[str, Any]] = {}
+    by_round: list[Round] = [{s["target"]: sample_metrics(s) for s in rnd} for rnd in rounds]
+    for name in names:
+        ms = [r[name] for r in by_round if r.get(name)]
+        entry: dict[str, Any] = {"rounds_ok": len(ms)}
+        for key in ("tps", "p50", "p99", "mc_avg", "mc_p50_log2", "mc_p99_log2"):
+            vals = [m.get(key) for m in ms]
+            entry[key] = med(vals)
+            clean = [v for v in vals if v is not None]
+            entry[key + "_range"] = [min(clean), max(clean)] if clean else None
+        per_target[name] = entry
+
+    def paired(fn: Callable[[Round], float | None]) -> dict[str, Any]:
+        vals: list[float] = []
+        for r in by_round:
+            with contextlib.suppress(KeyError, ZeroDivisionError):
+                v = fn(r)
+                if v is not None:
+                    vals.append(v)
+        return {
+            "median": statistics.median(vals) if vals else None,
+            "min": min(vals) if vals else None,
+            "max": max(vals) if vals else None,
+            "per_round": vals,
+        }
+
+    def get(r: Round, name: str, key: str) -> float:
+        v = r[name][key]  # KeyError: target failed in this round
+        if v is None:
+            raise KeyError(key)
+        return v
+
+    def tps_ratio(name: str, base: str) -> Callable[[Round], float | None]:
+        return lambda r: get(r, name, "tps") / get(r, base, "tps")
+
+    def added(name: str, key: str) -> Callable[[Round], float | None]:
+        return lambda r: get(r, name, key) - get(r, "direct", key)
+
+    def added_ratio(name: str, key: str) -> Callable[[Round], float | None]:
+        def fn(r: Round) -> float | None:
+            base = get(r, "relay", key) - get(r, "direct", key)
+            return (get(r, name, key) - get(r, "direct", key)) / base if base > 0 else None
+
+        return fn
+
+    ratios: dict[str, Any] = {}
+    for name in names:
+        if name in ("direct", "relay"):
+            continue
+        ratios[name] = {
+            "tps_vs_relay": paired(tps_ratio(name, "relay")),
+            "tps_vs_direct": paired(tps_ratio(name, "direct")),
+            "added_p99_us": paired(added(name, "p99")),
+            "added_p99_vs_relay": paired(added_ratio(name, "p99")),
+            "added_p50_vs_relay": paired(added_ratio(name, "p50")),
+            "added_mc_avg_vs_relay": paired(added_ratio(name, "mc_avg")),
+        }
+    if "relay" in names:
+        ratios["relay"] = {
+            "tps_vs_direct": paired(tps_ratio("relay", "direct")),
+            "added_p99_us": paired(added("relay", "p99")),
+        }
+    return {"targets": per_target, "ratios": ratios}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def fmt(v: float | None, spec: str = ",.0f", suffix: str = "") -> str:
+    return "n/a" if v is None else format(v, spec) + suffix
+
+
+def fmt_ratio(r: dict[str, Any] | None, spec: str = ".2f") -> str:
+    if not r or r.get("median") is None:
+        return "n/a"
+    return f"{r['median']:{spec}} [{r['min']:{spec}}..{r['max']:{spec}}]"
+
+
+def verdict(r: dict[str, Any] | None, ok: Callable[[float], bool]) -> str:
+    if not r or r.get("median") is None:
+        return "n/a"
+    return "PASS" if ok(r["median"]) else "FAIL"
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    cfg, summ = result["config"], result["summary"]
+    env = result["environment"]
+    lines = [
+        f"# memshadow benchmark — {result['started']}",
+        "",
+        f"memcaslap: {cfg['concurrency']} connections, {cfg['threads']} thread, "
+        f"{round(cfg['get_ratio'] * 100)}/{round((1 - cfg['get_ratio']) * 100)} get/set, "
+        f"key {cfg['key_size']} B, value {cfg['value_size']} B; "
+        + (f"throttled to {cfg['tps']} ops/s; " if cfg["tps"] else "unthrottled; ")
+        + f"{cfg['rounds']} rounds x {cfg['seconds']} s (+{cfg['warmup']} s warm-up), "
+        f"shuffled order, seed {cfg['seed']}. Latency prober: 1 connection, sequential get, "
+        f"{cfg['probe_rate']:.0f} req/s, "
+        + (f"SCHED_FIFO {cfg['probe_rt']}" if cfg["probe_rt"] else "normal scheduling")
+        + f". memcached -t {cfg['memcached_threads']}. Host: {env['cpus']} CPUs, "
+        f"load avg {env['loadavg_start']} (start) / {env['loadavg_end']} (end); "
+        f"pinning: targets={cfg['pin_targets'] or 'none'}, "
+        f"prober={cfg['pin_probe'] or 'none'}, memcaslap pins its worker thread i to CPU i.",
+        "",
+        "| target | ops/s (median) | ops/s range | p50 µs | p99 µs "
+        "| memcaslap avg µs | memcaslap p99 µs (log2, ±2x) | rounds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for t in result["targets"]:
+        name = t["name"]
+        if t["status"] == "skipped":
+            lines.append(f"| {name} | skipped | | | | | | 0 |")
+            continue
+        s = summ["targets"][name]
+        rng = s.get("tps_range")
+        lines.append(
+            f"| {name} | {fmt(s['tps'])} | "
+            f"{fmt(rng[0]) + '..' + fmt(rng[1]) if rng else 'n/a'} | "
+            f"{fmt(s['p50'], '.0f')} | {fmt(s['p99'], '.0f')} | {fmt(s['mc_avg'], '.0f')} | "
+            f"{fmt(s['mc_p99_log2'], '.0f')} | {s['rounds_ok']}/{cfg['rounds']} |"
+        )
+    skipped = [t for t in result["targets"] if t["status"] != "ok"]
+    if skipped:
+        lines += ["", "Skipped / failed targets:"]
+        lines += [f"- **{t['name']}**: {t['reason']}" for t in skipped]
+
+    lines += [
+        "",
+        "Ratios: median of per-round paired ratios [min..max over rounds]. "
+        "Added p99 = target p99 - direct memcached p99 (prober).",
+        "",
+        "| target | throughput / relay | added p99 µs | added p99 / relay's "
+        "| added p50 / relay's | added memcaslap avg / relay's | verdict |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    rr = summ["ratios"].get("relay")
+    if rr:
+        lines.append(
+            f"| relay | 1.00 (vs direct: {fmt_ratio(rr['tps_vs_direct'])}) | "
+            f"{fmt_ratio(rr['added_p99_us'], '.0f')} | 1.00 | 1.00 | 1.00 | baseline |"
+        )
+    for name, r in summ["ratios"].items():
+        if name == "relay":
+            continue
+        goal = ""
+        if name.startswith("memshadow"):
+            goal = (
+                f"tput {verdict(r['tps_vs_relay'], lambda v: v >= 0.9)} (≥0.90), "
+                f"p99 {verdict(r['added_p99_vs_relay'], lambda v: v <= 1.5)} (≤1.5x)"
+            )
+        lines.append(
+            f"| {name} | {fmt_ratio(r['tps_vs_relay'])} | {fmt_ratio(r['added_p99_us'], '.0f')} | "
+            f"{fmt_ratio(r['added_p99_vs_relay'])} | {fmt_ratio(r['added_p50_vs_relay'])} | "
+            f"{fmt_ratio(r['added_mc_avg_vs_relay'])} | {goal} |"
+        )
+    lines += [
+        "",
+        "p50/p99: latency prober (Python, blocking socket, perf_counter_ns per request) running "
+        "alongside the memcaslap load; memcaslap itself only reports min/avg/max/std and a "
+        "power-of-2 histogram, shown for cross-checking.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_variant(spec: str) -> tuple[str, list[str]]:
+    name, sep, args = spec.partition("=")
+    name = name.strip()
+    if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise argparse.ArgumentTypeError(f"--variant must be NAME=ARGS, got {spec!r}")
+    return name, shlex.split(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    ap.add_argument("--seconds", type=int, default=10, help="measured seconds per run (10)")
+    ap.add_argument("--warmup", type=int, default=2, help="warm-up seconds per run (2; 0=off)")
+    ap.add_argument(
+        "--targets",
+        default=None,
+        help="comma-separated subset of: direct,nutcracker,relay,memshadow and variant "
+        "names (default: all). 'direct' and 'relay' are needed for the ratios.",
+    )
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        type=parse_variant,
+        metavar="NAME=ARGS",
+        help="extra memshadow target started with additional CLI args; placeholders "
+        "{redis_url} {redis_port} {memcached_port} are substituted. Using {redis_*} "
+        "starts a redis-server. Repeatable.",
+    )
+    ap.add_argument("--redis", action="store_true", help="start redis-server even if unused")
+    ap.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        default=None,
+        metavar="PATH",
+        help="also write the raw JSON to PATH ('-' or no value: stdout)",
+    )
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1, help="memcaslap threads (1)")
+    ap.add_argument("--key-size", type=int, default=32)
+    ap.add_argument("--value-size", type=int, default=100)
+    ap.add_argument("--get-ratio", type=float, default=0.9)
+    ap.add_argument(
+        "--memcached-threads",
+        type=int,
+        default=1,
+        help="memcached -t (default 1: on 2 cores, more worker threads than free cores "
+        "make direct memcached's own p99 a scheduling lottery)",
+    )
+    ap.add_argument(
+        "--tps",
+        type=int,
+        default=0,
+        help="cap memcaslap at this many ops/s (memcaslap --tps) to compare latency at "
+        "equal offered load; default 0 = unthrottled (max throughput)",
+    )
+    ap.add_argument("--probe-rate", type=float, default=1000.0, help="prober req/s (1000)")
+    ap.add_argument(
+        "--probe-rt",
+        type=int,
+        default=10,
+        metavar="PRIO",
+        help="SCHED_FIFO priority for the prober so its own wake-ups are not measured "
+        "(default 10; 0 = normal scheduling; falls back to normal if not permitted)",
+    )
+    ap.add_argument("--pin-targets", metavar="CPUS", help="pin memcached+proxies, e.g. '1'")
+    ap.add_argument("--pin-probe", metavar="CPUS", help="pin the latency prober, e.g. '0'")
+    ap.add_argument("--seed", type=int, default=None, help="shuffle seed (default: random)")
+    ap.add_argument("--start-timeout", type=float, default=15.0)
+    ap.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    return ap
+
+
+def select_targets(args: argparse.Namespace) -> list[Target]:
+    all_targets = [Target(n, n) for n in BUILTIN_TARGETS]
+    all_targets += [Target(name, "memshadow", extra) for name, extra in args.variant]
+    names = [t.name for t in all_targets]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"duplicate target names: {names}")
+    if args.targets is None:
+        return all_targets
+    wanted = [n.strip() for n in args.targets.split(",") if n.strip()]
+    unknown = set(wanted) - set(names)
+    if unknown:
+        raise SystemExit(f"unknown targets {sorted(unknown)}; known: {names}")
+    return [t for t in all_targets if t.name in wanted]
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def terminate_on_sigterm() -> Iterator[None]:
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    targets = select_targets(args)
+    memcaslap = shutil.which("memcaslap") or shutil.which("memaslap")
+    if not memcaslap:
+        raise SystemExit("memcaslap not found (apt-get install libmemcached-tools)")
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
+    rng = random.Random(seed)
+    need_redis = args.redis or any("{redis" in a for t in targets for a in t.extra_args)
+    started = dt.datetime.now().strftime("%Y-%m-%dT%H:%M:%S")
+
+    with (
+        terminate_on_sigterm(),
+        tempfile.TemporaryDirectory(prefix="memshadow-bench-") as tmp,
+    ):
+        workdir = Path(tmp)
+        procs = Processes(workdir)
+        try:
+            return run(args, targets, procs, workdir, memcaslap, seed, rng, need_redis, started)
+        finally:
+            procs.close()
+
+
+def run(
+    args: argparse.Namespace,
+    targets: list[Target],
+    procs: Processes,
+    workdir: Path,
+    memcaslap: str,
+    seed: int,
+    rng: random.Random,
+    need_redis: bool,
+    started: str,
+) -> int:
+    target_cpus = parse_cpus(args.pin_targets)
+    loadavg_start = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+    mc_port = free_port()
+    mc_argv = ["memcached", "-l", HOST, "-p", str(mc_port), "-U", "0",
+               "-t", str(args.memcached_threads), "-m", "256", "-c", "4096"]  # fmt: skip
+    if os.geteuid() == 0:
+        mc_argv += ["-u", getpass.getuser()]
+    mc_proc, mc_log = procs.start("memcached", mc_argv, cpus=target_cpus)
+    why = wait_ready(mc_proc, mc_port, b"version\r\n", b"VERSION ", args.start_timeout)
+    if why:
+        raise SystemExit(f"memcached failed to start: {why}; {log_tail(mc_log)}")
+    say(f"memcached on {HOST}:{mc_port}")
+
+    subst = {"memcached_port": str(mc_port)}
+    if need_redis:
+        r_port = free_port()
+        r_proc, r_log = procs.start("redis", [
+            "redis-server", "--bind", HOST, "--port", str(r_port), "--save", "",
+            "--appendonly", "no", "--protected-mode", "yes", "--dir", str(workdir),
+        ], cpus=target_cpus)  # fmt: skip
+        why = wait_ready(r_proc, r_port, b"PING\r\n", b"+PONG", args.start_timeout)
+        if why:
+            raise SystemExit(f"redis-server failed to start: {why}; {log_tail(r_log)}")
+        subst |= {"redis_port": str(r_port), "redis_url": f"redis://{HOST}:{r_port}/0"}
+        say(f"redis-server on {HOST}:{r_port}")
+
+    for t in targets:
+        start_target(t, procs, mc_port, workdir, subst, target_cpus, args.start_timeout)
+        if t.status == "ok":
+            say(f"{t.name}: ready on {HOST}:{t.port}")
+        else:
+            say(f"{t.name}: SKIPPED — {t.reason}")
+    live = [t for t in targets if t.status == "ok"]
+    if not live:
+        raise SystemExit("no target could be started")
+
+    cfg_path = workdir / "memcaslap.cnf"
+    memcaslap_config(cfg_path, args.key_size, args.value_size, args.get_ratio)
+    spec = LoadSpec(
+        memcaslap=memcaslap, cfg=cfg_path, concurrency=args.concurrency, threads=args.threads,
+        tps=args.tps,
+        probe_rate=args.probe_rate, probe_cpus=parse_cpus(args.pin_probe), probe_rt=args.probe_rt,
+        value_size=args.value_size,
+    )  # fmt: skip
+
+    rounds: list[list[dict[str, Any]]] = []
+    orders: list[list[str]] = []
+    for r in range(args.rounds):
+        order = [t for t in live if t.status == "ok"]
+        rng.shuffle(order)
+        orders.append([t.name for t in order])
+        say(f"round {r + 1}/{args.rounds}: {' → '.join(t.name for t in order)}")
+        samples: list[dict[str, Any]] = []
+        for t in order:
+            s = measure(spec, t, args.seconds, args.warmup)
+            s["round"] = r
+            samples.append(s)
+            m = sample_metrics(s)
+            if m:
+                say(
+                    f"  {t.name:<14} {m['tps']:>10,.0f} ops/s  p50 {fmt(m['p50'], '.0f')} µs  "
+                    f"p99 {fmt(m['p99'], '.0f')} µs  memcaslap avg {fmt(m['mc_avg'], '.0f')} µs"
+                )
+            else:
+                say(f"  {t.name:<14} FAILED: {s.get('error')}")
+            if t.proc is not None and t.proc.poll() is not None:
+                t.status = "died"
+                t.reason = f"exited with code {t.proc.returncode} during round {r + 1}; " + (
+                    log_tail(t.log) if t.log else ""
+                )
+                say(f"  {t.name}: DIED — {t.reason}")
+        rounds.append(samples)
+
+    names = [t.name for t in targets if t.status in ("ok", "died")]
+    result: dict[str, Any] = {
+        "started": started,
+        "finished": dt.datetime.now().strftime("%Y-%m-%dT%H:%M:%S"),
+        "config": {
+            "rounds": args.rounds, "seconds": args.seconds, "warmup": args.warmup,
+            "concurrency": args.concurrency, "threads": args.threads, "tps": args.tps,
+            "key_size": args.key_size, "value_size": args.value_size,
+            "get_ratio": args.get_ratio, "memcached_threads": args.memcached_threads,
+            "probe_rate": args.probe_rate, "probe_rt": args.probe_rt, "seed": seed,
+            "pin_targets": args.pin_targets, "pin_probe": args.pin_probe,
+            "memcaslap_cfg": cfg_path.read_text(),
+        },
+        "environment": {
+            "cpus": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)),
+            "loadavg_start": loadavg_start,
+            "loadavg_end": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
+            "python": platform.python_version(), "platform": platform.platform(),
+            "memcached_port": mc_port, "redis_port": subst.get("redis_port"),
+        },
+        "targets": [
+            {"name": t.name, "kind": t.kind, "status": t.status, "reason": t.reason,
+             "port": t.port, "argv": t.argv}
+            for t in targets
+        ],
+        "orders": orders,
+        "rounds": rounds,
+        "summary": summarize(rounds, names),
+    }  # fmt: skip
+    md = render_markdown(result)
+    print(md)
+
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    stamp = started.replace(":", "").replace("-", "")
+    for suffix, text in ((".md", md), (".json", json.dumps(result, indent=2, default=str))):
+        for stem in (f"bench-{stamp}", "latest"):
+            (args.results_dir / (stem + suffix)).write_text(text)
+    say(f"results: {args.results_dir / f'bench-{stamp}.md'} (+ .json, latest.*)")
+    if args.json == "-":
+        print(json.dumps(result, indent=2, default=str))
+    elif args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
