@@ -20,6 +20,8 @@ REALTIME_MAXDELTA = 2_592_000
 
 ITEM_OVERHEAD = 48 + 8 + 1 + 2
 """Bytes memcached adds to key+data in an item: header, cas, key NUL, trailing "\\r\\n"."""
+FLAGS_OVERHEAD = 4
+"""Extra bytes of an item whose client flags are not 0 (memcached stores 0 flags in no space)."""
 
 DEFAULT_ITEM_SIZE_MAX = 1_048_576
 """memcached -I default (1m)."""
@@ -102,11 +104,16 @@ def unpack_value(raw: bytes) -> Item:
     return Item(flags, cas, raw[HEADER_LEN:])
 
 
-def max_value_len(item_size_max: int, keylen: int) -> int:
-    """Largest data length memcached stores for a key (1048514 for a 3-byte key at -I 1m)."""
-    return item_size_max - (ITEM_OVERHEAD + keylen)
+def _overhead(keylen: int, flags: int) -> int:
+    return ITEM_OVERHEAD + keylen + (FLAGS_OVERHEAD if flags else 0)
 
 
-def max_numeric_len(slab_chunk_max: int, keylen: int) -> int:
+def max_value_len(item_size_max: int, keylen: int, flags: int = 0) -> int:
+    """Largest data length memcached stores for a key: 1048514 for a 3-byte key at -I 1m with
+    flags 0, and 4 bytes less with non-zero flags."""
+    return item_size_max - _overhead(keylen, flags)
+
+
+def max_numeric_len(slab_chunk_max: int, keylen: int, flags: int = 0) -> int:
     """Longest data incr/decr reads; longer items are chunked, which memcached calls non-numeric."""
-    return slab_chunk_max - (ITEM_OVERHEAD + keylen)
+    return slab_chunk_max - _overhead(keylen, flags)

@@ -18,6 +18,9 @@ local TWO32 = 4294967296
 local U64_MAX = '18446744073709551615'
 local TWO64 = '18446744073709551616'
 local TWO63 = '9223372036854775808'
+-- memcached items with non-zero client flags carry them in 4 extra bytes, so their size
+-- limits are 4 bytes lower; the callers pass the limits for flags 0.
+local FLAGS_OVERHEAD = 4
 
 -- The load-time sandbox of Redis Functions hides the standard libraries, so they are looked
 -- up at call time.
@@ -50,6 +53,13 @@ local function unpack_header(raw)
     local hi = ((c1 * 256 + c2) * 256 + c3) * 256 + c4
     local lo = ((c5 * 256 + c6) * 256 + c7) * 256 + c8
     return flags, hi * TWO32 + lo
+end
+
+local function limit_for(limit, flags)
+    if flags ~= 0 then
+        return limit - FLAGS_OVERHEAD
+    end
+    return limit
 end
 
 local function cas_string(cas)
@@ -243,10 +253,12 @@ end
 --[[
 mc_store KEYS[1]=key ARGV: mode flags exp_kind exp_val data cas maxlen [too_large_deletes]
   mode: set | add | replace | append | prepend | cas
-  flags: uint32 decimal; exp_kind/exp_val: expiry pair (ignored by append/prepend)
+  flags: uint32 decimal; exp_kind/exp_val: expiry pair. append/prepend keep the item's own
+         flags and TTL, but the request's flags still count for the size check.
   cas: decimal; 'cas' compares it exactly (0 never matches); append/prepend compare it when
        it is not 0 (ms MA/MP with C); other modes ignore it.
-  maxlen: largest data length memcached accepts for this key.
+  maxlen: largest data length memcached accepts for this key with flags 0 (4 less is used
+          for non-zero flags).
   too_large_deletes: '1' / '0'; when absent or empty, only 'set' deletes (classic commands).
 Reply: {status, cas} with status STORED | NOT_STORED | EXISTS | NOT_FOUND | TOO_LARGE and
 cas the new cas after STORED, else 0.
@@ -266,7 +278,7 @@ local function mc_store(keys, args)
         return fail('wrong number of arguments for mc_store')
     end
 
-    if #data > maxlen then
+    if #data > limit_for(maxlen, flags) then
         if big_del == '1' or ((big_del == nil or big_del == '') and mode == 'set') then
             redis.call('DEL', key)
         end
@@ -286,7 +298,7 @@ local function mc_store(keys, args)
             return {'EXISTS', 0}
         end
         local old_data = string.sub(raw, HEADER_LEN + 1)
-        if #old_data + #data > maxlen then
+        if #old_data + #data > limit_for(maxlen, old_flags) then
             return {'NOT_STORED', 0}
         end
         local cas = next_cas(old_cas)
@@ -327,9 +339,11 @@ mc_delta KEYS[1]=key ARGV: op delta cas create_kind create_val initial ttl_kind 
                            [numeric_maxlen] [order]
   op: incr | decr; delta, initial: uint64 decimal; cas: decimal, 0 = no check.
   create_kind/create_val: expiry pair of ma's N flag; empty kind = do not autovivify.
-  ttl_kind/ttl_val: expiry pair of ma's T flag; empty kind = keep the TTL.
+  ttl_kind/ttl_val: expiry pair of ma's T flag; empty kind = keep the TTL. On an existing
+                   item it only applies when the result is rewritten in place (below).
   numeric_maxlen: data longer than this is stored chunked by memcached and so is
-                  non-numeric (slab_chunk_max - 59 - keylen); absent = no limit.
+                  non-numeric (slab_chunk_max - 59 - keylen, for flags 0; 4 less is used
+                  for non-zero flags); absent = no limit.
   order: 'NT' (default) or 'TN', the order of N and T in the request; on autovivify the
          later one sets the TTL, as memcached applies them in flag order.
 Reply: {'OK', new_value, cas} | {'CREATED', initial, cas} | {'NOT_FOUND'} | {'NON_NUMERIC'}
@@ -369,14 +383,14 @@ local function mc_delta(keys, args)
 
     -- memcached checks "empty or chunked" before the cas, and parses after it.
     local len = size - HEADER_LEN
-    if len <= 0 or (numeric_max ~= nil and len > numeric_max) then
-        if len < 0 then
-            return fail('malformed value header')
-        end
+    if len < 0 then
+        return fail('malformed value header')
+    end
+    local flags, old_cas = read_header(key)
+    if len == 0 or (numeric_max ~= nil and len > limit_for(numeric_max, flags)) then
         return {'NON_NUMERIC'}
     end
     local raw = redis.call('GET', key)
-    local flags, old_cas = unpack_header(raw)
     if req_cas ~= '0' and req_cas ~= cas_string(old_cas) then
         return {'EXISTS'}
     end
@@ -400,7 +414,9 @@ local function mc_delta(keys, args)
         stored = value .. string.rep(' ', #data - #value)
     end
     local cas = next_cas(old_cas)
-    if ttl_kind ~= '' then
+    -- memcached 1.6.18 applies ma's T to the item it rewrote in place; a longer number goes
+    -- into a new item and T lands on the replaced one, so the TTL stays as it was.
+    if ttl_kind ~= '' and #value <= #data then
         write(key, pack_header(flags, cas) .. stored, ttl_kind, ttl_val)
     else
         write(key, pack_header(flags, cas) .. stored, 'K')

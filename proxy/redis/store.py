@@ -194,7 +194,8 @@ class RedisStore:
         cas: required for CAS (0 never matches); for APPEND/PREPEND a non-zero cas must match
         (ms MA/MP with C). too_large_deletes: whether a value over the limit deletes the key;
         None means "only for SET" (classic commands); ms passes True for every mode.
-        Append/prepend ignore flags and exptime, keeping the item's own.
+        Append/prepend keep the item's own flags and TTL; their flags argument only counts
+        for the size check, as in memcached (non-zero flags lower the limit by 4 bytes).
         """
         if not 0 <= flags <= U32_MAX:
             raise ValueError(f"flags {flags} out of uint32 range")
@@ -229,7 +230,9 @@ class RedisStore:
         """incr/decr, and ma with C (cas), N (create = its TTL), J (initial), T (ttl).
 
         On autovivify both N and T set the TTL in memcached, in request order: by default T
-        (given after N) wins; create_ttl_wins=True when N came after T.
+        (given after N) wins; create_ttl_wins=True when N came after T. On an existing item
+        memcached 1.6.18 applies T only when the new number is not longer than the stored
+        value (in-place rewrite); the functions do the same.
         """
         for name, number in (("delta", delta), ("initial", initial)):
             if not 0 <= number <= U64_MAX:
