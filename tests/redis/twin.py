@@ -1,0 +1,378 @@
+"""Runs each memcached operation on a real memcached and on the Redis store, and checks that
+both answer the same. The memcached side is a blocking raw-socket text-protocol client."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from proxy.redis.client import RedisPool
+from proxy.redis.store import (
+    DeleteStatus,
+    DeltaOp,
+    DeltaStatus,
+    RedisStore,
+    StoreMode,
+    StoreStatus,
+    function_library,
+)
+
+T = TypeVar("T")
+
+TTL_TOLERANCE_S = 2.0
+
+
+class MemcachedText:
+    """Blocking memcached text-protocol client that returns raw reply lines and blocks."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.file = self.sock.makefile("rb")
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+    def _send(self, line: bytes, data: bytes | None) -> None:
+        payload = line + b"\r\n"
+        if data is not None:
+            payload += data + b"\r\n"
+        self.sock.sendall(payload)
+
+    def _line(self) -> bytes:
+        line = self.file.readline()
+        if not line.endswith(b"\r\n"):
+            raise ConnectionError(f"memcached closed or sent a partial line: {line!r}")
+        return line[:-2]
+
+    def _block(self, size: int) -> bytes:
+        block = self.file.read(size + 2)
+        assert block.endswith(b"\r\n"), block[-10:]
+        return block[:-2]
+
+    def line(self, line: bytes, data: bytes | None = None) -> bytes:
+        """A command with a one-line reply."""
+        self._send(line, data)
+        return self._line()
+
+    def values(self, line: bytes) -> list[tuple[bytes, int, bytes, int | None]]:
+        """get/gets/gat/gats: (key, flags, data, cas or None) per hit, up to END."""
+        self._send(line, None)
+        hits = []
+        while True:
+            reply = self._line()
+            if reply == b"END":
+                return hits
+            parts = reply.split(b" ")
+            assert parts[0] == b"VALUE", reply
+            data = self._block(int(parts[3]))
+            cas = int(parts[4]) if len(parts) > 4 else None
+            hits.append((parts[1], int(parts[2]), data, cas))
+
+    def meta(self, line: bytes, data: bytes | None = None) -> tuple[list[bytes], bytes | None]:
+        """A meta command: the reply tokens, and the block of a VA reply."""
+        self._send(line, data)
+        tokens = self._line().split(b" ")
+        if tokens[0] == b"VA":
+            return tokens, self._block(int(tokens[1]))
+        return tokens, None
+
+
+def _meta_flag(tokens: list[bytes], flag: bytes) -> bytes | None:
+    for token in tokens[1:]:
+        if token[:1] == flag:
+            return token[1:]
+    return None
+
+
+@dataclass(frozen=True)
+class Hit:
+    key: bytes
+    flags: int
+    data: bytes
+    has_cas: bool
+
+
+@dataclass(frozen=True)
+class KeyState:
+    """What both stores hold for a key (the TTL is compared separately, with a tolerance)."""
+
+    present: bool
+    flags: int = 0
+    data: bytes = b""
+
+
+class Mismatch(AssertionError):
+    pass
+
+
+class Twin:
+    """The same operations on memcached and on RedisStore; each method returns the common
+    outcome and raises Mismatch when they differ."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        mc_port: int,
+        redis_url: str,
+        *,
+        item_size_max: int,
+        slab_chunk_max: int,
+        pool_size: int = 2,
+    ) -> None:
+        self.loop = loop
+        self.mc = MemcachedText(mc_port)
+        self.item_size_max = item_size_max
+        self.slab_chunk_max = slab_chunk_max
+        pool = RedisPool(redis_url, pool_size, timeout=5.0, library=function_library())
+        self.store = RedisStore(pool, item_size_max=item_size_max, slab_chunk_max=slab_chunk_max)
+        assert self.run(self.store.start()), "redis did not connect"
+        self.cas_map: dict[tuple[bytes, int], int] = {}
+        self.log: list[str] = []
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self.loop.run_until_complete(coro)
+
+    def close(self) -> None:
+        self.mc.close()
+        self.run(self.store.close())
+
+    def reset(self) -> None:
+        assert self.mc.line(b"flush_all") == b"OK"
+        self.run(self.store.flush())
+        self.cas_map.clear()
+        self.log.clear()
+
+    def _same(self, what: str, mc: T, redis: T) -> T:
+        self.log.append(f"{what} -> {mc!r}")
+        if mc != redis:
+            raise Mismatch(f"{what}: memcached {mc!r} != redis {redis!r}")
+        return mc
+
+    def redis_cas(self, key: bytes, mc_cas: int) -> int:
+        """The Redis cas paired with a memcached cas of the key; unknown tokens pass through
+        (they match neither store: memcached's counter is small, Redis's are ~1.7e15)."""
+        return self.cas_map.get((key, mc_cas), mc_cas)
+
+    # classic commands
+
+    def storage(
+        self,
+        cmd: str,
+        key: bytes,
+        flags: int,
+        exptime: int,
+        data: bytes,
+        cas: int | None = None,
+    ) -> str:
+        line = b"%s %s %d %d %d" % (cmd.encode(), key, flags, exptime, len(data))
+        if cmd == "cas":
+            assert cas is not None
+            line += b" %d" % cas
+        reply = self.mc.line(line, data)
+        mc = "TOO_LARGE" if reply == b"SERVER_ERROR object too large for cache" else reply.decode()
+        result = self.run(
+            self.store.store(
+                StoreMode(cmd),
+                key,
+                flags,
+                exptime,
+                data,
+                cas=None if cas is None else self.redis_cas(key, cas),
+            )
+        )
+        return self._same(
+            f"{cmd} {key!r} f={flags} e={exptime} len={len(data)}", mc, result.status.value
+        )
+
+    def delete(self, key: bytes) -> str:
+        mc = self.mc.line(b"delete " + key).decode()
+        return self._same(f"delete {key!r}", mc, self.run(self.store.delete(key)).value)
+
+    def delta(self, op: str, key: bytes, delta: int) -> str:
+        reply = self.mc.line(b"%s %s %d" % (op.encode(), key, delta))
+        mc = {
+            b"NOT_FOUND": "NOT_FOUND",
+            b"CLIENT_ERROR cannot increment or decrement non-numeric value": "NON_NUMERIC",
+        }.get(reply, reply.decode())
+        result = self.run(self.store.delta(key, DeltaOp(op), delta))
+        redis = str(result.value) if result.status is DeltaStatus.OK else result.status.value
+        return self._same(f"{op} {key!r} {delta}", mc, redis)
+
+    def touch(self, key: bytes, exptime: int) -> str:
+        mc = self.mc.line(b"touch %s %d" % (key, exptime)).decode()
+        redis = self.run(self.store.touch(key, exptime)).value
+        return self._same(f"touch {key!r} {exptime}", mc, redis)
+
+    def retrieve(
+        self, keys: list[bytes], *, cas: bool = False, exptime: int | None = None
+    ) -> list[Hit]:
+        """get/gets, or gat/gats when exptime is given."""
+        if exptime is None:
+            cmd = b"gets" if cas else b"get"
+            mc_hits = self.mc.values(cmd + b" " + b" ".join(keys))
+            items = self.run(self.store.get_many(keys))
+        else:
+            cmd = b"gats" if cas else b"gat"
+            mc_hits = self.mc.values(b"%s %d %s" % (cmd, exptime, b" ".join(keys)))
+            items = self.run(self.store.gat_many(exptime, keys))
+        mc = [Hit(k, f, d, c is not None) for k, f, d, c in mc_hits]
+        redis = [
+            Hit(key, item.flags, item.data, cas)
+            for key, item in zip(keys, items, strict=True)
+            if item is not None
+        ]
+        if cas and len(mc_hits) == len(redis):
+            hit_items = [item for item in items if item is not None]
+            for (key, _, _, mc_cas), item in zip(mc_hits, hit_items, strict=True):
+                assert mc_cas is not None
+                self.cas_map[(key, mc_cas)] = item.cas
+        what = f"{cmd.decode()}{'' if exptime is None else f' {exptime}'} {keys!r}"
+        return self._same(what, mc, redis)
+
+    def flush(self) -> str:
+        reply = self.mc.line(b"flush_all").decode()
+        self.run(self.store.flush())
+        return self._same("flush_all", reply, "OK")
+
+    # meta commands
+
+    def ms(
+        self,
+        key: bytes,
+        mode: str,
+        flags: int,
+        exptime: int,
+        data: bytes,
+        cas: int | None = None,
+    ) -> str:
+        """ms with M<mode> F T [C] c; too-large deletes in every mode."""
+        line = b"ms %s %d F%d T%d M%s c" % (key, len(data), flags, exptime, mode.encode())
+        if cas is not None:
+            line += b" C%d" % cas
+        tokens, _ = self.mc.meta(line, data)
+        codes = {b"HD": "STORED", b"NS": "NOT_STORED", b"EX": "EXISTS", b"NF": "NOT_FOUND"}
+        if tokens[0] in codes:
+            mc = codes[tokens[0]]
+        elif b" ".join(tokens) == b"SERVER_ERROR object too large for cache":
+            mc = "TOO_LARGE"
+        else:
+            mc = b" ".join(tokens).decode()
+        store_mode = {
+            "S": StoreMode.SET,
+            "E": StoreMode.ADD,
+            "A": StoreMode.APPEND,
+            "P": StoreMode.PREPEND,
+            "R": StoreMode.REPLACE,
+        }[mode]
+        redis_cas: int | None = None
+        if cas is not None and store_mode is not StoreMode.ADD:
+            redis_cas = self.redis_cas(key, cas)
+            if store_mode in (StoreMode.SET, StoreMode.REPLACE):
+                store_mode = StoreMode.CAS
+        result = self.run(
+            self.store.store(
+                store_mode, key, flags, exptime, data, cas=redis_cas, too_large_deletes=True
+            )
+        )
+        if mc == "STORED" and result.status is StoreStatus.STORED:
+            mc_cas = _meta_flag(tokens, b"c")
+            assert mc_cas is not None and result.cas is not None
+            self.cas_map[(key, int(mc_cas))] = result.cas
+        what = f"ms {key!r} M{mode} F{flags} T{exptime} C{cas} len={len(data)}"
+        return self._same(what, mc, result.status.value)
+
+    def ma(
+        self,
+        key: bytes,
+        op: str,
+        delta: int,
+        *,
+        create: int | None = None,
+        initial: int | None = None,
+        ttl: int | None = None,
+        ttl_first: bool = False,
+        cas: int | None = None,
+    ) -> str:
+        """ma with D M [N J T C] v c: the number, or NOT_FOUND/NOT_STORED/EXISTS/NON_NUMERIC."""
+        flags = [b"D%d" % delta, b"M" + (b"I" if op == "incr" else b"D")]
+        n_t: list[bytes] = []
+        if create is not None:
+            n_t.append(b"N%d" % create)
+        if ttl is not None:
+            n_t.append(b"T%d" % ttl)
+        if ttl_first:
+            n_t.reverse()
+        flags += n_t
+        if initial is not None:
+            flags.append(b"J%d" % initial)
+        if cas is not None:
+            flags.append(b"C%d" % cas)
+        line = b"ma %s %s v c" % (key, b" ".join(flags))
+        tokens, block = self.mc.meta(line)
+        codes = {b"NF": "NOT_FOUND", b"NS": "NOT_STORED", b"EX": "EXISTS"}
+        if block is not None:
+            mc = block.decode()
+        elif tokens[0] in codes:
+            mc = codes[tokens[0]]
+        elif b" ".join(tokens) == b"CLIENT_ERROR cannot increment or decrement non-numeric value":
+            mc = "NON_NUMERIC"
+        else:
+            mc = b" ".join(tokens).decode()
+        result = self.run(
+            self.store.delta(
+                key,
+                DeltaOp(op),
+                delta,
+                cas=None if cas is None else self.redis_cas(key, cas),
+                create=create,
+                initial=initial or 0,
+                ttl=ttl,
+                create_ttl_wins=ttl_first,
+            )
+        )
+        if result.status in (DeltaStatus.OK, DeltaStatus.CREATED):
+            redis = str(result.value)
+            mc_cas = _meta_flag(tokens, b"c")
+            if block is not None and mc_cas is not None and result.cas is not None:
+                self.cas_map[(key, int(mc_cas))] = result.cas
+        else:
+            redis = result.status.value
+        return self._same(f"{line.decode(errors='replace')}", mc, redis)
+
+    def md(self, key: bytes, cas: int | None = None) -> str:
+        line = b"md " + key + (b"" if cas is None else b" C%d" % cas)
+        tokens, _ = self.mc.meta(line)
+        mc = {b"HD": "DELETED", b"NF": "NOT_FOUND", b"EX": "EXISTS"}.get(
+            tokens[0], b" ".join(tokens).decode()
+        )
+        status: DeleteStatus = self.run(
+            self.store.delete(key, None if cas is None else self.redis_cas(key, cas))
+        )
+        return self._same(line.decode(errors="replace"), mc, status.value)
+
+    # state
+
+    def state(self, key: bytes) -> KeyState:
+        """Compare presence, flags, exact data and TTL (within TTL_TOLERANCE_S) of one key."""
+        tokens, block = self.mc.meta(b"mg %s v f t" % key)
+        item = self.run(self.store.get(key))
+        pttl = self.run(self.store.pttl(key))
+        if block is None:
+            assert tokens == [b"EN"], tokens
+            mc = KeyState(False)
+        else:
+            mc = KeyState(True, int(_meta_flag(tokens, b"f") or b"0"), block)
+        redis = KeyState(False) if item is None else KeyState(True, item.flags, item.data)
+        self._same(f"state {key!r}", mc, redis)
+        if mc.present:
+            mc_ttl = int(_meta_flag(tokens, b"t") or b"0")
+            if (mc_ttl == -1) != (pttl == -1):
+                raise Mismatch(f"ttl {key!r}: memcached {mc_ttl}s, redis {pttl}ms (-1 = none)")
+            if mc_ttl != -1 and abs(mc_ttl - pttl / 1000) > TTL_TOLERANCE_S:
+                raise Mismatch(f"ttl {key!r}: memcached {mc_ttl}s, redis {pttl}ms")
+        return mc
