@@ -151,9 +151,15 @@ encode_command: Callable[[Sequence[Arg]], bytes] = (
 class _RespProtocol(asyncio.Protocol):
     """One TCP/TLS connection: batched writes, FIFO replies, and the reply deadline."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, on_timeout: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_timeout: Callable[[int], None],
+        on_down: Callable[[_RespProtocol], None],
+    ) -> None:
         self._loop = loop
         self._on_timeout = on_timeout
+        self._on_down = on_down
         self._reader = hiredis.Reader()
         self._transport: asyncio.Transport | None = None
         self._pending: deque[tuple[asyncio.Future[Reply], float]] = deque()
@@ -161,6 +167,7 @@ class _RespProtocol(asyncio.Protocol):
         self._flush_handle: asyncio.Handle | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when = 0.0
+        self._aborted = False
         self.lost: asyncio.Future[None] = loop.create_future()
 
     @property
@@ -169,13 +176,15 @@ class _RespProtocol(asyncio.Protocol):
 
     @property
     def is_open(self) -> bool:
-        return self._transport is not None and not self.lost.done()
+        return self._transport is not None and not self._aborted and not self.lost.done()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it
         self._transport = cast(asyncio.Transport, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._aborted = True
+        self._on_down(self)
         self._fail_all(RedisUnavailable(f"connection lost: {exc or 'closed'}"))
         if self._timer is not None:
             self._timer.cancel()
@@ -205,6 +214,8 @@ class _RespProtocol(asyncio.Protocol):
 
     def abort(self, exc: RedisError) -> None:
         """Drop the connection at once, failing every command still waiting for its reply."""
+        self._aborted = True  # connection_lost() only comes on a later loop iteration
+        self._on_down(self)
         self._fail_all(exc)
         if self._transport is not None:
             self._transport.abort()
@@ -406,7 +417,7 @@ class RedisConnection:
                 ssl_ctx.verify_mode = ssl.CERT_NONE
 
         def factory() -> _RespProtocol:
-            return _RespProtocol(loop, self._count_timeouts)
+            return _RespProtocol(loop, self._count_timeouts, self._protocol_down)
 
         _, protocol = await asyncio.wait_for(
             loop.create_connection(
@@ -430,6 +441,8 @@ class RedisConnection:
                 handshake.append((b"SELECT", url.db))
             if self.library is not None:
                 handshake.append((b"FUNCTION", b"LOAD", b"REPLACE", self.library))
+            # a stopped server still completes TCP handshakes; count it up once it answers
+            handshake.append((b"PING",))
             for cmd in handshake:
                 futures.append(protocol.send(encode_command(cmd), self.connect_timeout))
             for cmd, future in zip(handshake, futures, strict=True):
@@ -443,6 +456,10 @@ class RedisConnection:
                 _consume_result(future)
             raise
         return protocol
+
+    def _protocol_down(self, protocol: _RespProtocol) -> None:
+        if protocol is self._protocol:
+            self._connected.clear()
 
     def _count_timeouts(self, count: int) -> None:
         self.timeouts += count

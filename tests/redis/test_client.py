@@ -1,0 +1,348 @@
+"""RedisConnection / RedisPool against real redis-server processes: pipelining, bounds,
+timeouts, reconnects, function reloads, AUTH/SELECT and TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import hiredis
+import pytest
+
+from proxy.redis import client as client_module
+from proxy.redis.client import (
+    RedisConnection,
+    RedisPool,
+    RedisURL,
+    encode_command,
+    parse_url,
+    resp_encode,
+)
+from proxy.redis.errors import (
+    RedisBusy,
+    RedisReplyError,
+    RedisTimeout,
+    RedisUnavailable,
+)
+from proxy.redis.store import RedisStore, StoreMode, StoreStatus, function_library
+from tests.redis.conftest import REDIS_SERVER, Server, free_port
+
+StartRedis = Callable[..., Server]
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def store_for(url: str, size: int = 1, **kwargs: float) -> RedisStore:
+    pool = RedisPool(url, size, library=function_library(), backoff_max=0.2, **kwargs)
+    return RedisStore(pool)
+
+
+# URLs and encoding ---------------------------------------------------------------------------
+
+
+def test_parse_url_defaults() -> None:
+    assert parse_url("redis://localhost") == RedisURL("localhost", 6379, 0)
+
+
+def test_parse_url_everything() -> None:
+    url = parse_url("rediss://al%40ice:p%3Ass@cache.example:6380/5?timeout=0.25")
+    assert url == RedisURL(
+        "cache.example", 6380, 5, username="al@ice", password="p:ss", tls=True, timeout=0.25
+    )
+    assert "p:ss" not in str(url) and "***" in str(url)
+
+
+def test_parse_url_password_only_and_options() -> None:
+    url = parse_url("redis://:secret@127.0.0.1?db=2")
+    assert (url.username, url.password, url.db) == (None, "secret", 2)
+    assert not parse_url("rediss://h?ssl_cert_reqs=none").tls_verify
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["http://h", "redis://h/x", "redis://h:notaport", "redis://h?timeout=-1", "redis://h/-1"],
+)
+def test_parse_url_rejects(bad: str) -> None:
+    with pytest.raises(ValueError):
+        parse_url(bad)
+
+
+def test_resp_encoder_matches_hiredis() -> None:
+    args = (b"SET", "k\u00e9y", 12, b"\x00\r\nbin", 1.5, b"")
+    assert resp_encode(args) == bytes(hiredis.pack_command(args))
+    assert encode_command(args) == resp_encode(args)
+
+
+# commands ------------------------------------------------------------------------------------
+
+
+async def test_pipelined_replies_match_their_commands(redis_shared: Server) -> None:
+    conn = RedisConnection(redis_shared.url(db=3), max_inflight=5000)
+    assert await conn.start()
+    try:
+        futures = [conn.send(b"ECHO", b"%d" % i) for i in range(2000)]
+        assert await asyncio.gather(*futures) == [b"%d" % i for i in range(2000)]
+        assert await conn.execute(b"SET", b"k", b"v") == b"OK"
+        with pytest.raises(RedisReplyError, match="unknown command"):
+            await conn.execute(b"NOSUCHCOMMAND")
+        assert await conn.execute(b"GET", b"k") == b"v"
+    finally:
+        await conn.close()
+
+
+async def test_commands_of_one_iteration_go_out_in_one_write(
+    redis_shared: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flushed: list[int] = []
+    original = client_module._RespProtocol._flush
+
+    def counting_flush(self: client_module._RespProtocol) -> None:
+        flushed.append(len(self._outbuf))
+        original(self)
+
+    monkeypatch.setattr(client_module._RespProtocol, "_flush", counting_flush)
+    conn = RedisConnection(redis_shared.url(db=3))
+    assert await conn.start()
+    try:
+        flushed.clear()
+        futures = [conn.send(b"PING") for _ in range(100)]
+        await asyncio.gather(*futures)
+        assert flushed == [100]
+    finally:
+        await conn.close()
+
+
+async def test_abandoned_command_does_not_shift_replies(redis_shared: Server) -> None:
+    conn = RedisConnection(redis_shared.url(db=3))
+    assert await conn.start()
+    try:
+        first = conn.send(b"ECHO", b"first")
+        first.cancel()
+        assert await conn.execute(b"ECHO", b"second") == b"second"
+    finally:
+        await conn.close()
+
+
+async def test_pool_maps_a_key_to_one_connection(redis_shared: Server) -> None:
+    pool = RedisPool(redis_shared.url(db=3), 4)
+    keys = [b"key%d" % i for i in range(200)]
+    assert all(pool.connection_for(k) is pool.connection_for(k) for k in keys)
+    assert len({pool.index_for(k) for k in keys}) == 4
+    assert await pool.start()
+    assert pool.is_connected and pool.connected_count == 4
+    await pool.close()
+    assert not pool.is_connected
+
+
+async def test_get_many_spans_connections_in_request_order(redis_shared: Server) -> None:
+    store = store_for(redis_shared.url(db=4), size=3)
+    assert await store.start()
+    try:
+        await store.flush()
+        keys = [b"g%d" % i for i in range(30)]
+        for i, key in enumerate(keys[::2]):
+            assert (await store.store(StoreMode.SET, key, i, 0, key)).status is StoreStatus.STORED
+        items = await store.get_many([*keys, keys[0]])
+        assert [item.data if item else None for item in items] == [
+            *[k if i % 2 == 0 else None for i, k in enumerate(keys)],
+            keys[0],
+        ]
+    finally:
+        await store.close()
+
+
+# failure handling ----------------------------------------------------------------------------
+
+
+async def test_redis_down_fails_fast() -> None:
+    conn = RedisConnection(f"redis://127.0.0.1:{free_port()}", connect_timeout=0.5)
+    assert not await conn.start()
+    assert conn.connect_failures >= 1 and not conn.is_connected
+    started = time.monotonic()
+    with pytest.raises(RedisUnavailable):
+        await conn.execute(b"PING")
+    assert time.monotonic() - started < 0.05
+    await conn.close()
+
+
+async def test_redis_killed_then_back(redis_factory: StartRedis) -> None:
+    server = redis_factory()
+    store = store_for(server.url())
+    assert await store.start()
+    try:
+        await store.store(StoreMode.SET, b"k", 1, 0, b"before")
+        server.stop()
+        conn = store.pool.connections[0]
+        await eventually(lambda: not conn.is_connected)
+        started = time.monotonic()
+        with pytest.raises(RedisUnavailable):
+            await store.get(b"k")
+        assert time.monotonic() - started < 0.05
+        server.start()  # same port, empty, and without the function library
+        assert await store.pool.wait_connected(5)
+        assert conn.reconnects == 1
+        result = await store.store(StoreMode.ADD, b"k", 1, 0, b"after")
+        assert result.status is StoreStatus.STORED
+        item = await store.get(b"k")
+        assert item is not None and item.data == b"after"
+    finally:
+        await store.close()
+
+
+async def test_missing_function_is_reloaded_once(redis_shared: Server) -> None:
+    store = store_for(redis_shared.url(db=5))
+    assert await store.start()
+    conn = store.pool.connections[0]
+    try:
+        await conn.execute(b"FUNCTION", b"DELETE", b"memshadow")
+        result = await store.store(StoreMode.SET, b"k", 0, 0, b"v")
+        assert result.status is StoreStatus.STORED
+        assert conn.function_reloads == 1
+        await conn.execute(b"FUNCTION", b"DELETE", b"memshadow")
+        results = await asyncio.gather(
+            *(store.store(StoreMode.SET, b"k%d" % i, 0, 0, b"v") for i in range(20))
+        )
+        assert {r.status for r in results} == {StoreStatus.STORED}
+        assert conn.function_reloads == 2  # concurrent callers shared one reload
+    finally:
+        await store.close()
+
+
+async def test_timeout_fails_the_command_and_resets_the_connection(
+    redis_factory: StartRedis,
+) -> None:
+    server = redis_factory()
+    conn = RedisConnection(server.url(), timeout=0.2, connect_timeout=0.3, backoff_max=0.2)
+    assert await conn.start()
+    try:
+        server.pause()
+        slow = conn.send(b"ECHO", b"slow")
+        await asyncio.sleep(0.1)
+        later = conn.send(b"ECHO", b"later", timeout=5.0)
+        started = time.monotonic()
+        with pytest.raises(RedisTimeout):
+            await slow
+        assert time.monotonic() - started < 0.5
+        with pytest.raises(RedisUnavailable):  # its reply would come on a reset connection
+            await later
+        assert conn.timeouts == 1
+        assert not conn.is_connected
+        with pytest.raises(RedisUnavailable):
+            await conn.execute(b"PING")
+        server.resume()
+        assert await conn.wait_connected(5)
+        assert conn.reconnects == 1
+        assert await conn.execute(b"ECHO", b"again") == b"again"
+    finally:
+        server.resume()
+        await conn.close()
+
+
+async def test_in_flight_bound_fails_fast_with_busy(redis_factory: StartRedis) -> None:
+    server = redis_factory()
+    conn = RedisConnection(server.url(), max_inflight=5, timeout=5.0)
+    assert await conn.start()
+    try:
+        server.pause()
+        futures = [conn.send(b"ECHO", b"%d" % i) for i in range(5)]
+        with pytest.raises(RedisBusy):
+            conn.send(b"PING")
+        server.resume()
+        assert await asyncio.gather(*futures) == [b"%d" % i for i in range(5)]
+        assert await conn.execute(b"PING") == b"PONG"
+    finally:
+        server.resume()
+        await conn.close()
+
+
+# AUTH, SELECT, TLS ---------------------------------------------------------------------------
+
+
+async def test_password_and_database_from_the_url(redis_factory: StartRedis) -> None:
+    server = redis_factory("--requirepass", "s3cret")
+    store = store_for(server.url(db=7, auth=":s3cret@"))
+    assert await store.start()
+    try:
+        await store.store(StoreMode.SET, b"k", 3, 0, b"in db 7")
+        db7 = RedisConnection(server.url(db=7, auth=":s3cret@"))
+        db0 = RedisConnection(server.url(db=0, auth=":s3cret@"))
+        assert await db7.start() and await db0.start()
+        assert await db7.execute(b"EXISTS", b"k") == 1
+        assert await db0.execute(b"EXISTS", b"k") == 0
+        await db7.close()
+        await db0.close()
+    finally:
+        await store.close()
+
+
+async def test_wrong_password_never_connects(redis_factory: StartRedis) -> None:
+    server = redis_factory("--requirepass", "s3cret")
+    conn = RedisConnection(server.url(auth=":wrong@"), backoff_max=0.1)
+    assert not await conn.start()
+    assert conn.last_error is not None and "AUTH failed" in conn.last_error
+    with pytest.raises(RedisUnavailable):
+        await conn.execute(b"PING")
+    await conn.close()
+
+
+async def test_acl_user_and_password(redis_factory: StartRedis) -> None:
+    server = redis_factory(
+        "--user", "alice", "on", ">alicepw", "~*", "&*", "+@all", "--user", "default", "off"
+    )  # fmt: skip
+    conn = RedisConnection(server.url(auth="alice:alicepw@"), library=function_library())
+    assert await conn.start()
+    assert await conn.execute(b"ACL", b"WHOAMI") == b"alice"
+    await conn.close()
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> tuple[Path, Path]:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+            "-addext", "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+async def test_tls(tls_files: tuple[Path, Path]) -> None:
+    cert, key = tls_files
+    server = Server(
+        lambda port: [
+            REDIS_SERVER, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+            "--save", "", "--appendonly", "no", "--tls-cert-file", str(cert),
+            "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
+            "--tls-auth-clients", "no",
+        ]
+    ).start()  # fmt: skip
+    try:
+        context = ssl.create_default_context(cafile=str(cert))
+        url = f"rediss://127.0.0.1:{server.port}/1"
+        store = RedisStore(RedisPool(url, 1, library=function_library(), ssl_context=context))
+        assert await store.start()
+        assert (await store.store(StoreMode.SET, b"k", 0, 0, b"tls")).status is StoreStatus.STORED
+        await store.close()
+        insecure = RedisConnection(url + "?ssl_cert_reqs=none")
+        assert await insecure.start()
+        assert await insecure.execute(b"PING") == b"PONG"
+        await insecure.close()
+        verified = RedisConnection(url, backoff_max=0.1)  # the default CAs do not know it
+        assert not await verified.start()
+        assert verified.last_error is not None and "CERTIFICATE" in verified.last_error.upper()
+        await verified.close()
+    finally:
+        server.stop()
