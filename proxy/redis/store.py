@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from importlib import resources
+from typing import TypeVar
 
 from proxy.redis.client import Arg, RedisConnection, RedisPool, RedisURL, Reply
 from proxy.redis.errors import RedisProtocolError
@@ -93,6 +94,8 @@ class DeltaResult:
     cas: int | None = None
 
 
+_S = TypeVar("_S", bound=StrEnum)
+
 ExpiryArg = int | Expiry
 """A memcached exptime (converted with the store's clock) or an already converted Expiry."""
 
@@ -102,6 +105,13 @@ def _status_reply(reply: Reply, function: str) -> tuple[str, list[Reply]]:
     if not isinstance(reply, list) or not reply or not isinstance(reply[0], bytes):
         raise RedisProtocolError(f"{function}: unexpected reply {reply!r}")
     return reply[0].decode(), reply
+
+
+def _status(enum: type[_S], name: str, function: str) -> _S:
+    try:
+        return enum(name)
+    except ValueError:
+        raise RedisProtocolError(f"{function}: unknown status {name!r}") from None
 
 
 def _int_field(reply: list[Reply], index: int, function: str) -> int:
@@ -179,7 +189,7 @@ class RedisStore:
 
     async def store(
         self,
-        mode: StoreMode,
+        mode: StoreMode | str,
         key: bytes,
         flags: int,
         exptime: ExpiryArg,
@@ -197,6 +207,7 @@ class RedisStore:
         Append/prepend keep the item's own flags and TTL; their flags argument only counts
         for the size check, as in memcached (non-zero flags lower the limit by 4 bytes).
         """
+        mode = StoreMode(mode)
         if not 0 <= flags <= U32_MAX:
             raise ValueError(f"flags {flags} out of uint32 range")
         if mode is StoreMode.CAS and cas is None:
@@ -210,7 +221,7 @@ class RedisStore:
         if too_large_deletes is not None:
             args.append(b"1" if too_large_deletes else b"0")
         name, reply = _status_reply(await conn.fcall("mc_store", rkey, *args), "mc_store")
-        status = StoreStatus(name)
+        status = _status(StoreStatus, name, "mc_store")
         if status is StoreStatus.STORED:
             return StoreResult(status, _int_field(reply, 1, "mc_store"))
         return StoreResult(status)
@@ -218,7 +229,7 @@ class RedisStore:
     async def delta(
         self,
         key: bytes,
-        op: DeltaOp,
+        op: DeltaOp | str,
         delta: int,
         *,
         cas: int | None = None,
@@ -234,6 +245,7 @@ class RedisStore:
         memcached 1.6.18 applies T only when the new number is not longer than the stored
         value (in-place rewrite); the functions do the same.
         """
+        op = DeltaOp(op)
         for name, number in (("delta", delta), ("initial", initial)):
             if not 0 <= number <= U64_MAX:
                 raise ValueError(f"{name} {number} out of uint64 range")
@@ -261,7 +273,7 @@ class RedisStore:
             ),
             "mc_delta",
         )
-        status = DeltaStatus(name)
+        status = _status(DeltaStatus, name, "mc_delta")
         if status in (DeltaStatus.OK, DeltaStatus.CREATED):
             return DeltaResult(
                 status, _int_field(reply, 1, "mc_delta"), _int_field(reply, 2, "mc_delta")
@@ -274,7 +286,7 @@ class RedisStore:
         name, _ = _status_reply(
             await conn.fcall("mc_touch", rkey, *self.expiry(exptime).args()), "mc_touch"
         )
-        return TouchStatus(name)
+        return _status(TouchStatus, name, "mc_touch")
 
     async def delete(self, key: bytes, cas: int | None = None) -> DeleteStatus:
         """delete, or md with C (cas must match exactly; 0 never matches)."""
@@ -285,7 +297,7 @@ class RedisStore:
         if not 0 <= cas <= U64_MAX:
             raise ValueError(f"cas {cas} out of uint64 range")
         name, _ = _status_reply(await conn.fcall("mc_delete", rkey, cas), "mc_delete")
-        return DeleteStatus(name)
+        return _status(DeleteStatus, name, "mc_delete")
 
     async def flush(self) -> None:
         """flush_all without delay: FLUSHDB ASYNC, so the Redis DB must be dedicated.
