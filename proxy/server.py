@@ -31,7 +31,6 @@ log = logging.getLogger("memshadow.server")
 _PAUSE_UPSTREAM_FULL = 1  # Memcached's socket buffer is full
 _PAUSE_PENDING = 2  # too many requests await a reply
 _PAUSE_CONNECTING = 4  # the upstream connection is not up yet
-_PAUSE_DRAINING = 8  # the proxy is shutting down
 
 ReplyObserver = Callable[[list[Request]], None]
 CaptureDecider = Callable[[Request], bool]
@@ -157,6 +156,8 @@ class ClientSession(asyncio.Protocol):
             upstream.transport.write(out[0])
         elif out:
             upstream.transport.write(b"".join(out))
+        if self.proxy.draining:
+            self._close_if_idle()
 
     def eof_received(self) -> bool:
         # Half-close: let Memcached see the EOF after our forwarded bytes, as it would directly.
@@ -215,8 +216,8 @@ class ClientSession(asyncio.Protocol):
                 observer([r for r in done if not r.synthetic])
             if self._paused & _PAUSE_PENDING and len(self.pending) < self.max_pending // 2:
                 self.resume_client(_PAUSE_PENDING)
-        if self.proxy.draining and not self.pending:
-            self.close()
+        if self.proxy.draining:
+            self._close_if_idle()
 
     def upstream_lost(self, exc: Exception | None) -> None:
         if self._closed:
@@ -241,9 +242,15 @@ class ClientSession(asyncio.Protocol):
             self.transport.resume_reading()
 
     def drain(self) -> None:
-        """Shutdown: read no more requests, close once every pending reply has been sent."""
-        self.pause_client(_PAUSE_DRAINING)
-        if not self.pending or self.upstream is None:
+        """Shutdown: close as soon as no request is in flight (the caller bounds the wait).
+
+        Reading goes on meanwhile, so a request whose bytes are still arriving completes.
+        """
+        self._close_if_idle()
+
+    def _close_if_idle(self) -> None:
+        idle = not self.pending and self.requests.at_boundary
+        if idle or self.upstream is None or self.requests.raw:
             self.close()
 
     def close(self) -> None:
@@ -277,12 +284,13 @@ class ProxyServer:
         self._server: asyncio.Server | None = None
         self._all_closed = asyncio.Event()
         self._all_closed.set()
+        self._address: tuple[str, int] | None = None
 
     @property
     def listen_address(self) -> tuple[str, int]:
-        assert self._server is not None and self._server.sockets
-        host, port = self._server.sockets[0].getsockname()[:2]
-        return str(host), int(port)
+        """Where the proxy listens (the real port when the configured one was 0)."""
+        assert self._address is not None, "start() first"
+        return self._address
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -290,6 +298,8 @@ class ProxyServer:
         self._server = await loop.create_server(
             lambda: ClientSession(self), listen.host, listen.port, reuse_address=True, backlog=1024
         )
+        host, port = self._server.sockets[0].getsockname()[:2]
+        self._address = (str(host), int(port))
 
     async def stop(self, timeout: float) -> None:
         """Stop accepting, let in-flight requests finish within `timeout`, then close all."""

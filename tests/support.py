@@ -212,11 +212,14 @@ class RawClient:
             out += chunk
         return out
 
-    def read_quiet(self, quiet: float = 0.15, limit: float = 10.0) -> bytes:
-        """Read until nothing arrives for `quiet` seconds (or the peer closes)."""
+    def read_quiet(
+        self, quiet: float = 0.15, limit: float = 10.0, until: bytes | None = None
+    ) -> bytes:
+        """Read until nothing arrives for `quiet` seconds, the peer closes, or (when given) the
+        data read so far ends with `until`."""
         out = b""
         deadline = time.monotonic() + limit
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (until and out.endswith(until)):
             self.sock.settimeout(quiet)
             try:
                 chunk = self.sock.recv(1 << 20)

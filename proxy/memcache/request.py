@@ -285,6 +285,11 @@ class RequestFramer:
         self.raw_reason = reason
         self._partial = bytearray()
 
+    @property
+    def at_boundary(self) -> bool:
+        """True between requests: no partial line held, no data block under way."""
+        return not self._partial and not self._block_left
+
     def feed(self, data: bytes) -> tuple[list[Request], list[bytes]]:
         """Frame a chunk: (requests whose line completed, in order; bytes to send upstream).
 

@@ -1,0 +1,242 @@
+"""End to end through memshadow with a real client, plus the proxy's life cycle: memcached
+dying and coming back, slow clients, graceful shutdown, metrics of the client path."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+from pymemcache.client.base import Client
+
+from tests.support import ProxyThread, RawClient, ServerProcess, memcached_argv, proxy_config
+
+
+def _client(port: int, noreply: bool) -> Client:
+    return Client(("127.0.0.1", port), default_noreply=noreply, connect_timeout=5, timeout=5)
+
+
+@pytest.mark.parametrize("noreply", [False, True])
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_pymemcache_full_command_set(memcached: ServerProcess, noreply: bool, loop: str) -> None:
+    proxy = ProxyThread(proxy_config(memcached), use_uvloop=loop == "uvloop")
+    proxy.start()
+    try:
+        client = _client(proxy.port, noreply)
+        assert client.set("a", b"1", expire=100) is True
+        assert client.get("a") == b"1"
+        assert client.add("a", b"x") is noreply
+        assert client.add("b", b"2") is True
+        assert client.replace("b", b"22") is True
+        assert client.replace("zz", b"x") is noreply
+        assert client.append("b", b"3") is True
+        assert client.prepend("b", b"0") is True
+        assert client.get("b") == b"0223"
+        assert client.get_many(["a", "b", "missing"]) == {"a": b"1", "b": b"0223"}
+        value, cas = client.gets("b")
+        assert value == b"0223" and cas is not None
+        assert client.cas("b", b"new", cas, noreply=False) is True
+        assert client.cas("b", b"newer", cas, noreply=False) is False
+        assert client.cas("missing", b"x", b"1", noreply=False) is None
+        client.set("n", b"10")
+        assert client.incr("n", 5, noreply=False) == 15
+        assert client.decr("n", 100, noreply=False) == 0
+        assert client.incr("missing", 1, noreply=False) is None
+        assert client.touch("a", 100) is True
+        assert client.delete("a", noreply=False) is True
+        assert client.delete("a", noreply=False) is False
+        assert client.delete_many(["b", "n"]) is True
+        assert client.get_many(["b", "n"]) == {}
+        assert client.version().startswith(b"1.6")
+        assert b"pid" in client.stats()
+        client.set_many({"m1": b"a", "m2": b"b"})
+        assert client.get_many(["m1", "m2"]) == {"m1": b"a", "m2": b"b"}
+        assert client.flush_all(noreply=False) is True
+        assert client.get("m1") is None
+        assert client.raw_command(b"mg m9 v", b"\r\n") == b"EN"
+        client.quit()
+    finally:
+        proxy.stop()
+
+
+def test_counts_requests_by_command(proxy: ProxyThread) -> None:
+    client = _client(proxy.port, False)
+    client.set("a", b"1")
+    client.get("a")
+    client.get("a")
+    client.close()
+    stats = proxy.metrics.requests
+    deadline = time.monotonic() + 2
+    while stats.count("get") < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stats.count("get") == 2 and stats.count("set") == 1
+    text = proxy.metrics.render().decode()
+    assert 'memshadow_requests_total{command="get"} 2.0' in text
+    assert "memshadow_request_duration_seconds_bucket" in text
+
+
+def test_connections_gauge_and_no_leak(proxy: ProxyThread) -> None:
+    clients = [RawClient(proxy.port) for _ in range(20)]
+    for c in clients:
+        c.send(b"version\r\n")
+        c.read_until(b"\r\n")
+    assert proxy.call(lambda: len(proxy.server.sessions)) == 20
+    for c in clients:
+        c.close()
+    deadline = time.monotonic() + 5
+    while proxy.call(lambda: len(proxy.server.sessions)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proxy.call(lambda: len(proxy.server.sessions)) == 0
+    assert "memshadow_client_connections 0.0" in proxy.metrics.render().decode()
+
+
+def test_memcached_dies_mid_traffic_and_comes_back(memcached: ServerProcess) -> None:
+    proxy = ProxyThread(proxy_config(memcached))
+    proxy.start()
+    try:
+        stop = threading.Event()
+        errors: list[str] = []
+        served = [0]
+
+        def hammer() -> None:
+            while not stop.is_set():
+                try:
+                    client = _client(proxy.port, False)
+                    for _ in range(50):
+                        client.set("k", b"v")
+                        assert client.get("k") in (b"v", None)
+                        served[0] += 1
+                    client.close()
+                except (OSError, Exception) as exc:  # a dead server: the connection is closed
+                    errors.append(type(exc).__name__)
+                    time.sleep(0.01)
+
+        workers = [threading.Thread(target=hammer) for _ in range(4)]
+        for w in workers:
+            w.start()
+        time.sleep(0.3)
+        memcached.stop()
+        time.sleep(0.5)
+        before_restart = served[0]
+        memcached.start()
+        time.sleep(0.5)
+        stop.set()
+        for w in workers:
+            w.join(10)
+        assert errors, "clients must see the dead server"
+        assert served[0] > before_restart, "new connections work again once memcached is back"
+        # every session the outage broke is gone: nothing leaks
+        deadline = time.monotonic() + 5
+        while proxy.call(lambda: len(proxy.server.sessions)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proxy.call(lambda: len(proxy.server.sessions)) == 0
+        text = proxy.metrics.render().decode()
+        assert 'memshadow_upstream_errors_total{kind="connect"}' in text
+        # and the proxy itself still answers
+        client = _client(proxy.port, False)
+        assert client.version().startswith(b"1.6")
+    finally:
+        proxy.stop()
+
+
+def test_unreachable_memcached_closes_the_client(memcached: ServerProcess) -> None:
+    memcached.stop()
+    proxy = ProxyThread(proxy_config(memcached))
+    proxy.start()
+    try:
+        client = RawClient(proxy.port)
+        client.send(b"version\r\n")
+        assert client.read_quiet(0.5) == b"" and client.closed
+    finally:
+        proxy.stop()
+
+
+def test_slow_client_does_not_grow_proxy_memory(memcached: ServerProcess) -> None:
+    """A client that never reads: the proxy stops reading memcached, so its buffers stay
+    bounded by the write-buffer limits instead of the reply volume."""
+    proxy = ProxyThread(proxy_config(memcached))
+    proxy.start()
+    try:
+        value = b"x" * 500_000
+        setter = _client(proxy.port, False)
+        setter.set("big", value)
+        sock = socket.create_connection(("127.0.0.1", proxy.port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        request = b"get big\r\n" * 60  # 30 MB of replies if nothing pushed back
+        sock.settimeout(0.5)
+        sent = 0
+        try:
+            while sent < len(request):
+                sent += sock.send(request[sent:])
+        except TimeoutError:
+            pass
+        time.sleep(0.5)
+
+        def buffered() -> int:
+            total = 0
+            for session in proxy.server.sessions:
+                if session.transport is not None:
+                    total += session.transport.get_write_buffer_size()
+            return total
+
+        high = proxy.config.limits.write_buffer_high
+        # at most one reply chunk beyond the high-water mark is in flight when reading pauses
+        assert proxy.call(buffered) < high + 2 * len(value)
+        # and the connection still works once the client reads
+        sock.settimeout(5)
+        got = 0
+        expected = 60 * (len(value) + len(b"VALUE big 0 500000\r\n\r\nEND\r\n"))
+        while got < expected and sent == len(request):
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                break
+            got += len(chunk)
+        sock.close()
+        assert sent < len(request) or got == expected
+    finally:
+        proxy.stop()
+
+
+def test_graceful_stop_finishes_in_flight_requests(memcached: ServerProcess) -> None:
+    proxy = ProxyThread(proxy_config(memcached))
+    proxy.start()
+    client = RawClient(proxy.port)
+    idle = RawClient(proxy.port)
+    big = b"y" * 800_000
+    client.send(b"set g 0 0 %d\r\n" % len(big) + big[:1000])
+    deadline = time.monotonic() + 5
+    while proxy.call(lambda: sum(len(s.pending) for s in proxy.server.sessions)) == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    stopper = threading.Thread(target=proxy.stop)
+    stopper.start()  # drains: the request under way still completes
+    time.sleep(0.2)
+    assert idle.read_quiet(0.5) == b"" and idle.closed  # an idle connection closes at once
+    client.send(big[1000:] + b"\r\nget g\r\n")
+    reply = client.read_quiet(0.5)
+    stopper.join(15)
+    assert reply.startswith(b"STORED\r\nVALUE g 0 800000\r\n") and reply.endswith(b"END\r\n")
+    assert client.closed
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", proxy.port), timeout=1)
+
+
+def test_binary_protocol_is_relayed_and_counted(proxy: ProxyThread) -> None:
+    client = RawClient(proxy.port)
+    client.send(bytes([0x80, 0x0B]) + bytes(22))  # binary "version"
+    reply = client.read_quiet(0.3)
+    assert reply[:2] == bytes([0x81, 0x0B]) and b"1.6" in reply
+    assert 'memshadow_unframed_connections_total{reason="binary_protocol"} 1.0' in (
+        proxy.metrics.render().decode()
+    )
+
+
+def test_memcached_restart_fixture_reuses_port() -> None:
+    server = ServerProcess(memcached_argv())
+    server.start()
+    port = server.port
+    server.stop()
+    server.start()
+    assert server.port == port
+    server.stop()
