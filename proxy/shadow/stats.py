@@ -1,0 +1,158 @@
+"""Cumulative figures of the shadow path, kept as plain numbers on the event loop.
+
+The Prometheus collector, the ramp/halt rules and the what-if report all read these. Rules
+work on windows by diffing two snapshots (`ShadowStats.snapshot()`), so nothing here needs a
+clock-driven reset.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from proxy.metrics import DURATION_BUCKETS
+
+
+class LatencyHistogram:
+    """Bucketed latencies (same buckets as memshadow_request_duration_seconds) with a sum."""
+
+    __slots__ = ("buckets", "count", "total")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(DURATION_BUCKETS) + 1)
+        self.count = 0
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        index = 0
+        for bound in DURATION_BUCKETS:
+            if seconds <= bound:
+                break
+            index += 1
+        self.buckets[index] += 1
+        self.count += 1
+        self.total += seconds
+
+    def quantile(self, q: float) -> float | None:
+        """Upper bound of the bucket holding the q-quantile (None when empty; inf past 2.5 s)."""
+        if not self.count:
+            return None
+        rank = q * self.count
+        seen = 0
+        for index, n in enumerate(self.buckets):
+            seen += n
+            if seen >= rank and n:
+                return DURATION_BUCKETS[index] if index < len(DURATION_BUCKETS) else float("inf")
+        return float("inf")
+
+    def copy(self) -> LatencyHistogram:
+        other = LatencyHistogram()
+        other.buckets = list(self.buckets)
+        other.count = self.count
+        other.total = self.total
+        return other
+
+
+@dataclass
+class StatsSnapshot:
+    """A frozen copy of ShadowStats at one moment; subtract two for a window."""
+
+    at: float
+    shadowed: int  # requests handed to the shadow (sampled and submitted)
+    comparisons: dict[str, int]  # outcome ("match", "mismatch", "noise") -> count
+    mismatches: dict[str, int]  # kind -> count
+    noise: dict[str, int]  # reason -> count
+    errors: dict[str, int]  # kind -> count
+    dropped: dict[str, int]  # reason -> count
+    client_requests: int  # every client request (shadowed or not)
+
+    def minus(self, earlier: StatsSnapshot) -> StatsSnapshot:
+        return StatsSnapshot(
+            at=self.at,
+            shadowed=self.shadowed - earlier.shadowed,
+            comparisons=_sub(self.comparisons, earlier.comparisons),
+            mismatches=_sub(self.mismatches, earlier.mismatches),
+            noise=_sub(self.noise, earlier.noise),
+            errors=_sub(self.errors, earlier.errors),
+            dropped=_sub(self.dropped, earlier.dropped),
+            client_requests=self.client_requests - earlier.client_requests,
+        )
+
+    @property
+    def compared(self) -> int:
+        return sum(self.comparisons.values())
+
+    @property
+    def mismatch_count(self) -> int:
+        return self.comparisons.get("mismatch", 0)
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+    @property
+    def drop_count(self) -> int:
+        return sum(self.dropped.values())
+
+
+def _sub(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    return {k: v - b.get(k, 0) for k, v in a.items() if v - b.get(k, 0)}
+
+
+@dataclass
+class ShadowStats:
+    """Everything the shadow counts. Updated only from the event loop."""
+
+    shadowed: Counter[str] = field(default_factory=Counter)  # command -> requests
+    comparisons: Counter[tuple[str, str]] = field(default_factory=Counter)  # (command, outcome)
+    mismatches: Counter[tuple[str, str]] = field(default_factory=Counter)  # (command, kind)
+    noise: Counter[tuple[str, str]] = field(default_factory=Counter)  # (command, reason)
+    skipped: Counter[str] = field(default_factory=Counter)  # reason
+    dropped: Counter[str] = field(default_factory=Counter)  # reason
+    errors: Counter[str] = field(default_factory=Counter)  # kind
+    redis_commands: int = 0  # Redis commands sent for shadowed requests
+    # Per command: Memcached's latency (client request -> reply) and Redis's (op sent ->
+    # reply) on the same shadowed requests, for the what-if report.
+    memcached_latency: dict[str, LatencyHistogram] = field(default_factory=dict)
+    redis_latency: dict[str, LatencyHistogram] = field(default_factory=dict)
+    shadow_duration: dict[str, LatencyHistogram] = field(default_factory=dict)
+    lag: LatencyHistogram = field(default_factory=LatencyHistogram)  # reply -> verdict
+    queue_depth: int = 0
+    client_requests_fn: object = None  # set by the wiring: () -> int, all client requests
+
+    def count_comparison(self, command: str, outcome: str, detail: str = "") -> None:
+        """outcome: match | mismatch (detail = kind) | noise (detail = reason)."""
+        self.comparisons[(command, outcome)] += 1
+        if outcome == "mismatch":
+            self.mismatches[(command, detail)] += 1
+        elif outcome == "noise":
+            self.noise[(command, detail)] += 1
+
+    def snapshot(self) -> StatsSnapshot:
+        outcomes: Counter[str] = Counter()
+        for (_, outcome), n in self.comparisons.items():
+            outcomes[outcome] += n
+        kinds: Counter[str] = Counter()
+        for (_, kind), n in self.mismatches.items():
+            kinds[kind] += n
+        reasons: Counter[str] = Counter()
+        for (_, reason), n in self.noise.items():
+            reasons[reason] += n
+        fn = self.client_requests_fn
+        return StatsSnapshot(
+            at=time.time(),
+            shadowed=sum(self.shadowed.values()),
+            comparisons=dict(outcomes),
+            mismatches=dict(kinds),
+            noise=dict(reasons),
+            errors=dict(self.errors),
+            dropped=dict(self.dropped),
+            client_requests=int(fn()) if callable(fn) else 0,
+        )
+
+    def histogram(self, table: dict[str, LatencyHistogram], command: str) -> LatencyHistogram:
+        hist = table.get(command)
+        if hist is None:
+            hist = table[command] = LatencyHistogram()
+        return hist
