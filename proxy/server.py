@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import socket
 import time
@@ -26,13 +27,16 @@ if TYPE_CHECKING:
     from proxy.metrics import ProxyMetrics
 
 log = logging.getLogger("memshadow.server")
+_session_numbers = itertools.count(1)
 
 # Why the client side of a session is not being read (a bit each).
 _PAUSE_UPSTREAM_FULL = 1  # Memcached's socket buffer is full
 _PAUSE_PENDING = 2  # too many requests await a reply
 _PAUSE_CONNECTING = 4  # the upstream connection is not up yet
 
-ReplyObserver = Callable[[list[Request]], None]
+# Called with the requests completed by one reply chunk (in Memcached's reply order) and the
+# number of the client session they came from.
+ReplyObserver = Callable[[list[Request], int], None]
 CaptureDecider = Callable[[Request], bool]
 
 
@@ -90,6 +94,7 @@ class ClientSession(asyncio.Protocol):
         self._connect_task: asyncio.Task[None] | None = None
         self._unframed_reported = False
         self._early: list[bytes] = []
+        self.number = next(_session_numbers)
 
     # -- client side ---------------------------------------------------------------------
 
@@ -213,7 +218,7 @@ class ClientSession(asyncio.Protocol):
                     observe(request.command, now - request.started)
             observer = self.proxy.observer
             if observer is not None:
-                observer([r for r in done if not r.synthetic])
+                observer([r for r in done if not r.synthetic], self.number)
             if self._paused & _PAUSE_PENDING and len(self.pending) < self.max_pending // 2:
                 self.resume_client(_PAUSE_PENDING)
         if self.proxy.draining:

@@ -299,6 +299,15 @@ class RedisStore:
         name, _ = _status_reply(await conn.fcall("mc_delete", rkey, cas), "mc_delete")
         return _status(DeleteStatus, name, "mc_delete")
 
+    async def evicted_keys(self) -> int:
+        """Redis's INFO stats evicted_keys (tells its evictions apart from real differences)."""
+        reply = await self.pool.connections[0].execute(b"INFO", b"stats")
+        if isinstance(reply, bytes):
+            for line in reply.split(b"\r\n"):
+                if line.startswith(b"evicted_keys:"):
+                    return int(line.split(b":", 1)[1])
+        return 0
+
     async def flush(self) -> None:
         """flush_all without delay: FLUSHDB ASYNC, so the Redis DB must be dedicated.
 

@@ -112,6 +112,7 @@ class ShadowStats:
     dropped: Counter[str] = field(default_factory=Counter)  # reason
     errors: Counter[str] = field(default_factory=Counter)  # kind
     redis_commands: int = 0  # Redis commands sent for shadowed requests
+    repairs: int = 0  # keys copied from Memcached into Redis after a difference
     # Per command: Memcached's latency (client request -> reply) and Redis's (op sent ->
     # reply) on the same shadowed requests, for the what-if report.
     memcached_latency: dict[str, LatencyHistogram] = field(default_factory=dict)

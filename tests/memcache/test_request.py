@@ -141,9 +141,7 @@ def test_canonical_decimal() -> None:
         (b"set k 0 0 3\t", "set", "LINE", False, 3),  # trailing tab accepted by strtol
     ],
 )
-def test_parse_line(
-    line: bytes, command: str, expect: str, sentinel: bool, data_len: int
-) -> None:
+def test_parse_line(line: bytes, command: str, expect: str, sentinel: bool, data_len: int) -> None:
     request = parse_line(line + b"\r")
     assert (request.command, request.expect.name, request.sentinel, request.data_len) == (
         command,
@@ -171,13 +169,7 @@ def test_cr_is_stripped_only_from_lines_of_two_bytes_or_more() -> None:
 
 
 def test_pipelined_stream_with_data_blocks_and_sentinels() -> None:
-    stream = (
-        b"set a 0 0 3\r\nabc\r\n"
-        b"get a b\r\n"
-        b"set b 0 0 5 noreply\r\nhello\r\n"
-        b"mg a v q\r\n"
-        b"mn\r\n"
-    )
+    stream = b"set a 0 0 3\r\nabc\r\nget a b\r\nset b 0 0 5 noreply\r\nhello\r\nmg a v q\r\nmn\r\n"
     requests, upstream = frame(stream)
     assert [r[1] for r in requests] == ["set", "get", "set", "mg", "mn"]
     assert upstream == (

@@ -64,7 +64,13 @@ def test_meta_va_block_and_single_lines() -> None:
     replies = b"VA 2 f0 kabc\r\nhi\r\nHD\r\nEN\r\nNF\r\nMN\r\n"
     out, done, _ = run(b"mg abc v f k\r\nms k 1\r\nx\r\nmg zz v\r\nmd zz\r\nmn\r\n", [replies])
     assert out == replies
-    assert [d[1] for d in done] == [b"VA 2 f0 kabc\r\nhi\r\n", b"HD\r\n", b"EN\r\n", b"NF\r\n", b"MN\r\n"]
+    assert [d[1] for d in done] == [
+        b"VA 2 f0 kabc\r\nhi\r\n",
+        b"HD\r\n",
+        b"EN\r\n",
+        b"NF\r\n",
+        b"MN\r\n",
+    ]
 
 
 def test_sentinel_mn_is_removed_and_groups_what_came_before() -> None:

@@ -1,0 +1,546 @@
+"""Dispatcher: replays sampled requests on Redis off the client path and records verdicts.
+
+The client path calls `capture` (sample or not) and `observe` (the completed requests of a
+reply chunk, in Memcached's reply order). `observe` only appends to a bounded queue and never
+waits: when the queue is full the work is dropped and counted. A worker task translates the
+requests and runs each key's operations strictly in order (one chain per key, at most
+`max_inflight` chains at once), so Redis sees a key's writes in Memcached's order.
+
+A difference is classified before it is reported (REFERENCE 4.10): races between connections,
+cold keys, expiry boundaries and evictions are noise; the rest is a mismatch. Every
+difference ends with Redis repaired from Memcached, so one divergence is reported once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.memcache.request import Request
+from proxy.redis.errors import (
+    RedisBusy,
+    RedisError,
+    RedisReplyError,
+    RedisTimeout,
+    RedisUnavailable,
+)
+from proxy.redis.layout import Item
+from proxy.redis.store import RedisStore
+from proxy.shadow.compare import (
+    PADDING,
+    Difference,
+    compare_outcome,
+    compare_read,
+    state_equal,
+)
+from proxy.shadow.control import ShadowControl
+from proxy.shadow.keystate import CasMap, KeyState, KeyStates
+from proxy.shadow.mcreader import McItem, MemcachedReader, MemcachedUnavailable
+from proxy.shadow.stats import ShadowStats
+from proxy.shadow.translate import (
+    DELETED,
+    HIT,
+    MISS,
+    NOT_FOUND,
+    STORED,
+    TOO_LARGE,
+    TOUCHED,
+    McValue,
+    ShadowOp,
+    Skip,
+    translate,
+)
+
+log = logging.getLogger("memshadow.shadow")
+
+ExampleSink = Callable[[str, str, bytes, dict[str, Any], dict[str, Any], str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class DispatcherSettings:
+    """Limits and timings of the shadow (shadow.* in the YAML)."""
+
+    queue_size: int = 10_000
+    max_inflight: int = 512
+    race_window: float = 1.0
+    reread_delay: float = 0.05
+    expiry_tolerance: float = 2.0
+    eviction_window: float = 10.0
+    key_state_size: int = 200_000
+    cas_map_size: int = 100_000
+    backfill: bool = False
+    replay_flush_all: bool = False
+    stats_interval: float = 1.0
+
+
+class ShadowDispatcher:
+    """Owns the shadow's queue, its per-key chains and the verdict logic."""
+
+    def __init__(
+        self,
+        *,
+        store: RedisStore,
+        reader: MemcachedReader,
+        control: ShadowControl,
+        sampled: Callable[[bytes], bool],
+        stats: ShadowStats,
+        settings: DispatcherSettings | None = None,
+        examples: ExampleSink | None = None,
+    ) -> None:
+        self.store = store
+        self.reader = reader
+        self.control = control
+        self.sampled = sampled
+        self.stats = stats
+        self.settings = settings or DispatcherSettings()
+        self.examples = examples
+        self.keys = KeyStates(self.settings.key_state_size, self.settings.race_window)
+        self.casmap = CasMap(self.settings.cas_map_size)
+        self._queue: deque[tuple[Request, float, int]] = deque()
+        self._wakeup = asyncio.Event()
+        self._chains: dict[bytes, deque[tuple[ShadowOp, float, int]]] = {}
+        self._chain_done = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._worker: asyncio.Task[None] | None = None
+        self._monitor: asyncio.Task[None] | None = None
+        self._mc_evicted_at = 0.0
+        self._redis_evicted_at = 0.0
+        self._mc_evictions: int | None = None
+        self._redis_evictions: int | None = None
+        self._stopping = False
+
+    # -- client path hand-off (synchronous, never waits) ----------------------------------
+
+    def observe(self, requests: list[Request], session: int) -> None:
+        now = time.perf_counter()
+        queue = self._queue
+        for request in requests:
+            if not request.capture:
+                continue
+            if len(queue) >= self.settings.queue_size or self._stopping:
+                self._drop("queue_full", request.keys)
+                continue
+            queue.append((request, now, session))
+        self.stats.queue_depth = len(queue)
+        if queue:
+            self._wakeup.set()
+
+    def _drop(self, reason: str, keys: list[bytes] | tuple[bytes, ...]) -> None:
+        self.stats.dropped[reason] += 1
+        for key in keys:
+            state = self.keys.peek(key)
+            if state is not None:
+                state.warm = False  # Redis missed a change: no longer known to be in step
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._worker = loop.create_task(self._run(), name="shadow-dispatcher")
+        self._monitor = loop.create_task(self._watch_evictions(), name="shadow-evictions")
+
+    async def stop(self, timeout: float = 2.0) -> None:
+        """Stop taking work; give in-flight chains `timeout` seconds, then cancel."""
+        self._stopping = True
+        self._wakeup.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.idle(), timeout)
+        for task in (self._worker, self._monitor, *self._tasks):
+            if task is not None:
+                task.cancel()
+        for task in (self._worker, self._monitor, *self._tasks):
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def idle(self) -> None:
+        """Wait until the queue is empty and no chain is running (tests, shutdown)."""
+        while self._queue or self._chains:
+            self._chain_done.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._chain_done.wait(), 0.05)
+
+    # -- worker ---------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._queue:
+                while len(self._chains) >= self.settings.max_inflight:
+                    self._chain_done.clear()
+                    await self._chain_done.wait()
+                request, replied_at, session = self._queue.popleft()
+                self.stats.queue_depth = len(self._queue)
+                try:
+                    self._dispatch(request, replied_at, session)
+                except Exception:  # a shadow bug must never reach the client path
+                    log.exception("shadow: cannot handle %r", request)
+                    self.stats.errors["internal"] += 1
+            if self._stopping and not self._queue:
+                return
+
+    def _dispatch(self, request: Request, replied_at: float, session: int) -> None:
+        self.stats.shadowed[request.command] += 1
+        if request.started:
+            self.stats.histogram(self.stats.memcached_latency, request.command).observe(
+                replied_at - request.started
+            )
+        plan = translate(request, self.sampled)
+        if isinstance(plan, Skip):
+            self.stats.skipped[plan.reason] += 1
+            for key in plan.keys:
+                self.keys.get(key).warm = False
+            return
+        for op in plan:
+            if op.action == "flush":
+                self._flush(op)
+                continue
+            chain = self._chains.get(op.key)
+            if chain is not None:
+                chain.append((op, replied_at, session))
+                continue
+            self._chains[op.key] = deque()
+            task = asyncio.get_running_loop().create_task(
+                self._chain(op.key, op, replied_at, session)
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _chain(self, key: bytes, op: ShadowOp, replied_at: float, session: int) -> None:
+        try:
+            while True:
+                await self._one(op, replied_at, session)
+                chain = self._chains[key]
+                if not chain:
+                    break
+                op, replied_at, session = chain.popleft()
+            state = self.keys.peek(key)
+            if state is not None and state.contended_until and not self._stopping:
+                await self._settle(key, state)
+        finally:
+            self._chains.pop(key, None)
+            self._chain_done.set()
+
+    def _flush(self, op: ShadowOp) -> None:
+        delay = op.exptime or 0
+        loop = asyncio.get_running_loop()
+        if self.settings.replay_flush_all:
+            if delay:
+                loop.call_later(delay, self._spawn_flush)
+            else:
+                self._spawn_flush()
+        elif delay:
+            loop.call_later(delay, self.keys.new_epoch)
+        if not delay:
+            self.keys.new_epoch()
+        self.casmap.clear()
+        self.stats.skipped["flush_all_not_replayed"] += 0 if self.settings.replay_flush_all else 1
+
+    def _spawn_flush(self) -> None:
+        async def flush() -> None:
+            try:
+                await self.store.flush()
+                self.stats.redis_commands += 1
+            except RedisError as exc:
+                self.stats.errors[_error_kind(exc)] += 1
+            self.keys.new_epoch()
+
+        task = asyncio.get_running_loop().create_task(flush())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- one operation --------------------------------------------------------------------
+
+    async def _one(self, op: ShadowOp, replied_at: float, session: int) -> None:
+        stats = self.stats
+        state = self.keys.touch(op.key, session, time.monotonic())
+        started = time.perf_counter()
+        try:
+            diff, full_state = await self._replay(op, state)
+        except (RedisUnavailable, RedisTimeout, RedisBusy) as exc:
+            reason = {RedisUnavailable: "redis_down", RedisTimeout: "timeout"}.get(
+                type(exc), "redis_busy"
+            )
+            self._drop(reason, (op.key,))
+            stats.errors[_error_kind(exc)] += 1
+            return
+        except RedisReplyError as exc:
+            stats.errors[_error_kind(exc)] += 1
+            state.warm = False
+            return
+        finally:
+            took = time.perf_counter() - started
+            stats.histogram(stats.redis_latency, op.command).observe(took)
+        if diff is None:
+            if op.mc_status is not None:
+                stats.count_comparison(op.command, "match")
+            if full_state:
+                state.warm = True
+        else:
+            outcome, detail = await self._classify(op, diff, state)
+            stats.count_comparison(op.command, outcome, detail)
+        stats.histogram(stats.shadow_duration, op.command).observe(time.perf_counter() - started)
+        stats.lag.observe(time.perf_counter() - replied_at)
+
+    async def _replay(self, op: ShadowOp, state: KeyState) -> tuple[Difference | None, bool]:
+        """Apply op on Redis; (difference, whether both stores' state is now fully known)."""
+        store = self.store
+        self.stats.redis_commands += 1
+        if op.action == "read":
+            if op.exptime is None:
+                item = await store.get(op.key)
+            else:
+                item = await store.gat(op.exptime, op.key)
+                self._note_expiry(state, op.exptime)
+            if op.want_cas and item is not None and op.mc_value and op.mc_value.cas is not None:
+                self.casmap.put(op.key, op.mc_value.cas, item.cas)
+            full = not op.meta or (
+                op.mc_status == MISS or (op.mc_value is not None and op.mc_value.data is not None)
+            )
+            return compare_read(op, item), full and op.exptime is None
+        if op.action == "store":
+            return await self._store(op, state)
+        if op.action == "delta":
+            return await self._delta(op, state)
+        if op.action == "touch":
+            status = await store.touch(op.key, op.exptime or 0)
+            if status == TOUCHED:
+                self._note_expiry(state, op.exptime or 0)
+            return compare_outcome(op, str(status), None), False
+        if op.action == "delete":
+            return await self._delete(op)
+        raise ValueError(f"unknown shadow action {op.action!r}")
+
+    async def _store(self, op: ShadowOp, state: KeyState) -> tuple[Difference | None, bool]:
+        store = self.store
+        if op.mc_status == TOO_LARGE and not op.data and op.data_len:
+            # Not buffered (over the value limit): memcached refused it; set / ms delete.
+            if op.mode == "set" or op.too_large_deletes:
+                await store.delete(op.key)
+                return None, True
+            return None, False
+        cas = op.cas
+        if op.mode == "cas" or (cas and op.mode in ("append", "prepend")):
+            mapped = self.casmap.get(op.key, cas or 0)
+            if mapped is None:
+                # No mapping: follow memcached's outcome, never guess (REFERENCE 4.6).
+                if op.mc_status == STORED:
+                    mode = "set" if op.mode == "cas" else op.mode
+                    await store.store(mode, op.key, op.flags, op.exptime or 0, op.data)
+                    self._note_expiry(state, op.exptime or 0)
+                if op.mc_status is not None:
+                    self.stats.count_comparison(op.command, "noise", "cas_unmapped")
+                return None, False
+            cas = mapped
+        result = await store.store(
+            op.mode,
+            op.key,
+            op.flags,
+            op.exptime or 0,
+            op.data,
+            cas,
+            too_large_deletes=op.too_large_deletes,
+        )
+        status = str(result.status)
+        if status == STORED and op.mode not in ("append", "prepend"):
+            self._note_expiry(state, op.exptime or 0)
+        full = op.mc_status is not None and op.mode in ("set", "add", "replace", "cas")
+        return compare_outcome(op, status, None), full and status == op.mc_status
+
+    async def _delta(self, op: ShadowOp, state: KeyState) -> tuple[Difference | None, bool]:
+        cas = op.cas
+        if cas is not None:
+            mapped = self.casmap.get(op.key, cas)
+            if mapped is None:
+                state.warm = False  # the outcome cannot be predicted; resync on next read
+                if op.mc_status is not None:
+                    self.stats.count_comparison(op.command, "noise", "cas_unmapped")
+                return None, False
+            cas = mapped
+        result = await self.store.delta(
+            op.key,
+            op.mode,
+            op.delta,
+            cas=cas,
+            create=op.create,
+            initial=op.initial,
+            ttl=op.exptime,
+        )
+        return compare_outcome(op, str(result.status), result.value), False
+
+    async def _delete(self, op: ShadowOp) -> tuple[Difference | None, bool]:
+        cas = op.cas
+        if cas is not None:
+            mapped = self.casmap.get(op.key, cas)
+            if mapped is None:
+                if op.mc_status == DELETED:
+                    await self.store.delete(op.key)
+                if op.mc_status is not None:
+                    self.stats.count_comparison(op.command, "noise", "cas_unmapped")
+                return None, False
+            cas = mapped
+        status = str(await self.store.delete(op.key, cas))
+        full = op.mc_status in (DELETED, NOT_FOUND) and cas is None
+        return compare_outcome(op, status, None), full
+
+    def _note_expiry(self, state: KeyState, exptime: int) -> None:
+        now = time.time()
+        if exptime == 0:
+            state.expires_at = None
+        elif exptime < 0:
+            state.expires_at = now
+        elif exptime <= 2_592_000:
+            state.expires_at = now + exptime
+        else:
+            state.expires_at = float(exptime)
+
+    # -- classifying a difference ---------------------------------------------------------
+
+    async def _classify(self, op: ShadowOp, diff: Difference, state: KeyState) -> tuple[str, str]:
+        """(outcome, detail) for a difference; noise leaves Redis in step where it can."""
+        if diff.kind == PADDING:
+            return "noise", PADDING
+        now = time.monotonic()
+        if state.contended_until > now:
+            return "noise", "transient_race"  # the chain settles the key once it is idle
+        if not state.warm:
+            if self.settings.backfill:
+                await self._repair(op.key, state)
+            return "noise", "cold_key"
+        if state.expires_at is not None and (
+            abs(time.time() - state.expires_at) <= self.settings.expiry_tolerance
+        ):
+            return "noise", "expiry_boundary"
+        try:
+            mc, redis = await self._reread(op.key)
+        except (RedisError, MemcachedUnavailable) as exc:
+            self.stats.errors[_error_kind(exc)] += 1
+            state.warm = False
+            return "noise", "unverified"
+        if state_equal(mc, redis):
+            return "noise", "transient_race"
+        if state.contended_until > time.monotonic():
+            await self._repair(op.key, state)
+            return "noise", "transient_race"
+        recent = time.monotonic() - self.settings.eviction_window
+        if mc is None and redis is not None and self._mc_evicted_at > recent:
+            await self._repair(op.key, state)
+            return "noise", "evicted"
+        if mc is not None and redis is None and self._redis_evicted_at > recent:
+            await self._repair(op.key, state)
+            return "noise", "evicted"
+        self._example(op, diff, mc, redis)
+        await self._repair(op.key, state)
+        return "mismatch", diff.kind
+
+    async def _reread(self, key: bytes) -> tuple[McValue | None, Item | None]:
+        await asyncio.sleep(self.settings.reread_delay)
+        mc_item = await self.reader.get(key)
+        redis = await self.store.get(key)
+        self.stats.redis_commands += 1
+        return _mc_value(mc_item), redis
+
+    async def _settle(self, key: bytes, state: KeyState) -> None:
+        """After a burst of racing writers: make Redis equal Memcached for this key."""
+        try:
+            mc, redis = await self._reread(key)
+            if not state_equal(mc, redis):
+                await self._repair(key, state)
+            else:
+                state.warm = True
+            state.contended_until = 0.0
+        except (RedisError, MemcachedUnavailable) as exc:
+            self.stats.errors[_error_kind(exc)] += 1
+            state.warm = False
+
+    async def _repair(self, key: bytes, state: KeyState) -> None:
+        """Copy Memcached's item (value, flags, remaining TTL) into Redis, or delete it."""
+        try:
+            item = await self.reader.get(key)
+            self.stats.redis_commands += 1
+            if item is None:
+                await self.store.delete(key)
+                state.expires_at = None
+            else:
+                exptime = item.ttl if item.ttl > 0 else 0
+                await self.store.store("set", key, item.flags, exptime, item.data)
+                self._note_expiry(state, exptime)
+            state.warm = True
+            self.stats.repairs += 1
+        except (RedisError, MemcachedUnavailable) as exc:
+            self.stats.errors[_error_kind(exc)] += 1
+            state.warm = False
+
+    def _example(
+        self, op: ShadowOp, diff: Difference, mc: McValue | None, redis: Item | None
+    ) -> None:
+        if self.examples is None:
+            return
+        self.examples(
+            diff.kind,
+            op.command,
+            op.key,
+            _describe_mc(mc),
+            _describe_redis(redis),
+            f"memcached={diff.memcached} redis={diff.redis}",
+        )
+
+    # -- eviction counters ----------------------------------------------------------------
+
+    async def _watch_evictions(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.stats_interval)
+            with contextlib.suppress(MemcachedUnavailable, ValueError):
+                stats = await self.reader.stats()
+                evictions = int(stats.get("evictions", "0"))
+                if self._mc_evictions is not None and evictions > self._mc_evictions:
+                    self._mc_evicted_at = time.monotonic()
+                self._mc_evictions = evictions
+            with contextlib.suppress(RedisError, ValueError):
+                evicted = await self.store.evicted_keys()
+                if self._redis_evictions is not None and evicted > self._redis_evictions:
+                    self._redis_evicted_at = time.monotonic()
+                self._redis_evictions = evicted
+
+
+def _mc_value(item: McItem | None) -> McValue | None:
+    return None if item is None else McValue(item.flags, item.data, None)
+
+
+def _describe_mc(mc: McValue | None) -> dict[str, Any]:
+    if mc is None:
+        return {"present": False}
+    return {"present": True, "flags": mc.flags, "value": mc.data}
+
+
+def _describe_redis(item: Item | None) -> dict[str, Any]:
+    if item is None:
+        return {"present": False}
+    return {"present": True, "flags": item.flags, "value": item.data}
+
+
+def _error_kind(exc: BaseException) -> str:
+    if isinstance(exc, RedisReplyError):
+        message = str(exc)
+        if message.startswith("OOM"):
+            return "shadow_oom"
+        return "redis_reply"
+    if isinstance(exc, RedisTimeout):
+        return "redis_timeout"
+    if isinstance(exc, RedisUnavailable):
+        return "redis_unavailable"
+    if isinstance(exc, RedisBusy):
+        return "redis_busy"
+    if isinstance(exc, MemcachedUnavailable):
+        return "memcached_reader"
+    return "redis_other"
+
+
+__all__ = ["HIT", "DispatcherSettings", "ShadowDispatcher"]

@@ -1,0 +1,91 @@
+"""What the shadow remembers per key, bounded: is Redis known to be in step, and the cas map.
+
+A key is "warm" once a write through the proxy (or a repair) has defined it in both stores
+since the current epoch; a flush_all that is not replayed starts a new epoch, which makes every
+key cold again. Differences on cold keys are expected noise, never mismatches. Both tables are
+LRU-bounded: a key that falls out is simply cold again (noise, not a false alarm).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+
+class KeyState:
+    """Per-key facts used to classify a difference."""
+
+    __slots__ = ("contended_until", "epoch", "expires_at", "last_seen", "last_session", "warm")
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.warm = False
+        self.expires_at: float | None = None  # unix time memcached should expire it (None: never)
+        self.last_session = 0
+        self.last_seen = 0.0  # monotonic time of the last reply seen for this key
+        self.contended_until = 0.0  # monotonic: until then, other connections raced on it
+
+
+class KeyStates:
+    """LRU-bounded KeyState table plus the flush epoch."""
+
+    def __init__(self, capacity: int, race_window: float) -> None:
+        self.capacity = capacity
+        self.race_window = race_window
+        self.epoch = 0
+        self._states: OrderedDict[bytes, KeyState] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def get(self, key: bytes) -> KeyState:
+        state = self._states.get(key)
+        if state is None or state.epoch != self.epoch:
+            state = KeyState(self.epoch)
+            self._states[key] = state
+            if len(self._states) > self.capacity:
+                self._states.popitem(last=False)
+        else:
+            self._states.move_to_end(key)
+        return state
+
+    def peek(self, key: bytes) -> KeyState | None:
+        state = self._states.get(key)
+        return state if state is not None and state.epoch == self.epoch else None
+
+    def touch(self, key: bytes, session: int, now: float) -> KeyState:
+        """Record that `session` had a reply for `key` at monotonic time `now`."""
+        state = self.get(key)
+        racing = state.last_session and state.last_session != session
+        if racing and now - state.last_seen <= self.race_window:
+            state.contended_until = now + self.race_window
+        state.last_session = session
+        state.last_seen = now
+        return state
+
+    def new_epoch(self) -> None:
+        """flush_all not replayed on Redis: nothing is known to be in step any more."""
+        self.epoch += 1
+        self._states.clear()
+
+
+class CasMap:
+    """(key, memcached cas) -> redis cas, LRU-bounded (REFERENCE 4.6)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._map: OrderedDict[tuple[bytes, int], int] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    def put(self, key: bytes, memcached_cas: int, redis_cas: int) -> None:
+        self._map[(key, memcached_cas)] = redis_cas
+        self._map.move_to_end((key, memcached_cas))
+        if len(self._map) > self.capacity:
+            self._map.popitem(last=False)
+
+    def get(self, key: bytes, memcached_cas: int) -> int | None:
+        return self._map.get((key, memcached_cas))
+
+    def clear(self) -> None:
+        self._map.clear()

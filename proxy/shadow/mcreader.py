@@ -1,0 +1,173 @@
+"""The shadow's own small connection to Memcached: re-reads, repairs' source, eviction stats.
+
+Used off the client path only. `mg <key> v f t u` reads a value without bumping it in the
+LRU; `stats` gives the eviction counters that tell evictions apart from real differences.
+Requests are pipelined on one connection and fail fast when it is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass
+from typing import cast
+
+from proxy.errors import MemshadowError
+
+
+class MemcachedUnavailable(MemshadowError):
+    """The shadow's Memcached connection is down (its reads are skipped, never waited on)."""
+
+
+@dataclass(frozen=True, slots=True)
+class McItem:
+    """A value read back from Memcached: flags, data and remaining TTL (-1: none)."""
+
+    flags: int
+    data: bytes
+    ttl: int
+
+
+class _Reader(asyncio.Protocol):
+    def __init__(self, owner: MemcachedReader) -> None:
+        self.owner = owner
+        self.buffer = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        self.owner._parse()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner._lost(exc)
+
+
+class MemcachedReader:
+    """A pipelined meta-protocol reader of Memcached with a reply timeout."""
+
+    def __init__(self, host: str, port: int, timeout: float = 1.0) -> None:
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self._transport: asyncio.Transport | None = None
+        self._protocol: _Reader | None = None
+        self._waiting: deque[tuple[str, asyncio.Future[object]]] = deque()
+        self._connecting: asyncio.Task[None] | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._transport is not None and not self._transport.is_closing()
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        transport, protocol = await asyncio.wait_for(
+            loop.create_connection(lambda: _Reader(self), self.host, self.port), self.timeout
+        )
+        self._transport = transport
+        self._protocol = protocol
+
+    async def _ensure(self) -> None:
+        if self.connected:
+            return
+        if self._connecting is None or self._connecting.done():
+            self._connecting = asyncio.get_running_loop().create_task(self._connect())
+        try:
+            await asyncio.shield(self._connecting)
+        except (OSError, TimeoutError) as exc:
+            raise MemcachedUnavailable(f"memcached {self.host}:{self.port}: {exc}") from exc
+
+    async def _call(self, line: bytes, kind: str) -> object:
+        await self._ensure()
+        assert self._transport is not None
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._waiting.append((kind, future))
+        self._transport.write(line)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.timeout)
+        except TimeoutError as exc:
+            self._reset(MemcachedUnavailable("memcached reply timed out"))
+            raise MemcachedUnavailable("memcached reply timed out") from exc
+
+    async def get(self, key: bytes) -> McItem | None:
+        """The item as Memcached has it now, without touching its LRU position."""
+        result = await self._call(b"mg " + key + b" v f t u\r\n", "mg")
+        return cast("McItem | None", result)
+
+    async def stats(self, group: bytes = b"") -> dict[str, str]:
+        """`stats` (or `stats settings`...) as a name -> value dict."""
+        line = b"stats " + group + b"\r\n" if group else b"stats\r\n"
+        return cast("dict[str, str]", await self._call(line, "stats"))
+
+    async def close(self) -> None:
+        self._reset(MemcachedUnavailable("closed"))
+
+    def _reset(self, exc: Exception) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+        self._transport = None
+        self._protocol = None
+        while self._waiting:
+            _, future = self._waiting.popleft()
+            if not future.done():
+                future.set_exception(exc)
+                future.exception()  # mark retrieved: nobody may be waiting any more
+
+    def _lost(self, exc: Exception | None) -> None:
+        self._reset(MemcachedUnavailable(f"connection lost: {exc}"))
+
+    def _parse(self) -> None:
+        protocol = self._protocol
+        assert protocol is not None
+        buf = protocol.buffer
+        while self._waiting:
+            kind, _future = self._waiting[0]
+            if kind == "stats":
+                end = buf.find(b"END\r\n")
+                if end < 0:
+                    error = buf.find(b"\r\n")
+                    if error >= 0 and buf.startswith((b"ERROR", b"CLIENT_ERROR", b"SERVER")):
+                        del buf[: error + 2]
+                        self._resolve(MemcachedUnavailable("stats refused"))
+                        continue
+                    return
+                stats: dict[str, str] = {}
+                for line in bytes(buf[:end]).split(b"\r\n"):
+                    parts = line.split(b" ", 2)
+                    if len(parts) == 3 and parts[0] == b"STAT":
+                        stats[parts[1].decode()] = parts[2].decode(errors="replace")
+                del buf[: end + 5]
+                self._resolve(stats)
+                continue
+            nl = buf.find(b"\r\n")
+            if nl < 0:
+                return
+            line = bytes(buf[:nl])
+            if line.startswith(b"VA "):
+                words = line.split(b" ")
+                size = int(words[1])
+                if len(buf) < nl + 2 + size + 2:
+                    return
+                data = bytes(buf[nl + 2 : nl + 2 + size])
+                del buf[: nl + 2 + size + 2]
+                flags, ttl = 0, -1
+                for word in words[2:]:
+                    if word[:1] == b"f":
+                        flags = int(word[1:])
+                    elif word[:1] == b"t":
+                        ttl = int(word[1:])
+                self._resolve(McItem(flags, data, ttl))
+            elif line == b"EN":
+                del buf[: nl + 2]
+                self._resolve(None)
+            else:
+                del buf[: nl + 2]
+                self._resolve(MemcachedUnavailable(f"unexpected reply {line[:80]!r}"))
+
+    def _resolve(self, value: object) -> None:
+        _, future = self._waiting.popleft()
+        if future.done():
+            return
+        if isinstance(value, Exception):
+            future.set_exception(value)
+        else:
+            future.set_result(value)
+
