@@ -313,6 +313,12 @@ def _choice_parser(choices: tuple[str, ...]) -> Callable[[Node], str]:
     return parse
 
 
+def _boolean(node: Node) -> bool:
+    if isinstance(node, ScalarNode) and node.tag == _BOOL_TAG:
+        return bool(_scalar(node))
+    raise InvalidValue(f"must be true or false, got {_describe(node)}")
+
+
 def _parsed_by(parse: Callable[[Node], Any]) -> dict[str, Any]:
     """Field metadata: this option's YAML node is turned into a value by ``parse``."""
     return {"parse": parse}
@@ -365,6 +371,29 @@ class ShadowConfig:
 
     redis: RedisURL | None = field(default=None, metadata=_parsed_by(_redis_url))
     sample_rate: float = field(default=0.0, metadata=_parsed_by(_fraction))
+    # Copy a cold key (never written through the proxy) that Memcached has into Redis.
+    backfill: bool = field(default=False, metadata=_parsed_by(_boolean))
+    # Run flush_all on Redis too (FLUSHDB on its dedicated DB). Off: comparisons restart cold.
+    replay_flush_all: bool = field(default=False, metadata=_parsed_by(_boolean))
+    # Shadow work waiting for Redis; past it work is dropped (counted), never waited for.
+    queue_size: int = field(default=10_000, metadata=_parsed_by(_positive_int))
+    # Keys being replayed at once (each key's operations run in order).
+    max_inflight: int = field(default=512, metadata=_parsed_by(_positive_int))
+    redis_connections: int = field(default=4, metadata=_parsed_by(_positive_int))
+    redis_timeout: float = field(
+        default=0.5, metadata=_parsed_by(_seconds_parser(allow_zero=False))
+    )
+    # Two connections touching a key within this window make its differences races (noise).
+    race_window: float = field(default=1.0, metadata=_parsed_by(_seconds_parser(allow_zero=True)))
+    # Before a difference is reported, both stores are read again after this delay.
+    reread_delay: float = field(default=0.05, metadata=_parsed_by(_seconds_parser(allow_zero=True)))
+    # Keys whose in-step state is remembered (LRU); a forgotten key counts as cold.
+    key_state_size: int = field(default=200_000, metadata=_parsed_by(_positive_int))
+    cas_map_size: int = field(default=100_000, metadata=_parsed_by(_positive_int))
+    # Mismatch examples kept per kind for GET /api/mismatches; keys and values are shown
+    # only as keyed hashes and lengths unless reveal_examples is true.
+    examples_per_kind: int = field(default=20, metadata=_parsed_by(_positive_int))
+    reveal_examples: bool = field(default=False, metadata=_parsed_by(_boolean))
 
     @property
     def enabled(self) -> bool:
