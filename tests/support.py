@@ -117,6 +117,7 @@ class ProxyThread:
         self._use_uvloop = use_uvloop
         self.loop: asyncio.AbstractEventLoop | None = None
         self.server: Any = None
+        self.shadow: Any = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
@@ -147,7 +148,14 @@ class ProxyThread:
 
         self._stop = asyncio.Event()
         try:
-            self.server = ProxyServer(self.config, self.metrics, None, **self._server_kwargs)
+            kwargs = dict(self._server_kwargs)
+            if self.config.shadow.redis is not None:
+                from proxy.shadow.service import Shadow
+
+                self.shadow = Shadow(self.config, self.metrics)
+                await self.shadow.start()
+                kwargs.update(capture=self.shadow.capture, observer=self.shadow.observe)
+            self.server = ProxyServer(self.config, self.metrics, None, **kwargs)
             await self.server.start()
         except BaseException as exc:  # surfaced in start()
             self._error = exc
@@ -156,10 +164,22 @@ class ProxyThread:
         self._ready.set()
         await self._stop.wait()
         await self.server.stop(self.config.shutdown_timeout)
+        if self.shadow is not None:
+            await self.shadow.stop()
 
     @property
     def port(self) -> int:
         return int(self.server.listen_address[1])
+
+    def run(self, coro_fn: Callable[[], Any], timeout: float = 30.0) -> Any:
+        """Run a coroutine function on the proxy's loop and return its result."""
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(coro_fn(), self.loop).result(timeout)
+
+    def settle(self, timeout: float = 30.0) -> None:
+        """Wait until the shadow has judged everything handed to it."""
+        if self.shadow is not None:
+            self.run(lambda: asyncio.wait_for(self.shadow.dispatcher.idle(), timeout), timeout + 1)
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """Run fn on the proxy's loop and return its result."""
@@ -181,9 +201,23 @@ class ProxyThread:
             self._thread.join(15)
 
 
-def proxy_config(memcached: ServerProcess, **changes: Any) -> Config:
+def proxy_config(
+    memcached: ServerProcess,
+    redis: ServerProcess | None = None,
+    sample_rate: float = 1.0,
+    **shadow: Any,
+) -> Config:
+    """A config for memcached (and, given a redis-server, a shadow at `sample_rate`)."""
     config = Config()
-    return replace(config, listen=HostPort("127.0.0.1", 0), memcached=memcached.address, **changes)
+    config = replace(config, listen=HostPort("127.0.0.1", 0), memcached=memcached.address)
+    if redis is not None:
+        from proxy.config import RedisURL
+
+        url = RedisURL.parse(f"redis://127.0.0.1:{redis.port}/0")
+        config = replace(
+            config, shadow=replace(config.shadow, redis=url, sample_rate=sample_rate, **shadow)
+        )
+    return config
 
 
 class RawClient:

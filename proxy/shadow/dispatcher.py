@@ -202,6 +202,9 @@ class ShadowDispatcher:
             if op.action == "flush":
                 self._flush(op)
                 continue
+            # Contention is judged in reply-arrival order, before any of the key's queued
+            # operations run, so an operation that raced with a later one is known to.
+            self.keys.touch(op.key, session, replied_at)
             chain = self._chains.get(op.key)
             if chain is not None:
                 chain.append((op, replied_at, session))
@@ -214,16 +217,20 @@ class ShadowDispatcher:
             task.add_done_callback(self._tasks.discard)
 
     async def _chain(self, key: bytes, op: ShadowOp, replied_at: float, session: int) -> None:
+        chain = self._chains[key]
         try:
             while True:
                 await self._one(op, replied_at, session)
-                chain = self._chains[key]
                 if not chain:
-                    break
+                    state = self.keys.peek(key)
+                    if state is None or not state.contended_until or self._stopping:
+                        break
+                    # Racing writers are done for now: make Redis equal Memcached. Operations
+                    # that arrive meanwhile join the chain and run after it.
+                    await self._settle(key, state)
+                    if not chain:
+                        break
                 op, replied_at, session = chain.popleft()
-            state = self.keys.peek(key)
-            if state is not None and state.contended_until and not self._stopping:
-                await self._settle(key, state)
         finally:
             self._chains.pop(key, None)
             self._chain_done.set()
@@ -260,7 +267,7 @@ class ShadowDispatcher:
 
     async def _one(self, op: ShadowOp, replied_at: float, session: int) -> None:
         stats = self.stats
-        state = self.keys.touch(op.key, session, time.monotonic())
+        state = self.keys.get(op.key)
         started = time.perf_counter()
         try:
             diff, full_state = await self._replay(op, state)
@@ -284,7 +291,7 @@ class ShadowDispatcher:
             if full_state:
                 state.warm = True
         else:
-            outcome, detail = await self._classify(op, diff, state)
+            outcome, detail = await self._classify(op, diff, state, replied_at)
             stats.count_comparison(op.command, outcome, detail)
         stats.histogram(stats.shadow_duration, op.command).observe(time.perf_counter() - started)
         stats.lag.observe(time.perf_counter() - replied_at)
@@ -403,12 +410,13 @@ class ShadowDispatcher:
 
     # -- classifying a difference ---------------------------------------------------------
 
-    async def _classify(self, op: ShadowOp, diff: Difference, state: KeyState) -> tuple[str, str]:
+    async def _classify(
+        self, op: ShadowOp, diff: Difference, state: KeyState, replied_at: float
+    ) -> tuple[str, str]:
         """(outcome, detail) for a difference; noise leaves Redis in step where it can."""
         if diff.kind == PADDING:
             return "noise", PADDING
-        now = time.monotonic()
-        if state.contended_until > now:
+        if self.keys.raced_near(state, replied_at):
             return "noise", "transient_race"  # the chain settles the key once it is idle
         if not state.warm:
             if self.settings.backfill:
@@ -418,6 +426,14 @@ class ShadowDispatcher:
             abs(time.time() - state.expires_at) <= self.settings.expiry_tolerance
         ):
             return "noise", "expiry_boundary"
+        # A reply from another connection that raced with this one may still be on its way
+        # (a busy loop reads sockets late): wait out the race window before judging.
+        wait = replied_at + self.settings.race_window - time.perf_counter()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        if self.keys.raced_near(state, replied_at):
+            await self._repair(op.key, state)
+            return "noise", "transient_race"
         try:
             mc, redis = await self._reread(op.key)
         except (RedisError, MemcachedUnavailable) as exc:
@@ -425,9 +441,6 @@ class ShadowDispatcher:
             state.warm = False
             return "noise", "unverified"
         if state_equal(mc, redis):
-            return "noise", "transient_race"
-        if state.contended_until > time.monotonic():
-            await self._repair(op.key, state)
             return "noise", "transient_race"
         recent = time.monotonic() - self.settings.eviction_window
         if mc is None and redis is not None and self._mc_evicted_at > recent:
@@ -449,13 +462,16 @@ class ShadowDispatcher:
 
     async def _settle(self, key: bytes, state: KeyState) -> None:
         """After a burst of racing writers: make Redis equal Memcached for this key."""
+        started = time.perf_counter()
         try:
             mc, redis = await self._reread(key)
             if not state_equal(mc, redis):
                 await self._repair(key, state)
             else:
                 state.warm = True
-            state.contended_until = 0.0
+            state.settled_at = time.perf_counter()
+            if state.last_seen < started:
+                state.contended_until = 0.0  # nothing arrived meanwhile: done
         except (RedisError, MemcachedUnavailable) as exc:
             self.stats.errors[_error_kind(exc)] += 1
             state.warm = False
@@ -473,6 +489,7 @@ class ShadowDispatcher:
                 await self.store.store("set", key, item.flags, exptime, item.data)
                 self._note_expiry(state, exptime)
             state.warm = True
+            state.settled_at = time.perf_counter()
             self.stats.repairs += 1
         except (RedisError, MemcachedUnavailable) as exc:
             self.stats.errors[_error_kind(exc)] += 1

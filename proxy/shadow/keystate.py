@@ -14,15 +14,26 @@ from collections import OrderedDict
 class KeyState:
     """Per-key facts used to classify a difference."""
 
-    __slots__ = ("contended_until", "epoch", "expires_at", "last_seen", "last_session", "warm")
+    __slots__ = (
+        "contended_until",
+        "epoch",
+        "expires_at",
+        "last_seen",
+        "last_session",
+        "raced_at",
+        "settled_at",
+        "warm",
+    )
 
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch
         self.warm = False
         self.expires_at: float | None = None  # unix time memcached should expire it (None: never)
         self.last_session = 0
-        self.last_seen = 0.0  # monotonic time of the last reply seen for this key
-        self.contended_until = 0.0  # monotonic: until then, other connections raced on it
+        self.last_seen = 0.0  # perf_counter time of the last reply seen for this key
+        self.contended_until = 0.0  # perf_counter: until then, other connections raced on it
+        self.raced_at = -1e18  # perf_counter time two connections last raced on it
+        self.settled_at = -1e18  # perf_counter time Redis was last re-synchronised from it
 
 
 class KeyStates:
@@ -53,14 +64,23 @@ class KeyStates:
         return state if state is not None and state.epoch == self.epoch else None
 
     def touch(self, key: bytes, session: int, now: float) -> KeyState:
-        """Record that `session` had a reply for `key` at monotonic time `now`."""
+        """Record that `session` had a reply for `key` at perf_counter time `now`."""
         state = self.get(key)
         racing = state.last_session and state.last_session != session
-        if racing and now - state.last_seen <= self.race_window:
+        # A reply that arrives just after a re-synchronisation may describe a change the copy
+        # already holds (replaying it would apply it twice): that is a race too.
+        if (racing and now - state.last_seen <= self.race_window) or (
+            now - state.settled_at <= self.race_window
+        ):
             state.contended_until = now + self.race_window
+            state.raced_at = now
         state.last_session = session
         state.last_seen = now
         return state
+
+    def raced_near(self, state: KeyState, when: float) -> bool:
+        """Did another connection touch the key within the race window around `when`?"""
+        return state.raced_at >= when - self.race_window
 
     def new_epoch(self) -> None:
         """flush_all not replayed on Redis: nothing is known to be in step any more."""

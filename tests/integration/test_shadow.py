@@ -1,0 +1,378 @@
+"""The shadow end to end: real memcached and redis-server behind memshadow at sample rate 1.
+
+What users rely on: no false alarms under heavy concurrent traffic (races end as noise), every
+real divergence reported with its kind, Redis kept equal to Memcached for sampled keys, and
+clients untouched when Redis misbehaves.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import hiredis
+import pytest
+from pymemcache.client.base import Client
+from pymemcache.exceptions import MemcacheClientError
+
+from proxy.redis.layout import pack_value, unpack_value
+from tests.support import ProxyThread, RawClient, ServerProcess, proxy_config
+
+
+def redis_call(port: int, *args: bytes | str | int) -> object:
+    """One command on a fresh connection to redis-server (test-side direct access)."""
+    parts = [a if isinstance(a, bytes) else str(a).encode() for a in args]
+    payload = b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+    with socket.create_connection(("127.0.0.1", port), 5) as sock:
+        sock.sendall(payload)
+        reader = hiredis.Reader()
+        while True:
+            reader.feed(sock.recv(1 << 20))
+            reply = reader.gets()
+            if reply is not False:
+                return reply
+
+
+def mc_call(port: int, line: bytes, until: bytes = b"\r\n") -> bytes:
+    client = RawClient(port)
+    client.send(line)
+    try:
+        return client.read_until(until)
+    finally:
+        client.close()
+
+
+def totals(proxy: ProxyThread) -> dict[str, int]:
+    outcomes: Counter[str] = Counter()
+    for (_, outcome), n in proxy.shadow.stats.comparisons.items():
+        outcomes[outcome] += n
+    return dict(outcomes)
+
+
+def mismatch_kinds(proxy: ProxyThread) -> dict[str, int]:
+    kinds: Counter[str] = Counter()
+    for (_, kind), n in proxy.shadow.stats.mismatches.items():
+        kinds[kind] += n
+    return dict(kinds)
+
+
+def noise_reasons(proxy: ProxyThread) -> dict[str, int]:
+    reasons: Counter[str] = Counter()
+    for (_, reason), n in proxy.shadow.stats.noise.items():
+        reasons[reason] += n
+    return dict(reasons)
+
+
+def mc_item(port: int, key: str) -> tuple[int, bytes] | None:
+    """(flags, value) straight from memcached, or None on a miss."""
+    client = RawClient(port)
+    try:
+        client.send(b"mg %s v f\r\n" % key.encode())
+        reply = client.read_until(b"\r\n")
+        if reply.startswith(b"EN"):
+            return None
+        head, _, body = reply.partition(b"\r\n")
+        words = head.split()
+        size = int(words[1])
+        while len(body) < size + 2:
+            body += client.sock.recv(1 << 20)
+        flags = int(next(w for w in words if w.startswith(b"f"))[1:])
+        return flags, body[:size]
+    finally:
+        client.close()
+
+
+def assert_stores_equal(memcached: ServerProcess, redis: ServerProcess, keys: list[str]) -> None:
+    """Redis holds exactly what Memcached holds (value and flags) for every key."""
+    for key in keys:
+        mc = mc_item(memcached.port, key)
+        raw = redis_call(redis.port, "GET", key)
+        if mc is None:
+            assert raw is None, f"{key}: memcached miss, redis has {raw!r}"
+            continue
+        assert isinstance(raw, bytes), f"{key}: memcached hit {mc!r}, redis miss"
+        item = unpack_value(raw)
+        assert (item.flags, item.data) == mc, (
+            f"{key}: memcached {mc!r}, redis {(item.flags, item.data)!r}"
+        )
+
+
+@pytest.fixture
+def shadowed(memcached: ServerProcess, redis_server: ServerProcess) -> Iterator[ProxyThread]:
+    proxy = ProxyThread(proxy_config(memcached, redis_server, 1.0))
+    proxy.start()
+    yield proxy
+    proxy.stop()
+
+
+def test_single_client_full_mix_matches(
+    shadowed: ProxyThread, memcached: ServerProcess, redis_server: ServerProcess
+) -> None:
+    client = Client(("127.0.0.1", shadowed.port), default_noreply=False, timeout=5)
+    client.set("a", b"1", expire=100)
+    client.get("a")
+    client.add("a", b"x")
+    client.add("b", b"2", flags=7)
+    client.replace("b", b"22")
+    client.replace("zz", b"x")
+    client.append("b", b"3")
+    client.prepend("b", b"0")
+    client.get_many(["a", "b", "missing"])
+    value, cas = client.gets("b")
+    client.cas("b", b"new", cas)
+    client.cas("b", b"newer", cas)
+    client.set("n", b"18446744073709551615")
+    client.incr("n", 1)
+    client.decr("n", 5)
+    client.set("p", b"100")
+    client.decr("p", 1)
+    client.get("p")
+    client.touch("a", 50)
+    client.delete("a")
+    client.delete("a")
+    client.raw_command(b"mg b v f c t", b"\r\n")
+    client.raw_command(b"ms m 2 T0 F3\r\nhi", b"\r\n")
+    client.raw_command(b"ma cnt N0 J10 v", b"\r\n")
+    client.raw_command(b"ma cnt v", b"\r\n")
+    client.raw_command(b"md m", b"\r\n")
+    client.set("nr", b"v", noreply=True)
+    client.get("nr")
+    client.close()
+    shadowed.settle()
+    outcomes = totals(shadowed)
+    assert outcomes.get("mismatch", 0) == 0, mismatch_kinds(shadowed)
+    assert outcomes["match"] >= 25
+    assert shadowed.shadow.stats.dropped == Counter()
+    assert_stores_equal(memcached, redis_server, ["a", "b", "n", "p", "m", "cnt", "nr", "zz"])
+
+
+def test_metrics_exported(shadowed: ProxyThread) -> None:
+    client = Client(("127.0.0.1", shadowed.port), default_noreply=False, timeout=5)
+    client.set("k", b"v")
+    client.get("k")
+    client.close()
+    shadowed.settle()
+    text = shadowed.metrics.render().decode()
+    assert 'memshadow_shadow_comparisons_total{command="get",outcome="match"} 1.0' in text
+    assert "memshadow_shadow_sample_rate 1.0" in text
+    assert "memshadow_shadow_lag_seconds_count" in text
+
+
+COMMANDS = [
+    "set",
+    "get",
+    "add",
+    "replace",
+    "append",
+    "prepend",
+    "incr",
+    "decr",
+    "delete",
+    "touch",
+    "gets_cas",
+    "get_many",
+    "mg",
+    "ms",
+]
+
+
+def _hammer(port: int, keys: list[str], seconds: float, seed: int, errors: list[str]) -> int:
+    rng = random.Random(seed)
+    client = Client(("127.0.0.1", port), default_noreply=False, timeout=10)
+    done = 0
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            key = rng.choice(keys)
+            command = rng.choice(COMMANDS)
+            value = str(rng.randrange(1000)).encode()
+            if command == "set":
+                client.set(key, value, flags=rng.choice([0, 1, 5]))
+            elif command == "get":
+                client.get(key)
+            elif command == "add":
+                client.add(key, value)
+            elif command == "replace":
+                client.replace(key, value)
+            elif command == "append":
+                client.append(key, b"7")
+            elif command == "prepend":
+                client.prepend(key, b"1")
+            elif command in ("incr", "decr"):
+                try:
+                    getattr(client, command)(key, rng.randrange(100))
+                except MemcacheClientError:
+                    pass  # memcached's own answer for a non-numeric value
+
+            elif command == "delete":
+                client.delete(key)
+            elif command == "touch":
+                client.touch(key, rng.choice([0, 100]))
+            elif command == "gets_cas":
+                got, cas = client.gets(key)
+                if cas is not None:
+                    client.cas(key, value, cas)
+            elif command == "get_many":
+                client.get_many(rng.sample(keys, 3))
+            elif command == "mg":
+                client.raw_command(b"mg %s v f" % key.encode(), b"\r\n")
+            elif command == "ms":
+                client.raw_command(b"ms %s 3 T0 F2\r\nabc" % key.encode(), b"\r\n")
+            done += 1
+    except Exception as exc:  # any client-visible error fails the test
+        errors.append(f"{type(exc).__name__}: {exc}")
+    finally:
+        client.close()
+    return done
+
+
+def test_concurrent_hot_keys_give_no_false_alarm(
+    shadowed: ProxyThread, memcached: ServerProcess, redis_server: ServerProcess
+) -> None:
+    keys = [f"hot{i}" for i in range(6)] + [f"warm{i}" for i in range(40)]
+    errors: list[str] = []
+    counts: list[int] = []
+    threads = [
+        threading.Thread(
+            target=lambda i=i: counts.append(_hammer(shadowed.port, keys, 4.0, i, errors))
+        )
+        for i in range(32)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    shadowed.settle(60)
+    outcomes = totals(shadowed)
+    print(
+        f"\nconcurrency: {sum(counts)} client ops, outcomes {outcomes}, "
+        f"noise {noise_reasons(shadowed)}, dropped {dict(shadowed.shadow.stats.dropped)}, "
+        f"repairs {shadowed.shadow.stats.repairs}"
+    )
+    assert outcomes.get("mismatch", 0) == 0, mismatch_kinds(shadowed)
+    assert outcomes["match"] > 0
+    assert_stores_equal(memcached, redis_server, keys)
+
+
+def test_injected_divergence_is_reported_exactly(
+    shadowed: ProxyThread, memcached: ServerProcess, redis_server: ServerProcess
+) -> None:
+    client = Client(("127.0.0.1", shadowed.port), default_noreply=False, timeout=5)
+    keys = [f"user:{i}" for i in range(50)]
+    for key in keys:
+        client.set(key, f"profile-{key}".encode(), flags=1)
+    shadowed.settle()
+    altered = keys[:4]
+    deleted = keys[10:13]
+    for key in altered:
+        redis_call(redis_server.port, "SET", key, pack_value(1, 1, b"tampered"))
+    for key in deleted:
+        redis_call(redis_server.port, "DEL", key)
+    mc_changed = keys[20:22]
+    mc_deleted = keys[30:32]
+    for key in mc_changed:
+        mc_call(memcached.port, b"set %s 1 0 5\r\nother\r\n" % key.encode())
+    for key in mc_deleted:
+        mc_call(memcached.port, b"delete %s\r\n" % key.encode())
+    for key in keys:
+        client.get(key)
+    shadowed.settle()
+    assert mismatch_kinds(shadowed) == {
+        "value": len(altered) + len(mc_changed),
+        "missing_in_redis": len(deleted),
+        "unexpected_in_redis": len(mc_deleted),
+    }
+    reported = shadowed.call(lambda: shadowed.shadow.examples.to_json())
+    assert sum(len(v) for v in reported["kinds"].values()) == 11
+    # once reported, the key is repaired: reading again finds no new difference
+    for key in keys:
+        client.get(key)
+    shadowed.settle()
+    assert sum(mismatch_kinds(shadowed).values()) == 11
+    client.close()
+
+
+def test_cold_keys_are_noise_and_backfill_copies_them(
+    memcached: ServerProcess, redis_server: ServerProcess
+) -> None:
+    mc_call(memcached.port, b"set old 3 0 5\r\nolder\r\n")
+    mc_call(memcached.port, b"set old2 3 100 5\r\nolder\r\n")
+    proxy = ProxyThread(proxy_config(memcached, redis_server, 1.0, backfill=True))
+    proxy.start()
+    try:
+        client = Client(("127.0.0.1", proxy.port), default_noreply=False, timeout=5)
+        assert client.get("old") == b"older"
+        proxy.settle()
+        assert noise_reasons(proxy) == {"cold_key": 1}
+        assert unpack_value(redis_call(redis_server.port, "GET", "old")).data == b"older"
+        client.get("old2")
+        proxy.settle()
+        ttl = redis_call(redis_server.port, "TTL", "old2")
+        assert isinstance(ttl, int) and 95 <= ttl <= 100
+        client.get("old")
+        proxy.settle()
+        assert totals(proxy).get("mismatch", 0) == 0 and totals(proxy)["match"] == 1
+    finally:
+        proxy.stop()
+
+
+def test_flush_all_not_replayed_keeps_comparisons_quiet(
+    shadowed: ProxyThread, redis_server: ServerProcess
+) -> None:
+    client = Client(("127.0.0.1", shadowed.port), default_noreply=False, timeout=5)
+    for i in range(20):
+        client.set(f"f{i}", b"v")
+    client.flush_all()
+    for i in range(20):
+        assert client.get(f"f{i}") is None
+    shadowed.settle()
+    assert totals(shadowed).get("mismatch", 0) == 0
+    assert redis_call(redis_server.port, "DBSIZE") == 20  # Redis was not flushed
+    client.close()
+
+
+def test_redis_down_paused_restarted_under_load(
+    shadowed: ProxyThread, redis_server: ServerProcess
+) -> None:
+    errors: list[str] = []
+    counts: list[int] = []
+    keys = [f"r{i}" for i in range(30)]
+    threads = [
+        threading.Thread(
+            target=lambda i=i: counts.append(_hammer(shadowed.port, keys, 6.0, i, errors))
+        )
+        for i in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    time.sleep(1)
+    redis_server.pause()  # like CLIENT PAUSE: connected but silent
+    time.sleep(1.5)
+    redis_server.resume()
+    time.sleep(0.5)
+    redis_server.stop()
+    time.sleep(1)
+    redis_server.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == [], errors[:3]
+    shadowed.settle(30)
+    stats = shadowed.shadow.stats
+    assert sum(stats.dropped.values()) > 0  # shadow work was dropped and counted, not waited on
+    # the shadow resumes by itself
+    before = totals(shadowed).get("match", 0)
+    deadline = time.monotonic() + 15
+    client = Client(("127.0.0.1", shadowed.port), default_noreply=False, timeout=5)
+    while totals(shadowed).get("match", 0) <= before and time.monotonic() < deadline:
+        client.set("after", b"1")
+        client.get("after")
+        shadowed.settle()
+        time.sleep(0.2)
+    assert totals(shadowed).get("match", 0) > before
+    assert totals(shadowed).get("mismatch", 0) == 0, mismatch_kinds(shadowed)
+    client.close()
