@@ -97,7 +97,10 @@ async def serve(config: Config) -> int:
     metrics = ProxyMetrics()
     health = UpstreamHealth(config.memcached, timeout=config.upstream_connect_timeout)
     admin = AdminServer(
-        config.admin, metrics, ready=lambda: health.ready, not_ready_reason=lambda: health.reason
+        config.admin.listen,
+        metrics,
+        ready=lambda: health.ready,
+        not_ready_reason=lambda: health.reason,
     )
     server = ProxyServer(config, metrics, health)
 
@@ -129,7 +132,7 @@ async def serve(config: Config) -> int:
         try:
             await admin.start()
         except OSError as exc:
-            log.error("cannot listen for admin requests on %s: %s", config.admin, exc)
+            log.error("cannot listen for admin requests on %s: %s", config.admin.listen, exc)
             await server.stop(0.0)
             return EXIT_RUNTIME_ERROR
         cleanup.push_async_callback(admin.stop)

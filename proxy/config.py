@@ -319,6 +319,71 @@ def _boolean(node: Node) -> bool:
     raise InvalidValue(f"must be true or false, got {_describe(node)}")
 
 
+_DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)?")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+GUARD_ACTIONS = ("hold", "step_back", "stop")
+
+
+def _duration(node: Node) -> float:
+    """Seconds, as a number (90) or with a unit (500ms, 90s, 15m, 2h, 1d); above zero."""
+    value = _number(node)
+    if value is None and isinstance(node, ScalarNode) and node.tag == _STR_TAG:
+        match = _DURATION_RE.fullmatch(node.value.strip())
+        if match:
+            value = float(match[1]) * _DURATION_UNITS[match[2] or "s"]
+    if value is None or value <= 0:
+        raise InvalidValue(
+            "must be a duration above zero: seconds, or with a unit as in 500ms, 90s, 15m, "
+            f"2h; got {_describe(node)}"
+        )
+    return value
+
+
+def _ramp_steps(node: Node) -> tuple[float, ...]:
+    """A rising list of sample rates, each above 0 and at most 1; empty means no ramp."""
+    if isinstance(node, ScalarNode) and node.tag == _NULL_TAG:
+        return ()
+    if not isinstance(node, SequenceNode):
+        raise InvalidValue(
+            f"must be a list of sample rates, e.g. [0.01, 0.05, 0.25, 1.0]; got {_describe(node)}"
+        )
+    steps: list[float] = []
+    for item in node.value:
+        value = _number(item)
+        if value is None or not 0.0 < value <= 1.0:
+            raise InvalidValue(
+                f"every step must be a number above 0 and at most 1, got {_describe(item)}"
+            )
+        if steps and value <= steps[-1]:
+            raise InvalidValue(f"steps must rise: {value:g} comes after {steps[-1]:g}")
+        steps.append(value)
+    return tuple(steps)
+
+
+def _token(node: Node) -> str | None:
+    if isinstance(node, ScalarNode) and node.tag == _NULL_TAG:
+        return None
+    text = _plain_text(node)
+    # The token travels in an HTTP header: printable ASCII without spaces.
+    if not text or not all(0x21 <= ord(c) <= 0x7E for c in text):
+        raise InvalidValue("must be printable ASCII without spaces (or null for no token)")
+    return text
+
+
+def _target_ratio(node: Node) -> float:
+    value = _number(node)
+    if value is None or not 0.0 < value < 1.0:
+        raise InvalidValue(f"must be a number above 0 and below 1, got {_describe(node)}")
+    return value
+
+
+def _ratio_above_one(node: Node) -> float:
+    value = _number(node)
+    if value is None or value <= 1.0:
+        raise InvalidValue(f"must be a ratio above 1 (2: twice as slow); got {_describe(node)}")
+    return value
+
+
 def _parsed_by(parse: Callable[[Node], Any]) -> dict[str, Any]:
     """Field metadata: this option's YAML node is turned into a value by ``parse``."""
     return {"parse": parse}
@@ -366,11 +431,86 @@ def _check_limits(limits: LimitsConfig) -> None:
 
 
 @dataclass(frozen=True, slots=True)
+class RampConfig:
+    """The automatic ramp: sample rates taken in turn, each held at least ``hold`` seconds and
+    left only when its comparisons show a mismatch ratio below ``mismatch_target``."""
+
+    # Empty means no ramp: the rate stays where the config or an operator puts it.
+    steps: tuple[float, ...] = field(default=(), metadata=_parsed_by(_ramp_steps))
+    hold: float = field(default=900.0, metadata=_parsed_by(_duration))
+    mismatch_target: float = field(default=0.001, metadata=_parsed_by(_target_ratio))
+    min_comparisons: int = field(default=1000, metadata=_parsed_by(_positive_int))
+
+
+@dataclass(frozen=True, slots=True)
+class GuardRuleConfig:
+    """A halt rule on a ratio of the live figures over a window."""
+
+    enabled: bool = field(default=True, metadata=_parsed_by(_boolean))
+    window: float = field(default=60.0, metadata=_parsed_by(_duration))
+    min_count: int = field(default=200, metadata=_parsed_by(_positive_int))
+    threshold: float = field(default=0.05, metadata=_parsed_by(_fraction))
+    action: str = field(default="stop", metadata=_parsed_by(_choice_parser(GUARD_ACTIONS)))
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyGuardConfig:
+    """The halt rule on client latency: p99 while shadowing against the shadow-off baseline."""
+
+    enabled: bool = field(default=True, metadata=_parsed_by(_boolean))
+    window: float = field(default=60.0, metadata=_parsed_by(_duration))
+    min_count: int = field(default=1000, metadata=_parsed_by(_positive_int))
+    threshold: float = field(default=2.0, metadata=_parsed_by(_ratio_above_one))
+    min_increase: float = field(default=0.001, metadata=_parsed_by(_duration))
+    action: str = field(default="stop", metadata=_parsed_by(_choice_parser(GUARD_ACTIONS)))
+
+
+@dataclass(frozen=True, slots=True)
+class MismatchRuleConfig(GuardRuleConfig):
+    """The mismatch rule's own defaults (see GuardsConfig)."""
+
+    window: float = field(default=300.0, metadata=_parsed_by(_duration))
+    min_count: int = field(default=1000, metadata=_parsed_by(_positive_int))
+    threshold: float = field(default=0.01, metadata=_parsed_by(_fraction))
+    action: str = field(default="hold", metadata=_parsed_by(_choice_parser(GUARD_ACTIONS)))
+
+
+@dataclass(frozen=True, slots=True)
+class DropRuleConfig(GuardRuleConfig):
+    """The drop rule's own defaults (see GuardsConfig)."""
+
+    threshold: float = field(default=0.01, metadata=_parsed_by(_fraction))
+    action: str = field(default="step_back", metadata=_parsed_by(_choice_parser(GUARD_ACTIONS)))
+
+
+@dataclass(frozen=True, slots=True)
+class GuardsConfig:
+    """Rules that halt the shadow (and the ramp) when the live figures look wrong."""
+
+    # How often the guards and the ramp look at the figures.
+    interval: float = field(default=5.0, metadata=_parsed_by(_duration))
+    mismatch: MismatchRuleConfig = field(
+        default_factory=MismatchRuleConfig, metadata=_section_of(MismatchRuleConfig)
+    )
+    errors: GuardRuleConfig = field(
+        default_factory=GuardRuleConfig, metadata=_section_of(GuardRuleConfig)
+    )
+    drops: DropRuleConfig = field(
+        default_factory=DropRuleConfig, metadata=_section_of(DropRuleConfig)
+    )
+    latency: LatencyGuardConfig = field(
+        default_factory=LatencyGuardConfig, metadata=_section_of(LatencyGuardConfig)
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class ShadowConfig:
     """Which keys are mirrored to Redis, and which Redis."""
 
     redis: RedisURL | None = field(default=None, metadata=_parsed_by(_redis_url))
     sample_rate: float = field(default=0.0, metadata=_parsed_by(_fraction))
+    ramp: RampConfig = field(default_factory=RampConfig, metadata=_section_of(RampConfig))
+    guards: GuardsConfig = field(default_factory=GuardsConfig, metadata=_section_of(GuardsConfig))
     # Copy a cold key (never written through the proxy) that Memcached has into Redis.
     backfill: bool = field(default=False, metadata=_parsed_by(_boolean))
     # Run flush_all on Redis too (FLUSHDB on its dedicated DB). Off: comparisons restart cold.
@@ -409,6 +549,23 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The HTTP admin endpoint. ``admin: HOST:PORT`` is short for ``admin: {listen: HOST:PORT}``."""
+
+    listen: HostPort = field(
+        default=HostPort("127.0.0.1", 9180),
+        metadata=_parsed_by(_host_port_parser(allow_port_zero=True)),
+    )
+    # Bearer token that API changes must carry; None lets anyone who reaches the port change
+    # things. The MEMSHADOW_ADMIN_TOKEN environment variable, when set, wins over this.
+    token: str | None = field(default=None, repr=False, metadata=_parsed_by(_token))
+
+
+def _admin_shorthand(node: Node) -> AdminConfig:
+    return AdminConfig(listen=_host_port_parser(allow_port_zero=True)(node))
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration. ``source`` says where it came from (a path or "defaults")
     and is not part of equality."""
@@ -421,9 +578,9 @@ class Config:
         default=HostPort("127.0.0.1", 11211),
         metadata=_parsed_by(_host_port_parser(allow_port_zero=False)),
     )
-    admin: HostPort = field(
-        default=HostPort("127.0.0.1", 9180),
-        metadata=_parsed_by(_host_port_parser(allow_port_zero=True)),
+    admin: AdminConfig = field(
+        default_factory=AdminConfig,
+        metadata={**_section_of(AdminConfig), "shorthand": _admin_shorthand},
     )
     shadow: ShadowConfig = field(default_factory=ShadowConfig, metadata=_section_of(ShadowConfig))
     limits: LimitsConfig = field(default_factory=LimitsConfig, metadata=_section_of(LimitsConfig))
@@ -491,11 +648,18 @@ class _Loader:
             spec = fields.get(name)
             if spec is None:
                 raise self.error(key_node, dotted, _unknown_key_problem(name, path, list(fields)))
-            if "section" in spec.metadata:
+            # A section with a shorthand (admin: HOST:PORT) may be given as one scalar.
+            shorthand = spec.metadata.get("shorthand")
+            if "section" in spec.metadata and not (
+                shorthand is not None
+                and isinstance(value_node, ScalarNode)
+                and value_node.tag != _NULL_TAG
+            ):
                 values[name] = self.section(spec.metadata["section"], value_node, dotted)
                 continue
+            parse = shorthand or spec.metadata["parse"]
             try:
-                values[name] = spec.metadata["parse"](value_node)
+                values[name] = parse(value_node)
             except InvalidValue as exc:
                 raise self.error(value_node, dotted, exc.problem) from None
         result = cls(**values)
@@ -585,7 +749,9 @@ def apply_overrides(
             "--memcached", _flag_host_port(allow_port_zero=False), memcached
         )
     if admin is not None:
-        changes["admin"] = flag("--admin", _flag_host_port(allow_port_zero=True), admin)
+        changes["admin"] = dataclasses.replace(
+            config.admin, listen=flag("--admin", _flag_host_port(allow_port_zero=True), admin)
+        )
     shadow = config.shadow
     if redis is not None:
         parsed = flag("--redis", RedisURL.parse, redis) if redis.strip() else None

@@ -84,7 +84,7 @@ def test_defaults() -> None:
     assert config.source == "defaults"
     assert config.listen == HostPort("127.0.0.1", 11311)
     assert config.memcached == HostPort("127.0.0.1", 11211)
-    assert config.admin == HostPort("127.0.0.1", 9180)
+    assert config.admin.listen == HostPort("127.0.0.1", 9180)
     assert config.shadow == ShadowConfig(redis=None, sample_rate=0.0)
     assert not config.shadow.enabled
     assert config.limits == LimitsConfig(
@@ -164,7 +164,7 @@ log:
     config = load_config(path)
     assert config.listen == HostPort("0.0.0.0", 21311)
     assert config.memcached == HostPort("::1", 21211)
-    assert config.admin == HostPort("localhost", 0)
+    assert config.admin.listen == HostPort("localhost", 0)
     assert config.upstream_connect_timeout == 0.5
     assert config.shutdown_timeout == 0.0
     assert config.shadow.redis == RedisURL(
@@ -538,7 +538,7 @@ def test_overrides_replace_file_values(tmp_path: Path) -> None:
     )
     assert config.listen == HostPort("0.0.0.0", 2)
     assert config.memcached == HostPort("::1", 3)
-    assert config.admin == HostPort("127.0.0.1", 0)
+    assert config.admin.listen == HostPort("127.0.0.1", 0)
     assert config.shadow == ShadowConfig(redis=RedisURL("r", 4, 1), sample_rate=0.125)
     assert config.log.level == "debug"  # untouched options keep the file's value
     assert config.source == base.source
