@@ -1,0 +1,159 @@
+"""Translation and comparison, sans-IO: literal requests and replies in, typed ops and
+differences out."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from proxy.memcache.request import RequestFramer
+from proxy.redis.layout import Item
+from proxy.shadow.compare import (
+    MISSING_IN_REDIS,
+    PADDING,
+    STATUS,
+    UNEXPECTED_IN_REDIS,
+    VALUE,
+    compare_outcome,
+    compare_read,
+    state_equal,
+)
+from proxy.shadow.translate import (
+    HIT,
+    MISS,
+    NON_NUMERIC,
+    NOT_STORED,
+    STORED,
+    TOO_LARGE,
+    McValue,
+    ShadowOp,
+    Skip,
+    translate,
+)
+
+
+def op_for(stream: bytes, reply: bytes, sampled: object = None) -> list[ShadowOp] | Skip:
+    requests, _ = RequestFramer(capture=lambda r: True).feed(stream)
+    assert len(requests) == 1
+    request = requests[0]
+    request.response = reply
+    predicate = sampled if callable(sampled) else (lambda key: True)
+    return translate(request, predicate)
+
+
+def one(stream: bytes, reply: bytes) -> ShadowOp:
+    ops = op_for(stream, reply)
+    assert isinstance(ops, list) and len(ops) == 1, ops
+    return ops[0]
+
+
+def test_get_splits_into_sampled_keys() -> None:
+    reply = b"VALUE a 5 2\r\nhi\r\nVALUE a 5 2\r\nhi\r\nEND\r\n"
+    ops = op_for(b"get a b a c\r\n", reply, lambda key: key != b"c")
+    assert isinstance(ops, list)
+    assert [(o.key, o.mc_status) for o in ops] == [(b"a", HIT), (b"b", MISS)]
+    assert ops[0].mc_value == McValue(5, b"hi", None)
+
+
+def test_gets_records_cas_and_gat_exptime() -> None:
+    op = one(b"gats 100 k\r\n", b"VALUE k 0 1 42\r\nx\r\nEND\r\n")
+    assert op.want_cas and op.exptime == 100 and op.mc_value == McValue(0, b"x", 42)
+
+
+def test_get_error_reply_is_skipped() -> None:
+    assert op_for(b"get a\r\n", b"SERVER_ERROR out of memory\r\n") == Skip("memcached_error")
+
+
+@pytest.mark.parametrize(
+    ("line", "reply", "status"),
+    [
+        (b"set k 1 0 2\r\nhi\r\n", b"STORED\r\n", STORED),
+        (b"add k 1 0 2\r\nhi\r\n", b"NOT_STORED\r\n", NOT_STORED),
+        (b"set k 1 0 2 noreply\r\nhi\r\n", b"", None),
+        (b"set k 0 -1 2\r\nhi\r\n", b"STORED\r\n", STORED),
+    ],
+)
+def test_storage(line: bytes, reply: bytes, status: str | None) -> None:
+    op = one(line, reply)
+    assert (op.action, op.key, op.mc_status, op.data) == ("store", b"k", status, b"hi")
+
+
+def test_storage_non_canonical_numbers_are_skipped_and_key_turns_cold() -> None:
+    for line in (b"set k 010 0 1\r\nx\r\n", b"set k +1 0 1\r\nx\r\n", b"set k 0 +5 1\r\nx\r\n"):
+        result = op_for(line, b"STORED\r\n")
+        assert isinstance(result, Skip) and result.reason == "non_canonical" and result.keys
+
+
+def test_cas_and_too_large() -> None:
+    op = one(b"cas k 0 0 1 77\r\nx\r\n", b"EXISTS\r\n")
+    assert (op.mode, op.cas, op.mc_status) == ("cas", 77, "EXISTS")
+    op = one(b"set k 0 0 1\r\nx\r\n", b"SERVER_ERROR object too large for cache\r\n")
+    assert op.mc_status == TOO_LARGE
+
+
+def test_incr_outcomes() -> None:
+    assert one(b"incr n 5\r\n", b"15\r\n").mc_number == 15
+    assert one(b"decr n 5\r\n", b"NOT_FOUND\r\n").mc_status == "NOT_FOUND"
+    op = one(b"incr n 1\r\n", b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n")
+    assert op.mc_status == NON_NUMERIC
+    assert isinstance(op_for(b"incr n -1\r\n", b"CLIENT_ERROR invalid numeric delta\r\n"), Skip)
+
+
+def test_meta_get_set_delete_arith() -> None:
+    op = one(b"mg k v f c\r\n", b"VA 2 f3 c9\r\nhi\r\n")
+    assert op.mc_value == McValue(3, b"hi", 9) and op.want_cas
+    assert one(b"mg k v q\r\n", b"").mc_status == MISS
+    assert one(b"mg k s\r\n", b"HD s2\r\n").mc_value == McValue(None, None, None)
+    op = one(b"ms k 2 F7 T100 MA\r\nhi\r\n", b"NS\r\n")
+    assert (op.mode, op.flags, op.exptime, op.mc_status) == ("append", 7, 100, NOT_STORED)
+    assert one(b"ms k 2 q\r\nhi\r\n", b"").mc_status == STORED
+    assert one(b"ms k 2 C5\r\nhi\r\n", b"EX\r\n").mode == "cas"
+    assert one(b"md k q\r\n", b"").mc_status == "DELETED"
+    op = one(b"ma k N0 J13 v\r\n", b"VA 2\r\n13\r\n")
+    assert (op.create, op.initial, op.mc_number) == (0, 13, 13)
+    key = base64.b64encode(b"bin key")
+    assert one(b"mg " + key + b" b v\r\n", b"EN\r\n").key == b"bin key"
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"mg k v N30\r\n", b"mg k T30 v\r\n", b"md k I\r\n", b"ms k 1 I\r\nx\r\n", b"ma k E5\r\n"],
+)
+def test_unemulated_meta_flags_are_skipped(line: bytes) -> None:
+    result = op_for(line, b"HD\r\n")
+    assert isinstance(result, Skip) and result.reason == "meta_unemulated"
+
+
+def test_compare_read() -> None:
+    hit = ShadowOp("get", "read", b"k", HIT, mc_value=McValue(1, b"v", None))
+    miss = ShadowOp("get", "read", b"k", MISS)
+    assert compare_read(hit, Item(1, 5, b"v")) is None
+    diff = compare_read(hit, Item(2, 5, b"v"))
+    assert diff is not None and diff.kind == "flags"
+    diff = compare_read(hit, Item(1, 5, b"w"))
+    assert diff is not None and diff.kind == VALUE
+    diff = compare_read(hit, None)
+    assert diff is not None and diff.kind == MISSING_IN_REDIS
+    diff = compare_read(miss, Item(1, 5, b"v"))
+    assert diff is not None and diff.kind == UNEXPECTED_IN_REDIS
+    assert compare_read(miss, None) is None
+    padded = ShadowOp("get", "read", b"k", HIT, mc_value=McValue(0, b"99 ", None))
+    diff = compare_read(padded, Item(0, 1, b"99"))
+    assert diff is not None and diff.kind == PADDING
+    assert state_equal(McValue(0, b"99 ", None), Item(0, 1, b"99"))
+
+
+def test_compare_outcome() -> None:
+    op = ShadowOp("add", "store", b"k", STORED)
+    assert compare_outcome(op, STORED, None) is None
+    diff = compare_outcome(op, NOT_STORED, None)
+    assert diff is not None and diff.kind == STATUS
+    incr = ShadowOp("incr", "delta", b"k", STORED, mc_number=10)
+    diff = compare_outcome(incr, STORED, 11)
+    assert diff is not None and diff.kind == VALUE
+    diff = compare_outcome(incr, NON_NUMERIC, None)
+    assert diff is not None and diff.kind == "error"
+    autoviv = ShadowOp("ma", "delta", b"k", STORED, mc_number=13)
+    assert compare_outcome(autoviv, "CREATED", 13) is None
+    assert compare_outcome(ShadowOp("set", "store", b"k", None), NOT_STORED, None) is None
