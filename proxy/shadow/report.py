@@ -1,0 +1,187 @@
+"""The what-if report, sans-IO: from the sampled traffic, what Redis would look like at 100%.
+
+Latency: Memcached's and Redis's on the same shadowed requests, per command. Capacity: Redis
+memory and operations per second divided by the sampled key fraction. The key sample is
+uniform by construction (a hash of the key against a threshold), so the number of keys Redis
+holds is Binomial(all keys, rate), and the shadowed request count in a window is close to
+Poisson; the intervals below are 95% intervals of those two counts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.shadow.guards import quantile
+from proxy.shadow.ramp import Z_95
+from proxy.shadow.stats import LatencyHistogram, ShadowStats
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficWindow:
+    """Shadow traffic over a recent stretch of time at one sample rate."""
+
+    seconds: float
+    shadowed: int  # requests handed to the shadow
+    redis_commands: int  # Redis commands those requests became
+    client_requests: int  # every client request, sampled or not
+
+
+def _latency(hist: LatencyHistogram | None) -> dict[str, Any]:
+    if hist is None or not hist.count:
+        return {"samples": 0, "p50": None, "p99": None, "mean": None}
+    buckets = tuple(hist.buckets)
+    return {
+        "samples": hist.count,
+        "p50": quantile(buckets, 0.5),
+        "p99": quantile(buckets, 0.99),
+        "mean": hist.total / hist.count,
+    }
+
+
+def latency_table(stats: ShadowStats) -> list[dict[str, Any]]:
+    """Per command, both stores' latency (seconds) on the same requests since start."""
+    commands = sorted({*stats.memcached_latency, *stats.redis_latency})
+    rows = []
+    for command in commands:
+        memcached = _latency(stats.memcached_latency.get(command))
+        redis = _latency(stats.redis_latency.get(command))
+        ratio = None
+        if memcached["p99"] and redis["p99"] is not None:
+            ratio = redis["p99"] / memcached["p99"]
+        rows.append(
+            {"command": command, "memcached": memcached, "redis": redis, "p99_ratio": ratio}
+        )
+    return rows
+
+
+def poisson_interval(count: int, z: float = Z_95) -> tuple[float, float]:
+    """Score interval for a Poisson mean given one observed count (sound at zero too)."""
+    centre = count + z * z / 2
+    spread = z * math.sqrt(count + z * z / 4)
+    return max(0.0, centre - spread), centre + spread
+
+
+def key_count_interval(sampled: int, rate: float, z: float = Z_95) -> tuple[float, float, float]:
+    """All keys, estimated from ``sampled`` keys seen at key fraction ``rate``:
+    (estimate, low, high). sampled ~ Binomial(N, rate), so sd(sampled) ~ sqrt(sampled(1-rate)).
+    The low end is never below what is already seen."""
+    estimate = sampled / rate
+    spread = z * math.sqrt(sampled * (1 - rate)) / rate
+    return estimate, max(float(sampled), estimate - spread), estimate + spread
+
+
+def parse_keyspace(value: str) -> dict[str, int]:
+    """INFO keyspace's ``keys=3,expires=0,avg_ttl=0`` as a dict."""
+    fields: dict[str, int] = {}
+    for part in value.split(","):
+        name, _, number = part.partition("=")
+        if number.strip().isdigit():
+            fields[name.strip()] = int(number)
+    return fields
+
+
+def memory_projection(info: Mapping[str, str], rate: float, db: int) -> dict[str, Any]:
+    """Redis memory at 100% from INFO memory/keyspace at key fraction ``rate``."""
+    used = int(info["used_memory"])
+    startup = int(info.get("used_memory_startup", "0"))
+    keys = parse_keyspace(info.get(f"db{db}", "")).get("keys", 0)
+    result: dict[str, Any] = {
+        "used_memory_bytes": used,
+        "startup_memory_bytes": startup,
+        "keys": keys,
+        "db": db,
+    }
+    if keys == 0:
+        result.update(estimate_bytes=None, low_bytes=None, high_bytes=None)
+        result["note"] = f"no keys in Redis db {db} yet: nothing to extrapolate"
+        return result
+    data = max(0, used - startup)
+    per_key = data / keys
+    estimate, low, high = key_count_interval(keys, rate)
+    result.update(
+        bytes_per_key=per_key,
+        projected_keys=estimate,
+        projected_keys_low=low,
+        projected_keys_high=high,
+        estimate_bytes=startup + per_key * estimate,
+        low_bytes=startup + per_key * low,
+        high_bytes=startup + per_key * high,
+        note="interval covers the key-count sampling; it assumes the sampled keys' mean "
+        "size holds for all keys, and counts only keys written since shadowing began",
+    )
+    return result
+
+
+def ops_projection(window: TrafficWindow, rate: float) -> dict[str, Any]:
+    """Shadowed operations per second at 100% of keys."""
+    seconds = window.seconds
+    low_count, high_count = poisson_interval(window.shadowed)
+    per_request = window.redis_commands / window.shadowed if window.shadowed else None
+    estimate = window.shadowed / seconds / rate
+    result: dict[str, Any] = {
+        "window_seconds": seconds,
+        "shadowed_requests": window.shadowed,
+        "shadowed_per_second": window.shadowed / seconds,
+        "estimate_per_second": estimate,
+        "low_per_second": low_count / seconds / rate,
+        "high_per_second": high_count / seconds / rate,
+        "client_requests_per_second": window.client_requests / seconds,
+        "redis_commands_per_request": per_request,
+        "redis_commands_per_second_estimate": (
+            estimate * per_request if per_request is not None else None
+        ),
+        "note": "interval covers the count of sampled requests; hot keys add spread it cannot "
+        "see: compare with client_requests_per_second, which counts every key",
+    }
+    return result
+
+
+def build_report(
+    stats: ShadowStats,
+    *,
+    sample_rate: float,
+    window: TrafficWindow | None,
+    redis_info: Mapping[str, str] | None,
+    redis_error: str | None = None,
+    db: int = 0,
+    now: float,
+) -> dict[str, Any]:
+    """The whole report as JSON-ready data."""
+    capacity: dict[str, Any] = {"sample_rate": sample_rate}
+    if sample_rate <= 0:
+        capacity["note"] = "the sample rate is 0: nothing to extrapolate from"
+    else:
+        if redis_info is not None:
+            try:
+                capacity["memory"] = memory_projection(redis_info, sample_rate, db)
+            except (KeyError, ValueError) as exc:
+                capacity["memory"] = {"error": f"INFO reply lacks a usable field: {exc}"}
+        else:
+            capacity["memory"] = {"error": redis_error or "Redis INFO is not available"}
+        if window is not None and window.seconds > 0:
+            capacity["ops"] = ops_projection(window, sample_rate)
+        else:
+            capacity["ops"] = {"error": "not enough traffic history at this sample rate yet"}
+    return {
+        "generated_at": now,
+        "latency": latency_table(stats),
+        "latency_note": "seconds; both stores on the same shadowed requests since start; "
+        "quantiles interpolated within histogram buckets",
+        "capacity": capacity,
+    }
+
+
+def parse_info(reply: bytes | str) -> dict[str, str]:
+    """Redis INFO text (``field:value`` lines, ``# Section`` headers) as a dict."""
+    text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.partition(":")
+        if sep:
+            fields[name.strip()] = value.strip()
+    return fields

@@ -1,0 +1,334 @@
+"""Halt rules without sockets: each rule's window, minimum count and threshold on figures fed
+by hand, then the autopilot applying hold / step_back / stop to a real ShadowControl, and
+lifting a halt."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from proxy.audit import AuditLog
+from proxy.autopilot import Autopilot
+from proxy.config import (
+    DropRuleConfig,
+    GuardRuleConfig,
+    GuardsConfig,
+    LatencyGuardConfig,
+    MismatchRuleConfig,
+    RampConfig,
+    ShadowConfig,
+)
+from proxy.metrics import DURATION_BUCKETS, RequestStats
+from proxy.shadow.control import ShadowControl
+from proxy.shadow.guards import Action, Exposure, GuardPolicy, quantile, request_buckets
+from proxy.shadow.stats import ShadowStats
+from tests.ops.support import Clock, feed, requests
+
+T0 = 1000.0
+NO_LATENCY = LatencyGuardConfig(enabled=False)
+
+
+def guards(**rules: object) -> GuardsConfig:
+    return dataclasses.replace(GuardsConfig(latency=NO_LATENCY), **rules)  # type: ignore[arg-type]
+
+
+class Figures:
+    """ShadowStats and client request latencies fed to a GuardPolicy at chosen times."""
+
+    def __init__(self, config: GuardsConfig) -> None:
+        self.stats = ShadowStats()
+        self.requests = RequestStats()
+        self.policy = GuardPolicy(config, now=T0)
+
+    def observe(self, at: float, exposure: Exposure = Exposure.ON) -> list[str]:
+        trips = self.policy.observe(
+            at, self.stats.snapshot(), request_buckets(self.requests.snapshot()), exposure
+        )
+        return [f"{t.rule}:{t.action}" for t in trips]
+
+    def detail(self, rule: str) -> str:
+        return next(s.detail for s in self.policy.status() if s.rule == rule)
+
+
+# --- the rules ---------------------------------------------------------------------------------
+
+
+def test_mismatch_rule_waits_for_its_minimum_count() -> None:
+    figures = Figures(guards())
+    figures.observe(T0)
+    feed(figures.stats, match=949, mismatch=50)
+    assert figures.observe(T0 + 10) == []
+    assert figures.detail("mismatch") == "waiting for 1000 comparisons (999 so far)"
+    feed(figures.stats, match=1)
+    assert figures.observe(T0 + 20) == ["mismatch:hold"]
+    trip = figures.policy.observe(
+        T0 + 21, figures.stats.snapshot(), request_buckets([]), Exposure.ON
+    )[0]
+    assert trip.reason == (
+        "mismatches ratio 5.00% over the last 300s (50 of 1000 comparisons) >= 1.00%"
+    )
+
+
+def test_mismatch_rule_ignores_noise_and_figures_older_than_its_window() -> None:
+    figures = Figures(guards())
+    figures.observe(T0)
+    feed(figures.stats, match=900, mismatch=100, noise=5000)
+    figures.observe(T0 + 10)  # trips here, but look at what the window holds later:
+    feed(figures.stats, match=2000)
+    assert figures.observe(T0 + 400) == []
+    assert figures.detail("mismatch").startswith("mismatches ratio 0.00% over the last 300s")
+
+
+def test_error_rule_stops() -> None:
+    figures = Figures(guards())
+    figures.observe(T0)
+    feed(figures.stats, match=190, errors=9)
+    assert figures.observe(T0 + 5) == []  # 199 shadowed: not enough to judge
+    feed(figures.stats, errors=1)
+    assert figures.observe(T0 + 10) == ["errors:stop"]
+    assert figures.detail("errors") == (
+        "shadow errors ratio 5.00% over the last 60s (10 of 200 shadowed requests)"
+    )
+
+
+def test_drop_rule_steps_back() -> None:
+    figures = Figures(guards())
+    figures.observe(T0)
+    feed(figures.stats, match=197, dropped=2, shadowed=200)
+    assert figures.observe(T0 + 10) == ["drops:step_back"]
+
+
+def test_a_ratio_below_the_threshold_does_not_trip() -> None:
+    figures = Figures(guards())
+    figures.observe(T0)
+    feed(figures.stats, match=10_000, mismatch=99, errors=400, dropped=99, shadowed=10_499)
+    assert figures.observe(T0 + 10) == []
+
+
+def test_a_disabled_rule_never_trips() -> None:
+    off = GuardRuleConfig(enabled=False)
+    figures = Figures(guards(errors=off))
+    figures.observe(T0)
+    feed(figures.stats, errors=1000)
+    assert figures.observe(T0 + 10) == []
+    assert figures.detail("errors") == "rule disabled"
+
+
+def test_trips_come_most_severe_first() -> None:
+    figures = Figures(guards())
+    figures.observe(T0)
+    feed(figures.stats, mismatch=1000, errors=1000, dropped=1000)
+    assert figures.observe(T0 + 10) == ["errors:stop", "drops:step_back", "mismatch:hold"]
+
+
+LATENCY = LatencyGuardConfig(window=60.0, min_count=1000, threshold=2.0, min_increase=0.001)
+
+
+def latency_figures(baseline: float, shadowing: float) -> Figures:
+    figures = Figures(guards(latency=LATENCY))
+    figures.observe(T0, Exposure.OFF)
+    requests(figures.requests, 1000, baseline)
+    figures.observe(T0 + 5, Exposure.OFF)
+    requests(figures.requests, 5000, 0.5)  # while the rate changed: counts for neither side
+    figures.observe(T0 + 6, Exposure.MIXED)
+    requests(figures.requests, 1000, shadowing)
+    return figures
+
+
+def test_latency_rule_trips_on_a_doubled_p99() -> None:
+    figures = latency_figures(baseline=0.0004, shadowing=0.004)
+    assert figures.observe(T0 + 10) == ["latency:stop"]
+    assert figures.detail("latency").startswith(
+        "client p99 4.98 ms while shadowing vs 0.497 ms with the shadow off (10.00x"
+    )
+
+
+def test_latency_rule_needs_the_increase_to_matter() -> None:
+    figures = latency_figures(baseline=0.00004, shadowing=0.0004)  # 8x, but only +0.36 ms
+    assert figures.observe(T0 + 10) == []
+
+
+def test_latency_rule_does_not_trip_on_similar_latency() -> None:
+    figures = latency_figures(baseline=0.003, shadowing=0.004)
+    assert figures.observe(T0 + 10) == []
+
+
+def test_latency_rule_without_a_baseline_waits() -> None:
+    figures = Figures(guards(latency=LATENCY))
+    figures.observe(T0)
+    requests(figures.requests, 5000, 0.1)
+    assert figures.observe(T0 + 10) == []
+    assert figures.detail("latency") == (
+        "no baseline yet: 0/1000 requests measured with the shadow off"
+    )
+    assert figures.policy.baseline_progress() == (0, 1000)
+
+
+def test_quantile_interpolates_within_buckets() -> None:
+    buckets = [0] * (len(DURATION_BUCKETS) + 1)
+    buckets[DURATION_BUCKETS.index(0.001)] = 100  # all in (0.0005, 0.001]
+    assert quantile(tuple(buckets), 0.5) == pytest.approx(0.00075)
+    assert quantile(tuple(buckets), 0.99) == pytest.approx(0.000995)
+    buckets[-1] = 100  # over the largest bound
+    assert quantile(tuple(buckets), 0.99) == DURATION_BUCKETS[-1]
+    assert quantile(tuple([0] * len(buckets)), 0.5) is None
+
+
+# --- the autopilot applies them ----------------------------------------------------------------
+
+
+class Pilot:
+    def __init__(self, shadow: ShadowConfig, rate: float = 0.0) -> None:
+        self.clock = Clock(T0)
+        self.control = ShadowControl(rate)
+        self.stats = ShadowStats()
+        self.requests = RequestStats()
+        self.audit = AuditLog()
+        self.control.add_listener(self.audit.on_change)
+        self.pilot = Autopilot(
+            self.control, self.stats, self.requests, shadow, self.audit, clock=self.clock
+        )
+
+    def tick(self, seconds: float = 5.0) -> None:
+        self.clock.advance(seconds)
+        self.pilot.tick()
+
+    def trail(self) -> list[tuple[str, str, object, object]]:
+        return [(e.source, e.field, e.old, e.new) for e in self.audit.entries()]
+
+
+RAMP = RampConfig(steps=(0.01, 0.05, 0.25, 1.0), hold=10.0, mismatch_target=0.01)
+
+
+def test_stop_switches_shadowing_off_until_an_operator_clears_the_halt() -> None:
+    p = Pilot(ShadowConfig(guards=guards()), rate=0.5)
+    p.tick()
+    feed(p.stats, match=100, errors=100)
+    p.tick()
+    assert not p.control.enabled
+    halt = p.pilot.halt
+    assert halt is not None and halt.rule == "errors" and halt.action is Action.STOP
+    assert p.pilot.halts_total == {"errors": 1}
+    assert p.trail() == [
+        ("halt:errors", "enabled", True, False),
+        ("halt:errors", "halt", False, True),
+    ]
+    p.tick(120)  # figures stay bad: nothing changes, nothing is counted twice
+    assert p.pilot.halts_total == {"errors": 1}
+    assert p.pilot.clear_halt("api")
+    assert p.control.enabled and p.pilot.halt is None
+    assert p.trail()[-2:] == [("api", "halt", True, False), ("api", "enabled", False, True)]
+    p.tick()  # the old figures do not trip the rule again
+    assert p.pilot.halt is None
+    assert not p.pilot.clear_halt("api")
+
+
+def test_hold_freezes_the_ramp_and_stop_escalates_it() -> None:
+    p = Pilot(ShadowConfig(ramp=RAMP, guards=guards()))
+    assert p.control.sample_rate == 0.01
+    p.tick()
+    feed(p.stats, match=900, mismatch=100)
+    p.tick()
+    assert p.pilot.halt is not None and p.pilot.halt.action is Action.HOLD
+    assert p.control.enabled and p.control.sample_rate == 0.01
+    feed(p.stats, match=10_000)
+    p.tick(600)
+    assert p.control.sample_rate == 0.01  # good evidence, but halted: no promotion
+    assert p.pilot.ramp.reason.startswith("halted:")
+    feed(p.stats, errors=2000)  # the 60s window also holds the 10000 good ones
+    p.tick()
+    assert p.pilot.halt is not None and p.pilot.halt.rule == "errors"
+    assert not p.control.enabled
+    assert p.pilot.halts_total == {"mismatch": 1, "errors": 1}
+
+
+def test_step_back_goes_down_one_ramp_step() -> None:
+    p = Pilot(ShadowConfig(ramp=RAMP, guards=guards()), rate=0.25)
+    assert p.control.sample_rate == 0.25
+    p.tick()
+    feed(p.stats, match=300, dropped=30, shadowed=300)
+    p.tick()
+    assert p.control.sample_rate == 0.05
+    assert p.trail()[-2:] == [
+        ("halt:drops", "sample_rate", 0.25, 0.05),
+        ("halt:drops", "halt", False, True),
+    ]
+    assert p.pilot.ramp_step == 2
+
+
+def test_step_back_without_a_ramp_holds() -> None:
+    p = Pilot(ShadowConfig(guards=guards()), rate=0.3)
+    p.tick()
+    feed(p.stats, match=300, dropped=30, shadowed=300)
+    p.tick()
+    assert p.control.sample_rate == 0.3
+    assert p.pilot.halt is not None
+    assert p.pilot.halt.reason.endswith("; no lower ramp step, so holding")
+
+
+def test_the_ramp_promotes_through_the_autopilot() -> None:
+    config = dataclasses.replace(RAMP, min_comparisons=1)
+    p = Pilot(ShadowConfig(ramp=config, guards=guards()))
+    p.tick()
+    feed(p.stats, match=500)
+    p.tick(20)
+    assert p.control.sample_rate == 0.05
+    assert p.trail()[-1] == ("ramp", "sample_rate", 0.01, 0.05)
+    assert p.pilot.ramp_step == 2
+
+
+def test_an_operator_rate_change_pauses_the_ramp() -> None:
+    p = Pilot(ShadowConfig(ramp=RAMP, guards=guards()))
+    p.control.set_rate(0.3, "api")
+    assert p.pilot.ramp.paused
+    assert p.pilot.ramp.reason == "paused: sample_rate set to 0.3 by api"
+    assert p.trail()[-1] == ("api", "ramp", "running", "paused")
+    assert p.pilot.resume_ramp("api")
+    assert p.control.sample_rate == 0.25
+
+
+def test_the_ramp_measures_a_latency_baseline_first() -> None:
+    latency = LatencyGuardConfig(min_count=100)
+    p = Pilot(ShadowConfig(ramp=RAMP, guards=guards(latency=latency)), rate=0.01)
+    assert p.control.sample_rate == 0.0  # shadow off while the baseline is measured
+    p.tick()
+    requests(p.requests, 60, 0.0002)
+    p.tick()
+    assert p.pilot.ramp.reason.endswith("(60/100 requests)")
+    requests(p.requests, 40, 0.0002)
+    p.tick()
+    assert p.control.sample_rate == 0.01
+    assert p.pilot.ramp.reason.startswith("baseline measured (100 requests)")
+
+
+def test_latency_halt_through_the_autopilot() -> None:
+    latency = LatencyGuardConfig(min_count=100)
+    p = Pilot(ShadowConfig(ramp=RAMP, guards=guards(latency=latency)))
+    p.tick()
+    requests(p.requests, 100, 0.0002)
+    p.tick()  # baseline done; the ramp starts shadowing at this tick
+    p.tick()  # this interval was MIXED (the rate changed): ignored
+    requests(p.requests, 100, 0.02)
+    p.tick()
+    assert p.pilot.halt is not None and p.pilot.halt.rule == "latency"
+    assert not p.control.enabled
+
+
+def test_reconfigure_keeps_the_windows_and_restarts_a_changed_ramp() -> None:
+    p = Pilot(ShadowConfig(guards=guards()), rate=0.3)
+    p.tick()
+    feed(p.stats, match=100, errors=10)
+    p.tick()
+    assert p.pilot.halt is None  # 110 shadowed < 200
+    strict = GuardRuleConfig(min_count=100)
+    p.pilot.reconfigure(ShadowConfig(ramp=RAMP, guards=guards(errors=strict)))
+    assert p.control.sample_rate == 0.25  # the new ramp starts at the step below 0.3
+    p.tick()
+    assert p.pilot.halt is not None and p.pilot.halt.rule == "errors"
+
+
+def test_rule_configs_have_their_own_defaults() -> None:
+    assert MismatchRuleConfig().action == "hold" and MismatchRuleConfig().window == 300
+    assert DropRuleConfig().action == "step_back" and DropRuleConfig().threshold == 0.01
+    assert GuardRuleConfig().action == "stop"
