@@ -56,15 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error already printed
         return exc.code if isinstance(exc.code, int) else EXIT_CONFIG_ERROR
+    load = config_loader(args)
     try:
-        config = apply_overrides(
-            load_config(args.config),
-            listen=args.listen,
-            memcached=args.memcached,
-            redis=args.redis,
-            sample_rate=args.sample_rate,
-            admin=args.admin,
-        )
+        config = load()
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_CONFIG_ERROR
@@ -72,13 +66,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config OK: {config.source}")
         return EXIT_OK
     configure_logging(config.log)
-    return run(config)
+    return run(config, load)
 
 
-def run(config: Config) -> int:
-    """Serve until a signal; the return value is the process exit code."""
+def config_loader(args: argparse.Namespace) -> Callable[[], Config]:
+    """Reads the config file with the command line's flags over it, at start and on every
+    reload (so a flag keeps winning over the file)."""
+
+    def load() -> Config:
+        return apply_overrides(
+            load_config(args.config),
+            listen=args.listen,
+            memcached=args.memcached,
+            redis=args.redis,
+            sample_rate=args.sample_rate,
+            admin=args.admin,
+        )
+
+    return load
+
+
+def run(config: Config, load: Callable[[], Config] | None = None) -> int:
+    """Serve until a signal; the return value is the process exit code. ``load`` re-reads
+    the configuration for hot reloads."""
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        return runner.run(serve(config))
+        return runner.run(serve(config, load))
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -89,8 +101,9 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-async def serve(config: Config) -> int:
+async def serve(config: Config, load: Callable[[], Config] | None = None) -> int:
     # Imported here so that config checking and --version work without the data path.
+    from proxy.ops import install_ops
     from proxy.server import ProxyServer
 
     loop = asyncio.get_running_loop()
@@ -103,6 +116,8 @@ async def serve(config: Config) -> int:
         not_ready_reason=lambda: health.reason,
     )
     server = ProxyServer(config, metrics, health)
+    # Runtime control API, console, audit, ramp and halt rules, hot reload.
+    ops = install_ops(config, admin, metrics, load=load, configure_logging=configure_logging)
 
     stop_requested = asyncio.Event()
     force = asyncio.Event()
@@ -138,6 +153,8 @@ async def serve(config: Config) -> int:
         cleanup.push_async_callback(admin.stop)
         await health.start()
         cleanup.push_async_callback(health.stop)
+        await ops.start()
+        cleanup.push_async_callback(ops.stop)
         log.info(
             "memshadow %s listening on %s, memcached %s, admin http://%s, %s (config: %s)",
             __version__,

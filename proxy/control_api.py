@@ -1,0 +1,273 @@
+"""The runtime control API on the admin port: live shadow state and changes (PUT /api/shadow),
+the audit trail, the config and its reloads, the what-if report, and the console page.
+
+Reads are open; changes need ``Authorization: Bearer <token>`` when a token is configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import math
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from importlib import resources
+from typing import Any
+
+from proxy.admin import AdminServer, HTTPError, Request, Response
+from proxy.audit import AuditLog
+from proxy.autopilot import Autopilot
+from proxy.config import option_paths
+from proxy.reload import ConfigReloader, show_value
+from proxy.shadow.control import ShadowControl
+from proxy.shadow.report import build_report
+from proxy.shadow.stats import ShadowStats
+
+RedisInfo = Callable[[], Awaitable[Mapping[str, str]]]
+"""Fetches Redis INFO (at least the memory and keyspace sections) as field -> value."""
+
+REDIS_INFO_TIMEOUT = 2.0
+MAX_AUDIT_LIMIT = 1000
+SHADOW_FIELDS = ("sample_rate", "enabled", "ramp", "halt")
+RAMP_COMMANDS = ("pause", "resume")
+HTML_CONTENT_TYPE = "text/html; charset=utf-8"
+# The console is one page with inline script and style that talks only to this server.
+CONSOLE_HEADERS = (
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+        "connect-src 'self'; img-src data:; base-uri 'none'; frame-ancestors 'none'",
+    ),
+    ("Cache-Control", "no-store"),
+    ("X-Content-Type-Options", "nosniff"),
+)
+_REALM = 'Bearer realm="memshadow"'
+
+
+def load_console() -> bytes:
+    return (resources.files("proxy") / "admin_static" / "console.html").read_bytes()
+
+
+def _unauthorized(message: str, error: str = "") -> HTTPError:
+    challenge = f'{_REALM}, error="{error}"' if error else _REALM
+    return HTTPError(401, message, headers=(("WWW-Authenticate", challenge),))
+
+
+def _show(value: Any) -> str:
+    """A value as the JSON the client sent, for error messages."""
+    return json.dumps(value)
+
+
+class ControlAPI:
+    """Route handlers over the live objects; install() adds them to an AdminServer."""
+
+    def __init__(
+        self,
+        *,
+        control: ShadowControl,
+        stats: ShadowStats,
+        autopilot: Autopilot,
+        audit: AuditLog,
+        reloader: ConfigReloader,
+        token: Callable[[], str | None],
+        redis_info: RedisInfo | None = None,
+        clock: Callable[[], float] = time.time,
+        shadow_running: bool = True,
+    ) -> None:
+        self.control = control
+        self.stats = stats
+        self.autopilot = autopilot
+        self.audit = audit
+        self.reloader = reloader
+        self.token = token
+        self.redis_info = redis_info
+        self.clock = clock
+        # False when no shadow runs (no Redis configured): the settings are kept and shown,
+        # but nothing is sampled.
+        self.shadow_running = shadow_running
+        self._console = load_console()
+
+    def install(self, admin: AdminServer) -> None:
+        admin.add_route("GET", "/", self.console)
+        admin.add_route("GET", "/api/shadow", self.get_shadow)
+        admin.add_route("PUT", "/api/shadow", self.put_shadow)
+        admin.add_route("GET", "/api/shadow/config", self.get_config)
+        admin.add_route("POST", "/api/reload", self.post_reload)
+        admin.add_route("GET", "/api/audit", self.get_audit)
+        admin.add_route("GET", "/api/report", self.get_report)
+
+    # --- auth -----------------------------------------------------------------------------
+
+    def authorize(self, request: Request) -> None:
+        """Raise 401 unless the request carries the configured token (or none is set)."""
+        token = self.token()
+        if token is None:
+            return
+        header = request.headers.get("authorization")
+        if header is None:
+            raise _unauthorized(
+                "this change needs the admin token: send 'Authorization: Bearer <token>'"
+            )
+        scheme, _, given = header.strip().partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise _unauthorized(
+                "the Authorization header must be 'Bearer <token>'", "invalid_request"
+            )
+        if not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise _unauthorized("wrong admin token", "invalid_token")
+
+    # --- routes ---------------------------------------------------------------------------
+
+    async def console(self, request: Request) -> Response:
+        return Response(200, self._console, HTML_CONTENT_TYPE, CONSOLE_HEADERS)
+
+    async def get_shadow(self, request: Request) -> Response:
+        return Response.json(self.state())
+
+    def state(self) -> dict[str, Any]:
+        config = self.reloader.current
+        pilot = self.autopilot.status()
+        return {
+            "now": self.clock(),
+            "enabled": self.control.enabled,
+            "sample_rate": self.control.sample_rate,
+            "active": self.control.active and self.shadow_running,
+            "shadow_running": self.shadow_running,
+            "redis": str(config.shadow.redis) if config.shadow.redis is not None else None,
+            "ramp": pilot["ramp"],
+            "halt": pilot["halt"],
+            "guards": pilot["guards"],
+            "halts_total": pilot["halts_total"],
+            "figures": self.autopilot.figures(),
+            "config_source": config.source,
+            "token_required": self.token() is not None,
+        }
+
+    async def put_shadow(self, request: Request) -> Response:
+        self.authorize(request)
+        body = request.json()
+        if not isinstance(body, dict) or not body:
+            raise HTTPError(
+                400,
+                "the body must be a JSON object with one or more of: " + ", ".join(SHADOW_FIELDS),
+            )
+        unknown = [name for name in body if name not in SHADOW_FIELDS]
+        if unknown:
+            raise HTTPError(
+                400, f"unknown field {unknown[0]!r}; expected one of: {', '.join(SHADOW_FIELDS)}"
+            )
+        # Everything is checked before anything changes: a request applies whole or not at all.
+        rate = body.get("sample_rate")
+        if "sample_rate" in body and (
+            isinstance(rate, bool)
+            or not isinstance(rate, int | float)
+            or not math.isfinite(rate)
+            or not 0.0 <= rate <= 1.0
+        ):
+            raise HTTPError(400, f"sample_rate must be a number from 0 to 1, got {_show(rate)}")
+        enabled = body.get("enabled")
+        if "enabled" in body and not isinstance(enabled, bool):
+            raise HTTPError(400, f"enabled must be true or false, got {_show(enabled)}")
+        ramp = body.get("ramp")
+        if "ramp" in body:
+            if ramp not in RAMP_COMMANDS:
+                raise HTTPError(400, f'ramp must be "pause" or "resume", got {_show(ramp)}')
+            if not self.autopilot.ramp.configured:
+                raise HTTPError(409, "no ramp is configured (shadow.ramp.steps is empty)")
+        halt = body.get("halt")
+        if "halt" in body and halt != "clear":
+            raise HTTPError(400, f'halt accepts only "clear", got {_show(halt)}')
+
+        before = self._last_seq()
+        if halt == "clear":
+            self.autopilot.clear_halt("api")
+        if isinstance(enabled, bool):
+            self.control.set_enabled(enabled, "api")
+        if rate is not None:
+            self.control.set_rate(float(rate), "api")
+        if ramp == "pause":
+            self.autopilot.pause_ramp("api")
+        elif ramp == "resume":
+            self.autopilot.resume_ramp("api")
+        changes = [entry.as_json() for entry in self.audit.entries(since=before)]
+        return Response.json({"changes": changes, **self.state()})
+
+    async def get_config(self, request: Request) -> Response:
+        reloader = self.reloader
+        current = reloader.current
+        last = reloader.last_result
+        return Response.json(
+            {
+                "source": current.source,
+                "watching": reloader.path,
+                "last_reload": last.as_json() if last is not None else None,
+                "last_reload_successful": reloader.last_success,
+                "last_reload_success_at": reloader.last_success_at,
+                "restart_required": [
+                    {
+                        "option": option,
+                        "running": show_value(reloader.started, option),
+                        "file": show_value(current, option),
+                    }
+                    for option in reloader.restart_required()
+                ],
+                "options": {option: show_value(current, option) for option in option_paths()},
+            }
+        )
+
+    async def post_reload(self, request: Request) -> Response:
+        self.authorize(request)
+        result = self.reloader.reload("api")
+        return Response.json(result.as_json(), status=200 if result.ok else 422)
+
+    async def get_audit(self, request: Request) -> Response:
+        limit = self._int_param(request, "limit", 100, 1, MAX_AUDIT_LIMIT)
+        since = self._int_param(request, "since", 0, 0, None)
+        entries = self.audit.entries(since=since, limit=limit)
+        return Response.json({"entries": [entry.as_json() for entry in entries]})
+
+    async def get_report(self, request: Request) -> Response:
+        info: Mapping[str, str] | None = None
+        error: str | None = None
+        if self.redis_info is None:
+            error = "no Redis is configured (shadow.redis)"
+        else:
+            try:
+                async with asyncio.timeout(REDIS_INFO_TIMEOUT):
+                    info = await self.redis_info()
+            except TimeoutError:
+                error = f"Redis did not answer INFO within {REDIS_INFO_TIMEOUT:g}s"
+            except Exception as exc:  # any failure to reach Redis is reported, not raised
+                error = f"cannot read Redis INFO: {exc}"
+        redis = self.reloader.current.shadow.redis
+        report = build_report(
+            self.stats,
+            sample_rate=self.control.sample_rate if self.control.enabled else 0.0,
+            window=self.autopilot.traffic_window(),
+            redis_info=info,
+            redis_error=error,
+            db=redis.db if redis is not None else 0,
+            now=self.clock(),
+        )
+        return Response.json(report)
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _last_seq(self) -> int:
+        entries = self.audit.entries(limit=1)
+        return entries[-1].seq if entries else 0
+
+    @staticmethod
+    def _int_param(
+        request: Request, name: str, default: int, low: int, high: int | None
+    ) -> int:
+        values = request.query.get(name)
+        if not values:
+            return default
+        raw = values[-1]
+        value = int(raw) if raw.isascii() and raw.isdigit() else -1
+        if value < low or (high is not None and value > high):
+            wanted = f"from {low} to {high}" if high is not None else f"of at least {low}"
+            raise HTTPError(400, f"{name} must be a whole number {wanted}, got {raw!r}")
+        return value

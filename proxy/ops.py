@@ -1,0 +1,217 @@
+"""Wiring of the operator-facing pieces for cli.serve: the audit trail, the autopilot (ramp
+and halt rules), config hot reload, the control API and console, and their metrics."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from proxy.admin import AdminServer
+from proxy.audit import AuditLog
+from proxy.autopilot import Autopilot
+from proxy.config import Config, LogConfig, load_config
+from proxy.control_api import ControlAPI, RedisInfo
+from proxy.metrics import ProxyMetrics
+from proxy.reload import WATCH_INTERVAL, ConfigReloader
+from proxy.shadow.control import ShadowControl
+from proxy.shadow.report import parse_info
+from proxy.shadow.stats import ShadowStats
+
+log = logging.getLogger("memshadow.ops")
+
+ADMIN_TOKEN_ENV = "MEMSHADOW_ADMIN_TOKEN"
+
+
+class OpsCollector(Collector):
+    """Exports the halt, ramp and reload state at scrape time."""
+
+    def __init__(self, autopilot: Autopilot, reloader: ConfigReloader) -> None:
+        self._autopilot = autopilot
+        self._reloader = reloader
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def _families(self) -> list[Metric]:
+        return [
+            GaugeMetricFamily(
+                "memshadow_shadow_halted",
+                "1 while a guard rule has halted the shadow (until an operator or a config "
+                "reload clears it), else 0.",
+            ),
+            CounterMetricFamily(
+                "memshadow_shadow_halts",
+                "Halts by the rule that caused them (mismatch, errors, drops, latency).",
+                labels=["reason"],
+            ),
+            GaugeMetricFamily(
+                "memshadow_shadow_ramp_step",
+                "The ramp step the shadow is on, 1-based; 0 without a ramp or before its "
+                "first step.",
+            ),
+            GaugeMetricFamily(
+                "memshadow_config_last_reload_successful",
+                "1 if the last config load (at start or a reload) succeeded, else 0.",
+            ),
+            GaugeMetricFamily(
+                "memshadow_config_last_reload_success_timestamp_seconds",
+                "Unix time of the last successful config load.",
+            ),
+        ]
+
+    def collect(self) -> Iterable[Metric]:
+        halted, halts, step, successful, success_at = self._families()
+        pilot = self._autopilot
+        assert isinstance(halted, GaugeMetricFamily)
+        assert isinstance(halts, CounterMetricFamily)
+        assert isinstance(step, GaugeMetricFamily)
+        assert isinstance(successful, GaugeMetricFamily)
+        assert isinstance(success_at, GaugeMetricFamily)
+        halted.add_metric([], 1 if pilot.halt is not None else 0)
+        for rule, count in sorted(pilot.halts_total.items()):
+            halts.add_metric([rule], count)
+        step.add_metric([], pilot.ramp_step)
+        successful.add_metric([], 1 if self._reloader.last_success else 0)
+        success_at.add_metric([], self._reloader.last_success_at)
+        return [halted, halts, step, successful, success_at]
+
+
+def redis_info_from(execute: Callable[..., Awaitable[Any]]) -> RedisInfo:
+    """A RedisInfo over a client's ``execute(*args)`` (e.g. RedisConnection.execute)."""
+
+    async def info() -> Mapping[str, str]:
+        fields: dict[str, str] = {}
+        for section in ("memory", "keyspace"):
+            fields.update(parse_info(await execute("INFO", section)))
+        return fields
+
+    return info
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Operations:
+    """Everything an operator drives at runtime, wired to one ShadowControl and ShadowStats.
+
+    Construct it before the admin server starts (it adds routes), then start() it.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        admin: AdminServer,
+        control: ShadowControl,
+        stats: ShadowStats,
+        metrics: ProxyMetrics,
+        load: Callable[[], Config] | None = None,
+        redis_info: RedisInfo | None = None,
+        configure_logging: Callable[[LogConfig], None] | None = None,
+        environ: Mapping[str, str] = os.environ,
+        clock: Callable[[], float] = time.time,
+        watch_interval: float = WATCH_INTERVAL,
+        handle_sighup: bool = True,
+        shadow_running: bool = True,
+    ) -> None:
+        self.control = control
+        self.configure_logging = configure_logging
+        self.handle_sighup = handle_sighup
+        self._env_token = environ.get(ADMIN_TOKEN_ENV) or None
+        self.audit = AuditLog()
+        # First listener, so that even the ramp's first move below is audited.
+        control.add_listener(self.audit.on_change)
+        self.autopilot = Autopilot(
+            control, stats, metrics.requests, config.shadow, self.audit, clock=clock
+        )
+        self.reloader = ConfigReloader(
+            config,
+            load=load if load is not None else lambda: load_config(config.source),
+            apply=self._apply,
+            watch_interval=watch_interval,
+            clock=clock,
+        )
+        self.api = ControlAPI(
+            control=control,
+            stats=stats,
+            autopilot=self.autopilot,
+            audit=self.audit,
+            reloader=self.reloader,
+            token=self.token,
+            redis_info=redis_info,
+            clock=clock,
+            shadow_running=shadow_running,
+        )
+        self.api.install(admin)
+        metrics.registry.register(OpsCollector(self.autopilot, self.reloader))
+        listen = config.admin.listen
+        if self.token() is None and not _is_loopback(listen.host):
+            log.warning(
+                "the admin port %s is not loopback and no admin token is set: anyone who "
+                "reaches it can change the shadow (set admin.token or %s)",
+                listen,
+                ADMIN_TOKEN_ENV,
+            )
+
+    def token(self) -> str | None:
+        """The bearer token API changes need: the environment's, else the config's."""
+        return self._env_token or self.reloader.current.admin.token
+
+    async def start(self) -> None:
+        await self.autopilot.start()
+        await self.reloader.start(handle_sighup=self.handle_sighup)
+
+    async def stop(self) -> None:
+        await self.reloader.stop()
+        await self.autopilot.stop()
+
+    def _apply(self, old: Config, new: Config, applied: list[str]) -> None:
+        """Make the running proxy follow a reloaded config. A reload also lifts a halt: it
+        is an operator's deliberate act, like clearing the halt through the API."""
+        if "shadow.sample_rate" in applied:
+            self.control.set_rate(
+                new.shadow.sample_rate, "reload", f"shadow.sample_rate in {new.source}"
+            )
+        self.autopilot.reconfigure(new.shadow)
+        if self.configure_logging is not None and any(p.startswith("log.") for p in applied):
+            self.configure_logging(new.log)
+        self.autopilot.clear_halt("reload", "config reloaded")
+
+
+def install_ops(
+    config: Config,
+    admin: AdminServer,
+    metrics: ProxyMetrics,
+    *,
+    control: ShadowControl | None = None,
+    stats: ShadowStats | None = None,
+    redis_execute: Callable[..., Awaitable[Any]] | None = None,
+    load: Callable[[], Config] | None = None,
+    configure_logging: Callable[[LogConfig], None] | None = None,
+) -> Operations:
+    """cli.serve's one call: the operator pieces over the shadow's control and stats (or
+    inert ones when no shadow runs, so the API and console still answer)."""
+    return Operations(
+        config,
+        admin=admin,
+        control=control if control is not None else ShadowControl(config.shadow.sample_rate),
+        stats=stats if stats is not None else ShadowStats(),
+        metrics=metrics,
+        load=load,
+        redis_info=redis_info_from(redis_execute) if redis_execute is not None else None,
+        configure_logging=configure_logging,
+        shadow_running=control is not None,
+    )
