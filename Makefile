@@ -9,7 +9,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_PACKAGES := memcached redis-server
-TEST_PACKAGES := memcached redis-server libmemcached-tools nutcracker
+# chromium + chromium-driver: the console's end-to-end test; prometheus: promtool for the
+# alert rules.
+TEST_PACKAGES := memcached redis-server libmemcached-tools nutcracker chromium chromium-driver \
+	prometheus
 LINT_PATHS := proxy tests $(wildcard bench)
 
 .PHONY: run test lint typecheck bench clean venv
