@@ -16,7 +16,7 @@ from prometheus_client.registry import Collector
 from proxy.admin import AdminServer
 from proxy.audit import AuditLog
 from proxy.autopilot import Autopilot
-from proxy.config import Config, LogConfig, load_config
+from proxy.config import DEFAULTS_SOURCE, Config, LogConfig, load_config
 from proxy.control_api import ControlAPI, RedisInfo
 from proxy.metrics import ProxyMetrics
 from proxy.reload import WATCH_INTERVAL, ConfigReloader
@@ -95,6 +95,11 @@ def redis_info_from(execute: Callable[..., Awaitable[Any]]) -> RedisInfo:
     return info
 
 
+def _reread(config: Config) -> Config:
+    """The file ``config`` came from, read again (the built-in defaults stay the defaults)."""
+    return load_config(None if config.source == DEFAULTS_SOURCE else config.source)
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -139,7 +144,7 @@ class Operations:
         )
         self.reloader = ConfigReloader(
             config,
-            load=load if load is not None else lambda: load_config(config.source),
+            load=load if load is not None else lambda: _reread(config),
             apply=self._apply,
             watch_interval=watch_interval,
             clock=clock,

@@ -333,3 +333,38 @@ def test_sighup_reloads_a_running_memshadow(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_without_a_loader_the_same_file_is_read_again(tmp_path: Path) -> None:
+    path = tmp_path / "memshadow.yaml"
+    write(path)
+    metrics = ProxyMetrics()
+    admin = AdminServer(HostPort("127.0.0.1", 0), metrics, ready=lambda: True)
+    control = ShadowControl(0.1)
+    ops = Operations(
+        load_config(str(path)),
+        admin=admin,
+        control=control,
+        stats=ShadowStats(),
+        metrics=metrics,
+        environ={},
+    )
+    write(path, rate=0.8)
+    assert ops.reloader.reload("test").ok and control.sample_rate == 0.8
+
+
+def test_defaults_reload_as_defaults() -> None:
+    from proxy.config import Config
+
+    metrics = ProxyMetrics()
+    admin = AdminServer(HostPort("127.0.0.1", 0), metrics, ready=lambda: True)
+    ops = Operations(
+        Config(),
+        admin=admin,
+        control=ShadowControl(0.0),
+        stats=ShadowStats(),
+        metrics=metrics,
+        environ={},
+    )
+    result = ops.reloader.reload("SIGHUP")
+    assert result.ok and result.applied == () and ops.reloader.path is None
