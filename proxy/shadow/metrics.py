@@ -1,0 +1,208 @@
+"""The shadow's Prometheus metrics, read from ShadowStats and ShadowControl at scrape time.
+
+The shadow path only bumps plain counters in ShadowStats; this collector turns them into the
+memshadow_shadow_* families when /metrics is scraped, so no request pays for prometheus_client.
+Series that alerts divide by exist from the start at 0 (see ShadowCollector), so the first
+increment is never lost to rate().
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Final, NamedTuple
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from proxy.metrics import DURATION_BUCKETS
+from proxy.shadow.control import ShadowControl
+from proxy.shadow.stats import LatencyHistogram, ShadowStats
+
+OUTCOMES: Final = ("match", "mismatch", "noise")
+"""Outcomes every shadowed command exports, at 0 until they happen."""
+DROP_REASONS: Final = ("queue_full", "timeout", "redis_down", "redis_busy")
+"""Drop reasons exported at 0 from the start (the dispatcher's)."""
+ERROR_KINDS: Final = (
+    "redis_timeout",
+    "redis_unavailable",
+    "redis_busy",
+    "redis_reply",
+    "shadow_oom",
+    "redis_other",
+    "memcached_reader",
+    "internal",
+)
+"""Error kinds exported at 0 from the start (the dispatcher's)."""
+
+# Bucket labels spelled as prometheus_client's own Histogram spells them ("5e-05").
+_go_float: Callable[[float], str] = floatToGoString  # untyped upstream
+_BUCKET_LABELS: Final = (*(_go_float(b) for b in DURATION_BUCKETS), "+Inf")
+
+
+def _buckets(histogram: LatencyHistogram) -> list[tuple[str, float]]:
+    """Cumulative (le, count) pairs ending with +Inf, from LatencyHistogram's plain counts."""
+    cumulative: list[tuple[str, float]] = []
+    running = 0
+    for label, count in zip(_BUCKET_LABELS, histogram.buckets, strict=True):
+        running += count
+        cumulative.append((label, running))
+    return cumulative
+
+
+class ShadowCollector(Collector):
+    """Exports ShadowStats and the live sample rate as the memshadow_shadow_* families.
+
+    Pre-seeded at 0 so dashboards and alerts never see a missing series:
+    comparisons_total for each outcome of every command that has been shadowed,
+    dropped_total for `dropped_reasons`, errors_total for `error_kinds`, skipped_total for
+    `skipped_reasons` (none by default). Mismatch kinds and noise reasons appear with their
+    first count. Unlabelled metrics are always exported.
+    """
+
+    def __init__(
+        self,
+        stats: ShadowStats,
+        control: ShadowControl,
+        *,
+        dropped_reasons: Iterable[str] = DROP_REASONS,
+        error_kinds: Iterable[str] = ERROR_KINDS,
+        skipped_reasons: Iterable[str] = (),
+    ) -> None:
+        self._stats = stats
+        self._control = control
+        self._dropped_reasons = tuple(dropped_reasons)
+        self._error_kinds = tuple(error_kinds)
+        self._skipped_reasons = tuple(skipped_reasons)
+
+    def describe(self) -> Iterable[Metric]:
+        # Lets the registry refuse a second collector exporting the same names.
+        return _Families.new()
+
+    def collect(self) -> Iterable[Metric]:
+        stats = self._stats
+        control = self._control
+        families = _Families.new()
+
+        families.rate.add_metric([], control.sample_rate if control.active else 0.0)
+        for command in sorted(stats.shadowed):
+            families.requests.add_metric([command], stats.shadowed[command])
+        seen = set(stats.shadowed)
+        seen.update(command for command, _ in stats.comparisons)
+        counts = dict.fromkeys(((c, o) for c in seen for o in OUTCOMES), 0)
+        counts.update(stats.comparisons)
+        for (command, outcome), n in sorted(counts.items()):
+            families.comparisons.add_metric([command, outcome], n)
+        for (command, kind), n in sorted(stats.mismatches.items()):
+            families.mismatches.add_metric([command, kind], n)
+        for (command, reason), n in sorted(stats.noise.items()):
+            families.noise.add_metric([command, reason], n)
+        for family, counter, seeds in (
+            (families.skipped, stats.skipped, self._skipped_reasons),
+            (families.dropped, stats.dropped, self._dropped_reasons),
+            (families.errors, stats.errors, self._error_kinds),
+        ):
+            values = dict.fromkeys(seeds, 0) | dict(counter)
+            for label, n in sorted(values.items()):
+                family.add_metric([label], n)
+        for command in sorted(stats.shadow_duration):
+            histogram = stats.shadow_duration[command]
+            families.duration.add_metric([command], _buckets(histogram), histogram.total)
+        families.lag.add_metric([], _buckets(stats.lag), stats.lag.total)
+        families.queue_depth.add_metric([], stats.queue_depth)
+        families.redis_commands.add_metric([], stats.redis_commands)
+        return families
+
+
+class _Families(NamedTuple):
+    """One scrape's metric families, in exposition order."""
+
+    rate: GaugeMetricFamily
+    requests: CounterMetricFamily
+    comparisons: CounterMetricFamily
+    mismatches: CounterMetricFamily
+    noise: CounterMetricFamily
+    skipped: CounterMetricFamily
+    dropped: CounterMetricFamily
+    errors: CounterMetricFamily
+    duration: HistogramMetricFamily
+    lag: HistogramMetricFamily
+    queue_depth: GaugeMetricFamily
+    redis_commands: CounterMetricFamily
+
+    @classmethod
+    def new(cls) -> _Families:
+        return cls(
+            GaugeMetricFamily(
+                "memshadow_shadow_sample_rate",
+                "Fraction of keys shadowed now (0 while the shadow is disabled or halted).",
+            ),
+            CounterMetricFamily(
+                "memshadow_shadow_requests",
+                "Sampled requests the shadow took up for replay, by command.",
+                labels=["command"],
+            ),
+            CounterMetricFamily(
+                "memshadow_shadow_comparisons",
+                "Per-key verdicts, by command and outcome (match, mismatch, noise).",
+                labels=["command", "outcome"],
+            ),
+            CounterMetricFamily(
+                "memshadow_shadow_mismatches",
+                "Mismatches, by command and kind (value, flags, missing_in_redis, "
+                "unexpected_in_redis, status, error).",
+                labels=["command", "kind"],
+            ),
+            CounterMetricFamily(
+                "memshadow_shadow_noise",
+                "Differences classified as expected noise, by command and reason.",
+                labels=["command", "reason"],
+            ),
+            CounterMetricFamily(
+                "memshadow_shadow_skipped",
+                "Sampled requests not replayed on Redis, by reason.",
+                labels=["reason"],
+            ),
+            CounterMetricFamily(
+                "memshadow_shadow_dropped",
+                "Shadow work dropped to protect clients, by reason.",
+                labels=["reason"],
+            ),
+            CounterMetricFamily(
+                "memshadow_shadow_errors",
+                "Failures of the shadow path (Redis, the Memcached re-reader, internal), by kind.",
+                labels=["kind"],
+            ),
+            HistogramMetricFamily(
+                "memshadow_shadow_duration_seconds",
+                "Time to replay one shadowed key on Redis, by command.",
+                labels=["command"],
+            ),
+            HistogramMetricFamily(
+                "memshadow_shadow_lag_seconds",
+                "Time from Memcached's reply to the shadow's verdict.",
+            ),
+            GaugeMetricFamily(
+                "memshadow_shadow_queue_depth",
+                "Requests waiting in the shadow's queue.",
+            ),
+            CounterMetricFamily(
+                "memshadow_shadow_redis_commands",
+                "Redis commands sent for shadowed requests.",
+            ),
+        )
+
+
+def install_shadow_metrics(
+    registry: CollectorRegistry, stats: ShadowStats, control: ShadowControl
+) -> ShadowCollector:
+    """Register the shadow's collector on `registry` (ProxyMetrics.registry) and return it."""
+    collector = ShadowCollector(stats, control)
+    registry.register(collector)
+    return collector
