@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from proxy import __version__
 from proxy.admin import AdminServer
@@ -115,9 +116,28 @@ async def serve(config: Config, load: Callable[[], Config] | None = None) -> int
         ready=lambda: health.ready,
         not_ready_reason=lambda: health.reason,
     )
-    server = ProxyServer(config, metrics, health)
+    shadow = None
+    hooks: dict[str, Any] = {}
+    if config.shadow.redis is not None:
+        # Built whenever Redis is configured, even at rate 0, so the rate can be raised live.
+        from proxy.shadow.examples import mismatches_route
+        from proxy.shadow.service import Shadow
+
+        shadow = Shadow(config, metrics)
+        hooks = {"capture": shadow.capture, "observer": shadow.observe}
+        admin.add_route("GET", "/api/mismatches", mismatches_route(shadow.examples))
+    server = ProxyServer(config, metrics, health, **hooks)
     # Runtime control API, console, audit, ramp and halt rules, hot reload.
-    ops = install_ops(config, admin, metrics, load=load, configure_logging=configure_logging)
+    ops = install_ops(
+        config,
+        admin,
+        metrics,
+        control=shadow.control if shadow is not None else None,
+        stats=shadow.stats if shadow is not None else None,
+        redis_execute=shadow.store.pool.connection_for(b"").execute if shadow else None,
+        load=load,
+        configure_logging=configure_logging,
+    )
 
     stop_requested = asyncio.Event()
     force = asyncio.Event()
@@ -139,6 +159,9 @@ async def serve(config: Config, load: Callable[[], Config] | None = None) -> int
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal, signum)
             cleanup.callback(loop.remove_signal_handler, signum)
+        if shadow is not None:
+            await shadow.start()
+            cleanup.push_async_callback(shadow.stop)
         try:
             await server.start()
         except OSError as exc:

@@ -120,9 +120,11 @@ class ShadowDispatcher:
     def observe(self, requests: list[Request], session: int) -> None:
         now = time.perf_counter()
         queue = self._queue
+        shadowed = self.stats.shadowed
         for request in requests:
             if not request.capture:
                 continue
+            shadowed[request.command] += 1  # dropped ones included: drops/requests <= 1
             if len(queue) >= self.settings.queue_size or self._stopping:
                 self._drop("queue_full", request.keys)
                 continue
@@ -187,7 +189,6 @@ class ShadowDispatcher:
                 return
 
     def _dispatch(self, request: Request, replied_at: float, session: int) -> None:
-        self.stats.shadowed[request.command] += 1
         if request.started:
             self.stats.histogram(self.stats.memcached_latency, request.command).observe(
                 replied_at - request.started
@@ -500,14 +501,14 @@ class ShadowDispatcher:
     ) -> None:
         if self.examples is None:
             return
-        self.examples(
-            diff.kind,
-            op.command,
-            op.key,
-            _describe_mc(mc),
-            _describe_redis(redis),
-            f"memcached={diff.memcached} redis={diff.redis}",
-        )
+        # Statuses are protocol words and safe to show; values and numbers go in the dicts
+        # as bytes, which the example store hashes unless plain text is allowed.
+        detail = f"memcached={diff.memcached} redis={diff.redis}" if diff.kind == "status" else ""
+        memcached = _describe_mc(mc)
+        redis_side = _describe_redis(redis)
+        if op.mc_number is not None:
+            memcached["reply"] = str(op.mc_number).encode()
+        self.examples(diff.kind, op.command, op.key, memcached, redis_side, detail)
 
     # -- eviction counters ----------------------------------------------------------------
 

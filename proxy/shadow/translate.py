@@ -8,12 +8,12 @@ replayed exactly is a Skip with a reason, counted and never guessed (REFERENCE 4
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from proxy.memcache.arguments import MetaRequest, canonical_storage, parse_meta_request
 from proxy.memcache.numbers import is_canonical_decimal
+from proxy.memcache.reply import MalformedReply, MetaReply, parse_meta, parse_retrieval
 from proxy.memcache.request import KEY_MAX_LENGTH, Request
 
 U32_MAX = 2**32 - 1
@@ -105,27 +105,6 @@ def _store_outcome(line: bytes) -> str | None:
     return None
 
 
-def parse_values(reply: bytes) -> list[tuple[bytes, McValue]] | None:
-    """VALUE ... END into (key, value) pairs; None when an error line replaced the list."""
-    items: list[tuple[bytes, McValue]] = []
-    pos = 0
-    while True:
-        end = reply.find(b"\r\n", pos)
-        if end < 0:
-            return None
-        line = reply[pos:end]
-        if line == b"END":
-            return items
-        if not line.startswith(b"VALUE "):
-            return None
-        words = line.split(b" ")
-        size = int(words[3])
-        data = reply[end + 2 : end + 2 + size]
-        cas = int(words[4]) if len(words) > 4 else None
-        items.append((words[1], McValue(int(words[2]), data, cas)))
-        pos = end + 2 + size + 2
-
-
 # -- classic commands -------------------------------------------------------------------------
 
 
@@ -149,12 +128,15 @@ def _retrieval(request: Request, reply: bytes, sampled: Callable[[bytes], bool])
         exptime = _canonical_exptime(words[1])
         if exptime is None:
             return Skip("non_canonical", tuple(k for k in keys if sampled(k)))
-    items = parse_values(reply)
-    if items is None:
+    try:
+        parsed = parse_retrieval(reply)
+    except MalformedReply:
+        return Skip("memcached_error")
+    if parsed.error is not None:
         return Skip("memcached_error")
     found: dict[bytes, McValue] = {}
-    for key, value in items:
-        found.setdefault(key, value)
+    for item in parsed.items:
+        found.setdefault(item.key, McValue(item.flags, item.data, item.cas))
     ops: list[ShadowOp] = []
     seen: set[bytes] = set()
     want_cas = request.command in ("gets", "gats")
@@ -179,30 +161,17 @@ def _retrieval(request: Request, reply: bytes, sampled: Callable[[bytes], bool])
 
 def _storage(request: Request, reply: bytes, sampled: Callable[[bytes], bool]) -> Translation:
     words = request.words
-    is_cas = request.command == "cas"
-    key = words[1]
-    if request.data_len < 0 or len(words[1]) > KEY_MAX_LENGTH:
-        return Skip("unshadowable_input")
-    noreply = words[-1] == b"noreply"
-    expected = (6 if is_cas else 5) + (1 if noreply else 0)
-    flags_ok = is_canonical_decimal(words[2], U32_MAX)
-    exptime = _canonical_exptime(words[3])
-    if len(words) != expected or not flags_ok or exptime is None:
-        return Skip("non_canonical", (key,))
-    if not is_canonical_decimal(words[4], INT32_MAX - 2):
-        return Skip("non_canonical", (key,))
-    cas = None
-    if is_cas:
-        if not is_canonical_decimal(words[5], U64_MAX):
-            return Skip("non_canonical", (key,))
-        cas = int(words[5])
+    key = words[1] if len(words) > 1 else b""
+    args = canonical_storage(words)
+    if isinstance(args, str):
+        return Skip(args, (key,) if request.data_len >= 0 else ())
     if not request.data_ok:
         return Skip("bad_data_chunk")  # memcached stored nothing
     if request.data is None:
         # Too large to buffer: memcached refused it (set also deleted the old item).
-        return [_too_large(request, key, noreply)]
-    status = None if noreply else _store_outcome(_line(reply))
-    if not noreply and status is None:
+        return [_too_large(request, key, args.noreply)]
+    status = None if args.noreply else _store_outcome(_line(reply))
+    if not args.noreply and status is None:
         return Skip("memcached_error", (key,))
     return [
         ShadowOp(
@@ -211,11 +180,11 @@ def _storage(request: Request, reply: bytes, sampled: Callable[[bytes], bool]) -
             key,
             status,
             mode=request.command,
-            flags=int(words[2]),
-            exptime=exptime,
+            flags=args.flags,
+            exptime=args.exptime,
             data=request.data,
-            data_len=request.data_len,
-            cas=cas,
+            data_len=args.length,
+            cas=args.cas,
         )
     ]
 
@@ -303,129 +272,80 @@ def _flush(request: Request, reply: bytes, sampled: Callable[[bytes], bool]) -> 
 
 # -- meta commands ----------------------------------------------------------------------------
 
-_META_CODES = {
-    b"HD": STORED,
-    b"NS": NOT_STORED,
-    b"EX": EXISTS,
-    b"NF": NOT_FOUND,
-}
-# Flags whose effects the shadow does not emulate (stale items, win tokens, explicit cas...).
-_UNEMULATED = frozenset(b"NRIEXZWhl")
+_META_STATUS = {"HD": STORED, "NS": NOT_STORED, "EX": EXISTS, "NF": NOT_FOUND}
+_MS_MODES = {"S": "set", "E": "add", "A": "append", "P": "prepend", "R": "replace"}
 
 
-def _meta_key(words: list[bytes], flags: list[bytes]) -> bytes | None:
-    key = words[1]
-    if any(f == b"b" for f in flags):
-        try:
-            key = base64.b64decode(key, validate=True)
-        except (binascii.Error, ValueError):
-            return None
-    if not key or len(key) > KEY_MAX_LENGTH:
-        return None
-    return key
+def _meta(request: Request) -> MetaRequest | Skip:
+    meta = parse_meta_request(request.words)
+    if meta.reason is not None:
+        return Skip(meta.reason, (meta.key,) if meta.key else ())
+    return meta
 
 
-def _meta_flags(tokens: list[bytes]) -> dict[int, bytes] | None:
-    """Flag char -> value; None on duplicates (memcached rejects those)."""
-    flags: dict[int, bytes] = {}
-    for token in tokens:
-        if token[0] in flags:
-            return None
-        flags[token[0]] = token[1:]
-    return flags
-
-
-def _meta_reply(reply: bytes) -> tuple[bytes, dict[int, bytes], bytes | None] | None:
-    """(code, returned flags, value) of a meta reply; None for an error or nothing."""
-    end = reply.find(b"\r\n")
-    if end < 0:
-        return None
-    words = reply[:end].split(b" ")
-    code = words[0]
-    if code == b"VA":
-        size = int(words[1])
-        value = reply[end + 2 : end + 2 + size]
-        return code, {w[0]: w[1:] for w in words[2:] if w}, value
-    if code in (b"HD", b"EN", b"NF", b"NS", b"EX"):
-        return code, {w[0]: w[1:] for w in words[1:] if w}, None
-    return None
+def _meta_reply(reply: bytes, key: bytes) -> MetaReply | Skip:
+    try:
+        parsed = parse_meta(reply)
+    except MalformedReply:
+        return Skip("memcached_error", (key,))
+    if parsed.is_error:
+        if parsed.line == b"CLIENT_ERROR cannot increment or decrement non-numeric value":
+            return parsed
+        return Skip("memcached_error", (key,))
+    return parsed
 
 
 def _mg(request: Request, reply: bytes, sampled: Callable[[bytes], bool]) -> Translation:
-    words = request.words
-    tokens = words[2:]
-    flags = _meta_flags(tokens)
-    if flags is None or len(words) < 2:
-        return Skip("unshadowable_input")
-    key = _meta_key(words, tokens)
-    if key is None:
-        return Skip("unshadowable_input")
-    if any(c in _UNEMULATED for c in flags) or ord("T") in flags:
-        return Skip("meta_unemulated", (key,))
-    quiet = ord("q") in flags
-    parsed = _meta_reply(reply) if reply else None
-    if parsed is None:
-        if quiet and not reply:
-            status = MISS  # q hides only a miss
-            return [ShadowOp(request.command, "read", key, status, meta=True)]
-        return Skip("memcached_error")
-    code, returned, value = parsed
-    if code == b"EN":
-        return [ShadowOp(request.command, "read", key, MISS, meta=True)]
+    meta = _meta(request)
+    if isinstance(meta, Skip):
+        return meta
+    if meta.ttl is not None or meta.autoviv is not None or meta.recache is not None:
+        return Skip("meta_unemulated", (meta.key,))  # T changes the TTL, N/R create items
+    parsed = _meta_reply(reply, meta.key)
+    if isinstance(parsed, Skip):
+        return parsed
+    if parsed.code in ("", "EN"):  # quiet mode hides only a miss
+        return [ShadowOp(request.command, "read", meta.key, MISS, meta=True)]
+    if parsed.code not in ("HD", "VA"):
+        return Skip("memcached_error", (meta.key,))
+    returned = parsed.flags
     mc = McValue(
-        int(returned[ord("f")]) if ord("f") in returned else None,
-        value if ord("v") in flags else None,
-        int(returned[ord("c")]) if ord("c") in returned else None,
+        int(returned["f"]) if "f" in returned else None,
+        parsed.value if meta.has("v") else None,
+        int(returned["c"]) if "c" in returned else None,
     )
-    return [
-        ShadowOp(
-            request.command, "read", key, HIT, mc_value=mc, want_cas=mc.cas is not None, meta=True
-        )
-    ]
-
-
-_MS_MODES = {b"S": "set", b"E": "add", b"A": "append", b"P": "prepend", b"R": "replace"}
+    op = ShadowOp(request.command, "read", meta.key, HIT, mc_value=mc, meta=True)
+    op.want_cas = mc.cas is not None
+    return [op]
 
 
 def _ms(request: Request, reply: bytes, sampled: Callable[[bytes], bool]) -> Translation:
-    words = request.words
-    if request.data_len < 0 or len(words) < 3:
-        return Skip("unshadowable_input")
-    tokens = words[3:]
-    flags = _meta_flags(tokens)
-    if flags is None:
-        return Skip("unshadowable_input")
-    key = _meta_key(words, tokens)
-    if key is None:
-        return Skip("unshadowable_input")
-    if any(c in _UNEMULATED for c in flags):
+    meta = _meta(request)
+    if isinstance(meta, Skip):
+        return meta
+    key = meta.key
+    if meta.invalidate:
         return Skip("meta_unemulated", (key,))
-    if not is_canonical_decimal(words[2], INT32_MAX - 2):
-        return Skip("non_canonical", (key,))
-    mode = _MS_MODES.get(flags.get(ord("M"), b"S"))
-    client_flags = flags.get(ord("F"), b"0")
-    ttl = _canonical_exptime(flags.get(ord("T"), b"0"))
-    cas_token = flags.get(ord("C"))
-    if mode is None or ttl is None or not is_canonical_decimal(client_flags, U32_MAX):
-        return Skip("non_canonical", (key,))
-    if cas_token is not None and not is_canonical_decimal(cas_token, U64_MAX):
-        return Skip("non_canonical", (key,))
     if not request.data_ok:
         return Skip("bad_data_chunk")
-    quiet = ord("q") in flags
+    mode = _MS_MODES.get(meta.mode or "S")
+    if mode is None:
+        return Skip("unshadowable_input", (key,))
     status: str | None
     if not reply:
-        status = STORED if quiet else None
+        status = STORED if meta.quiet else None
     else:
         line = _line(reply)
-        status = _META_CODES.get(line.split(b" ", 1)[0])
-        if status is None:
-            if line == b"SERVER_ERROR object too large for cache":
-                status = TOO_LARGE
-            else:
+        if line == b"SERVER_ERROR object too large for cache":
+            status = TOO_LARGE
+        else:
+            parsed = _meta_reply(reply, key)
+            if isinstance(parsed, Skip):
+                return parsed
+            status = _META_STATUS.get(parsed.code)
+            if status is None:
                 return Skip("memcached_error", (key,))
-    cas = int(cas_token) if cas_token is not None else None
-    if cas is not None and mode in ("set", "replace"):
+    if meta.cas is not None and mode in ("set", "replace"):
         mode = "cas"
     if request.data is None:
         op = _too_large(request, key, status is None)
@@ -439,11 +359,11 @@ def _ms(request: Request, reply: bytes, sampled: Callable[[bytes], bool]) -> Tra
             key,
             status,
             mode=mode,
-            flags=int(client_flags),
-            exptime=ttl,
+            flags=meta.client_flags or 0,
+            exptime=meta.ttl or 0,
             data=request.data,
-            data_len=request.data_len,
-            cas=cas if mode in ("cas", "append", "prepend") else None,
+            data_len=meta.datalen or 0,
+            cas=meta.cas if mode in ("cas", "append", "prepend") else None,
             too_large_deletes=True,
             meta=True,
         )
@@ -451,90 +371,59 @@ def _ms(request: Request, reply: bytes, sampled: Callable[[bytes], bool]) -> Tra
 
 
 def _md(request: Request, reply: bytes, sampled: Callable[[bytes], bool]) -> Translation:
-    words = request.words
-    tokens = words[2:]
-    flags = _meta_flags(tokens)
-    if flags is None or len(words) < 2:
-        return Skip("unshadowable_input")
-    key = _meta_key(words, tokens)
-    if key is None:
-        return Skip("unshadowable_input")
-    if any(c in _UNEMULATED for c in flags) or ord("T") in flags or ord("x") in flags:
-        return Skip("meta_unemulated", (key,))
-    cas_token = flags.get(ord("C"))
-    if cas_token is not None and not is_canonical_decimal(cas_token, U64_MAX):
-        return Skip("non_canonical", (key,))
+    meta = _meta(request)
+    if isinstance(meta, Skip):
+        return meta
+    if meta.invalidate or meta.ttl is not None or meta.has("x"):
+        return Skip("meta_unemulated", (meta.key,))
     status: str | None
     if not reply:
-        status = DELETED if ord("q") in flags else None
+        status = DELETED if meta.quiet else None
     else:
-        code = _line(reply).split(b" ", 1)[0]
-        status = {b"HD": DELETED, b"NF": NOT_FOUND, b"EX": EXISTS}.get(code)
+        parsed = _meta_reply(reply, meta.key)
+        if isinstance(parsed, Skip):
+            return parsed
+        status = {"HD": DELETED, "NF": NOT_FOUND, "EX": EXISTS}.get(parsed.code)
         if status is None:
-            return Skip("memcached_error", (key,))
-    cas = int(cas_token) if cas_token is not None else None
-    return [ShadowOp(request.command, "delete", key, status, cas=cas, meta=True)]
+            return Skip("memcached_error", (meta.key,))
+    return [ShadowOp(request.command, "delete", meta.key, status, cas=meta.cas, meta=True)]
 
 
 def _ma(request: Request, reply: bytes, sampled: Callable[[bytes], bool]) -> Translation:
-    words = request.words
-    tokens = words[2:]
-    flags = _meta_flags(tokens)
-    if flags is None or len(words) < 2:
-        return Skip("unshadowable_input")
-    key = _meta_key(words, tokens)
-    if key is None:
-        return Skip("unshadowable_input")
-    if any(c in b"EIRXZW" for c in flags):
-        return Skip("meta_unemulated", (key,))
-    mode = {b"I": "incr", b"+": "incr", b"D": "decr", b"-": "decr"}.get(flags.get(ord("M"), b"I"))
-    numbers = {c: flags.get(ord(c)) for c in "DJC"}
-    if mode is None or any(
-        v is not None and not is_canonical_decimal(v, U64_MAX) for v in numbers.values()
-    ):
-        return Skip("non_canonical", (key,))
-    create = ttl = None
-    if ord("N") in flags:
-        create = _canonical_exptime(flags[ord("N")])
-        if create is None:
-            return Skip("non_canonical", (key,))
-    if ord("T") in flags:
-        ttl = _canonical_exptime(flags[ord("T")])
-        if ttl is None:
-            return Skip("non_canonical", (key,))
-    if ttl is not None and create is not None:
+    meta = _meta(request)
+    if isinstance(meta, Skip):
+        return meta
+    key = meta.key
+    if meta.ttl is not None and meta.autoviv is not None:
         return Skip("meta_unemulated", (key,))  # N with T: order-dependent TTL rules
     op = ShadowOp(
         request.command,
         "delta",
         key,
         None,
-        mode=mode,
-        delta=int(numbers["D"] or b"1"),
-        cas=int(numbers["C"]) if numbers["C"] is not None else None,
-        create=create,
-        initial=int(numbers["J"] or b"0"),
-        exptime=ttl,
+        mode="decr" if meta.mode == "D" else "incr",
+        delta=1 if meta.delta is None else meta.delta,
+        cas=meta.cas,
+        create=meta.autoviv,
+        initial=meta.initial or 0,
+        exptime=meta.ttl,
         meta=True,
     )
-    if not reply:
-        if ord("q") not in flags:
+    parsed = _meta_reply(reply, key)
+    if isinstance(parsed, Skip):
+        return parsed
+    if parsed.code == "":
+        if not meta.quiet:
             return Skip("memcached_error", (key,))
         op.mc_status = STORED  # q hides only a successful update of an existing item
-        return [op]
-    parsed = _meta_reply(reply)
-    if parsed is None:
-        if _line(reply) == b"CLIENT_ERROR cannot increment or decrement non-numeric value":
-            op.mc_status = NON_NUMERIC
-            return [op]
-        return Skip("memcached_error", (key,))
-    code, _, value = parsed
-    if code in (b"HD", b"VA"):
+    elif parsed.is_error:
+        op.mc_status = NON_NUMERIC
+    elif parsed.code in ("HD", "VA"):
         op.mc_status = STORED
-        if value is not None:
-            op.mc_number = int(value)
+        if parsed.value is not None:
+            op.mc_number = int(parsed.value)
     else:
-        op.mc_status = {b"NF": NOT_FOUND, b"NS": NOT_STORED, b"EX": EXISTS}.get(code)
+        op.mc_status = _META_STATUS.get(parsed.code)
         if op.mc_status is None:
             return Skip("memcached_error", (key,))
     return [op]

@@ -118,7 +118,7 @@ def test_meta_get_set_delete_arith() -> None:
 
 @pytest.mark.parametrize(
     "line",
-    [b"mg k v N30\r\n", b"mg k T30 v\r\n", b"md k I\r\n", b"ms k 1 I\r\nx\r\n", b"ma k E5\r\n"],
+    [b"mg k v N30\r\n", b"mg k T30 v\r\n", b"md k I\r\n", b"ms k 1 I\r\nx\r\n", b"mg k v R30\r\n"],
 )
 def test_unemulated_meta_flags_are_skipped(line: bytes) -> None:
     result = op_for(line, b"HD\r\n")
