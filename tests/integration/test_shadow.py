@@ -8,6 +8,7 @@ clients untouched when Redis misbehaves.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import socket
 import threading
@@ -17,11 +18,21 @@ from collections.abc import Iterator
 
 import hiredis
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pymemcache.client.base import Client
 from pymemcache.exceptions import MemcacheClientError
 
 from proxy.redis.layout import pack_value, unpack_value
-from tests.support import ProxyThread, RawClient, ServerProcess, proxy_config
+from tests.integration.test_differential import _request
+from tests.support import (
+    ProxyThread,
+    RawClient,
+    ServerProcess,
+    memcached_argv,
+    proxy_config,
+    redis_argv,
+)
 
 
 def redis_call(port: int, *args: bytes | str | int) -> object:
@@ -376,3 +387,41 @@ def test_redis_down_paused_restarted_under_load(
     assert totals(shadowed).get("match", 0) > before
     assert totals(shadowed).get("mismatch", 0) == 0, mismatch_kinds(shadowed)
     client.close()
+
+
+# -- random streams through the shadow: one connection, so every difference is a bug --------
+
+
+@pytest.fixture(scope="module")
+def module_shadow() -> Iterator[tuple[ProxyThread, ServerProcess, ServerProcess]]:
+    memcached = ServerProcess(memcached_argv("-o", "no_lru_maintainer,no_lru_crawler"))
+    redis = ServerProcess(redis_argv())
+    memcached.start()
+    redis.start()
+    proxy = ProxyThread(proxy_config(memcached, redis, 1.0))
+    proxy.start()
+    yield proxy, memcached, redis
+    proxy.stop()
+    memcached.stop()
+    redis.stop()
+
+
+@settings(
+    max_examples=int(os.environ.get("MEMSHADOW_FUZZ_EXAMPLES", "40")),
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
+@given(requests=st.lists(_request, min_size=1, max_size=15))
+def test_random_streams_shadow_without_mismatch(
+    module_shadow: tuple[ProxyThread, ServerProcess, ServerProcess], requests: list[bytes]
+) -> None:
+    proxy = module_shadow[0]
+    client = RawClient(proxy.port)
+    client.send(b"".join(requests) + b"mg fuzz:end v O424242\r\n")
+    client.read_quiet(0.6, until=b"EN O424242\r\n")
+    client.close()
+    proxy.settle()
+    assert totals(proxy).get("mismatch", 0) == 0, (
+        mismatch_kinds(proxy),
+        proxy.call(lambda: proxy.shadow.examples.to_json()),
+    )
