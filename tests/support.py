@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -28,9 +29,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(port: int, timeout: float = 5.0) -> None:
+def wait_for_port(
+    port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 5.0
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
             return
         time.sleep(0.01)
@@ -38,7 +43,7 @@ def wait_for_port(port: int, timeout: float = 5.0) -> None:
 
 
 class ServerProcess:
-    """A server started on a fixed loopback port that can be stopped and started again."""
+    """A server started on a fixed loopback port that can be stopped, paused and restarted."""
 
     def __init__(self, argv: Callable[[int], list[str]], port: int | None = None) -> None:
         self._argv = argv
@@ -50,28 +55,39 @@ class ServerProcess:
     def address(self) -> HostPort:
         return HostPort(self.host, self.port)
 
-    def start(self) -> None:
+    def start(self) -> ServerProcess:
         self.proc = subprocess.Popen(
             self._argv(self.port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        wait_for_port(self.port)
+        wait_for_port(self.port, self.proc)
+        return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGCONT)  # a paused process cannot die of SIGKILL...
+                self.proc.kill()
             self.proc.wait(5)
         self.proc = None
 
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
     def pause(self) -> None:
         assert self.proc is not None
-        self.proc.send_signal(19)  # SIGSTOP
+        self.proc.send_signal(signal.SIGSTOP)
 
     def resume(self) -> None:
         assert self.proc is not None
-        self.proc.send_signal(18)  # SIGCONT
+        self.proc.send_signal(signal.SIGCONT)
+
+    def url(self, db: int = 0, auth: str = "") -> str:
+        """redis:// URL of this server (for redis-server processes)."""
+        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
 
 
-def memcached_argv(*extra: str) -> Callable[[int], list[str]]:
+def memcached_argv(*extra: str, threads: int = 2) -> Callable[[int], list[str]]:
     user = ["-u", "nobody"] if os.geteuid() == 0 else []
     return lambda port: [
         MEMCACHED,
@@ -83,7 +99,7 @@ def memcached_argv(*extra: str) -> Callable[[int], list[str]]:
         "-U",
         "0",
         "-t",
-        "2",
+        str(threads),
         *extra,
     ]
 

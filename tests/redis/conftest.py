@@ -3,13 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -17,69 +10,15 @@ import uvloop
 
 from proxy.redis.layout import DEFAULT_ITEM_SIZE_MAX, DEFAULT_SLAB_CHUNK_MAX
 from tests.redis.twin import Twin
+from tests.support import REDIS_SERVER, free_port, redis_argv
+from tests.support import ServerProcess as Server
+from tests.support import memcached_argv as shared_memcached_argv
 
-MEMCACHED = shutil.which("memcached") or "/usr/bin/memcached"
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+__all__ = ["REDIS_SERVER", "Server", "free_port", "memcached_argv", "redis_argv"]
 
 SMALL_ITEM_SIZE_MAX = 4096
 """The differential memcached runs with -I 4k so that size-limit cases stay cheap."""
 SMALL_SLAB_CHUNK_MAX = 2048
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.01)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
-
-
-class Server:
-    """A server process on a fixed loopback port; it can be stopped, paused and restarted."""
-
-    def __init__(self, argv: Callable[[int], list[str]]) -> None:
-        self.argv = argv
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Server:
-        self.proc = subprocess.Popen(
-            self.argv(self.port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        wait_for_port(self.port, self.proc)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGCONT)
-                self.proc.kill()
-            self.proc.wait(5)
-        self.proc = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def pause(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGCONT)
-
-    def url(self, db: int = 0, auth: str = "") -> str:
-        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
 
 
 DETERMINISTIC_LRU = "no_lru_maintainer,no_lru_crawler"
@@ -89,35 +28,8 @@ of 40 decrs of "100" gave "99" instead of "99 "). The differential needs exact p
 
 
 def memcached_argv(*extra: str) -> Callable[[int], list[str]]:
-    user = ["-u", "root"] if os.geteuid() == 0 else []
-    return lambda port: [
-        MEMCACHED,
-        *user,
-        "-p",
-        str(port),
-        "-l",
-        "127.0.0.1",
-        "-U",
-        "0",
-        "-t",
-        "1",
-        *extra,
-    ]
-
-
-def redis_argv(*extra: str) -> Callable[[int], list[str]]:
-    return lambda port: [
-        REDIS_SERVER,
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        *extra,
-    ]
+    """One worker thread: the differential wants memcached as deterministic as it gets."""
+    return shared_memcached_argv(*extra, threads=1)
 
 
 def pytest_asyncio_loop_factories(
