@@ -32,6 +32,16 @@ class Expect(IntEnum):
     STREAM = 5  # the connection becomes a raw stream (watch)
 
 
+# The members under module names for the hot paths: `Expect.LINE` costs ~80 ns a lookup on
+# Python 3.11 (EnumType attribute access), a global ~15 ns.
+_RETRIEVAL = Expect.RETRIEVAL
+_LINE = Expect.LINE
+_META = Expect.META
+_UNTIL_SENTINEL = Expect.UNTIL_SENTINEL
+_CLOSE = Expect.CLOSE
+_STREAM = Expect.STREAM
+
+
 @dataclass(frozen=True, slots=True)
 class FramingLimits:
     """Bounds on what the framer buffers; past them a connection is relayed without framing."""
@@ -78,7 +88,7 @@ class Request:
         self.words = words
         self.command = command
         # A request followed by a sentinel is answered by whatever comes before the MN.
-        self.expect = Expect.UNTIL_SENTINEL if sentinel else expect
+        self.expect = _UNTIL_SENTINEL if sentinel else expect
         self.sentinel = sentinel
         self.data_len = data_len  # -1: no data block follows
         self.data: bytes | None = None
@@ -197,7 +207,7 @@ def _meta_set_data_len(words: list[bytes]) -> int:
 
 def flush_sentinel() -> Request:
     """The pending entry for an `mn` the proxy sends before a request (see flush_before)."""
-    request = Request(b"mn", [b"mn"], "mn", Expect.UNTIL_SENTINEL, True)
+    request = Request(b"mn", [b"mn"], "mn", _UNTIL_SENTINEL, True)
     request.synthetic = True
     return request
 
@@ -208,6 +218,37 @@ def _quiet(flags: list[bytes]) -> bool:
 
 def parse_line(raw: bytes) -> Request:
     """Classify one command line (without its \\n) the way memcached would dispatch it."""
+    # Fast path for the commonest lines, spelled canonically: `get <key>\r` and
+    # `set <key> <flags> <exptime> <bytes>\r` with single spaces and short plain decimals. They
+    # give the same Request as the general path below, which tokenizes and checks every rule.
+    # timeit on the 2-core dev VM: get 0.85 -> 0.50 us a line, set 1.47 -> 0.81 us.
+    # (`0 in raw` is a memchr; `b"\0" in raw` takes ~8x as long, through the buffer protocol.)
+    if raw and raw[-1] == 13 and 0 not in raw:
+        head = raw[:4]
+        if head == b"get ":
+            key = raw[4:-1]
+            if key and len(key) <= KEY_MAX_LENGTH and 32 not in key and key != b"noreply":
+                return Request(raw, [b"get", key], "get", _RETRIEVAL, False)
+        elif head == b"set ":
+            words = raw[:-1].split(b" ")
+            if len(words) == 5:
+                key, flags, exptime, size = words[1], words[2], words[3], words[4]
+                if (
+                    key
+                    and len(key) <= KEY_MAX_LENGTH
+                    and flags.isdigit()
+                    and len(flags) < 10
+                    and exptime.isdigit()
+                    and len(exptime) < 10
+                    and size.isdigit()
+                    and len(size) < 10
+                ):
+                    return Request(raw, words, "set", _LINE, False, int(size))
+    return _parse_line(raw)
+
+
+def _parse_line(raw: bytes) -> Request:
+    """parse_line for any line: memcached's tokenizer and dispatch rules, one by one."""
     line = raw
     if len(line) > 1 and line[-1] == 13:  # memcached strips \r only from lines of 2+ bytes
         line = line[:-1]
@@ -216,13 +257,13 @@ def parse_line(raw: bytes) -> Request:
         line = line[:nul]
     words = _words(line)
     if not words:
-        return Request(raw, words, "unknown", Expect.UNTIL_SENTINEL, True)
+        return Request(raw, words, "unknown", _UNTIL_SENTINEL, True)
     name = words[0]
     label = _LABELS.get(name, "unknown")
     last_is_noreply = words[-1] == b"noreply"
 
     if label in _MULTI_KEY:
-        request = Request(raw, words, label, Expect.RETRIEVAL, last_is_noreply)
+        request = Request(raw, words, label, _RETRIEVAL, last_is_noreply)
         # memcached 1.6.18 answers a get with a key over 250 bytes by discarding every reply
         # it has not flushed yet on the connection (conn_release_items). An `mn` first flushes
         # them, so each request keeps exactly its own reply.
@@ -232,28 +273,28 @@ def parse_line(raw: bytes) -> Request:
     wanted = _STORAGE_WORDS.get(name)
     if wanted is not None:
         data_len = _storage_data_len(words, name == b"cas")
-        return Request(raw, words, label, Expect.LINE, last_is_noreply, data_len)
+        return Request(raw, words, label, _LINE, last_is_noreply, data_len)
     if name == b"ms":
         data_len = _meta_set_data_len(words)
         quiet = len(words) > MAX_WORDS or _quiet(words[3:])
-        return Request(raw, words, label, Expect.META, quiet, data_len)
+        return Request(raw, words, label, _META, quiet, data_len)
     if name in _META_NO_DATA:
         quiet = len(words) > MAX_WORDS or _quiet(words[2:])
-        return Request(raw, words, label, Expect.META, quiet)
+        return Request(raw, words, label, _META, quiet)
     if name == b"mn":
-        return Request(raw, words, label, Expect.LINE, False)
+        return Request(raw, words, label, _LINE, False)
     if name == b"me":
-        return Request(raw, words, label, Expect.META, len(words) > MAX_WORDS)
+        return Request(raw, words, label, _META, len(words) > MAX_WORDS)
     if name in _SIMPLE_LINE:
-        return Request(raw, words, label, Expect.LINE, last_is_noreply or len(words) > MAX_WORDS)
+        return Request(raw, words, label, _LINE, last_is_noreply or len(words) > MAX_WORDS)
     if name == b"version":
-        return Request(raw, words, label, Expect.LINE, last_is_noreply)
+        return Request(raw, words, label, _LINE, last_is_noreply)
     if name == b"quit":
-        return Request(raw, words, label, Expect.CLOSE, False)
+        return Request(raw, words, label, _CLOSE, False)
     if name == b"watch":
-        return Request(raw, words, label, Expect.STREAM, False)
+        return Request(raw, words, label, _STREAM, False)
     # stats, lru_crawler, slabs, unknown commands...: replies of varied shape and count.
-    return Request(raw, words, label, Expect.UNTIL_SENTINEL, True)
+    return Request(raw, words, label, _UNTIL_SENTINEL, True)
 
 
 class RequestFramer:
@@ -298,16 +339,46 @@ class RequestFramer:
         when the framer turns raw and lets it through), so that a sentinel can still be put in
         front of it.
         """
-        requests: list[Request] = []
         if self.raw:
-            return requests, [data]
+            return [], [data]
         if not data:
-            return requests, []
+            return [], []
         if not self._started:
             self._started = True
             if data[0] == 0x80:
                 self._go_raw("binary_protocol")
-                return requests, [data]
+                return [], [data]
+        if not self._partial and not self._block_left:
+            nl = data.find(b"\n")
+            if nl >= 0:
+                request = parse_line(data[:nl])
+                # Fast path: the chunk is exactly this one request (line and whole block) and
+                # it needs no `mn`, as with any client that has one request in flight. Register
+                # it as _frame would, without the general loop (inline: a call costs ~50 ns).
+                # bench/framing.py, 90/10 get/set one a chunk: 1.7-2.0 -> 0.95 us a request.
+                if not request.sentinel and not request.flush_before:
+                    size = request.data_len
+                    if size < 0:
+                        expect = request.expect
+                        if nl == len(data) - 1 and expect != _CLOSE and expect != _STREAM:
+                            if self._capture is not None:
+                                request.capture = self._capture(request)
+                            return [request], [data]
+                    elif len(data) == nl + size + 3:  # \n, block, \r\n
+                        capture = self._capture is not None and self._capture(request)
+                        request.capture = capture
+                        if capture and size <= self.limits.max_value_bytes:
+                            request.data_ok = data[-2:] == b"\r\n"
+                            request.data = data[nl + 1 : -2]
+                        request.complete = True
+                        return [request], [data]
+                return self._frame(data, request)
+        return self._frame(data, None)
+
+    def _frame(self, data: bytes, first: Request | None) -> tuple[list[Request], list[bytes]]:
+        """The general case of feed(). `first`: the request of the chunk's first line, when
+        feed() has parsed it already (the chunk then starts at a request boundary)."""
+        requests: list[Request] = []
         out: list[bytes] = []
         pos = 0
         emit_from = 0
@@ -335,7 +406,10 @@ class RequestFramer:
                 return requests, out
             line_start = pos
             pos = nl + 1
-            request = parse_line(data[line_start:nl])
+            if first is not None:
+                request, first = first, None
+            else:
+                request = parse_line(data[line_start:nl])
             if request.flush_before:
                 out.append(data[emit_from:line_start])
                 out.append(SENTINEL)
@@ -363,7 +437,7 @@ class RequestFramer:
                 out.append(data[emit_from:pos])
                 out.append(SENTINEL)
                 emit_from = pos
-            elif request.expect == Expect.CLOSE or request.expect == Expect.STREAM:
+            elif request.expect == _CLOSE or request.expect == _STREAM:
                 self._go_raw(request.command)
                 break
         out.append(data[emit_from:])

@@ -14,6 +14,14 @@ from proxy.memcache.request import Expect, Request
 
 _ERROR_PREFIXES = (b"ERROR", b"CLIENT_ERROR", b"SERVER_ERROR")
 
+# Enum members bound to module names: `Expect.LINE` costs ~80 ns a lookup on Python 3.11
+# (EnumType attribute access), a global ~15 ns, and the loop below compares several a line.
+_RETRIEVAL = Expect.RETRIEVAL
+_LINE = Expect.LINE
+_META = Expect.META
+_UNTIL_SENTINEL = Expect.UNTIL_SENTINEL
+_STREAM = Expect.STREAM
+
 
 class ResponseFramer:
     """Consumes upstream bytes and completes requests from the head of `pending`.
@@ -47,6 +55,44 @@ class ResponseFramer:
     def feed(self, data: bytes) -> tuple[list[bytes], list[Request]]:
         if self.raw:
             return [data], []
+        pending = self.pending
+        # Fast path: the chunk is exactly one whole reply to the head request, as with any
+        # client that has one request in flight. A length check instead of _feed's walk line by
+        # line, which frames such a chunk the same way. Valid at a reply boundary, and between
+        # the values of a list whose reply is not being captured (the same bytes go out and the
+        # same request completes there too). Inline: a call costs ~50 ns.
+        # bench/framing.py, 90/10 get/set replies one a chunk: 2.2 -> 0.76 us a reply.
+        if data and pending and not self._held and not self._block_left and self._capture is None:
+            request = pending[0]
+            expect = request.expect
+            if expect == _RETRIEVAL:
+                if data == b"END\r\n":
+                    whole = True
+                # One `VALUE <key> <flags> <bytes>[ <cas>]` line, its block, then END.
+                elif data[:6] == b"VALUE " and data[-5:] == b"END\r\n":
+                    nl = data.find(b"\n")
+                    words = (data[: nl - 1] if data[nl - 1] == 13 else data[:nl]).split(b" ")
+                    whole = (
+                        len(words) > 3
+                        and words[3].isdigit()
+                        and len(data) == nl + int(words[3]) + 8  # \n, block, \r\n, END\r\n
+                    )
+                else:
+                    whole = False
+            elif expect == _LINE:
+                whole = data.find(b"\n") == len(data) - 1
+            elif expect == _META:
+                whole = data.find(b"\n") == len(data) - 1 and data[:3] != b"VA "
+            else:
+                whole = False
+            if whole and (not request.capture or len(data) <= self.max_capture):
+                pending.popleft()
+                if request.capture:
+                    request.response = data
+                return [data], [request]
+        return self._feed(data)
+
+    def _feed(self, data: bytes) -> tuple[list[bytes], list[Request]]:
         done: list[Request] = []
         out: list[bytes] = []
         if self._held:
@@ -66,7 +112,7 @@ class ResponseFramer:
                 if self._block_left:
                     break
                 request = pending[0]
-                if request.expect == Expect.META:
+                if request.expect == _META:
                     self._complete(done)
                 continue
             if not pending:
@@ -74,7 +120,7 @@ class ResponseFramer:
                 break
             request = pending[0]
             expect = request.expect
-            if expect == Expect.STREAM:
+            if expect == _STREAM:
                 pending.popleft()
                 done.append(request)
                 self._go_raw("stream")
@@ -91,7 +137,7 @@ class ResponseFramer:
             line = data[pos : nl - 1] if nl > pos and data[nl - 1] == 13 else data[pos:nl]
             if request.capture and self._capture is None:
                 self._capture = bytearray()
-            if expect == Expect.UNTIL_SENTINEL:
+            if expect == _UNTIL_SENTINEL:
                 if line == b"MN":
                     out.append(data[emit_from:pos])
                     emit_from = line_end
@@ -110,7 +156,7 @@ class ResponseFramer:
             if self._capture is not None:
                 self._append_capture(data[pos:line_end])
             pos = line_end
-            if expect == Expect.RETRIEVAL:
+            if expect == _RETRIEVAL:
                 if line.startswith(b"VALUE "):
                     self._block_left = _block_length(line, (b"VALUE ",))
                     if self._block_left < 0:
@@ -118,7 +164,7 @@ class ResponseFramer:
                         break
                 else:
                     self._complete(done)
-            elif expect == Expect.META:
+            elif expect == _META:
                 if line.startswith(b"VA "):
                     self._block_left = _block_length(line, (b"VA ",))
                     if self._block_left < 0:
@@ -126,7 +172,7 @@ class ResponseFramer:
                         break
                 else:
                     self._complete(done)
-            elif expect == Expect.LINE:
+            elif expect == _LINE:
                 self._complete(done)
             else:  # CLOSE: quit has no reply; anything here means we lost the pairing
                 self._go_raw("reply_after_quit")
