@@ -23,7 +23,7 @@ from proxy.config import Config
 from proxy.memcache.request import Request, RequestFramer, parse_line
 from proxy.memcache.response import ResponseFramer
 from proxy.metrics import ProxyMetrics
-from proxy.server import ClientSession, ProxyServer
+from proxy.server import ClientSession, ProxyServer, _Upstream
 
 KEY = b"k" * 32
 VALUE = b"v" * 100
@@ -60,6 +60,9 @@ class _Transport:
     def __init__(self) -> None:
         self.written = 0
 
+    def get_extra_info(self, name: str) -> Any:
+        return None
+
     def write(self, data: Any) -> None:
         self.written += 1
 
@@ -68,11 +71,6 @@ class _Transport:
 
     def resume_reading(self) -> None:
         pass
-
-
-class _Upstream:
-    def __init__(self) -> None:
-        self.transport = _Transport()
 
 
 def main() -> None:
@@ -113,8 +111,10 @@ def main() -> None:
             proxy = ProxyServer(Config(), ProxyMetrics(), capture=capture)
             s = ClientSession(proxy)
             s.transport = _Transport()  # type: ignore[assignment]
-            s.upstream = _Upstream()  # type: ignore[assignment]
-            down, up = s.data_received, s.upstream_data
+            upstream = _Upstream(s)
+            upstream.connection_made(_Transport())  # type: ignore[arg-type]
+            s.upstream = upstream  # as ClientSession._connect does once connected
+            down, up = s.data_received, upstream.data_received
             for req, reply in traffic:
                 down(req)
                 up(reply)

@@ -46,13 +46,17 @@ class _Upstream(asyncio.Protocol):
     def __init__(self, session: ClientSession) -> None:
         self.session = session
         self.transport: asyncio.Transport | None = None
+        # Replies go straight to the session: one Python call fewer per reply chunk (~0.1 us
+        # of the ~3 us a proxied request costs in bench/framing.py). Transports look
+        # data_received up on the protocol object, so the instance attribute wins.
+        self.data_received = session.upstream_data  # type: ignore[method-assign]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
         _set_nodelay(transport)
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes) -> None:  # replaced per instance in __init__
         self.session.upstream_data(data)
 
     def eof_received(self) -> bool:
@@ -86,6 +90,7 @@ class ClientSession(asyncio.Protocol):
         )
         self.replies = ResponseFramer(self.pending)
         self.max_pending = limits.max_pending_requests
+        self._observe = proxy.metrics.requests.observe
         self.transport: asyncio.Transport | None = None
         self.upstream: _Upstream | None = None
         self._paused = 0
@@ -151,8 +156,9 @@ class ClientSession(asyncio.Protocol):
             now = time.perf_counter()
             for request in requests:
                 request.started = now
-            self.pending.extend(requests)
-            if len(self.pending) >= self.max_pending:
+            pending = self.pending
+            pending.extend(requests)
+            if len(pending) >= self.max_pending:
                 self.pause_client(_PAUSE_PENDING)
         if self.requests.raw and not self._unframed_reported:
             self._unframed_reported = True
@@ -212,7 +218,7 @@ class ClientSession(asyncio.Protocol):
             transport.write(b"".join(pieces))
         if done:
             now = time.perf_counter()
-            observe = self.proxy.metrics.requests.observe
+            observe = self._observe
             for request in done:
                 if not request.synthetic:
                     observe(request.command, now - request.started)
