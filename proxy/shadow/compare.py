@@ -80,8 +80,10 @@ def compare_outcome(op: ShadowOp, redis_status: str, redis_number: int | None) -
     mc_status = op.mc_status
     if mc_status is None:
         return None  # noreply / quiet: nothing to compare
-    if redis_status == CREATED:
-        redis_status = STORED  # ma N autovivify: memcached answers like any update
+    if redis_status in (CREATED, "OK"):
+        # incr/decr/ma success ("OK"), and ma N's autovivify: memcached answers both with
+        # the number (HD/VA for ma), which translate calls STORED.
+        redis_status = STORED
     if mc_status != redis_status:
         kind = ERROR if NON_NUMERIC in (mc_status, redis_status) else STATUS
         return Difference(kind, mc_status, redis_status)

@@ -102,7 +102,8 @@ class ShadowDispatcher:
         self.examples = examples
         self.keys = KeyStates(self.settings.key_state_size, self.settings.race_window)
         self.casmap = CasMap(self.settings.cas_map_size)
-        self._queue: deque[tuple[Request, float, int]] = deque()
+        self._queue: deque[tuple[Request, float, int, int]] = deque()
+        self._seq = 0  # requests observed so far: a total order of replies
         self._wakeup = asyncio.Event()
         self._chains: dict[bytes, deque[tuple[ShadowOp, float, int]]] = {}
         self._chain_done = asyncio.Event()
@@ -125,20 +126,21 @@ class ShadowDispatcher:
             if not request.capture:
                 continue
             shadowed[request.command] += 1  # dropped ones included: drops/requests <= 1
+            self._seq += 1
             if len(queue) >= self.settings.queue_size or self._stopping:
-                self._drop("queue_full", request.keys)
+                self._drop("queue_full", request.keys, self._seq)
                 continue
-            queue.append((request, now, session))
+            queue.append((request, now, session, self._seq))
         self.stats.queue_depth = len(queue)
         if queue:
             self._wakeup.set()
 
-    def _drop(self, reason: str, keys: list[bytes] | tuple[bytes, ...]) -> None:
+    def _drop(self, reason: str, keys: list[bytes] | tuple[bytes, ...], seq: int) -> None:
         self.stats.dropped[reason] += 1
         for key in keys:
             state = self.keys.peek(key)
             if state is not None:
-                state.warm = False  # Redis missed a change: no longer known to be in step
+                state.mark_lost(seq)  # Redis missed a change: no longer known to be in step
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -178,17 +180,17 @@ class ShadowDispatcher:
                 while len(self._chains) >= self.settings.max_inflight:
                     self._chain_done.clear()
                     await self._chain_done.wait()
-                request, replied_at, session = self._queue.popleft()
+                request, replied_at, session, seq = self._queue.popleft()
                 self.stats.queue_depth = len(self._queue)
                 try:
-                    self._dispatch(request, replied_at, session)
+                    self._dispatch(request, replied_at, session, seq)
                 except Exception:  # a shadow bug must never reach the client path
                     log.exception("shadow: cannot handle %r", request)
                     self.stats.errors["internal"] += 1
             if self._stopping and not self._queue:
                 return
 
-    def _dispatch(self, request: Request, replied_at: float, session: int) -> None:
+    def _dispatch(self, request: Request, replied_at: float, session: int, seq: int) -> None:
         if request.started:
             self.stats.histogram(self.stats.memcached_latency, request.command).observe(
                 replied_at - request.started
@@ -197,15 +199,18 @@ class ShadowDispatcher:
         if isinstance(plan, Skip):
             self.stats.skipped[plan.reason] += 1
             for key in plan.keys:
-                self.keys.get(key).warm = False
+                self.keys.get(key).mark_lost(seq)
             return
         for op in plan:
+            op.seq = seq
             if op.action == "flush":
                 self._flush(op)
                 continue
             # Contention is judged in reply-arrival order, before any of the key's queued
             # operations run, so an operation that raced with a later one is known to.
-            self.keys.touch(op.key, session, replied_at)
+            self.keys.touch(
+                op.key, session, request.started or replied_at, replied_at, time.perf_counter()
+            )
             chain = self._chains.get(op.key)
             if chain is not None:
                 chain.append((op, replied_at, session))
@@ -276,12 +281,12 @@ class ShadowDispatcher:
             reason = {RedisUnavailable: "redis_down", RedisTimeout: "timeout"}.get(
                 type(exc), "redis_busy"
             )
-            self._drop(reason, (op.key,))
+            self._drop(reason, (op.key,), op.seq)
             stats.errors[_error_kind(exc)] += 1
             return
         except RedisReplyError as exc:
             stats.errors[_error_kind(exc)] += 1
-            state.warm = False
+            state.mark_lost(op.seq)
             return
         finally:
             took = time.perf_counter() - started
@@ -290,7 +295,7 @@ class ShadowDispatcher:
             if op.mc_status is not None:
                 stats.count_comparison(op.command, "match")
             if full_state:
-                state.warm = True
+                state.mark_synced(op.seq)
         else:
             outcome, detail = await self._classify(op, diff, state, replied_at)
             stats.count_comparison(op.command, outcome, detail)
@@ -345,6 +350,8 @@ class ShadowDispatcher:
                     self._note_expiry(state, op.exptime or 0)
                 if op.mc_status is not None:
                     self.stats.count_comparison(op.command, "noise", "cas_unmapped")
+                else:
+                    state.mark_lost(op.seq)  # noreply: memcached's outcome is unknown
                 return None, False
             cas = mapped
         result = await store.store(
@@ -367,7 +374,7 @@ class ShadowDispatcher:
         if cas is not None:
             mapped = self.casmap.get(op.key, cas)
             if mapped is None:
-                state.warm = False  # the outcome cannot be predicted; resync on next read
+                state.mark_lost(op.seq)  # the outcome cannot be predicted
                 if op.mc_status is not None:
                     self.stats.count_comparison(op.command, "noise", "cas_unmapped")
                 return None, False
@@ -381,7 +388,12 @@ class ShadowDispatcher:
             initial=op.initial,
             ttl=op.exptime,
         )
-        return compare_outcome(op, str(result.status), result.value), False
+        status = str(result.status)
+        if status == "CREATED" and op.create is not None:
+            self._note_expiry(state, op.create)
+        if op.exptime is not None and status in ("OK", "CREATED"):
+            self._note_expiry(state, op.exptime)
+        return compare_outcome(op, status, result.value), False
 
     async def _delete(self, op: ShadowOp) -> tuple[Difference | None, bool]:
         cas = op.cas
@@ -392,6 +404,8 @@ class ShadowDispatcher:
                     await self.store.delete(op.key)
                 if op.mc_status is not None:
                     self.stats.count_comparison(op.command, "noise", "cas_unmapped")
+                else:
+                    self.keys.get(op.key).mark_lost(op.seq)  # noreply: outcome unknown
                 return None, False
             cas = mapped
         status = str(await self.store.delete(op.key, cas))
@@ -439,9 +453,12 @@ class ShadowDispatcher:
             mc, redis = await self._reread(op.key)
         except (RedisError, MemcachedUnavailable) as exc:
             self.stats.errors[_error_kind(exc)] += 1
-            state.warm = False
+            state.mark_lost(op.seq)
             return "noise", "unverified"
-        if state_equal(mc, redis):
+        if state_equal(mc, redis) and not self._chains.get(op.key):
+            # Equal now, and no later operation of the key is waiting to be replayed (were
+            # one waiting, Memcached would already include it and the re-read would prove
+            # nothing): someone else wrote the key meanwhile (another proxy, a direct client).
             return "noise", "transient_race"
         recent = time.monotonic() - self.settings.eviction_window
         if mc is None and redis is not None and self._mc_evicted_at > recent:
@@ -463,19 +480,19 @@ class ShadowDispatcher:
 
     async def _settle(self, key: bytes, state: KeyState) -> None:
         """After a burst of racing writers: make Redis equal Memcached for this key."""
-        started = time.perf_counter()
+        touches = state.touches
         try:
             mc, redis = await self._reread(key)
             if not state_equal(mc, redis):
                 await self._repair(key, state)
             else:
-                state.warm = True
+                state.mark_synced(self._seq)
             state.settled_at = time.perf_counter()
-            if state.last_seen < started:
+            if state.touches == touches:
                 state.contended_until = 0.0  # nothing arrived meanwhile: done
         except (RedisError, MemcachedUnavailable) as exc:
             self.stats.errors[_error_kind(exc)] += 1
-            state.warm = False
+            state.mark_lost(self._seq)
 
     async def _repair(self, key: bytes, state: KeyState) -> None:
         """Copy Memcached's item (value, flags, remaining TTL) into Redis, or delete it."""
@@ -489,12 +506,12 @@ class ShadowDispatcher:
                 exptime = item.ttl if item.ttl > 0 else 0
                 await self.store.store("set", key, item.flags, exptime, item.data)
                 self._note_expiry(state, exptime)
-            state.warm = True
+            state.mark_synced(self._seq)
             state.settled_at = time.perf_counter()
             self.stats.repairs += 1
         except (RedisError, MemcachedUnavailable) as exc:
             self.stats.errors[_error_kind(exc)] += 1
-            state.warm = False
+            state.mark_lost(self._seq)
 
     def _example(
         self, op: ShadowOp, diff: Difference, mc: McValue | None, redis: Item | None

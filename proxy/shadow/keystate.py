@@ -1,9 +1,11 @@
 """What the shadow remembers per key, bounded: is Redis known to be in step, and the cas map.
 
 A key is "warm" once a write through the proxy (or a repair) has defined it in both stores
-since the current epoch; a flush_all that is not replayed starts a new epoch, which makes every
-key cold again. Differences on cold keys are expected noise, never mismatches. Both tables are
-LRU-bounded: a key that falls out is simply cold again (noise, not a false alarm).
+since the current epoch and no later change was lost (sequence numbers in reply order make
+"later" exact even though keys are processed concurrently); a flush_all that is not replayed
+starts a new epoch, which makes every key cold again. Differences on cold keys are expected
+noise, never mismatches. Both tables are LRU-bounded: a key that falls out is simply cold
+again (noise, not a false alarm).
 """
 
 from __future__ import annotations
@@ -20,20 +22,37 @@ class KeyState:
         "expires_at",
         "last_seen",
         "last_session",
+        "lost",
         "raced_at",
         "settled_at",
-        "warm",
+        "synced",
+        "touches",
     )
 
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch
-        self.warm = False
+        # Sequence numbers (reply order) of the last operation that left both stores defined
+        # and equal, and of the last one Redis missed or whose effect is unknown.
+        self.synced = -1
+        self.lost = -1
         self.expires_at: float | None = None  # unix time memcached should expire it (None: never)
         self.last_session = 0
-        self.last_seen = 0.0  # perf_counter time of the last reply seen for this key
+        self.last_seen = 0.0  # perf_counter time of the latest reply seen for this key
         self.contended_until = 0.0  # perf_counter: until then, other connections raced on it
         self.raced_at = -1e18  # perf_counter time two connections last raced on it
         self.settled_at = -1e18  # perf_counter time Redis was last re-synchronised from it
+        self.touches = 0  # operations dispatched for the key so far
+
+    @property
+    def warm(self) -> bool:
+        """Redis is known to be in step: nothing was lost since it last was."""
+        return self.synced > self.lost
+
+    def mark_synced(self, seq: int) -> None:
+        self.synced = max(self.synced, seq)
+
+    def mark_lost(self, seq: int) -> None:
+        self.lost = max(self.lost, seq)
 
 
 class KeyStates:
@@ -63,19 +82,26 @@ class KeyStates:
         state = self._states.get(key)
         return state if state is not None and state.epoch == self.epoch else None
 
-    def touch(self, key: bytes, session: int, now: float) -> KeyState:
-        """Record that `session` had a reply for `key` at perf_counter time `now`."""
+    def touch(
+        self, key: bytes, session: int, started: float, replied_at: float, now: float
+    ) -> KeyState:
+        """Record an operation on `key`: `session` sent it at `started`, its reply came at
+        `replied_at`, it is dispatched at `now` (perf_counter times).
+
+        Two connections' operations are ordered when one's reply came back before the other
+        was sent; when their [sent, replied] intervals overlap, Memcached may have run them in
+        either order, so they race.
+        """
         state = self.get(key)
-        racing = state.last_session and state.last_session != session
-        # A reply that arrives just after a re-synchronisation may describe a change the copy
+        state.touches += 1
+        other = state.last_session and state.last_session != session
+        # A reply dispatched just after a re-synchronisation may describe a change the copy
         # already holds (replaying it would apply it twice): that is a race too.
-        if (racing and now - state.last_seen <= self.race_window) or (
-            now - state.settled_at <= self.race_window
-        ):
+        if (other and started < state.last_seen) or now - state.settled_at <= self.race_window:
             state.contended_until = now + self.race_window
-            state.raced_at = now
+            state.raced_at = replied_at
         state.last_session = session
-        state.last_seen = now
+        state.last_seen = max(state.last_seen, replied_at)
         return state
 
     def raced_near(self, state: KeyState, when: float) -> bool:

@@ -170,4 +170,3 @@ class MemcachedReader:
             future.set_exception(value)
         else:
             future.set_result(value)
-

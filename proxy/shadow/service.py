@@ -96,8 +96,10 @@ class Shadow:
     async def start(self) -> None:
         """Connect to Redis (a failure is not fatal: the pool keeps retrying) and start."""
         if not await self.store.start():
-            log.warning("shadow: Redis %s not reachable yet; retrying in the background",
-                        self.config.shadow.redis)
+            log.warning(
+                "shadow: Redis %s not reachable yet; retrying in the background",
+                self.config.shadow.redis,
+            )
         try:
             settings = await self.reader.stats(b"settings")
             self.store.item_size_max = int(settings.get("item_size_max", self.store.item_size_max))

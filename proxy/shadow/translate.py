@@ -65,6 +65,7 @@ class ShadowOp:
     too_large_deletes: bool | None = None
     want_cas: bool = False  # reads: record the Memcached<->Redis cas pair
     meta: bool = False
+    seq: int = 0  # the request's place in reply order (set by the dispatcher)
 
 
 @dataclass(frozen=True, slots=True)

@@ -150,7 +150,8 @@ def test_compare_outcome() -> None:
     diff = compare_outcome(op, NOT_STORED, None)
     assert diff is not None and diff.kind == STATUS
     incr = ShadowOp("incr", "delta", b"k", STORED, mc_number=10)
-    diff = compare_outcome(incr, STORED, 11)
+    assert compare_outcome(incr, "OK", 10) is None  # the store's DeltaStatus.OK
+    diff = compare_outcome(incr, "OK", 11)
     assert diff is not None and diff.kind == VALUE
     diff = compare_outcome(incr, NON_NUMERIC, None)
     assert diff is not None and diff.kind == "error"
