@@ -365,8 +365,10 @@ def test_redis_down_paused_restarted_under_load(
     for thread in threads:
         thread.start()
     time.sleep(1)
-    redis_server.pause()  # like CLIENT PAUSE: connected but silent
-    time.sleep(1.5)
+    redis_call(redis_server.port, "CLIENT", "PAUSE", 1500, "ALL")  # connected but silent
+    time.sleep(2)
+    redis_server.pause()  # SIGSTOP: not even the TCP stack's data is read
+    time.sleep(1)
     redis_server.resume()
     time.sleep(0.5)
     redis_server.stop()
