@@ -106,9 +106,18 @@ def main() -> None:
             append(request)
             feed(reply)
 
-    def session(capture: Callable[[Request], bool] | None) -> Callable[[], None]:
+    def rate0_observer(done: list[Request], session: int) -> None:
+        # What the shadow dispatcher does at sample rate 0: look at each request, skip it.
+        for request in done:
+            if not request.capture:
+                continue
+
+    def session(
+        capture: Callable[[Request], bool] | None,
+        observer: Callable[[list[Request], int], None] | None = None,
+    ) -> Callable[[], None]:
         def run() -> None:
-            proxy = ProxyServer(Config(), ProxyMetrics(), capture=capture)
+            proxy = ProxyServer(Config(), ProxyMetrics(), capture=capture, observer=observer)
             s = ClientSession(proxy)
             s.transport = _Transport()  # type: ignore[assignment]
             upstream = _Upstream(s)
@@ -127,6 +136,7 @@ def main() -> None:
         "ResponseFramer.feed (one reply per chunk)": best(response_framer, n, repeat),
         "ClientSession data_received+upstream_data": best(session(None), n, repeat),
         "  same, with a capture hook returning False": best(session(lambda r: False), n, repeat),
+        "  same, plus a rate-0 observer": best(session(lambda r: False, rate0_observer), n, repeat),
     }
     print(f"python {sys.version.split()[0]}, {n:,} requests (90/10 get/set), best of {repeat}")
     for name, ns in results.items():
