@@ -34,8 +34,8 @@ _PAUSE_UPSTREAM_FULL = 1  # Memcached's socket buffer is full
 _PAUSE_PENDING = 2  # too many requests await a reply
 _PAUSE_CONNECTING = 4  # the upstream connection is not up yet
 
-# Called with the requests completed by one reply chunk (in Memcached's reply order) and the
-# number of the client session they came from.
+# Called with the sampled (captured) requests completed by one reply chunk, in Memcached's
+# reply order, and the number of the client session they came from.
 ReplyObserver = Callable[[list[Request], int], None]
 CaptureDecider = Callable[[Request], bool]
 
@@ -220,7 +220,10 @@ class ClientSession(asyncio.Protocol):
                     observe(request.command, now - request.started)
             observer = self.proxy.observer
             if observer is not None:
-                observer([r for r in done if not r.synthetic], self.number)
+                # Only sampled requests cross over; at rate 0 the shadow is not even called.
+                captured = [r for r in done if r.capture]
+                if captured:
+                    observer(captured, self.number)
             if self._paused & _PAUSE_PENDING and len(self.pending) < self.max_pending // 2:
                 self.resume_client(_PAUSE_PENDING)
         if self.proxy.draining:
