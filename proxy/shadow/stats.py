@@ -8,6 +8,7 @@ clock-driven reset.
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -25,12 +26,8 @@ class LatencyHistogram:
         self.total = 0.0
 
     def observe(self, seconds: float) -> None:
-        index = 0
-        for bound in DURATION_BUCKETS:
-            if seconds <= bound:
-                break
-            index += 1
-        self.buckets[index] += 1
+        # bisect_left: the first bucket whose upper bound is >= seconds (le semantics).
+        self.buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
         self.count += 1
         self.total += seconds
 

@@ -1,0 +1,121 @@
+"""Shadow figures under the benchmark's load: verdict counts, shadow lag p50/p99 and Redis
+commands per Memcached request, read from memshadow's own /metrics after a memcaslap run.
+
+    python bench/shadow_figures.py --rate 1.0 --seconds 8
+
+Starts memcached, redis-server and memshadow on free loopback ports, runs memcaslap
+(16 connections, 90/10 get/set, as bench/run.py does), then scrapes the admin port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run as bench  # bench/run.py: process and memcaslap helpers
+
+HOST = bench.HOST
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$")
+
+
+def scrape(port: int) -> list[tuple[str, str, float]]:
+    with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples = []
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match:
+            samples.append((match[1], match[2] or "", float(match[3])))
+    return samples
+
+
+def total(samples: list[tuple[str, str, float]], name: str, label: str = "") -> float:
+    return sum(v for n, labels, v in samples if n == name and label in labels)
+
+
+def histogram_quantile(samples: list[tuple[str, str, float]], name: str, q: float) -> float:
+    buckets = sorted(
+        (float(re.search(r'le="([^"]+)"', labels)[1]), v)  # type: ignore[index]
+        for n, labels, v in samples
+        if n == f"{name}_bucket"
+    )
+    count = buckets[-1][1] if buckets else 0
+    for bound, cumulative in buckets:
+        if count and cumulative >= q * count:
+            return bound
+    return float("nan")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=float, default=1.0)
+    parser.add_argument("--seconds", type=int, default=8)
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="memshadow-shadowfig-"))
+    procs = bench.Processes(workdir)
+    try:
+        mc_port, redis_port, port, admin = (bench.free_port() for _ in range(4))
+        procs.start(
+            "memcached",
+            [shutil.which("memcached") or "/usr/bin/memcached", "-u", "nobody", "-p",
+             str(mc_port), "-l", HOST, "-U", "0", "-t", "1"],
+        )  # fmt: skip
+        procs.start(
+            "redis",
+            [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(redis_port),
+             "--bind", HOST, "--save", "", "--appendonly", "no"],
+        )  # fmt: skip
+        time.sleep(0.5)
+        proxy, _ = procs.start(
+            "memshadow",
+            [sys.executable, "-m", "proxy", "--listen", f"{HOST}:{port}",
+             "--memcached", f"{HOST}:{mc_port}", "--admin", f"{HOST}:{admin}",
+             "--redis", f"redis://{HOST}:{redis_port}/0", "--sample-rate", str(args.rate)],
+            cwd=bench.REPO_ROOT,
+        )  # fmt: skip
+        why = bench.wait_ready(proxy, port, b"version\r\n", b"VERSION ", 10)
+        if why:
+            print(f"memshadow did not start: {why}", file=sys.stderr)
+            return 1
+        cfg = workdir / "memcaslap.cnf"
+        bench.memcaslap_config(cfg, 32, 100, 0.9)
+        spec = bench.LoadSpec(
+            memcaslap=shutil.which("memcaslap") or "/usr/bin/memcaslap",
+            cfg=cfg, concurrency=16, threads=1, tps=0, probe_rate=0, probe_cpus=None,
+            probe_rt=0, value_size=100,
+        )  # fmt: skip
+        rc, out = bench.run_memcaslap(spec, port, args.seconds)
+        if rc != 0:
+            print(out[-500:], file=sys.stderr)
+            return 1
+        time.sleep(2)  # let the shadow finish what it was handed
+        s = scrape(admin)
+        requests = total(s, "memshadow_requests_total")
+        shadowed = total(s, "memshadow_shadow_requests_total")
+        print(f"rate {args.rate}: {requests:,.0f} client requests, {shadowed:,.0f} shadowed")
+        for outcome in ("match", "mismatch", "noise"):
+            n = total(s, "memshadow_shadow_comparisons_total", f'outcome="{outcome}"')
+            print(f"  {outcome:9s} {n:,.0f}")
+        for name in ("memshadow_shadow_dropped_total", "memshadow_shadow_skipped_total",
+                     "memshadow_shadow_errors_total"):  # fmt: skip
+            print(f"  {name.split('_shadow_')[1]:9s} {total(s, name):,.0f}")
+        redis = total(s, "memshadow_shadow_redis_commands_total")
+        print(f"  redis commands per shadowed request: {redis / max(shadowed, 1):.2f}")
+        for q in (0.5, 0.99):
+            lag = histogram_quantile(s, "memshadow_shadow_lag_seconds", q)
+            print(f"  shadow lag p{int(q * 100)}: <= {lag * 1000:.2f} ms (bucket bound)")
+        return 0
+    finally:
+        procs.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
