@@ -441,3 +441,31 @@ def test_random_streams_shadow_without_mismatch(
     )
     # One connection cannot race with itself: a "race" here would be a bug hidden as noise.
     assert noise_reasons(proxy).get("transient_race", 0) == races_before, noise_reasons(proxy)
+
+
+def test_flush_all_replayed_when_opted_in(
+    memcached: ServerProcess, redis_server: ServerProcess
+) -> None:
+    proxy = ProxyThread(proxy_config(memcached, redis_server, 1.0, replay_flush_all=True))
+    proxy.start()
+    try:
+        client = Client(("127.0.0.1", proxy.port), default_noreply=False, timeout=5)
+        for i in range(10):
+            client.set(f"r{i}", b"v")
+        proxy.settle()
+        assert redis_call(redis_server.port, "DBSIZE") == 10
+        client.flush_all()
+        proxy.settle()
+        deadline = time.monotonic() + 5
+        while redis_call(redis_server.port, "DBSIZE") != 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert redis_call(redis_server.port, "DBSIZE") == 0  # FLUSHDB ran on the shadow's DB
+        for i in range(10):
+            assert client.get(f"r{i}") is None
+        client.set("r0", b"again")
+        assert client.get("r0") == b"again"
+        proxy.settle()
+        assert totals(proxy).get("mismatch", 0) == 0, mismatch_kinds(proxy)
+        client.close()
+    finally:
+        proxy.stop()
