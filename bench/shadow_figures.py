@@ -98,9 +98,17 @@ def main() -> int:
             return 1
         time.sleep(2)  # let the shadow finish what it was handed
         s = scrape(admin)
+        rss_kib = next(
+            int(line.split()[1])
+            for line in Path(f"/proc/{proxy.pid}/status").read_text().splitlines()
+            if line.startswith("VmRSS:")
+        )
         requests = total(s, "memshadow_requests_total")
         shadowed = total(s, "memshadow_shadow_requests_total")
-        print(f"rate {args.rate}: {requests:,.0f} client requests, {shadowed:,.0f} shadowed")
+        print(
+            f"rate {args.rate}: {requests:,.0f} client requests, {shadowed:,.0f} shadowed, "
+            f"memshadow RSS {rss_kib / 1024:.1f} MiB"
+        )
         for outcome in ("match", "mismatch", "noise"):
             n = total(s, "memshadow_shadow_comparisons_total", f'outcome="{outcome}"')
             print(f"  {outcome:9s} {n:,.0f}")
