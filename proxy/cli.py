@@ -215,6 +215,8 @@ def _describe_shadow(config: Config) -> str:
     shadow = config.shadow
     if shadow.enabled:
         return f"shadowing {shadow.sample_rate:g} of keys to {shadow.redis}"
+    if shadow.redis is not None:
+        return f"shadow to {shadow.redis} ready at rate 0 (raise it through the admin API)"
     if shadow.sample_rate > 0:
         log.warning("shadow.sample_rate is %g but no Redis URL is set", shadow.sample_rate)
     return "shadow off"
