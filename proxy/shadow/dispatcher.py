@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.memcache.arguments import decode_base64_key
 from proxy.memcache.request import Request
 from proxy.redis.errors import (
     RedisBusy,
@@ -128,7 +129,7 @@ class ShadowDispatcher:
             shadowed[request.command] += 1  # dropped ones included: drops/requests <= 1
             self._seq += 1
             if len(queue) >= self.settings.queue_size or self._stopping:
-                self._drop("queue_full", request.keys, self._seq)
+                self._drop("queue_full", _state_keys(request), self._seq)
                 continue
             queue.append((request, now, session, self._seq))
         self.stats.queue_depth = len(queue)
@@ -543,6 +544,14 @@ class ShadowDispatcher:
                 if self._redis_evictions is not None and evicted > self._redis_evictions:
                     self._redis_evicted_at = time.monotonic()
                 self._redis_evictions = evicted
+
+
+def _state_keys(request: Request) -> list[bytes]:
+    """The keys a request's shadow state is filed under (meta `b` keys decoded)."""
+    if request.command in ("mg", "ms", "md", "ma") and b"b" in request.words[2:]:
+        key = decode_base64_key(request.words[1]) if len(request.words) > 1 else None
+        return [key] if key else []
+    return request.keys
 
 
 def _mc_value(item: McItem | None) -> McValue | None:

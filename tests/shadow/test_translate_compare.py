@@ -158,3 +158,12 @@ def test_compare_outcome() -> None:
     autoviv = ShadowOp("ma", "delta", b"k", STORED, mc_number=13)
     assert compare_outcome(autoviv, "CREATED", 13) is None
     assert compare_outcome(ShadowOp("set", "store", b"k", None), NOT_STORED, None) is None
+
+
+def test_dropped_requests_are_filed_under_decoded_meta_keys() -> None:
+    from proxy.shadow.dispatcher import _state_keys
+
+    requests, _ = RequestFramer().feed(
+        b"mg " + base64.b64encode(b"bin key") + b" b v\r\nget a b\r\nms k 1\r\nx\r\n"
+    )
+    assert [_state_keys(r) for r in requests] == [[b"bin key"], [b"a", b"b"], [b"k"]]
