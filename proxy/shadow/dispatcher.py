@@ -315,8 +315,11 @@ class ShadowDispatcher:
                 self._note_expiry(state, op.exptime)
             if op.want_cas and item is not None and op.mc_value and op.mc_value.cas is not None:
                 self.casmap.put(op.key, op.mc_value.cas, item.cas)
+            # A meta get defines the key only when it returned both the value and the flags.
+            value = op.mc_value
             full = not op.meta or (
-                op.mc_status == MISS or (op.mc_value is not None and op.mc_value.data is not None)
+                op.mc_status == MISS
+                or (value is not None and value.data is not None and value.flags is not None)
             )
             return compare_read(op, item), full and op.exptime is None
         if op.action == "store":
@@ -367,8 +370,13 @@ class ShadowDispatcher:
         status = str(result.status)
         if status == STORED and op.mode not in ("append", "prepend"):
             self._note_expiry(state, op.exptime or 0)
-        full = op.mc_status is not None and op.mode in ("set", "add", "replace", "cas")
-        return compare_outcome(op, status, None), full and status == op.mc_status
+        # Only outcomes that define the key in both stores make it known to be in step: a
+        # value stored whole, or the key absent from both. add's NOT_STORED and cas's EXISTS
+        # only say the key exists, with whatever value each store has.
+        defined = (status == STORED and op.mode in ("set", "add", "replace", "cas")) or (
+            (op.mode, status) in (("replace", "NOT_STORED"), ("cas", "NOT_FOUND"))
+        )
+        return compare_outcome(op, status, None), defined and status == op.mc_status
 
     async def _delta(self, op: ShadowOp, state: KeyState) -> tuple[Difference | None, bool]:
         cas = op.cas
