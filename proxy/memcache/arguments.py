@@ -13,6 +13,7 @@ from typing import Final, NamedTuple
 
 from proxy.memcache.numbers import (
     INT32_MAX,
+    canonical_int32,
     is_canonical_decimal,
     safe_strtol,
     safe_strtoul,
@@ -29,7 +30,6 @@ _SEVERITY: Final = (UNSHADOWABLE_INPUT, META_UNEMULATED, NON_CANONICAL)
 
 U32_MAX: Final = 2**32 - 1
 U64_MAX: Final = 2**64 - 1
-INT32_MIN: Final = -(2**31)
 
 # memcached 1.6.18 refuses a meta command of more than 20 tokens, its empty end token
 # included (MFLAG_MAX_OPT_LENGTH): 19 words. Observed for mg, ms, md and ma.
@@ -129,13 +129,6 @@ def is_canonical_base64(token: bytes) -> bool:
     return bool(decoded) and binascii.b2a_base64(decoded, newline=False) == token
 
 
-def _is_canonical_int32(token: bytes) -> bool:
-    """A plain decimal in int32 range; negative only as '-' then a canonical non-zero number."""
-    if token[:1] == b"-":
-        return token != b"-0" and is_canonical_decimal(token[1:], -INT32_MIN)
-    return is_canonical_decimal(token, INT32_MAX)
-
-
 @dataclass(frozen=True, slots=True)
 class MetaRequest:
     """One mg/ms/md/ma request line, read as memcached 1.6.18 reads it.
@@ -197,7 +190,7 @@ def _number(token: bytes, kind: str, problems: _Problems) -> int | None:
     """Parse a numeric flag value or field as memcached does, noting non-canonical spellings."""
     if kind == _INT32:
         value = safe_strtol(token)
-        canonical = value is not None and _is_canonical_int32(token)
+        canonical = value is not None and canonical_int32(token) is not None
     elif kind == _U32:
         value = safe_strtoul(token)
         canonical = value is not None and is_canonical_decimal(token, U32_MAX)

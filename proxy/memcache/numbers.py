@@ -99,3 +99,16 @@ def is_canonical_decimal(token: bytes, maximum: int) -> bool:
     if not token.isdigit() or (len(token) > 1 and token[0] == 48):
         return False
     return int(token) <= maximum
+
+
+INT32_MIN = -(2**31)
+
+
+def canonical_int32(token: bytes) -> int | None:
+    """The value of a plain decimal int32 (exptime, ttl), or None when it is spelled any other
+    way. A negative number is '-' then a canonical non-zero number ('-0' is not canonical)."""
+    if token[:1] == b"-":
+        if token == b"-0" or not is_canonical_decimal(token[1:], -INT32_MIN):
+            return None
+        return -int(token[1:])
+    return int(token) if is_canonical_decimal(token, INT32_MAX) else None

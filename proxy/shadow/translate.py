@@ -12,13 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from proxy.memcache.arguments import MetaRequest, canonical_storage, parse_meta_request
-from proxy.memcache.numbers import is_canonical_decimal
+from proxy.memcache.numbers import canonical_int32, is_canonical_decimal
 from proxy.memcache.reply import MalformedReply, MetaReply, parse_meta, parse_retrieval
 from proxy.memcache.request import KEY_MAX_LENGTH, Request
 
-U32_MAX = 2**32 - 1
 U64_MAX = 2**64 - 1
-INT32_MAX = 2**31 - 1
 
 # Reply lines normalised to these outcomes.
 STORED = "STORED"
@@ -109,15 +107,6 @@ def _store_outcome(line: bytes) -> str | None:
 # -- classic commands -------------------------------------------------------------------------
 
 
-def _canonical_exptime(token: bytes) -> int | None:
-    negative = token.startswith(b"-")
-    digits = token[1:] if negative else token
-    if not is_canonical_decimal(digits, INT32_MAX):
-        return None
-    value = int(digits)
-    return -value if negative else value
-
-
 def _retrieval(request: Request, reply: bytes, sampled: Callable[[bytes], bool]) -> Translation:
     words = request.words
     gat = request.command in ("gat", "gats")
@@ -126,7 +115,7 @@ def _retrieval(request: Request, reply: bytes, sampled: Callable[[bytes], bool])
         return Skip("unshadowable_input")
     exptime = None
     if gat:
-        exptime = _canonical_exptime(words[1])
+        exptime = canonical_int32(words[1])
         if exptime is None:
             return Skip("non_canonical", tuple(k for k in keys if sampled(k)))
     try:
@@ -246,7 +235,7 @@ def _touch(request: Request, reply: bytes, sampled: Callable[[bytes], bool]) -> 
     noreply = words[-1] == b"noreply"
     if len(words) != 3 + noreply or len(words[1]) > KEY_MAX_LENGTH:
         return Skip("unshadowable_input")
-    exptime = _canonical_exptime(words[2])
+    exptime = canonical_int32(words[2])
     if exptime is None:
         return Skip("non_canonical", (words[1],))
     status = None if noreply else _line(reply).decode(errors="replace")

@@ -326,3 +326,15 @@ def test_reference_stream_shape() -> None:
 
 def test_expect_enum_values_are_stable() -> None:
     assert Expect.UNTIL_SENTINEL.name == "UNTIL_SENTINEL"
+
+
+def test_canonical_int32() -> None:
+    from proxy.memcache.numbers import canonical_int32
+
+    assert canonical_int32(b"0") == 0
+    assert canonical_int32(b"100") == 100
+    assert canonical_int32(b"-1") == -1
+    assert canonical_int32(b"-2147483648") == -(2**31)
+    assert canonical_int32(b"2147483647") == 2**31 - 1
+    for token in (b"-0", b"+1", b"010", b"2147483648", b"-2147483649", b"1x", b""):
+        assert canonical_int32(token) is None, token
