@@ -46,7 +46,6 @@ from proxy.shadow.mcreader import McItem, MemcachedReader, MemcachedUnavailable
 from proxy.shadow.stats import ShadowStats
 from proxy.shadow.translate import (
     DELETED,
-    HIT,
     MISS,
     NOT_FOUND,
     STORED,
@@ -595,4 +594,4 @@ def _error_kind(exc: BaseException) -> str:
     return "redis_other"
 
 
-__all__ = ["HIT", "DispatcherSettings", "ShadowDispatcher"]
+__all__ = ["DispatcherSettings", "ShadowDispatcher"]
