@@ -254,7 +254,8 @@ class ShadowDispatcher:
         if not delay:
             self.keys.new_epoch()
         self.casmap.clear()
-        self.stats.skipped["flush_all_not_replayed"] += 0 if self.settings.replay_flush_all else 1
+        if not self.settings.replay_flush_all:
+            self.stats.skipped["flush_all_not_replayed"] += 1
 
     def _spawn_flush(self) -> None:
         async def flush() -> None:
