@@ -118,8 +118,12 @@ class ShadowDispatcher:
 
     # -- client path hand-off (synchronous, never waits) ----------------------------------
 
-    def observe(self, requests: list[Request], session: int) -> None:
-        now = time.perf_counter()
+    def observe(
+        self, requests: list[Request], session: int, replied_at: float | None = None
+    ) -> None:
+        """Queue the captured requests of one reply chunk; replied_at (perf_counter time,
+        now by default) is when their replies came back."""
+        now = time.perf_counter() if replied_at is None else replied_at
         queue = self._queue
         shadowed = self.stats.shadowed
         for request in requests:
@@ -128,12 +132,21 @@ class ShadowDispatcher:
             shadowed[request.command] += 1  # dropped ones included: drops/requests <= 1
             self._seq += 1
             if len(queue) >= self.settings.queue_size or self._stopping:
-                self._drop("queue_full", _state_keys(request), self._seq)
+                self._drop("queue_full", state_keys(request), self._seq)
                 continue
             queue.append((request, now, session, self._seq))
         self.stats.queue_depth = len(queue)
         if queue:
             self._wakeup.set()
+
+    def forget(self, keys: list[bytes]) -> None:
+        """Changes of these keys were dropped before they reached this dispatcher (the worker
+        hand-off): they are no longer known to be in step, whatever came before."""
+        self._seq += 1
+        for key in keys:
+            state = self.keys.peek(key)
+            if state is not None:
+                state.mark_lost(self._seq)
 
     def _drop(self, reason: str, keys: list[bytes] | tuple[bytes, ...], seq: int) -> None:
         self.stats.dropped[reason] += 1
@@ -554,7 +567,7 @@ class ShadowDispatcher:
                 self._redis_evictions = evicted
 
 
-def _state_keys(request: Request) -> list[bytes]:
+def state_keys(request: Request) -> list[bytes]:
     """The keys a request's shadow state is filed under (meta `b` keys decoded)."""
     if request.command in ("mg", "ms", "md", "ma") and b"b" in request.words[2:]:
         key = decode_base64_key(request.words[1]) if len(request.words) > 1 else None
@@ -595,4 +608,4 @@ def _error_kind(exc: BaseException) -> str:
     return "redis_other"
 
 
-__all__ = ["DispatcherSettings", "ShadowDispatcher"]
+__all__ = ["DispatcherSettings", "ShadowDispatcher", "state_keys"]
