@@ -148,6 +148,14 @@ class ShadowDispatcher:
             if state is not None:
                 state.mark_lost(self._seq)
 
+    def forget_all(self) -> None:
+        """Too many changes were dropped before this dispatcher to list: every key is cold."""
+        self._new_epoch()
+
+    def _new_epoch(self) -> None:
+        self._seq += 1
+        self.keys.new_epoch(self._seq)
+
     def _drop(self, reason: str, keys: list[bytes] | tuple[bytes, ...], seq: int) -> None:
         self.stats.dropped[reason] += 1
         for key in keys:
@@ -263,9 +271,9 @@ class ShadowDispatcher:
             else:
                 self._spawn_flush()
         elif delay:
-            loop.call_later(delay, self.keys.new_epoch)
+            loop.call_later(delay, self._new_epoch)
         if not delay:
-            self.keys.new_epoch()
+            self.keys.new_epoch(op.seq)
         self.casmap.clear()
         if not self.settings.replay_flush_all:
             self.stats.skipped["flush_all_not_replayed"] += 1
@@ -277,7 +285,7 @@ class ShadowDispatcher:
                 self.stats.redis_commands += 1
             except RedisError as exc:
                 self.stats.errors[_error_kind(exc)] += 1
-            self.keys.new_epoch()
+            self._new_epoch()
 
         task = asyncio.get_running_loop().create_task(flush())
         self._tasks.add(task)

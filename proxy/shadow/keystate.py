@@ -62,6 +62,9 @@ class KeyStates:
         self.capacity = capacity
         self.race_window = race_window
         self.epoch = 0
+        # Sequence number at which the current epoch began: an operation observed before it
+        # but replayed after it must not make a key of the new epoch warm.
+        self.epoch_seq = -1
         self._states: OrderedDict[bytes, KeyState] = OrderedDict()
 
     def __len__(self) -> int:
@@ -71,6 +74,7 @@ class KeyStates:
         state = self._states.get(key)
         if state is None or state.epoch != self.epoch:
             state = KeyState(self.epoch)
+            state.lost = self.epoch_seq
             self._states[key] = state
             if len(self._states) > self.capacity:
                 self._states.popitem(last=False)
@@ -108,9 +112,11 @@ class KeyStates:
         """Did another connection touch the key within the race window around `when`?"""
         return state.raced_at >= when - self.race_window
 
-    def new_epoch(self) -> None:
-        """flush_all not replayed on Redis: nothing is known to be in step any more."""
+    def new_epoch(self, seq: int) -> None:
+        """flush_all (at sequence number `seq`) not replayed on Redis, or changes lost in bulk:
+        nothing is known to be in step any more, whatever was observed up to `seq`."""
         self.epoch += 1
+        self.epoch_seq = max(self.epoch_seq, seq)
         self._states.clear()
 
 

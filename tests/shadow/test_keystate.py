@@ -1,0 +1,43 @@
+"""KeyStates: when a key counts as in step (warm), across flush epochs."""
+
+from __future__ import annotations
+
+from proxy.shadow.keystate import KeyStates
+
+
+def test_a_key_is_warm_once_synced_after_its_last_loss() -> None:
+    keys = KeyStates(capacity=10, race_window=1.0)
+    state = keys.get(b"k")
+    assert not state.warm
+    state.mark_synced(3)
+    assert state.warm
+    state.mark_lost(5)
+    assert not state.warm
+    state.mark_synced(4)  # an older sync does not undo a later loss
+    assert not state.warm
+    state.mark_synced(6)
+    assert state.warm
+
+
+def test_an_operation_from_before_the_epoch_cannot_warm_a_key_of_the_new_one() -> None:
+    # set (seq 1) observed, then flush_all (seq 2); the set is replayed after the flush was
+    # dispatched: its success says nothing about the key after the flush.
+    keys = KeyStates(capacity=10, race_window=1.0)
+    keys.get(b"k").mark_synced(1)
+    keys.new_epoch(2)
+    state = keys.get(b"k")
+    state.mark_synced(1)
+    assert not state.warm
+    state.mark_synced(3)  # a read after the flush that found both stores equal
+    assert state.warm
+
+
+def test_the_table_is_bounded_and_forgets_the_least_recently_used() -> None:
+    keys = KeyStates(capacity=2, race_window=1.0)
+    keys.get(b"a").mark_synced(1)
+    keys.get(b"b").mark_synced(2)
+    keys.get(b"a")
+    keys.get(b"c")
+    assert len(keys) == 2
+    assert keys.peek(b"b") is None
+    assert keys.peek(b"a") is not None and keys.peek(b"a").warm  # type: ignore[union-attr]
