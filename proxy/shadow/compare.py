@@ -29,6 +29,9 @@ UNEXPECTED_IN_REDIS = "unexpected_in_redis"
 STATUS = "status"
 ERROR = "error"
 PADDING = "incr_padding"  # only trailing spaces differ on a number: noise, not a mismatch
+# Not compared at all: a cas token whose gets was not shadowed, so Memcached's outcome was
+# followed (noise, never a mismatch).
+CAS_UNMAPPED = "cas_unmapped"
 
 
 @dataclass(frozen=True, slots=True)

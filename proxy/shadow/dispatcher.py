@@ -34,6 +34,7 @@ from proxy.redis.errors import (
 from proxy.redis.layout import Item
 from proxy.redis.store import RedisStore
 from proxy.shadow.compare import (
+    CAS_UNMAPPED,
     PADDING,
     Difference,
     compare_outcome,
@@ -306,7 +307,7 @@ class ShadowDispatcher:
             self._drop(reason, (op.key,), op.seq)
             stats.errors[_error_kind(exc)] += 1
             return
-        except RedisReplyError as exc:
+        except RedisError as exc:  # an error reply, or one this client cannot decode
             stats.errors[_error_kind(exc)] += 1
             state.mark_lost(op.seq)
             return
@@ -373,11 +374,9 @@ class ShadowDispatcher:
                     mode = "set" if op.mode == "cas" else op.mode
                     await store.store(mode, op.key, op.flags, op.exptime or 0, op.data)
                     self._note_expiry(state, op.exptime or 0)
-                if op.mc_status is not None:
-                    self.stats.count_comparison(op.command, "noise", "cas_unmapped")
-                else:
+                if op.mc_status is None:
                     state.mark_lost(op.seq)  # noreply: memcached's outcome is unknown
-                return None, False
+                return _unmapped(op), False
             cas = mapped
         result = await store.store(
             op.mode,
@@ -405,9 +404,7 @@ class ShadowDispatcher:
             mapped = self.casmap.get(op.key, cas)
             if mapped is None:
                 state.mark_lost(op.seq)  # the outcome cannot be predicted
-                if op.mc_status is not None:
-                    self.stats.count_comparison(op.command, "noise", "cas_unmapped")
-                return None, False
+                return _unmapped(op), False
             cas = mapped
         result = await self.store.delta(
             op.key,
@@ -432,11 +429,9 @@ class ShadowDispatcher:
             if mapped is None:
                 if op.mc_status == DELETED:
                     await self.store.delete(op.key)
-                if op.mc_status is not None:
-                    self.stats.count_comparison(op.command, "noise", "cas_unmapped")
-                else:
+                if op.mc_status is None:
                     self.keys.get(op.key).mark_lost(op.seq)  # noreply: outcome unknown
-                return None, False
+                return _unmapped(op), False
             cas = mapped
         status = str(await self.store.delete(op.key, cas))
         full = op.mc_status in (DELETED, NOT_FOUND) and cas is None
@@ -459,8 +454,8 @@ class ShadowDispatcher:
         self, op: ShadowOp, diff: Difference, state: KeyState, replied_at: float
     ) -> tuple[str, str]:
         """(outcome, detail) for a difference; noise leaves Redis in step where it can."""
-        if diff.kind == PADDING:
-            return "noise", PADDING
+        if diff.kind in (PADDING, CAS_UNMAPPED):
+            return "noise", diff.kind
         if self.keys.raced_near(state, replied_at):
             return "noise", "transient_race"  # the chain settles the key once it is idle
         if not state.warm:
@@ -581,6 +576,14 @@ def state_keys(request: Request) -> list[bytes]:
         key = decode_base64_key(request.words[1]) if len(request.words) > 1 else None
         return [key] if key else []
     return request.keys
+
+
+def _unmapped(op: ShadowOp) -> Difference | None:
+    """The verdict of an op whose cas token has no Redis mapping: Memcached's outcome was
+    followed, nothing was compared (noise; none when Memcached's outcome is unknown)."""
+    if op.mc_status is None:
+        return None
+    return Difference(CAS_UNMAPPED, op.mc_status, "-")
 
 
 def _mc_value(item: McItem | None) -> McValue | None:
