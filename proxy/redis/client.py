@@ -1,10 +1,12 @@
 """Pipelined asyncio Redis client on hiredis.Reader: bounded connections that reconnect.
 
 A RedisConnection writes every command issued in one loop iteration with a single write and
-matches replies to futures in FIFO order. Calls never wait for a connection or for room: they
-fail at once with RedisUnavailable or RedisBusy, and a reply that does not come in time fails
-with RedisTimeout and resets the connection (later replies would be misaligned). A RedisPool
-maps each key to one connection with a stable hash, so the commands of a key stay in order.
+matches replies to their commands in FIFO order: each command completes a future (`send`) or
+calls a callback (`send_callback`, no future and no task: the shadow's hot path). Calls never
+wait for a connection or for room: they fail at once with RedisUnavailable or RedisBusy, and a
+reply that does not come in time fails with RedisTimeout and resets the connection (later
+replies would be misaligned). A RedisPool maps each key to one connection with a stable hash,
+so the commands of a key stay in order.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ Reply: TypeAlias = bytes | int | float | list["Reply"] | None
 
 Arg: TypeAlias = bytes | str | int | float
 """One command argument; str is UTF-8 encoded, numbers are sent in decimal."""
+
+ReplyCallback: TypeAlias = Callable[[Reply, RedisError | None], None]
+"""Completion of one command sent with send_callback: called exactly once, with (reply, None)
+or (None, the RedisError), never from inside the send call itself."""
 
 DEFAULT_PORT = 6379
 
@@ -148,8 +154,22 @@ encode_command: Callable[[Sequence[Arg]], bytes] = (
 # protocol -----------------------------------------------------------------------------------
 
 
+def _deliver(callback: ReplyCallback, reply: Reply, error: RedisError | None) -> None:
+    """Call a command's callback; a failing callback must not stop the other replies."""
+    try:
+        callback(reply, error)
+    except Exception:
+        log.exception("redis: reply callback %r failed", callback)
+
+
 class _RespProtocol(asyncio.Protocol):
-    """One TCP/TLS connection: batched writes, FIFO replies, and the reply deadline."""
+    """One TCP/TLS connection: batched writes, FIFO replies, and the reply deadline.
+
+    Each command waiting for its reply is a `[future, callback, deadline]` entry of
+    `_pending`, in send order: a future (send) or a callback (send_callback). A callback is
+    set to None once called, so it is called exactly once whatever comes first: the reply,
+    the deadline or the loss of the connection.
+    """
 
     def __init__(
         self,
@@ -162,7 +182,7 @@ class _RespProtocol(asyncio.Protocol):
         self._on_down = on_down
         self._reader = hiredis.Reader()
         self._transport: asyncio.Transport | None = None
-        self._pending: deque[tuple[asyncio.Future[Reply], float]] = deque()
+        self._pending: deque[list[Any]] = deque()
         self._outbuf: list[bytes] = []
         self._flush_handle: asyncio.Handle | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -199,14 +219,21 @@ class _RespProtocol(asyncio.Protocol):
     def send(self, payload: bytes, timeout: float) -> asyncio.Future[Reply]:
         """Queue one encoded command; it is written with the others of this loop iteration."""
         future: asyncio.Future[Reply] = self._loop.create_future()
-        deadline = self._loop.time() + timeout
-        self._pending.append((future, deadline))
+        self._queue([future, None, self._loop.time() + timeout], payload)
+        return future
+
+    def send_callback(self, payload: bytes, timeout: float, callback: ReplyCallback) -> None:
+        """send() without a future: `callback` gets the reply or the error (see ReplyCallback)."""
+        self._queue([None, callback, self._loop.time() + timeout], payload)
+
+    def _queue(self, entry: list[Any], payload: bytes) -> None:
+        self._pending.append(entry)
         self._outbuf.append(payload)
         if self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self._flush)
+        deadline = entry[2]
         if self._timer is None or deadline < self._timer_when:
             self._arm(deadline)
-        return future
 
     def close(self) -> None:
         if self._transport is not None:
@@ -230,6 +257,7 @@ class _RespProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
+        pending = self._pending
         while True:
             try:
                 reply = self._reader.gets()
@@ -238,11 +266,22 @@ class _RespProtocol(asyncio.Protocol):
                 return
             if reply is False:
                 return
-            if not self._pending:
+            if not pending:
                 self.abort(RedisProtocolError("reply from Redis with no command waiting for it"))
                 return
-            future, _ = self._pending.popleft()
-            if future.done():  # the caller gave up waiting; the reply still had to be read
+            entry = pending.popleft()
+            callback = entry[1]
+            if callback is not None:
+                entry[1] = None
+                if isinstance(reply, hiredis.ReplyError):
+                    _deliver(callback, None, RedisReplyError(str(reply)))
+                else:
+                    _deliver(callback, reply, None)
+                if self._aborted:  # the callback closed the connection
+                    return
+                continue
+            future = entry[0]
+            if future is None or future.done():  # the caller gave up; the reply had to be read
                 continue
             if isinstance(reply, hiredis.ReplyError):
                 future.set_exception(RedisReplyError(str(reply)))
@@ -250,10 +289,19 @@ class _RespProtocol(asyncio.Protocol):
                 future.set_result(reply)
 
     def _fail_all(self, exc: RedisError) -> None:
+        # Callbacks are called once the queue is empty: one that sends a command (on another
+        # connection, this one is closed) must not find the failed ones still queued.
+        callbacks: list[ReplyCallback] = []
         while self._pending:
-            future, _ = self._pending.popleft()
-            if not future.done():
+            entry = self._pending.popleft()
+            future, callback, _ = entry
+            if callback is not None:
+                entry[1] = None
+                callbacks.append(callback)
+            elif future is not None and not future.done():
                 future.set_exception(exc)
+        for callback in callbacks:
+            _deliver(callback, None, exc)
 
     def _arm(self, when: float) -> None:
         if self._timer is not None:
@@ -265,22 +313,32 @@ class _RespProtocol(asyncio.Protocol):
         self._timer = None
         now = self._loop.time()
         earliest: float | None = None
-        expired = 0
-        for future, deadline in self._pending:
-            if future.done():
-                continue
+        expired: list[list[Any]] = []
+        for entry in self._pending:
+            future, callback, deadline = entry
+            if callback is None and (future is None or future.done()):
+                continue  # answered, or the caller gave up waiting
             if deadline <= now:
-                expired += 1
+                expired.append(entry)
             elif earliest is None or deadline < earliest:
                 earliest = deadline
-        if expired:
-            for future, deadline in self._pending:
-                if not future.done() and deadline <= now:
-                    future.set_exception(RedisTimeout("no reply from Redis in time"))
-            self._on_timeout(expired)
-            self.abort(RedisUnavailable("connection reset after a command timed out"))
-        elif earliest is not None:
-            self._arm(earliest)
+        if not expired:
+            if earliest is not None:
+                self._arm(earliest)
+            return
+        callbacks: list[ReplyCallback] = []
+        for entry in expired:
+            future, callback, _ = entry
+            if callback is not None:
+                entry[1] = None
+                callbacks.append(callback)
+            else:
+                future.set_exception(RedisTimeout("no reply from Redis in time"))
+        self._on_timeout(len(expired))
+        self.abort(RedisUnavailable("connection reset after a command timed out"))
+        # After the reset: a callback that sends again must not use this connection.
+        for callback in callbacks:
+            _deliver(callback, None, RedisTimeout("no reply from Redis in time"))
 
 
 # connection ---------------------------------------------------------------------------------
@@ -474,12 +532,30 @@ class RedisConnection:
         commands are already waiting. The future fails with RedisReplyError, RedisTimeout or
         RedisUnavailable.
         """
+        return self._ready().send(
+            encode_command(args), self.timeout if timeout is None else timeout
+        )
+
+    def send_callback(
+        self, callback: ReplyCallback, *args: Arg, timeout: float | None = None
+    ) -> None:
+        """send() without a future: queue a command whose reply or error goes to `callback`.
+
+        Raises RedisUnavailable or RedisBusy at once, as send() does (`callback` is then never
+        called); otherwise `callback` is called exactly once, later, with the reply or with
+        RedisReplyError, RedisTimeout or RedisUnavailable.
+        """
+        self._ready().send_callback(
+            encode_command(args), self.timeout if timeout is None else timeout, callback
+        )
+
+    def _ready(self) -> _RespProtocol:
         protocol = self._protocol
         if protocol is None or not protocol.is_open:
             raise RedisUnavailable(f"redis {self.name} ({self.url}) is not connected")
         if protocol.inflight >= self.max_inflight:
             raise RedisBusy(f"redis {self.name}: {protocol.inflight} commands already in flight")
-        return protocol.send(encode_command(args), self.timeout if timeout is None else timeout)
+        return protocol
 
     async def execute(self, *args: Arg, timeout: float | None = None) -> Reply:
         """Run one command and return its reply (see send() for the failures)."""
@@ -495,18 +571,64 @@ class RedisConnection:
         await self.reload_library()
         return await self.send(b"FCALL", function, 1, key, *args)
 
+    def fcall_callback(
+        self, callback: ReplyCallback, function: str, key: bytes, *args: Arg
+    ) -> None:
+        """fcall() with a callback (see send_callback): a missing library is reloaded once and
+        the call sent again before `callback` hears of it."""
+        command = (b"FCALL", function, 1, key, *args)
+        if self.library is None:
+            self.send_callback(callback, *command)
+            return
+
+        def first_reply(reply: Reply, error: RedisError | None) -> None:
+            if isinstance(error, RedisReplyError) and _missing_function(error):
+                self._after_reload(callback, command)
+            else:
+                callback(reply, error)
+
+        self.send_callback(first_reply, *command)
+
+    def _after_reload(self, callback: ReplyCallback, command: tuple[Arg, ...]) -> None:
+        try:
+            reload = self._start_reload()
+        except RedisError as exc:
+            _deliver(callback, None, exc)
+            return
+
+        def resend(done: asyncio.Future[Reply]) -> None:
+            error: RedisError | None = None
+            if done.cancelled():
+                error = RedisUnavailable("function reload cancelled")
+            else:
+                exc = done.exception()
+                if exc is not None:
+                    error = exc if isinstance(exc, RedisError) else RedisError(str(exc))
+            if error is None:
+                try:
+                    self.send_callback(callback, *command)
+                    return
+                except RedisError as exc:
+                    error = exc
+            _deliver(callback, None, error)
+
+        reload.add_done_callback(resend)
+
     async def reload_library(self) -> None:
         """FUNCTION LOAD REPLACE the library; concurrent callers share one load."""
         if self.library is None:
             return
+        await asyncio.shield(self._start_reload())
+
+    def _start_reload(self) -> asyncio.Future[Reply]:
+        """The library load in progress, or a new one (raises when it cannot be sent)."""
+        assert self.library is not None
         if self._reload is None or self._reload.done():
             self._reload = self.send(b"FUNCTION", b"LOAD", b"REPLACE", self.library)
             self._reload.add_done_callback(_consume_result)
             self.function_reloads += 1
             log.warning("redis %s (%s): function library missing, reloading", self.name, self.url)
-        reload = self._reload
-        assert reload is not None
-        await asyncio.shield(reload)
+        return self._reload
 
 
 # pool ---------------------------------------------------------------------------------------

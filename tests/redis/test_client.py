@@ -160,6 +160,192 @@ async def test_get_many_spans_connections_in_request_order(redis_shared: Server)
         await store.close()
 
 
+# callback sends ------------------------------------------------------------------------------
+
+
+class Calls:
+    """A ReplyCallback that records every call, to check each comes exactly once."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[object, BaseException | None]] = []
+        self.done = asyncio.Event()
+
+    def __call__(self, reply: object, error: BaseException | None) -> None:
+        self.calls.append((reply, error))
+        self.done.set()
+
+    async def wait(self, timeout: float = 5.0) -> tuple[object, BaseException | None]:
+        await asyncio.wait_for(self.done.wait(), timeout)
+        await asyncio.sleep(0.05)  # a second call would come now
+        assert len(self.calls) == 1, self.calls
+        return self.calls[0]
+
+    @staticmethod
+    async def wait_all(calls: list[Calls]) -> list[tuple[object, BaseException | None]]:
+        await asyncio.wait_for(asyncio.gather(*(call.done.wait() for call in calls)), 5.0)
+        await asyncio.sleep(0.05)
+        assert all(len(call.calls) == 1 for call in calls)
+        return [call.calls[0] for call in calls]
+
+
+async def test_callbacks_and_futures_share_one_ordered_pipeline(redis_shared: Server) -> None:
+    conn = RedisConnection(redis_shared.url(db=3), max_inflight=5000)
+    assert await conn.start()
+    try:
+        calls = [Calls() for _ in range(500)]
+        futures = []
+        for i, call in enumerate(calls):
+            conn.send_callback(call, b"ECHO", b"cb%d" % i)
+            assert call.calls == []  # never called from inside the send
+            futures.append(conn.send(b"ECHO", b"f%d" % i))
+        assert await asyncio.gather(*futures) == [b"f%d" % i for i in range(500)]
+        assert await Calls.wait_all(calls) == [(b"cb%d" % i, None) for i in range(500)]
+        error = Calls()
+        conn.send_callback(error, b"NOSUCHCOMMAND")
+        reply, exc = await error.wait()
+        assert reply is None and isinstance(exc, RedisReplyError)
+        assert "unknown command" in str(exc)
+        assert await conn.execute(b"ECHO", b"still in step") == b"still in step"
+    finally:
+        await conn.close()
+
+
+async def test_a_failing_callback_does_not_stop_the_other_replies(redis_shared: Server) -> None:
+    conn = RedisConnection(redis_shared.url(db=3))
+    assert await conn.start()
+    try:
+
+        def broken(reply: object, error: BaseException | None) -> None:
+            raise RuntimeError("bug in a callback")
+
+        after = Calls()
+        conn.send_callback(broken, b"PING")
+        conn.send_callback(after, b"ECHO", b"after")
+        assert await after.wait() == (b"after", None)
+        assert conn.is_connected
+    finally:
+        await conn.close()
+
+
+async def test_a_callback_may_send_the_next_command(redis_shared: Server) -> None:
+    conn = RedisConnection(redis_shared.url(db=3))
+    assert await conn.start()
+    try:
+        seen: list[object] = []
+        finished = asyncio.Event()
+
+        def step(reply: object, error: BaseException | None) -> None:
+            seen.append(reply)
+            if len(seen) < 50:
+                conn.send_callback(step, b"ECHO", b"%d" % len(seen))
+            else:
+                finished.set()
+
+        conn.send_callback(step, b"ECHO", b"0")
+        await asyncio.wait_for(finished.wait(), 5)
+        assert seen == [b"%d" % i for i in range(50)]
+    finally:
+        await conn.close()
+
+
+async def test_callback_send_fails_at_once_when_down_or_busy(redis_factory: StartRedis) -> None:
+    never = Calls()
+    down = RedisConnection(f"redis://127.0.0.1:{free_port()}", connect_timeout=0.3)
+    with pytest.raises(RedisUnavailable):
+        down.send_callback(never, b"PING")
+    server = redis_factory()
+    conn = RedisConnection(server.url(), max_inflight=3, timeout=5.0)
+    assert await conn.start()
+    try:
+        server.pause()
+        waiting = [Calls() for _ in range(3)]
+        for call in waiting:
+            conn.send_callback(call, b"PING")
+        with pytest.raises(RedisBusy):
+            conn.send_callback(never, b"PING")
+        server.resume()
+        assert await Calls.wait_all(waiting) == [(b"PONG", None)] * 3
+        assert never.calls == []
+    finally:
+        server.resume()
+        await conn.close()
+
+
+async def test_callback_timeout_is_reported_once_and_resets_the_connection(
+    redis_factory: StartRedis,
+) -> None:
+    server = redis_factory()
+    conn = RedisConnection(server.url(), timeout=0.2, connect_timeout=0.3, backoff_max=0.2)
+    assert await conn.start()
+    try:
+        server.pause()
+        slow, later = Calls(), Calls()
+        conn.send_callback(slow, b"ECHO", b"slow")
+        await asyncio.sleep(0.1)
+        conn.send_callback(later, b"ECHO", b"later", timeout=5.0)
+        reply, exc = await slow.wait()
+        assert reply is None and isinstance(exc, RedisTimeout)
+        reply, exc = await later.wait()  # its reply would come on a reset connection
+        assert reply is None and isinstance(exc, RedisUnavailable)
+        assert conn.timeouts == 1 and not conn.is_connected
+        server.resume()
+        assert await conn.wait_connected(5)
+        await asyncio.sleep(0.2)
+        assert len(slow.calls) == 1 and len(later.calls) == 1
+        again = Calls()
+        conn.send_callback(again, b"ECHO", b"again")
+        assert await again.wait() == (b"again", None)
+    finally:
+        server.resume()
+        await conn.close()
+
+
+async def test_callbacks_fail_once_when_the_connection_is_lost(redis_factory: StartRedis) -> None:
+    server = redis_factory()
+    conn = RedisConnection(server.url(), timeout=5.0, backoff_max=0.2)
+    assert await conn.start()
+    try:
+        server.pause()
+        calls = [Calls() for _ in range(10)]
+        for call in calls:
+            conn.send_callback(call, b"PING")
+        server.stop()  # kills the paused process: the connection is reset
+        for reply, exc in await Calls.wait_all(calls):
+            assert reply is None and isinstance(exc, RedisUnavailable)
+        # closing the client fails what is still queued, once too
+        server.start()
+        assert await conn.wait_connected(5)
+        server.pause()
+        pending = Calls()
+        conn.send_callback(pending, b"PING")
+        await conn.close()
+        reply, exc = await pending.wait()
+        assert reply is None and isinstance(exc, RedisUnavailable)
+    finally:
+        server.resume()
+        await conn.close()
+
+
+async def test_fcall_callback_reloads_a_missing_library_once(redis_shared: Server) -> None:
+    conn = RedisConnection(redis_shared.url(db=5), library=function_library())
+    assert await conn.start()
+    try:
+        await conn.execute(b"FUNCTION", b"DELETE", b"memshadow")
+        calls = [Calls() for _ in range(10)]
+        for i, call in enumerate(calls):
+            conn.fcall_callback(call, "mc_touch", b"k%d" % i, b"0", b"0")
+        assert await Calls.wait_all(calls) == [([b"NOT_FOUND"], None)] * 10
+        assert conn.function_reloads == 1
+        error = Calls()
+        conn.fcall_callback(error, "no_such_function", b"k")
+        await conn.execute(b"FUNCTION", b"DELETE", b"memshadow")  # after the first send
+        reply, exc = await error.wait()  # reloaded, sent again, still missing: reported
+        assert reply is None and isinstance(exc, RedisReplyError)
+        assert conn.function_reloads == 2
+    finally:
+        await conn.close()
+
+
 # failure handling ----------------------------------------------------------------------------
 
 
