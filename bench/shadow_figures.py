@@ -58,6 +58,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, default=1.0)
     parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--config", help="memshadow YAML config (e.g. shadow.worker: inline)")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="memshadow-shadowfig-"))
     procs = bench.Processes(workdir)
@@ -78,7 +79,8 @@ def main() -> int:
             "memshadow",
             [sys.executable, "-m", "proxy", "--listen", f"{HOST}:{port}",
              "--memcached", f"{HOST}:{mc_port}", "--admin", f"{HOST}:{admin}",
-             "--redis", f"redis://{HOST}:{redis_port}/0", "--sample-rate", str(args.rate)],
+             "--redis", f"redis://{HOST}:{redis_port}/0", "--sample-rate", str(args.rate),
+             *(["--config", args.config] if args.config else [])],
             cwd=bench.REPO_ROOT,
         )  # fmt: skip
         why = bench.wait_ready(proxy, port, b"version\r\n", b"VERSION ", 10)
@@ -98,16 +100,14 @@ def main() -> int:
             return 1
         time.sleep(2)  # let the shadow finish what it was handed
         s = scrape(admin)
-        rss_kib = next(
-            int(line.split()[1])
-            for line in Path(f"/proc/{proxy.pid}/status").read_text().splitlines()
-            if line.startswith("VmRSS:")
-        )
         requests = total(s, "memshadow_requests_total")
         shadowed = total(s, "memshadow_shadow_requests_total")
+        workers = _children(proxy.pid)
+        tps = bench.parse_memcaslap(out)["tps"]
         print(
-            f"rate {args.rate}: {requests:,.0f} client requests, {shadowed:,.0f} shadowed, "
-            f"memshadow RSS {rss_kib / 1024:.1f} MiB"
+            f"rate {args.rate}: {tps:,.0f} ops/s, {requests:,.0f} client "
+            f"requests, {shadowed:,.0f} shadowed; RSS memshadow {_rss_mib(proxy.pid):.1f} MiB"
+            + "".join(f", worker {_rss_mib(pid):.1f} MiB" for pid in workers)
         )
         for outcome in ("match", "mismatch", "noise"):
             n = total(s, "memshadow_shadow_comparisons_total", f'outcome="{outcome}"')
@@ -123,6 +123,21 @@ def main() -> int:
         return 0
     finally:
         procs.close()
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _children(pid: int) -> list[int]:
+    """Child processes of pid (the shadow worker, in shadow.worker: process mode)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children.extend(int(c) for c in (task / "children").read_text().split())
+    return children
 
 
 if __name__ == "__main__":

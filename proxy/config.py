@@ -37,6 +37,8 @@ _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _LOG_FORMATS = ("text", "json")
 
 LogFormat = Literal["text", "json"]
+_SHADOW_WORKERS = ("process", "inline")
+ShadowWorker = Literal["process", "inline"]
 
 
 class _Conflict(MemshadowError):
@@ -272,6 +274,14 @@ def _positive_int(node: Node) -> int:
     if isinstance(node, ScalarNode) and node.tag == _INT_TAG and (value := _scalar(node)) > 0:
         return int(value)
     raise InvalidValue(f"must be a whole number above zero, got {_describe(node)}")
+
+
+def _niceness(node: Node) -> int:
+    if isinstance(node, ScalarNode) and node.tag == _INT_TAG:
+        value = int(_scalar(node))
+        if 0 <= value <= 19:
+            return value
+    raise InvalidValue(f"must be a whole number from 0 to 19, got {_describe(node)}")
 
 
 def _byte_size(node: Node) -> int:
@@ -534,6 +544,14 @@ class ShadowConfig:
     # only as keyed hashes and lengths unless reveal_examples is true.
     examples_per_kind: int = field(default=20, metadata=_parsed_by(_positive_int))
     reveal_examples: bool = field(default=False, metadata=_parsed_by(_boolean))
+    # Where the replay runs: "process" (a worker process, so its CPU and pauses never stall
+    # the client path) or "inline" (on the proxy's own event loop).
+    worker: ShadowWorker = field(
+        default="process", metadata=_parsed_by(_choice_parser(_SHADOW_WORKERS))
+    )
+    # Niceness added to the worker process: under CPU contention the kernel favours client
+    # traffic, and the shadow drops (and counts) what it cannot keep up with. 0-19.
+    worker_nice: int = field(default=10, metadata=_parsed_by(_niceness))
 
     @property
     def enabled(self) -> bool:

@@ -166,9 +166,9 @@ class ProxyThread:
         try:
             kwargs = dict(self._server_kwargs)
             if self.config.shadow.redis is not None:
-                from proxy.shadow.service import Shadow
+                from proxy.shadow.service import build_shadow
 
-                self.shadow = Shadow(self.config, self.metrics)
+                self.shadow = build_shadow(self.config, self.metrics)
                 await self.shadow.start()
                 kwargs.update(capture=self.shadow.capture, observer=self.shadow.observe)
             self.server = ProxyServer(self.config, self.metrics, None, **kwargs)
@@ -195,7 +195,7 @@ class ProxyThread:
     def settle(self, timeout: float = 30.0) -> None:
         """Wait until the shadow has judged everything handed to it."""
         if self.shadow is not None:
-            self.run(lambda: asyncio.wait_for(self.shadow.dispatcher.idle(), timeout), timeout + 1)
+            self.run(lambda: asyncio.wait_for(self.shadow.idle(), timeout), timeout + 1)
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """Run fn on the proxy's loop and return its result."""

@@ -27,8 +27,8 @@ from proxy.shadow.stats import LatencyHistogram, ShadowStats
 
 OUTCOMES: Final = ("match", "mismatch", "noise")
 """Outcomes every shadowed command exports, at 0 until they happen."""
-DROP_REASONS: Final = ("queue_full", "timeout", "redis_down", "redis_busy")
-"""Drop reasons exported at 0 from the start (the dispatcher's)."""
+DROP_REASONS: Final = ("queue_full", "timeout", "redis_down", "redis_busy", "worker_down")
+"""Drop reasons exported at 0 from the start (the dispatcher's and the worker hand-off's)."""
 ERROR_KINDS: Final = (
     "redis_timeout",
     "redis_unavailable",
@@ -38,8 +38,9 @@ ERROR_KINDS: Final = (
     "redis_other",
     "memcached_reader",
     "internal",
+    "worker_exit",
 )
-"""Error kinds exported at 0 from the start (the dispatcher's)."""
+"""Error kinds exported at 0 from the start (the dispatcher's and the worker process's)."""
 
 # Bucket labels spelled as prometheus_client's own Histogram spells them ("5e-05").
 _go_float: Callable[[float], str] = floatToGoString  # untyped upstream

@@ -1,18 +1,21 @@
 """The shadow, assembled: sampler, Redis store, Memcached reader, dispatcher, examples, metrics.
 
 This is the one place the shadow's pieces are wired together. The client path sees only
-`capture` (sample this request?) and `observe` (these requests got their replies).
+`capture` (sample this request?) and `observe` (these requests got their replies). The replay
+itself (ShadowEngine) runs either on the proxy's own event loop (`Shadow`, shadow.worker:
+inline) or in a worker process (`ShadowProcess` in process.py, shadow.worker: process).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from proxy.memcache.request import Request
 from proxy.redis.store import RedisStore
 from proxy.shadow.control import ShadowControl
-from proxy.shadow.dispatcher import DispatcherSettings, ShadowDispatcher
+from proxy.shadow.dispatcher import DispatcherSettings, ExampleSink, ShadowDispatcher
 from proxy.shadow.examples import MismatchExamples
 from proxy.shadow.mcreader import MemcachedReader, MemcachedUnavailable
 from proxy.shadow.metrics import install_shadow_metrics
@@ -26,23 +29,23 @@ if TYPE_CHECKING:
 log = logging.getLogger("memshadow.shadow")
 
 
-class Shadow:
-    """Everything needed to replay sampled keys on Redis and judge the answers."""
+class ShadowEngine:
+    """Replays observed requests on Redis and judges them: store, reader and dispatcher."""
 
     def __init__(
-        self, config: Config, metrics: ProxyMetrics, control: ShadowControl | None = None
+        self,
+        config: Config,
+        stats: ShadowStats,
+        control: ShadowControl,
+        examples: ExampleSink | None,
     ) -> None:
         shadow = config.shadow
         if shadow.redis is None:
             raise ValueError("the shadow needs shadow.redis")
         self.config = config
-        self.control = control or ShadowControl(shadow.sample_rate)
-        self.stats = ShadowStats()
-        requests = metrics.requests
-        self.stats.client_requests_fn = lambda: sum(
-            requests.count(command) for command, _, _ in requests.snapshot()
-        )
-        self.sampler = KeySampler(self.control)
+        self.stats = stats
+        self.control = control
+        self.sampler = KeySampler(control)
         self.store = RedisStore.from_url(
             shadow.redis.to_url(),
             size=shadow.redis_connections,
@@ -52,15 +55,12 @@ class Shadow:
         self.reader = MemcachedReader(
             config.memcached.host, config.memcached.port, timeout=config.upstream_connect_timeout
         )
-        self.examples = MismatchExamples(
-            per_kind=shadow.examples_per_kind, reveal=shadow.reveal_examples
-        )
         self.dispatcher = ShadowDispatcher(
             store=self.store,
             reader=self.reader,
-            control=self.control,
+            control=control,
             sampled=self.sampler.sampled,
-            stats=self.stats,
+            stats=stats,
             settings=DispatcherSettings(
                 queue_size=shadow.queue_size,
                 max_inflight=shadow.max_inflight,
@@ -71,27 +71,8 @@ class Shadow:
                 backfill=shadow.backfill,
                 replay_flush_all=shadow.replay_flush_all,
             ),
-            examples=self._record_example,
+            examples=examples,
         )
-        install_shadow_metrics(metrics.registry, self.stats, self.control)
-
-    # The client path's two hooks.
-    def capture(self, request: Request) -> bool:
-        return self.sampler.decide(request)
-
-    def observe(self, requests: list[Request], session: int) -> None:
-        self.dispatcher.observe(requests, session)
-
-    def _record_example(
-        self,
-        kind: str,
-        command: str,
-        key: bytes,
-        memcached: dict[str, Any],
-        redis: dict[str, Any],
-        detail: str,
-    ) -> None:
-        self.examples.record(kind, command, key, memcached, redis, detail)
 
     async def start(self) -> None:
         """Connect to Redis (a failure is not fatal: the pool keeps retrying) and start."""
@@ -114,3 +95,92 @@ class Shadow:
         await self.dispatcher.stop(timeout)
         await self.store.close()
         await self.reader.close()
+
+
+class ShadowService(Protocol):
+    """What the rest of the proxy uses of a shadow, inline or in a worker process."""
+
+    control: ShadowControl
+    stats: ShadowStats
+    examples: MismatchExamples
+
+    def capture(self, request: Request) -> bool: ...
+
+    def observe(self, requests: list[Request], session: int) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self, timeout: float = 2.0) -> None: ...
+
+    async def idle(self) -> None: ...
+
+    def redis_execute(self) -> Callable[..., Awaitable[Any]]: ...
+
+
+def client_requests(metrics: ProxyMetrics) -> Callable[[], int]:
+    requests = metrics.requests
+    return lambda: sum(requests.count(command) for command, _, _ in requests.snapshot())
+
+
+def examples_for(config: Config) -> MismatchExamples:
+    shadow = config.shadow
+    return MismatchExamples(per_kind=shadow.examples_per_kind, reveal=shadow.reveal_examples)
+
+
+class Shadow:
+    """The shadow on the proxy's own event loop (shadow.worker: inline)."""
+
+    def __init__(
+        self, config: Config, metrics: ProxyMetrics, control: ShadowControl | None = None
+    ) -> None:
+        self.config = config
+        self.control = control or ShadowControl(config.shadow.sample_rate)
+        self.stats = ShadowStats()
+        self.stats.client_requests_fn = client_requests(metrics)
+        self.examples = examples_for(config)
+        self.engine = ShadowEngine(config, self.stats, self.control, self._record_example)
+        self.sampler = self.engine.sampler
+        self.store = self.engine.store
+        self.reader = self.engine.reader
+        self.dispatcher = self.engine.dispatcher
+        install_shadow_metrics(metrics.registry, self.stats, self.control)
+
+    # The client path's two hooks.
+    def capture(self, request: Request) -> bool:
+        return self.sampler.decide(request)
+
+    def observe(self, requests: list[Request], session: int) -> None:
+        self.dispatcher.observe(requests, session)
+
+    def _record_example(
+        self,
+        kind: str,
+        command: str,
+        key: bytes,
+        memcached: dict[str, Any],
+        redis: dict[str, Any],
+        detail: str,
+    ) -> None:
+        self.examples.record(kind, command, key, memcached, redis, detail)
+
+    async def start(self) -> None:
+        await self.engine.start()
+
+    async def stop(self, timeout: float = 2.0) -> None:
+        await self.engine.stop(timeout)
+
+    async def idle(self) -> None:
+        """Wait until everything handed over has been judged (tests, shutdown)."""
+        await self.dispatcher.idle()
+
+    def redis_execute(self) -> Callable[..., Awaitable[Any]]:
+        return self.store.pool.connection_for(b"").execute
+
+
+def build_shadow(config: Config, metrics: ProxyMetrics) -> ShadowService:
+    """The shadow the config asks for: in a worker process (default) or inline."""
+    if config.shadow.worker == "process":
+        from proxy.shadow.process import ShadowProcess
+
+        return ShadowProcess(config, metrics)
+    return Shadow(config, metrics)

@@ -113,9 +113,12 @@ def assert_stores_equal(memcached: ServerProcess, redis: ServerProcess, keys: li
         )
 
 
-@pytest.fixture
-def shadowed(memcached: ServerProcess, redis_server: ServerProcess) -> Iterator[ProxyThread]:
-    proxy = ProxyThread(proxy_config(memcached, redis_server, 1.0))
+@pytest.fixture(params=["process", "inline"])
+def shadowed(
+    request: pytest.FixtureRequest, memcached: ServerProcess, redis_server: ServerProcess
+) -> Iterator[ProxyThread]:
+    """A proxy shadowing every key, with the replay in a worker process or on its own loop."""
+    proxy = ProxyThread(proxy_config(memcached, redis_server, 1.0, worker=request.param))
     proxy.start()
     yield proxy
     proxy.stop()

@@ -1,0 +1,375 @@
+"""The shadow in a worker process (shadow.worker: process), seen from the proxy process.
+
+The proxy process keeps what the client path and the operators touch: the sampler (capture),
+the live control, the mismatch examples (with their secret) and a mirror of the shadow's
+stats for /metrics and the ramp and halt rules. Everything else, the replay on Redis, the
+comparisons and their per-key state, runs in `python -m proxy.shadow.worker`, fed over a
+Unix socket (wire.py). The hand-off costs the client path one tuple per sampled request and
+one write per event-loop iteration; the worker's CPU, garbage collection and slow paths
+never stall client traffic, and it runs niced, so when CPU is short the kernel serves
+clients first and the shadow drops (and counts) what it cannot keep up with.
+
+The proxy never waits for the worker: past PIPE_BUFFER_LIMIT bytes not yet taken by it,
+batches are dropped (reason queue_full); while it is down or restarting they are dropped
+with reason worker_down. A worker that dies is restarted with backoff; its successor starts
+with every key cold, and its figures are added to the dead one's so counters never go back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import pickle
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Final, cast
+
+from proxy.memcache.request import Request
+from proxy.redis.client import RedisPool
+from proxy.shadow.control import ControlChange, ShadowControl
+from proxy.shadow.dispatcher import state_keys
+from proxy.shadow.metrics import install_shadow_metrics
+from proxy.shadow.sampler import KeySampler
+from proxy.shadow.service import client_requests, examples_for
+from proxy.shadow.stats import ShadowStats
+from proxy.shadow.wire import (
+    FrameDecoder,
+    RequestTuple,
+    WireError,
+    add_states,
+    apply_stats_state,
+    empty_state,
+    encode,
+    pack_request,
+    unpack_request,
+)
+
+if TYPE_CHECKING:
+    from proxy.config import Config
+    from proxy.metrics import ProxyMetrics
+
+log = logging.getLogger("memshadow.shadow")
+
+PIPE_BUFFER_LIMIT: Final = 8 * 1024 * 1024
+"""Bytes of batches the worker has not taken yet (on top of the kernel's socket buffer) past
+which new batches are dropped rather than buffered: about 40,000 small requests."""
+LOST_KEYS_LIMIT: Final = 10_000
+"""Keys of dropped requests remembered until the worker can be told; past it every key is
+made cold instead (one message, whatever was dropped)."""
+READY_TIMEOUT: Final = 10.0
+BACKOFF_INITIAL: Final = 0.5
+BACKOFF_MAX: Final = 10.0
+STABLE_AFTER: Final = 30.0  # a worker that lived this long restarts with the initial backoff
+
+Group = tuple[int, float, list[RequestTuple]]
+
+
+class _WorkerLink(asyncio.Protocol):
+    """The proxy's end of the socket: decodes the worker's messages."""
+
+    def __init__(self, owner: ShadowProcess) -> None:
+        self.owner = owner
+        self.decoder = FrameDecoder()
+        self.transport: asyncio.Transport | None = None
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages = self.decoder.feed(data)
+        except WireError as exc:
+            log.error("shadow worker: %s; restarting it", exc)
+            assert self.transport is not None
+            self.transport.abort()
+            return
+        for message in messages:
+            self.owner._received(message)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+class ShadowProcess:
+    """The shadow service whose replay runs in a worker process."""
+
+    def __init__(
+        self, config: Config, metrics: ProxyMetrics, control: ShadowControl | None = None
+    ) -> None:
+        shadow = config.shadow
+        if shadow.redis is None:
+            raise ValueError("the shadow needs shadow.redis")
+        self.config = config
+        self.control = control or ShadowControl(shadow.sample_rate)
+        self.stats = ShadowStats()
+        self.stats.client_requests_fn = client_requests(metrics)
+        self.examples = examples_for(config)
+        self.sampler = KeySampler(self.control)
+        # One connection of the proxy's own for the operators' Redis INFO.
+        self._info = RedisPool(shadow.redis.to_url(), 1, timeout=shadow.redis_timeout)
+        self._config_blob = pickle.dumps(config)
+        self._batch: list[Group] = []
+        self._batch_items = 0
+        self._flush_handle: asyncio.Handle | None = None
+        self._link: _WorkerLink | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._ready: asyncio.Future[None] | None = None
+        self._lost: set[bytes] = set()
+        self._lost_overflow = False
+        # Figures of workers that exited, and the proxy process's own drops and errors.
+        self._base_state = empty_state()
+        self._state = empty_state()
+        self._dropped: Counter[str] = Counter()
+        self._errors: Counter[str] = Counter()
+        self._idle_token = 0
+        self._idle_waiters: dict[int, asyncio.Future[None]] = {}
+        self._supervisor: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.restarts = 0
+        self.control.add_listener(self._control_changed)
+        install_shadow_metrics(metrics.registry, self.stats, self.control)
+
+    # -- the client path's two hooks (never wait) -----------------------------------------
+
+    def capture(self, request: Request) -> bool:
+        return self.sampler.decide(request)
+
+    def observe(self, requests: list[Request], session: int) -> None:
+        shadowed = self.stats.shadowed
+        items: list[RequestTuple] = []
+        for request in requests:
+            if request.capture:
+                shadowed[request.command] += 1
+                items.append(pack_request(request))
+        if not items:
+            return
+        self._batch.append((session, time.perf_counter(), items))
+        self._batch_items += len(items)
+        self.stats.queue_depth = self._state["queue_depth"] + self._batch_items
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Once per loop iteration: hand the batch to the worker, or drop it."""
+        self._flush_handle = None
+        batch = self._batch
+        if not batch:
+            return
+        self._batch = []
+        self._batch_items = 0
+        link = self._link
+        transport = link.transport if link is not None else None
+        if transport is None or transport.is_closing() or self._stopping:
+            self._drop_batch("worker_down", batch)
+            return
+        if transport.get_write_buffer_size() > PIPE_BUFFER_LIMIT:
+            self._drop_batch("queue_full", batch)
+            return
+        if self._lost_overflow:
+            transport.write(encode(("epoch",)))
+        elif self._lost:
+            transport.write(encode(("lost", list(self._lost))))
+        self._lost.clear()
+        self._lost_overflow = False
+        transport.write(encode(("batch", batch)))
+
+    def _drop_batch(self, reason: str, batch: list[Group]) -> None:
+        count = 0
+        for _, _, items in batch:
+            count += len(items)
+            if self._lost_overflow:
+                continue
+            for item in items:
+                self._lost.update(state_keys(unpack_request(item)))
+            if len(self._lost) > LOST_KEYS_LIMIT:
+                self._lost.clear()
+                self._lost_overflow = True
+        self._dropped[reason] += count
+        self.stats.dropped[reason] += count
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the worker and wait (up to READY_TIMEOUT) until it is replaying."""
+        loop = asyncio.get_running_loop()
+        self._ready = loop.create_future()
+        self._supervisor = loop.create_task(self._supervise(), name="shadow-worker")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._ready), READY_TIMEOUT)
+        if not self._ready.done():
+            log.warning("shadow worker not ready after %gs; carrying on", READY_TIMEOUT)
+        await self._info.start()
+
+    async def stop(self, timeout: float = 2.0) -> None:
+        """Let the worker finish what it has (within `timeout`), then end it."""
+        self._stopping = True
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        link = self._link
+        if link is not None and link.transport is not None and not link.transport.is_closing():
+            if self._batch:
+                batch, self._batch, self._batch_items = self._batch, [], 0
+                link.transport.write(encode(("batch", batch)))
+            link.transport.write(encode(("stop", timeout)))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(link.closed), timeout + 2.0)
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        await self._end_process()
+        await self._info.close()
+
+    async def idle(self) -> None:
+        """Wait until the worker has judged everything handed to it (tests, shutdown)."""
+        link = self._link
+        if link is None or link.transport is None or link.transport.is_closing():
+            return
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        self._flush()
+        self._idle_token += 1
+        waiter = asyncio.get_running_loop().create_future()
+        self._idle_waiters[self._idle_token] = waiter
+        link.transport.write(encode(("idle", self._idle_token)))
+        await waiter
+
+    def redis_execute(self) -> Callable[..., Awaitable[Any]]:
+        return self._info.connection_for(b"").execute
+
+    @property
+    def worker_pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    async def _supervise(self) -> None:
+        backoff = BACKOFF_INITIAL
+        while not self._stopping:
+            started = time.monotonic()
+            try:
+                link = await self._spawn()
+            except OSError as exc:
+                log.error("cannot start the shadow worker: %s", exc)
+                self._errors["worker_exit"] += 1
+                self._refresh_stats()
+            else:
+                await link.closed
+                self._link = None
+                self._worker_gone()
+                if self._stopping:
+                    return
+                code = await self._end_process()
+                self._errors["worker_exit"] += 1
+                self._refresh_stats()
+                log.error(
+                    "shadow worker exited (status %s); restarting it in %.1fs", code, backoff
+                )
+            if time.monotonic() - started >= STABLE_AFTER:
+                backoff = BACKOFF_INITIAL
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+            self.restarts += 1
+
+    async def _spawn(self) -> _WorkerLink:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "proxy.shadow.worker", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                close_fds=True,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        loop = asyncio.get_running_loop()
+        link = _WorkerLink(self)
+        ours.setblocking(False)
+        await loop.create_unix_connection(lambda: link, sock=ours)
+        assert link.transport is not None
+        # The worker starts cold and takes the live rate from here.
+        self._lost.clear()
+        self._lost_overflow = False
+        link.transport.write(
+            encode(
+                (
+                    "start",
+                    self._config_blob,
+                    self.control.sample_rate,
+                    self.control.enabled,
+                    self.config.shadow.worker_nice,
+                )
+            )
+        )
+        self._link = link
+        return link
+
+    def _worker_gone(self) -> None:
+        """Keep the dead worker's figures and release whoever waits for it."""
+        self._base_state = add_states(self._base_state, self._state)
+        self._state = empty_state()
+        self._refresh_stats()
+        for waiter in self._idle_waiters.values():
+            if not waiter.done():
+                waiter.set_result(None)
+        self._idle_waiters.clear()
+
+    async def _end_process(self) -> int | None:
+        process = self._process
+        if process is None:
+            return None
+        self._process = None
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(None, process.wait, 2.0)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return await loop.run_in_executor(None, process.wait)
+
+    # -- messages from the worker ---------------------------------------------------------
+
+    def _received(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "stats":
+            self._state = message[1]
+            self._refresh_stats()
+        elif kind == "example":
+            _, example_kind, command, key, memcached, redis, detail = message
+            self.examples.record(example_kind, command, key, memcached, redis, detail)
+        elif kind == "idle":
+            waiter = self._idle_waiters.pop(message[1], None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        elif kind == "ready":
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_result(None)
+        else:
+            log.warning("shadow worker: unknown message %r", kind)
+
+    def _refresh_stats(self) -> None:
+        apply_stats_state(
+            self.stats,
+            add_states(self._base_state, self._state),
+            extra_dropped=self._dropped,
+            extra_errors=self._errors,
+            extra_queue=self._batch_items,
+        )
+
+    def _control_changed(self, change: ControlChange) -> None:
+        link = self._link
+        if link is not None and link.transport is not None and not link.transport.is_closing():
+            link.transport.write(
+                encode(("rate", self.control.sample_rate, self.control.enabled))
+            )
+
+
+__all__ = ["PIPE_BUFFER_LIMIT", "ShadowProcess"]

@@ -1,0 +1,252 @@
+"""The shadow worker's pipe, sans-IO: length-prefixed marshal frames and what travels in them.
+
+The proxy process and its shadow worker process exchange messages over one Unix stream
+socket. A frame is a 4-byte big-endian length and a `marshal` payload (both ends run the
+same interpreter and code, and marshal is the cheapest C-level encoder of tuples of bytes,
+str and numbers). A message is a tuple whose first item names it:
+
+proxy -> worker
+    ("start", config_pickle)            first frame: the Config to run with (pickled)
+    ("batch", groups)                   observed requests; groups of (session, replied_at,
+                                        [request tuple, ...]), see pack_request
+    ("lost", keys)                      changes of these keys never reached the worker
+    ("epoch",)                          too many lost keys to list: every key is cold again
+    ("rate", sample_rate, enabled)      the live sampling settings changed
+    ("idle", token)                     answer ("idle", token) once everything is judged
+    ("stop", timeout)                   finish (within timeout) and exit
+
+worker -> proxy
+    ("stats", state)                    ShadowStats as plain data, see stats_state
+    ("example", kind, command, key, memcached, redis, detail)   one mismatch example
+    ("idle", token)
+"""
+
+from __future__ import annotations
+
+import marshal
+import struct
+from typing import Any, Final
+
+from proxy.errors import MemshadowError
+from proxy.memcache.request import Request
+from proxy.shadow.stats import LatencyHistogram, ShadowStats
+
+_HEADER: Final = struct.Struct(">I")
+MAX_FRAME: Final = 256 * 1024 * 1024
+"""A frame longer than this is a broken peer, not a big batch (values are at most 1 GiB in
+memcached, but a batch holds what one loop iteration saw)."""
+
+RequestTuple = tuple[str, list[bytes], int, bool, bytes | None, bytes | None, float]
+
+
+class WireError(MemshadowError):
+    """The peer sent something that is not a frame of this protocol."""
+
+
+def encode(message: tuple[Any, ...]) -> bytes:
+    payload = marshal.dumps(message)
+    return _HEADER.pack(len(payload)) + payload
+
+
+class FrameDecoder:
+    """Feed bytes, get whole messages; a partial frame waits for the rest."""
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[Any, ...]]:
+        buffer = self._buffer
+        buffer += data
+        messages: list[tuple[Any, ...]] = []
+        offset = 0
+        end = len(buffer)
+        while end - offset >= 4:
+            (size,) = _HEADER.unpack_from(buffer, offset)
+            if size > self.max_frame:
+                raise WireError(f"frame of {size} bytes is over the {self.max_frame} limit")
+            if end - offset - 4 < size:
+                break
+            start = offset + 4
+            try:
+                message = marshal.loads(memoryview(buffer)[start : start + size])
+            except (EOFError, ValueError, TypeError) as exc:
+                raise WireError(f"undecodable frame: {exc}") from None
+            if not isinstance(message, tuple) or not message or not isinstance(message[0], str):
+                raise WireError(f"not a message: {type(message).__name__}")
+            messages.append(message)
+            offset = start + size
+        if offset:
+            del buffer[:offset]
+        return messages
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame held back."""
+        return len(self._buffer)
+
+
+# -- requests ---------------------------------------------------------------------------------
+
+
+def pack_request(request: Request) -> RequestTuple:
+    """What the worker needs of a captured request to translate and compare it."""
+    return (
+        request.command,
+        request.words,
+        request.data_len,
+        request.data_ok,
+        request.data,
+        request.response,
+        request.started,
+    )
+
+
+def unpack_request(item: RequestTuple) -> Request:
+    command, words, data_len, data_ok, data, response, started = item
+    request = Request(b" ".join(words), words, command, _NO_EXPECT, False, data_len)
+    request.data_ok = data_ok
+    request.data = data
+    request.complete = True
+    request.response = response
+    request.started = started
+    request.capture = True
+    return request
+
+
+# Request() wants an Expect; the worker never frames replies, so any value does.
+_NO_EXPECT: Any = None
+
+
+# -- stats ------------------------------------------------------------------------------------
+
+
+def stats_state(stats: ShadowStats) -> dict[str, Any]:
+    """ShadowStats as marshal-able plain data (everything but `shadowed`, which the proxy
+    process counts itself as it hands requests over)."""
+    return {
+        "comparisons": dict(stats.comparisons),
+        "mismatches": dict(stats.mismatches),
+        "noise": dict(stats.noise),
+        "skipped": dict(stats.skipped),
+        "dropped": dict(stats.dropped),
+        "errors": dict(stats.errors),
+        "redis_commands": stats.redis_commands,
+        "repairs": stats.repairs,
+        "memcached_latency": _histograms(stats.memcached_latency),
+        "redis_latency": _histograms(stats.redis_latency),
+        "shadow_duration": _histograms(stats.shadow_duration),
+        "lag": _histogram(stats.lag),
+        "queue_depth": stats.queue_depth,
+    }
+
+
+def apply_stats_state(
+    stats: ShadowStats,
+    state: dict[str, Any],
+    *,
+    extra_dropped: dict[str, int] | None = None,
+    extra_errors: dict[str, int] | None = None,
+    extra_queue: int = 0,
+) -> None:
+    """Make `stats` (the proxy process's mirror, shared with the metrics collector and the
+    operator tools, so updated in place) show the worker's figures plus the proxy's own
+    drops and errors."""
+    stats.comparisons.clear()
+    stats.comparisons.update(state["comparisons"])
+    stats.mismatches.clear()
+    stats.mismatches.update(state["mismatches"])
+    stats.noise.clear()
+    stats.noise.update(state["noise"])
+    stats.skipped.clear()
+    stats.skipped.update(state["skipped"])
+    stats.dropped.clear()
+    stats.dropped.update(state["dropped"])
+    if extra_dropped:
+        stats.dropped.update(extra_dropped)
+    stats.errors.clear()
+    stats.errors.update(state["errors"])
+    if extra_errors:
+        stats.errors.update(extra_errors)
+    stats.redis_commands = state["redis_commands"]
+    stats.repairs = state["repairs"]
+    _load_histograms(stats.memcached_latency, state["memcached_latency"])
+    _load_histograms(stats.redis_latency, state["redis_latency"])
+    _load_histograms(stats.shadow_duration, state["shadow_duration"])
+    _load_histogram(stats.lag, state["lag"])
+    stats.queue_depth = state["queue_depth"] + extra_queue
+
+
+_COUNTERS: Final = ("comparisons", "mismatches", "noise", "skipped", "dropped", "errors")
+_HISTOGRAM_TABLES: Final = ("memcached_latency", "redis_latency", "shadow_duration")
+
+
+def add_states(base: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    """The sum of two stats states: the figures of a worker that exited are added to its
+    successor's, so counters never go backwards (the queue depth is the newer one's)."""
+    total: dict[str, Any] = {}
+    for name in _COUNTERS:
+        merged = dict(base[name])
+        for label, n in more[name].items():
+            merged[label] = merged.get(label, 0) + n
+        total[name] = merged
+    for name in _HISTOGRAM_TABLES:
+        table = dict(base[name])
+        for command, histogram in more[name].items():
+            earlier = table.get(command)
+            table[command] = histogram if earlier is None else _add_histograms(earlier, histogram)
+        total[name] = table
+    total["lag"] = _add_histograms(base["lag"], more["lag"])
+    total["redis_commands"] = base["redis_commands"] + more["redis_commands"]
+    total["repairs"] = base["repairs"] + more["repairs"]
+    total["queue_depth"] = more["queue_depth"]
+    return total
+
+
+def empty_state() -> dict[str, Any]:
+    return stats_state(ShadowStats())
+
+
+def _add_histograms(
+    a: tuple[list[int], int, float], b: tuple[list[int], int, float]
+) -> tuple[list[int], int, float]:
+    return [x + y for x, y in zip(a[0], b[0], strict=True)], a[1] + b[1], a[2] + b[2]
+
+
+def _histogram(histogram: LatencyHistogram) -> tuple[list[int], int, float]:
+    return list(histogram.buckets), histogram.count, histogram.total
+
+
+def _histograms(table: dict[str, LatencyHistogram]) -> dict[str, tuple[list[int], int, float]]:
+    return {command: _histogram(histogram) for command, histogram in table.items()}
+
+
+def _load_histogram(histogram: LatencyHistogram, state: tuple[list[int], int, float]) -> None:
+    buckets, count, total = state
+    histogram.buckets = list(buckets)
+    histogram.count = count
+    histogram.total = total
+
+
+def _load_histograms(
+    table: dict[str, LatencyHistogram], state: dict[str, tuple[list[int], int, float]]
+) -> None:
+    for command, histogram_state in state.items():
+        histogram = table.get(command)
+        if histogram is None:
+            histogram = table[command] = LatencyHistogram()
+        _load_histogram(histogram, histogram_state)
+
+
+__all__ = [
+    "FrameDecoder",
+    "RequestTuple",
+    "WireError",
+    "add_states",
+    "apply_stats_state",
+    "empty_state",
+    "encode",
+    "pack_request",
+    "stats_state",
+    "unpack_request",
+]

@@ -1,0 +1,153 @@
+"""The shadow's worker process (shadow.worker: process): isolation, restart, hand-off limits.
+
+The verdicts themselves are covered for both worker modes by test_shadow.py; these tests are
+about the process boundary: what happens to clients and to the figures when the worker is
+killed, stalled or told a new rate, and that it never outlives the proxy.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from pymemcache.client.base import Client
+
+import proxy.shadow.process
+from proxy.shadow.sampler import KeySampler
+from tests.integration.test_shadow import _hammer, assert_stores_equal, totals
+from tests.support import ProxyThread, ServerProcess, proxy_config
+
+
+@pytest.fixture
+def worker_proxy(memcached: ServerProcess, redis_server: ServerProcess) -> Iterator[ProxyThread]:
+    proxy = ProxyThread(proxy_config(memcached, redis_server, 1.0, worker="process"))
+    proxy.start()
+    yield proxy
+    proxy.stop()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie still answers kill(0); its /proc status says so
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split(") ", 1)[1][0] != "Z"
+
+
+def _wait_for(condition: object, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(condition) and condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def test_the_worker_runs_apart_niced_and_ends_with_the_proxy(
+    memcached: ServerProcess, redis_server: ServerProcess
+) -> None:
+    proxy = ProxyThread(proxy_config(memcached, redis_server, 1.0, worker="process"))
+    proxy.start()
+    pid = proxy.shadow.worker_pid
+    assert pid is not None and pid != os.getpid()
+    assert os.getpriority(os.PRIO_PROCESS, pid) - os.getpriority(os.PRIO_PROCESS, 0) == 10
+    client = Client(("127.0.0.1", proxy.port), default_noreply=False, timeout=5)
+    client.set("k", b"v")
+    assert client.get("k") == b"v"
+    proxy.settle()
+    assert totals(proxy) == {"match": 2}
+    client.close()
+    proxy.stop()
+    _wait_for(lambda: not _pid_alive(pid), 5)
+
+
+def test_a_killed_worker_is_restarted_and_clients_never_notice(
+    worker_proxy: ProxyThread, memcached: ServerProcess, redis_server: ServerProcess
+) -> None:
+    errors: list[str] = []
+    counts: list[int] = []
+    keys = [f"w{i}" for i in range(40)]
+    threads = [
+        threading.Thread(
+            target=lambda i=i: counts.append(_hammer(worker_proxy.port, keys, 4.0, i, errors))
+        )
+        for i in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    first = worker_proxy.shadow.worker_pid
+    before = sum(worker_proxy.shadow.stats.comparisons.values())
+    os.kill(first, signal.SIGKILL)
+    _wait_for(lambda: worker_proxy.shadow.worker_pid not in (None, first))
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+    assert sum(counts) > 0
+    worker_proxy.settle()
+    stats = worker_proxy.shadow.stats
+    assert stats.errors["worker_exit"] == 1
+    assert stats.dropped["worker_down"] > 0  # handed over while no worker ran: counted
+    # The dead worker's figures are kept and the new one adds to them.
+    assert sum(stats.comparisons.values()) > before
+    assert totals(worker_proxy).get("mismatch", 0) == 0
+    # The new worker is in step again: quiet keys read back equal in both stores.
+    client = Client(("127.0.0.1", worker_proxy.port), default_noreply=False, timeout=5)
+    for key in keys:
+        client.set(key, b"after")
+    worker_proxy.settle()
+    assert_stores_equal(memcached, redis_server, keys)
+    client.close()
+
+
+def test_a_stalled_worker_costs_drops_not_latency_or_memory(
+    worker_proxy: ProxyThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(proxy.shadow.process, "PIPE_BUFFER_LIMIT", 64 * 1024)
+    pid = worker_proxy.shadow.worker_pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        client = Client(("127.0.0.1", worker_proxy.port), default_noreply=False, timeout=5)
+        value = b"x" * 1000
+        for i in range(3000):  # ~3 MB of sets: more than the socket and the limit hold
+            assert client.set(f"s{i % 50}", value)
+        dropped = worker_proxy.call(lambda: worker_proxy.shadow.stats.dropped["queue_full"])
+        assert dropped > 0
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    worker_proxy.settle()
+    stats = worker_proxy.shadow.stats
+    assert stats.errors["worker_exit"] == 0
+    assert totals(worker_proxy).get("mismatch", 0) == 0
+    # Keys whose changes were dropped are cold: the worker was told, nothing is guessed.
+    for i in range(50):
+        assert client.get(f"s{i}") == value
+    worker_proxy.settle()
+    assert totals(worker_proxy).get("mismatch", 0) == 0
+    client.close()
+
+
+def test_a_rate_change_reaches_the_worker(worker_proxy: ProxyThread) -> None:
+    # A multi-key get is captured when any key is sampled; the worker compares only the
+    # sampled ones, so it must know the new rate.
+    worker_proxy.call(lambda: worker_proxy.shadow.control.set_rate(0.5, "test"))
+    worker_proxy.settle()
+    sampler = KeySampler(worker_proxy.shadow.control)
+    keys = [f"m{i}" for i in range(40)]
+    sampled = [k for k in keys if sampler.sampled(k.encode())]
+    assert 0 < len(sampled) < len(keys)
+    client = Client(("127.0.0.1", worker_proxy.port), default_noreply=False, timeout=5)
+    for key in keys:
+        client.set(key, b"v")
+    worker_proxy.settle()
+    before = worker_proxy.shadow.stats.comparisons[("get", "match")]
+    assert client.get_many(keys) == dict.fromkeys(keys, b"v")
+    worker_proxy.settle()
+    assert worker_proxy.shadow.stats.comparisons[("get", "match")] - before == len(sampled)
+    client.close()
