@@ -52,7 +52,7 @@ def port_of(address: str) -> int:
 class Running:
     """A memshadow process whose stderr is collected line by line."""
 
-    def __init__(self, argv: list[str], **extra_env: str) -> None:
+    def __init__(self, argv: list[str], new_session: bool = False, **extra_env: str) -> None:
         self.proc = subprocess.Popen(
             argv,
             cwd=ROOT,
@@ -60,6 +60,7 @@ class Running:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=new_session,
         )
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
@@ -405,3 +406,49 @@ def test_serves_clients_and_stops_on_sigterm(memcached: ServerProcess, loop: str
     finally:
         proc.kill()
     assert code == 0, proc.lines
+
+
+def _children(pid: int) -> list[int]:
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children.extend(int(c) for c in (task / "children").read_text().split())
+    return children
+
+
+def test_ctrl_c_stops_the_proxy_and_its_shadow_worker_cleanly(
+    memcached: ServerProcess, redis_server: ServerProcess
+) -> None:
+    # Ctrl-C signals the whole process group, worker included: the worker must not die
+    # first (the proxy would report it and restart it) but be stopped by the proxy.
+    proc = Running(
+        [
+            sys.executable,
+            "-m",
+            "proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--memcached",
+            str(memcached.address),
+            "--redis",
+            f"redis://127.0.0.1:{redis_server.port}/0",
+            "--sample-rate",
+            "1",
+        ],
+        new_session=True,
+    )
+    try:
+        match = proc.wait_for(STARTED)
+        (worker,) = _children(proc.proc.pid)
+        client = Client(("127.0.0.1", port_of(match[1])), connect_timeout=5, timeout=5)
+        assert client.set("k", b"v", noreply=False)
+        assert client.get("k") == b"v"
+        client.close()
+        os.killpg(proc.proc.pid, signal.SIGINT)
+        code, _ = proc.finish()
+    finally:
+        proc.kill()
+    assert code == 0, proc.lines
+    assert not any("worker exited" in line for line in proc.lines), proc.lines
+    assert not Path(f"/proc/{worker}").exists()
