@@ -133,6 +133,7 @@ class ShadowProcess:
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
         self.restarts = 0
+        self._exited = 0  # workers that ended; their figures are in _base_state
         self.control.add_listener(self._control_changed)
         install_shadow_metrics(metrics.registry, self.stats, self.control)
 
@@ -184,8 +185,8 @@ class ShadowProcess:
         count = 0
         for _, _, items in batch:
             count += len(items)
-            if self._lost_overflow:
-                continue
+            if self._lost_overflow or reason == "worker_down":
+                continue  # (a new worker starts with every key cold anyway)
             for item in items:
                 self._lost.update(state_keys(unpack_request(item)))
             if len(self._lost) > LOST_KEYS_LIMIT:
@@ -317,6 +318,7 @@ class ShadowProcess:
         """Keep the dead worker's figures and release whoever waits for it."""
         self._base_state = add_states(self._base_state, self._state)
         self._state = empty_state()
+        self._exited += 1
         self._refresh_stats()
         for waiter in self._idle_waiters.values():
             if not waiter.done():
@@ -356,9 +358,10 @@ class ShadowProcess:
             log.warning("shadow worker: unknown message %r", kind)
 
     def _refresh_stats(self) -> None:
+        state = self._state if not self._exited else add_states(self._base_state, self._state)
         apply_stats_state(
             self.stats,
-            add_states(self._base_state, self._state),
+            state,
             extra_dropped=self._dropped,
             extra_errors=self._errors,
             extra_queue=self._batch_items,
