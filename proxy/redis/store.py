@@ -12,13 +12,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from importlib import resources
-from typing import TypeVar
+from typing import Any, TypeAlias, TypeVar
 
-from proxy.redis.client import Arg, RedisConnection, RedisPool, RedisURL, Reply
-from proxy.redis.errors import RedisProtocolError
+from proxy.redis.client import Arg, RedisConnection, RedisPool, RedisURL, Reply, ReplyCallback
+from proxy.redis.errors import RedisError, RedisProtocolError
 from proxy.redis.layout import (
     DEFAULT_ITEM_SIZE_MAX,
     DEFAULT_SLAB_CHUNK_MAX,
+    NO_EXPIRY,
     U32_MAX,
     U64_MAX,
     Expiry,
@@ -94,24 +95,45 @@ class DeltaResult:
     cas: int | None = None
 
 
-_S = TypeVar("_S", bound=StrEnum)
+_T = TypeVar("_T")
 
 ExpiryArg = int | Expiry
 """A memcached exptime (converted with the store's clock) or an already converted Expiry."""
 
+ResultCallback: TypeAlias = Callable[[_T | None, RedisError | None], None]
+"""Completion of a *_callback call: exactly once, (result, None) or (None, the RedisError)."""
 
-def _status_reply(reply: Reply, function: str) -> tuple[str, list[Reply]]:
-    """Split a function's {status, ...} array reply."""
+_NO_EXPIRY_ARGS = NO_EXPIRY.args()
+
+
+# Commands and replies, sans-IO: shared by the async methods and the callback ones -------------
+#
+# Statuses are looked up by their reply bytes rather than through the enum's constructor and
+# the str.decode() of the reply: the callback path runs once per shadowed request.
+
+
+def _by_reply(enum: type[StrEnum]) -> dict[bytes, Any]:
+    return {member.value.encode(): member for member in enum}
+
+
+_STORE_STATUSES: dict[bytes, StoreStatus] = _by_reply(StoreStatus)
+_DELTA_STATUSES: dict[bytes, DeltaStatus] = _by_reply(DeltaStatus)
+_TOUCH_STATUSES: dict[bytes, TouchStatus] = _by_reply(TouchStatus)
+_DELETE_STATUSES: dict[bytes, DeleteStatus] = _by_reply(DeleteStatus)
+# Valid modes and ops, as plain str: StrEnum's .value is a property lookup on every call.
+_STORE_MODES: dict[str, str] = {mode.value: mode.value for mode in StoreMode}
+_DELTA_OPS: dict[str, str] = {op.value: op.value for op in DeltaOp}
+
+
+def _status(reply: Reply, statuses: dict[bytes, _T], function: str) -> tuple[_T, list[Reply]]:
+    """The status of a function's {status, ...} array reply, and the reply."""
     if not isinstance(reply, list) or not reply or not isinstance(reply[0], bytes):
         raise RedisProtocolError(f"{function}: unexpected reply {reply!r}")
-    return reply[0].decode(), reply
-
-
-def _status(enum: type[_S], name: str, function: str) -> _S:
-    try:
-        return enum(name)
-    except ValueError:
-        raise RedisProtocolError(f"{function}: unknown status {name!r}") from None
+    status = statuses.get(reply[0])
+    if status is None:
+        name = reply[0].decode(errors="replace")
+        raise RedisProtocolError(f"{function}: unknown status {name!r}")
+    return status, reply
 
 
 def _int_field(reply: list[Reply], index: int, function: str) -> int:
@@ -123,12 +145,135 @@ def _int_field(reply: list[Reply], index: int, function: str) -> int:
     raise RedisProtocolError(f"{function}: expected a number at {index} in {reply!r}")
 
 
-def _decode_item(raw: Reply) -> Item | None:
+def decode_item(raw: Reply) -> Item | None:
+    """A GET/GETEX/MGET entry: the item, or None when the key is missing."""
     if raw is None:
         return None
     if not isinstance(raw, bytes):
         raise RedisProtocolError(f"expected a string value, got {raw!r}")
     return unpack_value(raw)
+
+
+def store_arguments(
+    mode: StoreMode | str,
+    flags: int,
+    expiry: tuple[bytes, bytes],
+    data: bytes,
+    cas: int | None,
+    limit: int,
+    too_large_deletes: bool | None,
+) -> tuple[Arg, ...]:
+    """The arguments of FCALL mc_store after the key (see RedisStore.store); ValueError when
+    they are out of range."""
+    checked = _STORE_MODES.get(mode)
+    if checked is None:
+        raise ValueError(f"{mode!r} is not a valid StoreMode")
+    if not 0 <= flags <= U32_MAX:
+        raise ValueError(f"flags {flags} out of uint32 range")
+    if checked == "cas" and cas is None:
+        raise ValueError("cas mode needs a cas value")
+    if cas is not None and not 0 <= cas <= U64_MAX:
+        raise ValueError(f"cas {cas} out of uint64 range")
+    kind, value = expiry
+    if too_large_deletes is None:
+        return (checked, flags, kind, value, data, cas or 0, limit)
+    deletes = b"1" if too_large_deletes else b"0"
+    return (checked, flags, kind, value, data, cas or 0, limit, deletes)
+
+
+_STORE_RESULTS = {status: StoreResult(status) for status in StoreStatus}
+
+
+def decode_store(reply: Reply) -> StoreResult:
+    """mc_store's reply: {status} or {STORED, new cas}."""
+    status, fields = _status(reply, _STORE_STATUSES, "mc_store")
+    if status is StoreStatus.STORED:
+        return StoreResult(status, _int_field(fields, 1, "mc_store"))
+    return _STORE_RESULTS[status]
+
+
+def delta_arguments(
+    op: DeltaOp | str,
+    delta: int,
+    cas: int | None,
+    create: tuple[bytes, bytes],
+    initial: int,
+    ttl: tuple[bytes, bytes],
+    numeric_limit: int,
+    create_ttl_wins: bool,
+) -> tuple[Arg, ...]:
+    """The arguments of FCALL mc_delta after the key (see RedisStore.delta); create and ttl
+    are expiry argument pairs, (b"", b"") when absent."""
+    checked = _DELTA_OPS.get(op)
+    if checked is None:
+        raise ValueError(f"{op!r} is not a valid DeltaOp")
+    for name, number in (("delta", delta), ("initial", initial)):
+        if not 0 <= number <= U64_MAX:
+            raise ValueError(f"{name} {number} out of uint64 range")
+    if cas is not None and not 0 <= cas <= U64_MAX:
+        raise ValueError(f"cas {cas} out of uint64 range")
+    order = b"TN" if create_ttl_wins else b"NT"
+    return (checked, delta, cas or 0, *create, initial, *ttl, numeric_limit, order)
+
+
+def decode_delta(reply: Reply) -> DeltaResult:
+    """mc_delta's reply: {status} or {OK|CREATED, number, new cas}."""
+    status, fields = _status(reply, _DELTA_STATUSES, "mc_delta")
+    if status in (DeltaStatus.OK, DeltaStatus.CREATED):
+        return DeltaResult(
+            status, _int_field(fields, 1, "mc_delta"), _int_field(fields, 2, "mc_delta")
+        )
+    return DeltaResult(status)
+
+
+def decode_touch(reply: Reply) -> TouchStatus:
+    """mc_touch's reply: {status}."""
+    return _status(reply, _TOUCH_STATUSES, "mc_touch")[0]
+
+
+def decode_del(reply: Reply) -> DeleteStatus:
+    """DEL's reply (the number of keys deleted) as a delete status."""
+    return DeleteStatus.DELETED if reply == 1 else DeleteStatus.NOT_FOUND
+
+
+def decode_cas_delete(reply: Reply) -> DeleteStatus:
+    """mc_delete's reply: {status}."""
+    return _status(reply, _DELETE_STATUSES, "mc_delete")[0]
+
+
+def check_cas(cas: int) -> None:
+    """ValueError unless cas is a uint64."""
+    if not 0 <= cas <= U64_MAX:
+        raise ValueError(f"cas {cas} out of uint64 range")
+
+
+def getex_command(rkey: bytes, expiry: Expiry) -> tuple[Arg, ...]:
+    """GETEX for gat: read the item and set its TTL the way memcached's gat does."""
+    if expiry.kind is ExpiryKind.NONE:
+        return (b"GETEX", rkey, b"PERSIST")
+    if expiry.kind is ExpiryKind.RELATIVE:
+        return (b"GETEX", rkey, b"EX", expiry.value)
+    if expiry.kind is ExpiryKind.ABSOLUTE:
+        return (b"GETEX", rkey, b"PXAT", expiry.value)
+    # negative exptime: memcached returns the value, then the item is gone
+    return (b"GETEX", rkey, b"PXAT", 1)
+
+
+def _decoding(decode: Callable[[Reply], _T], done: ResultCallback[_T]) -> ReplyCallback:
+    """A ReplyCallback that hands `done` the decoded reply, or the error."""
+
+    def on_reply(reply: Reply, error: RedisError | None) -> None:
+        if error is None:
+            try:
+                result = decode(reply)
+            except RedisError as exc:
+                done(None, exc)
+                return
+            done(result, None)
+        else:
+            done(None, error)
+
+    return on_reply
 
 
 class RedisStore:
@@ -182,6 +327,11 @@ class RedisStore:
             return exptime
         return expiry_from_exptime(exptime, self.clock())
 
+    def _expiry_args(self, exptime: ExpiryArg) -> tuple[bytes, bytes]:
+        if exptime == 0:  # the common case, without the clock (0 never expires)
+            return _NO_EXPIRY_ARGS
+        return self.expiry(exptime).args()
+
     def _conn(self, key: bytes) -> tuple[RedisConnection, bytes]:
         return self.pool.connection_for(key), self.key_prefix + key
 
@@ -207,24 +357,47 @@ class RedisStore:
         Append/prepend keep the item's own flags and TTL; their flags argument only counts
         for the size check, as in memcached (non-zero flags lower the limit by 4 bytes).
         """
-        mode = StoreMode(mode)
-        if not 0 <= flags <= U32_MAX:
-            raise ValueError(f"flags {flags} out of uint32 range")
-        if mode is StoreMode.CAS and cas is None:
-            raise ValueError("cas mode needs a cas value")
-        if cas is not None and not 0 <= cas <= U64_MAX:
-            raise ValueError(f"cas {cas} out of uint64 range")
-        limit = max_value_len(item_size_max or self.item_size_max, len(key))
-        kind, value = self.expiry(exptime).args()
+        args = self._store_arguments(
+            mode, key, flags, exptime, data, cas, item_size_max, too_large_deletes
+        )
         conn, rkey = self._conn(key)
-        args: list[Arg] = [mode.value, flags, kind, value, data, cas or 0, limit]
-        if too_large_deletes is not None:
-            args.append(b"1" if too_large_deletes else b"0")
-        name, reply = _status_reply(await conn.fcall("mc_store", rkey, *args), "mc_store")
-        status = _status(StoreStatus, name, "mc_store")
-        if status is StoreStatus.STORED:
-            return StoreResult(status, _int_field(reply, 1, "mc_store"))
-        return StoreResult(status)
+        return decode_store(await conn.fcall("mc_store", rkey, *args))
+
+    def store_callback(
+        self,
+        done: ResultCallback[StoreResult],
+        mode: StoreMode | str,
+        key: bytes,
+        flags: int,
+        exptime: ExpiryArg,
+        data: bytes,
+        cas: int | None = None,
+        *,
+        item_size_max: int | None = None,
+        too_large_deletes: bool | None = None,
+    ) -> None:
+        """store() with a callback (see ResultCallback; RedisError or ValueError at once when
+        the command cannot be sent)."""
+        args = self._store_arguments(
+            mode, key, flags, exptime, data, cas, item_size_max, too_large_deletes
+        )
+        conn, rkey = self._conn(key)
+        conn.fcall_callback(_decoding(decode_store, done), "mc_store", rkey, *args)
+
+    def _store_arguments(
+        self,
+        mode: StoreMode | str,
+        key: bytes,
+        flags: int,
+        exptime: ExpiryArg,
+        data: bytes,
+        cas: int | None,
+        item_size_max: int | None,
+        too_large_deletes: bool | None,
+    ) -> tuple[Arg, ...]:
+        limit = max_value_len(item_size_max or self.item_size_max, len(key))
+        expiry = self._expiry_args(exptime)
+        return store_arguments(mode, flags, expiry, data, cas, limit, too_large_deletes)
 
     async def delta(
         self,
@@ -245,59 +418,82 @@ class RedisStore:
         memcached 1.6.18 applies T only when the new number is not longer than the stored
         value (in-place rewrite); the functions do the same.
         """
-        op = DeltaOp(op)
-        for name, number in (("delta", delta), ("initial", initial)):
-            if not 0 <= number <= U64_MAX:
-                raise ValueError(f"{name} {number} out of uint64 range")
-        if cas is not None and not 0 <= cas <= U64_MAX:
-            raise ValueError(f"cas {cas} out of uint64 range")
-        create_args: tuple[bytes, bytes] = (b"", b"")
-        if create is not None:
-            create_args = self.expiry(create).args()
-        ttl_args: tuple[bytes, bytes] = (b"", b"")
-        if ttl is not None:
-            ttl_args = self.expiry(ttl).args()
+        args = self._delta_arguments(key, op, delta, cas, create, initial, ttl, create_ttl_wins)
         conn, rkey = self._conn(key)
-        name, reply = _status_reply(
-            await conn.fcall(
-                "mc_delta",
-                rkey,
-                op.value,
-                delta,
-                cas or 0,
-                *create_args,
-                initial,
-                *ttl_args,
-                max_numeric_len(self.slab_chunk_max, len(key)),
-                b"TN" if create_ttl_wins else b"NT",
-            ),
-            "mc_delta",
+        return decode_delta(await conn.fcall("mc_delta", rkey, *args))
+
+    def delta_callback(
+        self,
+        done: ResultCallback[DeltaResult],
+        key: bytes,
+        op: DeltaOp | str,
+        delta: int,
+        *,
+        cas: int | None = None,
+        create: ExpiryArg | None = None,
+        initial: int = 0,
+        ttl: ExpiryArg | None = None,
+        create_ttl_wins: bool = False,
+    ) -> None:
+        """delta() with a callback (see store_callback)."""
+        args = self._delta_arguments(key, op, delta, cas, create, initial, ttl, create_ttl_wins)
+        conn, rkey = self._conn(key)
+        conn.fcall_callback(_decoding(decode_delta, done), "mc_delta", rkey, *args)
+
+    def _delta_arguments(
+        self,
+        key: bytes,
+        op: DeltaOp | str,
+        delta: int,
+        cas: int | None,
+        create: ExpiryArg | None,
+        initial: int,
+        ttl: ExpiryArg | None,
+        create_ttl_wins: bool,
+    ) -> tuple[Arg, ...]:
+        absent = (b"", b"")
+        return delta_arguments(
+            op,
+            delta,
+            cas,
+            absent if create is None else self.expiry(create).args(),
+            initial,
+            absent if ttl is None else self.expiry(ttl).args(),
+            max_numeric_len(self.slab_chunk_max, len(key)),
+            create_ttl_wins,
         )
-        status = _status(DeltaStatus, name, "mc_delta")
-        if status in (DeltaStatus.OK, DeltaStatus.CREATED):
-            return DeltaResult(
-                status, _int_field(reply, 1, "mc_delta"), _int_field(reply, 2, "mc_delta")
-            )
-        return DeltaResult(status)
 
     async def touch(self, key: bytes, exptime: ExpiryArg) -> TouchStatus:
         """Set a new TTL on an existing item; the cas does not change."""
         conn, rkey = self._conn(key)
-        name, _ = _status_reply(
-            await conn.fcall("mc_touch", rkey, *self.expiry(exptime).args()), "mc_touch"
-        )
-        return _status(TouchStatus, name, "mc_touch")
+        return decode_touch(await conn.fcall("mc_touch", rkey, *self._expiry_args(exptime)))
+
+    def touch_callback(
+        self, done: ResultCallback[TouchStatus], key: bytes, exptime: ExpiryArg
+    ) -> None:
+        """touch() with a callback (see store_callback)."""
+        conn, rkey = self._conn(key)
+        args = self._expiry_args(exptime)
+        conn.fcall_callback(_decoding(decode_touch, done), "mc_touch", rkey, *args)
 
     async def delete(self, key: bytes, cas: int | None = None) -> DeleteStatus:
         """delete, or md with C (cas must match exactly; 0 never matches)."""
         conn, rkey = self._conn(key)
         if cas is None:
-            deleted = await conn.execute(b"DEL", rkey)
-            return DeleteStatus.DELETED if deleted == 1 else DeleteStatus.NOT_FOUND
-        if not 0 <= cas <= U64_MAX:
-            raise ValueError(f"cas {cas} out of uint64 range")
-        name, _ = _status_reply(await conn.fcall("mc_delete", rkey, cas), "mc_delete")
-        return _status(DeleteStatus, name, "mc_delete")
+            return decode_del(await conn.execute(b"DEL", rkey))
+        check_cas(cas)
+        return decode_cas_delete(await conn.fcall("mc_delete", rkey, cas))
+
+    def delete_callback(
+        self, done: ResultCallback[DeleteStatus], key: bytes, cas: int | None = None
+    ) -> None:
+        """delete() with a callback (see store_callback)."""
+        conn, rkey = self._conn(key)
+        if cas is None:
+            conn.send_callback(_decoding(decode_del, done), b"DEL", rkey)
+            return
+        check_cas(cas)
+        conn.fcall_callback(_decoding(decode_cas_delete, done), "mc_delete", rkey, cas)
 
     async def evicted_keys(self) -> int:
         """Redis's INFO stats evicted_keys (tells its evictions apart from real differences)."""
@@ -320,7 +516,12 @@ class RedisStore:
 
     async def get(self, key: bytes) -> Item | None:
         conn, rkey = self._conn(key)
-        return _decode_item(await conn.execute(b"GET", rkey))
+        return decode_item(await conn.execute(b"GET", rkey))
+
+    def get_callback(self, done: ResultCallback[Item], key: bytes) -> None:
+        """get() with a callback (see store_callback); a miss is (None, None)."""
+        conn, rkey = self._conn(key)
+        conn.send_callback(_decoding(decode_item, done), b"GET", rkey)
 
     async def get_many(self, keys: Sequence[bytes]) -> list[Item | None]:
         """get/gets: one MGET per connection, so each key stays ordered after its writes."""
@@ -345,24 +546,19 @@ class RedisStore:
             if not isinstance(reply, list) or len(reply) != len(positions):
                 raise RedisProtocolError(f"MGET: unexpected reply {reply!r}")
             for position, raw in zip(positions, reply, strict=True):
-                items[position] = _decode_item(raw)
+                items[position] = decode_item(raw)
         return items
-
-    def _getex_args(self, rkey: bytes, exptime: ExpiryArg) -> tuple[Arg, ...]:
-        expiry = self.expiry(exptime)
-        if expiry.kind is ExpiryKind.NONE:
-            return (b"GETEX", rkey, b"PERSIST")
-        if expiry.kind is ExpiryKind.RELATIVE:
-            return (b"GETEX", rkey, b"EX", expiry.value)
-        if expiry.kind is ExpiryKind.ABSOLUTE:
-            return (b"GETEX", rkey, b"PXAT", expiry.value)
-        # negative exptime: memcached returns the value, then the item is gone
-        return (b"GETEX", rkey, b"PXAT", 1)
 
     async def gat(self, exptime: ExpiryArg, key: bytes) -> Item | None:
         """gat/gats of one key: read and set the TTL like touch; the cas does not change."""
         conn, rkey = self._conn(key)
-        return _decode_item(await conn.execute(*self._getex_args(rkey, exptime)))
+        return decode_item(await conn.execute(*getex_command(rkey, self.expiry(exptime))))
+
+    def gat_callback(self, done: ResultCallback[Item], exptime: ExpiryArg, key: bytes) -> None:
+        """gat() with a callback (see store_callback)."""
+        conn, rkey = self._conn(key)
+        command = getex_command(rkey, self.expiry(exptime))
+        conn.send_callback(_decoding(decode_item, done), *command)
 
     async def gat_many(self, exptime: ExpiryArg, keys: Sequence[bytes]) -> list[Item | None]:
         """gat/gats of several keys: one pipelined GETEX per key."""
@@ -371,12 +567,12 @@ class RedisStore:
         try:
             for key in keys:
                 conn, rkey = self._conn(key)
-                futures.append(conn.send(*self._getex_args(rkey, expiry)))
+                futures.append(conn.send(*getex_command(rkey, expiry)))
         except BaseException:
             for future in futures:
                 future.cancel()
             raise
-        return [_decode_item(raw) for raw in await asyncio.gather(*futures)]
+        return [decode_item(raw) for raw in await asyncio.gather(*futures)]
 
     async def pttl(self, key: bytes) -> int:
         """Redis PTTL of the key: milliseconds left, -1 without expiry, -2 when missing."""

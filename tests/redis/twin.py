@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from proxy.redis.client import RedisPool
+from proxy.redis.errors import RedisError
+from proxy.redis.layout import Item
 from proxy.redis.store import (
     DeleteStatus,
     DeltaOp,
+    DeltaResult,
     DeltaStatus,
     RedisStore,
     StoreMode,
+    StoreResult,
     StoreStatus,
+    TouchStatus,
     function_library,
 )
 
@@ -110,6 +115,48 @@ class Mismatch(AssertionError):
     pass
 
 
+class CallbackStore:
+    """RedisStore's single-key calls made through its *_callback methods and awaited, so the
+    differential checks both ways of calling the store (each callback must come once)."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self.target = store
+
+    async def _call(self, method: Callable[..., None], *args: Any, **kwargs: Any) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def done(result: object, error: RedisError | None) -> None:
+            assert not future.done(), "callback called twice"
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+
+        method(done, *args, **kwargs)
+        assert not future.done(), "callback called from inside the call"
+        return await future
+
+    async def store(self, *args: Any, **kwargs: Any) -> StoreResult:
+        result: StoreResult = await self._call(self.target.store_callback, *args, **kwargs)
+        return result
+
+    async def delta(self, *args: Any, **kwargs: Any) -> DeltaResult:
+        result: DeltaResult = await self._call(self.target.delta_callback, *args, **kwargs)
+        return result
+
+    async def touch(self, *args: Any) -> TouchStatus:
+        result: TouchStatus = await self._call(self.target.touch_callback, *args)
+        return result
+
+    async def delete(self, *args: Any) -> DeleteStatus:
+        result: DeleteStatus = await self._call(self.target.delete_callback, *args)
+        return result
+
+    async def get(self, key: bytes) -> Item | None:
+        result: Item | None = await self._call(self.target.get_callback, key)
+        return result
+
+
 class Twin:
     """The same operations on memcached and on RedisStore; each method returns the common
     outcome and raises Mismatch when they differ."""
@@ -131,8 +178,15 @@ class Twin:
         pool = RedisPool(redis_url, pool_size, timeout=5.0, library=function_library())
         self.store = RedisStore(pool, item_size_max=item_size_max, slab_chunk_max=slab_chunk_max)
         assert self.run(self.store.start()), "redis did not connect"
+        self.callbacks = CallbackStore(self.store)
+        self._turn = 0
         self.cas_map: dict[tuple[bytes, int], int] = {}
         self.log: list[str] = []
+
+    def single(self) -> RedisStore | CallbackStore:
+        """The store's async methods and its callback ones, in turn."""
+        self._turn += 1
+        return self.store if self._turn % 2 else self.callbacks
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coro)
@@ -176,7 +230,7 @@ class Twin:
         reply = self.mc.line(line, data)
         mc = "TOO_LARGE" if reply == b"SERVER_ERROR object too large for cache" else reply.decode()
         result = self.run(
-            self.store.store(
+            self.single().store(
                 StoreMode(cmd),
                 key,
                 flags,
@@ -191,7 +245,7 @@ class Twin:
 
     def delete(self, key: bytes) -> str:
         mc = self.mc.line(b"delete " + key).decode()
-        return self._same(f"delete {key!r}", mc, self.run(self.store.delete(key)).value)
+        return self._same(f"delete {key!r}", mc, self.run(self.single().delete(key)).value)
 
     def delta(self, op: str, key: bytes, delta: int) -> str:
         reply = self.mc.line(b"%s %s %d" % (op.encode(), key, delta))
@@ -199,13 +253,13 @@ class Twin:
             b"NOT_FOUND": "NOT_FOUND",
             b"CLIENT_ERROR cannot increment or decrement non-numeric value": "NON_NUMERIC",
         }.get(reply, reply.decode())
-        result = self.run(self.store.delta(key, DeltaOp(op), delta))
+        result = self.run(self.single().delta(key, DeltaOp(op), delta))
         redis = str(result.value) if result.status is DeltaStatus.OK else result.status.value
         return self._same(f"{op} {key!r} {delta}", mc, redis)
 
     def touch(self, key: bytes, exptime: int) -> str:
         mc = self.mc.line(b"touch %s %d" % (key, exptime)).decode()
-        redis = self.run(self.store.touch(key, exptime)).value
+        redis = self.run(self.single().touch(key, exptime)).value
         return self._same(f"touch {key!r} {exptime}", mc, redis)
 
     def retrieve(
@@ -275,7 +329,7 @@ class Twin:
             if store_mode in (StoreMode.SET, StoreMode.REPLACE):
                 store_mode = StoreMode.CAS
         result = self.run(
-            self.store.store(
+            self.single().store(
                 store_mode, key, flags, exptime, data, cas=redis_cas, too_large_deletes=True
             )
         )
@@ -324,7 +378,7 @@ class Twin:
         else:
             mc = b" ".join(tokens).decode()
         result = self.run(
-            self.store.delta(
+            self.single().delta(
                 key,
                 DeltaOp(op),
                 delta,
@@ -351,7 +405,7 @@ class Twin:
             tokens[0], b" ".join(tokens).decode()
         )
         status: DeleteStatus = self.run(
-            self.store.delete(key, None if cas is None else self.redis_cas(key, cas))
+            self.single().delete(key, None if cas is None else self.redis_cas(key, cas))
         )
         return self._same(line.decode(errors="replace"), mc, status.value)
 
@@ -360,7 +414,7 @@ class Twin:
     def state(self, key: bytes) -> KeyState:
         """Compare presence, flags, exact data and TTL (within TTL_TOLERANCE_S) of one key."""
         tokens, block = self.mc.meta(b"mg %s v f t" % key)
-        item = self.run(self.store.get(key))
+        item = self.run(self.single().get(key))
         pttl = self.run(self.store.pttl(key))
         if block is None:
             assert tokens == [b"EN"], tokens
