@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 HOST = "127.0.0.1"  # every process and every request stays on loopback
+SHADOW_SETTLE = 1.0  # seconds after a run before memshadow's shadow figures are scraped
 
 BUILTIN_TARGETS = ("direct", "nutcracker", "relay", "memshadow")
 
@@ -168,6 +170,7 @@ class Target:
     proc: subprocess.Popen[bytes] | None = None
     log: Path | None = None
     argv: list[str] = field(default_factory=list)
+    admin_port: int = 0  # memshadow targets: where /metrics is scraped
 
 
 def nutcracker_config(path: Path, listen: int, memcached: int) -> None:
@@ -204,11 +207,12 @@ def target_argv(t: Target, mc_port: int, workdir: Path, subst: dict[str, str]) -
             "--listen", f"{HOST}:{t.port}", "--upstream", f"{HOST}:{mc_port}",
         ]  # fmt: skip
     if t.kind == "memshadow":
+        t.admin_port = free_port()
         return [
             sys.executable, "-m", "proxy",
             "--listen", f"{HOST}:{t.port}",
             "--memcached", f"{HOST}:{mc_port}",
-            "--admin", f"{HOST}:{free_port()}",
+            "--admin", f"{HOST}:{t.admin_port}",
             *(substitute(a, subst) for a in t.extra_args),
         ]  # fmt: skip
     raise ValueError(t.kind)
@@ -355,6 +359,71 @@ def run_memcaslap(spec: LoadSpec, port: int, seconds: int) -> tuple[int, str]:
     return proc.returncode, out.decode(errors="replace")
 
 
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$")
+Samples = list[tuple[str, str, float]]
+
+
+def scrape(port: int) -> Samples:
+    """memshadow's /metrics as (name, labels, value) samples."""
+    with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples = []
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match:
+            samples.append((match[1], match[2] or "", float(match[3])))
+    return samples
+
+
+def metric_total(samples: Samples, name: str, label: str = "") -> float:
+    return sum(v for n, labels, v in samples if n == name and label in labels)
+
+
+def histogram_buckets(samples: Samples, name: str) -> dict[float, float]:
+    """le bound -> cumulative count."""
+    out: dict[float, float] = {}
+    for n, labels, v in samples:
+        if n == f"{name}_bucket":
+            bound = re.search(r'le="([^"]+)"', labels)
+            if bound:
+                out[float(bound[1])] = out.get(float(bound[1]), 0.0) + v
+    return out
+
+
+def bucket_quantile(buckets: dict[float, float], q: float) -> float | None:
+    """Upper bound of the bucket holding the q-quantile (None when empty)."""
+    ordered = sorted(buckets.items())
+    count = ordered[-1][1] if ordered else 0
+    for bound, cumulative in ordered:
+        if count and cumulative >= q * count:
+            return bound
+    return None
+
+
+def shadow_figures(before: Samples, after: Samples) -> dict[str, float | None]:
+    """What the shadow did during one measured run (differences of two scrapes)."""
+
+    def delta(name: str, label: str = "") -> float:
+        return metric_total(after, name, label) - metric_total(before, name, label)
+
+    shadowed = delta("memshadow_shadow_requests_total")
+    lag_before = histogram_buckets(before, "memshadow_shadow_lag_seconds")
+    lag = {
+        bound: n - lag_before.get(bound, 0.0)
+        for bound, n in histogram_buckets(after, "memshadow_shadow_lag_seconds").items()
+    }
+    return {
+        "client_requests": delta("memshadow_requests_total"),
+        "shadowed": shadowed,
+        "dropped": delta("memshadow_shadow_dropped_total"),
+        "compared": delta("memshadow_shadow_comparisons_total"),
+        "mismatches": delta("memshadow_shadow_comparisons_total", 'outcome="mismatch"'),
+        "redis_commands": delta("memshadow_shadow_redis_commands_total"),
+        "lag_p50": bucket_quantile(lag, 0.5),
+        "lag_p99": bucket_quantile(lag, 0.99),
+    }
+
+
 def measure(spec: LoadSpec, t: Target, seconds: int, warmup: int) -> dict[str, Any]:
     sample: dict[str, Any] = {"target": t.name}
     if warmup > 0:
@@ -362,6 +431,10 @@ def measure(spec: LoadSpec, t: Target, seconds: int, warmup: int) -> dict[str, A
         if rc != 0:
             sample["error"] = f"warm-up memcaslap rc={rc}: {out.strip()[-300:]}"
             return sample
+    before: Samples | None = None
+    if t.admin_port:
+        with contextlib.suppress(OSError):
+            before = scrape(t.admin_port)
     probe = subprocess.Popen(
         [sys.executable, str(BENCH_DIR / "probe.py"), "--target", f"{HOST}:{t.port}",
          "--rate", str(spec.probe_rate), "--value-size", str(spec.value_size),
@@ -383,6 +456,12 @@ def measure(spec: LoadSpec, t: Target, seconds: int, warmup: int) -> dict[str, A
         sample["probe"] = json.loads(pout.decode())
     except ValueError:
         sample["probe"] = {"n": 0, "errors": [perr.decode(errors="replace")[-300:]]}
+    if before is not None:
+        time.sleep(SHADOW_SETTLE)  # verdicts still on their way count for this run
+        with contextlib.suppress(OSError):
+            figures = shadow_figures(before, scrape(t.admin_port))
+            if figures["shadowed"]:
+                sample["shadow"] = figures
     if rc != 0:
         sample["error"] = f"memcaslap rc={rc}: {out.strip()[-300:]}"
         return sample
@@ -407,7 +486,14 @@ def sample_metrics(s: dict[str, Any]) -> dict[str, float | None]:
     mc = s["memcaslap"]
     total = mc.get("total", {})
     probe = s.get("probe", {})
+    shadow = s.get("shadow") or {}
+    shadowed = shadow.get("shadowed") or 0
     return {
+        "dropped_pct": 100 * shadow["dropped"] / shadowed if shadowed else None,
+        "lag_p99": shadow.get("lag_p99"),
+        "redis_per_req": shadow["redis_commands"] / shadowed if shadowed else None,
+        "shadowed": shadowed or None,
+        "mismatches": shadow.get("mismatches"),
         "tps": mc["tps"],
         "p50": probe.get("p50"),
         "p99": probe.get("p99"),
@@ -420,13 +506,18 @@ def sample_metrics(s: dict[str, Any]) -> dict[str, float | None]:
 Round = dict[str, dict[str, float | None]]  # target -> metric -> value, for one round
 
 
-def summarize(rounds: list[list[dict[str, Any]]], names: list[str]) -> dict[str, Any]:
+SHADOW_KEYS = ("shadowed", "dropped_pct", "lag_p99", "redis_per_req", "mismatches")
+
+
+def summarize(
+    rounds: list[list[dict[str, Any]]], names: list[str], baseline: str | None = None
+) -> dict[str, Any]:
     per_target: dict[str, dict[str, Any]] = {}
     by_round: list[Round] = [{s["target"]: sample_metrics(s) for s in rnd} for rnd in rounds]
     for name in names:
         ms = [r[name] for r in by_round if r.get(name)]
         entry: dict[str, Any] = {"rounds_ok": len(ms)}
-        for key in ("tps", "p50", "p99", "mc_avg", "mc_p50_log2", "mc_p99_log2"):
+        for key in ("tps", "p50", "p99", "mc_avg", "mc_p50_log2", "mc_p99_log2", *SHADOW_KEYS):
             vals = [m.get(key) for m in ms]
             entry[key] = med(vals)
             clean = [v for v in vals if v is not None]
@@ -478,12 +569,20 @@ def summarize(rounds: list[list[dict[str, Any]]], names: list[str]) -> dict[str,
             "added_p50_vs_relay": paired(added_ratio(name, "p50")),
             "added_mc_avg_vs_relay": paired(added_ratio(name, "mc_avg")),
         }
+    vs_baseline: dict[str, Any] = {}
+    if baseline in names:
+        vs_baseline = {name: paired(tps_ratio(name, baseline)) for name in names}
     if "relay" in names:
         ratios["relay"] = {
             "tps_vs_direct": paired(tps_ratio("relay", "direct")),
             "added_p99_us": paired(added("relay", "p99")),
         }
-    return {"targets": per_target, "ratios": ratios}
+    return {
+        "targets": per_target,
+        "ratios": ratios,
+        "baseline": baseline,
+        "vs_baseline": vs_baseline,
+    }
 
 
 # --------------------------------------------------------------------------- report
@@ -575,6 +674,7 @@ def render_markdown(result: dict[str, Any]) -> str:
             f"{fmt_ratio(r['added_p99_vs_relay'])} | {fmt_ratio(r['added_p50_vs_relay'])} | "
             f"{fmt_ratio(r['added_mc_avg_vs_relay'])} | {goal} |"
         )
+    lines += render_shadow(result)
     lines += [
         "",
         "p50/p99: latency prober (Python, blocking socket, perf_counter_ns per request) running "
@@ -583,6 +683,38 @@ def render_markdown(result: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def render_shadow(result: dict[str, Any]) -> list[str]:
+    """The shadow's own figures per memshadow target, and throughput against --baseline."""
+    summ = result["summary"]
+    baseline = summ.get("baseline")
+    vs = summ.get("vs_baseline") or {}
+    rows = []
+    for t in result["targets"]:
+        name = t["name"]
+        s = summ["targets"].get(name)
+        if s is None or (s.get("shadowed") is None and name not in vs):
+            continue
+        lag = s.get("lag_p99")
+        rows.append(
+            f"| {name} | {fmt_ratio(vs.get(name)) if baseline else 'n/a'} | "
+            f"{fmt(s.get('shadowed'))} | {fmt(s.get('dropped_pct'), '.1f', '%')} | "
+            f"{'n/a' if lag is None else format(lag * 1000, 'g') + ' ms'} | "
+            f"{fmt(s.get('redis_per_req'), '.2f')} | {fmt(s.get('mismatches'))} |"
+        )
+    if not rows:
+        return []
+    return [
+        "",
+        "Shadow, per run (medians over rounds; from memshadow's /metrics before and "
+        f"{SHADOW_SETTLE:g} s after each run). Lag p99 is a histogram bucket bound.",
+        "",
+        f"| target | throughput / {baseline or 'baseline'} | shadowed requests | dropped "
+        "| shadow lag p99 | Redis cmds / shadowed req | mismatches |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        *rows,
+    ]
 
 
 # --------------------------------------------------------------------------- main
@@ -620,6 +752,12 @@ def build_parser() -> argparse.ArgumentParser:
         "starts a redis-server. Repeatable.",
     )
     ap.add_argument("--redis", action="store_true", help="start redis-server even if unused")
+    ap.add_argument(
+        "--baseline",
+        metavar="NAME",
+        help="also give every target's throughput as a paired ratio to this target's "
+        "(e.g. a memshadow variant at sample rate 0)",
+    )
     ap.add_argument(
         "--json",
         nargs="?",
@@ -830,7 +968,7 @@ def run(
         ],
         "orders": orders,
         "rounds": rounds,
-        "summary": summarize(rounds, names),
+        "summary": summarize(rounds, names, args.baseline),
     }  # fmt: skip
     md = render_markdown(result)
     print(md)

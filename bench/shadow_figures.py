@@ -10,12 +10,10 @@ Starts memcached, redis-server and memshadow on free loopback ports, runs memcas
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -23,35 +21,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # bench/run.py: process and memcaslap helpers
 
 HOST = bench.HOST
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$")
+scrape = bench.scrape
+total = bench.metric_total
 
 
-def scrape(port: int) -> list[tuple[str, str, float]]:
-    with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    samples = []
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if match:
-            samples.append((match[1], match[2] or "", float(match[3])))
-    return samples
-
-
-def total(samples: list[tuple[str, str, float]], name: str, label: str = "") -> float:
-    return sum(v for n, labels, v in samples if n == name and label in labels)
-
-
-def histogram_quantile(samples: list[tuple[str, str, float]], name: str, q: float) -> float:
-    buckets = sorted(
-        (float(re.search(r'le="([^"]+)"', labels)[1]), v)  # type: ignore[index]
-        for n, labels, v in samples
-        if n == f"{name}_bucket"
-    )
-    count = buckets[-1][1] if buckets else 0
-    for bound, cumulative in buckets:
-        if count and cumulative >= q * count:
-            return bound
-    return float("nan")
+def histogram_quantile(samples: bench.Samples, name: str, q: float) -> float:
+    bound = bench.bucket_quantile(bench.histogram_buckets(samples, name), q)
+    return float("nan") if bound is None else bound
 
 
 def main() -> int:
