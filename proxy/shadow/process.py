@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import pickle
 import socket
 import subprocess
@@ -27,6 +28,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from proxy.memcache.request import Request
@@ -286,6 +288,7 @@ class ShadowProcess:
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
                 close_fds=True,
+                env=_worker_environment(),
             )
         except BaseException:
             ours.close()
@@ -373,6 +376,16 @@ class ShadowProcess:
             link.transport.write(
                 encode(("rate", self.control.sample_rate, self.control.enabled))
             )
+
+
+def _worker_environment() -> dict[str, str]:
+    """The proxy's environment, with this very package importable whatever the working
+    directory (a source checkout run from elsewhere, a test runner's sys.path)."""
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    path = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = root if not path else os.pathsep.join((root, path))
+    return env
 
 
 __all__ = ["PIPE_BUFFER_LIMIT", "ShadowProcess"]
