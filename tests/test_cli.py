@@ -3,6 +3,7 @@ a real run that starts, serves, and stops gracefully on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -415,12 +417,8 @@ def _children(pid: int) -> list[int]:
     return children
 
 
-def test_ctrl_c_stops_the_proxy_and_its_shadow_worker_cleanly(
-    memcached: ServerProcess, redis_server: ServerProcess
-) -> None:
-    # Ctrl-C signals the whole process group, worker included: the worker must not die
-    # first (the proxy would report it and restart it) but be stopped by the proxy.
-    proc = Running(
+def _shadowing(memcached: ServerProcess, redis_server: ServerProcess) -> Running:
+    return Running(
         [
             sys.executable,
             "-m",
@@ -438,6 +436,15 @@ def test_ctrl_c_stops_the_proxy_and_its_shadow_worker_cleanly(
         ],
         new_session=True,
     )
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_group_signal_stops_the_proxy_and_its_shadow_worker_cleanly(
+    memcached: ServerProcess, redis_server: ServerProcess, signum: signal.Signals
+) -> None:
+    # Ctrl-C, and systemd's stop, signal the whole process group: the worker must not die
+    # first (the proxy would report it and restart it) but be stopped by the proxy.
+    proc = _shadowing(memcached, redis_server)
     try:
         match = proc.wait_for(STARTED)
         (worker,) = _children(proc.proc.pid)
@@ -445,10 +452,30 @@ def test_ctrl_c_stops_the_proxy_and_its_shadow_worker_cleanly(
         assert client.set("k", b"v", noreply=False)
         assert client.get("k") == b"v"
         client.close()
-        os.killpg(proc.proc.pid, signal.SIGINT)
+        os.killpg(proc.proc.pid, signum)
         code, _ = proc.finish()
     finally:
         proc.kill()
     assert code == 0, proc.lines
     assert not any("worker exited" in line for line in proc.lines), proc.lines
     assert not Path(f"/proc/{worker}").exists()
+
+
+def test_a_killed_proxy_takes_its_shadow_worker_with_it(
+    memcached: ServerProcess, redis_server: ServerProcess
+) -> None:
+    proc = _shadowing(memcached, redis_server)
+    try:
+        proc.wait_for(STARTED)
+        (worker,) = _children(proc.proc.pid)
+        proc.proc.kill()  # SIGKILL: no clean-up at all; the worker sees its socket close
+        proc.proc.wait()
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{worker}").exists() and time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(worker, os.WNOHANG)  # not our child: init reaps it
+            time.sleep(0.05)
+        status = Path(f"/proc/{worker}/stat")
+        assert not status.exists() or status.read_text().split(") ", 1)[1][0] == "Z"
+    finally:
+        proc.kill()

@@ -48,7 +48,6 @@ from proxy.shadow.wire import (
     empty_state,
     encode,
     pack_request,
-    unpack_request,
 )
 
 if TYPE_CHECKING:
@@ -58,15 +57,23 @@ if TYPE_CHECKING:
 log = logging.getLogger("memshadow.shadow")
 
 PIPE_BUFFER_LIMIT: Final = 8 * 1024 * 1024
-"""Bytes of batches the worker has not taken yet (on top of the kernel's socket buffer) past
-which new batches are dropped rather than buffered: about 40,000 small requests."""
+"""Bytes handed to the worker but not taken by it yet (on top of the kernel's socket buffer),
+plus the batch being built, past which new requests are dropped (queue_full) instead: about
+40,000 small requests. A single request bigger than this is never handed over."""
+FRAME_BYTES: Final = 1024 * 1024
+"""A batch is written as soon as it holds this much, without waiting for the loop iteration
+to end, so no frame is much bigger (the worker refuses frames over wire.MAX_FRAME)."""
 LOST_KEYS_LIMIT: Final = 10_000
 """Keys of dropped requests remembered until the worker can be told; past it every key is
 made cold instead (one message, whatever was dropped)."""
 READY_TIMEOUT: Final = 10.0
+HEARTBEAT_TIMEOUT: Final = 10.0
+"""A worker silent this long (it reports every STATS_INTERVAL) is stuck: it is killed and
+restarted."""
 BACKOFF_INITIAL: Final = 0.5
 BACKOFF_MAX: Final = 10.0
 STABLE_AFTER: Final = 30.0  # a worker that lived this long restarts with the initial backoff
+ITEM_OVERHEAD: Final = 64  # bytes a request tuple takes in a frame beyond its line, data, reply
 
 Group = tuple[int, float, list[RequestTuple]]
 
@@ -119,6 +126,10 @@ class ShadowProcess:
         self._config_blob = pickle.dumps(config)
         self._batch: list[Group] = []
         self._batch_items = 0
+        self._batch_bytes = 0
+        self._sent = 0  # requests handed to the current worker
+        self._received_by_worker = 0  # of those, taken by it (at its last report)
+        self._last_heard = time.monotonic()
         self._flush_handle: asyncio.Handle | None = None
         self._link: _WorkerLink | None = None
         self._process: subprocess.Popen[bytes] | None = None
@@ -146,89 +157,110 @@ class ShadowProcess:
 
     def observe(self, requests: list[Request], session: int) -> None:
         shadowed = self.stats.shadowed
+        link = self._link
+        transport = link.transport if link is not None else None
+        if transport is None or transport.is_closing() or self._stopping:
+            for request in requests:
+                if request.capture:
+                    shadowed[request.command] += 1
+                    self._drop("worker_down", request)
+            return
+        room = PIPE_BUFFER_LIMIT - transport.get_write_buffer_size() - self._batch_bytes
         items: list[RequestTuple] = []
         for request in requests:
-            if request.capture:
-                shadowed[request.command] += 1
-                items.append(pack_request(request))
+            if not request.capture:
+                continue
+            shadowed[request.command] += 1
+            size = ITEM_OVERHEAD + len(request.line) + len(request.response or b"")
+            if request.data is not None:
+                size += len(request.data)
+            if size > room:
+                self._drop("queue_full", request)
+                continue
+            room -= size
+            self._batch_bytes += size
+            items.append(pack_request(request))
         if not items:
             return
         self._batch.append((session, time.perf_counter(), items))
         self._batch_items += len(items)
         self.stats.queue_depth = self._state["queue_depth"] + self._batch_items
-        if self._flush_handle is None:
+        if self._batch_bytes >= FRAME_BYTES:
+            self._flush()
+        elif self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
-        """Once per loop iteration: hand the batch to the worker, or drop it."""
-        self._flush_handle = None
+        """Once per loop iteration (or per FRAME_BYTES): hand the batch to the worker."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         batch = self._batch
         if not batch:
             return
         self._batch = []
+        self._batch_bytes = 0
+        items = self._batch_items
         self._batch_items = 0
         link = self._link
         transport = link.transport if link is not None else None
-        if transport is None or transport.is_closing() or self._stopping:
-            self._drop_batch("worker_down", batch)
-            return
-        if transport.get_write_buffer_size() > PIPE_BUFFER_LIMIT:
-            self._drop_batch("queue_full", batch)
+        if transport is None or transport.is_closing():
+            self._dropped["worker_down"] += items
+            self.stats.dropped["worker_down"] += items
             return
         if self._lost_overflow:
-            transport.write(encode(("epoch",)))
+            transport.writelines(encode(("epoch",)))
         elif self._lost:
-            transport.write(encode(("lost", list(self._lost))))
+            transport.writelines(encode(("lost", list(self._lost))))
         self._lost.clear()
         self._lost_overflow = False
-        transport.write(encode(("batch", batch)))
+        transport.writelines(encode(("batch", batch)))
+        self._sent += items
 
-    def _drop_batch(self, reason: str, batch: list[Group]) -> None:
-        count = 0
-        for _, _, items in batch:
-            count += len(items)
-            if self._lost_overflow or reason == "worker_down":
-                continue  # (a new worker starts with every key cold anyway)
-            for item in items:
-                self._lost.update(state_keys(unpack_request(item)))
-            if len(self._lost) > LOST_KEYS_LIMIT:
-                self._lost.clear()
-                self._lost_overflow = True
-        self._dropped[reason] += count
-        self.stats.dropped[reason] += count
+    def _drop(self, reason: str, request: Request) -> None:
+        self._dropped[reason] += 1
+        self.stats.dropped[reason] += 1
+        if reason == "worker_down" or self._lost_overflow:
+            return  # (a new worker starts with every key cold anyway)
+        self._lost.update(state_keys(request))
+        if len(self._lost) > LOST_KEYS_LIMIT:
+            self._lost.clear()
+            self._lost_overflow = True
 
     # -- life cycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the worker and wait (up to READY_TIMEOUT) until it is replaying."""
+        """Start the worker; wait (up to READY_TIMEOUT) until it replays, or its first exit."""
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
         self._supervisor = loop.create_task(self._supervise(), name="shadow-worker")
+        info = loop.create_task(self._info.start())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self._ready), READY_TIMEOUT)
         if not self._ready.done():
             log.warning("shadow worker not ready after %gs; carrying on", READY_TIMEOUT)
-        await self._info.start()
+            self._ready.cancel()
+        await info
 
     async def stop(self, timeout: float = 2.0) -> None:
         """Let the worker finish what it has (within `timeout`), then end it."""
+        link = self._link
+        if link is not None and link.transport is not None and not link.transport.is_closing():
+            self._flush()
+            self._stopping = True
+            link.transport.writelines(encode(("stop", timeout)))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(link.closed), timeout + 2.0)
         self._stopping = True
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
-        link = self._link
-        if link is not None and link.transport is not None and not link.transport.is_closing():
-            if self._batch:
-                batch, self._batch, self._batch_items = self._batch, [], 0
-                link.transport.write(encode(("batch", batch)))
-            link.transport.write(encode(("stop", timeout)))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(link.closed), timeout + 2.0)
         if self._supervisor is not None:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
         await self._end_process()
+        self._release_waiters()
         await self._info.close()
 
     async def idle(self) -> None:
@@ -236,13 +268,11 @@ class ShadowProcess:
         link = self._link
         if link is None or link.transport is None or link.transport.is_closing():
             return
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
         self._flush()
         self._idle_token += 1
         waiter = asyncio.get_running_loop().create_future()
         self._idle_waiters[self._idle_token] = waiter
-        link.transport.write(encode(("idle", self._idle_token)))
+        link.transport.writelines(encode(("idle", self._idle_token)))
         await waiter
 
     def redis_execute(self) -> Callable[..., Awaitable[Any]]:
@@ -258,12 +288,13 @@ class ShadowProcess:
             started = time.monotonic()
             try:
                 link = await self._spawn()
-            except OSError as exc:
+            except Exception as exc:  # whatever it is, try again later
                 log.error("cannot start the shadow worker: %s", exc)
                 self._errors["worker_exit"] += 1
                 self._refresh_stats()
+                await self._end_process()
             else:
-                await link.closed
+                await self._watch(link)
                 self._link = None
                 self._worker_gone()
                 if self._stopping:
@@ -271,39 +302,65 @@ class ShadowProcess:
                 code = await self._end_process()
                 self._errors["worker_exit"] += 1
                 self._refresh_stats()
+                if time.monotonic() - started >= STABLE_AFTER:
+                    backoff = BACKOFF_INITIAL
                 log.error(
                     "shadow worker exited (status %s); restarting it in %.1fs", code, backoff
                 )
-            if time.monotonic() - started >= STABLE_AFTER:
-                backoff = BACKOFF_INITIAL
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_result(None)  # start() waits no longer for a failing worker
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
             self.restarts += 1
 
+    async def _watch(self, link: _WorkerLink) -> None:
+        """Until the worker's socket closes; kill the worker if it stops reporting."""
+        while not link.closed.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(link.closed), 1.0)
+            silent = time.monotonic() - self._last_heard
+            if not link.closed.done() and silent > HEARTBEAT_TIMEOUT and not self._stopping:
+                log.error("shadow worker silent for %.0fs; killing it", silent)
+                if self._process is not None:
+                    self._process.kill()
+                if link.transport is not None:
+                    link.transport.abort()
+                await link.closed
+
     async def _spawn(self) -> _WorkerLink:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            # -P: never import from the working directory. Its own process group: a Ctrl-C
+            # or a group SIGTERM is for the proxy, which drains clients, then stops it.
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "proxy.shadow.worker", str(theirs.fileno())],
+                [sys.executable, "-P", "-m", "proxy.shadow.worker", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
                 close_fds=True,
                 env=_worker_environment(),
+                process_group=0,
             )
         except BaseException:
             ours.close()
             raise
         finally:
             theirs.close()
-        loop = asyncio.get_running_loop()
         link = _WorkerLink(self)
-        ours.setblocking(False)
-        await loop.create_unix_connection(lambda: link, sock=ours)
+        try:
+            ours.setblocking(False)
+            await asyncio.get_running_loop().create_unix_connection(lambda: link, sock=ours)
+        except BaseException:
+            ours.close()
+            self._process.kill()
+            raise
         assert link.transport is not None
         # The worker starts cold and takes the live rate from here.
         self._lost.clear()
         self._lost_overflow = False
-        link.transport.write(
+        self._sent = 0
+        self._received_by_worker = 0
+        self._last_heard = time.monotonic()
+        link.transport.writelines(
             encode(
                 (
                     "start",
@@ -318,11 +375,19 @@ class ShadowProcess:
         return link
 
     def _worker_gone(self) -> None:
-        """Keep the dead worker's figures and release whoever waits for it."""
+        """Keep the dead worker's figures, count what it took with it, release waiters."""
+        # Handed over but not yet taken at its last report, plus what it still had queued
+        # then: lost with it (requests it was replaying at that moment are not counted).
+        lost = max(0, self._sent - self._received_by_worker) + self._state["queue_depth"]
+        if lost:
+            self._dropped["worker_down"] += lost
         self._base_state = add_states(self._base_state, self._state)
         self._state = empty_state()
         self._exited += 1
         self._refresh_stats()
+        self._release_waiters()
+
+    def _release_waiters(self) -> None:
         for waiter in self._idle_waiters.values():
             if not waiter.done():
                 waiter.set_result(None)
@@ -339,13 +404,18 @@ class ShadowProcess:
         except subprocess.TimeoutExpired:
             process.kill()
             return await loop.run_in_executor(None, process.wait)
+        except asyncio.CancelledError:
+            process.kill()
+            raise
 
     # -- messages from the worker ---------------------------------------------------------
 
     def _received(self, message: tuple[Any, ...]) -> None:
+        self._last_heard = time.monotonic()
         kind = message[0]
         if kind == "stats":
             self._state = message[1]
+            self._received_by_worker = message[2]
             self._refresh_stats()
         elif kind == "example":
             _, example_kind, command, key, memcached, redis, detail = message
@@ -373,18 +443,21 @@ class ShadowProcess:
     def _control_changed(self, change: ControlChange) -> None:
         link = self._link
         if link is not None and link.transport is not None and not link.transport.is_closing():
-            link.transport.write(
+            link.transport.writelines(
                 encode(("rate", self.control.sample_rate, self.control.enabled))
             )
 
 
 def _worker_environment() -> dict[str, str]:
-    """The proxy's environment, with this very package importable whatever the working
-    directory (a source checkout run from elsewhere, a test runner's sys.path)."""
-    root = str(Path(__file__).resolve().parents[2])
+    """The proxy's environment, with this very package importable (a source checkout run
+    from another directory, a test runner's sys.path). An installed package is found by the
+    interpreter anyway, and putting site-packages on PYTHONPATH would put it before the
+    standard library."""
+    root = Path(__file__).resolve().parents[2]
     env = dict(os.environ)
-    path = env.get("PYTHONPATH")
-    env["PYTHONPATH"] = root if not path else os.pathsep.join((root, path))
+    if root.name not in ("site-packages", "dist-packages"):
+        path = env.get("PYTHONPATH")
+        env["PYTHONPATH"] = str(root) if not path else os.pathsep.join((str(root), path))
     return env
 
 

@@ -6,7 +6,9 @@ same interpreter and code, and marshal is the cheapest C-level encoder of tuples
 str and numbers). A message is a tuple whose first item names it:
 
 proxy -> worker
-    ("start", config_pickle)            first frame: the Config to run with (pickled)
+    ("start", config_pickle, rate, enabled, nice)   first frame: the Config to run with
+                                        (pickled: it only ever comes from the proxy process
+                                        that started the worker, over a private socketpair)
     ("batch", groups)                   observed requests; groups of (session, replied_at,
                                         [request tuple, ...]), see pack_request
     ("lost", keys)                      changes of these keys never reached the worker
@@ -16,9 +18,15 @@ proxy -> worker
     ("stop", timeout)                   finish (within timeout) and exit
 
 worker -> proxy
-    ("stats", state)                    ShadowStats as plain data, see stats_state
+    ("stats", state, received)          ShadowStats as plain data (see stats_state), and how
+                                        many requests it has taken from batches so far
     ("example", kind, command, key, memcached, redis, detail)   one mismatch example
     ("idle", token)
+    ("ready",)                          replaying (Redis and Memcached contacted or retrying)
+
+Times in requests are time.perf_counter() values of the proxy process: on Linux that is
+CLOCK_MONOTONIC, one clock for every process of the host, so the worker can compare them
+with its own.
 """
 
 from __future__ import annotations
@@ -43,9 +51,10 @@ class WireError(MemshadowError):
     """The peer sent something that is not a frame of this protocol."""
 
 
-def encode(message: tuple[Any, ...]) -> bytes:
+def encode(message: tuple[Any, ...]) -> list[bytes]:
+    """The frame of a message, as (header, payload) for transport.writelines (no copy)."""
     payload = marshal.dumps(message)
-    return _HEADER.pack(len(payload)) + payload
+    return [_HEADER.pack(len(payload)), payload]
 
 
 class FrameDecoder:

@@ -16,6 +16,7 @@ import pickle
 import signal
 import socket
 import sys
+import time
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from proxy.shadow.control import ShadowControl
@@ -41,8 +42,12 @@ class WorkerSession(asyncio.Protocol):
         self.engine: ShadowEngine | None = None
         self.control: ShadowControl | None = None
         self.stats = ShadowStats()
+        self.exit_code = 0
+        self.received = 0  # requests taken from batches
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self._examples_per_kind = 20
+        self._example_windows: dict[str, tuple[float, int]] = {}
 
     # -- socket -------------------------------------------------------------------------
 
@@ -70,7 +75,7 @@ class WorkerSession(asyncio.Protocol):
 
     def _send(self, message: tuple[Any, ...]) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(encode(message))
+            self.transport.writelines(encode(message))
 
     # -- messages -----------------------------------------------------------------------
 
@@ -78,10 +83,11 @@ class WorkerSession(asyncio.Protocol):
         kind = message[0]
         engine = self.engine
         if kind == "batch":
-            if engine is None:
+            if engine is None:  # never: "start" comes first, and a failed start exits
                 return
             observe = engine.dispatcher.observe
             for session, replied_at, items in message[1]:
+                self.received += len(items)
                 observe([unpack_request(item) for item in items], session, replied_at=replied_at)
         elif kind == "lost":
             if engine is not None:
@@ -106,23 +112,50 @@ class WorkerSession(asyncio.Protocol):
         from proxy.cli import configure_logging, tune_gc
         from proxy.shadow.service import ShadowEngine
 
-        config = pickle.loads(config_blob)
-        configure_logging(config.log)
-        if nice:
-            with contextlib.suppress(OSError):
-                os.nice(nice)
-        self.control = ShadowControl(rate, enabled)
-        self.engine = ShadowEngine(config, self.stats, self.control, self._example)
+        try:
+            config = pickle.loads(config_blob)
+            configure_logging(config.log)
+            if nice:
+                with contextlib.suppress(OSError):
+                    os.nice(nice)
+            self.control = ShadowControl(rate, enabled)
+            self._examples_per_kind = config.shadow.examples_per_kind
+            self.engine = ShadowEngine(config, self.stats, self.control, self._example)
+        except Exception:
+            log.exception("shadow worker: cannot start")
+            self._fail()
+            return
         tune_gc()
-        self._spawn(self._run())
+        self._spawn(self._report())
+        task = self._spawn(self.engine.start())
+        task.add_done_callback(self._started)
 
-    async def _run(self) -> None:
-        assert self.engine is not None
-        await self.engine.start()
+    def _started(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            log.error("shadow worker: cannot start", exc_info=task.exception())
+            self._fail()
+            return
         self._send(("ready",))
+
+    def _fail(self) -> None:
+        """A worker that cannot work exits (non-zero): the proxy restarts it with backoff."""
+        self.exit_code = 1
+        self._stopping = True
+        if self.transport is not None:
+            self.transport.abort()
+        if not self.finished.done():
+            self.finished.set_result(None)
+
+    async def _report(self) -> None:
+        """Stats every STATS_INTERVAL: the proxy's figures, and its sign that we are alive."""
         while not self._stopping:
-            self._send(("stats", stats_state(self.stats)))
+            self._send_stats()
             await asyncio.sleep(STATS_INTERVAL)
+
+    def _send_stats(self) -> None:
+        self._send(("stats", stats_state(self.stats), self.received))
 
     def _example(
         self,
@@ -134,12 +167,21 @@ class WorkerSession(asyncio.Protocol):
         detail: str,
     ) -> None:
         # Recorded (hashed, logged) by the proxy process, which holds the examples' secret.
+        # It keeps the last examples_per_kind of each kind: more per second than that are
+        # not worth hashing there (a mismatch storm must not load the client path).
+        now = time.monotonic()
+        start, count = self._example_windows.get(kind, (now, 0))
+        if now - start >= 1.0:
+            start, count = now, 0
+        if count >= self._examples_per_kind:
+            return
+        self._example_windows[kind] = (start, count + 1)
         self._send(("example", kind, command, key, memcached, redis, detail))
 
     async def _idle(self, token: int) -> None:
         if self.engine is not None:
             await self.engine.dispatcher.idle()
-        self._send(("stats", stats_state(self.stats)))
+        self._send_stats()
         self._send(("idle", token))
 
     async def _stop(self, timeout: float) -> None:
@@ -148,25 +190,27 @@ class WorkerSession(asyncio.Protocol):
         self._stopping = True
         if self.engine is not None:
             await self.engine.stop(timeout)
-        self._send(("stats", stats_state(self.stats)))
+        self._send_stats()
         if self.transport is not None:
             self.transport.close()
         if not self.finished.done():
             self.finished.set_result(None)
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
 
-async def serve(fd: int) -> None:
+async def serve(fd: int) -> int:
     sock = socket.socket(fileno=fd)
     sock.setblocking(False)
     loop = asyncio.get_running_loop()
     session = WorkerSession()
     await loop.create_unix_connection(lambda: session, sock=sock)
     await session.finished
+    return session.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1 or not args[0].isdigit():
         print("usage: python -m proxy.shadow.worker FD (memshadow starts it)", file=sys.stderr)
         return 2
-    # Ctrl-C in a terminal and `systemctl stop` signal the whole group: the proxy drains its
-    # clients first and then stops the worker itself (or its exit ends the worker).
+    # The worker has a process group of its own; should a Ctrl-C or a group SIGTERM reach
+    # it anyway, the proxy (which drains its clients first) stops it, or its exit does.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
@@ -184,9 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         runner: Any = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a dependency
         runner = asyncio.run
+    code = 0
     with contextlib.suppress(KeyboardInterrupt):
-        runner(serve(int(args[0])))
-    return 0
+        code = runner(serve(int(args[0])))
+    return code
 
 
 if __name__ == "__main__":

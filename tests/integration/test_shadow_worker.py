@@ -7,6 +7,7 @@ killed, stalled or told a new rate, and that it never outlives the proxy.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import threading
@@ -151,3 +152,106 @@ def test_a_rate_change_reaches_the_worker(worker_proxy: ProxyThread) -> None:
     worker_proxy.settle()
     assert worker_proxy.shadow.stats.comparisons[("get", "match")] - before == len(sampled)
     client.close()
+
+
+def test_work_a_dead_worker_took_with_it_is_counted_as_dropped(
+    worker_proxy: ProxyThread,
+) -> None:
+    pid = worker_proxy.shadow.worker_pid
+    worker_proxy.settle()
+    os.kill(pid, signal.SIGSTOP)
+    client = Client(("127.0.0.1", worker_proxy.port), default_noreply=False, timeout=5)
+    for i in range(500):
+        assert client.set(f"d{i}", b"v")
+    os.kill(pid, signal.SIGKILL)
+    _wait_for(lambda: worker_proxy.shadow.worker_pid not in (None, pid))
+    worker_proxy.settle()
+    stats = worker_proxy.shadow.stats
+    assert stats.shadowed["set"] == 500
+    # None of the 500 was judged; all of them show up as dropped, none vanish.
+    assert stats.dropped["worker_down"] >= 500
+    client.close()
+
+
+def test_counters_never_go_back_across_a_restart(worker_proxy: ProxyThread) -> None:
+    client = Client(("127.0.0.1", worker_proxy.port), default_noreply=False, timeout=5)
+    seen: list[tuple[int, int, int]] = []
+
+    def sample() -> None:
+        stats = worker_proxy.shadow.stats
+        seen.append(
+            worker_proxy.call(
+                lambda: (
+                    sum(stats.comparisons.values()),
+                    sum(stats.dropped.values()),
+                    stats.redis_commands,
+                )
+            )
+        )
+
+    for i in range(100):
+        client.set(f"c{i}", b"v")
+    worker_proxy.settle()
+    sample()
+    first = worker_proxy.shadow.worker_pid
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while worker_proxy.shadow.worker_pid in (None, first) and time.monotonic() < deadline:
+        client.get("c1")
+        sample()
+        time.sleep(0.02)
+    for i in range(100):
+        client.get(f"c{i}")
+    worker_proxy.settle()
+    sample()
+    for earlier, later in itertools.pairwise(seen):
+        assert all(b >= a for a, b in zip(earlier, later, strict=True)), (earlier, later)
+    assert seen[-1][0] > seen[0][0]
+    client.close()
+
+
+def test_a_request_too_big_for_the_hand_off_is_dropped_and_its_key_made_cold(
+    worker_proxy: ProxyThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(proxy.shadow.process, "PIPE_BUFFER_LIMIT", 64 * 1024)
+    client = Client(("127.0.0.1", worker_proxy.port), default_noreply=False, timeout=5)
+    assert client.set("big", b"a")
+    assert client.get("big") == b"a"
+    worker_proxy.settle()
+    assert client.set("big", b"b" * 100_000)  # over the limit on its own: never handed over
+    assert client.get("big") == b"b" * 100_000
+    worker_proxy.settle()
+    stats = worker_proxy.shadow.stats
+    assert stats.dropped["queue_full"] == 2  # the set, and the get whose reply holds the value
+    # Redis still has "a", Memcached the big value: the worker was told the key's change
+    # was lost, so a touch that succeeds on both proves nothing and nothing is reported.
+    assert client.touch("big", 100)
+    worker_proxy.settle()
+    assert client.set("big", b"c")
+    assert client.get("big") == b"c"
+    worker_proxy.settle()
+    assert totals(worker_proxy) == {"match": 5}  # set, get, touch, set, get
+    client.close()
+
+
+def test_a_worker_that_cannot_start_neither_delays_clients_nor_loops_fast(
+    memcached: ServerProcess, redis_server: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(proxy.shadow.process.sys, "executable", "/bin/false")
+    started = time.monotonic()
+    proxy_thread = ProxyThread(proxy_config(memcached, redis_server, 1.0, worker="process"))
+    proxy_thread.start()
+    try:
+        assert time.monotonic() - started < 5  # not READY_TIMEOUT: the first exit ends the wait
+        client = Client(("127.0.0.1", proxy_thread.port), default_noreply=False, timeout=5)
+        for i in range(50):
+            assert client.set(f"f{i}", b"v")
+            assert client.get(f"f{i}") == b"v"
+        time.sleep(2.0)
+        stats = proxy_thread.shadow.stats
+        assert stats.dropped["worker_down"] == 100
+        # Backoff 0.5, 1, 2 s...: a handful of attempts in ~2 s, not a tight loop.
+        assert 1 <= stats.errors["worker_exit"] <= 4
+        client.close()
+    finally:
+        proxy_thread.stop()

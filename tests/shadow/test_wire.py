@@ -25,7 +25,7 @@ from proxy.shadow.wire import (
 
 def test_frames_come_out_whole_whatever_the_chunking() -> None:
     messages = [("batch", [(1, 2.5, [])]), ("idle", 7), ("lost", [b"k", b"\x00\xff"])]
-    stream = b"".join(encode(m) for m in messages)
+    stream = b"".join(b"".join(encode(m)) for m in messages)
     for step in (1, 3, 7, len(stream)):
         decoder = FrameDecoder()
         out: list[tuple[object, ...]] = []
@@ -36,7 +36,7 @@ def test_frames_come_out_whole_whatever_the_chunking() -> None:
 
 
 def test_a_partial_frame_waits() -> None:
-    frame = encode(("idle", 1))
+    frame = b"".join(encode(("idle", 1)))
     decoder = FrameDecoder()
     assert decoder.feed(frame[:-1]) == []
     assert decoder.pending == len(frame) - 1
