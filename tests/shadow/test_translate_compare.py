@@ -4,8 +4,11 @@ differences out."""
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy.memcache.request import RequestFramer
 from proxy.redis.layout import Item
@@ -29,6 +32,7 @@ from proxy.shadow.translate import (
     McValue,
     ShadowOp,
     Skip,
+    _retrieval,
     translate,
 )
 
@@ -59,6 +63,56 @@ def test_get_splits_into_sampled_keys() -> None:
 def test_gets_records_cas_and_gat_exptime() -> None:
     op = one(b"gats 100 k\r\n", b"VALUE k 0 1 42\r\nx\r\nEND\r\n")
     assert op.want_cas and op.exptime == 100 and op.mc_value == McValue(0, b"x", 42)
+
+
+def _both(stream: bytes, reply: bytes, sampled: Callable[[bytes], bool]) -> tuple[object, object]:
+    """What translate makes of a request, and what _retrieval (the general path, without the
+    plain-get shortcut) makes of it."""
+    requests, _ = RequestFramer(capture=lambda r: True).feed(stream)
+    request = requests[-1]  # after the `mn` of an over-long key
+    request.response = reply
+    return translate(request, sampled), _retrieval(request, reply, sampled)
+
+
+KEY = b"k" * 32
+PLAIN_GET_REPLIES = [
+    b"END\r\n",
+    b"VALUE " + KEY + b" 3 5\r\nhello\r\nEND\r\n",
+    b"VALUE " + KEY + b" 0 0\r\n\r\nEND\r\n",
+    b"VALUE " + KEY + b" 4294967295 4\r\n\r\nEN\r\nEND\r\n",  # data that looks like lines
+    b"VALUE " + KEY + b" 4294967296 1\r\nx\r\nEND\r\n",  # flags out of range
+    b"VALUE " + KEY + b" 0 1 77\r\nx\r\nEND\r\n",  # a cas it was not asked for
+    b"VALUE other 0 1\r\nx\r\nEND\r\n",
+    b"VALUE " + KEY + b" 0 2\r\nx\r\nEND\r\n",  # shorter than announced
+    b"VALUE " + KEY + b" 0 1\r\nx\r\nEND\r\nEND\r\n",
+    b"VALUE " + KEY + b" 0 1\r\nx\r\n",
+    b"VALUE " + KEY + b" 0  1\r\nx\r\nEND\r\n",
+    b"VALUE " + KEY + b" +0 1\r\nx\r\nEND\r\n",
+    b"VALUE " + KEY + b" 0 1",
+    b"VALUE ",
+    b"SERVER_ERROR out of memory\r\n",
+    b"END\r\nEND\r\n",
+    b"",
+]
+
+
+@pytest.mark.parametrize("reply", PLAIN_GET_REPLIES)
+@pytest.mark.parametrize("is_sampled", [True, False])
+def test_plain_get_shortcut_gives_what_the_general_path_gives(
+    reply: bytes, is_sampled: bool
+) -> None:
+    def sampled(key: bytes) -> bool:
+        return is_sampled
+
+    for stream in (b"get " + KEY + b"\r\n", b"get noreply\r\n", b"get " + b"x" * 251 + b"\r\n"):
+        shortcut, general = _both(stream, reply, sampled)
+        assert shortcut == general
+
+
+@given(st.lists(st.sampled_from([b"VALUE ", KEY, b" ", b"0", b"12", b"\r\n", b"END", b"x"])))
+def test_plain_get_shortcut_agrees_on_any_reply(parts: list[bytes]) -> None:
+    shortcut, general = _both(b"get " + KEY + b"\r\n", b"".join(parts), lambda key: True)
+    assert shortcut == general
 
 
 def test_get_error_reply_is_skipped() -> None:
