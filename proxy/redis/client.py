@@ -273,10 +273,13 @@ class _RespProtocol(asyncio.Protocol):
             callback = entry[1]
             if callback is not None:
                 entry[1] = None
-                if isinstance(reply, hiredis.ReplyError):
-                    _deliver(callback, None, RedisReplyError(str(reply)))
-                else:
-                    _deliver(callback, reply, None)
+                try:  # _deliver(), inlined: this runs for every reply of the shadow
+                    if isinstance(reply, hiredis.ReplyError):
+                        callback(None, RedisReplyError(str(reply)))
+                    else:
+                        callback(reply, None)
+                except Exception:
+                    log.exception("redis: reply callback %r failed", callback)
                 if self._aborted:  # the callback closed the connection
                     return
                 continue

@@ -333,7 +333,8 @@ class RedisStore:
         return self.expiry(exptime).args()
 
     def _conn(self, key: bytes) -> tuple[RedisConnection, bytes]:
-        return self.pool.connection_for(key), self.key_prefix + key
+        prefix = self.key_prefix
+        return self.pool.connection_for(key), prefix + key if prefix else key
 
     # writes
 

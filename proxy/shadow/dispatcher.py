@@ -18,9 +18,10 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, Final
 
 from proxy.memcache.arguments import decode_base64_key
 from proxy.memcache.request import Request
@@ -32,7 +33,7 @@ from proxy.redis.errors import (
     RedisUnavailable,
 )
 from proxy.redis.layout import Item
-from proxy.redis.store import RedisStore
+from proxy.redis.store import DeleteStatus, DeltaResult, RedisStore, StoreResult, TouchStatus
 from proxy.shadow.compare import (
     CAS_UNMAPPED,
     PADDING,
@@ -61,6 +62,11 @@ from proxy.shadow.translate import (
 log = logging.getLogger("memshadow.shadow")
 
 ExampleSink = Callable[[str, str, bytes, dict[str, Any], dict[str, Any], str], None]
+
+# What _send did with an operation.
+_SENT: Final = 1  # its command is on its way; the callback goes on with the chain
+_FAILED: Final = 2  # it could not be sent (counted): the chain goes on at once
+_ASYNC: Final = 3  # it needs other Redis work first: a task runs it
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +112,8 @@ class ShadowDispatcher:
         self._queue: deque[tuple[Request, float, int, int]] = deque()
         self._seq = 0  # requests observed so far: a total order of replies
         self._wakeup = asyncio.Event()
-        self._chains: dict[bytes, deque[tuple[ShadowOp, float, int]]] = {}
+        # Per key with an operation in flight: the key's operations waiting for their turn.
+        self._chains: dict[bytes, deque[tuple[ShadowOp, float]]] = {}
         self._chain_done = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._worker: asyncio.Task[None] | None = None
@@ -116,6 +123,7 @@ class ShadowDispatcher:
         self._mc_evictions: int | None = None
         self._redis_evictions: int | None = None
         self._stopping = False
+        self._closed = False  # stopped: chains still in flight end without going on
 
     # -- client path hand-off (synchronous, never waits) ----------------------------------
 
@@ -127,15 +135,16 @@ class ShadowDispatcher:
         now = time.perf_counter() if replied_at is None else replied_at
         queue = self._queue
         shadowed = self.stats.shadowed
+        limit = self.settings.queue_size
         for request in requests:
             if not request.capture:
                 continue
             shadowed[request.command] += 1  # dropped ones included: drops/requests <= 1
-            self._seq += 1
-            if len(queue) >= self.settings.queue_size or self._stopping:
-                self._drop("queue_full", state_keys(request), self._seq)
+            self._seq = seq = self._seq + 1
+            if len(queue) >= limit or self._stopping:
+                self._drop("queue_full", state_keys(request), seq)
                 continue
-            queue.append((request, now, session, self._seq))
+            queue.append((request, now, session, seq))
         self.stats.queue_depth = len(queue)
         if queue:
             self._wakeup.set()
@@ -177,6 +186,7 @@ class ShadowDispatcher:
         self._wakeup.set()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.idle(), timeout)
+        self._closed = True
         for task in (self._worker, self._monitor, *self._tasks):
             if task is not None:
                 task.cancel()
@@ -195,34 +205,38 @@ class ShadowDispatcher:
     # -- worker ---------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        queue = self._queue
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            while self._queue:
-                while len(self._chains) >= self.settings.max_inflight:
-                    self._chain_done.clear()
-                    await self._chain_done.wait()
-                request, replied_at, session, seq = self._queue.popleft()
-                self.stats.queue_depth = len(self._queue)
+            while queue:
+                if len(self._chains) >= self.settings.max_inflight:
+                    self.stats.queue_depth = len(queue)
+                    while len(self._chains) >= self.settings.max_inflight:
+                        self._chain_done.clear()
+                        await self._chain_done.wait()
+                request, replied_at, session, seq = queue.popleft()
                 try:
                     self._dispatch(request, replied_at, session, seq)
                 except Exception:  # a shadow bug must never reach the client path
                     log.exception("shadow: cannot handle %r", request)
                     self.stats.errors["internal"] += 1
-            if self._stopping and not self._queue:
+            self.stats.queue_depth = 0
+            if self._stopping and not queue:
                 return
 
     def _dispatch(self, request: Request, replied_at: float, session: int, seq: int) -> None:
-        if request.started:
-            self.stats.histogram(self.stats.memcached_latency, request.command).observe(
-                replied_at - request.started
-            )
+        sent_at = request.started
+        if sent_at:
+            self.stats.for_command(request.command).memcached_latency.observe(replied_at - sent_at)
         plan = translate(request, self.sampled)
         if isinstance(plan, Skip):
             self.stats.skipped[plan.reason] += 1
             for key in plan.keys:
                 self.keys.get(key).mark_lost(seq)
             return
+        now = time.perf_counter()
+        chains = self._chains
         for op in plan:
             op.seq = seq
             if op.action == "flush":
@@ -230,38 +244,124 @@ class ShadowDispatcher:
                 continue
             # Contention is judged in reply-arrival order, before any of the key's queued
             # operations run, so an operation that raced with a later one is known to.
-            self.keys.touch(
-                op.key, session, request.started or replied_at, replied_at, time.perf_counter()
-            )
-            chain = self._chains.get(op.key)
+            key = op.key
+            state = self.keys.touch(key, session, sent_at or replied_at, replied_at, now)
+            chain = chains.get(key)
             if chain is not None:
-                chain.append((op, replied_at, session))
+                chain.append((op, replied_at))
                 continue
-            self._chains[op.key] = deque()
-            task = asyncio.get_running_loop().create_task(
-                self._chain(op.key, op, replied_at, session)
-            )
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            chain = chains[key] = deque()
+            self._start(key, chain, op, replied_at, state, now)
 
-    async def _chain(self, key: bytes, op: ShadowOp, replied_at: float, session: int) -> None:
-        chain = self._chains[key]
+    # -- a key's chain: one operation in flight at a time, in reply order -----------------
+    #
+    # The common operation runs with no task and no future: its Redis command goes out with a
+    # completion callback (_send), which records the verdict when Redis agrees and starts the
+    # key's next operation (_advance). A task takes over only for what must wait: a
+    # difference to classify (_judge), an operation that needs other Redis work first (_slow)
+    # and the settling of a raced key (_settle_chain). Each hands the chain back to _advance.
+    # Measured (bench load: 90/10 get/set, 16 connections, rate 1, inline, 2-core VM: proxy
+    # CPU per request at rate 1 minus rate 0): the shadow's cost went from 27.4 to 19.4 us
+    # (with the plain-get translation shortcut and the per-command figures).
+
+    def _start(
+        self,
+        key: bytes,
+        chain: deque[tuple[ShadowOp, float]],
+        op: ShadowOp,
+        replied_at: float,
+        state: KeyState,
+        started: float,
+    ) -> None:
+        """Run `op`, the key's next operation (nothing else of the key is in flight), and
+        the ones after it for as long as they fail at once (Redis down or busy)."""
+        while True:
+            try:
+                sent = self._send(op, state, replied_at, started)
+            except Exception:  # a shadow bug: the key can no longer be trusted
+                self._internal_error(op, state)
+                sent = _FAILED
+            if sent is _SENT:
+                return
+            if sent is _ASYNC:
+                self._spawn(key, self._slow(key, op, replied_at))
+                return
+            if not chain:
+                self._chain_idle(key)
+                return
+            op, replied_at = chain.popleft()
+            state = self.keys.get(key)
+            started = time.perf_counter()
+
+    def _advance(self, key: bytes) -> None:
+        """The key's operation in flight is finished: start the next one, or settle the key,
+        or end the chain."""
+        chain = self._chains.get(key)
+        if chain is None:
+            return
+        if self._closed:
+            self._end_chain(key)
+        elif chain:
+            op, replied_at = chain.popleft()
+            self._start(key, chain, op, replied_at, self.keys.get(key), time.perf_counter())
+        else:
+            self._chain_idle(key)
+
+    def _chain_idle(self, key: bytes) -> None:
+        """Nothing of the key waits: settle it if writers raced on it, else end its chain."""
+        state = self.keys.peek(key)
+        if state is None or not state.contended_until or self._stopping:
+            self._end_chain(key)
+        else:
+            # Racing writers are done for now: make Redis equal Memcached. Operations that
+            # arrive meanwhile join the chain and run after it.
+            self._spawn(key, self._settle_chain(key, state))
+
+    def _end_chain(self, key: bytes) -> None:
+        self._chains.pop(key, None)
+        self._chain_done.set()
+
+    def _spawn(self, key: bytes, coro: Coroutine[Any, Any, None]) -> None:
+        """Run the rest of the key's chain in a task (it ends or hands the chain back)."""
+        if self._closed:
+            coro.close()
+            self._end_chain(key)
+            return
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _slow(self, key: bytes, op: ShadowOp, replied_at: float) -> None:
         try:
-            while True:
-                await self._one(op, replied_at, session)
-                if not chain:
-                    state = self.keys.peek(key)
-                    if state is None or not state.contended_until or self._stopping:
-                        break
-                    # Racing writers are done for now: make Redis equal Memcached. Operations
-                    # that arrive meanwhile join the chain and run after it.
-                    await self._settle(key, state)
-                    if not chain:
-                        break
-                op, replied_at, session = chain.popleft()
-        finally:
-            self._chains.pop(key, None)
-            self._chain_done.set()
+            await self._one(op, replied_at)
+        except BaseException:
+            self._end_chain(key)
+            raise
+        self._advance(key)
+
+    async def _judge(
+        self, op: ShadowOp, diff: Difference, state: KeyState, replied_at: float, started: float
+    ) -> None:
+        try:
+            outcome, detail = await self._classify(op, diff, state, replied_at)
+            self.stats.count_comparison(op.command, outcome, detail)
+            self._finished(op, replied_at, started)
+        except BaseException:
+            self._end_chain(op.key)
+            raise
+        self._advance(op.key)
+
+    async def _settle_chain(self, key: bytes, state: KeyState) -> None:
+        try:
+            await self._settle(key, state)
+        except BaseException:
+            self._end_chain(key)
+            raise
+        chain = self._chains.get(key)
+        if chain:
+            self._advance(key)
+        else:
+            self._end_chain(key)  # settled once; operations to come start a new chain
 
     def _flush(self, op: ShadowOp) -> None:
         delay = op.exptime or 0
@@ -292,38 +392,158 @@ class ShadowDispatcher:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    # -- one operation --------------------------------------------------------------------
+    # -- one operation, fast path: a callback per Redis command ---------------------------
 
-    async def _one(self, op: ShadowOp, replied_at: float, session: int) -> None:
+    def _send(self, op: ShadowOp, state: KeyState, replied_at: float, started: float) -> int:
+        """Send op's Redis command with a completion callback: _SENT, _FAILED (it could not
+        be sent, which is counted) or _ASYNC (it needs other Redis work first: the slow path)."""
+        action = op.action
+        store = self.store
         stats = self.stats
-        state = self.keys.get(op.key)
-        started = time.perf_counter()
         try:
-            diff, full_state = await self._replay(op, state)
-        except (RedisUnavailable, RedisTimeout, RedisBusy) as exc:
+            if action == "read":
+                done = partial(self._completed, op, state, replied_at, started, self._read_result)
+                stats.redis_commands += 1
+                if op.exptime is None:
+                    store.get_callback(done, op.key)
+                else:
+                    store.gat_callback(done, op.exptime, op.key)
+            elif action == "store":
+                if op.mc_status == TOO_LARGE and not op.data and op.data_len:
+                    return _ASYNC
+                cas = op.cas
+                if op.mode == "cas" or (cas and op.mode in ("append", "prepend")):
+                    cas = self.casmap.get(op.key, cas or 0)
+                    if cas is None:
+                        return _ASYNC
+                done = partial(self._completed, op, state, replied_at, started, self._store_result)
+                stats.redis_commands += 1
+                store.store_callback(
+                    done,
+                    op.mode,
+                    op.key,
+                    op.flags,
+                    op.exptime or 0,
+                    op.data,
+                    cas,
+                    too_large_deletes=op.too_large_deletes,
+                )
+            elif action == "delta":
+                cas = op.cas
+                if cas is not None:
+                    cas = self.casmap.get(op.key, cas)
+                    if cas is None:
+                        return _ASYNC
+                done = partial(self._completed, op, state, replied_at, started, self._delta_result)
+                stats.redis_commands += 1
+                store.delta_callback(
+                    done,
+                    op.key,
+                    op.mode,
+                    op.delta,
+                    cas=cas,
+                    create=op.create,
+                    initial=op.initial,
+                    ttl=op.exptime,
+                )
+            elif action == "touch":
+                done = partial(self._completed, op, state, replied_at, started, self._touch_result)
+                stats.redis_commands += 1
+                store.touch_callback(done, op.key, op.exptime or 0)
+            elif action == "delete":
+                cas = op.cas
+                if cas is not None:
+                    cas = self.casmap.get(op.key, cas)
+                    if cas is None:
+                        return _ASYNC
+                done = partial(self._completed, op, state, replied_at, started, self._delete_result)
+                stats.redis_commands += 1
+                store.delete_callback(done, op.key, cas)
+            else:
+                return _ASYNC  # the slow path reports it
+        except RedisError as exc:  # not sent: Redis down or busy
+            self._failed(op, state, exc, started)
+            return _FAILED
+        return _SENT
+
+    def _completed(
+        self,
+        op: ShadowOp,
+        state: KeyState,
+        replied_at: float,
+        started: float,
+        interpret: Callable[[ShadowOp, KeyState, Any], tuple[Difference | None, bool]],
+        result: object,
+        error: RedisError | None,
+    ) -> None:
+        """The reply (or the failure) of an operation sent by _send."""
+        try:
+            if error is not None:
+                self._failed(op, state, error, started)
+            else:
+                diff, full = interpret(op, state, result)
+                now = time.perf_counter()
+                figures = self.stats.for_command(op.command)
+                figures.redis_latency.observe(now - started)
+                if diff is not None:
+                    self._spawn(op.key, self._judge(op, diff, state, replied_at, started))
+                    return  # _judge goes on with the chain once it has classified it
+                if op.mc_status is not None:
+                    self.stats.comparisons[figures.match] += 1
+                if full:
+                    state.mark_synced(op.seq)
+                figures.duration.observe(now - started)
+                self.stats.lag.observe(now - replied_at)
+        except Exception:  # a shadow bug: the key can no longer be trusted
+            self._internal_error(op, state)
+        self._advance(op.key)
+
+    def _failed(self, op: ShadowOp, state: KeyState, exc: RedisError, started: float) -> None:
+        """Count an operation Redis did not carry out (or whose outcome is unknown)."""
+        stats = self.stats
+        stats.for_command(op.command).redis_latency.observe(time.perf_counter() - started)
+        stats.errors[_error_kind(exc)] += 1
+        if isinstance(exc, RedisUnavailable | RedisTimeout | RedisBusy):
             reason = {RedisUnavailable: "redis_down", RedisTimeout: "timeout"}.get(
                 type(exc), "redis_busy"
             )
             self._drop(reason, (op.key,), op.seq)
-            stats.errors[_error_kind(exc)] += 1
-            return
-        except RedisError as exc:  # an error reply, or one this client cannot decode
-            stats.errors[_error_kind(exc)] += 1
+        else:  # an error reply, or one this client cannot decode
             state.mark_lost(op.seq)
+
+    def _internal_error(self, op: ShadowOp, state: KeyState) -> None:
+        log.exception("shadow: cannot replay %s of a key", op.command)
+        self.stats.errors["internal"] += 1
+        state.mark_lost(op.seq)
+
+    # -- one operation, slow path: a task ---------------------------------------------------
+
+    async def _one(self, op: ShadowOp, replied_at: float) -> None:
+        state = self.keys.get(op.key)
+        started = time.perf_counter()
+        try:
+            diff, full_state = await self._replay(op, state)
+        except RedisError as exc:
+            self._failed(op, state, exc, started)
             return
-        finally:
-            took = time.perf_counter() - started
-            stats.histogram(stats.redis_latency, op.command).observe(took)
+        stats = self.stats
+        figures = stats.for_command(op.command)
+        figures.redis_latency.observe(time.perf_counter() - started)
         if diff is None:
             if op.mc_status is not None:
-                stats.count_comparison(op.command, "match")
+                stats.comparisons[figures.match] += 1
             if full_state:
                 state.mark_synced(op.seq)
         else:
             outcome, detail = await self._classify(op, diff, state, replied_at)
             stats.count_comparison(op.command, outcome, detail)
-        stats.histogram(stats.shadow_duration, op.command).observe(time.perf_counter() - started)
-        stats.lag.observe(time.perf_counter() - replied_at)
+        self._finished(op, replied_at, started)
+
+    def _finished(self, op: ShadowOp, replied_at: float, started: float) -> None:
+        """An operation has its verdict: how long it took, and the lag since its reply."""
+        now = time.perf_counter()
+        self.stats.for_command(op.command).duration.observe(now - started)
+        self.stats.lag.observe(now - replied_at)
 
     async def _replay(self, op: ShadowOp, state: KeyState) -> tuple[Difference | None, bool]:
         """Apply op on Redis; (difference, whether both stores' state is now fully known)."""
@@ -334,27 +554,15 @@ class ShadowDispatcher:
                 item = await store.get(op.key)
             else:
                 item = await store.gat(op.exptime, op.key)
-                self._note_expiry(state, op.exptime)
-            if op.want_cas and item is not None and op.mc_value and op.mc_value.cas is not None:
-                self.casmap.put(op.key, op.mc_value.cas, item.cas)
-            # A meta get defines the key only when it returned both the value and the flags.
-            value = op.mc_value
-            full = not op.meta or (
-                op.mc_status == MISS
-                or (value is not None and value.data is not None and value.flags is not None)
-            )
-            return compare_read(op, item), full and op.exptime is None
+            return self._read_result(op, state, item)
         if op.action == "store":
             return await self._store(op, state)
         if op.action == "delta":
             return await self._delta(op, state)
         if op.action == "touch":
-            status = await store.touch(op.key, op.exptime or 0)
-            if status == TOUCHED:
-                self._note_expiry(state, op.exptime or 0)
-            return compare_outcome(op, str(status), None), False
+            return self._touch_result(op, state, await store.touch(op.key, op.exptime or 0))
         if op.action == "delete":
-            return await self._delete(op)
+            return await self._delete(op, state)
         raise ValueError(f"unknown shadow action {op.action!r}")
 
     async def _store(self, op: ShadowOp, state: KeyState) -> tuple[Difference | None, bool]:
@@ -387,16 +595,7 @@ class ShadowDispatcher:
             cas,
             too_large_deletes=op.too_large_deletes,
         )
-        status = str(result.status)
-        if status == STORED and op.mode not in ("append", "prepend"):
-            self._note_expiry(state, op.exptime or 0)
-        # Only outcomes that define the key in both stores make it known to be in step: a
-        # value stored whole, or the key absent from both. add's NOT_STORED and cas's EXISTS
-        # only say the key exists, with whatever value each store has.
-        defined = (status == STORED and op.mode in ("set", "add", "replace", "cas")) or (
-            (op.mode, status) in (("replace", "NOT_STORED"), ("cas", "NOT_FOUND"))
-        )
-        return compare_outcome(op, status, None), defined and status == op.mc_status
+        return self._store_result(op, state, result)
 
     async def _delta(self, op: ShadowOp, state: KeyState) -> tuple[Difference | None, bool]:
         cas = op.cas
@@ -415,14 +614,9 @@ class ShadowDispatcher:
             initial=op.initial,
             ttl=op.exptime,
         )
-        status = str(result.status)
-        if status == "CREATED" and op.create is not None:
-            self._note_expiry(state, op.create)
-        if op.exptime is not None and status in ("OK", "CREATED"):
-            self._note_expiry(state, op.exptime)
-        return compare_outcome(op, status, result.value), False
+        return self._delta_result(op, state, result)
 
-    async def _delete(self, op: ShadowOp) -> tuple[Difference | None, bool]:
+    async def _delete(self, op: ShadowOp, state: KeyState) -> tuple[Difference | None, bool]:
         cas = op.cas
         if cas is not None:
             mapped = self.casmap.get(op.key, cas)
@@ -433,8 +627,61 @@ class ShadowDispatcher:
                     self.keys.get(op.key).mark_lost(op.seq)  # noreply: outcome unknown
                 return _unmapped(op), False
             cas = mapped
-        status = str(await self.store.delete(op.key, cas))
-        full = op.mc_status in (DELETED, NOT_FOUND) and cas is None
+        return self._delete_result(op, state, await self.store.delete(op.key, cas))
+
+    # -- what a reply means: shared by both paths -----------------------------------------
+
+    def _read_result(
+        self, op: ShadowOp, state: KeyState, item: Item | None
+    ) -> tuple[Difference | None, bool]:
+        if op.exptime is not None:
+            self._note_expiry(state, op.exptime)
+        value = op.mc_value
+        if op.want_cas and item is not None and value is not None and value.cas is not None:
+            self.casmap.put(op.key, value.cas, item.cas)
+        # A meta get defines the key only when it returned both the value and the flags.
+        full = op.exptime is None and (
+            not op.meta
+            or op.mc_status == MISS
+            or (value is not None and value.data is not None and value.flags is not None)
+        )
+        return compare_read(op, item), full
+
+    def _store_result(
+        self, op: ShadowOp, state: KeyState, result: StoreResult
+    ) -> tuple[Difference | None, bool]:
+        status = result.status
+        if status == STORED and op.mode not in ("append", "prepend"):
+            self._note_expiry(state, op.exptime or 0)
+        # Only outcomes that define the key in both stores make it known to be in step: a
+        # value stored whole, or the key absent from both. add's NOT_STORED and cas's EXISTS
+        # only say the key exists, with whatever value each store has.
+        defined = (status == STORED and op.mode in ("set", "add", "replace", "cas")) or (
+            (op.mode, status) in (("replace", "NOT_STORED"), ("cas", "NOT_FOUND"))
+        )
+        return compare_outcome(op, status, None), defined and status == op.mc_status
+
+    def _delta_result(
+        self, op: ShadowOp, state: KeyState, result: DeltaResult
+    ) -> tuple[Difference | None, bool]:
+        status = result.status
+        if status == "CREATED" and op.create is not None:
+            self._note_expiry(state, op.create)
+        if op.exptime is not None and status in ("OK", "CREATED"):
+            self._note_expiry(state, op.exptime)
+        return compare_outcome(op, status, result.value), False
+
+    def _touch_result(
+        self, op: ShadowOp, state: KeyState, status: TouchStatus
+    ) -> tuple[Difference | None, bool]:
+        if status == TOUCHED:
+            self._note_expiry(state, op.exptime or 0)
+        return compare_outcome(op, status, None), False
+
+    def _delete_result(
+        self, op: ShadowOp, state: KeyState, status: DeleteStatus
+    ) -> tuple[Difference | None, bool]:
+        full = op.mc_status in (DELETED, NOT_FOUND) and op.cas is None
         return compare_outcome(op, status, None), full
 
     def _note_expiry(self, state: KeyState, exptime: int) -> None:

@@ -96,16 +96,23 @@ class KeyStates:
         was sent; when their [sent, replied] intervals overlap, Memcached may have run them in
         either order, so they race.
         """
-        state = self.get(key)
+        state = self._states.get(key)
+        if state is None or state.epoch != self.epoch:
+            state = self.get(key)
+        else:
+            self._states.move_to_end(key)  # get(), inlined: this runs for every operation
         state.touches += 1
-        other = state.last_session and state.last_session != session
+        last = state.last_session
         # A reply dispatched just after a re-synchronisation may describe a change the copy
         # already holds (replaying it would apply it twice): that is a race too.
-        if (other and started < state.last_seen) or now - state.settled_at <= self.race_window:
+        if (last and last != session and started < state.last_seen) or (
+            now - state.settled_at <= self.race_window
+        ):
             state.contended_until = now + self.race_window
             state.raced_at = replied_at
         state.last_session = session
-        state.last_seen = max(state.last_seen, replied_at)
+        if replied_at > state.last_seen:
+            state.last_seen = replied_at
         return state
 
     def raced_near(self, state: KeyState, when: float) -> bool:

@@ -51,6 +51,45 @@ class LatencyHistogram:
         return other
 
 
+class CommandFigures:
+    """One command's histograms and comparison counter key, looked up once: the dispatcher
+    records them for every shadowed operation. A histogram joins its table when it is first
+    used, so a command never observed exports no empty series."""
+
+    __slots__ = ("_duration", "_memcached", "_redis", "_stats", "command", "match")
+
+    def __init__(self, stats: ShadowStats, command: str) -> None:
+        self._stats = stats
+        self.command = command
+        self.match = (command, "match")  # the `comparisons` key of a match
+        self._memcached: LatencyHistogram | None = None
+        self._redis: LatencyHistogram | None = None
+        self._duration: LatencyHistogram | None = None
+
+    @property
+    def memcached_latency(self) -> LatencyHistogram:
+        hist = self._memcached
+        if hist is None:
+            hist = self._memcached = self._stats.histogram(
+                self._stats.memcached_latency, self.command
+            )
+        return hist
+
+    @property
+    def redis_latency(self) -> LatencyHistogram:
+        hist = self._redis
+        if hist is None:
+            hist = self._redis = self._stats.histogram(self._stats.redis_latency, self.command)
+        return hist
+
+    @property
+    def duration(self) -> LatencyHistogram:
+        hist = self._duration
+        if hist is None:
+            hist = self._duration = self._stats.histogram(self._stats.shadow_duration, self.command)
+        return hist
+
+
 @dataclass
 class StatsSnapshot:
     """A frozen copy of ShadowStats at one moment; subtract two for a window."""
@@ -118,6 +157,16 @@ class ShadowStats:
     lag: LatencyHistogram = field(default_factory=LatencyHistogram)  # reply -> verdict
     queue_depth: int = 0
     client_requests_fn: object = None  # set by the wiring: () -> int, all client requests
+    _figures: dict[str, CommandFigures] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def for_command(self, command: str) -> CommandFigures:
+        """The command's histograms (created when first needed) and counter key."""
+        figures = self._figures.get(command)
+        if figures is None:
+            figures = self._figures[command] = CommandFigures(self, command)
+        return figures
 
     def count_comparison(self, command: str, outcome: str, detail: str = "") -> None:
         """outcome: match | mismatch (detail = kind) | noise (detail = reason)."""

@@ -14,6 +14,7 @@ import hiredis
 import pytest
 
 from proxy.memcache.request import RequestFramer
+from proxy.redis.layout import pack_value, unpack_value
 from proxy.redis.store import RedisStore
 from proxy.shadow.control import ShadowControl
 from proxy.shadow.dispatcher import DispatcherSettings, ShadowDispatcher
@@ -164,3 +165,114 @@ async def test_a_corrupt_redis_value_is_an_error_and_the_key_goes_on(shadow: Har
     shadow.send(b"get k\r\n")
     await shadow.idle()
     assert shadow.outcomes() == {"match": 3}
+
+
+async def test_a_key_s_operations_run_in_reply_order(shadow: Harness) -> None:
+    shadow.send(b"set k 0 0 1\r\na\r\n")
+    for i in range(40):  # all queued on the key's chain while the first is in flight
+        shadow.send(b"append k 0 0 1\r\n%c\r\n" % (98 + i % 20))
+        shadow.send(b"get k\r\n")
+    await shadow.idle()
+    assert shadow.outcomes() == {"match": 81}
+    stored = redis_call(shadow.redis_port, "GET", "k")
+    assert isinstance(stored, bytes)
+    assert (
+        stored[12:]
+        == shadow.memcached(b"mg k v\r\n").split(b"\r\n")[1]
+        == b"a" + b"bcdefghijklmnopqrstu" * 2
+    )
+
+
+async def test_a_difference_is_judged_and_the_key_goes_on_in_order(shadow: Harness) -> None:
+    shadow.send(b"set k 1 0 5\r\nhello\r\n")
+    await shadow.idle()
+    redis_call(shadow.redis_port, "SET", "k", pack_value(1, 1, b"tampered"))
+    shadow.send(b"get k\r\n")  # a difference: classified in a task, after the race window
+    shadow.send(b"set k 1 0 3\r\nnew\r\n")  # waits for that verdict
+    shadow.send(b"get k\r\n")
+    await shadow.idle()
+    assert shadow.mismatches() == {"value": 1}
+    assert shadow.outcomes() == {"match": 3, "mismatch": 1}
+    assert unpack_value(redis_call(shadow.redis_port, "GET", "k")).data == b"new"  # type: ignore[arg-type]
+
+
+async def test_a_cas_mapped_by_a_shadowed_gets_is_compared(shadow: Harness) -> None:
+    shadow.send(b"set k 0 0 1\r\na\r\n")
+    reply = shadow.memcached(b"gets k\r\n")
+    token = int(reply.split(b"\r\n")[0].split(b" ")[4])
+    shadow.send(b"gets k\r\n", reply=reply)
+    shadow.send(b"cas k 0 0 1 %d\r\nb\r\n" % token)
+    shadow.send(b"cas k 0 0 1 %d\r\nc\r\n" % token)  # EXISTS in both stores
+    await shadow.idle()
+    assert shadow.outcomes() == {"match": 4}
+    assert shadow.noise() == {}
+
+
+async def test_a_missing_function_library_is_reloaded(shadow: Harness) -> None:
+    redis_call(shadow.redis_port, "FUNCTION", "DELETE", "memshadow")
+    shadow.send(b"set k 0 0 1\r\na\r\n")
+    shadow.send(b"get k\r\n")
+    await shadow.idle()
+    assert shadow.outcomes() == {"match": 2}
+    assert sum(c.function_reloads for c in shadow.store.pool.connections) == 1
+
+
+async def test_redis_down_drops_every_queued_operation_and_the_shadow_resumes(
+    shadow: Harness, redis_proc: ServerProcess
+) -> None:
+    shadow.send(b"set k 0 0 1\r\na\r\n")
+    await shadow.idle()
+    redis_proc.stop()
+    await asyncio.sleep(0.2)  # the connections notice
+    for _ in range(5):
+        shadow.send(b"get k\r\n")
+        shadow.send(b"get other\r\n")
+    await shadow.idle()
+    assert shadow.stats.dropped == {"redis_down": 10}
+    redis_proc.start()
+    assert await shadow.store.pool.wait_connected(5)
+    shadow.send(b"set k 0 0 1\r\nb\r\n")
+    shadow.send(b"get k\r\n")
+    await shadow.idle()
+    assert shadow.outcomes() == {"match": 3}
+
+
+async def test_a_paused_redis_times_out_each_operation_once(
+    mc_server: ServerProcess, redis_proc: ServerProcess
+) -> None:
+    redis_call(redis_proc.port, "FLUSHALL")
+    harness = Harness(mc_server, redis_proc)
+    harness.store = RedisStore.from_url(redis_proc.url() + "?timeout=0.2", size=1)
+    harness.dispatcher.store = harness.store
+    await harness.start()
+    try:
+        redis_proc.pause()
+        for key in (b"a", b"b", b"a", b"c"):
+            harness.send(b"get %s\r\n" % key)
+        await harness.idle()
+        assert sum(harness.stats.dropped.values()) == 4
+        assert harness.stats.dropped["timeout"] >= 1
+        assert harness.outcomes() == {}
+    finally:
+        redis_proc.resume()
+        await harness.stop()
+
+
+async def test_stop_with_operations_in_flight(
+    mc_server: ServerProcess, redis_proc: ServerProcess
+) -> None:
+    harness = Harness(mc_server, redis_proc)
+    await harness.start()
+    redis_proc.pause()
+    try:
+        for i in range(20):
+            harness.send(b"get k%d\r\n" % (i % 3))
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        await harness.dispatcher.stop(timeout=0.2)
+        assert time.monotonic() - started < 1.0
+    finally:
+        redis_proc.resume()
+    await harness.store.close()
+    await harness.reader.close()
+    assert not harness.dispatcher._chains
