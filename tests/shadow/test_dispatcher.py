@@ -276,3 +276,22 @@ async def test_stop_with_operations_in_flight(
     await harness.store.close()
     await harness.reader.close()
     assert not harness.dispatcher._chains
+
+
+async def test_requests_gather_for_the_batch_window_unless_a_batch_is_full(
+    mc_server: ServerProcess, redis_proc: ServerProcess
+) -> None:
+    harness = Harness(mc_server, redis_proc, batch_window=0.3, batch_size=3)
+    await harness.start()
+    try:
+        harness.send(b"set k 0 0 1\r\na\r\n")
+        await asyncio.sleep(0.1)
+        assert harness.stats.redis_commands == 0  # still gathering
+        await harness.idle()
+        assert harness.outcomes() == {"match": 1}
+        for _ in range(3):
+            harness.send(b"get k\r\n")
+        await asyncio.sleep(0.1)
+        assert harness.outcomes() == {"match": 4}  # a full batch does not wait
+    finally:
+        await harness.stop()
