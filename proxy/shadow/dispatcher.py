@@ -2,9 +2,11 @@
 
 The client path calls `capture` (sample or not) and `observe` (the completed requests of a
 reply chunk, in Memcached's reply order). `observe` only appends to a bounded queue and never
-waits: when the queue is full the work is dropped and counted. A worker task translates the
-requests and runs each key's operations strictly in order (one chain per key, at most
-`max_inflight` chains at once), so Redis sees a key's writes in Memcached's order.
+waits: when the queue is full the work is dropped and counted. A worker task takes the queue
+in batches, translates the requests and runs each key's operations strictly in order (one
+chain per key, at most `max_inflight` chains at once), so Redis sees a key's writes in
+Memcached's order. An operation normally costs no task and no future: its Redis command
+carries a completion callback that records the verdict and starts the key's next operation.
 
 A difference is classified before it is reported (REFERENCE 4.10): races between connections,
 cold keys, expiry boundaries and evictions are noise; the rest is a mismatch. Every
