@@ -34,7 +34,7 @@ from proxy.redis.errors import (
     RedisTimeout,
     RedisUnavailable,
 )
-from proxy.redis.layout import Item
+from proxy.redis.layout import REALTIME_MAXDELTA, Item
 from proxy.redis.store import DeleteStatus, DeltaResult, RedisStore, StoreResult, TouchStatus
 from proxy.shadow.compare import (
     CAS_UNMAPPED,
@@ -248,12 +248,14 @@ class ShadowDispatcher:
                 self.keys.get(key).mark_lost(seq)
             return
         now = time.perf_counter()
+        replied_wall = time.time() - (now - replied_at)
         chains = self._chains
         for op in plan:
             op.seq = seq
             if op.action == "flush":
                 self._flush(op)
                 continue
+            _anchor_expiry(op, replied_wall)
             # Contention is judged in reply-arrival order, before any of the key's queued
             # operations run, so an operation that raced with a later one is known to.
             key = op.key
@@ -843,6 +845,22 @@ def _unmapped(op: ShadowOp) -> Difference | None:
     if op.mc_status is None:
         return None
     return Difference(CAS_UNMAPPED, op.mc_status, "-")
+
+
+def _anchor_expiry(op: ShadowOp, replied_wall: float) -> None:
+    """Make relative exptimes count from Memcached's reply, not from the replay.
+
+    memcached turns a relative exptime into "now + exptime" when it runs the request; a
+    shadow replaying it later (queued, batched, a worker behind) must not add its lag to the
+    item's life, or a read between the two expiries would differ. The op gets the absolute
+    unix time memcached computed (exptimes over 30 days are absolute in its protocol too).
+    """
+    exptime = op.exptime
+    if exptime is not None and 0 < exptime <= REALTIME_MAXDELTA:
+        op.exptime = int(replied_wall) + exptime
+    create = op.create
+    if create is not None and 0 < create <= REALTIME_MAXDELTA:
+        op.create = int(replied_wall) + create
 
 
 def _mc_value(item: McItem | None) -> McValue | None:

@@ -90,14 +90,17 @@ class Harness:
         finally:
             client.close()
 
-    def send(self, stream: bytes, session: int = 1, reply: bytes | None = None) -> None:
-        """Run one request on memcached (or pretend it answered `reply`) and hand it over."""
+    def send(
+        self, stream: bytes, session: int = 1, reply: bytes | None = None, age: float = 0.0
+    ) -> None:
+        """Run one request on memcached (or pretend it answered `reply`) and hand it over,
+        as if its reply had come back `age` seconds ago."""
         requests, _ = RequestFramer(capture=lambda r: True).feed(stream)
         assert len(requests) == 1
         request = requests[0]
-        request.started = time.perf_counter()
+        request.started = time.perf_counter() - age
         request.response = self.memcached(stream) if reply is None else reply
-        self.dispatcher.observe([request], session)
+        self.dispatcher.observe([request], session, replied_at=time.perf_counter() - age)
 
     async def idle(self) -> None:
         await asyncio.wait_for(self.dispatcher.idle(), 10)
@@ -140,6 +143,18 @@ async def test_writes_then_reads_match(shadow: Harness) -> None:
     await shadow.idle()
     assert shadow.outcomes() == {"match": 5}
     assert redis_call(shadow.redis_port, "EXISTS", "k") == 0
+
+
+async def test_a_late_replay_keeps_memcached_s_expiry(shadow: Harness) -> None:
+    # Replayed 3 s after memcached answered (a shadow running behind): the item's life
+    # counts from the reply, not from the replay.
+    shadow.send(b"set late 0 100 1\r\nx\r\n", age=3.0)
+    shadow.send(b"set gone 0 2 1\r\nx\r\n", age=3.0, reply=b"STORED\r\n")
+    await shadow.idle()
+    ttl = redis_call(shadow.redis_port, "PTTL", "late")
+    assert isinstance(ttl, int) and 95_000 <= ttl <= 98_000
+    # memcached would have expired it a second ago: Redis never holds it.
+    assert redis_call(shadow.redis_port, "EXISTS", "gone") == 0
 
 
 async def test_cas_without_a_mapping_is_one_noise_verdict(shadow: Harness) -> None:
