@@ -343,7 +343,8 @@ def run_memcaslap(spec: LoadSpec, port: int, seconds: int) -> tuple[int, str]:
         f"--stat_freq={seconds}s",  # needed for the Log2 latency histograms at exit
     ]
     if spec.tps > 0:
-        argv.append(f"--tps={spec.tps}")
+        # memcaslap wants a k/m suffix ("--tps=5000" is refused); whole thousands are exact.
+        argv.append(f"--tps={max(1, round(spec.tps / 1000))}k")
     proc = subprocess.Popen(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -782,7 +783,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--tps",
         type=int,
         default=0,
-        help="cap memcaslap at this many ops/s (memcaslap --tps) to compare latency at "
+        help="cap memcaslap at this many ops/s, rounded to thousands (memcaslap --tps=Nk) "
+        "to compare latency at "
         "equal offered load; default 0 = unthrottled (max throughput)",
     )
     ap.add_argument("--probe-rate", type=float, default=1000.0, help="prober req/s (1000)")

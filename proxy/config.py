@@ -537,6 +537,12 @@ class ShadowConfig:
     race_window: float = field(default=1.0, metadata=_parsed_by(_seconds_parser(allow_zero=True)))
     # Before a difference is reported, both stores are read again after this delay.
     reread_delay: float = field(default=0.05, metadata=_parsed_by(_seconds_parser(allow_zero=True)))
+    # Requests gather this long before they are replayed (unless batch_size already wait),
+    # so each write to Redis carries many commands; verdicts come that much later.
+    batch_window: float = field(
+        default=0.002, metadata=_parsed_by(_seconds_parser(allow_zero=True))
+    )
+    batch_size: int = field(default=64, metadata=_parsed_by(_positive_int))
     # Keys whose in-step state is remembered (LRU); a forgotten key counts as cold.
     key_state_size: int = field(default=200_000, metadata=_parsed_by(_positive_int))
     cas_map_size: int = field(default=100_000, metadata=_parsed_by(_positive_int))

@@ -70,6 +70,8 @@ class ShadowEngine:
                 cas_map_size=shadow.cas_map_size,
                 backfill=shadow.backfill,
                 replay_flush_all=shadow.replay_flush_all,
+                batch_window=shadow.batch_window,
+                batch_size=shadow.batch_size,
             ),
             examples=examples,
         )
