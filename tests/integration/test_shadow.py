@@ -198,6 +198,28 @@ COMMANDS = [
 ]
 
 
+class Hammers:
+    """`n` client threads running _hammer on `keys` for `seconds`, started at once."""
+
+    def __init__(self, port: int, keys: list[str], seconds: float, n: int) -> None:
+        self.errors: list[str] = []
+        self.counts: list[int] = []
+        self.threads = [
+            threading.Thread(
+                target=lambda i=i: self.counts.append(
+                    _hammer(port, keys, seconds, i, self.errors)
+                )
+            )
+            for i in range(n)
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def join(self, timeout: float = 60) -> None:
+        for thread in self.threads:
+            thread.join(timeout)
+
+
 def _hammer(port: int, keys: list[str], seconds: float, seed: int, errors: list[str]) -> int:
     rng = random.Random(seed)
     client = Client(("127.0.0.1", port), default_noreply=False, timeout=10)
@@ -251,18 +273,9 @@ def test_concurrent_hot_keys_give_no_false_alarm(
     shadowed: ProxyThread, memcached: ServerProcess, redis_server: ServerProcess
 ) -> None:
     keys = [f"hot{i}" for i in range(6)] + [f"warm{i}" for i in range(40)]
-    errors: list[str] = []
-    counts: list[int] = []
-    threads = [
-        threading.Thread(
-            target=lambda i=i: counts.append(_hammer(shadowed.port, keys, 4.0, i, errors))
-        )
-        for i in range(32)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    hammers = Hammers(shadowed.port, keys, 4.0, 32)
+    hammers.join()
+    errors, counts = hammers.errors, hammers.counts
     assert errors == []
     shadowed.settle(60)
     outcomes = totals(shadowed)
@@ -356,17 +369,9 @@ def test_flush_all_not_replayed_keeps_comparisons_quiet(
 def test_redis_down_paused_restarted_under_load(
     shadowed: ProxyThread, redis_server: ServerProcess
 ) -> None:
-    errors: list[str] = []
-    counts: list[int] = []
     keys = [f"r{i}" for i in range(30)]
-    threads = [
-        threading.Thread(
-            target=lambda i=i: counts.append(_hammer(shadowed.port, keys, 6.0, i, errors))
-        )
-        for i in range(8)
-    ]
-    for thread in threads:
-        thread.start()
+    hammers = Hammers(shadowed.port, keys, 6.0, 8)
+    errors = hammers.errors
     time.sleep(1)
     redis_call(redis_server.port, "CLIENT", "PAUSE", 1500, "ALL")  # connected but silent
     time.sleep(2)
@@ -377,8 +382,7 @@ def test_redis_down_paused_restarted_under_load(
     redis_server.stop()
     time.sleep(1)
     redis_server.start()
-    for thread in threads:
-        thread.join(60)
+    hammers.join()
     assert errors == [], errors[:3]
     shadowed.settle(30)
     stats = shadowed.shadow.stats

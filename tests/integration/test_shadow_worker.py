@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import os
 import signal
-import threading
 import time
 from collections.abc import Iterator
 
@@ -19,7 +18,7 @@ from pymemcache.client.base import Client
 
 import proxy.shadow.process
 from proxy.shadow.sampler import KeySampler
-from tests.integration.test_shadow import _hammer, assert_stores_equal, totals
+from tests.integration.test_shadow import Hammers, assert_stores_equal, totals
 from tests.support import ProxyThread, ServerProcess, proxy_config
 
 
@@ -71,24 +70,15 @@ def test_the_worker_runs_apart_niced_and_ends_with_the_proxy(
 def test_a_killed_worker_is_restarted_and_clients_never_notice(
     worker_proxy: ProxyThread, memcached: ServerProcess, redis_server: ServerProcess
 ) -> None:
-    errors: list[str] = []
-    counts: list[int] = []
     keys = [f"w{i}" for i in range(40)]
-    threads = [
-        threading.Thread(
-            target=lambda i=i: counts.append(_hammer(worker_proxy.port, keys, 4.0, i, errors))
-        )
-        for i in range(8)
-    ]
-    for thread in threads:
-        thread.start()
+    hammers = Hammers(worker_proxy.port, keys, 4.0, 8)
+    errors, counts = hammers.errors, hammers.counts
     time.sleep(1.0)
     first = worker_proxy.shadow.worker_pid
     before = sum(worker_proxy.shadow.stats.comparisons.values())
     os.kill(first, signal.SIGKILL)
     _wait_for(lambda: worker_proxy.shadow.worker_pid not in (None, first))
-    for thread in threads:
-        thread.join(30)
+    hammers.join(30)
     assert errors == []
     assert sum(counts) > 0
     worker_proxy.settle()
