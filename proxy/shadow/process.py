@@ -145,7 +145,6 @@ class ShadowProcess:
         self._idle_waiters: dict[int, asyncio.Future[None]] = {}
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
-        self.restarts = 0
         self._exited = 0  # workers that ended; their figures are in _base_state
         self.control.add_listener(self._control_changed)
         install_shadow_metrics(metrics.registry, self.stats, self.control)
@@ -157,9 +156,8 @@ class ShadowProcess:
 
     def observe(self, requests: list[Request], session: int) -> None:
         shadowed = self.stats.shadowed
-        link = self._link
-        transport = link.transport if link is not None else None
-        if transport is None or transport.is_closing() or self._stopping:
+        transport = self._writer()
+        if transport is None or self._stopping:
             for request in requests:
                 if request.capture:
                     shadowed[request.command] += 1
@@ -202,9 +200,8 @@ class ShadowProcess:
         self._batch_bytes = 0
         items = self._batch_items
         self._batch_items = 0
-        link = self._link
-        transport = link.transport if link is not None else None
-        if transport is None or transport.is_closing():
+        transport = self._writer()
+        if transport is None:
             self._dropped["worker_down"] += items
             self.stats.dropped["worker_down"] += items
             return
@@ -245,10 +242,11 @@ class ShadowProcess:
     async def stop(self, timeout: float = 2.0) -> None:
         """Let the worker finish what it has (within `timeout`), then end it."""
         link = self._link
-        if link is not None and link.transport is not None and not link.transport.is_closing():
+        transport = self._writer()
+        if link is not None and transport is not None:
             self._flush()
             self._stopping = True
-            link.transport.writelines(encode(("stop", timeout)))
+            transport.writelines(encode(("stop", timeout)))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(link.closed), timeout + 2.0)
         self._stopping = True
@@ -265,15 +263,21 @@ class ShadowProcess:
 
     async def idle(self) -> None:
         """Wait until the worker has judged everything handed to it (tests, shutdown)."""
-        link = self._link
-        if link is None or link.transport is None or link.transport.is_closing():
+        transport = self._writer()
+        if transport is None:
             return
         self._flush()
         self._idle_token += 1
         waiter = asyncio.get_running_loop().create_future()
         self._idle_waiters[self._idle_token] = waiter
-        link.transport.writelines(encode(("idle", self._idle_token)))
+        transport.writelines(encode(("idle", self._idle_token)))
         await waiter
+
+    def _writer(self) -> asyncio.Transport | None:
+        """The socket to the current worker, if one is up and the socket still open."""
+        link = self._link
+        transport = link.transport if link is not None else None
+        return None if transport is None or transport.is_closing() else transport
 
     def redis_execute(self) -> Callable[..., Awaitable[Any]]:
         return self._info.connection_for(b"").execute
@@ -311,7 +315,6 @@ class ShadowProcess:
                 self._ready.set_result(None)  # start() waits no longer for a failing worker
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
-            self.restarts += 1
 
     async def _watch(self, link: _WorkerLink) -> None:
         """Until the worker's socket closes; kill the worker if it stops reporting."""
@@ -441,9 +444,9 @@ class ShadowProcess:
         )
 
     def _control_changed(self, change: ControlChange) -> None:
-        link = self._link
-        if link is not None and link.transport is not None and not link.transport.is_closing():
-            link.transport.writelines(
+        transport = self._writer()
+        if transport is not None:
+            transport.writelines(
                 encode(("rate", self.control.sample_rate, self.control.enabled))
             )
 

@@ -130,21 +130,18 @@ _NO_EXPECT: Any = None
 # -- stats ------------------------------------------------------------------------------------
 
 
+_COUNTERS: Final = ("comparisons", "mismatches", "noise", "skipped", "dropped", "errors")
+_HISTOGRAM_TABLES: Final = ("memcached_latency", "redis_latency", "shadow_duration")
+
+
 def stats_state(stats: ShadowStats) -> dict[str, Any]:
     """ShadowStats as marshal-able plain data (everything but `shadowed`, which the proxy
     process counts itself as it hands requests over)."""
     return {
-        "comparisons": dict(stats.comparisons),
-        "mismatches": dict(stats.mismatches),
-        "noise": dict(stats.noise),
-        "skipped": dict(stats.skipped),
-        "dropped": dict(stats.dropped),
-        "errors": dict(stats.errors),
+        **{name: dict(getattr(stats, name)) for name in _COUNTERS},
+        **{name: _histograms(getattr(stats, name)) for name in _HISTOGRAM_TABLES},
         "redis_commands": stats.redis_commands,
         "repairs": stats.repairs,
-        "memcached_latency": _histograms(stats.memcached_latency),
-        "redis_latency": _histograms(stats.redis_latency),
-        "shadow_duration": _histograms(stats.shadow_duration),
         "lag": _histogram(stats.lag),
         "queue_depth": stats.queue_depth,
     }
@@ -161,33 +158,20 @@ def apply_stats_state(
     """Make `stats` (the proxy process's mirror, shared with the metrics collector and the
     operator tools, so updated in place) show the worker's figures plus the proxy's own
     drops and errors."""
-    stats.comparisons.clear()
-    stats.comparisons.update(state["comparisons"])
-    stats.mismatches.clear()
-    stats.mismatches.update(state["mismatches"])
-    stats.noise.clear()
-    stats.noise.update(state["noise"])
-    stats.skipped.clear()
-    stats.skipped.update(state["skipped"])
-    stats.dropped.clear()
-    stats.dropped.update(state["dropped"])
+    for name in _COUNTERS:
+        counter = getattr(stats, name)
+        counter.clear()
+        counter.update(state[name])
     if extra_dropped:
         stats.dropped.update(extra_dropped)
-    stats.errors.clear()
-    stats.errors.update(state["errors"])
     if extra_errors:
         stats.errors.update(extra_errors)
     stats.redis_commands = state["redis_commands"]
     stats.repairs = state["repairs"]
-    _load_histograms(stats.memcached_latency, state["memcached_latency"])
-    _load_histograms(stats.redis_latency, state["redis_latency"])
-    _load_histograms(stats.shadow_duration, state["shadow_duration"])
+    for name in _HISTOGRAM_TABLES:
+        _load_histograms(getattr(stats, name), state[name])
     _load_histogram(stats.lag, state["lag"])
     stats.queue_depth = state["queue_depth"] + extra_queue
-
-
-_COUNTERS: Final = ("comparisons", "mismatches", "noise", "skipped", "dropped", "errors")
-_HISTOGRAM_TABLES: Final = ("memcached_latency", "redis_latency", "shadow_duration")
 
 
 def add_states(base: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
