@@ -224,24 +224,22 @@ def test_a_request_too_big_for_the_hand_off_is_dropped_and_its_key_made_cold(
     client.close()
 
 
-def test_a_worker_that_cannot_start_neither_delays_clients_nor_loops_fast(
+def test_a_worker_that_cannot_start_does_not_hold_up_clients(
     memcached: ServerProcess, redis_server: ServerProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(proxy.shadow.process.sys, "executable", "/bin/false")
-    started = time.monotonic()
+    # Were start() to wait for readiness, this would hold it far past ProxyThread's own
+    # start-up wait: starting at all shows the first exit ended the wait.
+    monkeypatch.setattr(proxy.shadow.process, "READY_TIMEOUT", 3600.0)
     proxy_thread = ProxyThread(proxy_config(memcached, redis_server, 1.0, worker="process"))
     proxy_thread.start()
     try:
-        assert time.monotonic() - started < 5  # not READY_TIMEOUT: the first exit ends the wait
+        assert proxy_thread.shadow.stats.errors["worker_exit"] >= 1
         client = Client(("127.0.0.1", proxy_thread.port), default_noreply=False, timeout=5)
         for i in range(50):
             assert client.set(f"f{i}", b"v")
             assert client.get(f"f{i}") == b"v"
-        time.sleep(2.0)
-        stats = proxy_thread.shadow.stats
-        assert stats.dropped["worker_down"] == 100
-        # Backoff 0.5, 1, 2 s...: a handful of attempts in ~2 s, not a tight loop.
-        assert 1 <= stats.errors["worker_exit"] <= 4
+        assert proxy_thread.shadow.stats.dropped["worker_down"] == 100
         client.close()
     finally:
         proxy_thread.stop()

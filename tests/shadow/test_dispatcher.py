@@ -152,7 +152,7 @@ async def test_a_late_replay_keeps_memcached_s_expiry(shadow: Harness) -> None:
     shadow.send(b"set gone 0 2 1\r\nx\r\n", age=3.0, reply=b"STORED\r\n")
     await shadow.idle()
     ttl = redis_call(shadow.redis_port, "PTTL", "late")
-    assert isinstance(ttl, int) and 95_000 <= ttl <= 98_000
+    assert isinstance(ttl, int) and 90_000 <= ttl <= 98_000  # 100 s counted from 3 s ago
     # memcached would have expired it a second ago: Redis never holds it.
     assert redis_call(shadow.redis_port, "EXISTS", "gone") == 0
 
