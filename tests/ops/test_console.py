@@ -166,3 +166,70 @@ def test_console_shows_a_halt_and_clears_it(server: AdminThread, browser: Browse
     browser.wait_for(lambda: server.run(lambda: server.ops.autopilot.halt) is None, "clearing")
     assert server.run(lambda: server.control.enabled)
     browser.wait_for(lambda: browser.text("#halted") == "no", "the page to follow")
+
+
+def test_console_tells_a_mismatch_s_story(server: AdminThread, browser: Browser) -> None:
+    from proxy.shadow.examples import MismatchExamples, mismatches_route
+
+    examples = MismatchExamples(reveal=True)
+
+    def record() -> None:
+        server.admin.add_route("GET", "/api/mismatches", mismatches_route(examples))
+        examples.record(
+            "value",
+            "get",
+            b"user:1",
+            {"present": True, "flags": 1, "value": b"profile"},
+            {"present": True, "flags": 1, "value": b"tampered"},
+            "",
+            {
+                "connection": 7,
+                "lag_ms": 1050.0,
+                "action": "copied to redis",
+                "history": [
+                    {
+                        "command": "set",
+                        "memcached": "STORED",
+                        "redis": "STORED",
+                        "ms": -812.5,
+                        "connection": 7,
+                    },
+                    {
+                        "command": "get",
+                        "memcached": "HIT",
+                        "redis": "HIT",
+                        "ms": 0.0,
+                        "connection": 7,
+                    },
+                ],
+                "reread": {
+                    "memcached": {"present": True, "flags": 1, "value": b"profile"},
+                    "redis": {"present": True, "flags": 1, "value": b"tampered"},
+                    "ordered": True,
+                },
+            },
+        )
+
+    server.run(record)
+    browser.open(server.url)
+    browser.wait_for(lambda: "key user:1" in browser.text("#mismatches"), "the example's line")
+    line = browser.text("#mismatches summary")
+    assert "get" in line and "value" in line
+    browser.click("#mismatches summary")
+    browser.wait_for(lambda: "Answers compared" in browser.text("#mismatches"), "its details")
+    text = browser.text("#mismatches")
+    assert '"profile" 7 bytes' in text and '"tampered" 8 bytes' in text  # side by side
+    assert "Re-read (ordered)" in text
+    assert "action: copied to redis" in text
+    assert "-0.813 s" in text and "the mismatch" in text and "#7" in text  # the history
+    # Only the differing row is marked.
+    marked = browser.script(
+        "return [...document.querySelectorAll('#mismatches tr.differs td:first-child')]"
+        ".map(td => td.textContent)"
+    )
+    assert marked == ["value", "value"]  # in the answers and in the re-read
+    # The next poll keeps it open.
+    browser.wait_for(
+        lambda: browser.script("return document.querySelector('#mismatches details').open") is True,
+        "still open",
+    )
