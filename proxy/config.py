@@ -523,6 +523,10 @@ class ShadowConfig:
     guards: GuardsConfig = field(default_factory=GuardsConfig, metadata=_section_of(GuardsConfig))
     # Copy a cold key (never written through the proxy) that Memcached has into Redis.
     backfill: bool = field(default=False, metadata=_parsed_by(_boolean))
+    # Fraction of replayed writes followed by a read of both stores, compared (a verdict
+    # for writes whose own reply says nothing: noreply). Each holds its key's later
+    # operations for about race_window while the evidence is ordered.
+    verify_writes: float = field(default=0.0, metadata=_parsed_by(_fraction))
     # Run flush_all on Redis too (FLUSHDB on its dedicated DB). Off: comparisons restart cold.
     replay_flush_all: bool = field(default=False, metadata=_parsed_by(_boolean))
     # Shadow work waiting for Redis; past it work is dropped (counted), never waited for.

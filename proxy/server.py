@@ -188,6 +188,14 @@ class ClientSession(asyncio.Protocol):
             self._connect_task.cancel()
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.close()
+        observer = self.proxy.observer
+        if observer is not None and self.pending:
+            # Forwarded, never answered (a client that closes right after a noreply write):
+            # Memcached may have run them. Handed over without a reply, they make their keys
+            # cold in the shadow instead of silently missing from Redis.
+            unanswered = [r for r in self.pending if r.capture and r.response is None]
+            if unanswered:
+                observer(unanswered, self.number)
         self.pending.clear()
         self.proxy.session_closed(self)
 

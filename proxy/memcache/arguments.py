@@ -83,6 +83,20 @@ _B64_ALPHABET: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 _B64_VALUES: Final[dict[int, int]] = {c: i for i, c in enumerate(_B64_ALPHABET)} | {61: 0}
 
 
+def meta_key(words: list[bytes]) -> bytes | None:
+    """The key a meta request names, as memcached stores it: decoded when one of its flag
+    tokens starts with `b` (memcached reads a flag token's first character only, so `b1` is
+    the b flag too); None when there is no key or it does not decode. The one decoder the
+    sampler, the shadow's per-key state and parse_meta_request agree on."""
+    if len(words) < 2:
+        return None
+    first_flag = 3 if words[0] == b"ms" else 2
+    for token in words[first_flag:]:
+        if token[:1] == b"b":
+            return decode_base64_key(words[1])
+    return words[1]
+
+
 def decode_base64_key(token: bytes) -> bytes | None:
     """The key memcached 1.6.18 decodes from a `b`-flagged key token, or None when it cannot.
 

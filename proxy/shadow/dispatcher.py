@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final
 
-from proxy.memcache.arguments import decode_base64_key
+from proxy.memcache.arguments import meta_key
 from proxy.memcache.request import Request
 from proxy.redis.errors import (
     RedisBusy,
@@ -34,22 +34,41 @@ from proxy.redis.errors import (
     RedisTimeout,
     RedisUnavailable,
 )
-from proxy.redis.layout import REALTIME_MAXDELTA, Item
+from proxy.redis.layout import REALTIME_MAXDELTA, Item, max_value_len
 from proxy.redis.store import DeleteStatus, DeltaResult, RedisStore, StoreResult, TouchStatus
+from proxy.shadow.classify import (
+    BACKFILL,
+    MATCH,
+    MISMATCH,
+    NOISE,
+    REPAIR,
+    SUBSUMED,
+    UNVERIFIED,
+    KeyFacts,
+    Reread,
+    Verdict,
+    blank,
+    judge_at_once,
+    judge_reread,
+    place,
+)
 from proxy.shadow.compare import (
     CAS_UNMAPPED,
     PADDING,
     Difference,
     compare_outcome,
     compare_read,
+    compare_values,
     state_equal,
 )
 from proxy.shadow.control import ShadowControl
+from proxy.shadow.history import OpHistory, Step
 from proxy.shadow.keystate import CasMap, KeyState, KeyStates
 from proxy.shadow.mcreader import McItem, MemcachedReader, MemcachedUnavailable
 from proxy.shadow.stats import ShadowStats
 from proxy.shadow.translate import (
     DELETED,
+    HIT,
     MISS,
     NOT_FOUND,
     STORED,
@@ -63,12 +82,29 @@ from proxy.shadow.translate import (
 
 log = logging.getLogger("memshadow.shadow")
 
-ExampleSink = Callable[[str, str, bytes, dict[str, Any], dict[str, Any], str], None]
+VERIFY: Final = "verify"
+"""The command label of shadow.verify_writes' verdicts (a read of both stores after a write)."""
+
+# (kind, command, key, memcached's answer, redis's answer, detail, story: the re-read, the
+# action taken and the key's last operations)
+ExampleSink = Callable[[str, str, bytes, dict[str, Any], dict[str, Any], str, dict[str, Any]], None]
 
 # What _send did with an operation.
 _SENT: Final = 1  # its command is on its way; the callback goes on with the chain
-_FAILED: Final = 2  # it could not be sent (counted): the chain goes on at once
+_DONE: Final = 2  # it ended at once (not sent, counted; or fenced): the chain goes on
 _ASYNC: Final = 3  # it needs other Redis work first: a task runs it
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    """Both stores re-read: Memcached's item read between lo and hi (perf_counter), then
+    Redis's; ordered: no write of the key may lie between the judged answer and it."""
+
+    mc: McItem | None
+    redis: Item | None
+    lo: float
+    hi: float
+    ordered: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +120,7 @@ class DispatcherSettings:
     key_state_size: int = 200_000
     cas_map_size: int = 100_000
     backfill: bool = False
+    verify_writes: float = 0.0
     replay_flush_all: bool = False
     stats_interval: float = 1.0
     # The worker lets requests gather for batch_window seconds before replaying them, unless
@@ -108,6 +145,7 @@ class ShadowDispatcher:
         stats: ShadowStats,
         settings: DispatcherSettings | None = None,
         examples: ExampleSink | None = None,
+        ticked: bool = False,
     ) -> None:
         self.store = store
         self.reader = reader
@@ -118,11 +156,17 @@ class ShadowDispatcher:
         self.examples = examples
         self.keys = KeyStates(self.settings.key_state_size, self.settings.race_window)
         self.casmap = CasMap(self.settings.cas_map_size)
+        self.history = OpHistory()
+        # Worker mode (ticked): what the proxy process has handed over is known from the
+        # times it sends (tick); inline, everything observed so far is in the queue.
+        self._ticked = ticked
+        self._horizon = 0.0
+        self._verify_credit = 0.0  # verify_writes accumulated: a write is verified at 1
         self._queue: deque[tuple[Request, float, int, int]] = deque()
         self._seq = 0  # requests observed so far: a total order of replies
         self._wakeup = asyncio.Event()
         # Per key with an operation in flight: the key's operations waiting for their turn.
-        self._chains: dict[bytes, deque[tuple[ShadowOp, float]]] = {}
+        self._chains: dict[bytes, deque[ShadowOp]] = {}
         self._chain_done = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._worker: asyncio.Task[None] | None = None
@@ -249,9 +293,14 @@ class ShadowDispatcher:
             return
         now = time.perf_counter()
         replied_wall = time.time() - (now - replied_at)
+        sent = sent_at or replied_at
         chains = self._chains
         for op in plan:
             op.seq = seq
+            op.session = session
+            op.sent_at = sent
+            op.replied_at = replied_at
+            op.replied_wall = replied_wall
             if op.action == "flush":
                 self._flush(op)
                 continue
@@ -259,13 +308,13 @@ class ShadowDispatcher:
             # Contention is judged in reply-arrival order, before any of the key's queued
             # operations run, so an operation that raced with a later one is known to.
             key = op.key
-            state = self.keys.touch(key, session, sent_at or replied_at, replied_at, now)
+            state = self.keys.touch(key, session, sent, replied_at, now)
             chain = chains.get(key)
             if chain is not None:
-                chain.append((op, replied_at))
+                chain.append(op)
                 continue
             chain = chains[key] = deque()
-            self._start(key, chain, op, replied_at, state, now)
+            self._start(key, chain, op, state, now)
 
     # -- a key's chain: one operation in flight at a time, in reply order -----------------
     #
@@ -274,6 +323,9 @@ class ShadowDispatcher:
     # key's next operation (_advance). A task takes over only for what must wait: a
     # difference to classify (_judge), an operation that needs other Redis work first (_slow)
     # and the settling of a raced key (_settle_chain). Each hands the chain back to _advance.
+    # Everything that acts on evidence (a re-read, a repair, a settle) runs while it holds
+    # the chain, so it is ordered with the key's operations; a repair leaves a fence that
+    # keeps the operations its copy already holds from being replayed again.
     # Measured (bench load: 90/10 get/set, 16 connections, rate 1, inline, 2-core VM: proxy
     # CPU per request at rate 1 minus rate 0): the shadow's cost went from 27.4 to 19.4 us
     # (with the plain-get translation shortcut and the per-command figures).
@@ -281,31 +333,47 @@ class ShadowDispatcher:
     def _start(
         self,
         key: bytes,
-        chain: deque[tuple[ShadowOp, float]],
+        chain: deque[ShadowOp],
         op: ShadowOp,
-        replied_at: float,
         state: KeyState,
         started: float,
     ) -> None:
         """Run `op`, the key's next operation (nothing else of the key is in flight), and
-        the ones after it for as long as they fail at once (Redis down or busy)."""
+        the ones after it for as long as they end at once (fenced, Redis down or busy)."""
         while True:
-            try:
-                sent = self._send(op, state, replied_at, started)
-            except Exception:  # a shadow bug: the key can no longer be trusted
-                self._internal_error(op, state)
-                sent = _FAILED
+            state.replayed_seq = op.seq
+            if op.sent_at <= state.fence_hi:
+                sent = self._fenced(op, state)
+            else:
+                try:
+                    sent = self._send(op, state, started)
+                except Exception:  # a shadow bug: the key can no longer be trusted
+                    self._internal_error(op, state)
+                    sent = _DONE
             if sent is _SENT:
                 return
             if sent is _ASYNC:
-                self._spawn(key, self._slow(key, op, replied_at))
+                self._spawn(key, self._slow(key, op))
                 return
             if not chain:
                 self._chain_idle(key)
                 return
-            op, replied_at = chain.popleft()
+            op = chain.popleft()
             state = self.keys.get(key)
             started = time.perf_counter()
+
+    def _fenced(self, op: ShadowOp, state: KeyState) -> int:
+        """An operation the proxy sent before the key's last repair read Memcached: the copy
+        already holds its effect (skip it), or may hold it (skip it; the key turns cold)."""
+        if place(op.sent_at, op.replied_at, state.fence_lo, state.fence_hi) == SUBSUMED:
+            self.stats.skipped["in_repair_copy"] += 1
+            self._history(op, "in repair copy")
+            return _DONE
+        self.stats.skipped["repair_overlap"] += 1
+        self._history(op, "overlaps repair")
+        if op.action != "read":
+            state.mark_lost(op.seq)
+        return _DONE
 
     def _advance(self, key: bytes) -> None:
         """The key's operation in flight is finished: start the next one, or settle the key,
@@ -316,8 +384,8 @@ class ShadowDispatcher:
         if self._closed:
             self._end_chain(key)
         elif chain:
-            op, replied_at = chain.popleft()
-            self._start(key, chain, op, replied_at, self.keys.get(key), time.perf_counter())
+            op = chain.popleft()
+            self._start(key, chain, op, self.keys.get(key), time.perf_counter())
         else:
             self._chain_idle(key)
 
@@ -345,21 +413,27 @@ class ShadowDispatcher:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _slow(self, key: bytes, op: ShadowOp, replied_at: float) -> None:
+    async def _slow(self, key: bytes, op: ShadowOp) -> None:
         try:
-            await self._one(op, replied_at)
+            await self._one(op)
         except BaseException:
             self._end_chain(key)
             raise
         self._advance(key)
 
     async def _judge(
-        self, op: ShadowOp, diff: Difference, state: KeyState, replied_at: float, started: float
+        self,
+        op: ShadowOp,
+        diff: Difference,
+        state: KeyState,
+        started: float,
+        answer: object,
+        expires_at: float | None,
     ) -> None:
         try:
-            outcome, detail = await self._classify(op, diff, state, replied_at)
-            self.stats.count_comparison(op.command, outcome, detail)
-            self._finished(op, replied_at, started)
+            verdict = await self._classify(op, diff, state, answer, expires_at)
+            self.stats.count_comparison(op.command, verdict.outcome, verdict.reason)
+            self._finished(op, started)
         except BaseException:
             self._end_chain(op.key)
             raise
@@ -408,15 +482,15 @@ class ShadowDispatcher:
 
     # -- one operation, fast path: a callback per Redis command ---------------------------
 
-    def _send(self, op: ShadowOp, state: KeyState, replied_at: float, started: float) -> int:
-        """Send op's Redis command with a completion callback: _SENT, _FAILED (it could not
+    def _send(self, op: ShadowOp, state: KeyState, started: float) -> int:
+        """Send op's Redis command with a completion callback: _SENT, _DONE (it could not
         be sent, which is counted) or _ASYNC (it needs other Redis work first: the slow path)."""
         action = op.action
         store = self.store
         stats = self.stats
         try:
             if action == "read":
-                done = partial(self._completed, op, state, replied_at, started, self._read_result)
+                done = partial(self._completed, op, state, started, self._read_result)
                 stats.redis_commands += 1
                 if op.exptime is None:
                     store.get_callback(done, op.key)
@@ -425,12 +499,14 @@ class ShadowDispatcher:
             elif action == "store":
                 if op.mc_status == TOO_LARGE and not op.data and op.data_len:
                     return _ASYNC
+                if op.mc_status is None and op.mode == "set" and not op.meta:
+                    self._infer_stored(op)
                 cas = op.cas
                 if op.mode == "cas" or (cas and op.mode in ("append", "prepend")):
                     cas = self.casmap.get(op.key, cas or 0)
                     if cas is None:
                         return _ASYNC
-                done = partial(self._completed, op, state, replied_at, started, self._store_result)
+                done = partial(self._completed, op, state, started, self._store_result)
                 stats.redis_commands += 1
                 store.store_callback(
                     done,
@@ -448,7 +524,7 @@ class ShadowDispatcher:
                     cas = self.casmap.get(op.key, cas)
                     if cas is None:
                         return _ASYNC
-                done = partial(self._completed, op, state, replied_at, started, self._delta_result)
+                done = partial(self._completed, op, state, started, self._delta_result)
                 stats.redis_commands += 1
                 store.delta_callback(
                     done,
@@ -461,7 +537,7 @@ class ShadowDispatcher:
                     ttl=op.exptime,
                 )
             elif action == "touch":
-                done = partial(self._completed, op, state, replied_at, started, self._touch_result)
+                done = partial(self._completed, op, state, started, self._touch_result)
                 stats.redis_commands += 1
                 store.touch_callback(done, op.key, op.exptime or 0)
             elif action == "delete":
@@ -470,21 +546,20 @@ class ShadowDispatcher:
                     cas = self.casmap.get(op.key, cas)
                     if cas is None:
                         return _ASYNC
-                done = partial(self._completed, op, state, replied_at, started, self._delete_result)
+                done = partial(self._completed, op, state, started, self._delete_result)
                 stats.redis_commands += 1
                 store.delete_callback(done, op.key, cas)
             else:
                 return _ASYNC  # the slow path reports it
         except RedisError as exc:  # not sent: Redis down or busy
             self._failed(op, state, exc, started)
-            return _FAILED
+            return _DONE
         return _SENT
 
     def _completed(
         self,
         op: ShadowOp,
         state: KeyState,
-        replied_at: float,
         started: float,
         interpret: Callable[[ShadowOp, KeyState, Any], tuple[Difference | None, bool]],
         result: object,
@@ -495,28 +570,62 @@ class ShadowDispatcher:
             if error is not None:
                 self._failed(op, state, error, started)
             else:
+                # Evidence for a difference: the expiry known before Redis's answer moved it.
+                expires_at = state.expires_at
                 diff, full = interpret(op, state, result)
                 now = time.perf_counter()
                 figures = self.stats.for_command(op.command)
                 figures.redis_latency.observe(now - started)
+                self._history(op, _outcome(result))
                 if diff is not None:
-                    self._spawn(op.key, self._judge(op, diff, state, replied_at, started))
+                    judge = self._judge(op, diff, state, started, result, expires_at)
+                    self._spawn(op.key, judge)
                     return  # _judge goes on with the chain once it has classified it
                 if op.mc_status is not None:
                     self.stats.comparisons[figures.match] += 1
                 if full:
                     state.mark_synced(op.seq)
                 figures.duration.observe(now - started)
-                self.stats.lag.observe(now - replied_at)
+                self.stats.lag.observe(now - op.replied_at)
+                if op.action != "read" and self._verify_due():
+                    self._spawn(op.key, self._verify_chain(op, state, expires_at))
+                    return  # the verification goes on with the chain
         except Exception:  # a shadow bug: the key can no longer be trusted
             self._internal_error(op, state)
         self._advance(op.key)
+
+    def _infer_stored(self, op: ShadowOp) -> None:
+        """A classic set with noreply that memcached took without an error (the sentinel
+        came back alone) and whose value fits an item: memcached stored it."""
+        limit = max_value_len(self.store.item_size_max, len(op.key), op.flags)
+        if len(op.data) <= limit:
+            op.mc_status = STORED
+            op.inferred = True
+
+    def _verify_due(self) -> bool:
+        """shadow.verify_writes: is this replayed write followed by a verification?"""
+        rate = self.settings.verify_writes
+        if not rate:
+            return False
+        self._verify_credit += rate
+        if self._verify_credit < 1.0:
+            return False
+        self._verify_credit -= 1.0
+        return True
+
+    def _history(self, op: ShadowOp, redis: str) -> None:
+        self.history.add(
+            op.key,
+            Step(op.command, op.mc_status or "no reply", redis, op.replied_at, op.session),
+        )
 
     def _failed(self, op: ShadowOp, state: KeyState, exc: RedisError, started: float) -> None:
         """Count an operation Redis did not carry out (or whose outcome is unknown)."""
         stats = self.stats
         stats.for_command(op.command).redis_latency.observe(time.perf_counter() - started)
-        stats.errors[_error_kind(exc)] += 1
+        kind = _error_kind(exc)
+        stats.errors[kind] += 1
+        self._history(op, kind)
         if isinstance(exc, RedisUnavailable | RedisTimeout | RedisBusy):
             reason = {RedisUnavailable: "redis_down", RedisTimeout: "timeout"}.get(
                 type(exc), "redis_busy"
@@ -532,35 +641,42 @@ class ShadowDispatcher:
 
     # -- one operation, slow path: a task ---------------------------------------------------
 
-    async def _one(self, op: ShadowOp, replied_at: float) -> None:
+    async def _one(self, op: ShadowOp) -> None:
         state = self.keys.get(op.key)
         started = time.perf_counter()
+        expires_at = state.expires_at  # before Redis's answer moves it
         try:
-            diff, full_state = await self._replay(op, state)
+            diff, full_state, answer = await self._replay(op, state)
         except RedisError as exc:
             self._failed(op, state, exc, started)
             return
         stats = self.stats
         figures = stats.for_command(op.command)
         figures.redis_latency.observe(time.perf_counter() - started)
+        self._history(op, _outcome(answer))
         if diff is None:
             if op.mc_status is not None:
                 stats.comparisons[figures.match] += 1
             if full_state:
                 state.mark_synced(op.seq)
         else:
-            outcome, detail = await self._classify(op, diff, state, replied_at)
-            stats.count_comparison(op.command, outcome, detail)
-        self._finished(op, replied_at, started)
+            verdict = await self._classify(op, diff, state, answer, expires_at)
+            stats.count_comparison(op.command, verdict.outcome, verdict.reason)
+        self._finished(op, started)
+        if diff is None and op.action != "read" and self._verify_due():
+            await self._verify(op, state, expires_at)
 
-    def _finished(self, op: ShadowOp, replied_at: float, started: float) -> None:
+    def _finished(self, op: ShadowOp, started: float) -> None:
         """An operation has its verdict: how long it took, and the lag since its reply."""
         now = time.perf_counter()
         self.stats.for_command(op.command).duration.observe(now - started)
-        self.stats.lag.observe(now - replied_at)
+        self.stats.lag.observe(now - op.replied_at)
 
-    async def _replay(self, op: ShadowOp, state: KeyState) -> tuple[Difference | None, bool]:
-        """Apply op on Redis; (difference, whether both stores' state is now fully known)."""
+    async def _replay(
+        self, op: ShadowOp, state: KeyState
+    ) -> tuple[Difference | None, bool, object]:
+        """Apply op on Redis: (difference, whether both stores' state is now fully known,
+        Redis's answer)."""
         store = self.store
         self.stats.redis_commands += 1
         if op.action == "read":
@@ -568,25 +684,26 @@ class ShadowDispatcher:
                 item = await store.get(op.key)
             else:
                 item = await store.gat(op.exptime, op.key)
-            return self._read_result(op, state, item)
+            return (*self._read_result(op, state, item), item)
         if op.action == "store":
             return await self._store(op, state)
         if op.action == "delta":
             return await self._delta(op, state)
         if op.action == "touch":
-            return self._touch_result(op, state, await store.touch(op.key, op.exptime or 0))
+            status = await store.touch(op.key, op.exptime or 0)
+            return (*self._touch_result(op, state, status), status)
         if op.action == "delete":
             return await self._delete(op, state)
         raise ValueError(f"unknown shadow action {op.action!r}")
 
-    async def _store(self, op: ShadowOp, state: KeyState) -> tuple[Difference | None, bool]:
+    async def _store(self, op: ShadowOp, state: KeyState) -> tuple[Difference | None, bool, object]:
         store = self.store
         if op.mc_status == TOO_LARGE and not op.data and op.data_len:
             # Not buffered (over the value limit): memcached refused it; set / ms delete.
             if op.mode == "set" or op.too_large_deletes:
                 await store.delete(op.key)
-                return None, True
-            return None, False
+                return None, True, TOO_LARGE
+            return None, False, TOO_LARGE
         cas = op.cas
         if op.mode == "cas" or (cas and op.mode in ("append", "prepend")):
             mapped = self.casmap.get(op.key, cas or 0)
@@ -598,7 +715,7 @@ class ShadowDispatcher:
                     self._note_expiry(state, op.exptime or 0)
                 if op.mc_status is None:
                     state.mark_lost(op.seq)  # noreply: memcached's outcome is unknown
-                return _unmapped(op), False
+                return _unmapped(op), False, CAS_UNMAPPED
             cas = mapped
         result = await store.store(
             op.mode,
@@ -609,15 +726,15 @@ class ShadowDispatcher:
             cas,
             too_large_deletes=op.too_large_deletes,
         )
-        return self._store_result(op, state, result)
+        return (*self._store_result(op, state, result), result)
 
-    async def _delta(self, op: ShadowOp, state: KeyState) -> tuple[Difference | None, bool]:
+    async def _delta(self, op: ShadowOp, state: KeyState) -> tuple[Difference | None, bool, object]:
         cas = op.cas
         if cas is not None:
             mapped = self.casmap.get(op.key, cas)
             if mapped is None:
                 state.mark_lost(op.seq)  # the outcome cannot be predicted
-                return _unmapped(op), False
+                return _unmapped(op), False, CAS_UNMAPPED
             cas = mapped
         result = await self.store.delta(
             op.key,
@@ -628,9 +745,11 @@ class ShadowDispatcher:
             initial=op.initial,
             ttl=op.exptime,
         )
-        return self._delta_result(op, state, result)
+        return (*self._delta_result(op, state, result), result)
 
-    async def _delete(self, op: ShadowOp, state: KeyState) -> tuple[Difference | None, bool]:
+    async def _delete(
+        self, op: ShadowOp, state: KeyState
+    ) -> tuple[Difference | None, bool, object]:
         cas = op.cas
         if cas is not None:
             mapped = self.casmap.get(op.key, cas)
@@ -638,10 +757,11 @@ class ShadowDispatcher:
                 if op.mc_status == DELETED:
                     await self.store.delete(op.key)
                 if op.mc_status is None:
-                    self.keys.get(op.key).mark_lost(op.seq)  # noreply: outcome unknown
-                return _unmapped(op), False
+                    state.mark_lost(op.seq)  # noreply: outcome unknown
+                return _unmapped(op), False, CAS_UNMAPPED
             cas = mapped
-        return self._delete_result(op, state, await self.store.delete(op.key, cas))
+        status = await self.store.delete(op.key, cas)
+        return (*self._delete_result(op, state, status), status)
 
     # -- what a reply means: shared by both paths -----------------------------------------
 
@@ -673,7 +793,8 @@ class ShadowDispatcher:
         defined = (status == STORED and op.mode in ("set", "add", "replace", "cas")) or (
             (op.mode, status) in (("replace", "NOT_STORED"), ("cas", "NOT_FOUND"))
         )
-        return compare_outcome(op, status, None), defined and status == op.mc_status
+        defined = defined and status == op.mc_status and not op.inferred
+        return compare_outcome(op, status, None), defined
 
     def _delta_result(
         self, op: ShadowOp, state: KeyState, result: DeltaResult
@@ -712,106 +833,236 @@ class ShadowDispatcher:
     # -- classifying a difference ---------------------------------------------------------
 
     async def _classify(
-        self, op: ShadowOp, diff: Difference, state: KeyState, replied_at: float
-    ) -> tuple[str, str]:
-        """(outcome, detail) for a difference; noise leaves Redis in step where it can."""
-        if diff.kind in (PADDING, CAS_UNMAPPED):
-            return "noise", diff.kind
-        if self.keys.raced_near(state, replied_at):
-            return "noise", "transient_race"  # the chain settles the key once it is idle
-        if not state.warm:
-            if self.settings.backfill:
-                await self._repair(op.key, state)
-            return "noise", "cold_key"
-        if state.expires_at is not None and (
-            abs(time.time() - state.expires_at) <= self.settings.expiry_tolerance
-        ):
-            return "noise", "expiry_boundary"
-        # A reply from another connection that raced with this one may still be on its way
-        # (a busy loop reads sockets late): wait out the race window before judging.
-        wait = replied_at + self.settings.race_window - time.perf_counter()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        if self.keys.raced_near(state, replied_at):
-            await self._repair(op.key, state)
-            return "noise", "transient_race"
+        self,
+        op: ShadowOp,
+        diff: Difference,
+        state: KeyState,
+        answer: object,
+        expires_at: float | None,
+    ) -> Verdict:
+        """The verdict on a difference. The key's chain is held meanwhile, so the evidence
+        gathered here is ordered with the key's operations (classify.py says what it proves).
+        `expires_at` is when Memcached was expected to expire the key before the operation.
+        """
+        verdict = judge_at_once(
+            diff, self._facts(op, state, expires_at), self.settings.expiry_tolerance
+        )
+        snapshot: _Snapshot | None = None
+        if verdict is None:
+            try:
+                snapshot = await self._reread(op.key, ordered_after=op)
+            except (RedisError, MemcachedUnavailable) as exc:
+                self.stats.errors[_error_kind(exc)] += 1
+                state.mark_lost(op.seq)
+                return Verdict(NOISE, UNVERIFIED)
+            verdict = judge_reread(diff, self._evidence(op, state, snapshot))
+        answers = (_describe_mc_answer(op), _describe_redis_answer(op, answer))
+        await self._act(op, op.command, state, verdict, diff, snapshot, expires_at, answers)
+        return verdict
+
+    async def _verify_chain(self, op: ShadowOp, state: KeyState, expires_at: float | None) -> None:
         try:
-            mc, redis = await self._reread(op.key)
+            await self._verify(op, state, expires_at)
+        except BaseException:
+            self._end_chain(op.key)
+            raise
+        self._advance(op.key)
+
+    async def _verify(self, op: ShadowOp, state: KeyState, expires_at: float | None) -> None:
+        """shadow.verify_writes: read both stores after a replayed write (its chain held) and
+        compare them; the verdict is counted under the command "verify"."""
+        try:
+            snapshot = await self._reread(op.key, ordered_after=op)
         except (RedisError, MemcachedUnavailable) as exc:
             self.stats.errors[_error_kind(exc)] += 1
-            state.mark_lost(op.seq)
-            return "noise", "unverified"
-        if state_equal(mc, redis) and not self._chains.get(op.key):
-            # Equal now, and no later operation of the key is waiting to be replayed (were
-            # one waiting, Memcached would already include it and the re-read would prove
-            # nothing): someone else wrote the key meanwhile (another proxy, a direct client).
-            return "noise", "transient_race"
-        recent = time.monotonic() - self.settings.eviction_window
-        if mc is None and redis is not None and self._mc_evicted_at > recent:
-            await self._repair(op.key, state)
-            return "noise", "evicted"
-        if mc is not None and redis is None and self._redis_evicted_at > recent:
-            await self._repair(op.key, state)
-            return "noise", "evicted"
-        self._example(op, diff, mc, redis)
-        await self._repair(op.key, state)
-        return "mismatch", diff.kind
+            self.stats.count_comparison(VERIFY, NOISE, UNVERIFIED)
+            return
+        mc = _mc_value(snapshot.mc)
+        diff = compare_values(mc, snapshot.redis)
+        if diff is None or diff.kind == PADDING:
+            if snapshot.ordered:
+                self.stats.count_comparison(VERIFY, MATCH)
+                state.mark_synced(op.seq)  # both stores seen equal just after the write
+            else:
+                self.stats.count_comparison(VERIFY, NOISE, UNVERIFIED)
+            return
+        # The write itself may have changed the TTL: judge with the expiry it left.
+        expires_at = state.expires_at
+        verdict = judge_at_once(
+            diff, self._facts(op, state, expires_at), self.settings.expiry_tolerance
+        ) or judge_reread(diff, self._evidence(op, state, snapshot))
+        answers = (_describe_mc(mc), _describe_redis(snapshot.redis))
+        command = f"{op.command} (verify)"
+        await self._act(op, command, state, verdict, diff, snapshot, expires_at, answers)
+        self.stats.count_comparison(VERIFY, verdict.outcome, verdict.reason)
 
-    async def _reread(self, key: bytes) -> tuple[McValue | None, Item | None]:
+    def _facts(self, op: ShadowOp, state: KeyState, expires_at: float | None) -> KeyFacts:
+        return KeyFacts(
+            warm=state.warm,
+            raced=self.keys.raced_near(state, op.replied_at),
+            expires_at=expires_at,
+            replied_wall=op.replied_wall,
+            judged_wall=time.time(),
+        )
+
+    def _evidence(self, op: ShadowOp, state: KeyState, snapshot: _Snapshot) -> Reread:
+        recent = time.monotonic() - self.settings.eviction_window
+        return Reread(
+            ordered=snapshot.ordered,
+            memcached_present=snapshot.mc is not None,
+            redis_present=snapshot.redis is not None,
+            equal=state_equal(_mc_value(snapshot.mc), snapshot.redis),
+            raced=self.keys.raced_near(state, op.replied_at),
+            memcached_evicted=self._mc_evicted_at > recent,
+            redis_evicted=self._redis_evicted_at > recent,
+            redis_blank=snapshot.redis is not None and blank(snapshot.redis.data),
+        )
+
+    async def _act(
+        self,
+        op: ShadowOp,
+        command: str,
+        state: KeyState,
+        verdict: Verdict,
+        diff: Difference,
+        snapshot: _Snapshot | None,
+        expires_at: float | None,
+        answers: tuple[dict[str, Any], dict[str, Any]],
+    ) -> None:
+        """Carry out a verdict: repair the key if it says so, keep an example of a mismatch."""
+        action = "none"
+        if verdict.action == REPAIR or (verdict.action == BACKFILL and self.settings.backfill):
+            action = await self._repair(op.key, state, op.seq, snapshot)
+        if verdict.outcome == MISMATCH:
+            self._example(op, command, diff, answers, snapshot, action, expires_at)
+
+    async def _reread(self, key: bytes, ordered_after: ShadowOp | None = None) -> _Snapshot:
+        """Read Memcached's item, then Redis's. With `ordered_after` (the operation whose
+        answers differed, its chain held), also tell whether the snapshot is ordered: no write
+        of the key may lie between that operation and the snapshot."""
         await asyncio.sleep(self.settings.reread_delay)
-        mc_item = await self.reader.get(key)
+        lo = time.perf_counter()
+        mc = await self.reader.get(key)
+        hi = time.perf_counter()
         redis = await self.store.get(key)
         self.stats.redis_commands += 1
-        return _mc_value(mc_item), redis
+        ordered = False
+        if ordered_after is not None:
+            ordered = await self._caught_up(hi + self.settings.race_window) and not any(
+                op.action != "read" and op.sent_at <= hi for op in self._chains.get(key, ())
+            )
+        return _Snapshot(mc, redis, lo, hi, ordered)
+
+    async def _caught_up(self, until: float) -> bool:
+        """Wait until every operation answered before `until` has been dispatched to its
+        chain (a reply sent before the snapshot may still be on its way: a busy loop reads
+        sockets late, and the worker's pipe adds its own delay). False if that takes too
+        long: the evidence then cannot be ordered."""
+        give_up = time.perf_counter() + max(1.0, 4 * self.settings.race_window)
+        while self._dispatched_until() < until:
+            if self._closed or time.perf_counter() > give_up:
+                return False
+            await asyncio.sleep(min(0.02, max(0.001, until - time.perf_counter())))
+        return True
+
+    def _dispatched_until(self) -> float:
+        """Every operation Memcached answered before this perf_counter time is dispatched."""
+        queue = self._queue
+        if queue:
+            return queue[0][1]
+        return self._horizon if self._ticked else time.perf_counter()
+
+    def tick(self, now: float) -> None:
+        """The proxy process has handed over everything it observed before `now` (worker
+        mode: the observed replies reach this dispatcher through a pipe)."""
+        if now > self._horizon:
+            self._horizon = now
 
     async def _settle(self, key: bytes, state: KeyState) -> None:
         """After a burst of racing writers: make Redis equal Memcached for this key."""
         touches = state.touches
+        seq = state.replayed_seq
         try:
-            mc, redis = await self._reread(key)
-            if not state_equal(mc, redis):
-                await self._repair(key, state)
-            else:
-                state.mark_synced(self._seq)
-            state.settled_at = time.perf_counter()
-            if state.touches == touches:
-                state.contended_until = 0.0  # nothing arrived meanwhile: done
+            snapshot = await self._reread(key)
         except (RedisError, MemcachedUnavailable) as exc:
             self.stats.errors[_error_kind(exc)] += 1
-            state.mark_lost(self._seq)
+            state.mark_lost(seq)
+            return
+        await self._repair(key, state, seq, snapshot)
+        if state.touches == touches:
+            state.contended_until = 0.0  # nothing arrived meanwhile: done
 
-    async def _repair(self, key: bytes, state: KeyState) -> None:
-        """Copy Memcached's item (value, flags, remaining TTL) into Redis, or delete it."""
+    async def _repair(
+        self, key: bytes, state: KeyState, seq: int, snapshot: _Snapshot | None
+    ) -> str:
+        """Make Redis hold Memcached's item (value, flags, remaining TTL) as of `snapshot`
+        (read now if None), at the chain's current place: the key's operations up to `seq`
+        are replayed, and the fence keeps the later ones the copy already holds from being
+        applied twice. Returns the action taken, for examples."""
         try:
-            item = await self.reader.get(key)
-            self.stats.redis_commands += 1
-            if item is None:
+            if snapshot is None:
+                snapshot = await self._reread(key)
+            mc = snapshot.mc
+            action = "none needed"
+            if state_equal(_mc_value(mc), snapshot.redis):
+                pass  # Redis holds the snapshot already: only the fence is needed
+            elif mc is None:
                 await self.store.delete(key)
+                self.stats.redis_commands += 1
+                action = "deleted in redis"
+            else:
+                # The remaining TTL, as an absolute time: counted from the snapshot.
+                wall = time.time() - (time.perf_counter() - snapshot.lo)
+                exptime = 0 if mc.ttl < 0 else int(wall) + max(mc.ttl, 1)
+                await self.store.store("set", key, mc.flags, exptime, mc.data)
+                self.stats.redis_commands += 1
+                action = "copied to redis"
+            if mc is None or mc.ttl < 0:
                 state.expires_at = None
             else:
-                exptime = item.ttl if item.ttl > 0 else 0
-                await self.store.store("set", key, item.flags, exptime, item.data)
-                self._note_expiry(state, exptime)
-            state.mark_synced(self._seq)
-            state.settled_at = time.perf_counter()
+                self._note_expiry(state, int(time.time()) + max(mc.ttl, 1))
+            state.fence_lo = snapshot.lo
+            state.fence_hi = snapshot.hi
+            state.mark_synced(seq)
             self.stats.repairs += 1
+            return action
         except (RedisError, MemcachedUnavailable) as exc:
             self.stats.errors[_error_kind(exc)] += 1
-            state.mark_lost(self._seq)
+            state.mark_lost(seq)
+            return "repair failed"
 
     def _example(
-        self, op: ShadowOp, diff: Difference, mc: McValue | None, redis: Item | None
+        self,
+        op: ShadowOp,
+        command: str,
+        diff: Difference,
+        answers: tuple[dict[str, Any], dict[str, Any]],
+        snapshot: _Snapshot | None,
+        action: str,
+        expires_at: float | None,
     ) -> None:
         if self.examples is None:
             return
         # Statuses are protocol words and safe to show; values and numbers go in the dicts
         # as bytes, which the example store hashes unless plain text is allowed.
         detail = f"memcached={diff.memcached} redis={diff.redis}" if diff.kind == "status" else ""
-        memcached = _describe_mc(mc)
-        redis_side = _describe_redis(redis)
-        if op.mc_number is not None:
-            memcached["reply"] = str(op.mc_number).encode()
-        self.examples(diff.kind, op.command, op.key, memcached, redis_side, detail)
+        story: dict[str, Any] = {
+            "connection": op.session,
+            "lag_ms": round((time.perf_counter() - op.replied_at) * 1000.0, 1),
+            "action": action,
+            "history": self.history.describe(op.key, op.replied_at),
+        }
+        if expires_at is not None:
+            # When the shadow expected Memcached to expire the key, from its answer's time.
+            story["expires_in_s"] = round(expires_at - op.replied_wall, 3)
+        if snapshot is not None:
+            story["reread"] = {
+                "memcached": _describe_mc(_mc_value(snapshot.mc)),
+                "redis": _describe_redis(snapshot.redis),
+                "ordered": snapshot.ordered,
+            }
+        memcached, redis = answers
+        self.examples(diff.kind, command, op.key, memcached, redis, detail, story)
 
     # -- eviction counters ----------------------------------------------------------------
 
@@ -833,8 +1084,8 @@ class ShadowDispatcher:
 
 def state_keys(request: Request) -> list[bytes]:
     """The keys a request's shadow state is filed under (meta `b` keys decoded)."""
-    if request.command in ("mg", "ms", "md", "ma") and b"b" in request.words[2:]:
-        key = decode_base64_key(request.words[1]) if len(request.words) > 1 else None
+    if request.command in ("mg", "ms", "md", "ma"):
+        key = meta_key(request.words)
         return [key] if key else []
     return request.keys
 
@@ -865,6 +1116,51 @@ def _anchor_expiry(op: ShadowOp, replied_wall: float) -> None:
 
 def _mc_value(item: McItem | None) -> McValue | None:
     return None if item is None else McValue(item.flags, item.data, None)
+
+
+def _outcome(answer: object) -> str:
+    """Redis's answer in a word or two, for the key's history."""
+    if answer is None:
+        return MISS
+    if isinstance(answer, Item):
+        return HIT
+    if isinstance(answer, DeltaResult):
+        return str(answer.status) if answer.value is None else f"{answer.status} {answer.value}"
+    if isinstance(answer, StoreResult):
+        return str(answer.status)
+    return str(answer)
+
+
+def _describe_mc_answer(op: ShadowOp) -> dict[str, Any]:
+    """What Memcached answered the operation (values and numbers as bytes: hashed unless
+    revealed)."""
+    if op.action == "read":
+        value = op.mc_value
+        if op.mc_status != HIT or value is None:
+            return {"present": False}
+        shown: dict[str, Any] = {"present": True}
+        if value.flags is not None:
+            shown["flags"] = value.flags
+        if value.data is not None:
+            shown["value"] = value.data
+        return shown
+    shown = {"status": op.mc_status or "no reply"}
+    if op.mc_number is not None:
+        shown["number"] = str(op.mc_number).encode()
+    return shown
+
+
+def _describe_redis_answer(op: ShadowOp, answer: object) -> dict[str, Any]:
+    if op.action == "read":
+        return _describe_redis(answer if isinstance(answer, Item) else None)
+    if isinstance(answer, DeltaResult):
+        shown: dict[str, Any] = {"status": str(answer.status)}
+        if answer.value is not None:
+            shown["number"] = str(answer.value).encode()
+        return shown
+    if isinstance(answer, StoreResult):
+        return {"status": str(answer.status)}
+    return {"status": str(answer)}
 
 
 def _describe_mc(mc: McValue | None) -> dict[str, Any]:

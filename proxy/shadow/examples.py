@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from proxy.admin import Handler, Request, Response
@@ -57,10 +58,14 @@ class MismatchExample:
     memcached: dict[str, JSONValue]
     redis: dict[str, JSONValue]
     detail: str
+    # How it came about: the re-read of both stores, the action taken (a repair) and the
+    # key's last operations as the shadow saw them (see dispatcher._example).
+    story: dict[str, JSONValue] | None = None
 
     def to_json(self) -> dict[str, JSONValue]:
-        return {
+        shown: dict[str, JSONValue] = {
             "at": round(self.at, 3),
+            "time": datetime.fromtimestamp(self.at, UTC).isoformat(timespec="milliseconds"),
             "kind": self.kind,
             "command": self.command,
             "key": self.key,
@@ -68,6 +73,9 @@ class MismatchExample:
             "redis": self.redis,
             "detail": self.detail,
         }
+        if self.story is not None:
+            shown["story"] = self.story
+        return shown
 
 
 class MismatchExamples:
@@ -118,6 +126,7 @@ class MismatchExamples:
         memcached: Mapping[str, Any],
         redis: Mapping[str, Any],
         detail: str,
+        story: Mapping[str, Any] | None = None,
     ) -> MismatchExample:
         """Keep an example (dropping the oldest of its kind past `per_kind`) and log it."""
         example = MismatchExample(
@@ -128,6 +137,7 @@ class MismatchExamples:
             memcached=self._private_dict(memcached),
             redis=self._private_dict(redis),
             detail=detail,
+            story=None if story is None else self._private_dict(story),
         )
         examples = self._kinds.get(kind)
         if examples is None:

@@ -20,11 +20,13 @@ class KeyState:
         "contended_until",
         "epoch",
         "expires_at",
+        "fence_hi",
+        "fence_lo",
         "last_seen",
         "last_session",
         "lost",
         "raced_at",
-        "settled_at",
+        "replayed_seq",
         "synced",
         "touches",
     )
@@ -40,8 +42,12 @@ class KeyState:
         self.last_seen = 0.0  # perf_counter time of the latest reply seen for this key
         self.contended_until = 0.0  # perf_counter: until then, other connections raced on it
         self.raced_at = -1e18  # perf_counter time two connections last raced on it
-        self.settled_at = -1e18  # perf_counter time Redis was last re-synchronised from it
         self.touches = 0  # operations dispatched for the key so far
+        self.replayed_seq = -1  # sequence number of the key's last operation started on Redis
+        # The last repair copied Memcached's item read between these perf_counter times: an
+        # operation answered before fence_lo is already in the copy (classify.place).
+        self.fence_lo = -1e18
+        self.fence_hi = -1e18
 
     @property
     def warm(self) -> bool:
@@ -105,11 +111,7 @@ class KeyStates:
             self._states.move_to_end(key)  # get(), inlined: this runs for every operation
         state.touches += 1
         last = state.last_session
-        # A reply dispatched just after a re-synchronisation may describe a change the copy
-        # already holds (replaying it would apply it twice): that is a race too.
-        if (last and last != session and started < state.last_seen) or (
-            now - state.settled_at <= self.race_window
-        ):
+        if last and last != session and started < state.last_seen:
             state.contended_until = now + self.race_window
             state.raced_at = replied_at
         state.last_session = session

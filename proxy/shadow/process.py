@@ -67,6 +67,9 @@ LOST_KEYS_LIMIT: Final = 10_000
 """Keys of dropped requests remembered until the worker can be told; past it every key is
 made cold instead (one message, whatever was dropped)."""
 READY_TIMEOUT: Final = 10.0
+TICK_INTERVAL: Final = 0.05
+"""How often the worker hears that it has everything observed so far (seconds)."""
+
 HEARTBEAT_TIMEOUT: Final = 10.0
 """A worker silent this long (it reports every STATS_INTERVAL) is stuck: it is killed and
 restarted."""
@@ -131,6 +134,7 @@ class ShadowProcess:
         self._received_by_worker = 0  # of those, taken by it (at its last report)
         self._last_heard = time.monotonic()
         self._flush_handle: asyncio.Handle | None = None
+        self._tick_handle: asyncio.TimerHandle | None = None
         self._link: _WorkerLink | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._ready: asyncio.Future[None] | None = None
@@ -211,8 +215,17 @@ class ShadowProcess:
             transport.writelines(encode(("lost", list(self._lost))))
         self._lost.clear()
         self._lost_overflow = False
-        transport.writelines(encode(("batch", batch)))
+        transport.writelines(encode(("batch", batch, time.perf_counter())))
         self._sent += items
+
+    def _tick(self) -> None:
+        """Tell the worker, every TICK_INTERVAL, that it has everything observed until now:
+        a verdict that needs ordered evidence waits for that (dispatcher._caught_up)."""
+        self._flush()
+        transport = self._writer()
+        if transport is not None and not self._stopping:
+            transport.writelines(encode(("tick", time.perf_counter())))
+        self._tick_handle = asyncio.get_running_loop().call_later(TICK_INTERVAL, self._tick)
 
     def _drop(self, reason: str, request: Request) -> None:
         self._dropped[reason] += 1
@@ -231,6 +244,7 @@ class ShadowProcess:
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
         self._supervisor = loop.create_task(self._supervise(), name="shadow-worker")
+        self._tick_handle = loop.call_later(TICK_INTERVAL, self._tick)
         info = loop.create_task(self._info.start())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self._ready), READY_TIMEOUT)
@@ -253,6 +267,9 @@ class ShadowProcess:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+            self._tick_handle = None
         if self._supervisor is not None:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -421,8 +438,8 @@ class ShadowProcess:
             self._received_by_worker = message[2]
             self._refresh_stats()
         elif kind == "example":
-            _, example_kind, command, key, memcached, redis, detail = message
-            self.examples.record(example_kind, command, key, memcached, redis, detail)
+            _, example_kind, command, key, memcached, redis, detail, story = message
+            self.examples.record(example_kind, command, key, memcached, redis, detail, story)
         elif kind == "idle":
             waiter = self._idle_waiters.pop(message[1], None)
             if waiter is not None and not waiter.done():

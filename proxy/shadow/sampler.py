@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Final
 from zlib import crc32
 
-from proxy.memcache.arguments import decode_base64_key
+from proxy.memcache.arguments import meta_key
 from proxy.memcache.request import Request
 from proxy.shadow.control import ShadowControl
 
@@ -41,7 +41,6 @@ _KIND: Final[dict[str, int]] = {
     **dict.fromkeys(("mg", "ms", "md", "ma"), _META),
     "flush_all": _ALWAYS,
 }
-_B_FLAG: Final = 98  # b"b"[0]
 
 
 class KeySampler:
@@ -60,17 +59,9 @@ class KeySampler:
     def sampled_meta(self, request_words: list[bytes]) -> bool:
         """Whether a meta request's key is sampled; the key token is decoded as memcached does
         when a flag token starts with `b`. An undecodable key is never sampled."""
-        if len(request_words) < 2:
+        key = meta_key(request_words)
+        if key is None:
             return False
-        key = request_words[1]
-        first_flag = 3 if request_words[0] == b"ms" else 2
-        for token in request_words[first_flag:]:
-            if token[0] == _B_FLAG:
-                decoded = decode_base64_key(key)
-                if decoded is None:
-                    return False
-                key = decoded
-                break
         return crc32(key, SEED) < self._control.threshold
 
     def decide(self, request: Request) -> bool:

@@ -38,6 +38,7 @@ class ShadowEngine:
         stats: ShadowStats,
         control: ShadowControl,
         examples: ExampleSink | None,
+        ticked: bool = False,
     ) -> None:
         shadow = config.shadow
         if shadow.redis is None:
@@ -69,11 +70,13 @@ class ShadowEngine:
                 key_state_size=shadow.key_state_size,
                 cas_map_size=shadow.cas_map_size,
                 backfill=shadow.backfill,
+                verify_writes=shadow.verify_writes,
                 replay_flush_all=shadow.replay_flush_all,
                 batch_window=shadow.batch_window,
                 batch_size=shadow.batch_size,
             ),
             examples=examples,
+            ticked=ticked,
         )
 
     async def start(self) -> None:
@@ -162,8 +165,9 @@ class Shadow:
         memcached: dict[str, Any],
         redis: dict[str, Any],
         detail: str,
+        story: dict[str, Any],
     ) -> None:
-        self.examples.record(kind, command, key, memcached, redis, detail)
+        self.examples.record(kind, command, key, memcached, redis, detail, story)
 
     async def start(self) -> None:
         await self.engine.start()

@@ -11,7 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from proxy.memcache.arguments import MetaRequest, canonical_storage, parse_meta_request
+from proxy.memcache.arguments import (
+    MetaRequest,
+    canonical_storage,
+    meta_key,
+    parse_meta_request,
+)
 from proxy.memcache.numbers import canonical_int32, is_canonical_decimal
 from proxy.memcache.reply import MalformedReply, MetaReply, parse_meta, parse_retrieval
 from proxy.memcache.request import KEY_MAX_LENGTH, Request
@@ -64,7 +69,17 @@ class ShadowOp:
     too_large_deletes: bool | None = None
     want_cas: bool = False  # reads: record the Memcached<->Redis cas pair
     meta: bool = False
-    seq: int = 0  # the request's place in reply order (set by the dispatcher)
+    # Memcached's outcome was inferred, not answered (a classic set with noreply): it is
+    # compared, but does not prove the key defined in Memcached (an out-of-memory refusal
+    # is hidden by noreply).
+    inferred: bool = False
+    # Set by the dispatcher: the request's place in reply order, the client connection, and
+    # when the proxy sent it and got Memcached's reply (perf_counter; replied_wall: unix).
+    seq: int = 0
+    session: int = 0
+    sent_at: float = 0.0
+    replied_at: float = 0.0
+    replied_wall: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,12 +91,16 @@ class Skip:
 
 
 Translation = list[ShadowOp] | Skip
+_META = frozenset(("mg", "ms", "md", "ma"))
 
 
 def translate(request: Request, sampled: Callable[[bytes], bool]) -> Translation:
     """Turn one completed request (with its captured reply) into shadow operations."""
     reply = request.response
     if reply is None:
+        if request.command in _META:
+            key = meta_key(request.words)
+            return Skip("reply_not_captured", (key,) if key else ())
         return Skip("reply_not_captured", tuple(request.keys))
     if request.command == "get" and len(request.words) == 2:
         ops = _plain_get(request.words[1], reply, sampled)

@@ -9,8 +9,12 @@ proxy -> worker
     ("start", config_pickle, rate, enabled, nice)   first frame: the Config to run with
                                         (pickled: it only ever comes from the proxy process
                                         that started the worker, over a private socketpair)
-    ("batch", groups)                   observed requests; groups of (session, replied_at,
-                                        [request tuple, ...]), see pack_request
+    ("batch", groups, sent_at)          observed requests; groups of (session, replied_at,
+                                        [request tuple, ...]), see pack_request; sent_at:
+                                        everything observed before it is in this frame or
+                                        an earlier one
+    ("tick", now)                       every TICK_INTERVAL: nothing observed before `now`
+                                        is still to come (ordered evidence waits for it)
     ("lost", keys)                      changes of these keys never reached the worker
     ("epoch",)                          too many lost keys to list: every key is cold again
     ("rate", sample_rate, enabled)      the live sampling settings changed
@@ -20,7 +24,7 @@ proxy -> worker
 worker -> proxy
     ("stats", state, received)          ShadowStats as plain data (see stats_state), and how
                                         many requests it has taken from batches so far
-    ("example", kind, command, key, memcached, redis, detail)   one mismatch example
+    ("example", kind, command, key, memcached, redis, detail, story)   one mismatch example
     ("idle", token)
     ("ready",)                          replaying (Redis and Memcached contacted or retrying)
 

@@ -89,6 +89,10 @@ class WorkerSession(asyncio.Protocol):
             for session, replied_at, items in message[1]:
                 self.received += len(items)
                 observe([unpack_request(item) for item in items], session, replied_at=replied_at)
+            engine.dispatcher.tick(message[2])
+        elif kind == "tick":
+            if engine is not None:
+                engine.dispatcher.tick(message[1])
         elif kind == "lost":
             if engine is not None:
                 engine.dispatcher.forget(message[1])
@@ -120,7 +124,9 @@ class WorkerSession(asyncio.Protocol):
                     os.nice(nice)
             self.control = ShadowControl(rate, enabled)
             self._examples_per_kind = config.shadow.examples_per_kind
-            self.engine = ShadowEngine(config, self.stats, self.control, self._example)
+            self.engine = ShadowEngine(
+                config, self.stats, self.control, self._example, ticked=True
+            )
         except Exception:
             log.exception("shadow worker: cannot start")
             self._fail()
@@ -165,6 +171,7 @@ class WorkerSession(asyncio.Protocol):
         memcached: dict[str, Any],
         redis: dict[str, Any],
         detail: str,
+        story: dict[str, Any],
     ) -> None:
         # Recorded (hashed, logged) by the proxy process, which holds the examples' secret.
         # It keeps the last examples_per_kind of each kind: more per second than that are
@@ -176,7 +183,7 @@ class WorkerSession(asyncio.Protocol):
         if count >= self._examples_per_kind:
             return
         self._example_windows[kind] = (start, count + 1)
-        self._send(("example", kind, command, key, memcached, redis, detail))
+        self._send(("example", kind, command, key, memcached, redis, detail, story))
 
     async def _idle(self, token: int) -> None:
         if self.engine is not None:

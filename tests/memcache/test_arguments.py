@@ -504,3 +504,27 @@ def test_unshadowable_input_is_what_memcached_refuses(memcached: ServerProcess) 
             reply = exchange(sock, data)
             refused = reply.startswith((b"CLIENT_ERROR", b"ERROR")) and b"non-numeric" not in reply
             assert refused == (parsed.reason == UNSHADOWABLE_INPUT), (line, reply, parsed.reason)
+
+
+def test_one_meta_key_decoder_for_the_sampler_the_shadow_state_and_the_parser() -> None:
+    from proxy.memcache.arguments import meta_key, parse_meta_request
+    from proxy.memcache.request import RequestFramer
+    from proxy.shadow.dispatcher import state_keys
+
+    # memcached reads a flag token's first character only: "b1" is the b flag.
+    for line, key in [
+        (b"mg Zm9v b v", b"foo"),
+        (b"mg Zm9v b1 v", b"foo"),
+        (b"md Zm9v q b", b"foo"),
+        (b"ms Zm9v 2 b1 T0", b"foo"),
+        (b"mg Zm9v v", b"Zm9v"),
+        (b"ms Zm9v 2 T0", b"Zm9v"),  # the datalen is not a flag
+        (b"mg !!!! b", None),
+    ]:
+        words = line.split()
+        assert meta_key(words) == key, line
+        stream = line + b"\r\n" + (b"ab\r\n" if words[0] == b"ms" else b"")
+        requests, _ = RequestFramer(capture=lambda r: True).feed(stream)
+        assert state_keys(requests[0]) == ([key] if key else []), line
+        if key is not None:
+            assert parse_meta_request(words).key == key, line

@@ -203,12 +203,37 @@ async def test_a_difference_is_judged_and_the_key_goes_on_in_order(shadow: Harne
     await shadow.idle()
     redis_call(shadow.redis_port, "SET", "k", pack_value(1, 1, b"tampered"))
     shadow.send(b"get k\r\n")  # a difference: classified in a task, after the race window
+    await asyncio.sleep(0.1)  # (the re-read comes before the next write)
     shadow.send(b"set k 1 0 3\r\nnew\r\n")  # waits for that verdict
     shadow.send(b"get k\r\n")
     await shadow.idle()
     assert shadow.mismatches() == {"value": 1}
     assert shadow.outcomes() == {"match": 3, "mismatch": 1}
     assert unpack_value(redis_call(shadow.redis_port, "GET", "k")).data == b"new"  # type: ignore[arg-type]
+
+
+async def test_a_difference_with_a_write_before_the_re_read_is_unverified(
+    shadow: Harness,
+) -> None:
+    # Memcached ran the set before the re-read: its snapshot holds a write Redis has not
+    # replayed yet, so it proves nothing about the get's answers. The repair's copy already
+    # holds the set: replayed on top of it, an append would be applied twice.
+    shadow.send(b"set k 1 0 5\r\nhello\r\n")
+    await shadow.idle()
+    redis_call(shadow.redis_port, "SET", "k", pack_value(1, 1, b"tampered"))
+    shadow.send(b"get k\r\n")
+    shadow.send(b"append k 0 0 1\r\n!\r\n")
+    shadow.send(b"get k\r\n")
+    await shadow.idle()
+    assert shadow.noise() == {"unverified": 1}
+    assert shadow.mismatches() == {}
+    assert shadow.stats.skipped["in_repair_copy"] == 2  # the append and the get after it
+    assert unpack_value(redis_call(shadow.redis_port, "GET", "k")).data == b"hello!"  # type: ignore[arg-type]
+    shadow.send(b"append k 0 0 1\r\n?\r\n")
+    shadow.send(b"get k\r\n")
+    await shadow.idle()
+    assert shadow.mismatches() == {}
+    assert unpack_value(redis_call(shadow.redis_port, "GET", "k")).data == b"hello!?"  # type: ignore[arg-type]
 
 
 async def test_a_cas_mapped_by_a_shadowed_gets_is_compared(shadow: Harness) -> None:
@@ -308,5 +333,75 @@ async def test_requests_gather_for_the_batch_window_unless_a_batch_is_full(
             harness.send(b"get k\r\n")
         await asyncio.sleep(0.1)
         assert harness.outcomes() == {"match": 4}  # a full batch does not wait
+    finally:
+        await harness.stop()
+
+
+async def test_a_classic_set_with_noreply_is_compared_but_does_not_warm_the_key(
+    shadow: Harness,
+) -> None:
+    shadow.send(b"set k 0 0 5 noreply\r\nhello\r\n", reply=b"")
+    await shadow.idle()
+    assert shadow.outcomes() == {"match": 1}  # memcached took it: it stored it
+    # An out-of-memory refusal would be hidden by noreply: the key is not known in step.
+    redis_call(shadow.redis_port, "SET", "k", pack_value(0, 1, b"other"))
+    shadow.send(b"get k\r\n", reply=b"VALUE k 0 5\r\nhello\r\nEND\r\n")
+    await shadow.idle()
+    assert shadow.noise() == {"cold_key": 1}
+    assert shadow.mismatches() == {}
+
+
+async def test_verify_writes_gives_noreply_writes_a_verdict(
+    mc_server: ServerProcess, redis_proc: ServerProcess
+) -> None:
+    redis_call(redis_proc.port, "FLUSHALL")
+    RawClient(mc_server.port).send(b"flush_all\r\n")
+    harness = Harness(mc_server, redis_proc, verify_writes=1.0)
+    await harness.start()
+    try:
+        harness.send(b"set k 0 0 1\r\na\r\n")
+        await harness.idle()
+        harness.send(b"append k 0 0 1 noreply\r\nb\r\n")
+        await harness.idle()
+        # The set's own verdict, then a verification after each write.
+        assert harness.outcomes() == {"match": 3}
+        assert harness.stats.comparisons[("verify", "match")] == 2
+        # A noreply append replayed on a Redis copy that had diverged: only its
+        # verification can tell.
+        redis_call(redis_proc.port, "SET", "k", pack_value(0, 1, b"X"))
+        harness.send(b"append k 0 0 1 noreply\r\nc\r\n")
+        await harness.idle()
+        assert harness.mismatches() == {"value": 1}
+        assert harness.stats.mismatches[("verify", "value")] == 1
+        stored = unpack_value(redis_call(redis_proc.port, "GET", "k"))  # type: ignore[arg-type]
+        assert stored.data == b"abc"  # repaired from Memcached
+    finally:
+        await harness.stop()
+
+
+async def test_a_verification_with_a_write_behind_it_proves_nothing(
+    mc_server: ServerProcess, redis_proc: ServerProcess
+) -> None:
+    redis_call(redis_proc.port, "FLUSHALL")
+    RawClient(mc_server.port).send(b"flush_all\r\n")
+    harness = Harness(mc_server, redis_proc, verify_writes=1.0)
+    await harness.start()
+    try:
+        harness.send(b"set k 0 0 1\r\na\r\n")
+        # Memcached runs this append before the verification reads it, while Redis has not
+        # replayed it yet: the stores differ at the re-read, and that proves nothing. The
+        # repair's copy holds the append: it is not replayed on top of it.
+        harness.send(b"append k 0 0 1\r\nb\r\n")
+        await harness.idle()
+        assert harness.mismatches() == {}
+        assert harness.stats.noise[("verify", "unverified")] == 1
+        assert harness.stats.skipped["in_repair_copy"] == 1
+        stored = unpack_value(redis_call(redis_proc.port, "GET", "k"))  # type: ignore[arg-type]
+        assert stored.data == b"ab"
+        harness.send(b"append k 0 0 1\r\nc\r\n")
+        harness.send(b"get k\r\n")
+        await harness.idle()
+        assert harness.mismatches() == {}
+        assert harness.stats.comparisons[("verify", "match")] == 1
     finally:
         await harness.stop()

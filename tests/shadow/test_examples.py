@@ -74,6 +74,7 @@ def test_private_by_default() -> None:
             "value": [
                 {
                     "at": 1700000000.25,
+                    "time": "2023-11-14T22:13:20.250+00:00",
                     "kind": "value",
                     "command": "get",
                     "key": keyed(b"user:1"),

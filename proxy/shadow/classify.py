@@ -1,0 +1,180 @@
+"""Classification, sans-IO: what a difference between the two answers means, from evidence.
+
+compare.py says whether Memcached's and Redis's answers differ; this module says whether that
+difference proves Redis diverged (a mismatch) or is expected noise with a precise reason, and
+what the shadow must do next. It is fed facts, never sockets or clocks:
+
+1. `judge_at_once` decides from what is already known (cold key, a race between connections,
+   an expiry boundary, cas and padding noise) or asks for a re-read;
+2. `judge_reread` decides from a re-read of both stores, *ordered* with the key's chain: the
+   re-read proves something only when no operation of the key may lie between the compared
+   answer and Memcached's snapshot. Unordered evidence is "unverified" noise, never a mismatch.
+
+`place` orders an operation against a repair's snapshot: the snapshot already holds every
+operation Memcached answered before it was taken, so those must not be replayed on top of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from proxy.shadow.compare import CAS_UNMAPPED, ERROR, PADDING, Difference
+from proxy.shadow.translate import NON_NUMERIC
+
+# Outcomes (memshadow_shadow_comparisons_total{outcome}).
+MATCH: Final = "match"
+NOISE: Final = "noise"
+MISMATCH: Final = "mismatch"
+
+# Noise reasons (memshadow_shadow_noise_total{reason}); REFERENCE 4.10.
+COLD_KEY: Final = "cold_key"
+TRANSIENT_RACE: Final = "transient_race"
+EXPIRY_BOUNDARY: Final = "expiry_boundary"
+EVICTED: Final = "evicted"
+UNVERIFIED: Final = "unverified"
+# memcached's incr/decr parses a value made only of whitespace by reading on past its end
+# (strtoull skips the whitespace and the item's "\r\n"), so its answer depends on whatever
+# bytes follow the item in its slab memory: seen as a number after a set of b"\x0c".
+MEMCACHED_OVERREAD: Final = "memcached_overread"
+WHITESPACE: Final = b" \t\n\v\f\r"
+
+# What the shadow does after a verdict.
+KEEP: Final = "keep"  # nothing: Redis is as much in step as it was
+REPAIR: Final = "repair"  # copy Memcached's snapshot into Redis, fenced against the chain
+BACKFILL: Final = "backfill"  # a cold key: repair only when shadow.backfill is on
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    outcome: str  # MATCH | NOISE | MISMATCH
+    reason: str  # noise reason, or mismatch kind
+    action: str = KEEP
+
+
+@dataclass(frozen=True, slots=True)
+class KeyFacts:
+    """What the shadow knows of the key when a difference is judged.
+
+    Times are unix seconds: `replied_wall` is when Memcached answered the operation,
+    `judged_wall` when the difference is judged (Redis answered at or before it).
+    """
+
+    warm: bool  # Redis was known to be in step with Memcached before the operation
+    raced: bool  # another connection's operation on the key overlapped it (race window)
+    expires_at: float | None  # unix time Memcached expires the key (None: never)
+    replied_wall: float
+    judged_wall: float
+
+
+@dataclass(frozen=True, slots=True)
+class Reread:
+    """A re-read of both stores after the difference (Memcached first, then Redis)."""
+
+    ordered: bool  # no operation of the key may lie between the answer and the snapshot
+    memcached_present: bool
+    redis_present: bool
+    equal: bool  # the two items are the same (value and flags)
+    raced: bool  # another connection touched the key while the evidence was gathered
+    memcached_evicted: bool  # Memcached evicted items within the eviction window
+    redis_evicted: bool
+    redis_blank: bool = False  # Redis's value is not empty and holds only whitespace
+
+
+def blank(data: bytes | None) -> bool:
+    """A value memcached's number parser reads past the end of (see MEMCACHED_OVERREAD)."""
+    return data is not None and data != b"" and not data.strip(WHITESPACE)
+
+
+def near_expiry(facts: KeyFacts, tolerance: float) -> bool:
+    """Memcached answered at replied_wall, Redis at some time up to judged_wall: an expiry
+    anywhere in that span (widened by the clocks' tolerance) explains a hit against a miss."""
+    expires_at = facts.expires_at
+    return (
+        expires_at is not None
+        and facts.replied_wall - tolerance <= expires_at <= facts.judged_wall + tolerance
+    )
+
+
+def judge_at_once(diff: Difference, facts: KeyFacts, expiry_tolerance: float) -> Verdict | None:
+    """A verdict from the facts alone, or None when a re-read must decide."""
+    if diff.kind == PADDING:
+        return Verdict(NOISE, PADDING)
+    if diff.kind == CAS_UNMAPPED:
+        return Verdict(NOISE, CAS_UNMAPPED)
+    if facts.raced:
+        # Memcached may have run the racing operations in another order than their replies
+        # came back: the chain settles the key once the writers pause.
+        return Verdict(NOISE, TRANSIENT_RACE)
+    if not facts.warm:
+        return Verdict(NOISE, COLD_KEY, BACKFILL)
+    if near_expiry(facts, expiry_tolerance):
+        # The two stores' clocks differ (memcached: whole seconds, a timer): either answer
+        # may be right, and the key may now differ in any way (a touch of a key one store
+        # expired): copy Memcached's state.
+        return Verdict(NOISE, EXPIRY_BOUNDARY, REPAIR)
+    return None
+
+
+def judge_reread(diff: Difference, reread: Reread) -> Verdict:
+    """The verdict once both stores were re-read."""
+    if reread.raced:
+        return Verdict(NOISE, TRANSIENT_RACE, REPAIR)
+    if not reread.ordered:
+        # Memcached's snapshot may hold operations Redis has not replayed yet (or miss one
+        # it has): it proves nothing either way.
+        return Verdict(NOISE, UNVERIFIED, REPAIR)
+    if diff.kind == ERROR and diff.redis == NON_NUMERIC and reread.redis_blank:
+        return Verdict(NOISE, MEMCACHED_OVERREAD, REPAIR)
+    if reread.equal:
+        # Both stores agree again and nothing of the key came between: something outside
+        # this proxy (another instance, a direct client) wrote the key meanwhile.
+        return Verdict(NOISE, TRANSIENT_RACE, REPAIR)
+    if not reread.memcached_present and reread.redis_present and reread.memcached_evicted:
+        return Verdict(NOISE, EVICTED, REPAIR)
+    if reread.memcached_present and not reread.redis_present and reread.redis_evicted:
+        return Verdict(NOISE, EVICTED, REPAIR)
+    return Verdict(MISMATCH, diff.kind, REPAIR)
+
+
+# Where an operation stands against a repair's snapshot (taken between fence_lo and fence_hi).
+AFTER: Final = 0  # Memcached ran it after the snapshot: replay it
+SUBSUMED: Final = 1  # Memcached ran it before the snapshot: the copy holds its effect
+OVERLAPS: Final = 2  # it may have run on either side: its effect in Redis is unknown
+
+
+def place(sent_at: float, replied_at: float, fence_lo: float, fence_hi: float) -> int:
+    """Order an operation ([sent_at, replied_at]: when the proxy sent it and got its reply)
+    against a snapshot read between fence_lo and fence_hi (same monotonic clock)."""
+    if sent_at > fence_hi:
+        return AFTER
+    if replied_at < fence_lo:
+        return SUBSUMED
+    return OVERLAPS
+
+
+__all__ = [
+    "AFTER",
+    "BACKFILL",
+    "COLD_KEY",
+    "EVICTED",
+    "EXPIRY_BOUNDARY",
+    "KEEP",
+    "MATCH",
+    "MEMCACHED_OVERREAD",
+    "MISMATCH",
+    "NOISE",
+    "OVERLAPS",
+    "REPAIR",
+    "SUBSUMED",
+    "TRANSIENT_RACE",
+    "UNVERIFIED",
+    "KeyFacts",
+    "Reread",
+    "Verdict",
+    "blank",
+    "judge_at_once",
+    "judge_reread",
+    "near_expiry",
+    "place",
+]

@@ -1,0 +1,262 @@
+"""Verdicts under production-like load: dozens of connections, the whole command mix, shared
+hot keys and keys of their own, short TTLs, meta commands and noreply writes, in both worker
+modes. No false alarm, Redis left equal to Memcached, and real divergences injected during
+the load all found with the right kind.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+from pymemcache.client.base import Client
+
+from proxy.redis.layout import pack_value, unpack_value
+from tests.integration.hammer import Hammer, figures
+from tests.integration.test_shadow import mc_call, mc_item, redis_call
+from tests.support import ProxyThread, ServerProcess, proxy_config
+
+
+@pytest.fixture(params=["process", "inline"])
+def worker_mode(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@contextmanager
+def _shadow(
+    memcached: ServerProcess, redis: ServerProcess, worker: str, **shadow: object
+) -> Iterator[ProxyThread]:
+    proxy = ProxyThread(proxy_config(memcached, redis, 1.0, worker=worker, **shadow))
+    proxy.start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+def _differing(memcached: ServerProcess, redis: ServerProcess, keys: list[str]) -> list[str]:
+    """Keys whose value or flags differ between the two stores right now."""
+    differing = []
+    for key in keys:
+        mc = mc_item(memcached.port, key)
+        raw = redis_call(redis.port, "GET", key)
+        theirs = None
+        if isinstance(raw, bytes):
+            item = unpack_value(raw)
+            theirs = (item.flags, item.data)
+        if mc != theirs:
+            differing.append(key)
+    return differing
+
+
+def test_the_hammer_gives_no_false_alarm_and_leaves_redis_equal(
+    worker_mode: str, memcached: ServerProcess, redis_server: ServerProcess
+) -> None:
+    # backfill: the read pass at the end copies the keys the shadow lost track of (noreply
+    # writes of unknown outcome, repairs overlapping a write), so every key must end equal.
+    with _shadow(memcached, redis_server, worker_mode, backfill=True) as proxy:
+        shared = [f"hot{i}" for i in range(6)]
+        hammer = Hammer(proxy.port, 32, 6.0, own_keys=10, shared=shared)
+        hammer.join()
+        assert hammer.result.errors == []
+        proxy.settle(120)
+        during = figures(proxy)
+        print(f"\nhammer ({worker_mode}): {hammer.result.operations} operations, {during}")
+        assert during["outcomes"].get("mismatch", 0) == 0, during["mismatches"]  # type: ignore[union-attr]
+        assert during["outcomes"]["match"] > 1000  # type: ignore[index]
+        # A read of every key through the proxy: a warm key that differs is a mismatch, a
+        # cold one is backfilled.
+        reader = Client(("127.0.0.1", proxy.port), timeout=10)
+        for key in hammer.keys:
+            reader.get(key)
+        reader.close()
+        proxy.settle(120)
+        after = figures(proxy)
+        assert after["outcomes"].get("mismatch", 0) == 0, after["mismatches"]  # type: ignore[union-attr]
+        differing = _differing(memcached, redis_server, hammer.keys)
+        if differing:  # 2 s TTLs: an expiry between the two reads above; wait it out
+            time.sleep(3.5)
+            differing = _differing(memcached, redis_server, differing)
+        assert differing == []
+
+
+# -- divergences injected while the hammer runs -------------------------------------------
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> float:
+    """Seconds until condition() held (polled; fails after `timeout`)."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout, "not reported"
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+def test_divergences_injected_under_load_are_found_with_their_kind(
+    worker_mode: str, memcached: ServerProcess, redis_server: ServerProcess
+) -> None:
+    with _shadow(memcached, redis_server, worker_mode) as proxy:
+        hammer = Hammer(proxy.port, 24, 60.0, own_keys=10, shared=[f"hot{i}" for i in range(4)])
+        client = Client(("127.0.0.1", proxy.port), default_noreply=False, timeout=10)
+        mc, rd = memcached.port, redis_server.port
+
+        def mismatches() -> dict[str, int]:
+            return proxy.call(lambda: dict(figures(proxy)["mismatches"]))  # type: ignore[arg-type]
+
+        def count(kind: str) -> int:
+            return sum(n for k, n in mismatches().items() if k.endswith(":" + kind))
+
+        def define(key: str, value: bytes, flags: int = 3, expire: int = 0) -> None:
+            client.set(key, value, flags=flags, expire=expire)
+            client.get(key)  # a verdict, so the key is known to be in step
+            time.sleep(0.3)
+
+        injections: list[tuple[str, str, Callable[[str], None], Callable[[str], None]]] = [
+            (
+                "value changed in memcached",
+                "value",
+                lambda key: mc_call(mc, b"set %s 3 0 5\r\nother\r\n" % key.encode()),
+                client.get,
+            ),
+            (
+                "key deleted in redis",
+                "missing_in_redis",
+                lambda key: redis_call(rd, "DEL", key),
+                client.get,
+            ),
+            (
+                "flags changed in redis",
+                "flags",
+                lambda key: redis_call(rd, "SET", key, pack_value(99, 1, b"profile")),
+                client.get,
+            ),
+            (
+                "counter changed in redis",
+                "value",
+                lambda key: redis_call(rd, "SET", key, pack_value(3, 1, b"500")),
+                lambda key: client.incr(key, 1),
+            ),
+        ]
+        latencies: dict[str, float] = {}
+        try:
+            time.sleep(1.0)  # the load is on
+            for i, (name, kind, inject, trigger) in enumerate(injections):
+                key = f"injected{i}"
+                define(key, b"100" if "counter" in name else b"profile")
+                inject(key)
+                before = count(kind)
+                trigger(key)
+                latencies[name] = _wait_for(lambda kind=kind, b=before: count(kind) > b)
+            # A TTL removed in Redis: once Memcached has expired the key (and the expiry
+            # tolerance has passed), Redis still serving it is a divergence.
+            define("injected_ttl", b"profile", expire=2)
+            redis_call(rd, "PERSIST", "injected_ttl")
+            time.sleep(5.0)
+            before = count("unexpected_in_redis")
+            client.get("injected_ttl")
+            latencies["TTL removed in redis"] = _wait_for(
+                lambda b=before: count("unexpected_in_redis") > b
+            )
+        finally:
+            hammer.stop()
+            hammer.join()
+            client.close()
+        assert hammer.result.errors == []
+        proxy.settle(120)
+        result = figures(proxy)
+        print(f"\ninjected under load ({worker_mode}): found in {latencies}; {result}")
+        # Exactly the five injected, nothing else.
+        kinds: dict[str, int] = {}
+        for name, n in result["mismatches"].items():  # type: ignore[union-attr]
+            kinds[name.split(":")[1]] = kinds.get(name.split(":")[1], 0) + n
+        assert kinds == {"value": 2, "missing_in_redis": 1, "flags": 1, "unexpected_in_redis": 1}
+        examples = proxy.call(lambda: proxy.shadow.examples.to_json())["kinds"]
+        hashes = {example["key"] for shown in examples.values() for example in shown}
+        injected = ["injected0", "injected1", "injected2", "injected3", "injected_ttl"]
+        assert hashes == {proxy.shadow.examples.hash(k.encode()) for k in injected}
+        for shown in examples.values():
+            for example in shown:  # each tells its story
+                story = example["story"]
+                assert story["history"] and story["history"][-1]["ms"] == 0.0
+                assert story["reread"]["ordered"] is True
+                assert story["action"] in ("copied to redis", "deleted in redis")
+
+
+def test_a_shadow_behind_its_load_still_judges_short_ttls_right(
+    worker_mode: str, memcached: ServerProcess, redis_server: ServerProcess
+) -> None:
+    # Keys that live 2 s, read and rewritten constantly by many connections: the replay
+    # runs after Memcached's answers, so expiries fall between the two answers. They are
+    # expiry boundaries, never mismatches.
+    with _shadow(memcached, redis_server, worker_mode) as proxy:
+        stop = threading.Event()
+        errors: list[str] = []
+
+        def churn(seed: int) -> None:
+            client = Client(("127.0.0.1", proxy.port), timeout=10)
+            try:
+                i = 0
+                while not stop.is_set():
+                    key = f"short{seed}:{i % 5}"
+                    if i % 7 == 0:
+                        client.set(key, b"v%d" % i, expire=2)
+                    elif i % 11 == 0:
+                        client.touch(key, 2)
+                    elif i % 13 == 0:
+                        client.raw_command(b"gat 2 %s" % key.encode(), b"END\r\n")
+                    else:
+                        client.get(key)
+                    i += 1
+                    time.sleep(0.002)
+            except Exception as exc:
+                errors.append(repr(exc))
+            finally:
+                client.close()
+
+        threads = [threading.Thread(target=churn, args=(n,)) for n in range(16)]
+        for thread in threads:
+            thread.start()
+        time.sleep(7.0)
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+        assert errors == []
+        proxy.settle(120)
+        result = figures(proxy)
+        print(f"\nshort TTLs ({worker_mode}): {result}")
+        assert result["outcomes"].get("mismatch", 0) == 0, result["mismatches"]  # type: ignore[union-attr]
+
+
+def test_a_client_gone_before_its_noreply_write_was_answered_makes_the_key_cold(
+    worker_mode: str, memcached: ServerProcess, redis_server: ServerProcess
+) -> None:
+    import socket
+    import struct
+
+    with _shadow(memcached, redis_server, worker_mode) as proxy:
+        client = Client(("127.0.0.1", proxy.port), default_noreply=False, timeout=10)
+        client.set("k", b"a")
+        assert client.get("k") == b"a"  # the key is known in step
+        proxy.settle()
+        # Memcached is paused: the append reaches it only after the client has reset its
+        # connection, so its sentinel's MN is never read and the shadow never replays it.
+        memcached.pause()
+        try:
+            raw = socket.create_connection(("127.0.0.1", proxy.port))
+            raw.sendall(b"append k 0 0 1 noreply\r\nb\r\n")
+            time.sleep(0.2)  # forwarded
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            raw.close()  # a reset
+            time.sleep(0.2)
+        finally:
+            memcached.resume()
+        assert _wait_for(lambda: mc_item(memcached.port, "k") == (0, b"ab")) >= 0
+        assert client.get("k") == b"ab"
+        proxy.settle()
+        result = figures(proxy)
+        assert result["outcomes"].get("mismatch", 0) == 0, result["mismatches"]  # type: ignore[union-attr]
+        assert result["noise"] == {"cold_key": 1}
+        client.close()

@@ -1,0 +1,229 @@
+"""The classifier, sans-IO: one literal case per noise reason and mismatch kind, and every
+interleaving of a repair's snapshot with the key's operations."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.shadow.classify import (
+    AFTER,
+    BACKFILL,
+    COLD_KEY,
+    EVICTED,
+    EXPIRY_BOUNDARY,
+    KEEP,
+    MEMCACHED_OVERREAD,
+    MISMATCH,
+    NOISE,
+    OVERLAPS,
+    REPAIR,
+    SUBSUMED,
+    TRANSIENT_RACE,
+    UNVERIFIED,
+    KeyFacts,
+    Reread,
+    Verdict,
+    blank,
+    judge_at_once,
+    judge_reread,
+    place,
+)
+from proxy.shadow.compare import (
+    CAS_UNMAPPED,
+    ERROR,
+    FLAGS,
+    MISSING_IN_REDIS,
+    PADDING,
+    STATUS,
+    UNEXPECTED_IN_REDIS,
+    VALUE,
+    Difference,
+)
+
+NOW = 1_800_000_000.0
+VALUE_DIFF = Difference(VALUE, "5 bytes", "8 bytes")
+
+
+def facts(**overrides: object) -> KeyFacts:
+    base: dict[str, object] = {
+        "warm": True,
+        "raced": False,
+        "expires_at": None,
+        "replied_wall": NOW - 0.5,  # Memcached answered half a second before the judgement
+        "judged_wall": NOW,
+    }
+    base.update(overrides)
+    return KeyFacts(**base)  # type: ignore[arg-type]
+
+
+def reread(**overrides: object) -> Reread:
+    base: dict[str, object] = {
+        "ordered": True,
+        "memcached_present": True,
+        "redis_present": True,
+        "equal": False,
+        "raced": False,
+        "memcached_evicted": False,
+        "redis_evicted": False,
+    }
+    base.update(overrides)
+    return Reread(**base)  # type: ignore[arg-type]
+
+
+# -- judged at once ------------------------------------------------------------------------
+
+
+def test_padding_and_cas_unmapped_are_noise_without_a_re_read() -> None:
+    assert judge_at_once(Difference(PADDING, "'9 '", "'9'"), facts(), 2.0) == Verdict(
+        NOISE, PADDING
+    )
+    assert judge_at_once(Difference(CAS_UNMAPPED, "STORED", "-"), facts(), 2.0) == Verdict(
+        NOISE, CAS_UNMAPPED
+    )
+
+
+def test_a_race_between_connections_is_noise_settled_later() -> None:
+    assert judge_at_once(VALUE_DIFF, facts(raced=True), 2.0) == Verdict(NOISE, TRANSIENT_RACE)
+
+
+def test_a_cold_key_is_noise_and_backfilled_when_enabled() -> None:
+    assert judge_at_once(VALUE_DIFF, facts(warm=False), 2.0) == Verdict(NOISE, COLD_KEY, BACKFILL)
+
+
+@pytest.mark.parametrize(
+    ("expires_at", "boundary"),
+    [
+        (NOW - 0.5 - 2.0, True),  # tolerance before Memcached's answer
+        (NOW - 0.5 - 2.1, False),
+        (NOW - 0.2, True),  # between Memcached's answer and Redis's (a lagging replay)
+        (NOW + 2.0, True),  # tolerance after the judgement
+        (NOW + 2.1, False),
+        (None, False),
+    ],
+)
+def test_an_expiry_boundary_spans_both_answers_and_the_tolerance(
+    expires_at: float | None, boundary: bool
+) -> None:
+    verdict = judge_at_once(
+        Difference(MISSING_IN_REDIS, "hit", "miss"), facts(expires_at=expires_at), 2.0
+    )
+    if boundary:
+        assert verdict == Verdict(NOISE, EXPIRY_BOUNDARY, REPAIR)
+    else:
+        assert verdict is None  # a re-read decides
+
+
+def test_a_lag_longer_than_the_tolerance_still_covers_the_replay() -> None:
+    # Memcached answered 5 s before the replay; the item expired 3 s after that answer:
+    # Redis's miss is an expiry, not a divergence.
+    verdict = judge_at_once(
+        Difference(MISSING_IN_REDIS, "hit", "miss"),
+        facts(replied_wall=NOW - 5.0, expires_at=NOW - 2.0),
+        1.0,
+    )
+    assert verdict == Verdict(NOISE, EXPIRY_BOUNDARY, REPAIR)
+
+
+# -- judged from a re-read -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "diff",
+    [
+        VALUE_DIFF,
+        Difference(FLAGS, "1", "2"),
+        Difference(MISSING_IN_REDIS, "hit", "miss"),
+        Difference(UNEXPECTED_IN_REDIS, "miss", "hit"),
+        Difference(STATUS, "NOT_STORED", "STORED"),
+        Difference(ERROR, "NON_NUMERIC", "STORED"),
+    ],
+)
+def test_an_ordered_re_read_that_still_differs_is_a_mismatch_of_the_answer_s_kind(
+    diff: Difference,
+) -> None:
+    assert judge_reread(diff, reread()) == Verdict(MISMATCH, diff.kind, REPAIR)
+
+
+def test_an_unordered_re_read_is_unverified_never_a_mismatch() -> None:
+    # A write of the key may lie between the answer and the snapshot, whether the stores
+    # agree at the re-read or not.
+    for equal in (True, False):
+        assert judge_reread(VALUE_DIFF, reread(ordered=False, equal=equal)) == Verdict(
+            NOISE, UNVERIFIED, REPAIR
+        )
+
+
+def test_agreement_at_an_ordered_re_read_is_a_write_from_outside() -> None:
+    assert judge_reread(VALUE_DIFF, reread(equal=True)) == Verdict(NOISE, TRANSIENT_RACE, REPAIR)
+
+
+def test_a_race_seen_while_gathering_evidence_is_noise() -> None:
+    assert judge_reread(VALUE_DIFF, reread(raced=True)) == Verdict(NOISE, TRANSIENT_RACE, REPAIR)
+
+
+def test_evictions_explain_only_their_own_direction() -> None:
+    gone_from_mc = reread(memcached_present=False)
+    assert judge_reread(
+        Difference(UNEXPECTED_IN_REDIS, "miss", "hit"),
+        reread(memcached_present=False, memcached_evicted=True),
+    ) == Verdict(NOISE, EVICTED, REPAIR)
+    assert (
+        judge_reread(Difference(UNEXPECTED_IN_REDIS, "miss", "hit"), gone_from_mc).outcome
+        == MISMATCH
+    )
+    # Redis evicting something does not explain Memcached losing a key.
+    assert (
+        judge_reread(
+            Difference(UNEXPECTED_IN_REDIS, "miss", "hit"),
+            reread(memcached_present=False, redis_evicted=True),
+        ).outcome
+        == MISMATCH
+    )
+    assert judge_reread(
+        Difference(MISSING_IN_REDIS, "hit", "miss"),
+        reread(redis_present=False, redis_evicted=True),
+    ) == Verdict(NOISE, EVICTED, REPAIR)
+
+
+def test_memcached_reading_past_a_blank_value_is_noise() -> None:
+    diff = Difference(ERROR, "STORED", "NON_NUMERIC")
+    assert judge_reread(diff, reread(redis_blank=True)) == Verdict(
+        NOISE, MEMCACHED_OVERREAD, REPAIR
+    )
+    assert judge_reread(diff, reread()).outcome == MISMATCH
+    assert blank(b"\x0c") and blank(b" \t\r\n\v") and blank(b"  ")
+    assert not blank(b"") and not blank(None) and not blank(b" 1") and not blank(b"x")
+
+
+def test_a_verdict_without_a_repair_keeps_the_key() -> None:
+    assert Verdict(NOISE, PADDING).action == KEEP
+
+
+# -- a repair's snapshot against the key's operations ----------------------------------------
+#
+# The snapshot was read between lo=10.0 and hi=10.1 (perf_counter). An operation is sent at
+# `sent`, answered at `replied`.
+
+
+@pytest.mark.parametrize(
+    ("sent", "replied", "where"),
+    [
+        (9.0, 9.5, SUBSUMED),  # answered before the snapshot: the copy holds it
+        (9.9, 9.99, SUBSUMED),
+        (9.9, 10.05, OVERLAPS),  # in flight while Memcached was read
+        (10.02, 10.05, OVERLAPS),
+        (10.05, 10.2, OVERLAPS),
+        (9.0, 11.0, OVERLAPS),
+        (10.1, 10.2, OVERLAPS),  # sent at the very end of the read: either order
+        (10.11, 10.2, AFTER),  # sent after the read came back: replay it
+        (12.0, 12.1, AFTER),
+    ],
+)
+def test_an_operation_is_placed_against_the_repair_s_snapshot(
+    sent: float, replied: float, where: int
+) -> None:
+    assert place(sent, replied, 10.0, 10.1) == where
+
+
+def test_without_a_repair_everything_is_after() -> None:
+    assert place(0.0, 0.0, -1e18, -1e18) == AFTER
