@@ -430,10 +430,16 @@ class RedisConnection:
         task, self._supervisor = self._supervisor, None
         if self._protocol is not None:
             self._protocol.abort(RedisUnavailable("connection closed by the client"))
-        if task is not None:
+        while task is not None and not task.done():
+            # On Python 3.11 a wait_for that completes as it is cancelled swallows the
+            # cancellation: the supervisor may come back with a live connection and wait on
+            # it. Abort whatever it holds and cancel again until it has ended.
+            if self._protocol is not None:
+                self._protocol.abort(RedisUnavailable("connection closed by the client"))
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait((task,), timeout=0.1)
+        if task is not None and not task.cancelled():
+            task.exception()  # retrieved: it ended by our cancellation either way
         self._protocol = None
         self._connected.clear()
 
@@ -452,6 +458,9 @@ class RedisConnection:
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, self.backoff_max)
                 continue
+            if self._closing:  # close() came while connecting
+                protocol.abort(RedisUnavailable("connection closed by the client"))
+                return
             delay = self.backoff_initial
             if self.connects:
                 self.reconnects += 1
