@@ -35,7 +35,7 @@ from proxy.redis.errors import (
     RedisUnavailable,
 )
 from proxy.redis.layout import REALTIME_MAXDELTA, Item, max_value_len
-from proxy.redis.store import DeleteStatus, DeltaResult, RedisStore, StoreResult, TouchStatus
+from proxy.redis.store import DeleteStatus, DeltaResult, StoreResult, TouchStatus
 from proxy.shadow.classify import (
     BACKFILL,
     MATCH,
@@ -66,6 +66,7 @@ from proxy.shadow.history import OpHistory, Step
 from proxy.shadow.keystate import CasMap, KeyState, KeyStates
 from proxy.shadow.mcreader import McItem, MemcachedReader, MemcachedUnavailable
 from proxy.shadow.stats import ShadowStats
+from proxy.shadow.target import ShadowTarget
 from proxy.shadow.translate import (
     DELETED,
     HIT,
@@ -138,7 +139,7 @@ class ShadowDispatcher:
     def __init__(
         self,
         *,
-        store: RedisStore,
+        store: ShadowTarget,
         reader: MemcachedReader,
         control: ShadowControl,
         sampled: Callable[[bytes], bool],
@@ -252,8 +253,14 @@ class ShadowDispatcher:
         """Wait until the queue is empty and no chain is running (tests, shutdown)."""
         while self._queue or self._chains:
             self._chain_done.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._chain_done.wait(), 0.05)
+            # asyncio.wait, not a nested wait_for: on Python 3.11 an inner wait_for that
+            # finishes as the caller's own wait_for times out swallows the cancellation, and
+            # this loop (and whoever bounded it) would never end.
+            waiter = asyncio.ensure_future(self._chain_done.wait())
+            try:
+                await asyncio.wait((waiter,), timeout=0.05)
+            finally:
+                waiter.cancel()
 
     # -- worker ---------------------------------------------------------------------------
 

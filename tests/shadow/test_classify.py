@@ -227,3 +227,11 @@ def test_an_operation_is_placed_against_the_repair_s_snapshot(
 
 def test_without_a_repair_everything_is_after() -> None:
     assert place(0.0, 0.0, -1e18, -1e18) == AFTER
+
+
+def test_the_redis_store_is_a_shadow_target() -> None:
+    from proxy.redis.store import RedisStore
+    from proxy.shadow.target import ShadowTarget
+
+    # mypy checks the signatures where the engine is built; this checks nothing is missing.
+    assert isinstance(RedisStore.from_url("redis://127.0.0.1:1/0", size=1), ShadowTarget)
