@@ -62,7 +62,7 @@ from proxy.shadow.compare import (
     state_equal,
 )
 from proxy.shadow.control import ShadowControl
-from proxy.shadow.history import OpHistory, Step
+from proxy.shadow.history import OpHistory
 from proxy.shadow.keystate import CasMap, KeyState, KeyStates
 from proxy.shadow.mcreader import McItem, MemcachedReader, MemcachedUnavailable
 from proxy.shadow.stats import ShadowStats
@@ -162,6 +162,7 @@ class ShadowDispatcher:
         # times it sends (tick); inline, everything observed so far is in the queue.
         self._ticked = ticked
         self._horizon = 0.0
+        self._verify_rate = self.settings.verify_writes
         self._verify_credit = 0.0  # verify_writes accumulated: a write is verified at 1
         self._queue: deque[tuple[Request, float, int, int]] = deque()
         self._seq = 0  # requests observed so far: a total order of replies
@@ -594,7 +595,7 @@ class ShadowDispatcher:
                     state.mark_synced(op.seq)
                 figures.duration.observe(now - started)
                 self.stats.lag.observe(now - op.replied_at)
-                if op.action != "read" and self._verify_due():
+                if self._verify_rate and op.action != "read" and self._verify_due():
                     self._spawn(op.key, self._verify_chain(op, state, expires_at))
                     return  # the verification goes on with the chain
         except Exception:  # a shadow bug: the key can no longer be trusted
@@ -611,10 +612,7 @@ class ShadowDispatcher:
 
     def _verify_due(self) -> bool:
         """shadow.verify_writes: is this replayed write followed by a verification?"""
-        rate = self.settings.verify_writes
-        if not rate:
-            return False
-        self._verify_credit += rate
+        self._verify_credit += self._verify_rate
         if self._verify_credit < 1.0:
             return False
         self._verify_credit -= 1.0
@@ -622,8 +620,7 @@ class ShadowDispatcher:
 
     def _history(self, op: ShadowOp, redis: str) -> None:
         self.history.add(
-            op.key,
-            Step(op.command, op.mc_status or "no reply", redis, op.replied_at, op.session),
+            op.key, (op.command, op.mc_status or "no reply", redis, op.replied_at, op.session)
         )
 
     def _failed(self, op: ShadowOp, state: KeyState, exc: RedisError, started: float) -> None:
@@ -670,7 +667,7 @@ class ShadowDispatcher:
             verdict = await self._classify(op, diff, state, answer, expires_at)
             stats.count_comparison(op.command, verdict.outcome, verdict.reason)
         self._finished(op, started)
-        if diff is None and op.action != "read" and self._verify_due():
+        if diff is None and self._verify_rate and op.action != "read" and self._verify_due():
             await self._verify(op, state, expires_at)
 
     def _finished(self, op: ShadowOp, started: float) -> None:
