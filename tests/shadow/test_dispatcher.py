@@ -351,57 +351,52 @@ async def test_a_classic_set_with_noreply_is_compared_but_does_not_warm_the_key(
     assert shadow.mismatches() == {}
 
 
-async def test_verify_writes_gives_noreply_writes_a_verdict(
-    mc_server: ServerProcess, redis_proc: ServerProcess
-) -> None:
+@pytest.fixture
+async def verifying(mc_server: ServerProcess, redis_proc: ServerProcess) -> AsyncIterator[Harness]:
+    """A harness with shadow.verify_writes: 1.0, on empty stores."""
     redis_call(redis_proc.port, "FLUSHALL")
     RawClient(mc_server.port).send(b"flush_all\r\n")
     harness = Harness(mc_server, redis_proc, verify_writes=1.0)
     await harness.start()
-    try:
-        harness.send(b"set k 0 0 1\r\na\r\n")
-        await harness.idle()
-        harness.send(b"append k 0 0 1 noreply\r\nb\r\n")
-        await harness.idle()
-        # The set's own verdict, then a verification after each write.
-        assert harness.outcomes() == {"match": 3}
-        assert harness.stats.comparisons[("verify", "match")] == 2
-        # A noreply append replayed on a Redis copy that had diverged: only its
-        # verification can tell.
-        redis_call(redis_proc.port, "SET", "k", pack_value(0, 1, b"X"))
-        harness.send(b"append k 0 0 1 noreply\r\nc\r\n")
-        await harness.idle()
-        assert harness.mismatches() == {"value": 1}
-        assert harness.stats.mismatches[("verify", "value")] == 1
-        stored = unpack_value(redis_call(redis_proc.port, "GET", "k"))  # type: ignore[arg-type]
-        assert stored.data == b"abc"  # repaired from Memcached
-    finally:
-        await harness.stop()
+    yield harness
+    await harness.stop()
 
 
-async def test_a_verification_with_a_write_behind_it_proves_nothing(
-    mc_server: ServerProcess, redis_proc: ServerProcess
-) -> None:
-    redis_call(redis_proc.port, "FLUSHALL")
-    RawClient(mc_server.port).send(b"flush_all\r\n")
-    harness = Harness(mc_server, redis_proc, verify_writes=1.0)
-    await harness.start()
-    try:
-        harness.send(b"set k 0 0 1\r\na\r\n")
-        # Memcached runs this append before the verification reads it, while Redis has not
-        # replayed it yet: the stores differ at the re-read, and that proves nothing. The
-        # repair's copy holds the append: it is not replayed on top of it.
-        harness.send(b"append k 0 0 1\r\nb\r\n")
-        await harness.idle()
-        assert harness.mismatches() == {}
-        assert harness.stats.noise[("verify", "unverified")] == 1
-        assert harness.stats.skipped["in_repair_copy"] == 1
-        stored = unpack_value(redis_call(redis_proc.port, "GET", "k"))  # type: ignore[arg-type]
-        assert stored.data == b"ab"
-        harness.send(b"append k 0 0 1\r\nc\r\n")
-        harness.send(b"get k\r\n")
-        await harness.idle()
-        assert harness.mismatches() == {}
-        assert harness.stats.comparisons[("verify", "match")] == 1
-    finally:
-        await harness.stop()
+async def test_verify_writes_gives_noreply_writes_a_verdict(verifying: Harness) -> None:
+    harness, redis_port = verifying, verifying.redis_port
+    harness.send(b"set k 0 0 1\r\na\r\n")
+    await harness.idle()
+    harness.send(b"append k 0 0 1 noreply\r\nb\r\n")
+    await harness.idle()
+    # The set's own verdict, then a verification after each write.
+    assert harness.outcomes() == {"match": 3}
+    assert harness.stats.comparisons[("verify", "match")] == 2
+    # A noreply append replayed on a Redis copy that had diverged: only its
+    # verification can tell.
+    redis_call(redis_port, "SET", "k", pack_value(0, 1, b"X"))
+    harness.send(b"append k 0 0 1 noreply\r\nc\r\n")
+    await harness.idle()
+    assert harness.mismatches() == {"value": 1}
+    assert harness.stats.mismatches[("verify", "value")] == 1
+    stored = unpack_value(redis_call(redis_port, "GET", "k"))  # type: ignore[arg-type]
+    assert stored.data == b"abc"  # repaired from Memcached
+
+
+async def test_a_verification_with_a_write_behind_it_proves_nothing(verifying: Harness) -> None:
+    harness, redis_port = verifying, verifying.redis_port
+    harness.send(b"set k 0 0 1\r\na\r\n")
+    # Memcached runs this append before the verification reads it, while Redis has not
+    # replayed it yet: the stores differ at the re-read, and that proves nothing. The
+    # repair's copy holds the append: it is not replayed on top of it.
+    harness.send(b"append k 0 0 1\r\nb\r\n")
+    await harness.idle()
+    assert harness.mismatches() == {}
+    assert harness.stats.noise[("verify", "unverified")] == 1
+    assert harness.stats.skipped["in_repair_copy"] == 1
+    stored = unpack_value(redis_call(redis_port, "GET", "k"))  # type: ignore[arg-type]
+    assert stored.data == b"ab"
+    harness.send(b"append k 0 0 1\r\nc\r\n")
+    harness.send(b"get k\r\n")
+    await harness.idle()
+    assert harness.mismatches() == {}
+    assert harness.stats.comparisons[("verify", "match")] == 1
