@@ -8,9 +8,12 @@ chain per key, at most `max_inflight` chains at once), so Redis sees a key's wri
 Memcached's order. An operation normally costs no task and no future: its Redis command
 carries a completion callback that records the verdict and starts the key's next operation.
 
-A difference is classified before it is reported (REFERENCE 4.10): races between connections,
-cold keys, expiry boundaries and evictions are noise; the rest is a mismatch. Every
-difference ends with Redis repaired from Memcached, so one divergence is reported once.
+A difference is classified (classify.py) before it is reported: races between connections,
+cold keys, expiry boundaries, evictions and evidence that cannot be ordered with the key's
+operations are noise; a mismatch is reported only when an ordered re-read proves Redis
+diverged. Every difference ends with Redis repaired from Memcached, fenced so that the
+operations the copy already holds are not replayed on top of it: one divergence is reported
+once, and nothing is applied twice.
 """
 
 from __future__ import annotations
