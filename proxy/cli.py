@@ -6,8 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
-import json
 import logging
 import os
 import signal
@@ -18,10 +16,11 @@ from typing import Any
 
 from proxy import __version__
 from proxy.admin import AdminServer
-from proxy.config import Config, HostPort, LogConfig, apply_overrides, load_config
+from proxy.config import Config, HostPort, apply_overrides, load_config
 from proxy.errors import ConfigError
 from proxy.health import UpstreamHealth
 from proxy.metrics import ProxyMetrics
+from proxy.runtime import configure_logging
 
 log = logging.getLogger("memshadow")
 
@@ -93,26 +92,6 @@ def run(config: Config, load: Callable[[], Config] | None = None) -> int:
     the configuration for hot reloads."""
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(serve(config, load))
-
-
-GC_THRESHOLDS = (50_000, 20, 100)
-"""Cyclic garbage collector thresholds for the shadow worker process (CPython's are 700,
-10, 10).
-
-The shadow keeps many medium-lived objects (queued requests, per-key chains and states);
-with the default thresholds they are promoted quickly and make full collections frequent.
-Measured (bench/shadow_figures.py, rate 1.0, worker process, 8 s): default thresholds, the
-worker kept up with 48% of the shadowed requests (97,379 dropped); with these, 98.5%
-(2,965 dropped). Nothing on the hot paths makes reference cycles, so collecting them later
-costs little memory. Not for the proxy process: there the same settings cost the client
-path about 20% of its throughput (bench/run.py, memshadow vs the bare relay: 0.83x with
-them, 1.05x without, same run)."""
-
-
-def tune_gc() -> None:
-    """Apply GC_THRESHOLDS and exempt everything alive now (imports, engine) from collection."""
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -243,30 +222,3 @@ def _describe_shadow(config: Config) -> str:
     return "shadow off"
 
 
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line: ts (UTC, ISO 8601), level, logger, msg, and exc if any."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
-
-
-def configure_logging(config: LogConfig) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if config.format == "json":
-        handler.setFormatter(JsonLogFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(config.level.upper())

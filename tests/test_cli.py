@@ -21,7 +21,8 @@ import pytest
 from pymemcache.client.base import Client
 
 from proxy import __version__
-from proxy.cli import JsonLogFormatter, main
+from proxy.cli import main
+from proxy.runtime import JsonLogFormatter
 from tests.support import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,9 +18,12 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from proxy.admin import Handler, Request, Response
+
+if TYPE_CHECKING:
+    from proxy.config import Config
 
 log = logging.getLogger("memshadow.mismatch")
 
@@ -115,6 +118,12 @@ class MismatchExamples:
         self._window_lines = 0
         self._suppressed = 0  # in the current window, not yet summarised
         self.suppressed_total = 0
+
+    @classmethod
+    def for_config(cls, config: Config) -> MismatchExamples:
+        """The examples shadow.examples_per_kind and shadow.reveal_examples ask for."""
+        shadow = config.shadow
+        return cls(per_kind=shadow.examples_per_kind, reveal=shadow.reveal_examples)
 
     # -- recording ---------------------------------------------------------------------------
 

@@ -35,10 +35,10 @@ from proxy.memcache.request import Request
 from proxy.redis.client import RedisPool
 from proxy.shadow.control import ControlChange, ShadowControl
 from proxy.shadow.dispatcher import state_keys
+from proxy.shadow.examples import MismatchExamples
 from proxy.shadow.metrics import install_shadow_metrics
 from proxy.shadow.sampler import KeySampler
-from proxy.shadow.service import client_requests, examples_for
-from proxy.shadow.stats import ShadowStats
+from proxy.shadow.stats import ShadowStats, client_requests
 from proxy.shadow.wire import (
     FrameDecoder,
     RequestTuple,
@@ -122,7 +122,7 @@ class ShadowProcess:
         self.control = control or ShadowControl(shadow.sample_rate)
         self.stats = ShadowStats()
         self.stats.client_requests_fn = client_requests(metrics)
-        self.examples = examples_for(config)
+        self.examples = MismatchExamples.for_config(config)
         self.sampler = KeySampler(self.control)
         # One connection of the proxy's own for the operators' Redis INFO.
         self._info = RedisPool(shadow.redis.to_url(), 1, timeout=shadow.redis_timeout)

@@ -19,8 +19,9 @@ from proxy.shadow.dispatcher import DispatcherSettings, ExampleSink, ShadowDispa
 from proxy.shadow.examples import MismatchExamples
 from proxy.shadow.mcreader import MemcachedReader, MemcachedUnavailable
 from proxy.shadow.metrics import install_shadow_metrics
+from proxy.shadow.process import ShadowProcess
 from proxy.shadow.sampler import KeySampler
-from proxy.shadow.stats import ShadowStats
+from proxy.shadow.stats import ShadowStats, client_requests
 
 if TYPE_CHECKING:
     from proxy.config import Config
@@ -122,16 +123,6 @@ class ShadowService(Protocol):
     def redis_execute(self) -> Callable[..., Awaitable[Any]]: ...
 
 
-def client_requests(metrics: ProxyMetrics) -> Callable[[], int]:
-    requests = metrics.requests
-    return lambda: sum(requests.count(command) for command, _, _ in requests.snapshot())
-
-
-def examples_for(config: Config) -> MismatchExamples:
-    shadow = config.shadow
-    return MismatchExamples(per_kind=shadow.examples_per_kind, reveal=shadow.reveal_examples)
-
-
 class Shadow:
     """The shadow on the proxy's own event loop (shadow.worker: inline)."""
 
@@ -142,7 +133,7 @@ class Shadow:
         self.control = control or ShadowControl(config.shadow.sample_rate)
         self.stats = ShadowStats()
         self.stats.client_requests_fn = client_requests(metrics)
-        self.examples = examples_for(config)
+        self.examples = MismatchExamples.for_config(config)
         self.engine = ShadowEngine(config, self.stats, self.control, self._record_example)
         self.sampler = self.engine.sampler
         self.store = self.engine.store
@@ -186,7 +177,5 @@ class Shadow:
 def build_shadow(config: Config, metrics: ProxyMetrics) -> ShadowService:
     """The shadow the config asks for: in a worker process (default) or inline."""
     if config.shadow.worker == "process":
-        from proxy.shadow.process import ShadowProcess
-
         return ShadowProcess(config, metrics)
     return Shadow(config, metrics)

@@ -10,9 +10,14 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from proxy.metrics import DURATION_BUCKETS
+
+if TYPE_CHECKING:
+    from proxy.metrics import ProxyMetrics
 
 
 class LatencyHistogram:
@@ -203,3 +208,9 @@ class ShadowStats:
         if hist is None:
             hist = table[command] = LatencyHistogram()
         return hist
+
+
+def client_requests(metrics: ProxyMetrics) -> Callable[[], int]:
+    """Client requests the proxy has served so far (ShadowStats.client_requests_fn)."""
+    requests = metrics.requests
+    return lambda: sum(requests.count(command) for command, _, _ in requests.snapshot())

@@ -113,7 +113,7 @@ class WorkerSession(asyncio.Protocol):
             log.warning("shadow worker: unknown message %r", kind)
 
     def _start(self, config_blob: bytes, rate: float, enabled: bool, nice: int) -> None:
-        from proxy.cli import configure_logging, tune_gc
+        from proxy.runtime import configure_logging, tune_gc
         from proxy.shadow.service import ShadowEngine
 
         try:
