@@ -10,8 +10,8 @@ import math
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar, cast
-from urllib.parse import quote, unquote, urlsplit
+from typing import Any, Final, Literal, TypeVar, cast
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import yaml
 from yaml.constructor import SafeConstructor
@@ -121,6 +121,7 @@ class HostPort:
 class RedisURL:
     """Where the shadow copy lives: ``redis[s]://[[USER]:PASSWORD@]HOST[:PORT][/DB]``.
 
+    The one Redis URL type: the config parses it, the Redis client connects with it.
     str() hides the password so the value can be logged; to_url() gives it back in full.
     """
 
@@ -130,10 +131,16 @@ class RedisURL:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     tls: bool = False
+    timeout: float | None = None  # seconds per command (?timeout=); None: the client's own
+    tls_verify: bool = True  # rediss: check the server's certificate (?ssl_cert_reqs=none)
 
     @classmethod
-    def parse(cls, text: str) -> RedisURL:
-        """Parse a Redis URL; raise InvalidValue (a ValueError) naming what is wrong."""
+    def parse(cls, text: str, *, options: bool = False) -> RedisURL:
+        """Parse a Redis URL; raise InvalidValue (a ValueError) naming what is wrong.
+
+        options: accept the query parameters `timeout`, `ssl_cert_reqs` and `db` (URLs given
+        to the Redis client in code); the YAML has its own keys for these and refuses them.
+        """
         text = text.strip()
         if "://" not in text:
             raise InvalidValue(f"expected a URL like redis://HOST:PORT/DB, got {_redact(text)!r}")
@@ -146,7 +153,8 @@ class RedisURL:
             raise InvalidValue(
                 f"scheme must be redis:// or rediss://, got {parts.scheme + '://'!r}"
             )
-        if parts.query:
+        query = _url_options(parts.query) if options else {}
+        if parts.query and not options:
             raise InvalidValue(f"query parameters are not supported, got '?{parts.query}'")
         if parts.fragment:
             raise InvalidValue(f"fragments are not supported, got '#{parts.fragment}'")
@@ -160,7 +168,7 @@ class RedisURL:
             port = _check_port(port_text.rpartition(":")[2], allow_zero=False)
         path = parts.path
         if path in ("", "/"):
-            db = 0
+            db = _url_db(query.get("db", "0"))
         elif re.fullmatch(r"/[0-9]{1,9}", path):
             db = int(path[1:])
         else:
@@ -171,7 +179,11 @@ class RedisURL:
         password = unquote(parts.password) if parts.password is not None else None
         if username is not None and password is None:
             raise InvalidValue("a user name needs a password: redis://USER:PASSWORD@HOST")
-        return cls(host, port, db, username, password or None, scheme == "rediss")
+        timeout = _url_timeout(query["timeout"]) if "timeout" in query else None
+        verify = query.get("ssl_cert_reqs", "required").lower() != "none"
+        return cls(
+            host, port, db, username, password or None, scheme == "rediss", timeout, verify
+        )
 
     def to_url(self, *, redact: bool = False) -> str:
         scheme = "rediss" if self.tls else "redis"
@@ -179,10 +191,46 @@ class RedisURL:
         if self.password is not None:
             secret = "***" if redact else quote(self.password, safe="")
             auth = f"{quote(self.username or '', safe='')}:{secret}@"
-        return f"{scheme}://{auth}{_format_host(self.host)}:{self.port}/{self.db}"
+        url = f"{scheme}://{auth}{_format_host(self.host)}:{self.port}/{self.db}"
+        options = []
+        if self.timeout is not None:
+            options.append(f"timeout={self.timeout:g}")
+        if not self.tls_verify:
+            options.append("ssl_cert_reqs=none")
+        return url + ("?" + "&".join(options) if options else "")
 
     def __str__(self) -> str:
         return self.to_url(redact=True)
+
+
+_URL_OPTIONS: Final = ("timeout", "ssl_cert_reqs", "db")
+
+
+def _url_options(query: str) -> dict[str, str]:
+    options: dict[str, str] = {}
+    for name, values in parse_qs(query, keep_blank_values=True).items():
+        if name not in _URL_OPTIONS:
+            raise InvalidValue(
+                f"unknown Redis URL option {name!r} (known: {', '.join(_URL_OPTIONS)})"
+            )
+        options[name] = values[-1]
+    return options
+
+
+def _url_db(text: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,9}", text):
+        raise InvalidValue(f"database must be a number, got {text!r}")
+    return int(text)
+
+
+def _url_timeout(text: str) -> float:
+    try:
+        timeout = float(text)
+    except ValueError:
+        raise InvalidValue(f"bad timeout {text!r} in Redis URL") from None
+    if not timeout > 0 or math.isinf(timeout):
+        raise InvalidValue("timeout in Redis URL must be a positive number of seconds")
+    return timeout
 
 
 def _redact(url: str) -> str:

@@ -19,12 +19,11 @@ import ssl
 import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeAlias, cast
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
 
+from proxy.config import RedisURL
 from proxy.redis.errors import (
     RedisBusy,
     RedisError,
@@ -46,77 +45,16 @@ ReplyCallback: TypeAlias = Callable[[Reply, RedisError | None], None]
 """Completion of one command sent with send_callback: called exactly once, with (reply, None)
 or (None, the RedisError), never from inside the send call itself."""
 
-DEFAULT_PORT = 6379
-
 _MISSING_FUNCTION_PREFIXES = ("ERR Function not found", "NOSCRIPT")
 
 
 # URLs ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class RedisURL:
-    """Where and how to connect: ``redis[s]://[user:pass@]host[:port][/db][?timeout=s]``."""
-
-    host: str = "localhost"
-    port: int = DEFAULT_PORT
-    db: int = 0
-    username: str | None = None
-    password: str | None = None
-    tls: bool = False
-    timeout: float | None = None
-    tls_verify: bool = True
-
-    def __str__(self) -> str:
-        """The URL without its password, for logs and errors."""
-        scheme = "rediss" if self.tls else "redis"
-        user = f"{self.username or ''}:***@" if self.password is not None else ""
-        return f"{scheme}://{user}{self.host}:{self.port}/{self.db}"
-
-
 def parse_url(url: str) -> RedisURL:
-    """Parse a redis:// or rediss:// URL; ValueError when it is not one.
-
-    Query options: ``timeout`` (seconds per command) and, for rediss, ``ssl_cert_reqs=none``
-    to skip certificate verification.
-    """
-    parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss"):
-        raise ValueError(
-            f"unsupported Redis URL scheme {parts.scheme!r} (want redis:// or rediss://)"
-        )
-    try:
-        port = parts.port or DEFAULT_PORT
-    except ValueError as exc:
-        raise ValueError(f"bad port in Redis URL: {exc}") from None
-    path = parts.path.strip("/")
-    query = parse_qs(parts.query)
-    db_text = path or query.get("db", ["0"])[0]
-    try:
-        db = int(db_text)
-    except ValueError:
-        raise ValueError(f"bad database number {db_text!r} in Redis URL") from None
-    if db < 0:
-        raise ValueError(f"bad database number {db} in Redis URL")
-    timeout: float | None = None
-    if "timeout" in query:
-        try:
-            timeout = float(query["timeout"][0])
-        except ValueError:
-            raise ValueError(f"bad timeout {query['timeout'][0]!r} in Redis URL") from None
-        if timeout <= 0:
-            raise ValueError("timeout in Redis URL must be positive")
-    verify = query.get("ssl_cert_reqs", ["required"])[0].lower() != "none"
-    return RedisURL(
-        host=parts.hostname or "localhost",
-        port=port,
-        db=db,
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password is not None else None,
-        tls=parts.scheme == "rediss",
-        timeout=timeout,
-        tls_verify=verify,
-    )
+    """Parse a redis:// or rediss:// URL (config.RedisURL, the one URL type, with its query
+    options ``timeout`` and ``ssl_cert_reqs=none``); ValueError when it is not one."""
+    return RedisURL.parse(url, options=True)
 
 
 # encoding -----------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from enum import StrEnum
 from importlib import resources
 from typing import Any, TypeAlias, TypeVar
 
-from proxy.redis.client import Arg, RedisConnection, RedisPool, RedisURL, Reply, ReplyCallback
+from proxy.config import RedisURL
+from proxy.redis.client import Arg, RedisConnection, RedisPool, Reply, ReplyCallback
 from proxy.redis.errors import RedisError, RedisProtocolError
 from proxy.redis.layout import (
     DEFAULT_ITEM_SIZE_MAX,

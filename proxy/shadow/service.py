@@ -49,7 +49,7 @@ class ShadowEngine:
         self.control = control
         self.sampler = KeySampler(control)
         self.store = RedisStore.from_url(
-            shadow.redis.to_url(),
+            shadow.redis,
             size=shadow.redis_connections,
             timeout=shadow.redis_timeout,
             max_inflight=max(64, shadow.max_inflight * 2),

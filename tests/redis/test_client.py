@@ -13,11 +13,11 @@ from pathlib import Path
 import hiredis
 import pytest
 
+from proxy.config import RedisURL
 from proxy.redis import client as client_module
 from proxy.redis.client import (
     RedisConnection,
     RedisPool,
-    RedisURL,
     encode_command,
     parse_url,
     resp_encode,
@@ -59,6 +59,7 @@ def test_parse_url_everything() -> None:
         "cache.example", 6380, 5, username="al@ice", password="p:ss", tls=True, timeout=0.25
     )
     assert "p:ss" not in str(url) and "***" in str(url)
+    assert parse_url(url.to_url()) == url  # one URL type: what the config writes, the client reads
 
 
 def test_parse_url_password_only_and_options() -> None:
@@ -69,7 +70,14 @@ def test_parse_url_password_only_and_options() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    ["http://h", "redis://h/x", "redis://h:notaport", "redis://h?timeout=-1", "redis://h/-1"],
+    [
+        "http://h",
+        "redis://h/x",
+        "redis://h:notaport",
+        "redis://h?timeout=-1",
+        "redis://h/-1",
+        "redis://h?tiemout=1",  # an unknown option is named, not ignored
+    ],
 )
 def test_parse_url_rejects(bad: str) -> None:
     with pytest.raises(ValueError):
