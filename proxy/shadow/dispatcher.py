@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final
 
-from proxy.memcache.arguments import meta_key
 from proxy.memcache.request import Request
 from proxy.redis.errors import (
     RedisBusy,
@@ -81,6 +80,7 @@ from proxy.shadow.translate import (
     McValue,
     ShadowOp,
     Skip,
+    state_keys,
     translate,
 )
 
@@ -599,7 +599,7 @@ class ShadowDispatcher:
                 figures.duration.observe(now - started)
                 self.stats.lag.observe(now - op.replied_at)
                 if self._verify_rate and op.action != "read" and self._verify_due():
-                    self._spawn(op.key, self._verify_chain(op, state, expires_at))
+                    self._spawn(op.key, self._verify_chain(op, state))
                     return  # the verification goes on with the chain
         except Exception:  # a shadow bug: the key can no longer be trusted
             self._internal_error(op, state)
@@ -671,7 +671,7 @@ class ShadowDispatcher:
             stats.count_comparison(op.command, verdict.outcome, verdict.reason)
         self._finished(op, started)
         if diff is None and self._verify_rate and op.action != "read" and self._verify_due():
-            await self._verify(op, state, expires_at)
+            await self._verify(op, state)
 
     def _finished(self, op: ShadowOp, started: float) -> None:
         """An operation has its verdict: how long it took, and the lag since its reply."""
@@ -867,15 +867,15 @@ class ShadowDispatcher:
         await self._act(op, op.command, state, verdict, diff, snapshot, expires_at, answers)
         return verdict
 
-    async def _verify_chain(self, op: ShadowOp, state: KeyState, expires_at: float | None) -> None:
+    async def _verify_chain(self, op: ShadowOp, state: KeyState) -> None:
         try:
-            await self._verify(op, state, expires_at)
+            await self._verify(op, state)
         except BaseException:
             self._end_chain(op.key)
             raise
         self._advance(op.key)
 
-    async def _verify(self, op: ShadowOp, state: KeyState, expires_at: float | None) -> None:
+    async def _verify(self, op: ShadowOp, state: KeyState) -> None:
         """shadow.verify_writes: read both stores after a replayed write (its chain held) and
         compare them; the verdict is counted under the command "verify"."""
         try:
@@ -1010,6 +1010,11 @@ class ShadowDispatcher:
             if snapshot is None:
                 snapshot = await self._reread(key)
             mc = snapshot.mc
+            # The remaining TTL as an absolute time, counted from the snapshot (0: none).
+            exptime = 0
+            if mc is not None and mc.ttl >= 0:
+                wall = time.time() - (time.perf_counter() - snapshot.lo)
+                exptime = int(wall) + max(mc.ttl, 1)
             action = "none needed"
             if state_equal(_mc_value(mc), snapshot.redis):
                 pass  # Redis holds the snapshot already: only the fence is needed
@@ -1018,16 +1023,10 @@ class ShadowDispatcher:
                 self.stats.redis_commands += 1
                 action = "deleted in redis"
             else:
-                # The remaining TTL, as an absolute time: counted from the snapshot.
-                wall = time.time() - (time.perf_counter() - snapshot.lo)
-                exptime = 0 if mc.ttl < 0 else int(wall) + max(mc.ttl, 1)
                 await self.store.store("set", key, mc.flags, exptime, mc.data)
                 self.stats.redis_commands += 1
                 action = "copied to redis"
-            if mc is None or mc.ttl < 0:
-                state.expires_at = None
-            else:
-                self._note_expiry(state, int(time.time()) + max(mc.ttl, 1))
+            self._note_expiry(state, exptime)  # 0 (absent, or no TTL): never expires
             state.fence_lo = snapshot.lo
             state.fence_hi = snapshot.hi
             state.mark_synced(seq)
@@ -1089,14 +1088,6 @@ class ShadowDispatcher:
                 self._redis_evictions = evicted
 
 
-def state_keys(request: Request) -> list[bytes]:
-    """The keys a request's shadow state is filed under (meta `b` keys decoded)."""
-    if request.command in ("mg", "ms", "md", "ma"):
-        key = meta_key(request.words)
-        return [key] if key else []
-    return request.keys
-
-
 def _unmapped(op: ShadowOp) -> Difference | None:
     """The verdict of an op whose cas token has no Redis mapping: Memcached's outcome was
     followed, nothing was compared (noise; none when Memcached's outcome is unknown)."""
@@ -1142,16 +1133,8 @@ def _describe_mc_answer(op: ShadowOp) -> dict[str, Any]:
     """What Memcached answered the operation (values and numbers as bytes: hashed unless
     revealed)."""
     if op.action == "read":
-        value = op.mc_value
-        if op.mc_status != HIT or value is None:
-            return {"present": False}
-        shown: dict[str, Any] = {"present": True}
-        if value.flags is not None:
-            shown["flags"] = value.flags
-        if value.data is not None:
-            shown["value"] = value.data
-        return shown
-    shown = {"status": op.mc_status or "no reply"}
+        return _describe_mc(op.mc_value if op.mc_status == HIT else None)
+    shown: dict[str, Any] = {"status": op.mc_status or "no reply"}
     if op.mc_number is not None:
         shown["number"] = str(op.mc_number).encode()
     return shown
@@ -1171,9 +1154,15 @@ def _describe_redis_answer(op: ShadowOp, answer: object) -> dict[str, Any]:
 
 
 def _describe_mc(mc: McValue | None) -> dict[str, Any]:
+    """An item Memcached returned; a meta get without f or v leaves that field out."""
     if mc is None:
         return {"present": False}
-    return {"present": True, "flags": mc.flags, "value": mc.data}
+    shown: dict[str, Any] = {"present": True}
+    if mc.flags is not None:
+        shown["flags"] = mc.flags
+    if mc.data is not None:
+        shown["value"] = mc.data
+    return shown
 
 
 def _describe_redis(item: Item | None) -> dict[str, Any]:
@@ -1199,4 +1188,4 @@ def _error_kind(exc: BaseException) -> str:
     return "redis_other"
 
 
-__all__ = ["DispatcherSettings", "ShadowDispatcher", "state_keys"]
+__all__ = ["DispatcherSettings", "ShadowDispatcher"]

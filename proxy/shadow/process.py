@@ -34,11 +34,11 @@ from typing import TYPE_CHECKING, Any, Final, cast
 from proxy.memcache.request import Request
 from proxy.redis.client import RedisPool
 from proxy.shadow.control import ControlChange, ShadowControl
-from proxy.shadow.dispatcher import state_keys
 from proxy.shadow.examples import MismatchExamples
 from proxy.shadow.metrics import install_shadow_metrics
 from proxy.shadow.sampler import KeySampler
 from proxy.shadow.stats import ShadowStats, client_requests
+from proxy.shadow.translate import state_keys
 from proxy.shadow.wire import (
     FrameDecoder,
     RequestTuple,

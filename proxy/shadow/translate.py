@@ -94,14 +94,19 @@ Translation = list[ShadowOp] | Skip
 _META = frozenset(("mg", "ms", "md", "ma"))
 
 
+def state_keys(request: Request) -> list[bytes]:
+    """The keys a request's shadow state is filed under (meta `b` keys decoded)."""
+    if request.command in _META:
+        key = meta_key(request.words)
+        return [key] if key else []
+    return request.keys
+
+
 def translate(request: Request, sampled: Callable[[bytes], bool]) -> Translation:
     """Turn one completed request (with its captured reply) into shadow operations."""
     reply = request.response
     if reply is None:
-        if request.command in _META:
-            key = meta_key(request.words)
-            return Skip("reply_not_captured", (key,) if key else ())
-        return Skip("reply_not_captured", tuple(request.keys))
+        return Skip("reply_not_captured", tuple(state_keys(request)))
     if request.command == "get" and len(request.words) == 2:
         ops = _plain_get(request.words[1], reply, sampled)
         if ops is not None:

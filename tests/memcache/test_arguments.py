@@ -509,7 +509,7 @@ def test_unshadowable_input_is_what_memcached_refuses(memcached: ServerProcess) 
 def test_one_meta_key_decoder_for_the_sampler_the_shadow_state_and_the_parser() -> None:
     from proxy.memcache.arguments import meta_key, parse_meta_request
     from proxy.memcache.request import RequestFramer
-    from proxy.shadow.dispatcher import state_keys
+    from proxy.shadow.translate import state_keys
 
     # memcached reads a flag token's first character only: "b1" is the b flag.
     for line, key in [
