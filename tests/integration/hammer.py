@@ -14,6 +14,7 @@ import random
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pymemcache.client.base import Client
@@ -53,10 +54,25 @@ def _value(rng: random.Random) -> bytes:
     return rng.randbytes(size)
 
 
+Mix = Callable[[Client, random.Random, str, list[str]], None]
+"""One operation of a connection: (client, its random source, the key chosen, every key it
+may use)."""
+
+
+def full_mix(client: Client, rng: random.Random, key: str, keys: list[str]) -> None:
+    """A command of the whole mix (COMMANDS) on `key`."""
+    _one(client, rng, rng.choice(COMMANDS), key, keys)
+
+
 @dataclass
 class HammerResult:
-    operations: int = 0
+    # Appended to by every connection's thread (list.append is atomic; `+=` is not).
+    counts: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+
+    @property
+    def operations(self) -> int:
+        return sum(self.counts)
 
 
 def hammer_connection(
@@ -67,8 +83,9 @@ def hammer_connection(
     seed: int,
     result: HammerResult,
     stop: threading.Event | None = None,
+    mix: Mix = full_mix,
 ) -> None:
-    """One client connection running the mix for `seconds` (or until `stop` is set)."""
+    """One client connection running `mix` for `seconds` (or until `stop` is set)."""
     rng = random.Random(seed)
     client = Client(("127.0.0.1", port), default_noreply=False, timeout=15)
     keys = own + shared
@@ -76,15 +93,16 @@ def hammer_connection(
     done = 0
     try:
         while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
-            # Three in four operations on the connection's own keys.
-            key = rng.choice(own) if (rng.random() < 0.75 or not shared) else rng.choice(shared)
-            _one(client, rng, rng.choice(COMMANDS), key, keys)
+            # Three in four operations on the connection's own keys (when it has some).
+            mine = own and (not shared or rng.random() < 0.75)
+            key = rng.choice(own) if mine else rng.choice(shared)
+            mix(client, rng, key, keys)
             done += 1
     except Exception as exc:  # any client-visible error fails the test
         result.errors.append(f"{type(exc).__name__}: {exc}")
     finally:
         client.close()
-        result.operations += done
+        result.counts.append(done)
 
 
 def _one(client: Client, rng: random.Random, command: str, key: str, keys: list[str]) -> None:
@@ -160,7 +178,7 @@ def _mg(client: Client, key: bytes) -> None:
 
 class Hammer:
     """`connections` client threads, each with `own_keys` keys of its own and the `shared`
-    keys in common, for `seconds` (or until stop())."""
+    keys in common, running `mix` for `seconds` (or until stop())."""
 
     def __init__(
         self,
@@ -170,6 +188,7 @@ class Hammer:
         own_keys: int = 20,
         shared: list[str] | None = None,
         prefix: str = "h",
+        mix: Mix = full_mix,
     ) -> None:
         self.result = HammerResult()
         self._stop = threading.Event()
@@ -182,7 +201,7 @@ class Hammer:
             self.threads.append(
                 threading.Thread(
                     target=hammer_connection,
-                    args=(port, own, shared, seconds, i, self.result, self._stop),
+                    args=(port, own, shared, seconds, i, self.result, self._stop, mix),
                     daemon=True,
                 )
             )

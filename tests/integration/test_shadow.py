@@ -24,6 +24,7 @@ from pymemcache.client.base import Client
 from pymemcache.exceptions import MemcacheClientError
 
 from proxy.redis.layout import pack_value, unpack_value
+from tests.integration.hammer import Hammer
 from tests.integration.test_differential import _request
 from tests.support import (
     ProxyThread,
@@ -198,75 +199,48 @@ COMMANDS = [
 ]
 
 
-class Hammers:
-    """`n` client threads running _hammer on `keys` for `seconds`, started at once."""
+class Hammers(Hammer):
+    """`n` client threads running the small mix (COMMANDS, short numeric values, no TTLs) on
+    the shared `keys` for `seconds`, started at once."""
 
     def __init__(self, port: int, keys: list[str], seconds: float, n: int) -> None:
-        self.errors: list[str] = []
-        self.counts: list[int] = []
-        self.threads = [
-            threading.Thread(
-                target=lambda i=i: self.counts.append(
-                    _hammer(port, keys, seconds, i, self.errors)
-                )
-            )
-            for i in range(n)
-        ]
-        for thread in self.threads:
-            thread.start()
-
-    def join(self, timeout: float = 60) -> None:
-        for thread in self.threads:
-            thread.join(timeout)
+        super().__init__(port, n, seconds, own_keys=0, shared=keys, mix=_small_mix)
+        self.errors = self.result.errors
 
 
-def _hammer(port: int, keys: list[str], seconds: float, seed: int, errors: list[str]) -> int:
-    rng = random.Random(seed)
-    client = Client(("127.0.0.1", port), default_noreply=False, timeout=10)
-    done = 0
-    deadline = time.monotonic() + seconds
-    try:
-        while time.monotonic() < deadline:
-            key = rng.choice(keys)
-            command = rng.choice(COMMANDS)
-            value = str(rng.randrange(1000)).encode()
-            if command == "set":
-                client.set(key, value, flags=rng.choice([0, 1, 5]))
-            elif command == "get":
-                client.get(key)
-            elif command == "add":
-                client.add(key, value)
-            elif command == "replace":
-                client.replace(key, value)
-            elif command == "append":
-                client.append(key, b"7")
-            elif command == "prepend":
-                client.prepend(key, b"1")
-            elif command in ("incr", "decr"):
-                # memcached's own CLIENT_ERROR answers a non-numeric value
-                with contextlib.suppress(MemcacheClientError):
-                    getattr(client, command)(key, rng.randrange(100))
-
-            elif command == "delete":
-                client.delete(key)
-            elif command == "touch":
-                client.touch(key, rng.choice([0, 100]))
-            elif command == "gets_cas":
-                _, cas = client.gets(key)
-                if cas is not None:
-                    client.cas(key, value, cas)
-            elif command == "get_many":
-                client.get_many(rng.sample(keys, 3))
-            elif command == "mg":
-                client.raw_command(b"mg %s v f" % key.encode(), b"\r\n")
-            elif command == "ms":
-                client.raw_command(b"ms %s 3 T0 F2\r\nabc" % key.encode(), b"\r\n")
-            done += 1
-    except Exception as exc:  # any client-visible error fails the test
-        errors.append(f"{type(exc).__name__}: {exc}")
-    finally:
-        client.close()
-    return done
+def _small_mix(client: Client, rng: random.Random, key: str, keys: list[str]) -> None:
+    command = rng.choice(COMMANDS)
+    value = str(rng.randrange(1000)).encode()
+    if command == "set":
+        client.set(key, value, flags=rng.choice([0, 1, 5]))
+    elif command == "get":
+        client.get(key)
+    elif command == "add":
+        client.add(key, value)
+    elif command == "replace":
+        client.replace(key, value)
+    elif command == "append":
+        client.append(key, b"7")
+    elif command == "prepend":
+        client.prepend(key, b"1")
+    elif command in ("incr", "decr"):
+        # memcached's own CLIENT_ERROR answers a non-numeric value
+        with contextlib.suppress(MemcacheClientError):
+            getattr(client, command)(key, rng.randrange(100))
+    elif command == "delete":
+        client.delete(key)
+    elif command == "touch":
+        client.touch(key, rng.choice([0, 100]))
+    elif command == "gets_cas":
+        _, cas = client.gets(key)
+        if cas is not None:
+            client.cas(key, value, cas)
+    elif command == "get_many":
+        client.get_many(rng.sample(keys, 3))
+    elif command == "mg":
+        client.raw_command(b"mg %s v f" % key.encode(), b"\r\n")
+    elif command == "ms":
+        client.raw_command(b"ms %s 3 T0 F2\r\nabc" % key.encode(), b"\r\n")
 
 
 def test_concurrent_hot_keys_give_no_false_alarm(
@@ -275,12 +249,12 @@ def test_concurrent_hot_keys_give_no_false_alarm(
     keys = [f"hot{i}" for i in range(6)] + [f"warm{i}" for i in range(40)]
     hammers = Hammers(shadowed.port, keys, 4.0, 32)
     hammers.join()
-    errors, counts = hammers.errors, hammers.counts
+    errors = hammers.errors
     assert errors == []
     shadowed.settle(60)
     outcomes = totals(shadowed)
     print(
-        f"\nconcurrency: {sum(counts)} client ops, outcomes {outcomes}, "
+        f"\nconcurrency: {hammers.result.operations} client ops, outcomes {outcomes}, "
         f"noise {noise_reasons(shadowed)}, dropped {dict(shadowed.shadow.stats.dropped)}, "
         f"repairs {shadowed.shadow.stats.repairs}"
     )
