@@ -1,12 +1,8 @@
-"""Dispatcher: replays sampled requests on Redis off the client path and records verdicts.
+"""Dispatcher: the shadow engine wired together, and the verdict on every replayed request.
 
-The client path calls `capture` (sample or not) and `observe` (the completed requests of a
-reply chunk, in Memcached's reply order). `observe` only appends to a bounded queue and never
-waits: when the queue is full the work is dropped and counted. A worker task takes the queue
-in batches, translates the requests and runs each key's operations strictly in order (one
-chain per key, at most `max_inflight` chains at once), so Redis sees a key's writes in
-Memcached's order. An operation normally costs no task and no future: its Redis command
-carries a completion callback that records the verdict and starts the key's next operation.
+The scheduler (scheduler.py) queues what the client path observed and runs each key's
+operations in Memcached's reply order; the executor (executor.py) replays them on the target
+(target.py) and says what Redis's answer means. The dispatcher decides the verdict.
 
 A difference is classified (classify.py) before it is reported: races between connections,
 cold keys, expiry boundaries, evictions and evidence that cannot be ordered with the key's
@@ -22,13 +18,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Final
 
-from proxy.memcache.request import Request
 from proxy.redis.errors import (
     RedisBusy,
     RedisError,
@@ -36,8 +29,8 @@ from proxy.redis.errors import (
     RedisTimeout,
     RedisUnavailable,
 )
-from proxy.redis.layout import REALTIME_MAXDELTA, Item, max_value_len
-from proxy.redis.store import DeleteStatus, DeltaResult, StoreResult, TouchStatus
+from proxy.redis.layout import Item
+from proxy.redis.store import DeltaResult, StoreResult
 from proxy.shadow.classify import (
     BACKFILL,
     MATCH,
@@ -54,35 +47,16 @@ from proxy.shadow.classify import (
     judge_reread,
     place,
 )
-from proxy.shadow.compare import (
-    CAS_UNMAPPED,
-    PADDING,
-    Difference,
-    compare_outcome,
-    compare_read,
-    compare_values,
-    state_equal,
-)
+from proxy.shadow.compare import PADDING, Difference, compare_values, state_equal
 from proxy.shadow.control import ShadowControl
+from proxy.shadow.executor import DONE, Executor
 from proxy.shadow.history import OpHistory
 from proxy.shadow.keystate import CasMap, KeyState, KeyStates
 from proxy.shadow.mcreader import McItem, MemcachedReader, MemcachedUnavailable
+from proxy.shadow.scheduler import Scheduler
 from proxy.shadow.stats import ShadowStats
 from proxy.shadow.target import ShadowTarget
-from proxy.shadow.translate import (
-    DELETED,
-    HIT,
-    MISS,
-    NOT_FOUND,
-    STORED,
-    TOO_LARGE,
-    TOUCHED,
-    McValue,
-    ShadowOp,
-    Skip,
-    state_keys,
-    translate,
-)
+from proxy.shadow.translate import HIT, MISS, McValue, ShadowOp
 
 log = logging.getLogger("memshadow.shadow")
 
@@ -92,11 +66,6 @@ VERIFY: Final = "verify"
 # (kind, command, key, memcached's answer, redis's answer, detail, story: the re-read, the
 # action taken and the key's last operations)
 ExampleSink = Callable[[str, str, bytes, dict[str, Any], dict[str, Any], str, dict[str, Any]], None]
-
-# What _send did with an operation.
-_SENT: Final = 1  # its command is on its way; the callback goes on with the chain
-_DONE: Final = 2  # it ended at once (not sent, counted; or fenced): the chain goes on
-_ASYNC: Final = 3  # it needs other Redis work first: a task runs it
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +106,7 @@ class DispatcherSettings:
 
 
 class ShadowDispatcher:
-    """Owns the shadow's queue, its per-key chains and the verdict logic."""
+    """The shadow engine: a scheduler feeds the executor, and the verdicts are decided here."""
 
     def __init__(
         self,
@@ -151,227 +120,133 @@ class ShadowDispatcher:
         examples: ExampleSink | None = None,
         ticked: bool = False,
     ) -> None:
-        self.store = store
         self.reader = reader
         self.control = control
-        self.sampled = sampled
         self.stats = stats
-        self.settings = settings or DispatcherSettings()
+        self.settings = settings = settings or DispatcherSettings()
         self.examples = examples
-        self.keys = KeyStates(self.settings.key_state_size, self.settings.race_window)
-        self.casmap = CasMap(self.settings.cas_map_size)
+        self.keys = KeyStates(settings.key_state_size, settings.race_window)
+        self.casmap = CasMap(settings.cas_map_size)
         self.history = OpHistory()
-        # Worker mode (ticked): what the proxy process has handed over is known from the
-        # times it sends (tick); inline, everything observed so far is in the queue.
-        self._ticked = ticked
-        self._horizon = 0.0
-        self._verify_rate = self.settings.verify_writes
+        self.executor = Executor(store, self.casmap, stats, self._completed)
+        self.scheduler = Scheduler(
+            runner=self,
+            keys=self.keys,
+            sampled=sampled,
+            stats=stats,
+            queue_size=settings.queue_size,
+            max_inflight=settings.max_inflight,
+            batch_window=settings.batch_window,
+            batch_size=settings.batch_size,
+            ticked=ticked,
+        )
+        # The hand-off, called by the client path (inline) or the worker's reader: the
+        # scheduler's own methods, not a wrapper (one call less per reply chunk).
+        self.observe = self.scheduler.observe
+        self.forget = self.scheduler.forget
+        self.forget_all = self.scheduler.new_epoch
+        self.tick = self.scheduler.tick
+        self._verify_rate = settings.verify_writes
         self._verify_credit = 0.0  # verify_writes accumulated: a write is verified at 1
-        self._queue: deque[tuple[Request, float, int, int]] = deque()
-        self._seq = 0  # requests observed so far: a total order of replies
-        self._wakeup = asyncio.Event()
-        # Per key with an operation in flight: the key's operations waiting for their turn.
-        self._chains: dict[bytes, deque[ShadowOp]] = {}
-        self._chain_done = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._worker: asyncio.Task[None] | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._mc_evicted_at = 0.0
         self._redis_evicted_at = 0.0
         self._mc_evictions: int | None = None
         self._redis_evictions: int | None = None
-        self._stopping = False
-        self._closed = False  # stopped: chains still in flight end without going on
 
-    # -- client path hand-off (synchronous, never waits) ----------------------------------
-
-    def observe(
-        self, requests: list[Request], session: int, replied_at: float | None = None
-    ) -> None:
-        """Queue the captured requests of one reply chunk; replied_at (perf_counter time,
-        now by default) is when their replies came back."""
-        now = time.perf_counter() if replied_at is None else replied_at
-        queue = self._queue
-        shadowed = self.stats.shadowed
-        limit = self.settings.queue_size
-        for request in requests:
-            if not request.capture:
-                continue
-            shadowed[request.command] += 1  # dropped ones included: drops/requests <= 1
-            self._seq = seq = self._seq + 1
-            if len(queue) >= limit or self._stopping:
-                self._drop("queue_full", state_keys(request), seq)
-                continue
-            queue.append((request, now, session, seq))
-        self.stats.queue_depth = len(queue)
-        if queue:
-            self._wakeup.set()
-
-    def forget(self, keys: list[bytes]) -> None:
-        """Changes of these keys were dropped before they reached this dispatcher (the worker
-        hand-off): they are no longer known to be in step, whatever came before."""
-        self._seq += 1
-        for key in keys:
-            state = self.keys.peek(key)
-            if state is not None:
-                state.mark_lost(self._seq)
-
-    def forget_all(self) -> None:
-        """Too many changes were dropped before this dispatcher to list: every key is cold."""
-        self._new_epoch()
-
-    def _new_epoch(self) -> None:
-        self._seq += 1
-        self.keys.new_epoch(self._seq)
-
-    def _drop(self, reason: str, keys: list[bytes] | tuple[bytes, ...], seq: int) -> None:
-        self.stats.dropped[reason] += 1
-        for key in keys:
-            state = self.keys.peek(key)
-            if state is not None:
-                state.mark_lost(seq)  # Redis missed a change: no longer known to be in step
+    @property
+    def store(self) -> ShadowTarget:
+        return self.executor.target
 
     # -- life cycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
+        self.scheduler.start()
         loop = asyncio.get_running_loop()
-        self._worker = loop.create_task(self._run(), name="shadow-dispatcher")
         self._monitor = loop.create_task(self._watch_evictions(), name="shadow-evictions")
 
     async def stop(self, timeout: float = 2.0) -> None:
         """Stop taking work; give in-flight chains `timeout` seconds, then cancel."""
-        self._stopping = True
-        self._wakeup.set()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.idle(), timeout)
-        self._closed = True
-        for task in (self._worker, self._monitor, *self._tasks):
-            if task is not None:
-                task.cancel()
-        for task in (self._worker, self._monitor, *self._tasks):
-            if task is not None:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        await self.scheduler.stop(timeout)
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._monitor
 
     async def idle(self) -> None:
         """Wait until the queue is empty and no chain is running (tests, shutdown)."""
-        while self._queue or self._chains:
-            self._chain_done.clear()
-            # asyncio.wait, not a nested wait_for: on Python 3.11 an inner wait_for that
-            # finishes as the caller's own wait_for times out swallows the cancellation, and
-            # this loop (and whoever bounded it) would never end.
-            waiter = asyncio.ensure_future(self._chain_done.wait())
-            try:
-                await asyncio.wait((waiter,), timeout=0.05)
-            finally:
-                waiter.cancel()
+        await self.scheduler.idle()
 
-    # -- worker ---------------------------------------------------------------------------
-
-    async def _run(self) -> None:
-        queue = self._queue
-        settings = self.settings
-        while True:
-            await self._wakeup.wait()
-            if settings.batch_window > 0 and len(queue) < settings.batch_size:
-                await asyncio.sleep(settings.batch_window)
-            self._wakeup.clear()
-            while queue:
-                if len(self._chains) >= self.settings.max_inflight:
-                    self.stats.queue_depth = len(queue)
-                    while len(self._chains) >= self.settings.max_inflight:
-                        self._chain_done.clear()
-                        await self._chain_done.wait()
-                request, replied_at, session, seq = queue.popleft()
-                try:
-                    self._dispatch(request, replied_at, session, seq)
-                except Exception:  # a shadow bug must never reach the client path
-                    log.exception("shadow: cannot handle %r", request)
-                    self.stats.errors["internal"] += 1
-            self.stats.queue_depth = 0
-            if self._stopping and not queue:
-                return
-
-    def _dispatch(self, request: Request, replied_at: float, session: int, seq: int) -> None:
-        sent_at = request.started
-        if sent_at:
-            self.stats.for_command(request.command).memcached_latency.observe(replied_at - sent_at)
-        plan = translate(request, self.sampled)
-        if isinstance(plan, Skip):
-            self.stats.skipped[plan.reason] += 1
-            for key in plan.keys:
-                self.keys.get(key).mark_lost(seq)
-            return
-        now = time.perf_counter()
-        replied_wall = time.time() - (now - replied_at)
-        sent = sent_at or replied_at
-        chains = self._chains
-        for op in plan:
-            op.seq = seq
-            op.session = session
-            op.sent_at = sent
-            op.replied_at = replied_at
-            op.replied_wall = replied_wall
-            if op.action == "flush":
-                self._flush(op)
-                continue
-            _anchor_expiry(op, replied_wall)
-            # Contention is judged in reply-arrival order, before any of the key's queued
-            # operations run, so an operation that raced with a later one is known to.
-            key = op.key
-            state = self.keys.touch(key, session, sent, replied_at, now)
-            chain = chains.get(key)
-            if chain is not None:
-                chain.append(op)
-                continue
-            chain = chains[key] = deque()
-            self._start(key, chain, op, state, now)
-
-    # -- a key's chain: one operation in flight at a time, in reply order -----------------
+    # -- running a key's operation (the scheduler's ChainRunner) ---------------------------
     #
-    # The common operation runs with no task and no future: its Redis command goes out with a
-    # completion callback (_send), which records the verdict when Redis agrees and starts the
-    # key's next operation (_advance). A task takes over only for what must wait: a
-    # difference to classify (_judge), an operation that needs other Redis work first (_slow)
-    # and the settling of a raced key (_settle_chain). Each hands the chain back to _advance.
     # Everything that acts on evidence (a re-read, a repair, a settle) runs while it holds
-    # the chain, so it is ordered with the key's operations; a repair leaves a fence that
-    # keeps the operations its copy already holds from being replayed again.
-    # Measured (bench load: 90/10 get/set, 16 connections, rate 1, inline, 2-core VM: proxy
-    # CPU per request at rate 1 minus rate 0): the shadow's cost went from 27.4 to 19.4 us
-    # (with the plain-get translation shortcut and the per-command figures).
+    # the key's chain, so it is ordered with the key's operations; a repair leaves a fence
+    # that keeps the operations its copy already holds from being replayed again.
 
-    def _start(
-        self,
-        key: bytes,
-        chain: deque[ShadowOp],
-        op: ShadowOp,
-        state: KeyState,
-        started: float,
-    ) -> None:
-        """Run `op`, the key's next operation (nothing else of the key is in flight), and
-        the ones after it for as long as they end at once (fenced, Redis down or busy)."""
-        while True:
-            state.replayed_seq = op.seq
-            if op.sent_at <= state.fence_hi:
-                sent = self._fenced(op, state)
+    def run(self, op: ShadowOp, state: KeyState, started: float) -> int:
+        state.replayed_seq = op.seq
+        if op.sent_at <= state.fence_hi:
+            return self._fenced(op, state)
+        try:
+            return self.executor.send(op, state, started)
+        except RedisError as exc:  # not sent: Redis down or busy
+            self._failed(op, state, exc, started)
+        except Exception:  # a shadow bug: the key can no longer be trusted
+            self._internal_error(op, state)
+        return DONE
+
+    async def run_slow(self, op: ShadowOp) -> None:
+        state = self.keys.get(op.key)
+        started = time.perf_counter()
+        expires_at = state.expires_at  # before Redis's answer moves it
+        try:
+            diff, full_state, answer = await self.executor.replay(op, state)
+        except RedisError as exc:
+            self._failed(op, state, exc, started)
+            return
+        stats = self.stats
+        figures = stats.for_command(op.command)
+        figures.redis_latency.observe(time.perf_counter() - started)
+        self._history(op, _outcome(answer))
+        if diff is None:
+            if op.mc_status is not None:
+                stats.comparisons[figures.match] += 1
+            if full_state:
+                state.mark_synced(op.seq)
+        else:
+            verdict = await self._classify(op, diff, state, answer, expires_at)
+            stats.count_comparison(op.command, verdict.outcome, verdict.reason)
+        self._finished(op, started)
+        if diff is None and self._verify_rate and op.action != "read" and self._verify_due():
+            await self._verify(op, state)
+
+    def flush(self, op: ShadowOp) -> None:
+        delay = op.exptime or 0
+        loop = asyncio.get_running_loop()
+        replay = self.settings.replay_flush_all
+        if replay:
+            if delay:
+                loop.call_later(delay, self._spawn_flush)
             else:
-                try:
-                    sent = self._send(op, state, started)
-                except Exception:  # a shadow bug: the key can no longer be trusted
-                    self._internal_error(op, state)
-                    sent = _DONE
-            if sent is _SENT:
-                return
-            if sent is _ASYNC:
-                self._spawn(key, self._slow(key, op))
-                return
-            if not chain:
-                self._chain_idle(key)
-                return
-            op = chain.popleft()
-            state = self.keys.get(key)
-            started = time.perf_counter()
+                self._spawn_flush()
+        elif delay:
+            loop.call_later(delay, self.scheduler.new_epoch)
+        if not delay:
+            self.keys.new_epoch(op.seq)
+        self.casmap.clear()
+        if not replay:
+            self.stats.skipped["flush_all_not_replayed"] += 1
+
+    def _spawn_flush(self) -> None:
+        async def flush() -> None:
+            try:
+                await self.store.flush()
+                self.stats.redis_commands += 1
+            except RedisError as exc:
+                self.stats.errors[_error_kind(exc)] += 1
+            self.scheduler.new_epoch()
+
+        self.scheduler.spawn(flush())
 
     def _fenced(self, op: ShadowOp, state: KeyState) -> int:
         """An operation the proxy sent before the key's last repair read Memcached: the copy
@@ -379,58 +254,51 @@ class ShadowDispatcher:
         if place(op.sent_at, op.replied_at, state.fence_lo, state.fence_hi) == SUBSUMED:
             self.stats.skipped["in_repair_copy"] += 1
             self._history(op, "in repair copy")
-            return _DONE
+            return DONE
         self.stats.skipped["repair_overlap"] += 1
         self._history(op, "overlaps repair")
         if op.action != "read":
             state.mark_lost(op.seq)
-        return _DONE
+        return DONE
 
-    def _advance(self, key: bytes) -> None:
-        """The key's operation in flight is finished: start the next one, or settle the key,
-        or end the chain."""
-        chain = self._chains.get(key)
-        if chain is None:
-            return
-        if self._closed:
-            self._end_chain(key)
-        elif chain:
-            op = chain.popleft()
-            self._start(key, chain, op, self.keys.get(key), time.perf_counter())
-        else:
-            self._chain_idle(key)
-
-    def _chain_idle(self, key: bytes) -> None:
-        """Nothing of the key waits: settle it if writers raced on it, else end its chain."""
-        state = self.keys.peek(key)
-        if state is None or not state.contended_until or self._stopping:
-            self._end_chain(key)
-        else:
-            # Racing writers are done for now: make Redis equal Memcached. Operations that
-            # arrive meanwhile join the chain and run after it.
-            self._spawn(key, self._settle_chain(key, state))
-
-    def _end_chain(self, key: bytes) -> None:
-        self._chains.pop(key, None)
-        self._chain_done.set()
-
-    def _spawn(self, key: bytes, coro: Coroutine[Any, Any, None]) -> None:
-        """Run the rest of the key's chain in a task (it ends or hands the chain back)."""
-        if self._closed:
-            coro.close()
-            self._end_chain(key)
-            return
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _slow(self, key: bytes, op: ShadowOp) -> None:
+    def _completed(
+        self,
+        op: ShadowOp,
+        state: KeyState,
+        started: float,
+        answer: object,
+        diff: Difference | None,
+        full: bool,
+        expires_at: float | None,
+        error: Exception | None,
+    ) -> None:
+        """The executor's fast path finished an operation: record its verdict, go on."""
         try:
-            await self._one(op)
-        except BaseException:
-            self._end_chain(key)
-            raise
-        self._advance(key)
+            if isinstance(error, RedisError):
+                self._failed(op, state, error, started)
+            elif error is not None:
+                raise error
+            else:
+                now = time.perf_counter()
+                figures = self.stats.for_command(op.command)
+                figures.redis_latency.observe(now - started)
+                self._history(op, _outcome(answer))
+                if diff is not None:
+                    judge = self._judge(op, diff, state, started, answer, expires_at)
+                    self.scheduler.hold(op.key, judge)
+                    return  # the chain goes on once the difference is classified
+                if op.mc_status is not None:
+                    self.stats.comparisons[figures.match] += 1
+                if full:
+                    state.mark_synced(op.seq)
+                figures.duration.observe(now - started)
+                self.stats.lag.observe(now - op.replied_at)
+                if self._verify_rate and op.action != "read" and self._verify_due():
+                    self.scheduler.hold(op.key, self._verify(op, state))
+                    return  # the chain goes on after the verification
+        except Exception:  # a shadow bug: the key can no longer be trusted
+            self._internal_error(op, state)
+        self.scheduler.advance(op.key)
 
     async def _judge(
         self,
@@ -441,177 +309,9 @@ class ShadowDispatcher:
         answer: object,
         expires_at: float | None,
     ) -> None:
-        try:
-            verdict = await self._classify(op, diff, state, answer, expires_at)
-            self.stats.count_comparison(op.command, verdict.outcome, verdict.reason)
-            self._finished(op, started)
-        except BaseException:
-            self._end_chain(op.key)
-            raise
-        self._advance(op.key)
-
-    async def _settle_chain(self, key: bytes, state: KeyState) -> None:
-        try:
-            await self._settle(key, state)
-        except BaseException:
-            self._end_chain(key)
-            raise
-        chain = self._chains.get(key)
-        if chain:
-            self._advance(key)
-        else:
-            self._end_chain(key)  # settled once; operations to come start a new chain
-
-    def _flush(self, op: ShadowOp) -> None:
-        delay = op.exptime or 0
-        loop = asyncio.get_running_loop()
-        if self.settings.replay_flush_all:
-            if delay:
-                loop.call_later(delay, self._spawn_flush)
-            else:
-                self._spawn_flush()
-        elif delay:
-            loop.call_later(delay, self._new_epoch)
-        if not delay:
-            self.keys.new_epoch(op.seq)
-        self.casmap.clear()
-        if not self.settings.replay_flush_all:
-            self.stats.skipped["flush_all_not_replayed"] += 1
-
-    def _spawn_flush(self) -> None:
-        async def flush() -> None:
-            try:
-                await self.store.flush()
-                self.stats.redis_commands += 1
-            except RedisError as exc:
-                self.stats.errors[_error_kind(exc)] += 1
-            self._new_epoch()
-
-        task = asyncio.get_running_loop().create_task(flush())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    # -- one operation, fast path: a callback per Redis command ---------------------------
-
-    def _send(self, op: ShadowOp, state: KeyState, started: float) -> int:
-        """Send op's Redis command with a completion callback: _SENT, _DONE (it could not
-        be sent, which is counted) or _ASYNC (it needs other Redis work first: the slow path)."""
-        action = op.action
-        store = self.store
-        stats = self.stats
-        try:
-            if action == "read":
-                done = partial(self._completed, op, state, started, self._read_result)
-                stats.redis_commands += 1
-                if op.exptime is None:
-                    store.get_callback(done, op.key)
-                else:
-                    store.gat_callback(done, op.exptime, op.key)
-            elif action == "store":
-                if op.mc_status == TOO_LARGE and not op.data and op.data_len:
-                    return _ASYNC
-                if op.mc_status is None and op.mode == "set" and not op.meta:
-                    self._infer_stored(op)
-                cas = op.cas
-                if op.mode == "cas" or (cas and op.mode in ("append", "prepend")):
-                    cas = self.casmap.get(op.key, cas or 0)
-                    if cas is None:
-                        return _ASYNC
-                done = partial(self._completed, op, state, started, self._store_result)
-                stats.redis_commands += 1
-                store.store_callback(
-                    done,
-                    op.mode,
-                    op.key,
-                    op.flags,
-                    op.exptime or 0,
-                    op.data,
-                    cas,
-                    too_large_deletes=op.too_large_deletes,
-                )
-            elif action == "delta":
-                cas = op.cas
-                if cas is not None:
-                    cas = self.casmap.get(op.key, cas)
-                    if cas is None:
-                        return _ASYNC
-                done = partial(self._completed, op, state, started, self._delta_result)
-                stats.redis_commands += 1
-                store.delta_callback(
-                    done,
-                    op.key,
-                    op.mode,
-                    op.delta,
-                    cas=cas,
-                    create=op.create,
-                    initial=op.initial,
-                    ttl=op.exptime,
-                )
-            elif action == "touch":
-                done = partial(self._completed, op, state, started, self._touch_result)
-                stats.redis_commands += 1
-                store.touch_callback(done, op.key, op.exptime or 0)
-            elif action == "delete":
-                cas = op.cas
-                if cas is not None:
-                    cas = self.casmap.get(op.key, cas)
-                    if cas is None:
-                        return _ASYNC
-                done = partial(self._completed, op, state, started, self._delete_result)
-                stats.redis_commands += 1
-                store.delete_callback(done, op.key, cas)
-            else:
-                return _ASYNC  # the slow path reports it
-        except RedisError as exc:  # not sent: Redis down or busy
-            self._failed(op, state, exc, started)
-            return _DONE
-        return _SENT
-
-    def _completed(
-        self,
-        op: ShadowOp,
-        state: KeyState,
-        started: float,
-        interpret: Callable[[ShadowOp, KeyState, Any], tuple[Difference | None, bool]],
-        result: object,
-        error: RedisError | None,
-    ) -> None:
-        """The reply (or the failure) of an operation sent by _send."""
-        try:
-            if error is not None:
-                self._failed(op, state, error, started)
-            else:
-                # Evidence for a difference: the expiry known before Redis's answer moved it.
-                expires_at = state.expires_at
-                diff, full = interpret(op, state, result)
-                now = time.perf_counter()
-                figures = self.stats.for_command(op.command)
-                figures.redis_latency.observe(now - started)
-                self._history(op, _outcome(result))
-                if diff is not None:
-                    judge = self._judge(op, diff, state, started, result, expires_at)
-                    self._spawn(op.key, judge)
-                    return  # _judge goes on with the chain once it has classified it
-                if op.mc_status is not None:
-                    self.stats.comparisons[figures.match] += 1
-                if full:
-                    state.mark_synced(op.seq)
-                figures.duration.observe(now - started)
-                self.stats.lag.observe(now - op.replied_at)
-                if self._verify_rate and op.action != "read" and self._verify_due():
-                    self._spawn(op.key, self._verify_chain(op, state))
-                    return  # the verification goes on with the chain
-        except Exception:  # a shadow bug: the key can no longer be trusted
-            self._internal_error(op, state)
-        self._advance(op.key)
-
-    def _infer_stored(self, op: ShadowOp) -> None:
-        """A classic set with noreply that memcached took without an error (the sentinel
-        came back alone) and whose value fits an item: memcached stored it."""
-        limit = max_value_len(self.store.item_size_max, len(op.key), op.flags)
-        if len(op.data) <= limit:
-            op.mc_status = STORED
-            op.inferred = True
+        verdict = await self._classify(op, diff, state, answer, expires_at)
+        self.stats.count_comparison(op.command, verdict.outcome, verdict.reason)
+        self._finished(op, started)
 
     def _verify_due(self) -> bool:
         """shadow.verify_writes: is this replayed write followed by a verification?"""
@@ -637,7 +337,7 @@ class ShadowDispatcher:
             reason = {RedisUnavailable: "redis_down", RedisTimeout: "timeout"}.get(
                 type(exc), "redis_busy"
             )
-            self._drop(reason, (op.key,), op.seq)
+            self.scheduler.drop(reason, (op.key,), op.seq)
         else:  # an error reply, or one this client cannot decode
             state.mark_lost(op.seq)
 
@@ -646,196 +346,11 @@ class ShadowDispatcher:
         self.stats.errors["internal"] += 1
         state.mark_lost(op.seq)
 
-    # -- one operation, slow path: a task ---------------------------------------------------
-
-    async def _one(self, op: ShadowOp) -> None:
-        state = self.keys.get(op.key)
-        started = time.perf_counter()
-        expires_at = state.expires_at  # before Redis's answer moves it
-        try:
-            diff, full_state, answer = await self._replay(op, state)
-        except RedisError as exc:
-            self._failed(op, state, exc, started)
-            return
-        stats = self.stats
-        figures = stats.for_command(op.command)
-        figures.redis_latency.observe(time.perf_counter() - started)
-        self._history(op, _outcome(answer))
-        if diff is None:
-            if op.mc_status is not None:
-                stats.comparisons[figures.match] += 1
-            if full_state:
-                state.mark_synced(op.seq)
-        else:
-            verdict = await self._classify(op, diff, state, answer, expires_at)
-            stats.count_comparison(op.command, verdict.outcome, verdict.reason)
-        self._finished(op, started)
-        if diff is None and self._verify_rate and op.action != "read" and self._verify_due():
-            await self._verify(op, state)
-
     def _finished(self, op: ShadowOp, started: float) -> None:
         """An operation has its verdict: how long it took, and the lag since its reply."""
         now = time.perf_counter()
         self.stats.for_command(op.command).duration.observe(now - started)
         self.stats.lag.observe(now - op.replied_at)
-
-    async def _replay(
-        self, op: ShadowOp, state: KeyState
-    ) -> tuple[Difference | None, bool, object]:
-        """Apply op on Redis: (difference, whether both stores' state is now fully known,
-        Redis's answer)."""
-        store = self.store
-        self.stats.redis_commands += 1
-        if op.action == "read":
-            if op.exptime is None:
-                item = await store.get(op.key)
-            else:
-                item = await store.gat(op.exptime, op.key)
-            return (*self._read_result(op, state, item), item)
-        if op.action == "store":
-            return await self._store(op, state)
-        if op.action == "delta":
-            return await self._delta(op, state)
-        if op.action == "touch":
-            status = await store.touch(op.key, op.exptime or 0)
-            return (*self._touch_result(op, state, status), status)
-        if op.action == "delete":
-            return await self._delete(op, state)
-        raise ValueError(f"unknown shadow action {op.action!r}")
-
-    async def _store(self, op: ShadowOp, state: KeyState) -> tuple[Difference | None, bool, object]:
-        store = self.store
-        if op.mc_status == TOO_LARGE and not op.data and op.data_len:
-            # Not buffered (over the value limit): memcached refused it; set / ms delete.
-            if op.mode == "set" or op.too_large_deletes:
-                await store.delete(op.key)
-                return None, True, TOO_LARGE
-            return None, False, TOO_LARGE
-        cas = op.cas
-        if op.mode == "cas" or (cas and op.mode in ("append", "prepend")):
-            mapped = self.casmap.get(op.key, cas or 0)
-            if mapped is None:
-                # No mapping: follow memcached's outcome, never guess (REFERENCE 4.6).
-                if op.mc_status == STORED:
-                    mode = "set" if op.mode == "cas" else op.mode
-                    await store.store(mode, op.key, op.flags, op.exptime or 0, op.data)
-                    self._note_expiry(state, op.exptime or 0)
-                if op.mc_status is None:
-                    state.mark_lost(op.seq)  # noreply: memcached's outcome is unknown
-                return _unmapped(op), False, CAS_UNMAPPED
-            cas = mapped
-        result = await store.store(
-            op.mode,
-            op.key,
-            op.flags,
-            op.exptime or 0,
-            op.data,
-            cas,
-            too_large_deletes=op.too_large_deletes,
-        )
-        return (*self._store_result(op, state, result), result)
-
-    async def _delta(self, op: ShadowOp, state: KeyState) -> tuple[Difference | None, bool, object]:
-        cas = op.cas
-        if cas is not None:
-            mapped = self.casmap.get(op.key, cas)
-            if mapped is None:
-                state.mark_lost(op.seq)  # the outcome cannot be predicted
-                return _unmapped(op), False, CAS_UNMAPPED
-            cas = mapped
-        result = await self.store.delta(
-            op.key,
-            op.mode,
-            op.delta,
-            cas=cas,
-            create=op.create,
-            initial=op.initial,
-            ttl=op.exptime,
-        )
-        return (*self._delta_result(op, state, result), result)
-
-    async def _delete(
-        self, op: ShadowOp, state: KeyState
-    ) -> tuple[Difference | None, bool, object]:
-        cas = op.cas
-        if cas is not None:
-            mapped = self.casmap.get(op.key, cas)
-            if mapped is None:
-                if op.mc_status == DELETED:
-                    await self.store.delete(op.key)
-                if op.mc_status is None:
-                    state.mark_lost(op.seq)  # noreply: outcome unknown
-                return _unmapped(op), False, CAS_UNMAPPED
-            cas = mapped
-        status = await self.store.delete(op.key, cas)
-        return (*self._delete_result(op, state, status), status)
-
-    # -- what a reply means: shared by both paths -----------------------------------------
-
-    def _read_result(
-        self, op: ShadowOp, state: KeyState, item: Item | None
-    ) -> tuple[Difference | None, bool]:
-        if op.exptime is not None:
-            self._note_expiry(state, op.exptime)
-        value = op.mc_value
-        if op.want_cas and item is not None and value is not None and value.cas is not None:
-            self.casmap.put(op.key, value.cas, item.cas)
-        # A meta get defines the key only when it returned both the value and the flags.
-        full = op.exptime is None and (
-            not op.meta
-            or op.mc_status == MISS
-            or (value is not None and value.data is not None and value.flags is not None)
-        )
-        return compare_read(op, item), full
-
-    def _store_result(
-        self, op: ShadowOp, state: KeyState, result: StoreResult
-    ) -> tuple[Difference | None, bool]:
-        status = result.status
-        if status == STORED and op.mode not in ("append", "prepend"):
-            self._note_expiry(state, op.exptime or 0)
-        # Only outcomes that define the key in both stores make it known to be in step: a
-        # value stored whole, or the key absent from both. add's NOT_STORED and cas's EXISTS
-        # only say the key exists, with whatever value each store has.
-        defined = (status == STORED and op.mode in ("set", "add", "replace", "cas")) or (
-            (op.mode, status) in (("replace", "NOT_STORED"), ("cas", "NOT_FOUND"))
-        )
-        defined = defined and status == op.mc_status and not op.inferred
-        return compare_outcome(op, status, None), defined
-
-    def _delta_result(
-        self, op: ShadowOp, state: KeyState, result: DeltaResult
-    ) -> tuple[Difference | None, bool]:
-        status = result.status
-        if status == "CREATED" and op.create is not None:
-            self._note_expiry(state, op.create)
-        if op.exptime is not None and status in ("OK", "CREATED"):
-            self._note_expiry(state, op.exptime)
-        return compare_outcome(op, status, result.value), False
-
-    def _touch_result(
-        self, op: ShadowOp, state: KeyState, status: TouchStatus
-    ) -> tuple[Difference | None, bool]:
-        if status == TOUCHED:
-            self._note_expiry(state, op.exptime or 0)
-        return compare_outcome(op, status, None), False
-
-    def _delete_result(
-        self, op: ShadowOp, state: KeyState, status: DeleteStatus
-    ) -> tuple[Difference | None, bool]:
-        full = op.mc_status in (DELETED, NOT_FOUND) and op.cas is None
-        return compare_outcome(op, status, None), full
-
-    def _note_expiry(self, state: KeyState, exptime: int) -> None:
-        now = time.time()
-        if exptime == 0:
-            state.expires_at = None
-        elif exptime < 0:
-            state.expires_at = now
-        elif exptime <= 2_592_000:
-            state.expires_at = now + exptime
-        else:
-            state.expires_at = float(exptime)
 
     # -- classifying a difference ---------------------------------------------------------
 
@@ -866,14 +381,6 @@ class ShadowDispatcher:
         answers = (_describe_mc_answer(op), _describe_redis_answer(op, answer))
         await self._act(op, op.command, state, verdict, diff, snapshot, expires_at, answers)
         return verdict
-
-    async def _verify_chain(self, op: ShadowOp, state: KeyState) -> None:
-        try:
-            await self._verify(op, state)
-        except BaseException:
-            self._end_chain(op.key)
-            raise
-        self._advance(op.key)
 
     async def _verify(self, op: ShadowOp, state: KeyState) -> None:
         """shadow.verify_writes: read both stores after a replayed write (its chain held) and
@@ -955,37 +462,12 @@ class ShadowDispatcher:
         self.stats.redis_commands += 1
         ordered = False
         if ordered_after is not None:
-            ordered = await self._caught_up(hi + self.settings.race_window) and not any(
-                op.action != "read" and op.sent_at <= hi for op in self._chains.get(key, ())
-            )
+            race_window = self.settings.race_window
+            caught_up = await self.scheduler.caught_up(hi + race_window, max(1.0, 4 * race_window))
+            ordered = caught_up and not self.scheduler.pending_write(key, hi)
         return _Snapshot(mc, redis, lo, hi, ordered)
 
-    async def _caught_up(self, until: float) -> bool:
-        """Wait until every operation answered before `until` has been dispatched to its
-        chain (a reply sent before the snapshot may still be on its way: a busy loop reads
-        sockets late, and the worker's pipe adds its own delay). False if that takes too
-        long: the evidence then cannot be ordered."""
-        give_up = time.perf_counter() + max(1.0, 4 * self.settings.race_window)
-        while self._dispatched_until() < until:
-            if self._closed or time.perf_counter() > give_up:
-                return False
-            await asyncio.sleep(min(0.02, max(0.001, until - time.perf_counter())))
-        return True
-
-    def _dispatched_until(self) -> float:
-        """Every operation Memcached answered before this perf_counter time is dispatched."""
-        queue = self._queue
-        if queue:
-            return queue[0][1]
-        return self._horizon if self._ticked else time.perf_counter()
-
-    def tick(self, now: float) -> None:
-        """The proxy process has handed over everything it observed before `now` (worker
-        mode: the observed replies reach this dispatcher through a pipe)."""
-        if now > self._horizon:
-            self._horizon = now
-
-    async def _settle(self, key: bytes, state: KeyState) -> None:
+    async def settle(self, key: bytes, state: KeyState) -> None:
         """After a burst of racing writers: make Redis equal Memcached for this key."""
         touches = state.touches
         seq = state.replayed_seq
@@ -1026,7 +508,7 @@ class ShadowDispatcher:
                 await self.store.store("set", key, mc.flags, exptime, mc.data)
                 self.stats.redis_commands += 1
                 action = "copied to redis"
-            self._note_expiry(state, exptime)  # 0 (absent, or no TTL): never expires
+            state.note_expiry(exptime)  # 0 (absent, or no TTL): never expires
             state.fence_lo = snapshot.lo
             state.fence_hi = snapshot.hi
             state.mark_synced(seq)
@@ -1086,30 +568,6 @@ class ShadowDispatcher:
                 if self._redis_evictions is not None and evicted > self._redis_evictions:
                     self._redis_evicted_at = time.monotonic()
                 self._redis_evictions = evicted
-
-
-def _unmapped(op: ShadowOp) -> Difference | None:
-    """The verdict of an op whose cas token has no Redis mapping: Memcached's outcome was
-    followed, nothing was compared (noise; none when Memcached's outcome is unknown)."""
-    if op.mc_status is None:
-        return None
-    return Difference(CAS_UNMAPPED, op.mc_status, "-")
-
-
-def _anchor_expiry(op: ShadowOp, replied_wall: float) -> None:
-    """Make relative exptimes count from Memcached's reply, not from the replay.
-
-    memcached turns a relative exptime into "now + exptime" when it runs the request; a
-    shadow replaying it later (queued, batched, a worker behind) must not add its lag to the
-    item's life, or a read between the two expiries would differ. The op gets the absolute
-    unix time memcached computed (exptimes over 30 days are absolute in its protocol too).
-    """
-    exptime = op.exptime
-    if exptime is not None and 0 < exptime <= REALTIME_MAXDELTA:
-        op.exptime = int(replied_wall) + exptime
-    create = op.create
-    if create is not None and 0 < create <= REALTIME_MAXDELTA:
-        op.create = int(replied_wall) + create
 
 
 def _mc_value(item: McItem | None) -> McValue | None:

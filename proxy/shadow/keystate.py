@@ -10,7 +10,10 @@ again (noise, not a false alarm).
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
+
+from proxy.redis.layout import REALTIME_MAXDELTA
 
 
 class KeyState:
@@ -61,6 +64,18 @@ class KeyState:
     def mark_lost(self, seq: int) -> None:
         if seq > self.lost:
             self.lost = seq
+
+    def note_expiry(self, exptime: int) -> None:
+        """Memcached applied `exptime` to the key now (its rule: 0 never, negative at
+        once, up to 30 days relative, beyond that a unix time)."""
+        if exptime == 0:
+            self.expires_at = None
+        elif exptime < 0:
+            self.expires_at = time.time()
+        elif exptime <= REALTIME_MAXDELTA:
+            self.expires_at = time.time() + exptime
+        else:
+            self.expires_at = float(exptime)
 
 
 class KeyStates:

@@ -220,7 +220,7 @@ class ShadowProcess:
 
     def _tick(self) -> None:
         """Tell the worker, every TICK_INTERVAL, that it has everything observed until now:
-        a verdict that needs ordered evidence waits for that (dispatcher._caught_up)."""
+        a verdict that needs ordered evidence waits for that (Scheduler.caught_up)."""
         self._flush()
         transport = self._writer()
         if transport is not None and not self._stopping:

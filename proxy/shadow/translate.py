@@ -20,6 +20,7 @@ from proxy.memcache.arguments import (
 from proxy.memcache.numbers import canonical_int32, is_canonical_decimal
 from proxy.memcache.reply import MalformedReply, MetaReply, parse_meta, parse_retrieval
 from proxy.memcache.request import KEY_MAX_LENGTH, Request
+from proxy.redis.layout import REALTIME_MAXDELTA
 
 U32_MAX = 2**32 - 1
 U64_MAX = 2**64 - 1
@@ -80,6 +81,21 @@ class ShadowOp:
     sent_at: float = 0.0
     replied_at: float = 0.0
     replied_wall: float = 0.0
+
+    def anchor_expiry(self, replied_wall: float) -> None:
+        """Make relative exptimes count from Memcached's reply, not from the replay.
+
+        memcached turns a relative exptime into "now + exptime" when it runs the request; a
+        shadow replaying it later (queued, batched, a worker behind) must not add its lag to
+        the item's life, or a read between the two expiries would differ. The op gets the
+        absolute unix time memcached computed (exptimes over 30 days are absolute already).
+        """
+        exptime = self.exptime
+        if exptime is not None and 0 < exptime <= REALTIME_MAXDELTA:
+            self.exptime = int(replied_wall) + exptime
+        create = self.create
+        if create is not None and 0 < create <= REALTIME_MAXDELTA:
+            self.create = int(replied_wall) + create
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +182,6 @@ def _plain_get(key: bytes, reply: bytes, sampled: Callable[[bytes], bool]) -> Tr
     if not sampled(key):
         return []
     return [ShadowOp("get", "read", key, MISS if hit is None else HIT, hit)]
-
 
 
 def _retrieval(request: Request, reply: bytes, sampled: Callable[[bytes], bool]) -> Translation:

@@ -55,10 +55,12 @@ def redis_call(port: int, *args: bytes | str | int) -> object:
 class Harness:
     """A dispatcher wired to real servers, fed the way the client path feeds it."""
 
-    def __init__(self, mc: ServerProcess, redis: ServerProcess, **settings: float) -> None:
+    def __init__(
+        self, mc: ServerProcess, redis: ServerProcess, url_options: str = "", **settings: float
+    ) -> None:
         self.mc_port = mc.port
         self.redis_port = redis.port
-        self.store = RedisStore.from_url(redis.url(), size=2)
+        self.store = RedisStore.from_url(redis.url() + url_options, size=2)
         self.reader = MemcachedReader("127.0.0.1", mc.port, timeout=2.0)
         control = ShadowControl(1.0)
         self.stats = ShadowStats()
@@ -281,9 +283,7 @@ async def test_a_paused_redis_times_out_each_operation_once(
     mc_server: ServerProcess, redis_proc: ServerProcess
 ) -> None:
     redis_call(redis_proc.port, "FLUSHALL")
-    harness = Harness(mc_server, redis_proc)
-    harness.store = RedisStore.from_url(redis_proc.url() + "?timeout=0.2", size=1)
-    harness.dispatcher.store = harness.store
+    harness = Harness(mc_server, redis_proc, url_options="?timeout=0.2")
     await harness.start()
     try:
         redis_proc.pause()
@@ -315,7 +315,7 @@ async def test_stop_with_operations_in_flight(
         redis_proc.resume()
     await harness.store.close()
     await harness.reader.close()
-    assert not harness.dispatcher._chains
+    assert not harness.dispatcher.scheduler._chains
 
 
 async def test_requests_gather_for_the_batch_window_unless_a_batch_is_full(

@@ -1,0 +1,358 @@
+"""Scheduler: the shadow's bounded queue and its per-key chains, in Memcached's reply order.
+
+The client path hands over completed requests (`observe`); the scheduler never makes it wait:
+past `queue_size` the work is dropped, counted, and the keys turn cold. A task takes the queue
+in batches, translates each request into operations and runs each key's operations strictly
+one after the other (a chain), at most `max_inflight` chains at once, so the target sees a
+key's writes in Memcached's order. What an operation *does* is the runner's business (the
+dispatcher); the scheduler only knows when the key's next one may start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
+
+from proxy.memcache.request import Request
+from proxy.shadow.executor import ASYNC, SENT
+from proxy.shadow.keystate import KeyState, KeyStates
+from proxy.shadow.stats import ShadowStats
+from proxy.shadow.translate import ShadowOp, Skip, state_keys, translate
+
+log = logging.getLogger("memshadow.shadow")
+
+
+class ChainRunner(Protocol):
+    """What the scheduler asks of the dispatcher, one key's operation at a time."""
+
+    def run(self, op: ShadowOp, state: KeyState, started: float) -> int:
+        """Start op (nothing else of its key is in flight): executor.SENT (its completion
+        hands the chain back with `advance`), DONE (it ended at once) or ASYNC (run_slow)."""
+        ...
+
+    async def run_slow(self, op: ShadowOp) -> None:
+        """The rest of an ASYNC operation, awaited while its chain is held."""
+        ...
+
+    async def settle(self, key: bytes, state: KeyState) -> None:
+        """Racing writers are done with the key for now: make the stores equal."""
+        ...
+
+    def flush(self, op: ShadowOp) -> None:
+        """A flush_all: no key, no chain."""
+        ...
+
+
+class Scheduler:
+    """A bounded queue of observed requests and one chain per key with work in flight."""
+
+    def __init__(
+        self,
+        *,
+        runner: ChainRunner,
+        keys: KeyStates,
+        sampled: Callable[[bytes], bool],
+        stats: ShadowStats,
+        queue_size: int,
+        max_inflight: int,
+        batch_window: float,
+        batch_size: int,
+        ticked: bool = False,
+    ) -> None:
+        self.runner = runner
+        self.keys = keys
+        self.sampled = sampled
+        self.stats = stats
+        self.queue_size = queue_size
+        self.max_inflight = max_inflight
+        self.batch_window = batch_window
+        self.batch_size = batch_size
+        # Worker mode (ticked): what the proxy process has handed over is known from the
+        # times it sends (tick); inline, everything observed so far is in the queue.
+        self._ticked = ticked
+        self._horizon = 0.0
+        self._queue: deque[tuple[Request, float, int, int]] = deque()
+        self.seq = 0  # requests observed so far: a total order of replies
+        self._wakeup = asyncio.Event()
+        # Per key with an operation in flight: the key's operations waiting for their turn.
+        self._chains: dict[bytes, deque[ShadowOp]] = {}
+        self._chain_done = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._worker: asyncio.Task[None] | None = None
+        self.stopping = False
+        self.closed = False  # stopped: chains still in flight end without going on
+
+    # -- the hand-off (synchronous, never waits) --------------------------------------------
+
+    def observe(
+        self, requests: list[Request], session: int, replied_at: float | None = None
+    ) -> None:
+        """Queue the captured requests of one reply chunk; replied_at (perf_counter time,
+        now by default) is when their replies came back."""
+        now = time.perf_counter() if replied_at is None else replied_at
+        queue = self._queue
+        shadowed = self.stats.shadowed
+        limit = self.queue_size
+        for request in requests:
+            if not request.capture:
+                continue
+            shadowed[request.command] += 1  # dropped ones included: drops/requests <= 1
+            self.seq = seq = self.seq + 1
+            if len(queue) >= limit or self.stopping:
+                self.drop("queue_full", state_keys(request), seq)
+                continue
+            queue.append((request, now, session, seq))
+        self.stats.queue_depth = len(queue)
+        if queue:
+            self._wakeup.set()
+
+    def forget(self, keys: list[bytes]) -> None:
+        """Changes of these keys were lost before they reached the queue: none of them is
+        known to be in step any more, whatever came before."""
+        self.seq += 1
+        for key in keys:
+            state = self.keys.peek(key)
+            if state is not None:
+                state.mark_lost(self.seq)
+
+    def new_epoch(self) -> None:
+        """Every key turns cold (a flush_all not replayed; too many changes lost to list)."""
+        self.seq += 1
+        self.keys.new_epoch(self.seq)
+
+    def drop(self, reason: str, keys: list[bytes] | tuple[bytes, ...], seq: int) -> None:
+        self.stats.dropped[reason] += 1
+        for key in keys:
+            state = self.keys.peek(key)
+            if state is not None:
+                state.mark_lost(seq)  # Redis missed a change: no longer known to be in step
+
+    def tick(self, now: float) -> None:
+        """The proxy process has handed over everything it observed before `now` (worker
+        mode: the observed replies reach the scheduler through a pipe)."""
+        if now > self._horizon:
+            self._horizon = now
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._worker = asyncio.get_running_loop().create_task(self._run(), name="shadow-queue")
+
+    async def stop(self, timeout: float) -> None:
+        """Stop taking work; give in-flight chains `timeout` seconds, then cancel."""
+        self.stopping = True
+        self._wakeup.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.idle(), timeout)
+        self.closed = True
+        tasks = (self._worker, *self._tasks)
+        for task in tasks:
+            if task is not None:
+                task.cancel()
+        for task in tasks:
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def idle(self) -> None:
+        """Wait until the queue is empty and no chain is running (tests, shutdown)."""
+        while self._queue or self._chains:
+            self._chain_done.clear()
+            # asyncio.wait, not a nested wait_for: on Python 3.11 an inner wait_for that
+            # finishes as the caller's own wait_for times out swallows the cancellation, and
+            # this loop (and whoever bounded it) would never end.
+            waiter = asyncio.ensure_future(self._chain_done.wait())
+            try:
+                await asyncio.wait((waiter,), timeout=0.05)
+            finally:
+                waiter.cancel()
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run work that holds no chain (a replayed flush_all); cancelled by stop()."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- the queue --------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        queue = self._queue
+        while True:
+            await self._wakeup.wait()
+            if self.batch_window > 0 and len(queue) < self.batch_size:
+                await asyncio.sleep(self.batch_window)
+            self._wakeup.clear()
+            while queue:
+                if len(self._chains) >= self.max_inflight:
+                    self.stats.queue_depth = len(queue)
+                    while len(self._chains) >= self.max_inflight:
+                        self._chain_done.clear()
+                        await self._chain_done.wait()
+                request, replied_at, session, seq = queue.popleft()
+                try:
+                    self._dispatch(request, replied_at, session, seq)
+                except Exception:  # a shadow bug must never reach the client path
+                    log.exception("shadow: cannot handle %r", request)
+                    self.stats.errors["internal"] += 1
+            self.stats.queue_depth = 0
+            if self.stopping and not queue:
+                return
+
+    def _dispatch(self, request: Request, replied_at: float, session: int, seq: int) -> None:
+        sent_at = request.started
+        if sent_at:
+            self.stats.for_command(request.command).memcached_latency.observe(replied_at - sent_at)
+        plan = translate(request, self.sampled)
+        if isinstance(plan, Skip):
+            self.stats.skipped[plan.reason] += 1
+            for key in plan.keys:
+                self.keys.get(key).mark_lost(seq)
+            return
+        now = time.perf_counter()
+        replied_wall = time.time() - (now - replied_at)
+        sent = sent_at or replied_at
+        chains = self._chains
+        for op in plan:
+            op.seq = seq
+            op.session = session
+            op.sent_at = sent
+            op.replied_at = replied_at
+            op.replied_wall = replied_wall
+            if op.action == "flush":
+                self.runner.flush(op)
+                continue
+            op.anchor_expiry(replied_wall)
+            # Contention is judged in reply-arrival order, before any of the key's queued
+            # operations run, so an operation that raced with a later one is known to.
+            key = op.key
+            state = self.keys.touch(key, session, sent, replied_at, now)
+            chain = chains.get(key)
+            if chain is not None:
+                chain.append(op)
+                continue
+            chain = chains[key] = deque()
+            self._start(key, chain, op, state, now)
+
+    # -- a key's chain: one operation in flight at a time, in reply order -------------------
+    #
+    # The common operation runs with no task and no future: its command goes out with a
+    # completion callback, which records the verdict and hands the chain back (advance). A
+    # task takes over only for what must wait (hold): a difference to classify, an
+    # operation that needs other target work first, the settling of a raced key. Everything
+    # that acts on evidence runs while it holds the chain, so it is ordered with the key's
+    # operations.
+    # Measured (bench load: 90/10 get/set, 16 connections, rate 1, inline, 2-core VM: proxy
+    # CPU per request at rate 1 minus rate 0): the shadow's cost went from 27.4 to 19.4 us
+    # (with the plain-get translation shortcut and the per-command figures).
+
+    def _start(
+        self, key: bytes, chain: deque[ShadowOp], op: ShadowOp, state: KeyState, started: float
+    ) -> None:
+        """Run `op`, the key's next operation, and the ones after it for as long as they end
+        at once (fenced, target down or busy)."""
+        run = self.runner.run
+        while True:
+            sent = run(op, state, started)
+            if sent == SENT:
+                return
+            if sent == ASYNC:
+                self.hold(key, self.runner.run_slow(op))
+                return
+            if not chain:
+                self._chain_idle(key)
+                return
+            op = chain.popleft()
+            state = self.keys.get(key)
+            started = time.perf_counter()
+
+    def advance(self, key: bytes) -> None:
+        """The key's operation in flight is finished: start the next one, or settle the key,
+        or end the chain."""
+        chain = self._chains.get(key)
+        if chain is None:
+            return
+        if self.closed:
+            self._end_chain(key)
+        elif chain:
+            op = chain.popleft()
+            self._start(key, chain, op, self.keys.get(key), time.perf_counter())
+        else:
+            self._chain_idle(key)
+
+    def hold(self, key: bytes, coro: Coroutine[Any, Any, None]) -> None:
+        """Run `coro` in a task while it holds the key's chain; the chain goes on after it."""
+        self._task(key, self._held(key, coro))
+
+    def pending_write(self, key: bytes, sent_before: float) -> bool:
+        """Does a write of the key that the proxy sent before `sent_before` wait in its chain?"""
+        chain = self._chains.get(key, ())
+        return any(op.action != "read" and op.sent_at <= sent_before for op in chain)
+
+    async def caught_up(self, until: float, give_up_after: float) -> bool:
+        """Wait until every operation answered before `until` has been dispatched to its
+        chain (a reply sent before a snapshot may still be on its way: a busy loop reads
+        sockets late, and the worker's pipe adds its own delay). False if that takes longer
+        than `give_up_after` seconds: the evidence then cannot be ordered."""
+        give_up = time.perf_counter() + give_up_after
+        while self._dispatched_until() < until:
+            if self.closed or time.perf_counter() > give_up:
+                return False
+            await asyncio.sleep(min(0.02, max(0.001, until - time.perf_counter())))
+        return True
+
+    def _dispatched_until(self) -> float:
+        """Every operation Memcached answered before this perf_counter time is dispatched."""
+        queue = self._queue
+        if queue:
+            return queue[0][1]
+        return self._horizon if self._ticked else time.perf_counter()
+
+    def _chain_idle(self, key: bytes) -> None:
+        """Nothing of the key waits: settle it if writers raced on it, else end its chain."""
+        state = self.keys.peek(key)
+        if state is None or not state.contended_until or self.stopping:
+            self._end_chain(key)
+        else:
+            # Racing writers are done for now: make the stores equal. Operations that
+            # arrive meanwhile join the chain and run after it.
+            self._task(key, self._settled(key, state))
+
+    def _end_chain(self, key: bytes) -> None:
+        self._chains.pop(key, None)
+        self._chain_done.set()
+
+    def _task(self, key: bytes, coro: Coroutine[Any, Any, None]) -> None:
+        if self.closed:
+            coro.close()
+            self._end_chain(key)
+            return
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _held(self, key: bytes, coro: Coroutine[Any, Any, None]) -> None:
+        try:
+            await coro
+        except BaseException:
+            self._end_chain(key)
+            raise
+        self.advance(key)
+
+    async def _settled(self, key: bytes, state: KeyState) -> None:
+        try:
+            await self.runner.settle(key, state)
+        except BaseException:
+            self._end_chain(key)
+            raise
+        if self._chains.get(key):
+            self.advance(key)
+        else:
+            self._end_chain(key)  # settled once; operations to come start a new chain
+
+
+__all__ = ["ChainRunner", "Scheduler"]

@@ -1,0 +1,149 @@
+"""The scheduler alone: per-key order, bounds and drops, with a runner that records what it is
+asked to run and finishes each operation a little later (the way a target's reply does)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+from proxy.memcache.request import Request, RequestFramer
+from proxy.shadow.executor import ASYNC, DONE, SENT
+from proxy.shadow.keystate import KeyState, KeyStates
+from proxy.shadow.scheduler import Scheduler
+from proxy.shadow.stats import ShadowStats
+from proxy.shadow.translate import ShadowOp
+
+
+class Runner:
+    """Finishes each operation after a random short delay, like a target's reply; records the
+    order operations started in, per key, and the most chains ever in flight at once."""
+
+    def __init__(self, outcome: int = SENT) -> None:
+        self.outcome = outcome
+        self.started: list[tuple[bytes, int]] = []
+        self.in_flight: set[bytes] = set()
+        self.most_in_flight = 0
+        self.slow_done: list[bytes] = []
+        self.scheduler: Scheduler | None = None
+
+    def run(self, op: ShadowOp, state: KeyState, started: float) -> int:
+        assert op.key not in self.in_flight, "two operations of one key in flight"
+        self.started.append((op.key, op.seq))
+        if self.outcome != SENT:
+            return self.outcome
+        self.in_flight.add(op.key)
+        self.most_in_flight = max(self.most_in_flight, len(self.in_flight))
+        asyncio.get_running_loop().call_later(random.random() / 500, self._reply, op.key)
+        return SENT
+
+    def _reply(self, key: bytes) -> None:
+        self.in_flight.discard(key)
+        assert self.scheduler is not None
+        self.scheduler.advance(key)
+
+    async def run_slow(self, op: ShadowOp) -> None:
+        assert op.key not in self.in_flight
+        self.in_flight.add(op.key)
+        await asyncio.sleep(0.002)
+        self.in_flight.discard(op.key)
+        self.slow_done.append(op.key)
+
+    async def settle(self, key: bytes, state: KeyState) -> None:
+        state.contended_until = 0.0
+
+    def flush(self, op: ShadowOp) -> None:
+        pass
+
+
+def make(runner: Runner, **limits: int) -> tuple[Scheduler, ShadowStats, KeyStates]:
+    stats = ShadowStats()
+    keys = KeyStates(1000, race_window=0.0)
+    scheduler = Scheduler(
+        runner=runner,
+        keys=keys,
+        sampled=lambda key: True,
+        stats=stats,
+        queue_size=limits.get("queue_size", 10_000),
+        max_inflight=limits.get("max_inflight", 512),
+        batch_window=0.0,
+        batch_size=64,
+    )
+    runner.scheduler = scheduler
+    return scheduler, stats, keys
+
+
+def get(key: bytes) -> Request:
+    requests, _ = RequestFramer(capture=lambda r: True).feed(b"get " + key + b"\r\n")
+    request = requests[0]
+    request.started = time.perf_counter()
+    request.response = b"END\r\n"
+    return request
+
+
+async def test_each_key_runs_in_reply_order_one_operation_at_a_time() -> None:
+    runner = Runner()
+    scheduler, _, _ = make(runner, max_inflight=4)
+    scheduler.start()
+    keys = [b"k%d" % (i % 7) for i in range(400)]
+    for start in range(0, len(keys), 25):
+        scheduler.observe([get(key) for key in keys[start : start + 25]], session=1)
+        await asyncio.sleep(0)
+    await asyncio.wait_for(scheduler.idle(), 10)
+    await scheduler.stop(1.0)
+    assert len(runner.started) == 400
+    for key in set(keys):
+        seqs = [seq for started, seq in runner.started if started == key]
+        assert seqs == sorted(seqs)
+    assert runner.most_in_flight <= 4  # max_inflight chains at once
+
+
+async def test_a_full_queue_drops_and_turns_the_key_cold() -> None:
+    runner = Runner()
+    scheduler, stats, keys = make(runner, queue_size=3)
+    keys.get(b"k").mark_synced(0)
+    scheduler.observe([get(b"a"), get(b"b"), get(b"c"), get(b"k")], session=1)
+    assert stats.dropped == {"queue_full": 1}
+    assert not keys.get(b"k").warm
+    scheduler.start()
+    await asyncio.wait_for(scheduler.idle(), 10)
+    await scheduler.stop(1.0)
+    assert [key for key, _ in runner.started] == [b"a", b"b", b"c"]
+
+
+async def test_operations_that_end_at_once_run_the_chain_on() -> None:
+    runner = Runner(outcome=DONE)
+    scheduler, _, _ = make(runner)
+    scheduler.start()
+    scheduler.observe([get(b"k") for _ in range(5)], session=1)
+    await asyncio.wait_for(scheduler.idle(), 10)
+    await scheduler.stop(1.0)
+    assert [seq for _, seq in runner.started] == [1, 2, 3, 4, 5]
+
+
+async def test_a_slow_operation_holds_its_key_and_not_the_others() -> None:
+    runner = Runner(outcome=ASYNC)
+    scheduler, _, _ = make(runner)
+    scheduler.start()
+    scheduler.observe([get(b"a"), get(b"a"), get(b"b")], session=1)
+    await asyncio.wait_for(scheduler.idle(), 10)
+    await scheduler.stop(1.0)
+    assert runner.slow_done.count(b"a") == 2
+    assert runner.started[:2] == [(b"a", 1), (b"b", 3)]  # b did not wait for a's chain
+
+
+async def test_stop_ends_held_chains() -> None:
+    runner = Runner(outcome=ASYNC)
+    scheduler, _, _ = make(runner)
+    scheduler.start()
+
+    async def forever(op: ShadowOp) -> None:
+        await asyncio.sleep(3600)
+
+    runner.run_slow = forever  # type: ignore[method-assign]
+    scheduler.observe([get(b"a"), get(b"b")], session=1)
+    await asyncio.sleep(0.01)
+    started = time.monotonic()
+    await scheduler.stop(0.1)
+    assert time.monotonic() - started < 1.0
+    assert not scheduler._chains
