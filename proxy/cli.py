@@ -104,7 +104,7 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 async def serve(config: Config, load: Callable[[], Config] | None = None) -> int:
     # Imported here so that config checking and --version work without the data path.
-    from proxy.ops import install_ops
+    from proxy.ops.operations import install_ops
     from proxy.server import ProxyServer
 
     loop = asyncio.get_running_loop()

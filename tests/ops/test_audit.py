@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from proxy.audit import AuditLog
+from proxy.ops.audit import AuditLog
 from proxy.shadow.control import ShadowControl
 
 

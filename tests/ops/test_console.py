@@ -22,7 +22,7 @@ from proxy.config import (
     ShadowConfig,
 )
 from proxy.metrics import ProxyMetrics
-from proxy.ops import Operations
+from proxy.ops.operations import Operations
 from proxy.shadow.control import ShadowControl
 from proxy.shadow.stats import ShadowStats
 from tests.ops.support import Clock, feed

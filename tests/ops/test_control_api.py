@@ -19,7 +19,7 @@ from proxy.config import (
     ShadowConfig,
 )
 from proxy.metrics import ProxyMetrics
-from proxy.ops import ADMIN_TOKEN_ENV, Operations
+from proxy.ops.operations import ADMIN_TOKEN_ENV, Operations
 from proxy.shadow.control import ShadowControl
 from proxy.shadow.stats import ShadowStats
 from tests.ops.http import Reply, call

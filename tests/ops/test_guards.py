@@ -8,8 +8,6 @@ import dataclasses
 
 import pytest
 
-from proxy.audit import AuditLog
-from proxy.autopilot import Autopilot
 from proxy.config import (
     DropRuleConfig,
     GuardRuleConfig,
@@ -20,8 +18,10 @@ from proxy.config import (
     ShadowConfig,
 )
 from proxy.metrics import DURATION_BUCKETS, RequestStats
+from proxy.ops.audit import AuditLog
+from proxy.ops.autopilot import Autopilot
+from proxy.ops.guards import Action, Exposure, GuardPolicy, quantile, request_buckets
 from proxy.shadow.control import ShadowControl
-from proxy.shadow.guards import Action, Exposure, GuardPolicy, quantile, request_buckets
 from proxy.shadow.stats import ShadowStats
 from tests.ops.support import Clock, feed, requests
 

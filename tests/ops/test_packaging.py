@@ -124,7 +124,7 @@ def defined_metrics() -> set[str]:
     """Every sample name the code exports: its registries, collected for real."""
     from proxy.admin import AdminServer
     from proxy.config import Config, HostPort
-    from proxy.ops import Operations
+    from proxy.ops.operations import Operations
     from proxy.shadow.control import ShadowControl
     from proxy.shadow.stats import ShadowStats
 
@@ -183,7 +183,7 @@ def test_ops_metrics_on_the_dashboard_are_defined() -> None:
     }
     from proxy.admin import AdminServer
     from proxy.config import Config, HostPort
-    from proxy.ops import Operations
+    from proxy.ops.operations import Operations
     from proxy.shadow.control import ShadowControl
     from proxy.shadow.stats import ShadowStats
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.config import RampConfig
-from proxy.shadow.ramp import RampPhase, RampPolicy, comparisons_needed, wilson_upper
+from proxy.ops.ramp import RampPhase, RampPolicy, comparisons_needed, wilson_upper
 from proxy.shadow.stats import ShadowStats
 from tests.ops.support import feed
 

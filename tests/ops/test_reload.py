@@ -18,7 +18,7 @@ import pytest
 from proxy.admin import AdminServer
 from proxy.config import HostPort, LogConfig, load_config
 from proxy.metrics import ProxyMetrics
-from proxy.ops import Operations
+from proxy.ops.operations import Operations
 from proxy.shadow.control import ShadowControl
 from proxy.shadow.stats import ShadowStats
 from tests.ops.http import call, call_sync

@@ -10,10 +10,8 @@ import pytest
 from proxy.admin import AdminServer
 from proxy.config import Config, HostPort, RedisURL, ShadowConfig
 from proxy.metrics import ProxyMetrics
-from proxy.ops import Operations, redis_info_from
-from proxy.redis.client import RedisConnection
-from proxy.shadow.control import ShadowControl
-from proxy.shadow.report import (
+from proxy.ops.operations import Operations, redis_info_from
+from proxy.ops.report import (
     TrafficWindow,
     build_report,
     key_count_interval,
@@ -22,6 +20,8 @@ from proxy.shadow.report import (
     parse_info,
     poisson_interval,
 )
+from proxy.redis.client import RedisConnection
+from proxy.shadow.control import ShadowControl
 from proxy.shadow.stats import ShadowStats
 from tests.ops.http import call
 from tests.ops.support import Clock, feed

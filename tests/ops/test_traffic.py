@@ -24,7 +24,7 @@ from proxy.config import (
     MismatchRuleConfig,
     RampConfig,
 )
-from proxy.ops import Operations, redis_info_from
+from proxy.ops.operations import Operations, redis_info_from
 from tests.ops.http import call_sync
 from tests.ops.support import Clock
 from tests.support import ProxyThread, RawClient, ServerProcess, proxy_config

@@ -14,14 +14,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from proxy.admin import AdminServer
-from proxy.audit import AuditLog
-from proxy.autopilot import Autopilot
 from proxy.config import DEFAULTS_SOURCE, Config, LogConfig, load_config
-from proxy.control_api import ControlAPI, RedisInfo
 from proxy.metrics import ProxyMetrics
-from proxy.reload import WATCH_INTERVAL, ConfigReloader
+from proxy.ops.audit import AuditLog
+from proxy.ops.autopilot import Autopilot
+from proxy.ops.control_api import ControlAPI, RedisInfo
+from proxy.ops.reload import WATCH_INTERVAL, ConfigReloader
+from proxy.ops.report import parse_info
 from proxy.shadow.control import ShadowControl
-from proxy.shadow.report import parse_info
 from proxy.shadow.stats import ShadowStats
 
 log = logging.getLogger("memshadow.ops")

@@ -16,12 +16,12 @@ from importlib import resources
 from typing import Any
 
 from proxy.admin import AdminServer, HTTPError, Request, Response
-from proxy.audit import AuditLog
-from proxy.autopilot import Autopilot
 from proxy.config import option_paths
-from proxy.reload import ConfigReloader, show_value
+from proxy.ops.audit import AuditLog
+from proxy.ops.autopilot import Autopilot
+from proxy.ops.reload import ConfigReloader, show_value
+from proxy.ops.report import build_report
 from proxy.shadow.control import ShadowControl
-from proxy.shadow.report import build_report
 from proxy.shadow.stats import ShadowStats
 
 RedisInfo = Callable[[], Awaitable[Mapping[str, str]]]

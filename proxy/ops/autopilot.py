@@ -13,13 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.audit import AuditLog
 from proxy.config import ShadowConfig
 from proxy.metrics import RequestStats
+from proxy.ops.audit import AuditLog
+from proxy.ops.guards import Action, Exposure, GuardPolicy, Trip, quantile, request_buckets
+from proxy.ops.ramp import RampMove, RampPhase, RampPolicy
+from proxy.ops.report import TrafficWindow
 from proxy.shadow.control import ControlChange, ShadowControl
-from proxy.shadow.guards import Action, Exposure, GuardPolicy, Trip, quantile, request_buckets
-from proxy.shadow.ramp import RampMove, RampPhase, RampPolicy
-from proxy.shadow.report import TrafficWindow
 from proxy.shadow.stats import ShadowStats, StatsSnapshot
 
 log = logging.getLogger("memshadow.autopilot")

@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.shadow.guards import quantile
-from proxy.shadow.ramp import Z_95
+from proxy.ops.guards import quantile
+from proxy.ops.ramp import Z_95
 from proxy.shadow.stats import LatencyHistogram, ShadowStats
 
 
