@@ -11,7 +11,8 @@ Histogram.labels(cmd).observe 1.57-1.64 us: 4x and 10x the cost of observe().
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import accumulate
 from typing import Final
 
 from prometheus_client import (
@@ -57,15 +58,55 @@ _go_float: Callable[[float], str] = floatToGoString  # untyped upstream
 _BUCKET_LABELS: Final = (*(_go_float(b) for b in DURATION_BUCKETS), "+Inf")
 
 
-class _CommandStats:
-    """Latency observations of one command: non-cumulative bucket counts and their sum."""
+class LatencyHistogram:
+    """Latency observations: counts per bucket of DURATION_BUCKETS (not cumulative; the last
+    slot is +Inf) and their sum. The one histogram type: the client path's per-command
+    figures, the shadow's, the guards' windows and the reports read it."""
 
-    __slots__ = ("buckets", "total_seconds")
+    __slots__ = ("buckets", "total")
 
-    def __init__(self) -> None:
-        # One slot per bound plus the +Inf overflow slot.
-        self.buckets = [0] * (len(DURATION_BUCKETS) + 1)
-        self.total_seconds = 0.0
+    def __init__(self, buckets: Sequence[int] | None = None, total: float = 0.0) -> None:
+        self.buckets = [0] * (len(DURATION_BUCKETS) + 1) if buckets is None else list(buckets)
+        self.total = total
+
+    def observe(self, seconds: float) -> None:
+        # bisect_left: a value equal to a bound belongs in that bound's bucket (le is <=).
+        self.buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    @property
+    def count(self) -> int:
+        return sum(self.buckets)
+
+    def cumulative(self) -> list[int]:
+        """Bucket counts as Prometheus exports them: cumulative, ending with +Inf."""
+        return list(accumulate(self.buckets))
+
+    def quantile(self, q: float) -> float | None:
+        return bucket_quantile(self.buckets, q)
+
+    def copy(self) -> LatencyHistogram:
+        return LatencyHistogram(self.buckets, self.total)
+
+
+def bucket_quantile(buckets: Sequence[int], q: float) -> float | None:
+    """The q-quantile of non-cumulative bucket counts, interpolated linearly inside its
+    bucket as Prometheus' histogram_quantile does (the +Inf bucket answers with the largest
+    finite bound); None when there is no observation."""
+    count = sum(buckets)
+    if count <= 0:
+        return None
+    rank = q * count
+    seen = 0
+    for index, n in enumerate(buckets):
+        if n and seen + n >= rank:
+            if index == len(DURATION_BUCKETS):
+                return DURATION_BUCKETS[-1]
+            lower = DURATION_BUCKETS[index - 1] if index else 0.0
+            upper = DURATION_BUCKETS[index]
+            return lower + (upper - lower) * (rank - seen) / n
+        seen += n
+    return DURATION_BUCKETS[-1]
 
 
 class RequestStats:
@@ -77,40 +118,35 @@ class RequestStats:
     __slots__ = ("_commands",)
 
     def __init__(self) -> None:
-        self._commands: dict[str, _CommandStats] = {}
+        self._commands: dict[str, LatencyHistogram] = {}
 
     def observe(self, command: str, seconds: float) -> None:
         """Count one request of ``command`` that took ``seconds``. Hot path: keep it tiny."""
         stats = self._commands.get(command)
         if stats is None:
             stats = self._add(command)
-        # bisect_left: a value equal to a bound belongs in that bound's bucket (le is <=).
+        # LatencyHistogram.observe, inlined: a method call more costs ~0.05 us a request.
         stats.buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
-        stats.total_seconds += seconds
+        stats.total += seconds
 
-    def _add(self, command: str) -> _CommandStats:
+    def _add(self, command: str) -> LatencyHistogram:
         if len(self._commands) >= MAX_COMMANDS - 1:  # keep the last slot for "other"
             command = OTHER_COMMAND
             existing = self._commands.get(command)
             if existing is not None:
                 return existing
-        stats = self._commands[command] = _CommandStats()
+        stats = self._commands[command] = LatencyHistogram()
         return stats
 
     def count(self, command: str) -> int:
         stats = self._commands.get(command)
-        return sum(stats.buckets) if stats is not None else 0
+        return stats.count if stats is not None else 0
 
     def snapshot(self) -> Iterator[tuple[str, list[int], float]]:
         """(command, cumulative bucket counts ending with +Inf, sum of seconds), by command."""
         for command in sorted(self._commands):
             stats = self._commands[command]
-            cumulative: list[int] = []
-            running = 0
-            for count in stats.buckets:
-                running += count
-                cumulative.append(running)
-            yield command, cumulative, stats.total_seconds
+            yield command, stats.cumulative(), stats.total
 
 
 class _RequestCollector(Collector):

@@ -20,8 +20,10 @@ from proxy.metrics import (
     DURATION_BUCKETS,
     MAX_COMMANDS,
     OTHER_COMMAND,
+    LatencyHistogram,
     ProxyMetrics,
     RequestStats,
+    bucket_quantile,
 )
 
 EXPECTED_BOUNDS = [
@@ -222,3 +224,28 @@ def test_bench_observe_against_prometheus_client() -> None:
     for name, statement in timings.items():
         best = min(timeit.repeat(statement, globals=env, number=number, repeat=5))
         print(f"{name:32s} {best / number * 1e6:.3f} us/call")
+
+
+def test_one_histogram_type_its_quantiles_interpolate_within_buckets() -> None:
+    hist = LatencyHistogram()
+    for _ in range(100):
+        hist.observe(0.001)  # a bound belongs in its own bucket: (0.0005, 0.001]
+    assert hist.count == 100 and hist.total == pytest.approx(0.1)
+    assert hist.quantile(0.5) == pytest.approx(0.00075)
+    assert hist.quantile(0.99) == pytest.approx(0.000995)
+    assert hist.cumulative()[-1] == 100
+    for _ in range(100):
+        hist.observe(10.0)  # over the largest bound: +Inf
+    assert hist.quantile(0.99) == DURATION_BUCKETS[-1]
+    assert bucket_quantile(hist.buckets, 0.99) == DURATION_BUCKETS[-1]
+    assert LatencyHistogram().quantile(0.5) is None
+
+
+def test_request_stats_observe_is_latency_histogram_observe() -> None:
+    """RequestStats.observe inlines LatencyHistogram.observe: the same buckets and sum."""
+    stats, hist = RequestStats(), LatencyHistogram()
+    for seconds in (0.0, 0.00005, 0.00007, 0.001, 0.3, 2.5, 9.0):
+        stats.observe("get", seconds)
+        hist.observe(seconds)
+    ((_, cumulative, total),) = stats.snapshot()
+    assert (cumulative, total) == (hist.cumulative(), hist.total)

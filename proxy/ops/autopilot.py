@@ -16,7 +16,7 @@ from typing import Any
 from proxy.config import ShadowConfig
 from proxy.metrics import RequestStats
 from proxy.ops.audit import AuditLog
-from proxy.ops.guards import Action, Exposure, GuardPolicy, Trip, quantile, request_buckets
+from proxy.ops.guards import Action, Exposure, GuardPolicy, Trip, request_buckets
 from proxy.ops.ramp import RampMove, RampPhase, RampPolicy
 from proxy.ops.report import TrafficWindow
 from proxy.shadow.control import ControlChange, ShadowControl
@@ -242,7 +242,7 @@ class Autopilot:
     def figures(self) -> dict[str, Any]:
         """Recent rates (over up to FIGURES_WINDOW seconds) and totals since start."""
         latest = self.stats.snapshot()
-        lag = tuple(self.stats.lag.buckets)
+        lag = self.stats.lag
         result: dict[str, Any] = {
             "totals": {
                 "shadowed": latest.shadowed,
@@ -253,7 +253,7 @@ class Autopilot:
                 "errors": latest.errors,
                 "skipped": dict(self.stats.skipped),
             },
-            "lag_seconds": {"p50": quantile(lag, 0.5), "p99": quantile(lag, 0.99)},
+            "lag_seconds": {"p50": lag.quantile(0.5), "p99": lag.quantile(0.99)},
             "queue_depth": self.stats.queue_depth,
             "window_seconds": None,
         }

@@ -15,7 +15,7 @@ from enum import StrEnum
 from typing import Any
 
 from proxy.config import GuardRuleConfig, GuardsConfig, LatencyGuardConfig
-from proxy.metrics import DURATION_BUCKETS
+from proxy.metrics import DURATION_BUCKETS, bucket_quantile
 from proxy.shadow.stats import StatsSnapshot
 
 
@@ -101,25 +101,6 @@ def _minus(a: Buckets, b: Buckets) -> Buckets:
 
 def _plus(a: Buckets, b: Buckets) -> Buckets:
     return tuple(x + y for x, y in zip(a, b, strict=True))
-
-
-def quantile(buckets: Buckets, q: float) -> float | None:
-    """The q-quantile, interpolated linearly inside its bucket as Prometheus'
-    histogram_quantile does (the +Inf bucket answers with the largest finite bound)."""
-    count = sum(buckets)
-    if count <= 0:
-        return None
-    rank = q * count
-    seen = 0
-    for index, n in enumerate(buckets):
-        if n and seen + n >= rank:
-            if index == len(DURATION_BUCKETS):
-                return DURATION_BUCKETS[-1]
-            lower = DURATION_BUCKETS[index - 1] if index else 0.0
-            upper = DURATION_BUCKETS[index]
-            return lower + (upper - lower) * (rank - seen) / n
-        seen += n
-    return DURATION_BUCKETS[-1]
 
 
 # --- the policy -------------------------------------------------------------------------------
@@ -297,7 +278,7 @@ class GuardPolicy:
         elif count < config.min_count:
             detail = f"waiting for {config.min_count} requests while shadowing ({count} so far)"
         else:
-            p99, base_p99 = quantile(current, 0.99), quantile(baseline, 0.99)
+            p99, base_p99 = bucket_quantile(current, 0.99), bucket_quantile(baseline, 0.99)
             assert p99 is not None and base_p99 is not None
             value = p99 / base_p99 if base_p99 > 0 else float("inf")
             detail = (

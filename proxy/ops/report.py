@@ -14,9 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.ops.guards import quantile
+from proxy.metrics import LatencyHistogram
 from proxy.ops.ramp import Z_95
-from proxy.shadow.stats import LatencyHistogram, ShadowStats
+from proxy.shadow.stats import ShadowStats
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,12 +32,12 @@ class TrafficWindow:
 def _latency(hist: LatencyHistogram | None) -> dict[str, Any]:
     if hist is None or not hist.count:
         return {"samples": 0, "p50": None, "p99": None, "mean": None}
-    buckets = tuple(hist.buckets)
+    count = hist.count
     return {
-        "samples": hist.count,
-        "p50": quantile(buckets, 0.5),
-        "p99": quantile(buckets, 0.99),
-        "mean": hist.total / hist.count,
+        "samples": count,
+        "p50": hist.quantile(0.5),
+        "p99": hist.quantile(0.99),
+        "mean": hist.total / count,
     }
 
 

@@ -21,9 +21,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from proxy.metrics import DURATION_BUCKETS
+from proxy.metrics import DURATION_BUCKETS, LatencyHistogram
 from proxy.shadow.control import ShadowControl
-from proxy.shadow.stats import LatencyHistogram, ShadowStats
+from proxy.shadow.stats import ShadowStats
 
 OUTCOMES: Final = ("match", "mismatch", "noise")
 """Outcomes every shadowed command exports, at 0 until they happen."""
@@ -49,12 +49,7 @@ _BUCKET_LABELS: Final = (*(_go_float(b) for b in DURATION_BUCKETS), "+Inf")
 
 def _buckets(histogram: LatencyHistogram) -> list[tuple[str, float]]:
     """Cumulative (le, count) pairs ending with +Inf, from LatencyHistogram's plain counts."""
-    cumulative: list[tuple[str, float]] = []
-    running = 0
-    for label, count in zip(_BUCKET_LABELS, histogram.buckets, strict=True):
-        running += count
-        cumulative.append((label, running))
-    return cumulative
+    return list(zip(_BUCKET_LABELS, histogram.cumulative(), strict=True))
 
 
 class ShadowCollector(Collector):

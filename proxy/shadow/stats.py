@@ -8,52 +8,15 @@ clock-driven reset.
 from __future__ import annotations
 
 import time
-from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from proxy.metrics import DURATION_BUCKETS
+from proxy.metrics import LatencyHistogram
 
 if TYPE_CHECKING:
     from proxy.metrics import ProxyMetrics
-
-
-class LatencyHistogram:
-    """Bucketed latencies (same buckets as memshadow_request_duration_seconds) with a sum."""
-
-    __slots__ = ("buckets", "count", "total")
-
-    def __init__(self) -> None:
-        self.buckets = [0] * (len(DURATION_BUCKETS) + 1)
-        self.count = 0
-        self.total = 0.0
-
-    def observe(self, seconds: float) -> None:
-        # bisect_left: the first bucket whose upper bound is >= seconds (le semantics).
-        self.buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
-        self.count += 1
-        self.total += seconds
-
-    def quantile(self, q: float) -> float | None:
-        """Upper bound of the bucket holding the q-quantile (None when empty; inf past 2.5 s)."""
-        if not self.count:
-            return None
-        rank = q * self.count
-        seen = 0
-        for index, n in enumerate(self.buckets):
-            seen += n
-            if seen >= rank and n:
-                return DURATION_BUCKETS[index] if index < len(DURATION_BUCKETS) else float("inf")
-        return float("inf")
-
-    def copy(self) -> LatencyHistogram:
-        other = LatencyHistogram()
-        other.buckets = list(self.buckets)
-        other.count = self.count
-        other.total = self.total
-        return other
 
 
 class CommandFigures:

@@ -41,7 +41,8 @@ from typing import Any, Final
 
 from proxy.errors import MemshadowError
 from proxy.memcache.request import Request
-from proxy.shadow.stats import LatencyHistogram, ShadowStats
+from proxy.metrics import LatencyHistogram
+from proxy.shadow.stats import ShadowStats
 
 _HEADER: Final = struct.Struct(">I")
 MAX_FRAME: Final = 256 * 1024 * 1024
@@ -204,30 +205,29 @@ def empty_state() -> dict[str, Any]:
     return stats_state(ShadowStats())
 
 
-def _add_histograms(
-    a: tuple[list[int], int, float], b: tuple[list[int], int, float]
-) -> tuple[list[int], int, float]:
-    return [x + y for x, y in zip(a[0], b[0], strict=True)], a[1] + b[1], a[2] + b[2]
+# A histogram on the wire: (bucket counts, sum of seconds).
+_HistogramState = tuple[list[int], float]
 
 
-def _histogram(histogram: LatencyHistogram) -> tuple[list[int], int, float]:
-    return list(histogram.buckets), histogram.count, histogram.total
+def _add_histograms(a: _HistogramState, b: _HistogramState) -> _HistogramState:
+    return [x + y for x, y in zip(a[0], b[0], strict=True)], a[1] + b[1]
 
 
-def _histograms(table: dict[str, LatencyHistogram]) -> dict[str, tuple[list[int], int, float]]:
+def _histogram(histogram: LatencyHistogram) -> _HistogramState:
+    return list(histogram.buckets), histogram.total
+
+
+def _histograms(table: dict[str, LatencyHistogram]) -> dict[str, _HistogramState]:
     return {command: _histogram(histogram) for command, histogram in table.items()}
 
 
-def _load_histogram(histogram: LatencyHistogram, state: tuple[list[int], int, float]) -> None:
-    buckets, count, total = state
+def _load_histogram(histogram: LatencyHistogram, state: _HistogramState) -> None:
+    buckets, total = state
     histogram.buckets = list(buckets)
-    histogram.count = count
     histogram.total = total
 
 
-def _load_histograms(
-    table: dict[str, LatencyHistogram], state: dict[str, tuple[list[int], int, float]]
-) -> None:
+def _load_histograms(table: dict[str, LatencyHistogram], state: dict[str, _HistogramState]) -> None:
     for command, histogram_state in state.items():
         histogram = table.get(command)
         if histogram is None:

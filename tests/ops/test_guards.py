@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
-
 from proxy.config import (
     DropRuleConfig,
     GuardRuleConfig,
@@ -17,10 +15,10 @@ from proxy.config import (
     RampConfig,
     ShadowConfig,
 )
-from proxy.metrics import DURATION_BUCKETS, RequestStats
+from proxy.metrics import RequestStats
 from proxy.ops.audit import AuditLog
 from proxy.ops.autopilot import Autopilot
-from proxy.ops.guards import Action, Exposure, GuardPolicy, quantile, request_buckets
+from proxy.ops.guards import Action, Exposure, GuardPolicy, request_buckets
 from proxy.shadow.control import ShadowControl
 from proxy.shadow.stats import ShadowStats
 from tests.ops.support import Clock, feed, requests
@@ -163,16 +161,6 @@ def test_latency_rule_without_a_baseline_waits() -> None:
         "no baseline yet: 0/1000 requests measured with the shadow off"
     )
     assert figures.policy.baseline_progress() == (0, 1000)
-
-
-def test_quantile_interpolates_within_buckets() -> None:
-    buckets = [0] * (len(DURATION_BUCKETS) + 1)
-    buckets[DURATION_BUCKETS.index(0.001)] = 100  # all in (0.0005, 0.001]
-    assert quantile(tuple(buckets), 0.5) == pytest.approx(0.00075)
-    assert quantile(tuple(buckets), 0.99) == pytest.approx(0.000995)
-    buckets[-1] = 100  # over the largest bound
-    assert quantile(tuple(buckets), 0.99) == DURATION_BUCKETS[-1]
-    assert quantile(tuple([0] * len(buckets)), 0.5) is None
 
 
 # --- the autopilot applies them ----------------------------------------------------------------
