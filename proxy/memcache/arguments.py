@@ -11,6 +11,7 @@ import binascii
 from dataclasses import dataclass
 from typing import Final, NamedTuple
 
+from proxy.memcache.commands import KEY_MAX_LENGTH, META_COMMANDS
 from proxy.memcache.numbers import (
     INT32_MAX,
     canonical_int32,
@@ -19,7 +20,6 @@ from proxy.memcache.numbers import (
     safe_strtoul,
     safe_strtoull,
 )
-from proxy.memcache.request import KEY_MAX_LENGTH
 
 # Reasons a request is not replayed (memshadow_shadow_skipped_total{reason}), from most to
 # least serious: when a request has several problems the first of these is reported.
@@ -36,8 +36,6 @@ U64_MAX: Final = 2**64 - 1
 META_MAX_WORDS: Final = 19
 # An opaque token (the 'O' included) longer than this is refused (observed: 32 ok, 33 not).
 OPAQUE_MAX_TOKEN: Final = 32
-
-META_COMMANDS: Final = frozenset(("mg", "ms", "md", "ma"))
 
 # How memcached 1.6.18's flag pre-parser reads each flag's value. Any other flag character
 # is "CLIENT_ERROR invalid flag". (E and x arrived later: 1.6.18 refuses them.)

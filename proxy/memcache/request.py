@@ -11,10 +11,27 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
+from proxy.memcache.arguments import meta_key
+from proxy.memcache.commands import (
+    BY_WORD,
+    CLOSE,
+    GATS,
+    GETS,
+    KEY_LAYOUT,
+    KEY_MAX_LENGTH,
+    LINE,
+    META,
+    META_KEY,
+    META_SET,
+    RETRIEVAL,
+    STORAGE,
+    STREAM,
+    UNKNOWN,
+)
 from proxy.memcache.numbers import INT32_MAX, safe_strtol, safe_strtoul, safe_strtoull
 
-KEY_MAX_LENGTH = 250
 # memcached's tokenizer keeps at most 23 words; ms refuses more than 19 (ntokens > 20).
 MAX_WORDS = 23
 META_SET_MAX_WORDS = 19
@@ -104,71 +121,55 @@ class Request:
         return f"Request({self.line[:60]!r}, expect={self.expect.name}, sentinel={self.sentinel})"
 
     @property
-    def key(self) -> bytes | None:
-        """The key of a single-key command, None for multi-key or keyless ones."""
-        if self.command in _MULTI_KEY or self.command in _KEYLESS or len(self.words) < 2:
-            return None
-        return self.words[1]
+    def keys(self) -> list[bytes]:
+        """Every key the request names, as memcached stores it (see request_keys)."""
+        return request_keys(self.command, self.words)
+
+    def captured(self) -> Captured:
+        """What the shadow takes of this request once its reply is in."""
+        return Captured(
+            self.command,
+            self.words,
+            self.data_len,
+            self.data_ok,
+            self.data,
+            self.response,
+            self.started,
+        )
+
+
+class Captured(NamedTuple):
+    """A request the shadow took, with its reply: what the client path hands over, the same
+    inline and over the worker's wire (as a plain tuple in this order, see wire.py). Never
+    changed once made."""
+
+    command: str
+    words: list[bytes]
+    data_len: int  # -1: no data block
+    data_ok: bool  # False when the block did not end in \r\n
+    data: bytes | None  # the block, if it was buffered (within the value size limit)
+    response: bytes | None  # memcached's reply, None when it was not captured
+    started: float  # perf_counter time it went upstream (0.0: unknown)
 
     @property
     def keys(self) -> list[bytes]:
-        """Every key the request names (several for get/gets/gat/gats)."""
-        if self.command in ("get", "gets", "bget"):
-            return self.words[1:]
-        if self.command in ("gat", "gats"):
-            return self.words[2:]
-        key = self.key
-        return [] if key is None else [key]
+        return request_keys(self.command, self.words)
 
 
-_MULTI_KEY = frozenset(("get", "gets", "bget", "gat", "gats"))
-_KEYLESS = frozenset(
-    ("flush_all", "version", "verbosity", "stats", "quit", "mn", "watch", "unknown")
-)
-
-# Commands whose label is their own name in metrics; anything else is "unknown".
-_LABELS: dict[bytes, str] = {
-    name.encode(): name
-    for name in [
-        "get",
-        "gets",
-        "bget",
-        "gat",
-        "gats",
-        "set",
-        "add",
-        "replace",
-        "append",
-        "prepend",
-        "cas",
-        "delete",
-        "incr",
-        "decr",
-        "touch",
-        "flush_all",
-        "version",
-        "verbosity",
-        "stats",
-        "quit",
-        "mn",
-        "mg",
-        "ms",
-        "md",
-        "ma",
-        "me",
-        "watch",
-        "shutdown",
-        "cache_memlimit",
-        "slabs",
-        "lru",
-        "lru_crawler",
-        "misbehave",
-        "debugtime",
-    ]
-}
-_STORAGE_WORDS = {b"set": 5, b"add": 5, b"replace": 5, b"append": 5, b"prepend": 5, b"cas": 6}
-_SIMPLE_LINE = frozenset((b"delete", b"incr", b"decr", b"touch", b"flush_all", b"verbosity"))
-_META_NO_DATA = frozenset((b"mg", b"md", b"ma"))
+def request_keys(command: str, words: list[bytes]) -> list[bytes]:
+    """Every key a request names, as memcached stores it (a meta `b` key decoded; none when
+    it does not decode); commands.KEY_LAYOUT says where they are."""
+    layout = KEY_LAYOUT.get(command)
+    if layout is None or len(words) < 2:
+        return []
+    if layout == GETS:
+        return words[1:]
+    if layout == GATS:
+        return words[2:]
+    if layout == META_KEY:
+        key = meta_key(words)
+        return [key] if key else []
+    return [words[1]]
 
 
 def _words(line: bytes) -> list[bytes]:
@@ -259,10 +260,12 @@ def _parse_line(raw: bytes) -> Request:
     if not words:
         return Request(raw, words, "unknown", _UNTIL_SENTINEL, True)
     name = words[0]
-    label = _LABELS.get(name, "unknown")
+    command = BY_WORD.get(name, UNKNOWN)
+    label = command.name
+    framing = command.framing
     last_is_noreply = words[-1] == b"noreply"
 
-    if label in _MULTI_KEY:
+    if framing == RETRIEVAL:
         request = Request(raw, words, label, _RETRIEVAL, last_is_noreply)
         # memcached 1.6.18 answers a get with a key over 250 bytes by discarding every reply
         # it has not flushed yet on the connection (conn_release_items). An `mn` first flushes
@@ -270,28 +273,27 @@ def _parse_line(raw: bytes) -> Request:
         if len(line) > KEY_MAX_LENGTH + 4 and any(len(w) > KEY_MAX_LENGTH for w in words):
             request.flush_before = True
         return request
-    wanted = _STORAGE_WORDS.get(name)
-    if wanted is not None:
+    if framing == STORAGE:
         data_len = _storage_data_len(words, name == b"cas")
         return Request(raw, words, label, _LINE, last_is_noreply, data_len)
-    if name == b"ms":
+    if framing == META_SET:
         data_len = _meta_set_data_len(words)
         quiet = len(words) > MAX_WORDS or _quiet(words[3:])
         return Request(raw, words, label, _META, quiet, data_len)
-    if name in _META_NO_DATA:
+    if framing == META:
+        if name == b"me":  # memcached reads no flags of me
+            return Request(raw, words, label, _META, len(words) > MAX_WORDS)
         quiet = len(words) > MAX_WORDS or _quiet(words[2:])
         return Request(raw, words, label, _META, quiet)
-    if name == b"mn":
-        return Request(raw, words, label, _LINE, False)
-    if name == b"me":
-        return Request(raw, words, label, _META, len(words) > MAX_WORDS)
-    if name in _SIMPLE_LINE:
+    if framing == LINE:
+        if name == b"mn":  # never quiet: its MN is how a client ends a pipeline
+            return Request(raw, words, label, _LINE, False)
+        if name == b"version":  # memcached counts no words for version
+            return Request(raw, words, label, _LINE, last_is_noreply)
         return Request(raw, words, label, _LINE, last_is_noreply or len(words) > MAX_WORDS)
-    if name == b"version":
-        return Request(raw, words, label, _LINE, last_is_noreply)
-    if name == b"quit":
+    if framing == CLOSE:
         return Request(raw, words, label, _CLOSE, False)
-    if name == b"watch":
+    if framing == STREAM:
         return Request(raw, words, label, _STREAM, False)
     # stats, lru_crawler, slabs, unknown commands...: replies of varied shape and count.
     return Request(raw, words, label, _UNTIL_SENTINEL, True)

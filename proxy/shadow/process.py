@@ -38,7 +38,6 @@ from proxy.shadow.examples import MismatchExamples
 from proxy.shadow.metrics import install_shadow_metrics
 from proxy.shadow.sampler import KeySampler
 from proxy.shadow.stats import ShadowStats, client_requests
-from proxy.shadow.translate import state_keys
 from proxy.shadow.wire import (
     FrameDecoder,
     RequestTuple,
@@ -232,7 +231,7 @@ class ShadowProcess:
         self.stats.dropped[reason] += 1
         if reason == "worker_down" or self._lost_overflow:
             return  # (a new worker starts with every key cold anyway)
-        self._lost.update(state_keys(request))
+        self._lost.update(request.keys)
         if len(self._lost) > LOST_KEYS_LIMIT:
             self._lost.clear()
             self._lost_overflow = True

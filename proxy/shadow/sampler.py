@@ -18,6 +18,7 @@ from typing import Final
 from zlib import crc32
 
 from proxy.memcache.arguments import meta_key
+from proxy.memcache.commands import COMMANDS, FIRST, GATS, GETS, META_KEY
 from proxy.memcache.request import Request
 from proxy.shadow.control import ShadowControl
 
@@ -25,21 +26,10 @@ SEED: Final = 0x6D736864
 """Initial CRC value ("mshd"). Never change it: that would re-sample every key at once, and
 instances running different versions would disagree on which keys are shadowed."""
 
-# How decide() finds the key(s) of a command; commands not listed are never shadowed.
-_SINGLE: Final = 1  # the key is words[1] (what Request.key returns for these commands)
-_GETS: Final = 2  # get/gets/bget: words[1:] are keys; sampled when any key is
-_GATS: Final = 3  # gat/gats: words[2:] are keys (words[1] is the exptime)
-_META: Final = 4  # the key token, base64-decoded under the b flag
-_ALWAYS: Final = 5  # keyless but changes every key (flush_all)
+# How decide() finds the key(s) of a command (commands.KEY_LAYOUT); a command the shadow does
+# not replay is never sampled.
 _KIND: Final[dict[str, int]] = {
-    **dict.fromkeys(("get", "gets", "bget"), _GETS),
-    **dict.fromkeys(("gat", "gats"), _GATS),
-    **dict.fromkeys(
-        ("set", "add", "replace", "append", "prepend", "cas", "delete", "incr", "decr", "touch"),
-        _SINGLE,
-    ),
-    **dict.fromkeys(("mg", "ms", "md", "ma"), _META),
-    "flush_all": _ALWAYS,
+    name: command.keys for name, command in COMMANDS.items() if command.shadow
 }
 
 
@@ -78,22 +68,22 @@ class KeySampler:
         if kind is None:
             return False
         words = request.words
-        if kind == _SINGLE:
+        if kind == FIRST:
             return len(words) > 1 and crc32(words[1], SEED) < threshold
-        if kind == _GETS and len(words) == 2:  # the common single-key get, without a slice
+        if kind == GETS and len(words) == 2:  # the common single-key get, without a slice
             return crc32(words[1], SEED) < threshold
-        if kind in (_GETS, _GATS):
+        if kind in (GETS, GATS):
             # Not any(<generator>): that makes `threshold` a closure cell, which slows every
             # call, rate 0 included (0.042 -> 0.062 us; 10-key get 0.65 -> 1.2 us).
-            for key in words[1 if kind == _GETS else 2 :]:  # noqa: SIM110
+            for key in words[1 if kind == GETS else 2 :]:  # noqa: SIM110
                 if crc32(key, SEED) < threshold:
                     return True
             return False
-        if kind == _META:
+        if kind == META_KEY:
             # No word after the first starts with b, so there is no b flag: skip the scan.
             # `98 in line` (a memchr) costs 0.02 us, `b" b" in line` 0.15 us, the scan 0.17.
             line = request.line
             if 98 not in line or line.find(b" b") < 0:
                 return len(words) > 1 and crc32(words[1], SEED) < threshold
             return self.sampled_meta(words)
-        return True  # _ALWAYS
+        return True  # EVERY_KEY (flush_all)

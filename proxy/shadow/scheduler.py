@@ -18,11 +18,11 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
-from proxy.memcache.request import Request
+from proxy.memcache.request import Captured
 from proxy.shadow.executor import ASYNC, SENT
 from proxy.shadow.keystate import KeyState, KeyStates
 from proxy.shadow.stats import ShadowStats
-from proxy.shadow.translate import ShadowOp, Skip, state_keys, translate
+from proxy.shadow.translate import ShadowOp, Skip, translate
 
 log = logging.getLogger("memshadow.shadow")
 
@@ -76,7 +76,7 @@ class Scheduler:
         # times it sends (tick); inline, everything observed so far is in the queue.
         self._ticked = ticked
         self._horizon = 0.0
-        self._queue: deque[tuple[Request, float, int, int]] = deque()
+        self._queue: deque[tuple[Captured, float, int, int]] = deque()
         self.seq = 0  # requests observed so far: a total order of replies
         self._wakeup = asyncio.Event()
         # Per key with an operation in flight: the key's operations waiting for their turn.
@@ -90,7 +90,7 @@ class Scheduler:
     # -- the hand-off (synchronous, never waits) --------------------------------------------
 
     def observe(
-        self, requests: list[Request], session: int, replied_at: float | None = None
+        self, requests: list[Captured], session: int, replied_at: float | None = None
     ) -> None:
         """Queue the captured requests of one reply chunk; replied_at (perf_counter time,
         now by default) is when their replies came back."""
@@ -99,12 +99,10 @@ class Scheduler:
         shadowed = self.stats.shadowed
         limit = self.queue_size
         for request in requests:
-            if not request.capture:
-                continue
             shadowed[request.command] += 1  # dropped ones included: drops/requests <= 1
             self.seq = seq = self.seq + 1
             if len(queue) >= limit or self.stopping:
-                self.drop("queue_full", state_keys(request), seq)
+                self.drop("queue_full", request.keys, seq)
                 continue
             queue.append((request, now, session, seq))
         self.stats.queue_depth = len(queue)
@@ -203,7 +201,7 @@ class Scheduler:
             if self.stopping and not queue:
                 return
 
-    def _dispatch(self, request: Request, replied_at: float, session: int, seq: int) -> None:
+    def _dispatch(self, request: Captured, replied_at: float, session: int, seq: int) -> None:
         sent_at = request.started
         if sent_at:
             self.stats.for_command(request.command).memcached_latency.observe(replied_at - sent_at)

@@ -146,7 +146,7 @@ class Shadow:
         return self.sampler.decide(request)
 
     def observe(self, requests: list[Request], session: int) -> None:
-        self.dispatcher.observe(requests, session)
+        self.dispatcher.observe([r.captured() for r in requests if r.capture], session)
 
     def _record_example(
         self,

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from proxy.memcache.arguments import (
     MetaRequest,
     canonical_storage,
-    meta_key,
     parse_meta_request,
 )
+from proxy.memcache.commands import COMMANDS, KEY_MAX_LENGTH
 from proxy.memcache.numbers import canonical_int32, is_canonical_decimal
 from proxy.memcache.reply import MalformedReply, MetaReply, parse_meta, parse_retrieval
-from proxy.memcache.request import KEY_MAX_LENGTH, Request
+from proxy.memcache.request import Captured
 from proxy.redis.layout import REALTIME_MAXDELTA
 
 U32_MAX = 2**32 - 1
@@ -107,22 +107,12 @@ class Skip:
 
 
 Translation = list[ShadowOp] | Skip
-_META = frozenset(("mg", "ms", "md", "ma"))
 
-
-def state_keys(request: Request) -> list[bytes]:
-    """The keys a request's shadow state is filed under (meta `b` keys decoded)."""
-    if request.command in _META:
-        key = meta_key(request.words)
-        return [key] if key else []
-    return request.keys
-
-
-def translate(request: Request, sampled: Callable[[bytes], bool]) -> Translation:
+def translate(request: Captured, sampled: Callable[[bytes], bool]) -> Translation:
     """Turn one completed request (with its captured reply) into shadow operations."""
     reply = request.response
     if reply is None:
-        return Skip("reply_not_captured", tuple(state_keys(request)))
+        return Skip("reply_not_captured", tuple(request.keys))
     if request.command == "get" and len(request.words) == 2:
         ops = _plain_get(request.words[1], reply, sampled)
         if ops is not None:
@@ -184,7 +174,7 @@ def _plain_get(key: bytes, reply: bytes, sampled: Callable[[bytes], bool]) -> Tr
     return [ShadowOp("get", "read", key, MISS if hit is None else HIT, hit)]
 
 
-def _retrieval(request: Request, reply: bytes, sampled: Callable[[bytes], bool]) -> Translation:
+def _retrieval(request: Captured, reply: bytes, sampled: Callable[[bytes], bool]) -> Translation:
     words = request.words
     gat = request.command in ("gat", "gats")
     keys = words[2:] if gat else words[1:]
@@ -226,7 +216,7 @@ def _retrieval(request: Request, reply: bytes, sampled: Callable[[bytes], bool])
     return ops
 
 
-def _storage(request: Request, reply: bytes, sampled: Callable[[bytes], bool]) -> Translation:
+def _storage(request: Captured, reply: bytes, sampled: Callable[[bytes], bool]) -> Translation:
     words = request.words
     key = words[1] if len(words) > 1 else b""
     args = canonical_storage(words)
@@ -256,7 +246,7 @@ def _storage(request: Request, reply: bytes, sampled: Callable[[bytes], bool]) -
     ]
 
 
-def _too_large(request: Request, key: bytes, noreply: bool) -> ShadowOp:
+def _too_large(request: Captured, key: bytes, noreply: bool) -> ShadowOp:
     return ShadowOp(
         request.command,
         "store",
@@ -267,7 +257,7 @@ def _too_large(request: Request, key: bytes, noreply: bool) -> ShadowOp:
     )
 
 
-def _delete(request: Request, reply: bytes, sampled: Callable[[bytes], bool]) -> Translation:
+def _delete(request: Captured, reply: bytes, sampled: Callable[[bytes], bool]) -> Translation:
     words = request.words
     noreply = words[-1] == b"noreply"
     valid = (
@@ -284,7 +274,7 @@ def _delete(request: Request, reply: bytes, sampled: Callable[[bytes], bool]) ->
     return [ShadowOp(request.command, "delete", words[1], status)]
 
 
-def _arith(request: Request, reply: bytes, sampled: Callable[[bytes], bool]) -> Translation:
+def _arith(request: Captured, reply: bytes, sampled: Callable[[bytes], bool]) -> Translation:
     words = request.words
     noreply = words[-1] == b"noreply"
     if len(words) != 3 + noreply or len(words[1]) > KEY_MAX_LENGTH:
@@ -307,7 +297,7 @@ def _arith(request: Request, reply: bytes, sampled: Callable[[bytes], bool]) -> 
     return [op]
 
 
-def _touch(request: Request, reply: bytes, sampled: Callable[[bytes], bool]) -> Translation:
+def _touch(request: Captured, reply: bytes, sampled: Callable[[bytes], bool]) -> Translation:
     words = request.words
     noreply = words[-1] == b"noreply"
     if len(words) != 3 + noreply or len(words[1]) > KEY_MAX_LENGTH:
@@ -321,7 +311,7 @@ def _touch(request: Request, reply: bytes, sampled: Callable[[bytes], bool]) -> 
     return [ShadowOp(request.command, "touch", words[1], status, exptime=exptime)]
 
 
-def _flush(request: Request, reply: bytes, sampled: Callable[[bytes], bool]) -> Translation:
+def _flush(request: Captured, reply: bytes, sampled: Callable[[bytes], bool]) -> Translation:
     words = request.words
     noreply = words[-1] == b"noreply"
     args = words[1:-1] if noreply else words[1:]
@@ -343,7 +333,7 @@ _META_STATUS = {"HD": STORED, "NS": NOT_STORED, "EX": EXISTS, "NF": NOT_FOUND}
 _MS_MODES = {"S": "set", "E": "add", "A": "append", "P": "prepend", "R": "replace"}
 
 
-def _meta(request: Request) -> MetaRequest | Skip:
+def _meta(request: Captured) -> MetaRequest | Skip:
     meta = parse_meta_request(request.words)
     if meta.reason is not None:
         return Skip(meta.reason, (meta.key,) if meta.key else ())
@@ -362,7 +352,7 @@ def _meta_reply(reply: bytes, key: bytes) -> MetaReply | Skip:
     return parsed
 
 
-def _mg(request: Request, reply: bytes, sampled: Callable[[bytes], bool]) -> Translation:
+def _mg(request: Captured, reply: bytes, sampled: Callable[[bytes], bool]) -> Translation:
     meta = _meta(request)
     if isinstance(meta, Skip):
         return meta
@@ -386,7 +376,7 @@ def _mg(request: Request, reply: bytes, sampled: Callable[[bytes], bool]) -> Tra
     return [op]
 
 
-def _ms(request: Request, reply: bytes, sampled: Callable[[bytes], bool]) -> Translation:
+def _ms(request: Captured, reply: bytes, sampled: Callable[[bytes], bool]) -> Translation:
     meta = _meta(request)
     if isinstance(meta, Skip):
         return meta
@@ -437,7 +427,7 @@ def _ms(request: Request, reply: bytes, sampled: Callable[[bytes], bool]) -> Tra
     ]
 
 
-def _md(request: Request, reply: bytes, sampled: Callable[[bytes], bool]) -> Translation:
+def _md(request: Captured, reply: bytes, sampled: Callable[[bytes], bool]) -> Translation:
     meta = _meta(request)
     if isinstance(meta, Skip):
         return meta
@@ -456,7 +446,7 @@ def _md(request: Request, reply: bytes, sampled: Callable[[bytes], bool]) -> Tra
     return [ShadowOp(request.command, "delete", meta.key, status, cas=meta.cas, meta=True)]
 
 
-def _ma(request: Request, reply: bytes, sampled: Callable[[bytes], bool]) -> Translation:
+def _ma(request: Captured, reply: bytes, sampled: Callable[[bytes], bool]) -> Translation:
     meta = _meta(request)
     if isinstance(meta, Skip):
         return meta
@@ -496,25 +486,20 @@ def _ma(request: Request, reply: bytes, sampled: Callable[[bytes], bool]) -> Tra
     return [op]
 
 
-_HANDLERS: dict[str, Callable[[Request, bytes, Callable[[bytes], bool]], Translation]] = {
-    "get": _retrieval,
-    "gets": _retrieval,
-    "bget": _retrieval,
-    "gat": _retrieval,
-    "gats": _retrieval,
-    "set": _storage,
-    "add": _storage,
-    "replace": _storage,
-    "append": _storage,
-    "prepend": _storage,
-    "cas": _storage,
+_Handler = Callable[[Captured, bytes, Callable[[bytes], bool]], Translation]
+# The families of commands.COMMANDS' `shadow` column; the table says which command is which.
+_FAMILIES: dict[str, _Handler] = {
+    "retrieval": _retrieval,
+    "storage": _storage,
     "delete": _delete,
-    "incr": _arith,
-    "decr": _arith,
+    "arith": _arith,
     "touch": _touch,
-    "flush_all": _flush,
+    "flush": _flush,
     "mg": _mg,
     "ms": _ms,
     "md": _md,
     "ma": _ma,
+}
+_HANDLERS: dict[str, _Handler] = {
+    name: _FAMILIES[command.shadow] for name, command in COMMANDS.items() if command.shadow
 }

@@ -509,7 +509,6 @@ def test_unshadowable_input_is_what_memcached_refuses(memcached: ServerProcess) 
 def test_one_meta_key_decoder_for_the_sampler_the_shadow_state_and_the_parser() -> None:
     from proxy.memcache.arguments import meta_key, parse_meta_request
     from proxy.memcache.request import RequestFramer
-    from proxy.shadow.translate import state_keys
 
     # memcached reads a flag token's first character only: "b1" is the b flag.
     for line, key in [
@@ -525,6 +524,6 @@ def test_one_meta_key_decoder_for_the_sampler_the_shadow_state_and_the_parser() 
         assert meta_key(words) == key, line
         stream = line + b"\r\n" + (b"ab\r\n" if words[0] == b"ms" else b"")
         requests, _ = RequestFramer(capture=lambda r: True).feed(stream)
-        assert state_keys(requests[0]) == ([key] if key else []), line
+        assert requests[0].keys == ([key] if key else []), line
         if key is not None:
             assert parse_meta_request(words).key == key, line

@@ -155,7 +155,7 @@ def test_keys() -> None:
     assert parse_line(b"get a b a").keys == [b"a", b"b", b"a"]
     assert parse_line(b"gat 10 a b").keys == [b"a", b"b"]
     assert parse_line(b"set k 0 0 1").keys == [b"k"]
-    assert parse_line(b"mg k v").key == b"k"
+    assert parse_line(b"mg k v").keys == [b"k"]
     assert parse_line(b"version").keys == []
 
 

@@ -102,7 +102,7 @@ class Harness:
         request = requests[0]
         request.started = time.perf_counter() - age
         request.response = self.memcached(stream) if reply is None else reply
-        self.dispatcher.observe([request], session, replied_at=time.perf_counter() - age)
+        self.dispatcher.observe([request.captured()], session, replied_at=time.perf_counter() - age)
 
     async def idle(self) -> None:
         await asyncio.wait_for(self.dispatcher.idle(), 10)

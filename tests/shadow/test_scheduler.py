@@ -7,7 +7,7 @@ import asyncio
 import random
 import time
 
-from proxy.memcache.request import Request, RequestFramer
+from proxy.memcache.request import Captured, RequestFramer
 from proxy.shadow.executor import ASYNC, DONE, SENT
 from proxy.shadow.keystate import KeyState, KeyStates
 from proxy.shadow.scheduler import Scheduler
@@ -73,12 +73,12 @@ def make(runner: Runner, **limits: int) -> tuple[Scheduler, ShadowStats, KeyStat
     return scheduler, stats, keys
 
 
-def get(key: bytes) -> Request:
+def get(key: bytes) -> Captured:
     requests, _ = RequestFramer(capture=lambda r: True).feed(b"get " + key + b"\r\n")
     request = requests[0]
     request.started = time.perf_counter()
     request.response = b"END\r\n"
-    return request
+    return request.captured()
 
 
 async def test_each_key_runs_in_reply_order_one_operation_at_a_time() -> None:

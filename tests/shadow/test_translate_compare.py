@@ -215,9 +215,7 @@ def test_compare_outcome() -> None:
 
 
 def test_dropped_requests_are_filed_under_decoded_meta_keys() -> None:
-    from proxy.shadow.translate import state_keys as _state_keys
-
     requests, _ = RequestFramer().feed(
         b"mg " + base64.b64encode(b"bin key") + b" b v\r\nget a b\r\nms k 1\r\nx\r\n"
     )
-    assert [_state_keys(r) for r in requests] == [[b"bin key"], [b"a", b"b"], [b"k"]]
+    assert [r.keys for r in requests] == [[b"bin key"], [b"a", b"b"], [b"k"]]
