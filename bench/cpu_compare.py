@@ -25,22 +25,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import free_port, memcaslap_config, parse_memcaslap, wait_ready
+from run import cpu_seconds, free_port, memcaslap_config, parse_memcaslap, wait_ready
 
 HOST = "127.0.0.1"
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process and, recursively, its live children."""
-    total = 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / TICK
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return total
-    return total + sum(cpu_seconds(int(child)) for child in children)
 
 
 def start_memshadow(tree: Path, mc_port: int, redis_port: int, args: argparse.Namespace):
@@ -102,10 +89,10 @@ def main() -> None:
                 proc, port = start_memshadow(tree.resolve(), mc_port, redis_port, args)
                 try:
                     memcaslap(port, 2, conf)  # warm-up
-                    before = cpu_seconds(proc.pid)
+                    before = sum(cpu_seconds(proc.pid))
                     run = memcaslap(port, args.seconds, conf)
                     time.sleep(1.0)  # the shadow finishes what it was handed
-                    used = cpu_seconds(proc.pid) - before
+                    used = sum(cpu_seconds(proc.pid)) - before
                 finally:
                     os.killpg(proc.pid, signal.SIGINT)
                     proc.wait(15)

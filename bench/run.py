@@ -47,6 +47,14 @@ HOST = "127.0.0.1"  # every process and every request stays on loopback
 SHADOW_SETTLE = 1.0  # seconds after a run before memshadow's shadow figures are scraped
 
 BUILTIN_TARGETS = ("direct", "nutcracker", "relay", "memshadow")
+# memshadow with a shadow configured, at each rate of a ramp, in both worker modes; the
+# targets `make bench` runs unless --variant names others. `memshadow` alone has no shadow.
+DEFAULT_VARIANTS = tuple(
+    (f"rate{rate}{suffix}", ["--config", config, "--redis", "{redis_url}", "--sample-rate", rate])
+    for suffix, config in (("", "{process_config}"), ("-inline", "{inline_config}"))
+    for rate in ("0", "0.01", "1")
+)
+TICK = os.sysconf("SC_CLK_TCK")
 
 
 # --------------------------------------------------------------------------- processes
@@ -123,6 +131,22 @@ class Processes:
         self.procs.clear()
 
 
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(utime + stime of the process, the same summed over its live descendants), from /proc:
+    the CPU a target itself burns, whatever else runs on the machine."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        own = (int(fields[11]) + int(fields[12])) / TICK
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return 0.0, 0.0
+    below = 0.0
+    for child in children:
+        child_own, child_below = cpu_seconds(int(child))
+        below += child_own + child_below
+    return own, below
+
+
 def log_tail(path: Path, lines: int = 6) -> str:
     try:
         text = path.read_text(errors="replace").strip().splitlines()
@@ -171,6 +195,7 @@ class Target:
     log: Path | None = None
     argv: list[str] = field(default_factory=list)
     admin_port: int = 0  # memshadow targets: where /metrics is scraped
+    cpu_pid: int = 0  # whose CPU is the target's (direct: memcached's)
 
 
 def nutcracker_config(path: Path, listen: int, memcached: int) -> None:
@@ -229,6 +254,7 @@ def start_target(t: Target, procs: Processes, mc_port: int, workdir: Path,
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p))  # fmt: skip
         t.proc, t.log = procs.start(t.name, t.argv, cpus=cpus, cwd=REPO_ROOT, env=env)
+        t.cpu_pid = t.proc.pid
     except OSError as exc:
         t.status, t.reason = "skipped", f"cannot start: {exc}"
         return
@@ -443,6 +469,7 @@ def measure(spec: LoadSpec, t: Target, seconds: int, warmup: int) -> dict[str, A
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         start_new_session=True, preexec_fn=affinity_preexec(spec.probe_cpus),
     )  # fmt: skip
+    cpu_before = cpu_seconds(t.cpu_pid) if t.cpu_pid else None
     try:
         rc, out = run_memcaslap(spec, t.port, seconds)
     finally:
@@ -463,6 +490,10 @@ def measure(spec: LoadSpec, t: Target, seconds: int, warmup: int) -> dict[str, A
             figures = shadow_figures(before, scrape(t.admin_port))
             if figures["shadowed"]:
                 sample["shadow"] = figures
+    if cpu_before is not None:
+        # After the settle: the shadow's verdicts on this run's requests are its cost too.
+        own, below = cpu_seconds(t.cpu_pid)
+        sample["cpu"] = {"own": own - cpu_before[0], "children": below - cpu_before[1]}
     if rc != 0:
         sample["error"] = f"memcaslap rc={rc}: {out.strip()[-300:]}"
         return sample
@@ -490,6 +521,7 @@ def sample_metrics(s: dict[str, Any]) -> dict[str, float | None]:
     shadow = s.get("shadow") or {}
     shadowed = shadow.get("shadowed") or 0
     return {
+        **cpu_per_request(s.get("cpu"), mc["ops"] + (probe.get("n") or 0)),
         "dropped_pct": 100 * shadow["dropped"] / shadowed if shadowed else None,
         "lag_p99": shadow.get("lag_p99"),
         "redis_per_req": shadow["redis_commands"] / shadowed if shadowed else None,
@@ -504,10 +536,23 @@ def sample_metrics(s: dict[str, Any]) -> dict[str, float | None]:
     }
 
 
+def cpu_per_request(cpu: dict[str, float] | None, requests: int) -> dict[str, float | None]:
+    """µs of CPU per request served (memcaslap's and the prober's): the target's processes
+    together, its main process, and its child processes (memshadow's shadow worker)."""
+    if not cpu or not requests:
+        return dict.fromkeys(CPU_KEYS)
+    return {
+        "cpu_us": (cpu["own"] + cpu["children"]) / requests * 1e6,
+        "cpu_main_us": cpu["own"] / requests * 1e6,
+        "cpu_worker_us": cpu["children"] / requests * 1e6,
+    }
+
+
 Round = dict[str, dict[str, float | None]]  # target -> metric -> value, for one round
 
 
 SHADOW_KEYS = ("shadowed", "dropped_pct", "lag_p99", "redis_per_req", "mismatches")
+CPU_KEYS = ("cpu_us", "cpu_main_us", "cpu_worker_us")
 
 
 def summarize(
@@ -518,7 +563,8 @@ def summarize(
     for name in names:
         ms = [r[name] for r in by_round if r.get(name)]
         entry: dict[str, Any] = {"rounds_ok": len(ms)}
-        for key in ("tps", "p50", "p99", "mc_avg", "mc_p50_log2", "mc_p99_log2", *SHADOW_KEYS):
+        for key in ("tps", "p50", "p99", "mc_avg", "mc_p50_log2", "mc_p99_log2", *SHADOW_KEYS,
+                    *CPU_KEYS):  # fmt: skip
             vals = [m.get(key) for m in ms]
             entry[key] = med(vals)
             clean = [v for v in vals if v is not None]
@@ -570,6 +616,11 @@ def summarize(
             "added_p50_vs_relay": paired(added_ratio(name, "p50")),
             "added_mc_avg_vs_relay": paired(added_ratio(name, "mc_avg")),
         }
+    cpu_vs_relay = {
+        name: paired(lambda r, name=name: get(r, name, "cpu_us") / get(r, "relay", "cpu_us"))
+        for name in names
+        if "relay" in names
+    }
     vs_baseline: dict[str, Any] = {}
     if baseline in names:
         vs_baseline = {name: paired(tps_ratio(name, baseline)) for name in names}
@@ -580,10 +631,59 @@ def summarize(
         }
     return {
         "targets": per_target,
+        "goals": cpu_goals(names, per_target, paired, get),
+        "cpu_vs_relay": cpu_vs_relay,
         "ratios": ratios,
         "baseline": baseline,
         "vs_baseline": vs_baseline,
     }
+
+
+def cpu_goals(
+    names: list[str],
+    per_target: dict[str, dict[str, Any]],
+    paired: Callable[[Callable[[Round], float | None]], dict[str, Any]],
+    get: Callable[[Round, str, str], float],
+) -> list[dict[str, Any]]:
+    """The performance targets (issue 9), from paired per-round figures: each is a
+    (goal, paired ratio or median figure, limit, whether the median meets it)."""
+    goals: list[dict[str, Any]] = []
+
+    def goal(text: str, value: dict[str, Any], limit: float, at_most: bool = True) -> None:
+        median = value.get("median")
+        ok = None if median is None else (median <= limit if at_most else median >= limit)
+        goals.append({"goal": text, "value": value, "limit": limit, "ok": ok})
+
+    def cpu_ratio(a: str, b: str) -> dict[str, Any]:
+        return paired(lambda r: get(r, a, "cpu_us") / get(r, b, "cpu_us"))
+
+    for mode in ("", "-inline"):
+        rate0, rate001, rate1 = f"rate0{mode}", f"rate0.01{mode}", f"rate1{mode}"
+        label = "inline" if mode else "process"
+        if rate0 in names and "relay" in names:
+            goal(f"client path: CPU/request at rate 0 / relay's ({label})",
+                 cpu_ratio(rate0, "relay"), 1.05)  # fmt: skip
+        if rate0 in names and "memshadow" in names:
+            goal(f"rate 0 / no shadow configured, CPU/request ({label})",
+                 cpu_ratio(rate0, "memshadow"), 1.02)  # fmt: skip
+        if rate1 in names and rate0 in names:
+            extra = paired(
+                lambda r, a=rate1, b=rate0: get(r, a, "cpu_us") / get(r, b, "cpu_us") - 1.0
+            )
+            goal(f"shadow at rate 1: extra CPU/request / client path's ({label})", extra, 0.6)
+        if rate001 in names and rate0 in names:
+            goal(f"throughput at rate 0.01 / rate 0 ({label})",
+                 paired(lambda r, a=rate001, b=rate0: get(r, a, "tps") / get(r, b, "tps")),
+                 0.97, at_most=False)  # fmt: skip
+        if rate1 in names:
+            figures = per_target[rate1]
+            lag = figures.get("lag_p99")
+            goal(f"shadow lag p99 at rate 1, seconds ({label})",
+                 {"median": lag, "min": lag, "max": lag}, 0.05)  # fmt: skip
+            dropped = figures.get("dropped_pct")
+            goal(f"shadow work dropped at rate 1, % ({label})",
+                 {"median": dropped, "min": dropped, "max": dropped}, 0.0)  # fmt: skip
+    return goals
 
 
 # --------------------------------------------------------------------------- report
@@ -623,6 +723,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"load avg {env['loadavg_start']} (start) / {env['loadavg_end']} (end); "
         f"pinning: targets={cfg['pin_targets'] or 'none'}, "
         f"prober={cfg['pin_probe'] or 'none'}, memcaslap pins its worker thread i to CPU i.",
+        "",
+        *render_cpu(result),
         "",
         "| target | ops/s (median) | ops/s range | p50 µs | p99 µs "
         "| memcaslap avg µs | memcaslap p99 µs (log2, ±2x) | rounds |",
@@ -684,6 +786,45 @@ def render_markdown(result: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def render_cpu(result: dict[str, Any]) -> list[str]:
+    """CPU per request first: what a target costs, whatever else shares the machine."""
+    summ = result["summary"]
+    lines = [
+        "CPU per request: utime + stime of the target's processes (/proc/PID/stat) over the "
+        "measured run (for memshadow, plus the settle second after it, so the shadow's "
+        "verdicts on the run are counted), divided by the requests served (memcaslap's and "
+        "the prober's). Medians over rounds; `direct` is memcached's own CPU.",
+        "",
+        "| target | CPU µs/request | main process | worker | / relay | cores per 10k req/s "
+        "| ops/s | p50 µs | p99 µs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for t in result["targets"]:
+        s = summ["targets"].get(t["name"])
+        if s is None or s.get("cpu_us") is None:
+            continue
+        vs_relay = summ["cpu_vs_relay"].get(t["name"])
+        lines.append(
+            f"| {t['name']} | {fmt(s['cpu_us'], '.1f')} | {fmt(s['cpu_main_us'], '.1f')} | "
+            f"{fmt(s['cpu_worker_us'], '.1f') if s['cpu_worker_us'] else '-'} | "
+            f"{fmt_ratio(vs_relay)} | "
+            f"{fmt(s['cpu_us'] / 100, '.2f')} | {fmt(s['tps'])} | "
+            f"{fmt(s['p50'], '.0f')} | {fmt(s['p99'], '.0f')} |"
+        )
+    goals = summ.get("goals") or []
+    if goals:
+        lines += [
+            "",
+            "| goal | measured: median [min..max] | limit | met |",
+            "|---|---:|---:|---|",
+        ]
+        for g in goals:
+            met = "n/a" if g["ok"] is None else ("yes" if g["ok"] else "**no**")
+            value = fmt_ratio(g["value"], ".3g")
+            lines.append(f"| {g['goal']} | {value} | {g['limit']:g} | {met} |")
+    return lines
 
 
 def render_shadow(result: dict[str, Any]) -> list[str]:
@@ -806,7 +947,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def select_targets(args: argparse.Namespace) -> list[Target]:
     all_targets = [Target(n, n) for n in BUILTIN_TARGETS]
-    all_targets += [Target(name, "memshadow", extra) for name, extra in args.variant]
+    variants = args.variant or list(DEFAULT_VARIANTS)
+    all_targets += [Target(name, "memshadow", extra) for name, extra in variants]
     names = [t.name for t in all_targets]
     if len(set(names)) != len(names):
         raise SystemExit(f"duplicate target names: {names}")
@@ -884,6 +1026,10 @@ def run(
     say(f"memcached on {HOST}:{mc_port}")
 
     subst = {"memcached_port": str(mc_port)}
+    for mode in ("process", "inline"):
+        config = workdir / f"{mode}.yaml"
+        config.write_text(f"shadow:\n  worker: {mode}\n")
+        subst[f"{mode}_config"] = str(config)
     if need_redis:
         r_port = free_port()
         r_proc, r_log = procs.start("redis", [
@@ -898,6 +1044,8 @@ def run(
 
     for t in targets:
         start_target(t, procs, mc_port, workdir, subst, target_cpus, args.start_timeout)
+        if t.kind == "direct":
+            t.cpu_pid = mc_proc.pid
         if t.status == "ok":
             say(f"{t.name}: ready on {HOST}:{t.port}")
         else:
