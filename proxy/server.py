@@ -123,17 +123,18 @@ class ClientSession(asyncio.Protocol):
             proxy.upstream_failed(kind, exc)
             self.close()
             return
-        if self._closed:
-            assert upstream.transport is not None
-            upstream.transport.close()
+        transport = upstream.transport
+        if self._closed or transport is None or transport.is_closing():
+            # The client left meanwhile, or Memcached hung up at once: at its connection
+            # limit it answers "ERROR Too many open connections" and closes, which reached
+            # the client already (upstream_data), and its close closes the client too.
+            if transport is not None:
+                transport.close()
             return
         proxy.upstream_ok()
         self.upstream = upstream
-        assert upstream.transport is not None
         limits = proxy.config.limits
-        upstream.transport.set_write_buffer_limits(
-            limits.write_buffer_high, limits.write_buffer_low
-        )
+        transport.set_write_buffer_limits(limits.write_buffer_high, limits.write_buffer_low)
         early, self._early = self._early, []
         for chunk in early:
             self.data_received(chunk)

@@ -3,6 +3,7 @@ dying and coming back, slow clients, graceful shutdown, metrics of the client pa
 
 from __future__ import annotations
 
+import gc
 import socket
 import threading
 import time
@@ -240,3 +241,56 @@ def test_memcached_restart_fixture_reuses_port() -> None:
     server.start()
     assert server.port == port
     server.stop()
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_memcached_at_its_connection_limit_refuses_as_it_would_directly(
+    loop: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past -c, memcached answers a new connection with an ERROR line and closes it: a client
+    of the proxy gets exactly that, and the proxy logs no unretrieved task exception."""
+    memcached = ServerProcess(memcached_argv("-c", "30", threads=1))
+    memcached.start()
+    proxy = ProxyThread(proxy_config(memcached), use_uvloop=loop == "uvloop")
+    proxy.start()
+    held: list[socket.socket] = []
+    refused = b"ERROR Too many open connections\r\n"
+
+    def version(port: int) -> tuple[bytes, bool]:
+        """The reply to `version` on a new connection, and whether it ended after (closed,
+        or reset: memcached resets a connection whose request it never read)."""
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        held.append(sock)
+        sock.sendall(b"version\r\n")
+        data = b""
+        while not data.endswith(b"\r\n"):
+            chunk = sock.recv(100)
+            if not chunk:
+                return data, True
+            data += chunk
+        sock.settimeout(0.1)
+        try:
+            return data, sock.recv(100) == b""
+        except ConnectionResetError:
+            return data, True
+        except TimeoutError:
+            return data, False
+
+    try:
+        answers = [version(proxy.port) for _ in range(34)]
+        assert version(memcached.port) == (refused, True)  # what a client gets directly
+        assert answers.count((refused, True)) >= 4
+        assert set(answers) == {(refused, True), (b"VERSION 1.6.18\r\n", False)}
+        for sock in held:
+            sock.close()
+        held.clear()
+        time.sleep(0.3)
+        gc.collect()  # an unretrieved task exception is logged when its task is freed
+        time.sleep(0.1)
+        assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+        assert version(proxy.port) == (b"VERSION 1.6.18\r\n", False)  # room again
+    finally:
+        for sock in held:
+            sock.close()
+        proxy.stop()
+        memcached.stop()
