@@ -109,7 +109,10 @@ async def serve(config: Config, load: Callable[[], Config] | None = None) -> int
 
     loop = asyncio.get_running_loop()
     metrics = ProxyMetrics()
-    health = UpstreamHealth(config.memcached, timeout=config.upstream_connect_timeout)
+    # Replies to clients prove Memcached alive: the probe then sends nothing.
+    health = UpstreamHealth(
+        config.memcached, timeout=config.upstream_connect_timeout, activity=metrics.requests.total
+    )
     admin = AdminServer(
         config.admin.listen,
         metrics,

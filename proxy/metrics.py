@@ -138,6 +138,10 @@ class RequestStats:
         stats = self._commands[command] = LatencyHistogram()
         return stats
 
+    def total(self) -> int:
+        """Requests answered so far, every command together."""
+        return sum(stats.count for stats in self._commands.values())
+
     def count(self, command: str) -> int:
         stats = self._commands.get(command)
         return stats.count if stats is not None else 0

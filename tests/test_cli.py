@@ -411,6 +411,36 @@ def test_serves_clients_and_stops_on_sigterm(memcached: ServerProcess, loop: str
     assert code == 0, proc.lines
 
 
+def test_the_health_probe_leaves_no_connection_events_in_memcached(
+    memcached: ServerProcess,
+) -> None:
+    """memcached's own suite runs through memshadow: its t/watcher.t and t/stats.t must not
+    see a connection opened and closed every second by the readiness probe."""
+    proc = Running(
+        [sys.executable, "-m", "proxy", "--config", EXAMPLE, "--listen", "127.0.0.1:0",
+         "--admin", "127.0.0.1:0", "--memcached", str(memcached.address)]
+    )  # fmt: skip
+    try:
+        match = proc.wait_for(STARTED)
+        stats = Client(("127.0.0.1", port_of(match[1])), connect_timeout=5, timeout=5)
+        before = int(stats.stats()[b"total_connections"])  # (its own connection is counted)
+        watcher = socket.create_connection(("127.0.0.1", port_of(match[1])), timeout=5)
+        watcher.sendall(b"watch connevents\r\n")
+        assert watcher.recv(100) == b"OK\r\n"
+        before += 1  # the watcher's
+        watcher.settimeout(2.5)  # over two probe intervals, with no client traffic
+        events = b""
+        with contextlib.suppress(TimeoutError):
+            events = watcher.recv(4096)
+        after = int(stats.stats()[b"total_connections"])
+        watcher.close()
+        stats.close()
+        assert b"conn_new" not in events
+        assert after == before
+    finally:
+        proc.kill()
+
+
 def _children(pid: int) -> list[int]:
     children: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():

@@ -164,3 +164,58 @@ async def test_start_twice_and_stop_twice_are_harmless(memcached: ServerProcess)
     await health.stop()
     await health.stop()
     assert health.ready  # the last known state is kept
+
+
+async def counting_server(counts: dict[str, int]) -> Handler:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        counts["connections"] += 1
+        while line := await reader.readline():
+            if line == b"version\r\n":
+                counts["versions"] += 1
+                writer.write(b"VERSION 1.6.18\r\n")
+        writer.close()
+
+    return handle
+
+
+async def test_the_probe_keeps_one_connection_and_is_quiet_while_clients_get_answers() -> None:
+    counts = {"connections": 0, "versions": 0}
+    traffic = {"busy": False, "answered": 0}
+
+    def answered() -> int:  # replies to clients: growing between any two looks while busy
+        if traffic["busy"]:
+            traffic["answered"] += 1
+        return traffic["answered"]
+
+    async with fake_server(await counting_server(counts)) as address:
+        health = UpstreamHealth(address, interval=0.02, activity=answered)
+        await health.start()
+        try:
+            await wait_until(lambda: counts["versions"] >= 5)  # no client traffic: probes
+            assert counts["connections"] == 1  # all on one connection: no connection events
+            traffic["busy"] = True
+            await asyncio.sleep(0.05)  # a probe under way when traffic started may end
+            quiet = counts["versions"]
+            await asyncio.sleep(0.3)
+            assert counts["versions"] == quiet  # clients get answers: nothing is sent
+            assert health.ready
+            traffic["busy"] = False
+            await wait_until(lambda: counts["versions"] >= quiet + 3)  # idle again: probes
+            assert counts["connections"] == 1
+        finally:
+            await health.stop()
+
+
+async def test_a_kept_connection_closed_by_a_restart_is_replaced_within_one_probe(
+    memcached: ServerProcess,
+) -> None:
+    health = UpstreamHealth(memcached.address, interval=3600)
+    await health.start()
+    try:
+        assert health.ready
+        memcached.stop()
+        memcached.start()
+        # The kept connection is dead; the next probe notices and connects again at once.
+        assert await health.probe() is None
+    finally:
+        await health.stop()
