@@ -1,0 +1,126 @@
+"""The shadow engine's own CPU per request, without sockets on the client side.
+
+Feeds the dispatcher (the same one the worker runs) captured requests shaped like the bench
+load (memcaslap: 32-byte keys, 100-byte values, 90/10 get/set; every get finds the value its
+key's last set stored, so every verdict is a match), in reply chunks of --chunk requests, and
+replays them on a real redis-server. Reports the process CPU time (time.process_time: this
+process only, the Redis server's excluded) per request, best of --repeat runs. Steadier than
+an end-to-end run on a shared 2-core machine, so it can tell a 3% change; the end-to-end
+figure (bench/run.py) stays the one that counts.
+
+    python bench/shadow_cpu.py [--requests 50000] [--repeat 5] [--chunk 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import uvloop
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run import HOST, free_port, wait_ready
+
+from proxy.memcache.request import Captured
+from proxy.redis.store import RedisStore
+from proxy.runtime import tune_gc
+from proxy.shadow.control import ShadowControl
+from proxy.shadow.dispatcher import DispatcherSettings, ShadowDispatcher
+from proxy.shadow.mcreader import MemcachedReader
+from proxy.shadow.sampler import KeySampler
+from proxy.shadow.stats import ShadowStats
+
+
+def traffic(n: int, keys: int, seed: int) -> list[Captured]:
+    """90/10 get/set over `keys` keys; each key is set before it is read."""
+    rng = random.Random(seed)
+    value = b"v" * 100
+    names = [b"%032d" % i for i in range(keys)]
+    stored: set[bytes] = set()
+    out: list[Captured] = []
+    for _ in range(n):
+        key = rng.choice(names)
+        if key not in stored or rng.random() < 0.1:
+            stored.add(key)
+            words = [b"set", key, b"0", b"0", b"100"]
+            out.append(Captured("set", words, 100, True, value, b"STORED\r\n", 0.0))
+        else:
+            reply = b"VALUE " + key + b" 0 100\r\n" + value + b"\r\nEND\r\n"
+            out.append(Captured("get", [b"get", key], -1, True, None, reply, 0.0))
+    return out
+
+
+async def one_run(redis_port: int, requests: list[Captured], chunk: int) -> float:
+    tune_gc()  # as the worker does
+    store = RedisStore.from_url(f"redis://{HOST}:{redis_port}/0", size=2)
+    assert await store.start()
+    reader = MemcachedReader(HOST, 1, timeout=1.0)  # never used: every verdict is a match
+    stats = ShadowStats()
+    control = ShadowControl(1.0)
+    dispatcher = ShadowDispatcher(
+        store=store,
+        reader=reader,
+        control=control,
+        sampled=KeySampler(control).sampled,
+        stats=stats,
+        settings=DispatcherSettings(),
+    )
+    await dispatcher.start()
+    started = time.process_time()
+    for start in range(0, len(requests), chunk):
+        now = time.perf_counter()
+        dispatcher.observe(requests[start : start + chunk], 1, replied_at=now)
+        await asyncio.sleep(0)  # one loop iteration per reply chunk, as on a live proxy
+        while stats.queue_depth > 1000:  # never drop: the figure is for judged requests
+            await asyncio.sleep(0.001)
+    await dispatcher.idle()
+    used = time.process_time() - started
+    await dispatcher.stop()
+    await store.close()
+    await reader.close()
+    matches = sum(n for (_, outcome), n in stats.comparisons.items() if outcome == "match")
+    if matches != len(requests):
+        raise SystemExit(f"expected {len(requests)} matches, got {dict(stats.comparisons)}")
+    return used / len(requests) * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--requests", type=int, default=50_000)
+    ap.add_argument("--keys", type=int, default=10_000)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--chunk", type=int, default=16)
+    args = ap.parse_args()
+    port = free_port()
+    redis = subprocess.Popen(
+        [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind", HOST,
+         "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        if why := wait_ready(redis, port, b"PING\r\n", b"+PONG", 10.0):
+            raise SystemExit(f"redis-server: {why}")
+        requests = traffic(args.requests, args.keys, seed=1)
+        results = []
+        for _ in range(args.repeat):
+            flush = ["redis-cli", "-p", str(port), "FLUSHALL"]
+            subprocess.run(flush, check=True, capture_output=True)
+            results.append(uvloop.run(one_run(port, requests, args.chunk)))
+        print(
+            f"shadow engine: {min(results):.2f} us CPU per request (best of {args.repeat}; "
+            f"all: {', '.join(f'{r:.2f}' for r in results)})"
+        )
+    finally:
+        redis.terminate()
+
+
+if __name__ == "__main__":
+    main()
