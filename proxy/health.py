@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 
@@ -91,6 +92,8 @@ class UpstreamHealth:
                 )
         except TimeoutError:
             return f"{where} did not accept a connection within {self.timeout:g}s"
+        except socket.gaierror as exc:  # os.strerror() knows no resolver errors (-2...)
+            return f"cannot resolve the host of {where}: {exc.strerror}"
         except OSError as exc:
             # asyncio's own message is "Connect call failed (host, port)"; the errno says why.
             why = os.strerror(exc.errno) if exc.errno else str(exc)

@@ -219,3 +219,12 @@ async def test_a_kept_connection_closed_by_a_restart_is_replaced_within_one_prob
         assert await health.probe() is None
     finally:
         await health.stop()
+
+
+async def test_a_host_name_that_does_not_resolve_is_named() -> None:
+    health = UpstreamHealth(HostPort("no-such-host.invalid", 11211), timeout=5.0)
+    failure = await health.probe()
+    assert failure is not None
+    where = "memcached at no-such-host.invalid:11211"
+    assert failure.startswith(f"cannot resolve the host of {where}: ")
+    assert "Unknown error" not in failure

@@ -15,7 +15,9 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
 import ssl
+import time
 import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -34,6 +36,72 @@ from proxy.redis.errors import (
 )
 
 log = logging.getLogger(__name__)
+
+OUTAGE_SUMMARY_INTERVAL = 60.0
+"""While a Redis stays unreachable, one summary line per this many seconds (every connection
+of a pool retries on its own, a few times a second in all: one line per attempt would flood
+the log for as long as the outage lasts)."""
+
+
+class _Outage:
+    """The connect failures to one Redis, whichever connection of a pool made them: logged
+    when they start, summarised every OUTAGE_SUMMARY_INTERVAL, and once when a connection
+    succeeds again."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.since: float | None = None
+        self.attempts = 0
+        self.logged_at = 0.0
+
+    def failed(self, error: str) -> None:
+        now = time.monotonic()
+        self.attempts += 1
+        if self.since is None:
+            self.since = self.logged_at = now
+            log.warning(
+                "%s: connect failed: %s (retrying; a summary every %gs while it lasts)",
+                self.where,
+                error,
+                OUTAGE_SUMMARY_INTERVAL,
+            )
+        elif now - self.logged_at >= OUTAGE_SUMMARY_INTERVAL:
+            self.logged_at = now
+            log.warning(
+                "%s: unreachable for %.0f s, %d connect attempts; last error: %s",
+                self.where,
+                now - self.since,
+                self.attempts,
+                error,
+            )
+
+    def recovered(self) -> None:
+        if self.since is not None:
+            log.info(
+                "%s: connected again after %.0f s unreachable (%d failed connect attempts)",
+                self.where,
+                time.monotonic() - self.since,
+                self.attempts,
+            )
+            self.since = None
+            self.attempts = 0
+
+
+_OUTAGES: dict[str, _Outage] = {}
+
+
+def _outage(url: RedisURL) -> _Outage:
+    where = f"redis {url}"  # (str() of a RedisURL leaves the password out)
+    outage = _OUTAGES.get(where)
+    if outage is None:
+        outage = _OUTAGES[where] = _Outage(where)
+    return outage
+
+
+def _describe_failure(exc: BaseException, url: RedisURL) -> str:
+    if isinstance(exc, socket.gaierror):  # "[Errno -2] ..." does not say which name failed
+        return f"cannot resolve the host {url.host!r}: {exc.strerror}"
+    return f"{type(exc).__name__}: {exc}"
 
 Reply: TypeAlias = bytes | int | float | list["Reply"] | None
 """A decoded RESP2 reply (error replies are raised as RedisReplyError instead)."""
@@ -388,11 +456,9 @@ class RedisConnection:
                 protocol = await self._connect_once()
             except (OSError, TimeoutError, RedisError) as exc:
                 self.connect_failures += 1
-                self.last_error = f"{type(exc).__name__}: {exc}"
+                self.last_error = _describe_failure(exc, self.url)
                 self._attempted.set()
-                log.warning(
-                    "redis %s (%s): connect failed: %s", self.name, self.url, self.last_error
-                )
+                _outage(self.url).failed(self.last_error)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, self.backoff_max)
                 continue
@@ -400,6 +466,7 @@ class RedisConnection:
                 protocol.abort(RedisUnavailable("connection closed by the client"))
                 return
             delay = self.backoff_initial
+            _outage(self.url).recovered()
             if self.connects:
                 self.reconnects += 1
             self.connects += 1

@@ -392,6 +392,39 @@ async def test_redis_killed_then_back(redis_factory: StartRedis) -> None:
         await store.close()
 
 
+async def test_a_redis_that_stays_down_is_logged_once_then_summarised(
+    redis_factory: StartRedis, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four connections retrying for a second make dozens of attempts: one warning when the
+    outage starts, a summary per interval, one line when a connection succeeds again."""
+    monkeypatch.setattr(client_module, "OUTAGE_SUMMARY_INTERVAL", 0.5)
+    server = redis_factory()
+    server.stop()
+    pool = RedisPool(server.url(), 4, connect_timeout=0.3, backoff_initial=0.01, backoff_max=0.02)
+    caplog.set_level("INFO", logger="proxy.redis.client")
+    assert not await pool.start()
+    try:
+        await asyncio.sleep(1.2)
+        attempts = sum(conn.connect_failures for conn in pool.connections)
+        lines = [r.getMessage() for r in caplog.records if r.name == "proxy.redis.client"]
+        assert attempts >= 20
+        assert sum("connect failed" in line for line in lines) == 1
+        assert 1 <= sum("unreachable for" in line for line in lines) <= 3
+        server.start()
+        assert await pool.wait_connected(5)
+        await eventually(lambda: any("connected again" in r.getMessage() for r in caplog.records))
+    finally:
+        await pool.close()
+
+
+async def test_a_redis_host_that_does_not_resolve_is_named() -> None:
+    conn = RedisConnection("redis://no-such-host.invalid:6379", connect_timeout=2.0)
+    assert not await conn.start()
+    assert conn.last_error is not None
+    assert conn.last_error.startswith("cannot resolve the host 'no-such-host.invalid': ")
+    await conn.close()
+
+
 async def test_missing_function_is_reloaded_once(redis_shared: Server) -> None:
     store = store_for(redis_shared.url(db=5))
     assert await store.start()
