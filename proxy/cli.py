@@ -16,7 +16,7 @@ from typing import Any
 
 from proxy import __version__
 from proxy.admin import AdminServer
-from proxy.config import Config, HostPort, apply_overrides, load_config
+from proxy.config import Config, HostPort, apply_overrides, check_complete, load_config
 from proxy.errors import ConfigError
 from proxy.health import UpstreamHealth
 from proxy.metrics import ProxyMetrics
@@ -75,7 +75,7 @@ def config_loader(args: argparse.Namespace) -> Callable[[], Config]:
     reload (so a flag keeps winning over the file)."""
 
     def load() -> Config:
-        return apply_overrides(
+        config = apply_overrides(
             load_config(args.config),
             listen=args.listen,
             memcached=args.memcached,
@@ -83,6 +83,7 @@ def config_loader(args: argparse.Namespace) -> Callable[[], Config]:
             sample_rate=args.sample_rate,
             admin=args.admin,
         )
+        return check_complete(config)
 
     return load
 
@@ -220,8 +221,6 @@ def _describe_shadow(config: Config) -> str:
         return f"shadowing {shadow.sample_rate:g} of keys to {shadow.redis}"
     if shadow.redis is not None:
         return f"shadow to {shadow.redis} ready at rate 0 (raise it through the admin API)"
-    if shadow.sample_rate > 0:
-        log.warning("shadow.sample_rate is %g but no Redis URL is set", shadow.sample_rate)
     return "shadow off"
 
 

@@ -613,8 +613,9 @@ class ShadowConfig:
 
     @property
     def enabled(self) -> bool:
-        """Shadowing happens only with both a Redis URL and a non-zero rate. A rate without a
-        URL is not an error, so a file may set the rate and --redis supply the server."""
+        """Shadowing happens only with both a Redis URL and a non-zero rate. A file may set
+        the rate and --redis supply the server; check_complete() refuses a rate with
+        neither."""
         return self.redis is not None and self.sample_rate > 0.0
 
 
@@ -796,6 +797,20 @@ def parse_config(text: str, *, source: str) -> Config:
         raise ConfigError(source, f"invalid YAML: {exc}") from None
     config = _Loader(source).section(Config, root, "")
     return dataclasses.replace(config, source=source)
+
+
+def check_complete(config: Config) -> Config:
+    """The checks that need the file and the flags together (a rate from the file and the
+    Redis URL from --redis is fine): returns config, or raises ConfigError."""
+    shadow = config.shadow
+    if shadow.sample_rate > 0.0 and shadow.redis is None:
+        raise ConfigError(
+            config.source,
+            f"is {shadow.sample_rate:g}, but no Redis is set (shadow.redis, or --redis), so "
+            "nothing would be shadowed: set one, or set the rate to 0",
+            key="shadow.sample_rate",
+        )
+    return config
 
 
 def apply_overrides(

@@ -216,6 +216,21 @@ def test_bad_flag_values_exit_2(flags: list[str], message: str) -> None:
     assert (result.returncode, result.stdout, result.stderr) == (2, "", message + "\n")
 
 
+def test_a_sample_rate_with_no_redis_is_refused(tmp_path: Path) -> None:
+    result = memshadow("--config", EXAMPLE, "--sample-rate", "0.5", "--check-config")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        f"{EXAMPLE}: shadow.sample_rate: is 0.5, but no Redis is set (shadow.redis, or "
+        "--redis), so nothing would be shadowed: set one, or set the rate to 0\n"
+    )
+    # The rate may come from the file and the Redis from a flag, or the other way round.
+    config = tmp_path / "rate.yaml"
+    config.write_text("shadow:\n  sample_rate: 0.5\n")
+    result = memshadow("--config", str(config), "--redis", "redis://r:6379/0", "--check-config")
+    assert result.returncode == 0, result.stderr
+    assert memshadow("--config", str(config), "--check-config").returncode == 2
+
+
 def test_flags_are_checked_even_when_the_file_is_fine() -> None:
     result = memshadow("--config", EXAMPLE, "--sample-rate", "2")
     assert result.returncode == 2

@@ -23,6 +23,7 @@ from proxy.shadow.control import ShadowControl
 from proxy.shadow.stats import ShadowStats
 from tests.ops.http import call, call_sync
 from tests.ops.support import feed
+from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -282,6 +283,10 @@ def test_sighup_reloads_a_running_memshadow(tmp_path: Path) -> None:
             "127.0.0.1:0",
             "--memcached",
             "127.0.0.1:1",
+            # A rate needs a Redis (check_complete); this one is never reached, which the
+            # reload does not care about.
+            "--redis",
+            f"redis://127.0.0.1:{free_port()}/0",
         ],
         cwd=ROOT,
         env=env,
