@@ -7,6 +7,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# What is installed: the venv itself, what running needs, what the tests need on top.
+VENV_STAMP := $(VENV)/.created
+RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 RUN_PACKAGES := memcached redis-server
 # chromium + chromium-driver: the console's end-to-end test; prometheus: promtool for the
@@ -17,7 +20,7 @@ LINT_PATHS := proxy tests $(wildcard bench)
 
 .PHONY: run test lint typecheck bench clean venv
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	scripts/ensure-packages.sh $(RUN_PACKAGES)
 	scripts/dev-run.sh $(ARGS)
 
@@ -39,9 +42,9 @@ bench: $(STAMP)
 
 venv: $(STAMP)
 
-# The venv is rebuilt when pyproject.toml changes. Debian's own python3 needs python3-venv
-# for `-m venv` to work, so that is installed first when it is missing.
-$(STAMP): pyproject.toml
+# Debian's own python3 needs python3-venv for `-m venv` to work, so that is installed first
+# when it is missing.
+$(VENV_STAMP):
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
 		echo "error: memshadow needs Python 3.11 or newer, but $(PYTHON) is" \
 			"$$($(PYTHON) --version 2>&1 || echo missing); run with PYTHON=/path/to/python3.11" >&2; \
@@ -49,8 +52,17 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || scripts/ensure-packages.sh python3-venv
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --editable '.[test]'
 	@touch $@
+
+# Installed again when pyproject.toml changes. `make run` installs only what running needs;
+# the test tools (pytest, ruff, mypy, hadolint...) come with the first test, lint or bench.
+$(RUN_STAMP): pyproject.toml $(VENV_STAMP)
+	$(BIN)/python -m pip install --quiet --editable .
+	@touch $@
+
+$(STAMP): pyproject.toml $(VENV_STAMP)
+	$(BIN)/python -m pip install --quiet --editable '.[test]'
+	@touch $@ $(RUN_STAMP)
 
 clean:
 	rm -rf $(VENV) .run build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
