@@ -12,6 +12,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from importlib import resources
 from typing import Any
 
 from proxy import __version__
@@ -48,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--check-config", action="store_true", help="validate the configuration and exit"
     )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the default configuration, every option commented, and exit",
+    )
     parser.add_argument("--version", action="version", version=f"memshadow {__version__}")
     return parser
 
@@ -57,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error already printed
         return exc.code if isinstance(exc.code, int) else EXIT_CONFIG_ERROR
+    if args.print_config:
+        sys.stdout.write(config_template())
+        return EXIT_OK
     load = config_loader(args)
     try:
         config = load()
@@ -68,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     configure_logging(config.log)
     return run(config, load)
+
+
+def config_template() -> str:
+    """The commented default configuration shipped in the package (config/memshadow.yaml in
+    the source tree is the same file)."""
+    return (resources.files("proxy") / "memshadow.yaml").read_text(encoding="utf-8")
 
 
 def config_loader(args: argparse.Namespace) -> Callable[[], Config]:

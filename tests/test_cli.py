@@ -121,6 +121,16 @@ def test_version() -> None:
     assert __version__ == "0.1.0"
 
 
+def test_print_config_writes_the_commented_defaults(tmp_path: Path) -> None:
+    result = memshadow("--print-config")
+    assert result.returncode == 0 and result.stderr == ""
+    assert result.stdout == Path(EXAMPLE).read_text(encoding="utf-8")
+    assert result.stdout.startswith("# memshadow configuration: every option")
+    copy = tmp_path / "memshadow.yaml"
+    copy.write_text(result.stdout, encoding="utf-8")
+    assert memshadow("--config", str(copy), "--check-config").returncode == 0
+
+
 def test_check_config_defaults() -> None:
     result = memshadow("--check-config")
     assert (result.returncode, result.stdout, result.stderr) == (0, "config OK: defaults\n", "")
