@@ -691,21 +691,32 @@ def option_paths(cls: type[Any] = Config, prefix: str = "") -> Iterator[str]:
 
 
 class _Loader:
-    """Walks the composed YAML tree against the dataclass schema, keeping marks for errors."""
+    """Walks the composed YAML tree against the dataclass schema, keeping marks for errors.
+
+    Every error of the file is collected (an option in error takes its default meanwhile)
+    and raised together by done(), so one --check-config lists them all."""
 
     def __init__(self, file: str) -> None:
         self.file = file
+        self.errors: list[ConfigError] = []
 
-    def error(self, node: Node | None, key: str, problem: str) -> ConfigError:
+    def error(self, node: Node | None, key: str, problem: str) -> None:
         line = node.start_mark.line + 1 if node is not None and node.start_mark else None
-        return ConfigError(self.file, problem, line=line, key=key)
+        self.errors.append(ConfigError(self.file, problem, line=line, key=key))
+
+    def done(self, config: _T) -> _T:
+        if self.errors:
+            first, *rest = self.errors
+            raise ConfigError(first.file, first.problem, line=first.line, key=first.key, more=rest)
+        return config
 
     def section(self, cls: type[_T], node: Node | None, path: str) -> _T:
         if node is None or (isinstance(node, ScalarNode) and node.tag == _NULL_TAG):
             return cls()  # "shadow:" with every option commented out means defaults
         if not isinstance(node, MappingNode):
             where = path or "top level"
-            raise self.error(node, where, f"must be a mapping of options, got {_describe(node)}")
+            self.error(node, where, f"must be a mapping of options, got {_describe(node)}")
+            return cls()
         fields = {
             f.name: f
             for f in dataclasses.fields(cast(Any, cls))
@@ -713,18 +724,22 @@ class _Loader:
         }
         values: dict[str, Any] = {}
         nodes: dict[str, Node] = {}
+        errors_before = len(self.errors)
         for key_node, value_node in node.value:
             if not (isinstance(key_node, ScalarNode) and key_node.tag == _STR_TAG):
-                raise self.error(key_node, path or "top level", "option names must be plain words")
+                self.error(key_node, path or "top level", "option names must be plain words")
+                continue
             name = key_node.value
             dotted = f"{path}.{name}" if path else name
             if name in nodes:
                 first = nodes[name].start_mark.line + 1
-                raise self.error(key_node, dotted, f"given twice (first on line {first})")
+                self.error(key_node, dotted, f"given twice (first on line {first})")
+                continue
             nodes[name] = key_node
             spec = fields.get(name)
             if spec is None:
-                raise self.error(key_node, dotted, _unknown_key_problem(name, path, list(fields)))
+                self.error(key_node, dotted, _unknown_key_problem(name, path, list(fields)))
+                continue
             # A section with a shorthand (admin: HOST:PORT) may be given as one scalar.
             shorthand = spec.metadata.get("shorthand")
             if "section" in spec.metadata and not (
@@ -738,14 +753,16 @@ class _Loader:
             try:
                 values[name] = parse(value_node)
             except InvalidValue as exc:
-                raise self.error(value_node, dotted, exc.problem) from None
+                self.error(value_node, dotted, exc.problem)
         result = cls(**values)
+        if len(self.errors) > errors_before:
+            return result  # a check across options would only see defaults in their place
         try:
             _SECTION_CHECKS.get(cls, _no_check)(result)
         except _Conflict as exc:
             name = next((n for n in exc.fields if n in nodes), exc.fields[0])
             key = f"{path}.{name}" if path else name
-            raise self.error(nodes.get(name, node), key, exc.problem) from None
+            self.error(nodes.get(name, node), key, exc.problem)
         return result
 
 
@@ -795,7 +812,8 @@ def parse_config(text: str, *, source: str) -> Config:
         raise ConfigError(source, f"invalid YAML: {detail}", line=line) from None
     except yaml.YAMLError as exc:
         raise ConfigError(source, f"invalid YAML: {exc}") from None
-    config = _Loader(source).section(Config, root, "")
+    loader = _Loader(source)
+    config = loader.done(loader.section(Config, root, ""))
     return dataclasses.replace(config, source=source)
 
 

@@ -3,6 +3,7 @@ MemshadowError, so callers can tell our failures from bugs."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -18,7 +19,15 @@ class ConfigError(MemshadowError):
         config/memshadow.yaml:12: shadow.sample_rate: must be a number between 0 and 1, got 'abc'
     """
 
-    def __init__(self, file: str, problem: str, *, line: int | None = None, key: str = "") -> None:
+    def __init__(
+        self,
+        file: str,
+        problem: str,
+        *,
+        line: int | None = None,
+        key: str = "",
+        more: Sequence[ConfigError] = (),
+    ) -> None:
         self.file = file
         # 1-based, as editors count; None when the error is not tied to a line.
         self.line = line
@@ -26,7 +35,9 @@ class ConfigError(MemshadowError):
         # empty when the error concerns the whole file (unreadable, bad syntax).
         self.key = key
         self.problem = problem
-        super().__init__(self._render())
+        # The other errors found in the same file, after this one: str() gives one line each.
+        self.more = tuple(more)
+        super().__init__(str(self))
 
     def _render(self) -> str:
         where = self.file if self.line is None else f"{self.file}:{self.line}"
@@ -35,16 +46,25 @@ class ConfigError(MemshadowError):
         return f"{where}: {self.problem}"
 
     def __str__(self) -> str:
-        return self._render()
+        return "\n".join([self._render(), *(other._render() for other in self.more)])
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Keyword-only arguments defeat Exception's default pickling (used by multiprocessing
         # and some test runners), so spell the constructor call out.
-        return (_rebuild_config_error, (self.file, self.problem, self.line, self.key))
+        return (
+            _rebuild_config_error,
+            (self.file, self.problem, self.line, self.key, self.more),
+        )
 
 
-def _rebuild_config_error(file: str, problem: str, line: int | None, key: str) -> ConfigError:
-    return ConfigError(file, problem, line=line, key=key)
+def _rebuild_config_error(
+    file: str,
+    problem: str,
+    line: int | None,
+    key: str,
+    more: Sequence[ConfigError] = (),
+) -> ConfigError:
+    return ConfigError(file, problem, line=line, key=key, more=more)
 
 
 class InvalidValue(MemshadowError, ValueError):

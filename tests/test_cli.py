@@ -179,6 +179,18 @@ def test_bad_config_stops_a_normal_start_too(tmp_path: Path) -> None:
     assert result.stderr == f"{path}:1: listn: unknown option 'listn' (did you mean 'listen'?)\n"
 
 
+def test_check_config_lists_every_error(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("listen: nowhere\nlog:\n  level: loud\n", encoding="utf-8")
+    result = memshadow("--config", str(path), "--check-config")
+    assert (result.returncode, result.stdout) == (2, "")
+    lines = result.stderr.splitlines()
+    assert [line.split(": ", 2)[:2] for line in lines] == [
+        [f"{path}:1", "listen"],
+        [f"{path}:3", "log.level"],
+    ]
+
+
 def test_missing_config_file(tmp_path: Path) -> None:
     path = tmp_path / "missing.yaml"
     result = memshadow("--config", str(path), "--check-config")

@@ -218,6 +218,22 @@ def test_unknown_key_without_a_close_match_lists_valid_keys(tmp_path: Path) -> N
     assert err.problem == "unknown option 'colour'; valid options here: level, format"
 
 
+def test_every_error_of_a_file_is_reported_in_file_order(tmp_path: Path) -> None:
+    err = error_of(
+        tmp_path,
+        "listen: nowhere\nshadow:\n  sample_rat: 0.1\n  queue_size: -3\nlog:\n  level: loud\n",
+    )
+    assert (err.line, err.key) == (1, "listen")  # the first one, as before
+    assert [(e.line, e.key) for e in err.more] == [
+        (3, "shadow.sample_rat"),
+        (4, "shadow.queue_size"),
+        (6, "log.level"),
+    ]
+    lines = str(err).splitlines()
+    assert len(lines) == 4 and all(line.startswith(f"{err.file}:") for line in lines)
+    assert str(pickle.loads(pickle.dumps(err))) == str(err)  # all of them survive pickling
+
+
 def test_duplicate_key(tmp_path: Path) -> None:
     err = error_of(tmp_path, "listen: 127.0.0.1:1\n\nlisten: 127.0.0.1:2\n")
     assert (err.line, err.key) == (3, "listen")
