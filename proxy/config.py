@@ -471,6 +471,10 @@ class LimitsConfig:
     # Transport write-buffer water marks for flow control between client and upstream.
     write_buffer_high: int = field(default=256 << 10, metadata=_parsed_by(_byte_size))
     write_buffer_low: int = field(default=64 << 10, metadata=_parsed_by(_byte_size))
+    # Client connections open at once; one more is refused as memcached refuses past its -c.
+    max_connections: int = field(default=10_000, metadata=_parsed_by(_positive_int))
+    # Close a client connection after this many seconds with no byte either way; 0: never.
+    idle_timeout: float = field(default=0.0, metadata=_parsed_by(_seconds_parser(allow_zero=True)))
 
 
 def _check_limits(limits: LimitsConfig) -> None:

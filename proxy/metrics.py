@@ -212,6 +212,15 @@ class ProxyMetrics:
             ["kind"],
             registry=self.registry,
         )
+        self._closed_by_proxy = Counter(
+            "memshadow_client_connections_closed_by_proxy",
+            "Client connections memshadow refused or closed itself, by reason "
+            "(max_connections, idle_timeout).",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in ("max_connections", "idle_timeout"):
+            self._closed_by_proxy.labels(reason)
         self._unframed = Counter(
             "memshadow_unframed_connections",
             "Client connections relayed raw without framing (and so without shadowing), "
@@ -233,6 +242,9 @@ class ProxyMetrics:
 
     def client_closed(self) -> None:
         self._client_connections.dec()
+
+    def closed_by_proxy(self, reason: str) -> None:
+        self._closed_by_proxy.labels(reason).inc()
 
     def upstream_error(self, kind: str) -> None:
         self._upstream_errors.labels(kind).inc()

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("memshadow.server")
 _session_numbers = itertools.count(1)
+TOO_MANY_CONNECTIONS = b"ERROR Too many open connections\r\n"  # memcached's, past its -c
 
 # Why the client side of a session is not being read (a bit each).
 _PAUSE_UPSTREAM_FULL = 1  # Memcached's socket buffer is full
@@ -96,16 +97,29 @@ class ClientSession(asyncio.Protocol):
         self._unframed_reported = False
         self._early: list[bytes] = []
         self.number = next(_session_numbers)
+        # Chunks received either way; the idle sweep (ProxyServer) sees whether it moved.
+        self.activity = 0
+        self.swept_activity = -1
+        self.idle_since = 0.0
 
     # -- client side ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        proxy = self.proxy
+        if len(proxy.sessions) >= proxy.config.limits.max_connections:
+            # What memcached does past its own -c limit: one error line, then close.
+            self._closed = True
+            self.transport.pause_reading()
+            self.transport.write(TOO_MANY_CONNECTIONS)
+            self.transport.close()
+            proxy.metrics.closed_by_proxy("max_connections")
+            return
         _set_nodelay(transport)
-        limits = self.proxy.config.limits
+        limits = proxy.config.limits
         self.transport.set_write_buffer_limits(limits.write_buffer_high, limits.write_buffer_low)
-        self.proxy.session_opened(self)
+        proxy.session_opened(self)
         self.pause_client(_PAUSE_CONNECTING)
         self._connect_task = asyncio.get_running_loop().create_task(self._connect())
 
@@ -143,6 +157,7 @@ class ClientSession(asyncio.Protocol):
             self._forward_eof()
 
     def data_received(self, data: bytes) -> None:
+        self.activity += 1
         upstream = self.upstream
         if upstream is None or upstream.transport is None:
             # uvloop may deliver data before pause_reading() from connection_made applies.
@@ -212,6 +227,7 @@ class ClientSession(asyncio.Protocol):
     # -- upstream side -------------------------------------------------------------------
 
     def upstream_data(self, data: bytes) -> None:
+        self.activity += 1
         transport = self.transport
         if transport is None or self._closed:
             return
@@ -272,6 +288,10 @@ class ClientSession(asyncio.Protocol):
         if idle or self.upstream is None or self.requests.raw:
             self.close()
 
+    @property
+    def closing(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()  # flushes what is buffered, then connection_lost
@@ -304,6 +324,7 @@ class ProxyServer:
         self._all_closed = asyncio.Event()
         self._all_closed.set()
         self._address: tuple[str, int] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     @property
     def listen_address(self) -> tuple[str, int]:
@@ -319,10 +340,31 @@ class ProxyServer:
         )
         host, port = self._server.sockets[0].getsockname()[:2]
         self._address = (str(host), int(port))
+        timeout = self.config.limits.idle_timeout
+        if timeout > 0:
+            self._sweeper = loop.create_task(self._sweep_idle(timeout), name="idle-sweep")
+
+    async def _sweep_idle(self, timeout: float) -> None:
+        """Close client connections that moved no byte either way for `timeout` seconds and
+        wait for no reply (memcached's -o idle_timeout). One sweep every quarter timeout, at
+        most a second apart: the client path only counts chunks, it never reads a clock."""
+        period = min(1.0, timeout / 4)
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for session in list(self.sessions):
+                if session.activity != session.swept_activity or session.pending:
+                    session.swept_activity = session.activity
+                    session.idle_since = now
+                elif now - session.idle_since >= timeout and not session.closing:
+                    self.metrics.closed_by_proxy("idle_timeout")
+                    session.close()
 
     async def stop(self, timeout: float) -> None:
         """Stop accepting, let in-flight requests finish within `timeout`, then close all."""
         self.draining = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._server is not None:
             self._server.close()
         for session in list(self.sessions):

@@ -7,6 +7,8 @@ import gc
 import socket
 import threading
 import time
+from dataclasses import replace
+from typing import Any
 
 import pytest
 from pymemcache.client.base import Client
@@ -294,3 +296,64 @@ def test_memcached_at_its_connection_limit_refuses_as_it_would_directly(
             sock.close()
         proxy.stop()
         memcached.stop()
+
+
+def _limited(memcached: ServerProcess, **limits: Any) -> ProxyThread:
+    config = proxy_config(memcached)
+    proxy = ProxyThread(replace(config, limits=replace(config.limits, **limits)))
+    proxy.start()
+    return proxy
+
+
+def _closed_by_proxy(proxy: ProxyThread, reason: str) -> float:
+    text = proxy.metrics.render().decode()
+    line = f'memshadow_client_connections_closed_by_proxy_total{{reason="{reason}"}} '
+    return float(next(row for row in text.splitlines() if row.startswith(line)).split()[-1])
+
+
+def test_past_max_connections_a_client_is_refused_as_memcached_would(
+    memcached: ServerProcess,
+) -> None:
+    proxy = _limited(memcached, max_connections=3)
+    try:
+        held = [RawClient(proxy.port) for _ in range(3)]
+        for client in held:
+            client.send(b"version\r\n")
+            assert client.read_until(b"\r\n").startswith(b"VERSION ")
+        extra = RawClient(proxy.port)
+        extra.send(b"version\r\n")
+        assert extra.read_quiet(0.5) == b"ERROR Too many open connections\r\n"
+        assert extra.closed
+        assert _closed_by_proxy(proxy, "max_connections") == 1.0
+        held.pop().close()  # room again once one leaves
+        deadline = time.monotonic() + 5
+        while proxy.call(lambda: len(proxy.server.sessions)) > 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        again = RawClient(proxy.port)
+        again.send(b"version\r\n")
+        assert again.read_until(b"\r\n").startswith(b"VERSION ")
+        for client in (*held, again):
+            client.close()
+    finally:
+        proxy.stop()
+
+
+def test_idle_timeout_closes_only_idle_connections(memcached: ServerProcess) -> None:
+    proxy = _limited(memcached, idle_timeout=0.4)
+    try:
+        idle, busy = RawClient(proxy.port), RawClient(proxy.port)
+        for client in (idle, busy):
+            client.send(b"version\r\n")
+            assert client.read_until(b"\r\n").startswith(b"VERSION ")
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:  # busy keeps talking, idle says nothing
+            busy.send(b"version\r\n")
+            assert busy.read_until(b"\r\n").startswith(b"VERSION ")
+            time.sleep(0.1)
+        assert idle.read_quiet(0.2) == b"" and idle.closed
+        assert not busy.closed
+        assert _closed_by_proxy(proxy, "idle_timeout") == 1.0
+        busy.close()
+    finally:
+        proxy.stop()
