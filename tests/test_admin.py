@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import random
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.admin import (
     MAX_BODY_BYTES,
@@ -380,3 +385,76 @@ def test_response_encoding() -> None:
         b"Content-Length: 3\r\nConnection: close\r\nRetry-After: 1\r\n\r\nhi\n"
     )
     assert response.encode(include_body=False).endswith(b"Retry-After: 1\r\n\r\n")
+
+
+# --- hostile input, at volume ---------------------------------------------------------------
+
+_VALID = (
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"HEAD /metrics HTTP/1.1\r\n\r\n",
+    b"PUT /api/echo HTTP/1.1\r\nContent-Length: 13\r\nContent-Type: application/json\r\n\r\n"
+    b'{"a": [1, 2]}',
+    b"GET /readyz?x=1&y HTTP/1.0\r\nAccept: */*\r\nX-Long: " + b"v" * 300 + b"\r\n\r\n",
+)
+
+
+def _mutate(rng: random.Random, data: bytes) -> bytes:
+    """A request broken the ways clients and scanners break them: bytes flipped, inserted,
+    deleted or duplicated, cut short, or followed by a second (pipelined) request."""
+    out = bytearray(data)
+    for _ in range(rng.randint(1, 6)):
+        kind = rng.randrange(6)
+        at = rng.randrange(len(out) + 1)
+        if kind == 0 and out:
+            out[min(at, len(out) - 1)] = rng.randrange(256)
+        elif kind == 1:
+            out[at:at] = bytes(rng.choice((b" ", b"\r", b"\n", b":", b"\0", b"\xff", b"/")))
+        elif kind == 2:
+            del out[at : at + rng.randint(1, 8)]
+        elif kind == 3:
+            out[at:at] = out[at : at + rng.randint(1, 40)] * rng.randint(1, 4)
+        elif kind == 4:
+            del out[at:]
+        else:
+            out += rng.choice(_VALID)
+    return bytes(out)
+
+
+@given(st.binary(max_size=600))
+@settings(max_examples=2000, deadline=None)
+def test_parse_head_answers_any_bytes_with_a_head_or_a_clear_4xx(data: bytes) -> None:
+    try:
+        head = parse_head(data)
+    except HTTPError as exc:
+        assert exc.status in (400, 505)
+    else:
+        assert head.target.startswith("/") and head.method
+
+
+async def test_mutated_requests_get_a_clear_answer_and_harm_nothing(
+    admin: AdminServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """1,500 broken requests: each gets a well-formed HTTP reply (or, when nothing was asked,
+    just a close), never a 5xx; no error is logged; the server keeps serving."""
+
+    async def echo(request: Request) -> Response:
+        return Response.json({"length": len(request.body)})
+
+    admin.add_route("PUT", "/api/echo", echo)
+    rng = random.Random(20261202)
+    statuses: Counter[int] = Counter()
+    for _ in range(1500):
+        reader, writer = await asyncio.open_connection(*admin.address)
+        writer.write(_mutate(rng, rng.choice(_VALID)))
+        writer.write_eof()
+        data = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        if not data:
+            statuses[0] += 1  # the client sent nothing that looked like a request
+            continue
+        status = Reply(data).status
+        assert 200 <= status < 500 or status == 505, data[:200]
+        statuses[status] += 1
+    assert statuses[400] > 100 and statuses[200] > 10  # both kinds were exercised
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert (await get(admin, "/healthz")).status == 200
