@@ -41,6 +41,31 @@ def _latency(hist: LatencyHistogram | None) -> dict[str, Any]:
     }
 
 
+def service_times(stats: ShadowStats) -> dict[str, Any]:
+    """Both stores' service time measured the same way (the write that carried a request to
+    the read that brought its reply, on the store's connection), and the shadow's own delay
+    before Redis, apart: what Redis would cost a client, and what memshadow adds."""
+    memcached = LatencyHistogram()
+    for hist in stats.memcached_latency.values():
+        memcached = LatencyHistogram(
+            [a + b for a, b in zip(memcached.buckets, hist.buckets, strict=True)],
+            memcached.total + hist.total,
+        )
+    both = {"memcached": _latency(memcached), "redis": _latency(stats.redis_service)}
+    ratio = None
+    if both["memcached"]["p99"] and both["redis"]["p99"] is not None:
+        ratio = both["redis"]["p99"] / both["memcached"]["p99"]
+    return {
+        **both,
+        "p99_ratio": ratio,
+        "shadow_queueing": _latency(stats.queueing),
+        "note": "service time: from the write that carried a request to the read that brought "
+        "its reply, on the store's own connection (Memcached: the client path's requests that "
+        "were shadowed; Redis: every shadow command). Neither includes memshadow's queueing, "
+        "shown apart as shadow_queueing: from Memcached's reply to the start of the replay.",
+    }
+
+
 def latency_table(stats: ShadowStats) -> list[dict[str, Any]]:
     """Per command, both stores' latency (seconds) on the same requests since start."""
     commands = sorted({*stats.memcached_latency, *stats.redis_latency})
@@ -167,9 +192,13 @@ def build_report(
             capacity["ops"] = {"error": "not enough traffic history at this sample rate yet"}
     return {
         "generated_at": now,
+        "service_time": service_times(stats),
         "latency": latency_table(stats),
         "latency_note": "seconds; both stores on the same shadowed requests since start; "
-        "quantiles interpolated within histogram buckets",
+        "Redis's figure is the round trip as the shadow saw it (the command queued to its "
+        "verdict-ready reply, so it includes the shadow's batching and its own work on "
+        "earlier replies): compare service_time for what Redis itself costs; quantiles "
+        "interpolated within histogram buckets",
         "capacity": capacity,
     }
 

@@ -182,8 +182,14 @@ class _RespProtocol(asyncio.Protocol):
         loop: asyncio.AbstractEventLoop,
         on_timeout: Callable[[int], None],
         on_down: Callable[[_RespProtocol], None],
+        service_time: Callable[[float], None] | None = None,
     ) -> None:
         self._loop = loop
+        # Redis's service time, as Memcached's is measured on the client path: from the write
+        # that carried a command to the read that brought its reply. The writes not answered
+        # in full yet: [perf_counter time, commands of it still waiting].
+        self._service_time = service_time
+        self._writes: deque[list[Any]] = deque()
         self._on_timeout = on_timeout
         self._on_down = on_down
         self._reader = hiredis.Reader()
@@ -257,13 +263,19 @@ class _RespProtocol(asyncio.Protocol):
         self._flush_handle = None
         if not self._outbuf or self._transport is None or self._transport.is_closing():
             return
-        data = self._outbuf[0] if len(self._outbuf) == 1 else b"".join(self._outbuf)
+        commands = len(self._outbuf)  # one payload a command
+        data = self._outbuf[0] if commands == 1 else b"".join(self._outbuf)
         self._outbuf.clear()
         self._transport.write(data)
+        if self._service_time is not None:
+            self._writes.append([time.perf_counter(), commands])
 
     def data_received(self, data: bytes) -> None:
+        read_at = time.perf_counter()
         self._reader.feed(data)
         pending = self._pending
+        writes = self._writes
+        service_time = self._service_time
         while True:
             try:
                 reply = self._reader.gets()
@@ -276,6 +288,12 @@ class _RespProtocol(asyncio.Protocol):
                 self.abort(RedisProtocolError("reply from Redis with no command waiting for it"))
                 return
             entry = pending.popleft()
+            if writes:
+                write = writes[0]
+                service_time(read_at - write[0])  # type: ignore[misc]
+                write[1] -= 1
+                if not write[1]:
+                    writes.popleft()
             callback = entry[1]
             if callback is not None:
                 entry[1] = None
@@ -301,6 +319,7 @@ class _RespProtocol(asyncio.Protocol):
         # Callbacks are called once the queue is empty: one that sends a command (on another
         # connection, this one is closed) must not find the failed ones still queued.
         callbacks: list[ReplyCallback] = []
+        self._writes.clear()
         while self._pending:
             entry = self._pending.popleft()
             future, callback, _ = entry
@@ -378,8 +397,10 @@ class RedisConnection:
         library: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
         name: str = "redis",
+        service_time: Callable[[float], None] | None = None,
     ) -> None:
         self.url = parse_url(url) if isinstance(url, str) else url
+        self._service_time = service_time  # observes each reply's service time (seconds)
         self.timeout = self.url.timeout if self.url.timeout is not None else timeout
         self.connect_timeout = connect_timeout
         self.max_inflight = max_inflight
@@ -492,7 +513,9 @@ class RedisConnection:
                 ssl_ctx.verify_mode = ssl.CERT_NONE
 
         def factory() -> _RespProtocol:
-            return _RespProtocol(loop, self._count_timeouts, self._protocol_down)
+            return _RespProtocol(
+                loop, self._count_timeouts, self._protocol_down, self._service_time
+            )
 
         _, protocol = await asyncio.wait_for(
             loop.create_connection(
@@ -666,6 +689,7 @@ class RedisPool:
         backoff_max: float = 2.0,
         library: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        service_time: Callable[[float], None] | None = None,
     ) -> None:
         if size < 1:
             raise ValueError("a Redis pool needs at least one connection")
@@ -681,6 +705,7 @@ class RedisPool:
                 library=library,
                 ssl_context=ssl_context,
                 name=str(index),
+                service_time=service_time,
             )
             for index in range(size)
         ]

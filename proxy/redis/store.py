@@ -308,10 +308,17 @@ class RedisStore:
         item_size_max: int = DEFAULT_ITEM_SIZE_MAX,
         slab_chunk_max: int = DEFAULT_SLAB_CHUNK_MAX,
         key_prefix: bytes = b"",
+        service_time: Callable[[float], None] | None = None,
     ) -> RedisStore:
-        """A store over a new pool that loads the function library (call start())."""
+        """A store over a new pool that loads the function library (call start());
+        `service_time` observes each reply's service time (write to read, seconds)."""
         pool = RedisPool(
-            url, size, timeout=timeout, max_inflight=max_inflight, library=function_library()
+            url,
+            size,
+            timeout=timeout,
+            max_inflight=max_inflight,
+            library=function_library(),
+            service_time=service_time,
         )
         return cls(
             pool, item_size_max=item_size_max, slab_chunk_max=slab_chunk_max, key_prefix=key_prefix

@@ -187,6 +187,7 @@ class ShadowDispatcher:
         state.replayed_seq = op.seq
         if op.sent_at <= state.fence_hi:
             return self._fenced(op, state)
+        self.stats.queueing.observe(started - op.replied_at)
         try:
             return self.executor.send(op, state, started)
         except RedisError as exc:  # not sent: Redis down or busy

@@ -111,6 +111,9 @@ class ShadowCollector(Collector):
             histogram = stats.shadow_duration[command]
             families.duration.add_metric([command], _buckets(histogram), histogram.total)
         families.lag.add_metric([], _buckets(stats.lag), stats.lag.total)
+        service = stats.redis_service
+        families.redis_service.add_metric([], _buckets(service), service.total)
+        families.queueing.add_metric([], _buckets(stats.queueing), stats.queueing.total)
         families.queue_depth.add_metric([], stats.queue_depth)
         families.redis_commands.add_metric([], stats.redis_commands)
         return families
@@ -128,6 +131,8 @@ class _Families(NamedTuple):
     dropped: CounterMetricFamily
     errors: CounterMetricFamily
     duration: HistogramMetricFamily
+    redis_service: HistogramMetricFamily
+    queueing: HistogramMetricFamily
     lag: HistogramMetricFamily
     queue_depth: GaugeMetricFamily
     redis_commands: CounterMetricFamily
@@ -179,6 +184,16 @@ class _Families(NamedTuple):
                 "memshadow_shadow_duration_seconds",
                 "Time to replay one shadowed key on Redis, by command.",
                 labels=["command"],
+            ),
+            HistogramMetricFamily(
+                "memshadow_shadow_redis_service_seconds",
+                "Redis's own service time for the shadow's commands: from the write that "
+                "carried a command to the read that brought its reply.",
+            ),
+            HistogramMetricFamily(
+                "memshadow_shadow_queueing_seconds",
+                "The shadow's own delay before Redis: from Memcached's reply to the start of "
+                "the replay (hand-off, batching window, queue, the key's earlier operations).",
             ),
             HistogramMetricFamily(
                 "memshadow_shadow_lag_seconds",

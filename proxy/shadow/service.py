@@ -53,6 +53,7 @@ class ShadowEngine:
             size=shadow.redis_connections,
             timeout=shadow.redis_timeout,
             max_inflight=max(64, shadow.max_inflight * 2),
+            service_time=stats.redis_service.observe,
         )
         self.reader = MemcachedReader(
             config.memcached.host, config.memcached.port, timeout=config.upstream_connect_timeout

@@ -123,6 +123,12 @@ class ShadowStats:
     redis_latency: dict[str, LatencyHistogram] = field(default_factory=dict)
     shadow_duration: dict[str, LatencyHistogram] = field(default_factory=dict)
     lag: LatencyHistogram = field(default_factory=LatencyHistogram)  # reply -> verdict
+    # Redis's own service time, every shadow command: the write that carried it to the read
+    # that brought its reply (no batching window, no queue, no verdict work).
+    redis_service: LatencyHistogram = field(default_factory=LatencyHistogram)
+    # The shadow's own delay before Redis: from Memcached's reply to the replay's start (the
+    # hand-off, the batching window, the queue, the key's earlier operations).
+    queueing: LatencyHistogram = field(default_factory=LatencyHistogram)
     queue_depth: int = 0
     client_requests_fn: object = None  # set by the wiring: () -> int, all client requests
     _figures: dict[str, CommandFigures] = field(

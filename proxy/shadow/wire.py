@@ -126,6 +126,7 @@ unpack_request: Final[Callable[[RequestTuple], Captured]] = Captured._make
 
 _COUNTERS: Final = ("comparisons", "mismatches", "noise", "skipped", "dropped", "errors")
 _HISTOGRAM_TABLES: Final = ("memcached_latency", "redis_latency", "shadow_duration")
+_HISTOGRAMS: Final = ("lag", "redis_service", "queueing")  # one histogram each, no command label
 
 
 def stats_state(stats: ShadowStats) -> dict[str, Any]:
@@ -136,7 +137,7 @@ def stats_state(stats: ShadowStats) -> dict[str, Any]:
         **{name: _histograms(getattr(stats, name)) for name in _HISTOGRAM_TABLES},
         "redis_commands": stats.redis_commands,
         "repairs": stats.repairs,
-        "lag": _histogram(stats.lag),
+        **{name: _histogram(getattr(stats, name)) for name in _HISTOGRAMS},
         "queue_depth": stats.queue_depth,
     }
 
@@ -164,7 +165,8 @@ def apply_stats_state(
     stats.repairs = state["repairs"]
     for name in _HISTOGRAM_TABLES:
         _load_histograms(getattr(stats, name), state[name])
-    _load_histogram(stats.lag, state["lag"])
+    for name in _HISTOGRAMS:
+        _load_histogram(getattr(stats, name), state[name])
     stats.queue_depth = state["queue_depth"] + extra_queue
 
 
@@ -183,7 +185,8 @@ def add_states(base: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
             earlier = table.get(command)
             table[command] = histogram if earlier is None else _add_histograms(earlier, histogram)
         total[name] = table
-    total["lag"] = _add_histograms(base["lag"], more["lag"])
+    for name in _HISTOGRAMS:
+        total[name] = _add_histograms(base[name], more[name])
     total["redis_commands"] = base["redis_commands"] + more["redis_commands"]
     total["repairs"] = base["repairs"] + more["repairs"]
     total["queue_depth"] = more["queue_depth"]

@@ -5,6 +5,7 @@ Redis's contents are checked."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from collections import Counter
@@ -400,3 +401,87 @@ async def test_a_verification_with_a_write_behind_it_proves_nothing(verifying: H
     await harness.idle()
     assert harness.mismatches() == {}
     assert harness.stats.comparisons[("verify", "match")] == 1
+
+
+# --- what the what-if report's latency figures measure ------------------------------------
+
+
+async def _delaying_relay(target_port: int, delay: float) -> asyncio.Server:
+    """A TCP relay to 127.0.0.1:target_port that holds every reply chunk `delay` seconds."""
+
+    async def pump(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hold: float
+    ) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                if hold:
+                    await asyncio.sleep(hold)
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def serve(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", target_port)
+        await asyncio.gather(pump(client_r, up_w, 0.0), pump(up_r, client_w, delay))
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+async def _service_and_queueing(
+    mc: ServerProcess, redis_port: int, batch_window: float
+) -> tuple[float, float]:
+    """Replay 40 misses of distinct keys, 10 ms apart: (Redis service p50, queueing p50)."""
+    stats = ShadowStats()
+    store = RedisStore.from_url(
+        f"redis://127.0.0.1:{redis_port}/0", size=1, service_time=stats.redis_service.observe
+    )
+    reader = MemcachedReader("127.0.0.1", mc.port, timeout=2.0)
+    control = ShadowControl(1.0)
+    dispatcher = ShadowDispatcher(
+        store=store,
+        reader=reader,
+        control=control,
+        sampled=KeySampler(control).sampled,
+        stats=stats,
+        settings=DispatcherSettings(batch_window=batch_window, batch_size=1000),
+    )
+    assert await store.start()
+    await dispatcher.start()
+    try:
+        framer = RequestFramer(capture=lambda r: True)
+        for i in range(40):
+            (request,), _ = framer.feed(b"get what-if-%d\r\n" % i)
+            request.started = time.perf_counter()
+            request.response = b"END\r\n"
+            dispatcher.observe([request.captured()], 1)
+            await asyncio.sleep(0.01)
+        await asyncio.wait_for(dispatcher.idle(), 20)
+    finally:
+        await dispatcher.stop()
+        await store.close()
+        await reader.close()
+    assert sum(n for (_, outcome), n in stats.comparisons.items() if outcome == "match") == 40
+    service, queueing = stats.redis_service.quantile(0.5), stats.queueing.quantile(0.5)
+    assert service is not None and queueing is not None
+    return service, queueing
+
+
+async def test_redis_service_time_and_the_shadow_queueing_are_measured_apart(
+    mc_server: ServerProcess, redis_proc: ServerProcess
+) -> None:
+    """A slower Redis moves the service time and not the queueing; a longer batching window
+    moves the queueing and not the service time."""
+    redis_call(redis_proc.port, "FLUSHALL")
+    service, queueing = await _service_and_queueing(mc_server, redis_proc.port, 0.002)
+    assert service < 0.01 and queueing < 0.02
+    relay = await _delaying_relay(redis_proc.port, 0.05)
+    try:
+        port = relay.sockets[0].getsockname()[1]
+        slow_service, same_queueing = await _service_and_queueing(mc_server, port, 0.002)
+    finally:
+        relay.close()
+    assert slow_service >= 0.04  # the relay's 50 ms
+    assert same_queueing < 0.02
+    same_service, slow_queueing = await _service_and_queueing(mc_server, redis_proc.port, 0.2)
+    assert same_service < 0.01
+    assert slow_queueing >= 0.05  # requests wait up to the 200 ms window

@@ -60,6 +60,8 @@ def test_fresh_exposition_has_every_family() -> None:
         "memshadow_shadow_dropped_total": "counter",
         "memshadow_shadow_errors_total": "counter",
         "memshadow_shadow_duration_seconds": "histogram",
+        "memshadow_shadow_redis_service_seconds": "histogram",
+        "memshadow_shadow_queueing_seconds": "histogram",
         "memshadow_shadow_lag_seconds": "histogram",
         "memshadow_shadow_queue_depth": "gauge",
         "memshadow_shadow_redis_commands_total": "counter",
