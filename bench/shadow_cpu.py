@@ -60,10 +60,12 @@ def traffic(n: int, keys: int, seed: int) -> list[Captured]:
 
 async def one_run(redis_port: int, requests: list[Captured], chunk: int) -> float:
     tune_gc()  # as the worker does
-    store = RedisStore.from_url(f"redis://{HOST}:{redis_port}/0", size=2)
+    stats = ShadowStats()
+    store = RedisStore.from_url(  # as the worker builds it (service.py)
+        f"redis://{HOST}:{redis_port}/0", size=2, service_time=stats.redis_service.observe
+    )
     assert await store.start()
     reader = MemcachedReader(HOST, 1, timeout=1.0)  # never used: every verdict is a match
-    stats = ShadowStats()
     control = ShadowControl(1.0)
     dispatcher = ShadowDispatcher(
         store=store,
