@@ -224,17 +224,7 @@ class GuardPolicy:
                 f"{numerator} ratio {value:.2%} over the last {config.window:g}s "
                 f"({bad} of {count} {denominator})"
             )
-        self._status[rule] = RuleStatus(
-            rule,
-            config.enabled,
-            config.action,
-            config.threshold,
-            config.window,
-            count,
-            config.min_count,
-            value,
-            detail,
-        )
+        self._set_status(rule, config, count, value, detail)
         if config.enabled and value is not None and value >= config.threshold:
             return Trip(rule, Action(config.action), f"{detail} >= {config.threshold:.2%}")
         return None
@@ -292,8 +282,19 @@ class GuardPolicy:
                     f"{detail} >= {config.threshold:g}x and at least "
                     f"{_ms(config.min_increase)} slower",
                 )
-        self._status["latency"] = RuleStatus(
-            "latency",
+        self._set_status("latency", config, count, value, detail)
+        return trip
+
+    def _set_status(
+        self,
+        rule: str,
+        config: GuardRuleConfig | LatencyGuardConfig,
+        count: int,
+        value: float | None,
+        detail: str,
+    ) -> None:
+        self._status[rule] = RuleStatus(
+            rule,
             config.enabled,
             config.action,
             config.threshold,
@@ -303,4 +304,3 @@ class GuardPolicy:
             value,
             detail,
         )
-        return trip
