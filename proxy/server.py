@@ -44,6 +44,8 @@ CaptureDecider = Callable[[Request], bool]
 class _Upstream(asyncio.Protocol):
     """The Memcached side of one session; everything it hears goes to the session."""
 
+    __slots__ = ("session", "transport")
+
     def __init__(self, session: ClientSession) -> None:
         self.session = session
         self.transport: asyncio.Transport | None = None
@@ -71,6 +73,29 @@ class _Upstream(asyncio.Protocol):
 
 class ClientSession(asyncio.Protocol):
     """One client connection and its private Memcached connection."""
+
+    # Slots, not a __dict__: thousands of sessions are held at once (see
+    # tests/integration/test_connections_held.py for what one costs).
+    __slots__ = (
+        "_client_eof",
+        "_closed",
+        "_connect_task",
+        "_early",
+        "_observe",
+        "_paused",
+        "_unframed_reported",
+        "activity",
+        "idle_since",
+        "max_pending",
+        "number",
+        "pending",
+        "proxy",
+        "replies",
+        "requests",
+        "swept_activity",
+        "transport",
+        "upstream",
+    )
 
     def __init__(self, proxy: ProxyServer) -> None:
         self.proxy = proxy
@@ -123,6 +148,16 @@ class ClientSession(asyncio.Protocol):
         proxy.session_opened(self)
         self.pause_client(_PAUSE_CONNECTING)
         self._connect_task = asyncio.get_running_loop().create_task(self._connect())
+        self._connect_task.add_done_callback(self._connected)
+
+    def _connected(self, task: asyncio.Task[None]) -> None:
+        # A finished task kept by its session costs ~0.9 KB (its frame) for as long as the
+        # session lives: 4.88 -> 3.95 KB of RSS per idle connection (2,000 held).
+        if self._connect_task is task:
+            self._connect_task = None
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("session %d: cannot set up its memcached connection", self.number,
+                      exc_info=exc)  # fmt: skip
 
     async def _connect(self) -> None:
         proxy = self.proxy
