@@ -287,3 +287,73 @@ class RawClient:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
+
+
+class FaultRelay:
+    """A TCP relay to 127.0.0.1:target on a loop of its own, whose faults a test switches at
+    run time: "pass", "stall" (replies stop part-way through a chunk, until set back),
+    "blackhole" (nothing is forwarded either way), and reset() (every connection through it
+    is aborted with an RST)."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.port = free_port()
+        self.mode = "pass"
+        self._loop = asyncio.new_event_loop()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fault-relay", daemon=True)
+        self._thread.start()
+        assert self._ready.wait(5)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        server = self._loop.run_until_complete(
+            asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        )
+        self._ready.set()
+        self._loop.run_forever()
+        server.close()
+
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, replies: bool
+    ) -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            while data := await reader.read(65536):
+                while self.mode == "blackhole" or (replies and self.mode == "stall"):
+                    if self.mode == "stall" and len(data) > 1:
+                        writer.write(data[: len(data) // 2])  # part of a reply, then nothing
+                        data = data[len(data) // 2 :]
+                    await asyncio.sleep(0.01)
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            writer.close()
+            return
+        self._writers |= {writer, up_writer}
+        try:
+            await asyncio.gather(
+                self._pump(reader, up_writer, False), self._pump(up_reader, writer, True)
+            )
+        finally:
+            self._writers -= {writer, up_writer}
+
+    def reset(self) -> None:
+        def abort_all() -> None:
+            for writer in list(self._writers):
+                sock = writer.get_extra_info("socket")
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+                writer.transport.abort()
+
+        self._loop.call_soon_threadsafe(abort_all)
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)

@@ -27,6 +27,7 @@ from proxy.redis.layout import pack_value, unpack_value
 from tests.integration.hammer import Hammer
 from tests.integration.test_differential import _request
 from tests.support import (
+    FaultRelay,
     ProxyThread,
     RawClient,
     ServerProcess,
@@ -487,3 +488,45 @@ def test_random_streams_from_many_connections_give_no_false_alarm(
     )
     # (No final store comparison here: a non-canonical request that is skipped as the last
     # operation on a key leaves it cold, and cold keys are not copied without backfill.)
+
+
+@pytest.mark.parametrize("worker", ["process", "inline"])
+def test_redis_faults_between_memshadow_and_redis_under_load(
+    memcached: ServerProcess, redis_server: ServerProcess, worker: str
+) -> None:
+    """Replies stalled part-way, a black hole, then every connection reset, while clients
+    hammer: no client error, no false mismatch, the lost shadow work dropped and counted, and
+    the shadow back by itself once Redis answers again."""
+    relay = FaultRelay(redis_server.port)
+    proxy = ProxyThread(proxy_config(memcached, relay, 1.0, worker=worker, redis_timeout=0.3))
+    proxy.start()
+    try:
+        keys = [f"fault{i}" for i in range(30)]
+        hammers = Hammers(proxy.port, keys, 7.0, 8)
+        time.sleep(1)
+        for mode in ("stall", "pass", "blackhole", "pass"):
+            relay.mode = mode
+            time.sleep(1.2)
+        relay.reset()
+        hammers.join()
+        assert hammers.errors == [], hammers.errors[:3]
+        proxy.settle(30)
+        stats = proxy.shadow.stats
+        assert sum(stats.dropped.values()) + sum(stats.errors.values()) > 0, (
+            dict(stats.dropped),
+            dict(stats.errors),
+        )
+        before = totals(proxy).get("match", 0)
+        deadline = time.monotonic() + 15
+        client = Client(("127.0.0.1", proxy.port), default_noreply=False, timeout=5)
+        while totals(proxy).get("match", 0) <= before and time.monotonic() < deadline:
+            client.set("after-faults", b"1")
+            client.get("after-faults")
+            proxy.settle()
+            time.sleep(0.2)
+        client.close()
+        assert totals(proxy).get("match", 0) > before  # back by itself
+        assert totals(proxy).get("mismatch", 0) == 0, mismatch_kinds(proxy)
+    finally:
+        proxy.stop()
+        relay.close()
