@@ -3,7 +3,9 @@ dying and coming back, slow clients, graceful shutdown, metrics of the client pa
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import os
 import socket
 import threading
 import time
@@ -12,8 +14,17 @@ from typing import Any
 
 import pytest
 from pymemcache.client.base import Client
+from pymemcache.exceptions import MemcacheUnexpectedCloseError
 
-from tests.support import ProxyThread, RawClient, ServerProcess, memcached_argv, proxy_config
+from proxy.config import HostPort
+from tests.support import (
+    FaultRelay,
+    ProxyThread,
+    RawClient,
+    ServerProcess,
+    memcached_argv,
+    proxy_config,
+)
 
 
 def _client(port: int, noreply: bool) -> Client:
@@ -357,3 +368,69 @@ def test_idle_timeout_closes_only_idle_connections(memcached: ServerProcess) -> 
         busy.close()
     finally:
         proxy.stop()
+
+
+def test_memcached_black_holed_then_reset_leaks_nothing(memcached: ServerProcess) -> None:
+    """Memcached stops answering (a black hole), then every connection to it is reset, while
+    clients keep trying: clients see what a silent or vanished Memcached gives them
+    (timeouts, closed connections), the proxy carries on by itself once Memcached answers
+    again, and when the clients are gone no descriptor, task or session is left behind."""
+    relay = FaultRelay(memcached.port)
+    config = replace(proxy_config(memcached), memcached=HostPort("127.0.0.1", relay.port))
+    proxy = ProxyThread(config)
+    proxy.start()
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    def tasks() -> int:
+        return int(proxy.call(lambda: len(asyncio.all_tasks())))
+
+    try:
+        probe = Client(("127.0.0.1", proxy.port), connect_timeout=5, timeout=5)
+        assert probe.set("warm", b"1", noreply=False)
+        probe.close()
+        time.sleep(0.2)
+        fds_before, tasks_before = fds(), tasks()
+        stop = threading.Event()
+        outcomes: list[str] = []
+
+        def client_loop() -> None:
+            client = Client(("127.0.0.1", proxy.port), connect_timeout=1, timeout=0.3)
+            while not stop.is_set():
+                try:
+                    client.set("k", b"v", noreply=False)
+                    outcomes.append("ok" if client.get("k") == b"v" else "wrong")
+                except (OSError, MemcacheUnexpectedCloseError) as exc:
+                    outcomes.append(type(exc).__name__)
+                    client.close()
+            client.close()
+
+        threads = [threading.Thread(target=client_loop) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)
+        relay.mode = "blackhole"
+        time.sleep(1.0)
+        relay.mode = "pass"
+        time.sleep(0.5)
+        relay.reset()
+        time.sleep(1.0)
+        count_at_end = len(outcomes)
+        time.sleep(0.5)
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+        assert "wrong" not in outcomes
+        assert any(o != "ok" for o in outcomes)  # the faults did reach the clients
+        assert outcomes[count_at_end:].count("ok") > 0  # and the proxy serves again by itself
+        deadline = time.monotonic() + 10
+        while proxy.call(lambda: len(proxy.server.sessions)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proxy.call(lambda: len(proxy.server.sessions)) == 0
+        time.sleep(0.3)
+        assert fds() <= fds_before + 2  # (the relay's own loop may hold a spare)
+        assert tasks() <= tasks_before
+    finally:
+        proxy.stop()
+        relay.close()
