@@ -18,7 +18,7 @@ TEST_PACKAGES := memcached redis-server libmemcached-tools nutcracker chromium c
 	prometheus
 LINT_PATHS := proxy tests $(wildcard bench)
 
-.PHONY: run test lint typecheck bench clean venv
+.PHONY: run test lint typecheck bench fuzz clean venv
 
 run: $(RUN_STAMP)
 	scripts/ensure-packages.sh $(RUN_PACKAGES)
@@ -39,6 +39,11 @@ typecheck: $(STAMP)
 bench: $(STAMP)
 	scripts/ensure-packages.sh $(TEST_PACKAGES)
 	$(BIN)/python bench/run.py $(ARGS)
+
+# The client path's differential fuzzer, for as long as asked: make fuzz ARGS="--seconds 3600"
+fuzz: $(STAMP)
+	scripts/ensure-packages.sh $(RUN_PACKAGES)
+	$(BIN)/python -m tests.integration.fuzz $(ARGS)
 
 venv: $(STAMP)
 

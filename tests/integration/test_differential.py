@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.integration import fuzz
 from tests.support import ProxyThread, RawClient, ServerProcess, memcached_argv, proxy_config
 
 
@@ -406,3 +407,11 @@ def test_random_streams(twin: Twin, requests: list[bytes], cut: int) -> None:
     # Most streams end at a command boundary, so their last reply is the final marker's; the
     # others (a data block left open) end when nothing more comes.
     twin.assert_same(chunks, quiet=0.6, until=b"EN O424242\r\n")
+
+
+def test_a_short_fuzz_campaign_finds_no_unexplained_difference() -> None:
+    """`make fuzz` runs the same fuzzer for as long as asked (see tests/integration/fuzz.py)."""
+    findings = fuzz.run(seconds=60, inputs=400, twins=1, seed=20261202)
+    assert findings.inputs == 400
+    assert findings.differences == [], findings.differences[:2]
+    assert findings.errors_logged == []
