@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import random
+import re
 import socket
 import threading
 import time
@@ -41,10 +42,11 @@ _SEEDS = (
     b"incr n%d 7\r\n",
     b"set n%d 0 0 2\r\n10\r\n",
     b"decr n%d 3 noreply\r\n",
-    b"touch k%d 100\r\n",
-    b"gat 100 k%d\r\n",
+    b"touch k%d 0\r\n",
+    b"gat 0 k%d\r\n",
     b"delete k%d\r\n",
-    b"mg k%d v f c t s k O1\r\n",
+    b"mg k%d v f c s k O1\r\n",
+    b"mg k%d t v\r\n",
     b"ms k%d 3 T0 F7 c\r\nxyz\r\n",
     b"ms k%d 2 MA q\r\nab\r\n",
     b"md k%d q\r\n",
@@ -111,6 +113,7 @@ def exchange(port: int, chunks: list[bytes], quiet: float) -> tuple[bytes, bool]
 
 
 _RETRIEVAL = (b"get", b"gets", b"gat", b"gats", b"bget")
+_TTL = re.compile(rb" t-?\d+")
 
 
 def explain(stream: bytes, direct: tuple[bytes, bool], proxied: tuple[bytes, bool]) -> str | None:
@@ -124,6 +127,10 @@ def explain(stream: bytes, direct: tuple[bytes, bool], proxied: tuple[bytes, boo
             # memcached 1.6.18 drops the replies it has not flushed yet when a get names a
             # key over 250 bytes; memshadow flushes them first (an `mn`), so they arrive.
             return "long_key_get"
+    if _TTL.sub(b" t*", direct[0]) == _TTL.sub(b" t*", proxied[0]):
+        # Only a remaining TTL differs: each twin's clock ticks in its own second (a TTL only
+        # comes from a mutation: the seeds set none).
+        return "ttl_clock_tick"
     if not direct[0].endswith(MARKER_REPLY) and proxied[0].startswith(direct[0]):
         # The stream ended inside a data block, so memcached never flushed the replies it
         # held back after quiet commands; memshadow's sentinel after them flushed them.
