@@ -292,13 +292,14 @@ class RawClient:
 class FaultRelay:
     """A TCP relay to 127.0.0.1:target on a loop of its own, whose faults a test switches at
     run time: "pass", "stall" (replies stop part-way through a chunk, until set back),
-    "blackhole" (nothing is forwarded either way), and reset() (every connection through it
-    is aborted with an RST)."""
+    "blackhole" (nothing is forwarded either way), reset() (every connection through it is
+    aborted with an RST), and `delay` (seconds every reply chunk is held, in any mode)."""
 
     def __init__(self, target: int) -> None:
         self.target = target
         self.port = free_port()
         self.mode = "pass"
+        self.delay = 0.0
         self._loop = asyncio.new_event_loop()
         self._writers: set[asyncio.StreamWriter] = set()
         self._ready = threading.Event()
@@ -325,6 +326,8 @@ class FaultRelay:
                         writer.write(data[: len(data) // 2])  # part of a reply, then nothing
                         data = data[len(data) // 2 :]
                     await asyncio.sleep(0.01)
+                if replies and self.delay:
+                    await asyncio.sleep(self.delay)
                 writer.write(data)
                 await writer.drain()
         writer.close()

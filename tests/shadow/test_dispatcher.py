@@ -5,7 +5,6 @@ Redis's contents are checked."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import time
 from collections import Counter
@@ -22,7 +21,7 @@ from proxy.shadow.dispatcher import DispatcherSettings, ShadowDispatcher
 from proxy.shadow.mcreader import MemcachedReader
 from proxy.shadow.sampler import KeySampler
 from proxy.shadow.stats import ShadowStats
-from tests.support import RawClient, ServerProcess, memcached_argv, redis_argv
+from tests.support import FaultRelay, RawClient, ServerProcess, memcached_argv, redis_argv
 
 
 @pytest.fixture(scope="module")
@@ -406,27 +405,6 @@ async def test_a_verification_with_a_write_behind_it_proves_nothing(verifying: H
 # --- what the what-if report's latency figures measure ------------------------------------
 
 
-async def _delaying_relay(target_port: int, delay: float) -> asyncio.Server:
-    """A TCP relay to 127.0.0.1:target_port that holds every reply chunk `delay` seconds."""
-
-    async def pump(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hold: float
-    ) -> None:
-        with contextlib.suppress(ConnectionError):
-            while data := await reader.read(65536):
-                if hold:
-                    await asyncio.sleep(hold)
-                writer.write(data)
-                await writer.drain()
-        writer.close()
-
-    async def serve(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        up_r, up_w = await asyncio.open_connection("127.0.0.1", target_port)
-        await asyncio.gather(pump(client_r, up_w, 0.0), pump(up_r, client_w, delay))
-
-    return await asyncio.start_server(serve, "127.0.0.1", 0)
-
-
 async def _service_and_queueing(
     mc: ServerProcess, redis_port: int, batch_window: float
 ) -> tuple[float, float]:
@@ -474,10 +452,10 @@ async def test_redis_service_time_and_the_shadow_queueing_are_measured_apart(
     redis_call(redis_proc.port, "FLUSHALL")
     service, queueing = await _service_and_queueing(mc_server, redis_proc.port, 0.002)
     assert service < 0.01 and queueing < 0.02
-    relay = await _delaying_relay(redis_proc.port, 0.05)
+    relay = FaultRelay(redis_proc.port)
+    relay.delay = 0.05
     try:
-        port = relay.sockets[0].getsockname()[1]
-        slow_service, same_queueing = await _service_and_queueing(mc_server, port, 0.002)
+        slow_service, same_queueing = await _service_and_queueing(mc_server, relay.port, 0.002)
     finally:
         relay.close()
     assert slow_service >= 0.04  # the relay's 50 ms
