@@ -265,6 +265,11 @@ class GuardPolicy:
                 f"no baseline yet: {base_count}/{config.min_count} requests measured with the "
                 "shadow off"
             )
+            if count:  # shadowing now: the baseline cannot grow until the shadow is off
+                detail += (
+                    "; it grows only while the shadow is off (rate 0 or disabled): turn it "
+                    "off until enough requests are measured to arm this rule"
+                )
         elif count < config.min_count:
             detail = f"waiting for {config.min_count} requests while shadowing ({count} so far)"
         else:

@@ -158,7 +158,9 @@ def test_latency_rule_without_a_baseline_waits() -> None:
     requests(figures.requests, 5000, 0.1)
     assert figures.observe(T0 + 10) == []
     assert figures.detail("latency") == (
-        "no baseline yet: 0/1000 requests measured with the shadow off"
+        "no baseline yet: 0/1000 requests measured with the shadow off; it grows only while "
+        "the shadow is off (rate 0 or disabled): turn it off until enough requests are "
+        "measured to arm this rule"
     )
     assert figures.policy.baseline_progress() == (0, 1000)
 
