@@ -46,7 +46,6 @@ class UpstreamHealth:
         # grows, Memcached is alive and the probe sends nothing.
         self.activity = activity
         self._seen_activity = -1
-        self.probes = 0  # version requests sent (tests, and to tell the two paths apart)
         self._conn: _Connection | None = None
         self._ready = False
         self._reason = "not probed yet"
@@ -107,7 +106,6 @@ class UpstreamHealth:
         failure: a late reply must never be read as the answer to the next probe."""
         reader, writer = conn
         where = f"memcached at {self.address}"
-        self.probes += 1
         stale = False
         try:
             async with asyncio.timeout(self.timeout):
