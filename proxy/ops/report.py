@@ -45,12 +45,11 @@ def service_times(stats: ShadowStats) -> dict[str, Any]:
     """Both stores' service time measured the same way (the write that carried a request to
     the read that brought its reply, on the store's connection), and the shadow's own delay
     before Redis, apart: what Redis would cost a client, and what memshadow adds."""
-    memcached = LatencyHistogram()
+    memcached = LatencyHistogram()  # every command's together
     for hist in stats.memcached_latency.values():
-        memcached = LatencyHistogram(
-            [a + b for a, b in zip(memcached.buckets, hist.buckets, strict=True)],
-            memcached.total + hist.total,
-        )
+        for index, count in enumerate(hist.buckets):
+            memcached.buckets[index] += count
+        memcached.total += hist.total
     both = {"memcached": _latency(memcached), "redis": _latency(stats.redis_service)}
     ratio = None
     if both["memcached"]["p99"] and both["redis"]["p99"] is not None:

@@ -19,6 +19,7 @@ from proxy.ops.report import (
     ops_projection,
     parse_info,
     poisson_interval,
+    service_times,
 )
 from proxy.redis.client import RedisConnection
 from proxy.shadow.control import ShadowControl
@@ -185,3 +186,18 @@ async def test_report_when_redis_is_down() -> None:
     finally:
         await connection.close()
     assert report["capacity"]["memory"]["error"].startswith("cannot read Redis INFO: ")
+
+
+def test_service_times_put_every_memcached_command_beside_redis_and_the_queueing_apart() -> None:
+    stats = ShadowStats()
+    stats.histogram(stats.memcached_latency, "get").observe(0.0002)
+    stats.histogram(stats.memcached_latency, "set").observe(0.0002)
+    stats.histogram(stats.memcached_latency, "set").observe(0.0004)
+    stats.redis_service.observe(0.0004)
+    stats.queueing.observe(0.003)
+    times = service_times(stats)
+    assert times["memcached"]["samples"] == 3
+    assert times["memcached"]["mean"] == pytest.approx(0.0008 / 3)
+    assert times["redis"]["samples"] == 1 and times["redis"]["mean"] == pytest.approx(0.0004)
+    assert times["p99_ratio"] == pytest.approx(times["redis"]["p99"] / times["memcached"]["p99"])
+    assert times["shadow_queueing"]["samples"] == 1
