@@ -8,7 +8,10 @@ process only, the Redis server's excluded) per request, best of --repeat runs. S
 an end-to-end run on a shared 2-core machine, so it can tell a 3% change; the end-to-end
 figure (bench/run.py) stays the one that counts.
 
-    python bench/shadow_cpu.py [--requests 50000] [--repeat 5] [--chunk 16]
+    python bench/shadow_cpu.py [--requests 50000] [--repeat 5] [--chunk 16] [--cluster]
+
+--cluster replays on a 3-primary Redis Cluster (tests.support.RedisCluster, no replicas)
+instead of one redis-server: the cluster target's cost next to the single node's.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +41,7 @@ from proxy.shadow.dispatcher import DispatcherSettings, ShadowDispatcher
 from proxy.shadow.mcreader import MemcachedReader
 from proxy.shadow.sampler import KeySampler
 from proxy.shadow.stats import ShadowStats
+from tests.support import RedisCluster
 
 
 def traffic(n: int, keys: int, seed: int) -> list[Captured]:
@@ -58,11 +63,14 @@ def traffic(n: int, keys: int, seed: int) -> list[Captured]:
     return out
 
 
-async def one_run(redis_port: int, requests: list[Captured], chunk: int) -> float:
+async def one_run(redis_port: int, requests: list[Captured], chunk: int, cluster: bool) -> float:
     tune_gc()  # as the worker does
     stats = ShadowStats()
     store = RedisStore.from_url(  # as the worker builds it (service.py)
-        f"redis://{HOST}:{redis_port}/0", size=2, service_time=stats.redis_service.observe
+        f"redis://{HOST}:{redis_port}/0",
+        size=2,
+        service_time=stats.redis_service.observe,
+        cluster="true" if cluster else "false",
     )
     assert await store.start()
     reader = MemcachedReader(HOST, 1, timeout=1.0)  # never used: every verdict is a match
@@ -100,28 +108,38 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=10_000)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--chunk", type=int, default=16)
+    ap.add_argument("--cluster", action="store_true", help="a 3-primary Redis Cluster")
     args = ap.parse_args()
-    port = free_port()
-    redis = subprocess.Popen(
-        [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind", HOST,
-         "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        if why := wait_ready(redis, port, b"PING\r\n", b"+PONG", 10.0):
-            raise SystemExit(f"redis-server: {why}")
-        requests = traffic(args.requests, args.keys, seed=1)
-        results = []
-        for _ in range(args.repeat):
-            flush = ["redis-cli", "-p", str(port), "FLUSHALL"]
-            subprocess.run(flush, check=True, capture_output=True)
-            results.append(uvloop.run(one_run(port, requests, args.chunk)))
-        print(
-            f"shadow engine: {min(results):.2f} us CPU per request (best of {args.repeat}; "
-            f"all: {', '.join(f'{r:.2f}' for r in results)})"
-        )
-    finally:
-        redis.terminate()
+    with tempfile.TemporaryDirectory() as directory:
+        if args.cluster:
+            cluster = RedisCluster(directory, primaries=3, replicas=0).start()
+            ports = [server.port for server in cluster.servers]
+            stop = cluster.stop
+        else:
+            port = free_port()
+            redis = subprocess.Popen(
+                [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind",
+                 HOST, "--save", "", "--appendonly", "no", "--dir", directory],
+                stdout=subprocess.DEVNULL,
+            )  # fmt: skip
+            ports, stop = [port], redis.terminate
+            if why := wait_ready(redis, port, b"PING\r\n", b"+PONG", 10.0):
+                raise SystemExit(f"redis-server: {why}")
+        try:
+            requests = traffic(args.requests, args.keys, seed=1)
+            results = []
+            for _ in range(args.repeat):
+                for port in ports:
+                    flush = ["redis-cli", "-p", str(port), "FLUSHALL"]
+                    subprocess.run(flush, check=True, capture_output=True)
+                results.append(uvloop.run(one_run(ports[0], requests, args.chunk, args.cluster)))
+            target = "3-primary cluster" if args.cluster else "one redis-server"
+            print(
+                f"shadow engine on {target}: {min(results):.2f} us CPU per request (best of "
+                f"{args.repeat}; all: {', '.join(f'{r:.2f}' for r in results)})"
+            )
+        finally:
+            stop()
 
 
 if __name__ == "__main__":

@@ -181,9 +181,7 @@ class RedisURL:
             raise InvalidValue("a user name needs a password: redis://USER:PASSWORD@HOST")
         timeout = _url_timeout(query["timeout"]) if "timeout" in query else None
         verify = query.get("ssl_cert_reqs", "required").lower() != "none"
-        return cls(
-            host, port, db, username, password or None, scheme == "rediss", timeout, verify
-        )
+        return cls(host, port, db, username, password or None, scheme == "rediss", timeout, verify)
 
     def to_url(self, *, redact: bool = False) -> str:
         scheme = "rediss" if self.tls else "redis"
@@ -369,6 +367,15 @@ def _choice_parser(choices: tuple[str, ...]) -> Callable[[Node], str]:
         raise InvalidValue(f"must be one of {', '.join(choices)}; got {_describe(node)}{hint}")
 
     return parse
+
+
+def _cluster_mode(node: Node) -> str:
+    """auto, true or false (shadow.redis_cluster)."""
+    if isinstance(node, ScalarNode) and node.tag == _BOOL_TAG:
+        return "true" if _scalar(node) else "false"
+    if isinstance(node, ScalarNode) and node.tag == _STR_TAG and node.value.lower() == "auto":
+        return "auto"
+    raise InvalidValue(f"must be auto, true or false; got {_describe(node)}")
 
 
 def _boolean(node: Node) -> bool:
@@ -585,6 +592,14 @@ class ShadowConfig:
     queue_size: int = field(default=10_000, metadata=_parsed_by(_positive_int))
     # Keys being replayed at once (each key's operations run in order).
     max_inflight: int = field(default=512, metadata=_parsed_by(_positive_int))
+    # Whether shadow.redis is a Redis Cluster (or ElastiCache in cluster mode): "auto" asks
+    # the server (INFO cluster); true or false forces it.
+    redis_cluster: str = field(default="auto", metadata=_parsed_by(_cluster_mode))
+    # How far back a Redis failover may lose writes: the keys written in this many seconds
+    # before the old primary stopped answering (or was demoted) turn cold.
+    redis_failover_window: float = field(
+        default=10.0, metadata=_parsed_by(_seconds_parser(allow_zero=True))
+    )
     redis_connections: int = field(default=4, metadata=_parsed_by(_positive_int))
     redis_timeout: float = field(
         default=0.5, metadata=_parsed_by(_seconds_parser(allow_zero=False))
@@ -825,6 +840,13 @@ def check_complete(config: Config) -> Config:
     """The checks that need the file and the flags together (a rate from the file and the
     Redis URL from --redis is fine): returns config, or raises ConfigError."""
     shadow = config.shadow
+    if shadow.redis_cluster == "true" and shadow.redis is not None and shadow.redis.db:
+        raise ConfigError(
+            config.source,
+            f"asks for database {shadow.redis.db}, but shadow.redis_cluster is true and a "
+            "Redis Cluster has database 0 only: use .../0",
+            key="shadow.redis",
+        )
     if shadow.sample_rate > 0.0 and shadow.redis is None:
         raise ConfigError(
             config.source,

@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -21,12 +23,29 @@ from proxy.config import Config, HostPort
 
 MEMCACHED = shutil.which("memcached") or "/usr/bin/memcached"
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
 
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def free_cluster_port() -> int:
+    """A free port for a cluster node: at most 55535, with the cluster bus port (10000
+    higher) free too."""
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(20000, 55535)
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                    sock.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
 
 
 def wait_for_port(
@@ -105,8 +124,12 @@ def memcached_argv(*extra: str, threads: int = 2) -> Callable[[int], list[str]]:
 
 
 def redis_argv(*extra: str) -> Callable[[int], list[str]]:
+    """A redis-server without persistence, in a directory of its own (a replica writes the
+    RDB it syncs from: in the working directory, every later redis-server would load it)."""
     return lambda port: [
         REDIS_SERVER,
+        "--dir",
+        tempfile.mkdtemp(prefix="memshadow-redis-"),
         "--port",
         str(port),
         "--bind",
@@ -365,3 +388,98 @@ class FaultRelay:
     def close(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+
+
+class RedisCluster:
+    """A Redis Cluster on loopback: `primaries` primaries with `replicas` replicas each, made
+    with `redis-cli --cluster create`, a short cluster-node-timeout so failovers are quick."""
+
+    def __init__(self, directory: str, primaries: int = 3, replicas: int = 1) -> None:
+        self.directory = directory
+        self.servers = [
+            ServerProcess(
+                lambda port: redis_argv(
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    f"nodes-{port}.conf",
+                    "--cluster-node-timeout",
+                    "1000",
+                    "--repl-diskless-sync-delay",  # replicas in sync at once, able to fail over
+                    "0",
+                    "--dir",
+                    directory,
+                )(port),
+                free_cluster_port(),
+            )
+            for _ in range(primaries * (1 + replicas))
+        ]
+        self.replicas = replicas
+
+    def start(self) -> RedisCluster:
+        for server in self.servers:
+            server.start()
+        addresses = [f"127.0.0.1:{server.port}" for server in self.servers]
+        replicas = str(self.replicas)
+        subprocess.run(
+            [
+                REDIS_CLI,
+                "--cluster",
+                "create",
+                *addresses,
+                "--cluster-replicas",
+                replicas,
+                "--cluster-yes",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            timeout=60,
+        )
+        self.wait_ok()
+        return self
+
+    def cli(self, port: int, *args: str) -> str:
+        done = subprocess.run(
+            [REDIS_CLI, "-p", str(port), *args], capture_output=True, text=True, timeout=30
+        )
+        return done.stdout
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Until every live node says cluster_state:ok and agrees on the slots' owners, and
+        every replica is in sync with its primary."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            live = [s for s in self.servers if s.proc is not None]
+            states = [self.cli(s.port, "cluster", "info") for s in live]
+            slots = {self.cli(s.port, "cluster", "slots") for s in live}
+            replication = [self.cli(s.port, "info", "replication") for s in live]
+            synced = all(
+                "role:master" in info or "master_link_status:up" in info for info in replication
+            )
+            if all("cluster_state:ok" in state for state in states) and len(slots) == 1 and synced:
+                return
+            time.sleep(0.1)
+        raise RuntimeError("the Redis Cluster did not settle")
+
+    def primaries(self) -> list[ServerProcess]:
+        """The live primaries that own slots, by CLUSTER NODES."""
+        nodes = self.cli(self.live().port, "cluster", "nodes").splitlines()
+        ports = set()
+        for line in nodes:
+            fields = line.split()
+            if "master" in fields[2] and "fail" not in fields[2] and len(fields) > 8:
+                ports.add(int(fields[1].split("@")[0].rsplit(":", 1)[1]))
+        return [s for s in self.servers if s.port in ports]
+
+    def node_id(self, server: ServerProcess) -> str:
+        return self.cli(server.port, "cluster", "myid").strip()
+
+    def live(self) -> ServerProcess:
+        return next(s for s in self.servers if s.proc is not None)
+
+    def url(self) -> str:
+        return self.servers[0].url()
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()

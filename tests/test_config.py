@@ -18,6 +18,7 @@ from proxy.config import (
     RedisURL,
     ShadowConfig,
     apply_overrides,
+    check_complete,
     load_config,
     option_paths,
     parse_config,
@@ -638,3 +639,28 @@ def test_bad_override_names_the_flag(flags: dict[str, str], message: str) -> Non
     assert str(info.value) == message
     assert info.value.file == COMMAND_LINE
     assert info.value.key.startswith("--")
+
+
+# --- shadow.redis_cluster ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "mode"), [("auto", "auto"), ("true", "true"), ("no", "false")])
+def test_redis_cluster_is_auto_true_or_false(tmp_path: Path, text: str, mode: str) -> None:
+    config = load_config(write(tmp_path, f"shadow:\n  redis_cluster: {text}\n"))
+    assert config.shadow.redis_cluster == mode
+    assert Config().shadow.redis_cluster == "auto"
+
+
+def test_redis_cluster_refuses_anything_else(tmp_path: Path) -> None:
+    err = error_of(tmp_path, "shadow:\n  redis_cluster: sometimes\n")
+    assert err.key == "shadow.redis_cluster"
+    assert "must be auto, true or false" in str(err)
+
+
+def test_a_forced_cluster_needs_database_0(tmp_path: Path) -> None:
+    text = "shadow:\n  redis: redis://cache:6379/2\n  redis_cluster: true\n"
+    config = load_config(write(tmp_path, text))
+    with pytest.raises(ConfigError) as info:
+        check_complete(config)
+    assert info.value.key == "shadow.redis"
+    assert "database 0 only" in str(info.value)

@@ -27,13 +27,16 @@ import hiredis
 
 from proxy.config import RedisURL
 from proxy.redis.errors import (
+    NotPrimary,
     RedisBusy,
     RedisError,
+    RedisGaveUp,
     RedisProtocolError,
     RedisReplyError,
     RedisTimeout,
     RedisUnavailable,
 )
+from proxy.redis.topology import WriteLog, cluster_reply, is_cluster_refusal
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +106,7 @@ def _describe_failure(exc: BaseException, url: RedisURL) -> str:
         return f"cannot resolve the host {url.host!r}: {exc.strerror}"
     return f"{type(exc).__name__}: {exc}"
 
+
 Reply: TypeAlias = bytes | int | float | list["Reply"] | None
 """A decoded RESP2 reply (error replies are raised as RedisReplyError instead)."""
 
@@ -114,6 +118,13 @@ ReplyCallback: TypeAlias = Callable[[Reply, RedisError | None], None]
 or (None, the RedisError), never from inside the send call itself."""
 
 _MISSING_FUNCTION_PREFIXES = ("ERR Function not found", "NOSCRIPT")
+
+Refusals: TypeAlias = Callable[[bytes, RedisReplyError, ReplyCallback], None]
+"""Where a connection sends a cluster's refusal of a command (MOVED, ASK, READONLY, LOADING,
+TRYAGAIN, CLUSTERDOWN, MASTERDOWN) instead of to its caller: the encoded command, the error,
+and the completion, which the handler must call exactly once (after retrying, or not)."""
+
+ASKING = b"*1\r\n$6\r\nASKING\r\n"
 
 
 # URLs ---------------------------------------------------------------------------------------
@@ -160,7 +171,7 @@ encode_command: Callable[[Sequence[Arg]], bytes] = (
 # protocol -----------------------------------------------------------------------------------
 
 
-def _deliver(callback: ReplyCallback, reply: Reply, error: RedisError | None) -> None:
+def deliver(callback: ReplyCallback, reply: Reply, error: RedisError | None) -> None:
     """Call a command's callback; a failing callback must not stop the other replies."""
     try:
         callback(reply, error)
@@ -185,6 +196,10 @@ class _RespProtocol(asyncio.Protocol):
         service_time: Callable[[float], None] | None = None,
     ) -> None:
         self._loop = loop
+        # Set once the handshake is done: where a cluster's refusals (MOVED, ASK, READONLY,
+        # LOADING...) go instead of to the command's caller (see Refusals).
+        self.refusals: Refusals | None = None
+        self.last_read = 0.0  # perf_counter() of the last reply read: the node was alive
         # Redis's service time, as Memcached's is measured on the client path: from the write
         # that carried a command to the read that brought its reply. The writes not answered
         # in full yet: [perf_counter time, commands of it still waiting].
@@ -231,12 +246,12 @@ class _RespProtocol(asyncio.Protocol):
     def send(self, payload: bytes, timeout: float) -> asyncio.Future[Reply]:
         """Queue one encoded command; it is written with the others of this loop iteration."""
         future: asyncio.Future[Reply] = self._loop.create_future()
-        self._queue([future, None, self._loop.time() + timeout], payload)
+        self._queue([future, None, self._loop.time() + timeout, payload], payload)
         return future
 
     def send_callback(self, payload: bytes, timeout: float, callback: ReplyCallback) -> None:
         """send() without a future: `callback` gets the reply or the error (see ReplyCallback)."""
-        self._queue([None, callback, self._loop.time() + timeout], payload)
+        self._queue([None, callback, self._loop.time() + timeout, payload], payload)
 
     def _queue(self, entry: list[Any], payload: bytes) -> None:
         self._pending.append(entry)
@@ -271,7 +286,7 @@ class _RespProtocol(asyncio.Protocol):
             self._writes.append([time.perf_counter(), commands])
 
     def data_received(self, data: bytes) -> None:
-        read_at = time.perf_counter()
+        self.last_read = read_at = time.perf_counter()
         self._reader.feed(data)
         pending = self._pending
         writes = self._writes
@@ -294,10 +309,12 @@ class _RespProtocol(asyncio.Protocol):
                 write[1] -= 1
                 if not write[1]:
                     writes.popleft()
+            if isinstance(reply, hiredis.ReplyError) and self._refused(entry, str(reply)):
+                continue
             callback = entry[1]
             if callback is not None:
                 entry[1] = None
-                try:  # _deliver(), inlined: this runs for every reply of the shadow
+                try:  # deliver(), inlined: this runs for every reply of the shadow
                     if isinstance(reply, hiredis.ReplyError):
                         callback(None, RedisReplyError(str(reply)))
                     else:
@@ -315,6 +332,20 @@ class _RespProtocol(asyncio.Protocol):
             else:
                 future.set_result(reply)
 
+    def _refused(self, entry: list[Any], message: str) -> bool:
+        """A cluster's refusal goes to `refusals`, with the command and its completion."""
+        refusals = self.refusals
+        if refusals is None or not is_cluster_refusal(message):
+            return False
+        future, callback = entry[0], entry[1]
+        entry[1] = None
+        if callback is None:
+            if future is None or future.done():
+                return True  # nobody waits for it any more
+            callback = _completing(future)
+        refusals(entry[3], RedisReplyError(message), callback)
+        return True
+
     def _fail_all(self, exc: RedisError) -> None:
         # Callbacks are called once the queue is empty: one that sends a command (on another
         # connection, this one is closed) must not find the failed ones still queued.
@@ -322,14 +353,14 @@ class _RespProtocol(asyncio.Protocol):
         self._writes.clear()
         while self._pending:
             entry = self._pending.popleft()
-            future, callback, _ = entry
+            future, callback = entry[0], entry[1]
             if callback is not None:
                 entry[1] = None
                 callbacks.append(callback)
             elif future is not None and not future.done():
                 future.set_exception(exc)
         for callback in callbacks:
-            _deliver(callback, None, exc)
+            deliver(callback, None, exc)
 
     def _arm(self, when: float) -> None:
         if self._timer is not None:
@@ -343,7 +374,7 @@ class _RespProtocol(asyncio.Protocol):
         earliest: float | None = None
         expired: list[list[Any]] = []
         for entry in self._pending:
-            future, callback, deadline = entry
+            future, callback, deadline = entry[0], entry[1], entry[2]
             if callback is None and (future is None or future.done()):
                 continue  # answered, or the caller gave up waiting
             if deadline <= now:
@@ -356,7 +387,7 @@ class _RespProtocol(asyncio.Protocol):
             return
         callbacks: list[ReplyCallback] = []
         for entry in expired:
-            future, callback, _ = entry
+            future, callback = entry[0], entry[1]
             if callback is not None:
                 entry[1] = None
                 callbacks.append(callback)
@@ -366,16 +397,38 @@ class _RespProtocol(asyncio.Protocol):
         self.abort(RedisUnavailable("connection reset after a command timed out"))
         # After the reset: a callback that sends again must not use this connection.
         for callback in callbacks:
-            _deliver(callback, None, RedisTimeout("no reply from Redis in time"))
+            deliver(callback, None, RedisTimeout("no reply from Redis in time"))
 
 
 # connection ---------------------------------------------------------------------------------
+
+
+def _completing(future: asyncio.Future[Reply]) -> ReplyCallback:
+    """A ReplyCallback that completes `future` (unless its waiter gave up)."""
+
+    def complete(reply: Reply, error: RedisError | None) -> None:
+        if future.done():
+            return
+        if error is None:
+            future.set_result(reply)
+        else:
+            future.set_exception(error)
+
+    return complete
 
 
 def _consume_result(future: asyncio.Future[Reply]) -> None:
     """Mark a failure as seen, for futures that may end up with no one awaiting them."""
     if future.done() and not future.cancelled():
         future.exception()
+
+
+def _is_primary(role: Reply) -> bool:
+    return isinstance(role, list) and bool(role) and role[0] == b"master"
+
+
+def _ignore(reply: Reply, error: RedisError | None) -> None:
+    """The completion of ASKING: its reply matters to nobody (the command after it tells)."""
 
 
 def _missing_function(exc: RedisReplyError) -> bool:
@@ -398,8 +451,14 @@ class RedisConnection:
         ssl_context: ssl.SSLContext | None = None,
         name: str = "redis",
         service_time: Callable[[float], None] | None = None,
+        refusals: Refusals | None = None,
+        require_primary: bool = False,
     ) -> None:
         self.url = parse_url(url) if isinstance(url, str) else url
+        self.refusals = refusals
+        # Refuse to talk to a replica (ROLE in the handshake): after a failover the endpoint
+        # may still lead to the old primary for a while, and it must not be written to.
+        self.require_primary = require_primary
         self._service_time = service_time  # observes each reply's service time (seconds)
         self.timeout = self.url.timeout if self.url.timeout is not None else timeout
         self.connect_timeout = connect_timeout
@@ -424,6 +483,7 @@ class RedisConnection:
         """Commands that failed with RedisTimeout."""
         self.function_reloads = 0
         self.last_error: str | None = None
+        self._last_read = 0.0
 
     # lifecycle
 
@@ -498,6 +558,7 @@ class RedisConnection:
                 await protocol.lost
             finally:
                 self._connected.clear()
+                self._last_read = protocol.last_read
                 self._protocol = None
             if not self._closing:
                 log.warning("redis %s (%s): connection lost, reconnecting", self.name, self.url)
@@ -537,6 +598,8 @@ class RedisConnection:
                     handshake.append((b"AUTH", url.password))
             if url.db:
                 handshake.append((b"SELECT", url.db))
+            if self.require_primary:
+                handshake.append((b"ROLE",))
             if self.library is not None:
                 handshake.append((b"FUNCTION", b"LOAD", b"REPLACE", self.library))
             # a stopped server still completes TCP handshakes; count it up once it answers
@@ -545,9 +608,14 @@ class RedisConnection:
                 futures.append(protocol.send(encode_command(cmd), self.connect_timeout))
             for cmd, future in zip(handshake, futures, strict=True):
                 try:
-                    await future
+                    reply = await future
                 except RedisReplyError as exc:
+                    if cmd[0] == b"ROLE" and "unknown command" in exc.message.lower():
+                        continue  # a server without ROLE: take it for a primary
                     raise RedisReplyError(f"{_to_bytes(cmd[0]).decode()} failed: {exc}") from None
+                if cmd[0] == b"ROLE" and not _is_primary(reply):
+                    raise NotPrimary(f"{url.host}:{url.port} is a replica, not a primary")
+            protocol.refusals = self.refusals
         except BaseException:
             protocol.abort(RedisUnavailable("handshake failed"))
             for future in futures:
@@ -588,6 +656,26 @@ class RedisConnection:
         self._ready().send_callback(
             encode_command(args), self.timeout if timeout is None else timeout, callback
         )
+
+    def send_payload(
+        self, payload: bytes, callback: ReplyCallback, *, asking: bool = False
+    ) -> None:
+        """Send an already encoded command (a cluster client resending a refused one), after
+        ASKING when `asking`; raises and calls back as send_callback() does."""
+        protocol = self._ready()
+        if asking:
+            protocol.send_callback(ASKING, self.timeout, _ignore)
+        protocol.send_callback(payload, self.timeout, callback)
+
+    def reset(self, exc: RedisError) -> None:
+        """Drop the connection now (failing what waits on it); the supervisor reconnects."""
+        if self._protocol is not None:
+            self._protocol.abort(exc)
+
+    @property
+    def last_read(self) -> float:
+        """perf_counter() time of the last reply read on this connection (0: none yet)."""
+        return self._protocol.last_read if self._protocol is not None else self._last_read
 
     def _ready(self) -> _RespProtocol:
         protocol = self._protocol
@@ -633,7 +721,7 @@ class RedisConnection:
         try:
             reload = self._start_reload()
         except RedisError as exc:
-            _deliver(callback, None, exc)
+            deliver(callback, None, exc)
             return
 
         def resend(done: asyncio.Future[Reply]) -> None:
@@ -650,7 +738,7 @@ class RedisConnection:
                     return
                 except RedisError as exc:
                     error = exc
-            _deliver(callback, None, error)
+            deliver(callback, None, error)
 
         reload.add_done_callback(resend)
 
@@ -674,8 +762,106 @@ class RedisConnection:
 # pool ---------------------------------------------------------------------------------------
 
 
+class Retries:
+    """Refused commands waiting to be sent again: each a timer and its completion, so that
+    closing fails every one of them exactly once instead of leaving it unanswered."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[asyncio.TimerHandle, ReplyCallback] = {}
+        self.closed = False
+
+    def later(self, delay: float, callback: ReplyCallback, send: Callable[[], None]) -> None:
+        """Call `send` after `delay` (the retry), unless closed first: then fail `callback`."""
+        if self.closed:
+            deliver(callback, None, RedisUnavailable("the Redis client is closed"))
+            return
+
+        def fire() -> None:
+            del self._waiting[handle]
+            send()
+
+        handle = asyncio.get_running_loop().call_later(delay, fire)
+        self._waiting[handle] = callback
+
+    def close(self) -> None:
+        self.closed = True
+        waiting, self._waiting = self._waiting, {}
+        for handle, callback in waiting.items():
+            handle.cancel()
+            deliver(callback, None, RedisUnavailable("the Redis client is closed"))
+
+
+class Retry:
+    """The completion of a command sent again after a refusal, and how many times it was."""
+
+    __slots__ = ("attempts", "done")
+
+    def __init__(self, done: ReplyCallback, attempts: int) -> None:
+        self.done = done
+        self.attempts = attempts
+
+    def __call__(self, reply: Reply, error: RedisError | None) -> None:
+        self.done(reply, error)
+
+    @staticmethod
+    def of(callback: ReplyCallback) -> Retry:
+        """The next attempt of a refused command whose completion is `callback`."""
+        if isinstance(callback, Retry):
+            return Retry(callback.done, callback.attempts + 1)
+        return Retry(callback, 1)
+
+
+RETRY_DELAYS = (0.02, 0.05, 0.1, 0.2, 0.4, 0.8)
+"""Waits before each new attempt of a refused command (LOADING, READONLY, TRYAGAIN...): about
+1.6 s in all, then it is given up (RedisGaveUp) and the shadow drops it, counted by reason."""
+
+
+def give_up(retry: Retry, reason: str, what: str) -> None:
+    """Fail a refused command for good: RedisGaveUp(reason)."""
+    message = f"{what} (refused: {reason}; {retry.attempts} tries)"
+    deliver(retry.done, None, RedisGaveUp(reason, message))
+
+
+def send_later(
+    retries: Retries,
+    payload: bytes,
+    reason: str,
+    retry: Retry,
+    route: Callable[[bytes], RedisConnection],
+) -> None:
+    """Send a refused command again after its attempt's delay, on the connection `route`
+    finds for it then (RedisError there: wait again); past RETRY_DELAYS, give up."""
+    if retry.attempts > len(RETRY_DELAYS):
+        give_up(retry, reason, "still refused")
+        return
+
+    def send() -> None:
+        try:
+            route(payload).send_payload(payload, retry)
+        except RedisError:  # reconnecting, or busy: wait again
+            send_later(retries, payload, reason, Retry.of(retry), route)
+
+    retries.later(RETRY_DELAYS[retry.attempts - 1], retry, send)
+
+
+FAILOVER_WINDOW = 10.0
+"""Seconds of writes a failed-over primary may have lost (shadow.redis_failover_window): its
+replication lag and, behind one endpoint, the time between the replica's promotion and the
+old primary's demotion. Their keys are reported lost, and the shadow stops trusting them."""
+
+WritesLost: TypeAlias = Callable[[list[bytes] | None, str], None]
+"""Told the (Redis) keys whose recent writes a failover may have lost, or None when the log
+no longer knows which (every key), and why."""
+
+
 class RedisPool:
-    """A fixed set of connections; each key always uses the same one (crc32 of the key)."""
+    """A fixed set of connections; each key always uses the same one (crc32 of the key).
+
+    A primary demoted to a replica under it (a failover behind one endpoint, as ElastiCache
+    does) answers writes with READONLY: the pool reports the keys written in the last
+    `failover_window` seconds lost (`on_writes_lost`), reconnects every connection (the
+    handshake's ROLE check waits for the endpoint to lead to a primary) and sends the refused
+    command again, within RETRY_DELAYS."""
 
     def __init__(
         self,
@@ -690,10 +876,20 @@ class RedisPool:
         library: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
         service_time: Callable[[float], None] | None = None,
+        require_primary: bool = False,
+        refusals: Callable[[RedisConnection], Refusals] | None = None,
+        failover_window: float = FAILOVER_WINDOW,
     ) -> None:
+        """refusals: builds each connection's handler of a cluster's refusals (a cluster's
+        node pools); by default the pool's own, for one Redis behind one endpoint."""
         if size < 1:
             raise ValueError("a Redis pool needs at least one connection")
         self.url = parse_url(url) if isinstance(url, str) else url
+        self.writes = WriteLog(failover_window)
+        self.on_writes_lost: WritesLost | None = None
+        self.retries = Retries()
+        self._demoted_at = float("-inf")
+        self._told_cluster = False
         self.connections = [
             RedisConnection(
                 self.url,
@@ -706,15 +902,61 @@ class RedisPool:
                 ssl_context=ssl_context,
                 name=str(index),
                 service_time=service_time,
+                require_primary=require_primary,
             )
             for index in range(size)
         ]
+        for conn in self.connections:
+            conn.refusals = (refusals or self._refusals)(conn)
+
+    def _refusals(self, conn: RedisConnection) -> Refusals:
+        def refused(payload: bytes, error: RedisReplyError, callback: ReplyCallback) -> None:
+            meaning = cluster_reply(error.message)
+            if not isinstance(meaning, str):  # MOVED/ASK: this is a cluster node
+                if not self._told_cluster:
+                    self._told_cluster = True
+                    log.error(
+                        "redis %s answers %r: it is a Redis Cluster node, used as a single "
+                        "Redis (shadow.redis_cluster: false?); commands of keys it does not "
+                        "own fail",
+                        self.url,
+                        error.message,
+                    )
+                deliver(callback, None, error)
+                return
+            if meaning == "readonly":
+                self._demoted()
+            send_later(self.retries, payload, meaning, Retry.of(callback), lambda _: conn)
+
+        return refused
+
+    def _demoted(self) -> None:
+        """The server behind the endpoint is a replica now: what it acknowledged lately may
+        be lost, and the endpoint must be dialled again to reach the new primary."""
+        now = time.perf_counter()
+        if now - self._demoted_at < self.writes.window:  # the same demotion's other refusals
+            return
+        self._demoted_at = now
+        log.warning(
+            "redis %s answers READONLY: its primary became a replica (a failover); "
+            "reconnecting to reach the new primary",
+            self.url,
+        )
+        if self.on_writes_lost is not None:
+            self.on_writes_lost(self.writes.before(now), "demoted")
+        for conn in self.connections:
+            conn.reset(RedisUnavailable("the server became a replica; reconnecting"))
+
+    def primaries(self) -> list[RedisConnection]:
+        """One connection to each primary: flush_all and INFO go to every one."""
+        return self.connections[:1]
 
     @property
     def size(self) -> int:
         return len(self.connections)
 
     def index_for(self, key: bytes) -> int:
+        """The key's connection; keys of one index may share a multi-key command (MGET)."""
         return zlib.crc32(key) % len(self.connections)
 
     def connection_for(self, key: bytes) -> RedisConnection:
@@ -731,6 +973,7 @@ class RedisPool:
         return all(results)
 
     async def close(self) -> None:
+        self.retries.close()
         await asyncio.gather(*(conn.close() for conn in self.connections))
 
     @property

@@ -33,3 +33,16 @@ class RedisProtocolError(RedisError):
 
 class CorruptValue(RedisError):
     """A stored value does not follow the flags|cas|data layout (shorter than its header)."""
+
+
+class NotPrimary(RedisUnavailable):
+    """The server is a replica (ROLE): the shadow writes, so it waits for a primary."""
+
+
+class RedisGaveUp(RedisError):
+    """A command the cluster kept refusing (MOVED/ASK loops, READONLY, LOADING, TRYAGAIN,
+    CLUSTERDOWN, MASTERDOWN) past the retry bound; `reason` names the last refusal."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason

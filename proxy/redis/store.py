@@ -7,6 +7,8 @@ MGET/GETEX and decode the flags|cas header here. Exptimes are converted with lay
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,8 +17,18 @@ from importlib import resources
 from typing import Any, TypeAlias, TypeVar
 
 from proxy.config import RedisURL
-from proxy.redis.client import Arg, RedisConnection, RedisPool, Reply, ReplyCallback
-from proxy.redis.errors import RedisError, RedisProtocolError
+from proxy.redis.client import (
+    FAILOVER_WINDOW,
+    Arg,
+    RedisConnection,
+    RedisPool,
+    Reply,
+    ReplyCallback,
+    Retries,
+    WritesLost,
+)
+from proxy.redis.cluster import ClusterPool, detect_cluster
+from proxy.redis.errors import RedisError, RedisProtocolError, RedisUnavailable
 from proxy.redis.layout import (
     DEFAULT_ITEM_SIZE_MAX,
     DEFAULT_SLAB_CHUNK_MAX,
@@ -31,6 +43,9 @@ from proxy.redis.layout import (
     max_value_len,
     unpack_value,
 )
+from proxy.redis.topology import WriteLog
+
+log = logging.getLogger(__name__)
 
 LIBRARY_RESOURCE = "memcached.lua"
 
@@ -277,12 +292,54 @@ def _decoding(decode: Callable[[Reply], _T], done: ResultCallback[_T]) -> ReplyC
     return on_reply
 
 
+class ClusterMode(StrEnum):
+    """shadow.redis_cluster: whether the Redis is a Redis Cluster (auto: ask it)."""
+
+    AUTO = "auto"
+    ON = "true"
+    OFF = "false"
+
+
+class _Undecided:
+    """The pool until `auto` has found out whether the server is a cluster: nothing can be
+    sent yet (the shadow drops and counts, as when Redis is down)."""
+
+    def __init__(self, url: RedisURL) -> None:
+        self.url = url
+        self.writes = WriteLog()
+        self.on_writes_lost: WritesLost | None = None
+        self.retries = Retries()
+        self.connections: list[RedisConnection] = []
+        self.is_connected = False
+
+    def connection_for(self, key: bytes) -> RedisConnection:
+        raise RedisUnavailable(f"redis {self.url}: not reached yet (is it a cluster?)")
+
+    def index_for(self, key: bytes) -> int:
+        return 0
+
+    def primaries(self) -> list[RedisConnection]:
+        return []
+
+    async def start(self) -> bool:
+        return False
+
+    async def wait_connected(self, timeout: float) -> bool:
+        return False
+
+    async def close(self) -> None:
+        return None
+
+
+Pool = RedisPool | ClusterPool | _Undecided
+
+
 class RedisStore:
     """Memcached semantics on Redis. Every method raises RedisError subclasses on failure."""
 
     def __init__(
         self,
-        pool: RedisPool,
+        pool: RedisPool | ClusterPool,
         *,
         item_size_max: int = DEFAULT_ITEM_SIZE_MAX,
         slab_chunk_max: int = DEFAULT_SLAB_CHUNK_MAX,
@@ -291,11 +348,17 @@ class RedisStore:
     ) -> None:
         """item_size_max and slab_chunk_max are memcached's (`stats settings`); clock gives
         the unix time used to convert absolute exptimes."""
-        self.pool = pool
+        self.pool: Pool = pool
         self.item_size_max = item_size_max
         self.slab_chunk_max = slab_chunk_max
         self.key_prefix = key_prefix
         self.clock = clock
+        self.on_writes_lost: WritesLost | None = None
+        """Told the keys (without the prefix) whose writes a failover of Redis lost."""
+        self._make_pool: Callable[[bool], RedisPool | ClusterPool] | None = None
+        self._deciding: asyncio.Task[None] | None = None
+        self._connect_timeout = 2.0
+        pool.on_writes_lost = self._writes_lost
 
     @classmethod
     def from_url(
@@ -309,26 +372,105 @@ class RedisStore:
         slab_chunk_max: int = DEFAULT_SLAB_CHUNK_MAX,
         key_prefix: bytes = b"",
         service_time: Callable[[float], None] | None = None,
+        cluster: ClusterMode | str = ClusterMode.OFF,
+        connect_timeout: float = 2.0,
+        failover_window: float = FAILOVER_WINDOW,
     ) -> RedisStore:
         """A store over a new pool that loads the function library (call start());
-        `service_time` observes each reply's service time (write to read, seconds)."""
-        pool = RedisPool(
-            url,
-            size,
-            timeout=timeout,
-            max_inflight=max_inflight,
-            library=function_library(),
-            service_time=service_time,
+        `service_time` observes each reply's service time (write to read, seconds).
+        cluster: "true" for a Redis Cluster, "auto" to ask the server at start()."""
+        parsed = RedisURL.parse(url, options=True) if isinstance(url, str) else url
+        mode = ClusterMode(cluster)
+
+        def make_pool(is_cluster: bool) -> RedisPool | ClusterPool:
+            if is_cluster:
+                return ClusterPool(
+                    parsed,
+                    size,
+                    timeout=timeout,
+                    connect_timeout=connect_timeout,
+                    max_inflight=max_inflight,
+                    library=function_library(),
+                    service_time=service_time,
+                    failover_window=failover_window,
+                )
+            return RedisPool(
+                parsed,
+                size,
+                timeout=timeout,
+                connect_timeout=connect_timeout,
+                max_inflight=max_inflight,
+                library=function_library(),
+                service_time=service_time,
+                require_primary=True,
+                failover_window=failover_window,
+            )
+
+        first = make_pool(mode is ClusterMode.ON) if mode is not ClusterMode.AUTO else None
+        store = cls(
+            first or RedisPool(parsed, 1),
+            item_size_max=item_size_max,
+            slab_chunk_max=slab_chunk_max,
+            key_prefix=key_prefix,
         )
-        return cls(
-            pool, item_size_max=item_size_max, slab_chunk_max=slab_chunk_max, key_prefix=key_prefix
-        )
+        store._connect_timeout = connect_timeout
+        if first is None:
+            store.pool = _Undecided(parsed)
+            store._make_pool = make_pool
+        return store
 
     async def start(self) -> bool:
+        """Connect (after finding out whether the server is a cluster, when that is still to
+        decide: in the background until it answers); True when connected."""
+        if self._make_pool is not None and self._deciding is None:
+            self._deciding = asyncio.get_running_loop().create_task(self._decide())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._deciding), self._connect_timeout + 1)
+            return self.pool.is_connected
         return await self.pool.start()
 
+    async def _decide(self) -> None:
+        assert self._make_pool is not None
+        url = self.pool.url
+        delay = 0.1
+        while True:
+            try:
+                is_cluster = await detect_cluster(url, self._connect_timeout)
+                break
+            except RedisError as exc:
+                log.warning("redis %s: cannot tell whether it is a cluster yet: %s", url, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        if is_cluster and url.db:
+            log.error(
+                "redis %s is a Redis Cluster node, and a cluster has database 0 only: set "
+                "shadow.redis to .../0; the shadow stays off",
+                url,
+            )
+            return
+        pool = self._make_pool(is_cluster)
+        pool.on_writes_lost = self._writes_lost
+        if is_cluster:
+            log.info("redis %s is a Redis Cluster node: keys go to their slots' primaries", url)
+        self.pool = pool
+        await pool.start()
+
     async def close(self) -> None:
+        if self._deciding is not None and not self._deciding.done():
+            self._deciding.cancel()
+            await asyncio.wait((self._deciding,), timeout=1.0)
         await self.pool.close()
+
+    @property
+    def is_cluster(self) -> bool:
+        return isinstance(self.pool, ClusterPool)
+
+    def _writes_lost(self, rkeys: list[bytes] | None, reason: str) -> None:
+        if self.on_writes_lost is None:
+            return
+        prefix = len(self.key_prefix)
+        keys = None if rkeys is None else [rkey[prefix:] for rkey in rkeys]
+        self.on_writes_lost(keys, reason)
 
     def expiry(self, exptime: ExpiryArg) -> Expiry:
         if isinstance(exptime, Expiry):
@@ -342,7 +484,16 @@ class RedisStore:
 
     def _conn(self, key: bytes) -> tuple[RedisConnection, bytes]:
         prefix = self.key_prefix
-        return self.pool.connection_for(key), prefix + key if prefix else key
+        rkey = prefix + key if prefix else key
+        return self.pool.connection_for(rkey), rkey
+
+    def _write(self, key: bytes) -> tuple[RedisConnection, bytes]:
+        """_conn() of a write, logged: a failover may lose it (WriteLog)."""
+        prefix = self.key_prefix
+        rkey = prefix + key if prefix else key
+        conn = self.pool.connection_for(rkey)
+        self.pool.writes.add(time.perf_counter(), rkey)
+        return conn, rkey
 
     # writes
 
@@ -369,7 +520,7 @@ class RedisStore:
         args = self._store_arguments(
             mode, key, flags, exptime, data, cas, item_size_max, too_large_deletes
         )
-        conn, rkey = self._conn(key)
+        conn, rkey = self._write(key)
         return decode_store(await conn.fcall("mc_store", rkey, *args))
 
     def store_callback(
@@ -390,7 +541,7 @@ class RedisStore:
         args = self._store_arguments(
             mode, key, flags, exptime, data, cas, item_size_max, too_large_deletes
         )
-        conn, rkey = self._conn(key)
+        conn, rkey = self._write(key)
         conn.fcall_callback(_decoding(decode_store, done), "mc_store", rkey, *args)
 
     def _store_arguments(
@@ -428,7 +579,7 @@ class RedisStore:
         value (in-place rewrite); the functions do the same.
         """
         args = self._delta_arguments(key, op, delta, cas, create, initial, ttl, create_ttl_wins)
-        conn, rkey = self._conn(key)
+        conn, rkey = self._write(key)
         return decode_delta(await conn.fcall("mc_delta", rkey, *args))
 
     def delta_callback(
@@ -446,7 +597,7 @@ class RedisStore:
     ) -> None:
         """delta() with a callback (see store_callback)."""
         args = self._delta_arguments(key, op, delta, cas, create, initial, ttl, create_ttl_wins)
-        conn, rkey = self._conn(key)
+        conn, rkey = self._write(key)
         conn.fcall_callback(_decoding(decode_delta, done), "mc_delta", rkey, *args)
 
     def _delta_arguments(
@@ -474,20 +625,20 @@ class RedisStore:
 
     async def touch(self, key: bytes, exptime: ExpiryArg) -> TouchStatus:
         """Set a new TTL on an existing item; the cas does not change."""
-        conn, rkey = self._conn(key)
+        conn, rkey = self._write(key)
         return decode_touch(await conn.fcall("mc_touch", rkey, *self._expiry_args(exptime)))
 
     def touch_callback(
         self, done: ResultCallback[TouchStatus], key: bytes, exptime: ExpiryArg
     ) -> None:
         """touch() with a callback (see store_callback)."""
-        conn, rkey = self._conn(key)
+        conn, rkey = self._write(key)
         args = self._expiry_args(exptime)
         conn.fcall_callback(_decoding(decode_touch, done), "mc_touch", rkey, *args)
 
     async def delete(self, key: bytes, cas: int | None = None) -> DeleteStatus:
         """delete, or md with C (cas must match exactly; 0 never matches)."""
-        conn, rkey = self._conn(key)
+        conn, rkey = self._write(key)
         if cas is None:
             return decode_del(await conn.execute(b"DEL", rkey))
         check_cas(cas)
@@ -497,7 +648,7 @@ class RedisStore:
         self, done: ResultCallback[DeleteStatus], key: bytes, cas: int | None = None
     ) -> None:
         """delete() with a callback (see store_callback)."""
-        conn, rkey = self._conn(key)
+        conn, rkey = self._write(key)
         if cas is None:
             conn.send_callback(_decoding(decode_del, done), b"DEL", rkey)
             return
@@ -505,21 +656,32 @@ class RedisStore:
         conn.fcall_callback(_decoding(decode_cas_delete, done), "mc_delete", rkey, cas)
 
     async def evicted_keys(self) -> int:
-        """Redis's INFO stats evicted_keys (tells its evictions apart from real differences)."""
-        reply = await self.pool.connections[0].execute(b"INFO", b"stats")
-        if isinstance(reply, bytes):
-            for line in reply.split(b"\r\n"):
-                if line.startswith(b"evicted_keys:"):
-                    return int(line.split(b":", 1)[1])
-        return 0
+        """Redis's INFO stats evicted_keys, summed over the primaries (tells its evictions
+        apart from real differences)."""
+        primaries = self._primaries()
+        replies = await asyncio.gather(*(conn.execute(b"INFO", b"stats") for conn in primaries))
+        evicted = 0
+        for reply in replies:
+            if isinstance(reply, bytes):
+                for line in reply.split(b"\r\n"):
+                    if line.startswith(b"evicted_keys:"):
+                        evicted += int(line.split(b":", 1)[1])
+        return evicted
 
     async def flush(self) -> None:
-        """flush_all without delay: FLUSHDB ASYNC, so the Redis DB must be dedicated.
+        """flush_all without delay: FLUSHDB ASYNC on every primary, so the Redis DB (or the
+        whole cluster) must be dedicated.
 
-        It goes over the first connection only; writes in flight on other connections are not
+        It goes over one connection of each; writes in flight on other connections are not
         ordered against it (as with two memcached clients racing a flush_all).
         """
-        await self.pool.connections[0].execute(b"FLUSHDB", b"ASYNC")
+        await asyncio.gather(*(conn.execute(b"FLUSHDB", b"ASYNC") for conn in self._primaries()))
+
+    def _primaries(self) -> list[RedisConnection]:
+        primaries = self.pool.primaries()
+        if not primaries:
+            raise RedisUnavailable(f"redis {self.pool.url}: no primary reached yet")
+        return primaries
 
     # reads
 
@@ -533,18 +695,19 @@ class RedisStore:
         conn.send_callback(_decoding(decode_item, done), b"GET", rkey)
 
     async def get_many(self, keys: Sequence[bytes]) -> list[Item | None]:
-        """get/gets: one MGET per connection, so each key stays ordered after its writes."""
+        """get/gets: one MGET per connection (per slot on a cluster), so each key stays
+        ordered after its writes."""
         if not keys:
             return []
+        rkeys = [self.key_prefix + key for key in keys]
         groups: dict[int, list[int]] = {}
-        for position, key in enumerate(keys):
-            groups.setdefault(self.pool.index_for(key), []).append(position)
+        for position, rkey in enumerate(rkeys):
+            groups.setdefault(self.pool.index_for(rkey), []).append(position)
         futures: list[asyncio.Future[Reply]] = []
         try:
-            for index, positions in groups.items():
-                conn = self.pool.connections[index]
-                rkeys = [self.key_prefix + keys[p] for p in positions]
-                futures.append(conn.send(b"MGET", *rkeys))
+            for positions in groups.values():
+                conn = self.pool.connection_for(rkeys[positions[0]])
+                futures.append(conn.send(b"MGET", *(rkeys[p] for p in positions)))
         except BaseException:
             for future in futures:
                 future.cancel()
@@ -560,12 +723,12 @@ class RedisStore:
 
     async def gat(self, exptime: ExpiryArg, key: bytes) -> Item | None:
         """gat/gats of one key: read and set the TTL like touch; the cas does not change."""
-        conn, rkey = self._conn(key)
+        conn, rkey = self._write(key)
         return decode_item(await conn.execute(*getex_command(rkey, self.expiry(exptime))))
 
     def gat_callback(self, done: ResultCallback[Item], exptime: ExpiryArg, key: bytes) -> None:
         """gat() with a callback (see store_callback)."""
-        conn, rkey = self._conn(key)
+        conn, rkey = self._write(key)
         command = getex_command(rkey, self.expiry(exptime))
         conn.send_callback(_decoding(decode_item, done), *command)
 
@@ -575,7 +738,7 @@ class RedisStore:
         futures: list[asyncio.Future[Reply]] = []
         try:
             for key in keys:
-                conn, rkey = self._conn(key)
+                conn, rkey = self._write(key)
                 futures.append(conn.send(*getex_command(rkey, expiry)))
         except BaseException:
             for future in futures:

@@ -25,6 +25,7 @@ from typing import Any, Final
 from proxy.redis.errors import (
     RedisBusy,
     RedisError,
+    RedisGaveUp,
     RedisReplyError,
     RedisTimeout,
     RedisUnavailable,
@@ -129,6 +130,7 @@ class ShadowDispatcher:
         self.casmap = CasMap(settings.cas_map_size)
         self.history = OpHistory()
         self.executor = Executor(store, self.casmap, stats, self._completed)
+        store.on_writes_lost = self._writes_lost
         self.scheduler = Scheduler(
             runner=self,
             keys=self.keys,
@@ -334,13 +336,29 @@ class ShadowDispatcher:
         kind = _error_kind(exc)
         stats.errors[kind] += 1
         self._history(op, kind)
-        if isinstance(exc, RedisUnavailable | RedisTimeout | RedisBusy):
-            reason = {RedisUnavailable: "redis_down", RedisTimeout: "timeout"}.get(
-                type(exc), "redis_busy"
-            )
+        if isinstance(exc, RedisGaveUp):  # refused until the retries ran out (a failover...)
+            self.scheduler.drop(kind, (op.key,), op.seq)
+        elif isinstance(exc, RedisUnavailable | RedisTimeout | RedisBusy):
+            reason = "redis_busy" if isinstance(exc, RedisBusy) else "redis_down"
+            if isinstance(exc, RedisTimeout):
+                reason = "timeout"
             self.scheduler.drop(reason, (op.key,), op.seq)
         else:  # an error reply, or one this client cannot decode
             state.mark_lost(op.seq)
+
+    def _writes_lost(self, keys: list[bytes] | None, reason: str) -> None:
+        """The target lost recent writes (a failover: the old primary had not replicated
+        them): those keys, or every key when the target cannot say which, turn cold."""
+        if keys is None:
+            self.scheduler.new_epoch()
+        else:
+            self.scheduler.forget(keys)
+        self.stats.dropped[reason] += 1 if keys is None else len(keys)
+        log.warning(
+            "shadow: Redis %s: %s keys written lately turn cold (their writes may be lost)",
+            reason,
+            "all" if keys is None else len(keys),
+        )
 
     def _internal_error(self, op: ShadowOp, state: KeyState) -> None:
         log.exception("shadow: cannot replay %s of a key", op.command)
@@ -636,6 +654,8 @@ def _error_kind(exc: BaseException) -> str:
         if message.startswith("OOM"):
             return "shadow_oom"
         return "redis_reply"
+    if isinstance(exc, RedisGaveUp):
+        return f"redis_{exc.reason}"
     if isinstance(exc, RedisTimeout):
         return "redis_timeout"
     if isinstance(exc, RedisUnavailable):

@@ -54,6 +54,9 @@ class ShadowEngine:
             timeout=shadow.redis_timeout,
             max_inflight=max(64, shadow.max_inflight * 2),
             service_time=stats.redis_service.observe,
+            cluster=shadow.redis_cluster,
+            failover_window=shadow.redis_failover_window,
+            connect_timeout=config.upstream_connect_timeout,
         )
         self.reader = MemcachedReader(
             config.memcached.host, config.memcached.port, timeout=config.upstream_connect_timeout
@@ -172,7 +175,12 @@ class Shadow:
         await self.dispatcher.idle()
 
     def redis_execute(self) -> Callable[..., Awaitable[Any]]:
-        return self.store.pool.connection_for(b"").execute
+        store = self.store
+
+        async def execute(*args: Any) -> Any:  # the pool changes once `auto` has decided
+            return await store.pool.connection_for(b"").execute(*args)
+
+        return execute
 
 
 def build_shadow(config: Config, metrics: ProxyMetrics) -> ShadowService:

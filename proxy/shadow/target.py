@@ -2,15 +2,17 @@
 
 The dispatcher replays, judges and repairs through this interface only. RedisStore (one Redis,
 its keys spread over a pool of connections by `pool.index_for(key)`, the key-to-node router)
-implements it today; a Redis Cluster target implements the same calls by routing each key to
-the node that owns its slot, and the verdict logic does not change. Every call concerns one
-key, so per-key ordering is the target's to keep: one key, one connection, in call order.
+implements it on one Redis, and on a Redis Cluster (a ClusterPool under the same RedisStore
+routes each key to the primary that owns its slot); the verdict logic is the same for both.
+Every call concerns one key, so per-key ordering is the target's to keep: one key, one
+connection, in call order, a redirected call completed before the key's next one starts.
 """
 
 from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+from proxy.redis.client import WritesLost
 from proxy.redis.layout import Item
 from proxy.redis.store import (
     DeleteStatus,
@@ -35,6 +37,9 @@ class ShadowTarget(Protocol):
     """
 
     item_size_max: int  # memcached's, from `stats settings`: the value size limit
+    # Set by the engine: told the keys whose recent writes the target lost (a failover: the
+    # old primary had not replicated them), or None for "every key".
+    on_writes_lost: WritesLost | None
 
     def get_callback(self, done: ResultCallback[Item], key: bytes) -> None: ...
 

@@ -37,12 +37,16 @@ def _shadow(
         proxy.stop()
 
 
-def _differing(memcached: ServerProcess, redis: ServerProcess, keys: list[str]) -> list[str]:
+RedisGet = Callable[[str], object]
+"""GET of a key straight from the shadow's Redis (test-side; the raw reply)."""
+
+
+def _differing(memcached: ServerProcess, redis_get: RedisGet, keys: list[str]) -> list[str]:
     """Keys whose value or flags differ between the two stores right now."""
     differing = []
     for key in keys:
         mc = mc_item(memcached.port, key)
-        raw = redis_call(redis.port, "GET", key)
+        raw = redis_get(key)
         theirs = None
         if isinstance(raw, bytes):
             item = unpack_value(raw)
@@ -52,35 +56,52 @@ def _differing(memcached: ServerProcess, redis: ServerProcess, keys: list[str]) 
     return differing
 
 
+def hammer_gives_no_false_alarm(
+    proxy: ProxyThread,
+    memcached: ServerProcess,
+    redis_get: RedisGet,
+    seconds: float = 6.0,
+    during: Callable[[], None] | None = None,
+) -> dict[str, object]:
+    """The hammer through `proxy` (shadow with backfill), `during()` run while it hammers
+    (a fault, a migration): no client error, no mismatch, and every key equal in both
+    stores at the end. Returns the shadow's figures."""
+    shared = [f"hot{i}" for i in range(6)]
+    hammer = Hammer(proxy.port, 32, seconds, own_keys=10, shared=shared)
+    if during is not None:
+        during()
+    hammer.join()
+    assert hammer.result.errors == []
+    proxy.settle(120)
+    during = figures(proxy)
+    print(f"\nhammer: {hammer.result.operations} operations, {during}")
+    assert during["outcomes"].get("mismatch", 0) == 0, during["mismatches"]  # type: ignore[union-attr]
+    assert during["outcomes"]["match"] > 1000  # type: ignore[index]
+    # A read of every key through the proxy: a warm key that differs is a mismatch, a
+    # cold one is backfilled (backfill: the keys the shadow lost track of, noreply writes of
+    # unknown outcome, repairs overlapping a write, are copied, so every key must end equal).
+    reader = Client(("127.0.0.1", proxy.port), timeout=10)
+    for key in hammer.keys:
+        reader.get(key)
+    reader.close()
+    proxy.settle(120)
+    after = figures(proxy)
+    assert after["outcomes"].get("mismatch", 0) == 0, after["mismatches"]  # type: ignore[union-attr]
+    differing = _differing(memcached, redis_get, hammer.keys)
+    if differing:  # 2 s TTLs: an expiry between the two reads above; wait it out
+        time.sleep(3.5)
+        differing = _differing(memcached, redis_get, differing)
+    assert differing == []
+    return after
+
+
 def test_the_hammer_gives_no_false_alarm_and_leaves_redis_equal(
     worker_mode: str, memcached: ServerProcess, redis_server: ServerProcess
 ) -> None:
-    # backfill: the read pass at the end copies the keys the shadow lost track of (noreply
-    # writes of unknown outcome, repairs overlapping a write), so every key must end equal.
     with _shadow(memcached, redis_server, worker_mode, backfill=True) as proxy:
-        shared = [f"hot{i}" for i in range(6)]
-        hammer = Hammer(proxy.port, 32, 6.0, own_keys=10, shared=shared)
-        hammer.join()
-        assert hammer.result.errors == []
-        proxy.settle(120)
-        during = figures(proxy)
-        print(f"\nhammer ({worker_mode}): {hammer.result.operations} operations, {during}")
-        assert during["outcomes"].get("mismatch", 0) == 0, during["mismatches"]  # type: ignore[union-attr]
-        assert during["outcomes"]["match"] > 1000  # type: ignore[index]
-        # A read of every key through the proxy: a warm key that differs is a mismatch, a
-        # cold one is backfilled.
-        reader = Client(("127.0.0.1", proxy.port), timeout=10)
-        for key in hammer.keys:
-            reader.get(key)
-        reader.close()
-        proxy.settle(120)
-        after = figures(proxy)
-        assert after["outcomes"].get("mismatch", 0) == 0, after["mismatches"]  # type: ignore[union-attr]
-        differing = _differing(memcached, redis_server, hammer.keys)
-        if differing:  # 2 s TTLs: an expiry between the two reads above; wait it out
-            time.sleep(3.5)
-            differing = _differing(memcached, redis_server, differing)
-        assert differing == []
+        hammer_gives_no_false_alarm(
+            proxy, memcached, lambda key: redis_call(redis_server.port, "GET", key)
+        )
 
 
 # -- divergences injected while the hammer runs -------------------------------------------

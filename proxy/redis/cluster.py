@@ -1,0 +1,414 @@
+"""A Redis Cluster as the shadow's store: keys routed to the primary that owns their slot.
+
+ClusterPool offers what RedisPool offers the store (`connection_for`, `index_for`,
+`primaries`, `writes`...), so RedisStore runs unchanged on one Redis or on a cluster. Each
+primary gets a RedisPool of its own (the function library is loaded on each connection, so
+on every primary, and again on a node that appears or is promoted). The slot map is learned
+with CLUSTER SHARDS (CLUSTER SLOTS before Redis 7) and refreshed every `refresh_interval`,
+at once when a node is unreachable or a slot has no owner, and before a MOVED command is
+sent again. Refusals are handled the way production clients handle them:
+
+- MOVED: refresh the map, then send the command to the slot's owner;
+- ASK: send ASKING and the command to the node named, this once;
+- TRYAGAIN, LOADING, CLUSTERDOWN, MASTERDOWN, READONLY: send it again after RETRY_DELAYS;
+
+and past the bound the command fails with RedisGaveUp(reason), which the shadow counts as a
+drop, never as a mismatch. The shadow runs one operation of a key at a time, so a redirected
+command keeps its key's order. A primary replaced by its replica (failover) may have lost
+the writes it had not replicated: their keys are reported through `on_writes_lost`, before
+the map that routes them to the new primary is installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+import hiredis
+
+from proxy.config import RedisURL
+from proxy.redis.client import (
+    FAILOVER_WINDOW,
+    RETRY_DELAYS,
+    RedisConnection,
+    RedisPool,
+    Refusals,
+    ReplyCallback,
+    Retries,
+    Retry,
+    WritesLost,
+    deliver,
+    give_up,
+    send_later,
+)
+from proxy.redis.errors import RedisError, RedisReplyError, RedisUnavailable
+from proxy.redis.topology import (
+    SLOTS,
+    Redirect,
+    SlotMap,
+    WriteLog,
+    cluster_reply,
+    failed_over,
+    key_slot,
+    keys_of,
+    parse_shards,
+    parse_slots,
+)
+
+log = logging.getLogger(__name__)
+
+REFRESH_INTERVAL = 5.0
+"""Seconds between two slot map refreshes while all is well (new nodes, moved slots)."""
+UNHEALTHY_REFRESH = 0.25
+"""Seconds between refreshes while a primary is unreachable or a slot has no owner."""
+
+
+def command_key(payload: bytes) -> bytes | None:
+    """The key of an encoded single-key command (FCALL f 1 key..., or CMD key...)."""
+    reader = hiredis.Reader()
+    reader.feed(payload)
+    args = reader.gets()
+    if not isinstance(args, list) or len(args) < 2:
+        return None
+    if args[0].upper() == b"FCALL":
+        return args[3] if len(args) > 3 else None
+    key = args[1]
+    return key if isinstance(key, bytes) else None
+
+
+async def detect_cluster(url: RedisURL, timeout: float) -> bool:
+    """Whether the server at `url` runs in cluster mode (INFO cluster: cluster_enabled:1).
+    Raises RedisError when it cannot be asked."""
+    conn = RedisConnection(dataclasses.replace(url, db=0), connect_timeout=timeout, timeout=timeout)
+    try:
+        if not await conn.start():
+            raise RedisUnavailable(f"redis {url}: {conn.last_error or 'unreachable'}")
+        reply = await conn.execute(b"INFO", b"cluster")
+    finally:
+        await conn.close()
+    return isinstance(reply, bytes) and b"cluster_enabled:1" in reply
+
+
+class ClusterPool:
+    """Connections to every primary of a Redis Cluster, found from any one node (`url`)."""
+
+    def __init__(
+        self,
+        url: str | RedisURL,
+        size: int = 2,
+        *,
+        timeout: float = 1.0,
+        connect_timeout: float = 2.0,
+        max_inflight: int = 1024,
+        backoff_initial: float = 0.05,
+        backoff_max: float = 2.0,
+        library: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        service_time: Callable[[float], None] | None = None,
+        refresh_interval: float = REFRESH_INTERVAL,
+        failover_window: float = FAILOVER_WINDOW,
+    ) -> None:
+        self.url = RedisURL.parse(url, options=True) if isinstance(url, str) else url
+        if self.url.db:
+            raise ValueError(
+                f"redis {self.url}: a Redis Cluster has database 0 only; the URL asks for "
+                f"{self.url.db}"
+            )
+        self.size = size
+        self._pool_options: dict[str, Any] = {
+            "timeout": timeout,
+            "connect_timeout": connect_timeout,
+            "max_inflight": max_inflight,
+            "backoff_initial": backoff_initial,
+            "backoff_max": backoff_max,
+            "library": library,
+            "ssl_context": ssl_context,
+            "service_time": service_time,
+        }
+        self.connect_timeout = connect_timeout
+        self.refresh_interval = refresh_interval
+        self.map = SlotMap()
+        self._owners: list[RedisPool | None] = [None] * SLOTS
+        self._nodes: dict[tuple[str, int], RedisPool] = {}
+        self.writes = WriteLog(failover_window)
+        self.on_writes_lost: WritesLost | None = None
+        self.retries = Retries()
+        self._refresh_lock = asyncio.Lock()
+        self._refreshed = 0  # refreshes done: a waiter that sees it move needs none of its own
+        self._wanted = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._maintainer: asyncio.Task[None] | None = None
+        self._closing = False
+        self._refresh_failing = False
+        self.failovers = 0
+        """Primaries seen replaced by one of their replicas."""
+        self.redirects: dict[str, int] = {"moved": 0, "ask": 0}
+
+    # -- what the store uses -------------------------------------------------------------
+
+    def connection_for(self, key: bytes) -> RedisConnection:
+        """The connection of a key: the owner of its slot, one of its connections by slot."""
+        slot = key_slot(key)
+        node = self._owners[slot]
+        if node is None:
+            raise RedisUnavailable(f"redis cluster {self.url}: slot {slot} has no known owner")
+        return node.connections[slot % node.size]
+
+    def index_for(self, key: bytes) -> int:
+        """Keys of one index (slot) may share a multi-key command (MGET)."""
+        return key_slot(key)
+
+    def primaries(self) -> list[RedisConnection]:
+        """One connection to each primary that owns slots."""
+        return [pool.connections[0] for pool in self._owning_pools()]
+
+    def _owning_pools(self) -> list[RedisPool]:
+        seen: dict[int, RedisPool] = {}
+        for pool in self._owners:
+            if pool is not None:
+                seen.setdefault(id(pool), pool)
+        return list(seen.values())
+
+    @property
+    def connections(self) -> list[RedisConnection]:
+        return [conn for pool in self._nodes.values() for conn in pool.connections]
+
+    @property
+    def is_connected(self) -> bool:
+        pools = self._owning_pools()
+        return bool(pools) and self.map.uncovered() == 0 and all(p.is_connected for p in pools)
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    async def start(self) -> bool:
+        """Learn the slot map and connect to every primary; keep refreshing in the background.
+        True when every slot has a connected owner."""
+        with contextlib.suppress(RedisError):
+            await self.refresh()
+        await asyncio.gather(
+            *(pool.wait_connected(self.connect_timeout) for pool in self._nodes.values())
+        )
+        if self._maintainer is None:
+            self._maintainer = asyncio.get_running_loop().create_task(
+                self._maintain(), name="redis-cluster-map"
+            )
+        return self.is_connected
+
+    async def wait_connected(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.is_connected and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.is_connected
+
+    async def close(self) -> None:
+        self._closing = True
+        self.retries.close()
+        task, self._maintainer = self._maintainer, None
+        tasks = [*self._tasks, *([task] if task is not None else [])]
+        for pending in tasks:
+            pending.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2.0)
+        pools, self._nodes = list(self._nodes.values()), {}
+        self._owners = [None] * SLOTS
+        await asyncio.gather(*(pool.close() for pool in pools))
+
+    async def _maintain(self) -> None:
+        last = time.monotonic()
+        while not self._closing:
+            await asyncio.sleep(UNHEALTHY_REFRESH)
+            now = time.monotonic()
+            due = now - last >= self.refresh_interval
+            if not (due or self._wanted or not self.is_connected):
+                continue
+            last = now
+            try:
+                await self.refresh()
+            except RedisError as exc:
+                if not self._refresh_failing:
+                    log.warning("redis cluster %s: cannot read the slot map: %s", self.url, exc)
+                self._refresh_failing = True
+            except Exception:
+                log.exception("redis cluster %s: slot map refresh failed", self.url)
+
+    # -- the slot map --------------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """Read the slot map again and install it; concurrent callers share one read."""
+        seen = self._refreshed
+        async with self._refresh_lock:
+            if self._refreshed != seen:
+                return  # someone read it while this caller waited
+            self._wanted = False
+            slot_map = await self._read_map()
+            self._install(slot_map)
+            self._refreshed += 1
+            if self._refresh_failing:
+                self._refresh_failing = False
+                log.info("redis cluster %s: slot map read again", self.url)
+
+    async def _read_map(self) -> SlotMap:
+        errors: list[str] = []
+        for pool in self._owning_pools():  # connected primaries first: the likeliest fresh
+            if pool.connections[0].is_connected:
+                try:
+                    return await self._ask_map(pool.connections[0])
+                except RedisError as exc:
+                    errors.append(f"{pool.url.host}:{pool.url.port}: {exc}")
+        addresses = [(self.url.host, self.url.port)]
+        addresses += [node.address for node in self.map.nodes.values()]
+        for host, port in dict.fromkeys(addresses):
+            conn = RedisConnection(
+                dataclasses.replace(self.url, host=host, port=port),
+                timeout=self.connect_timeout,
+                connect_timeout=self.connect_timeout,
+                ssl_context=self._pool_options["ssl_context"],
+                name="map",
+            )
+            try:
+                if await conn.start():
+                    return await self._ask_map(conn)
+                errors.append(f"{host}:{port}: {conn.last_error}")
+            except RedisError as exc:
+                errors.append(f"{host}:{port}: {exc}")
+            finally:
+                await conn.close()
+        raise RedisUnavailable("no node answered: " + "; ".join(errors[-3:]))
+
+    async def _ask_map(self, conn: RedisConnection) -> SlotMap:
+        try:
+            reply = await conn.execute(b"CLUSTER", b"SHARDS")
+            return parse_shards(reply, tls=self.url.tls)
+        except RedisReplyError as exc:
+            if "unknown" not in exc.message.lower():
+                raise
+        except ValueError as exc:
+            raise RedisUnavailable(f"unreadable CLUSTER SHARDS reply: {exc}") from None
+        try:  # before Redis 7
+            return parse_slots(await conn.execute(b"CLUSTER", b"SLOTS"))
+        except ValueError as exc:
+            raise RedisUnavailable(f"unreadable CLUSTER SLOTS reply: {exc}") from None
+
+    def _install(self, new: SlotMap) -> None:
+        """Use `new` from now on. The writes a failover lost are reported first, while no
+        command of their keys can have reached the new primary yet."""
+        old = self.map
+        for owner in failed_over(old, new):
+            self.failovers += 1
+            node = old.nodes[owner]
+            pool = self._nodes.get(node.address)
+            alive = max((c.last_read for c in pool.connections), default=0.0) if pool else 0.0
+            log.warning(
+                "redis cluster %s: primary %s:%d failed over to a replica; writes it had "
+                "not replicated are lost, their keys are no longer trusted",
+                self.url,
+                node.host,
+                node.port,
+            )
+            if self.on_writes_lost is not None:
+                keys = self.writes.before(alive or time.perf_counter())
+                if keys is not None:
+                    keys = keys_of(keys, old, owner)
+                self.on_writes_lost(keys, "failover")
+        if new.uncovered() and not old.uncovered():
+            log.warning("redis cluster %s: %d slots have no primary", self.url, new.uncovered())
+        pools: dict[str, RedisPool] = {}
+        for node in new.primaries():
+            pool = self._nodes.get(node.address)
+            if pool is None:
+                pool = self._nodes[node.address] = self._node_pool(node.host, node.port)
+            pools[node.id] = pool
+        self._owners = [None if owner is None else pools[owner] for owner in new.owners]
+        self.map = new
+        owning = {id(pool) for pool in pools.values()}
+        for address, pool in list(self._nodes.items()):
+            if id(pool) not in owning:  # no longer a primary with slots
+                del self._nodes[address]
+                self._spawn(pool.close())
+
+    def _node_pool(self, host: str, port: int) -> RedisPool:
+        pool = RedisPool(
+            dataclasses.replace(self.url, host=host, port=port),
+            self.size,
+            require_primary=True,
+            refusals=self._refusals,
+            **self._pool_options,
+        )
+        self._spawn(pool.start())
+        return pool
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("redis cluster %s: %s", self.url, task.exception())
+
+    # -- refusals ------------------------------------------------------------------------
+
+    def _refusals(self, conn: RedisConnection) -> Refusals:
+        def refused(payload: bytes, error: RedisReplyError, callback: ReplyCallback) -> None:
+            retry = Retry.of(callback)
+            meaning = cluster_reply(error.message)
+            if retry.attempts > len(RETRY_DELAYS) or meaning is None:
+                reason = meaning.kind if isinstance(meaning, Redirect) else meaning or "refused"
+                give_up(retry, reason, f"redis cluster {self.url}: {error.message}")
+                return
+            if isinstance(meaning, Redirect):
+                self.redirects[meaning.kind] += 1
+                if meaning.kind == "ask":
+                    self._ask(meaning, payload, retry)
+                else:  # the map is stale: read it, then follow it
+                    self._wanted = True
+                    self._spawn(self._moved(meaning, payload, retry))
+                return
+            if meaning in ("clusterdown", "masterdown", "readonly"):
+                self._wanted = True
+            self._later(payload, meaning, retry)
+
+        return refused
+
+    async def _moved(self, redirect: Redirect, payload: bytes, retry: Retry) -> None:
+        with contextlib.suppress(RedisError):
+            await self.refresh()
+        node = self._owners[redirect.slot]
+        try:
+            if node is None:
+                raise RedisUnavailable(f"slot {redirect.slot} has no known owner")
+            node.connections[redirect.slot % node.size].send_payload(payload, retry)
+        except RedisError:
+            self._later(payload, "moved", retry)
+        except BaseException:
+            deliver(retry.done, None, RedisUnavailable("the Redis client is closing"))
+            raise
+
+    def _ask(self, redirect: Redirect, payload: bytes, retry: Retry) -> None:
+        """ASK: this command, once, on the node importing the slot (after ASKING)."""
+        pool = self._nodes.get((redirect.host, redirect.port))
+        if pool is None:  # a node this client does not know yet: the map will tell
+            self._wanted = True
+            self._later(payload, "ask", retry)
+            return
+        try:
+            pool.connections[redirect.slot % pool.size].send_payload(payload, retry, asking=True)
+        except RedisError:
+            self._later(payload, "ask", retry)
+
+    def _later(self, payload: bytes, reason: str, retry: Retry) -> None:
+        """Send the command again after a while, to whichever node owns its key's slot."""
+        send_later(self.retries, payload, reason, retry, self._route)
+
+    def _route(self, payload: bytes) -> RedisConnection:
+        key = command_key(payload)
+        if key is None:
+            raise RedisUnavailable("cannot tell the key of a refused command")
+        return self.connection_for(key)

@@ -1,0 +1,207 @@
+"""A Redis Cluster as the shadow target, and a failover behind one endpoint (ElastiCache).
+
+Real processes on loopback: a 3-primary cluster with a replica each (redis-cli --cluster
+create), the hammer's whole command mix through memshadow, and during the load a slot
+migration (redis-cli --cluster reshard: MIGRATING/IMPORTING, MIGRATE, SETSLOT NODE) or a
+primary killed and its replica promoted. The verdict must stay clean: no client error, no
+false mismatch, what could not be replayed dropped and counted by reason.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import hiredis
+import pytest
+
+from proxy.config import Config, RedisURL
+from tests.integration.hammer import figures
+from tests.integration.test_shadow import redis_call
+from tests.integration.test_verdicts import hammer_gives_no_false_alarm
+from tests.support import (
+    REDIS_CLI,
+    FaultRelay,
+    ProxyThread,
+    RedisCluster,
+    ServerProcess,
+    proxy_config,
+    redis_argv,
+)
+
+
+@pytest.fixture(params=["process", "inline"])
+def worker_mode(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[RedisCluster]:
+    nodes = RedisCluster(str(tmp_path))
+    try:
+        nodes.start()
+        yield nodes
+    finally:
+        nodes.stop()
+
+
+SLOTS_2000 = ("--cluster-slots", "2000", "--cluster-yes", "--cluster-pipeline", "20")
+
+
+def cluster_get(cluster: RedisCluster, key: str) -> object:
+    """GET on the cluster, following a MOVED (test-side direct access)."""
+    reply = redis_call(cluster.live().port, "GET", key)
+    if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("MOVED"):
+        reply = redis_call(int(str(reply).rsplit(":", 1)[1]), "GET", key)
+    return reply
+
+
+def _proxy(memcached: ServerProcess, redis: ServerProcess, worker: str) -> ProxyThread:
+    proxy = ProxyThread(proxy_config(memcached, redis, 1.0, worker=worker, backfill=True))
+    proxy.start()
+    return proxy
+
+
+def _pool(proxy: ProxyThread) -> object:
+    return proxy.shadow.store.pool
+
+
+def test_the_hammer_on_a_cluster_gives_no_false_alarm(
+    worker_mode: str, memcached: ServerProcess, cluster: RedisCluster
+) -> None:
+    proxy = _proxy(memcached, cluster.servers[0], worker_mode)
+    try:
+        after = hammer_gives_no_false_alarm(proxy, memcached, lambda key: cluster_get(cluster, key))
+        assert after["dropped"] == {}
+        if worker_mode == "inline":
+            assert proxy.shadow.store.is_cluster
+    finally:
+        proxy.stop()
+    # The keys went to every primary: each holds some.
+    sizes = [redis_call(p.port, "DBSIZE") for p in cluster.primaries()]
+    assert len(sizes) == 3 and all(isinstance(n, int) and n > 0 for n in sizes), sizes
+
+
+def test_a_slot_migration_under_load_keeps_the_verdict_clean(
+    worker_mode: str, memcached: ServerProcess, cluster: RedisCluster
+) -> None:
+    source, target = cluster.primaries()[:2]
+
+    def reshard() -> None:
+        time.sleep(1.5)
+        started = time.monotonic()
+        ids = cluster.node_id(source), cluster.node_id(target)
+        moving = ("--cluster-from", ids[0], "--cluster-to", ids[1])
+        subprocess.run(
+            [REDIS_CLI, "--cluster", "reshard", f"127.0.0.1:{source.port}", *moving, *SLOTS_2000],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            timeout=120,
+        )
+        print(f"\nresharding 2000 slots took {time.monotonic() - started:.1f} s")
+
+    proxy = _proxy(memcached, cluster.servers[0], worker_mode)
+    try:
+        result = hammer_gives_no_false_alarm(
+            proxy, memcached, lambda key: cluster_get(cluster, key), 10.0, reshard
+        )
+        assert result["dropped"] == {}
+        if worker_mode == "inline":
+            pool = _pool(proxy)
+            print(f"redirects followed: {pool.redirects}")  # type: ignore[attr-defined]
+            assert pool.redirects["moved"] > 0  # type: ignore[attr-defined]
+            assert pool.failovers == 0  # type: ignore[attr-defined]
+    finally:
+        proxy.stop()
+
+
+def test_a_primary_killed_under_load_fails_over_without_false_alarm(
+    worker_mode: str, memcached: ServerProcess, cluster: RedisCluster
+) -> None:
+    victim = cluster.primaries()[-1]
+    proxy = _proxy(memcached, cluster.servers[0], worker_mode)
+    matches: list[int] = []
+
+    def kill() -> None:
+        time.sleep(2.0)
+        victim.stop()
+        killed = time.monotonic()
+        cluster.wait_ok()  # the replica promoted
+        print(f"\ncluster failed over {time.monotonic() - killed:.1f} s after the kill")
+        if worker_mode == "inline":
+            pool = _pool(proxy)
+            while not (pool.is_connected and pool.failovers):  # type: ignore[attr-defined]
+                assert time.monotonic() - killed < 30, "the shadow did not find the new primary"
+                time.sleep(0.05)
+            print(f"shadow on the promoted replica {time.monotonic() - killed:.1f} s after")
+        matches.append(figures(proxy)["outcomes"].get("match", 0))  # type: ignore[union-attr]
+
+    try:
+        result = hammer_gives_no_false_alarm(
+            proxy, memcached, lambda key: cluster_get(cluster, key), 12.0, kill
+        )
+        # the shadow came back: comparisons went on after the failover
+        assert result["outcomes"]["match"] > matches[0] + 500  # type: ignore[index]
+        dropped = result["dropped"]
+        assert dropped.get("redis_down", 0) > 0, dropped  # type: ignore[attr-defined]
+        assert dropped.get("failover", 0) > 0, dropped  # type: ignore[attr-defined]
+    finally:
+        proxy.stop()
+
+
+@pytest.fixture
+def replica_pair() -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    primary = ServerProcess(redis_argv()).start()
+    replica = ServerProcess(redis_argv("--replicaof", "127.0.0.1", str(primary.port))).start()
+    try:
+        deadline = time.monotonic() + 10
+        while b"master_link_status:up" not in redis_call(replica.port, "INFO", "replication"):  # type: ignore[operator]
+            assert time.monotonic() < deadline, "the replica did not sync"
+            time.sleep(0.05)
+        yield primary, replica
+    finally:
+        replica.stop()
+        primary.stop()
+
+
+def test_a_primary_demoted_behind_one_endpoint_like_elasticache(
+    worker_mode: str,
+    memcached: ServerProcess,
+    replica_pair: tuple[ServerProcess, ServerProcess],
+) -> None:
+    """One endpoint (a relay) leads to the primary; the failover promotes the replica, moves
+    the endpoint to it and demotes the old primary, whose open connections then answer
+    writes with READONLY: memshadow must reconnect and go on, without false alarm."""
+    old, new = replica_pair
+    endpoint = FaultRelay(old.port)
+
+    def fail_over() -> None:
+        time.sleep(2.0)
+        redis_call(new.port, "REPLICAOF", "NO", "ONE")
+        endpoint.target = new.port
+        redis_call(old.port, "REPLICAOF", "127.0.0.1", str(new.port))
+
+    proxy = ProxyThread(_endpoint_config(memcached, endpoint.port, worker_mode))
+    proxy.start()
+    try:
+        result = hammer_gives_no_false_alarm(
+            proxy, memcached, lambda key: redis_call(new.port, "GET", key), 10.0, fail_over
+        )
+        dropped = result["dropped"]
+        print(f"dropped by reason: {dropped}")
+        assert dropped.get("demoted", 0) > 0, dropped  # type: ignore[attr-defined]
+    finally:
+        proxy.stop()
+        endpoint.close()
+
+
+def _endpoint_config(memcached: ServerProcess, port: int, worker: str) -> Config:
+    config = proxy_config(memcached, None)
+    url = RedisURL.parse(f"redis://127.0.0.1:{port}/0")
+    return replace(
+        config,
+        shadow=replace(config.shadow, redis=url, sample_rate=1.0, worker=worker, backfill=True),
+    )

@@ -1,0 +1,172 @@
+"""The store on a real Redis Cluster (ClusterPool): slot routing, ASK during a migration and
+MOVED after it, flush and INFO over every primary, auto-detection; and one Redis behind one
+endpoint answering READONLY (a demoted primary)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from proxy.redis.client import RETRY_DELAYS, RedisPool
+from proxy.redis.cluster import ClusterPool
+from proxy.redis.errors import RedisGaveUp
+from proxy.redis.store import RedisStore, StoreStatus
+from proxy.redis.topology import key_slot
+from tests.redis.conftest import Server
+from tests.support import RedisCluster, ServerProcess
+
+StartRedis = Callable[..., Server]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    nodes = RedisCluster(str(tmp_path_factory.mktemp("cluster")), replicas=0)
+    try:
+        nodes.start()
+        yield nodes
+    finally:
+        nodes.stop()
+
+
+def _owner(cluster: RedisCluster, key: bytes) -> ServerProcess:
+    slot = key_slot(key)
+    for line in cluster.cli(cluster.live().port, "cluster", "nodes").splitlines():
+        fields = line.split()
+        port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+        for part in fields[8:]:
+            first, _, last = part.partition("-")
+            if first.isdigit() and int(first) <= slot <= int(last or first):
+                return next(s for s in cluster.servers if s.port == port)
+    raise AssertionError(f"no owner of slot {slot}")
+
+
+async def test_each_key_lands_on_its_slots_primary(cluster: RedisCluster) -> None:
+    store = RedisStore.from_url(cluster.url(), cluster="true", size=2)
+    assert await store.start() and store.is_cluster
+    try:
+        keys = [b"key:%d" % i for i in range(60)]
+        for key in keys:
+            result = await store.store("set", key, 7, 0, b"v-" + key)
+            assert result.status is StoreStatus.STORED
+        for key in keys:
+            # the raw value sits on the owner, behind the 12-byte flags|cas header
+            raw = cluster.cli(_owner(cluster, key).port, "getrange", key.decode(), "12", "-1")
+            assert raw.strip() == "v-" + key.decode()
+        assert len(store.pool.primaries()) == 3
+        assert await store.evicted_keys() == 0
+        items = await store.get_many(keys[:10])
+        assert [item.data if item else None for item in items] == [b"v-" + k for k in keys[:10]]
+        await store.flush()
+        await asyncio.sleep(0.1)
+        assert [await store.get(key) for key in keys] == [None] * len(keys)
+    finally:
+        await store.close()
+
+
+async def test_ask_during_a_migration_and_moved_after_it(cluster: RedisCluster) -> None:
+    key, fresh = b"{mig}old", b"{mig}new"
+    slot = key_slot(key)
+    store = RedisStore.from_url(cluster.url(), cluster="true", size=2)
+    assert await store.start()
+    pool = store.pool
+    assert isinstance(pool, ClusterPool)
+    try:
+        await store.store("set", key, 1, 0, b"before")
+        source = _owner(cluster, key)
+        target = next(p for p in cluster.primaries() if p.port != source.port)
+        source_id, target_id = cluster.node_id(source), cluster.node_id(target)
+        cluster.cli(target.port, "cluster", "setslot", str(slot), "importing", source_id)
+        cluster.cli(source.port, "cluster", "setslot", str(slot), "migrating", target_id)
+        moved = cluster.cli(
+            source.port,
+            "migrate",
+            "127.0.0.1",
+            str(target.port),
+            "",
+            "0",
+            "5000",
+            "keys",
+            key.decode(),
+        )
+        assert moved.strip() == "OK"
+        # The key has left: the source answers ASK, the store follows it (ASKING first).
+        item = await store.get(key)
+        assert item is not None and item.data == b"before"
+        assert (await store.store("add", fresh, 2, 0, b"new")).status is StoreStatus.STORED
+        assert pool.redirects["ask"] >= 2
+        assert pool.map.owners[slot] == source_id  # ASK does not change the map
+        for node in cluster.primaries():
+            cluster.cli(node.port, "cluster", "setslot", str(slot), "node", target_id)
+        # The slot has moved: MOVED, a map refresh, and the command sent to the new owner.
+        item = await store.get(fresh)
+        assert item is not None and item.data == b"new"
+        assert pool.redirects["moved"] >= 1
+        assert pool.map.owners[slot] == target_id
+        assert pool.failovers == 0
+    finally:
+        await store.close()
+
+
+async def test_auto_tells_a_cluster_from_a_single_redis(
+    cluster: RedisCluster, redis_shared: Server
+) -> None:
+    for url, is_cluster in ((cluster.url(), True), (redis_shared.url(db=3), False)):
+        store = RedisStore.from_url(url, cluster="auto")
+        try:
+            assert await store.start()
+            assert store.is_cluster is is_cluster
+            assert (await store.store("set", b"auto", 0, 0, b"x")).status is StoreStatus.STORED
+        finally:
+            await store.close()
+
+
+async def test_a_cluster_with_a_database_in_its_url_is_refused(
+    cluster: RedisCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    with pytest.raises(ValueError, match="database 0 only"):
+        ClusterPool(cluster.servers[0].url(db=2))
+    store = RedisStore.from_url(cluster.servers[0].url(db=2), cluster="auto")
+    with caplog.at_level(logging.ERROR):
+        assert not await store.start()
+    await store.close()
+    assert "a cluster has database 0 only" in caplog.text
+
+
+# One endpoint, its primary demoted -----------------------------------------------------------
+
+
+async def test_a_replica_is_not_taken_for_a_primary(redis_factory: StartRedis) -> None:
+    primary = redis_factory()
+    replica = redis_factory("--replicaof", "127.0.0.1", str(primary.port))
+    pool = RedisPool(replica.url(), 1, require_primary=True, connect_timeout=0.5)
+    try:
+        assert not await pool.start()
+        assert "is a replica" in (pool.connections[0].last_error or "")
+    finally:
+        await pool.close()
+
+
+async def test_readonly_is_retried_then_given_up_and_reports_the_lost_writes(
+    redis_factory: StartRedis,
+) -> None:
+    primary = redis_factory()
+    replica = redis_factory("--replicaof", "127.0.0.1", str(primary.port))
+    # A pool that does not check ROLE: as if the endpoint still led to the old primary.
+    pool = RedisPool(replica.url(), 1, backoff_max=0.1)
+    store = RedisStore(pool)
+    lost: list[tuple[list[bytes] | None, str]] = []
+    store.on_writes_lost = lambda keys, reason: lost.append((keys, reason))
+    try:
+        assert await store.start()
+        started = time.monotonic()
+        with pytest.raises(RedisGaveUp) as refused:
+            await store.delete(b"k")  # DEL: a write, refused by a replica
+        assert refused.value.reason == "readonly"
+        assert time.monotonic() - started >= sum(RETRY_DELAYS) * 0.9
+        assert lost == [([b"k"], "demoted")]  # the write it was sent, reported once
+    finally:
+        await store.close()
