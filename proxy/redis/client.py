@@ -310,6 +310,8 @@ class _RespProtocol(asyncio.Protocol):
                 if not write[1]:
                     writes.popleft()
             if isinstance(reply, hiredis.ReplyError) and self._refused(entry, str(reply)):
+                if self._aborted:  # the handler reset this connection (a demoted primary)
+                    return
                 continue
             callback = entry[1]
             if callback is not None:
@@ -343,7 +345,12 @@ class _RespProtocol(asyncio.Protocol):
             if future is None or future.done():
                 return True  # nobody waits for it any more
             callback = _completing(future)
-        refusals(entry[3], RedisReplyError(message), callback)
+        error = RedisReplyError(message)
+        try:
+            refusals(entry[3], error, callback)
+        except Exception:  # a bug in the handler must not lose the command's completion
+            log.exception("redis: handling %r failed", message)
+            deliver(callback, None, error)
         return True
 
     def _fail_all(self, exc: RedisError) -> None:
@@ -888,7 +895,7 @@ class RedisPool:
         self.writes = WriteLog(failover_window)
         self.on_writes_lost: WritesLost | None = None
         self.retries = Retries()
-        self._demoted_at = float("-inf")
+        self._demoted_on: dict[int, int] = {}  # connection -> its connects when redialled
         self._told_cluster = False
         self.connections = [
             RedisConnection(
@@ -925,18 +932,19 @@ class RedisPool:
                 deliver(callback, None, error)
                 return
             if meaning == "readonly":
-                self._demoted()
+                self._demoted(conn)
             send_later(self.retries, payload, meaning, Retry.of(callback), lambda _: conn)
 
         return refused
 
-    def _demoted(self) -> None:
+    def _demoted(self, refused_on: RedisConnection) -> None:
         """The server behind the endpoint is a replica now: what it acknowledged lately may
-        be lost, and the endpoint must be dialled again to reach the new primary."""
-        now = time.perf_counter()
-        if now - self._demoted_at < self.writes.window:  # the same demotion's other refusals
+        be lost, and the endpoint must be dialled again to reach the new primary. Once per
+        demotion: the other refusals of connections not yet redialled are the same one."""
+        if self._demoted_on.get(id(refused_on)) == refused_on.connects:
             return
-        self._demoted_at = now
+        now = time.perf_counter()
+        self._demoted_on = {id(conn): conn.connects for conn in self.connections}
         log.warning(
             "redis %s answers READONLY: its primary became a replica (a failover); "
             "reconnecting to reach the new primary",

@@ -69,6 +69,12 @@ UNHEALTHY_REFRESH = 0.25
 """Seconds between refreshes while a primary is unreachable or a slot has no owner."""
 
 
+def _cancelled(task: asyncio.Task[Any], retry: Retry) -> None:
+    """A redirect's task cancelled before it sent the command (the pool closed): fail it."""
+    if task.cancelled():
+        deliver(retry.done, None, RedisUnavailable("the Redis client is closing"))
+
+
 def command_key(payload: bytes) -> bytes | None:
     """The key of an encoded single-key command (FCALL f 1 key..., or CMD key...)."""
     reader = hiredis.Reader()
@@ -134,6 +140,8 @@ class ClusterPool:
         self.connect_timeout = connect_timeout
         self.refresh_interval = refresh_interval
         self.map = SlotMap()
+        self._known = SlotMap()  # each slot's last known owner, for telling failovers
+        self._leaving: list[RedisPool] = []  # pools of nodes that left the map, closing
         self._owners: list[RedisPool | None] = [None] * SLOTS
         self._nodes: dict[tuple[str, int], RedisPool] = {}
         self.writes = WriteLog(failover_window)
@@ -207,6 +215,8 @@ class ClusterPool:
         return self.is_connected
 
     async def close(self) -> None:
+        """Stop: refused commands waiting to be sent again fail (RedisUnavailable), nothing
+        new starts, every node pool is closed (those leaving the map included)."""
         self._closing = True
         self.retries.close()
         task, self._maintainer = self._maintainer, None
@@ -215,7 +225,8 @@ class ClusterPool:
             pending.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=2.0)
-        pools, self._nodes = list(self._nodes.values()), {}
+        pools, self._nodes = [*self._nodes.values(), *self._leaving], {}
+        self._leaving = []
         self._owners = [None] * SLOTS
         await asyncio.gather(*(pool.close() for pool in pools))
 
@@ -284,7 +295,16 @@ class ClusterPool:
     async def _ask_map(self, conn: RedisConnection) -> SlotMap:
         try:
             reply = await conn.execute(b"CLUSTER", b"SHARDS")
-            return parse_shards(reply, tls=self.url.tls)
+            shards = parse_shards(reply, tls=self.url.tls)
+            if not shards.uncovered():
+                return shards
+            # Redis 7.2 before 7.2.6 could list a new primary's shard without its slots
+            # (redis/redis#13414): CLUSTER SLOTS tells, where it covers more.
+            with contextlib.suppress(RedisReplyError, ValueError):
+                slots = parse_slots(await conn.execute(b"CLUSTER", b"SLOTS"))
+                if slots.uncovered() < shards.uncovered():
+                    return slots
+            return shards
         except RedisReplyError as exc:
             if "unknown" not in exc.message.lower():
                 raise
@@ -297,8 +317,12 @@ class ClusterPool:
 
     def _install(self, new: SlotMap) -> None:
         """Use `new` from now on. The writes a failover lost are reported first, while no
-        command of their keys can have reached the new primary yet."""
-        old = self.map
+        command of their keys can have reached the new primary yet. A failover is judged
+        against each slot's last known owner: a slot may have had none in between (its
+        primary failed, the replica not promoted yet)."""
+        if self._closing:
+            return
+        old = self._known
         for owner in failed_over(old, new):
             self.failovers += 1
             node = old.nodes[owner]
@@ -326,11 +350,18 @@ class ClusterPool:
             pools[node.id] = pool
         self._owners = [None if owner is None else pools[owner] for owner in new.owners]
         self.map = new
+        self._known = self._known.merged(new)
         owning = {id(pool) for pool in pools.values()}
         for address, pool in list(self._nodes.items()):
             if id(pool) not in owning:  # no longer a primary with slots
                 del self._nodes[address]
-                self._spawn(pool.close())
+                self._leaving.append(pool)
+                self._spawn(self._retire(pool))
+
+    async def _retire(self, pool: RedisPool) -> None:
+        await pool.close()
+        with contextlib.suppress(ValueError):
+            self._leaving.remove(pool)
 
     def _node_pool(self, host: str, port: int) -> RedisPool:
         pool = RedisPool(
@@ -343,10 +374,11 @@ class ClusterPool:
         self._spawn(pool.start())
         return pool
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -358,6 +390,9 @@ class ClusterPool:
     def _refusals(self, conn: RedisConnection) -> Refusals:
         def refused(payload: bytes, error: RedisReplyError, callback: ReplyCallback) -> None:
             retry = Retry.of(callback)
+            if self._closing:
+                deliver(callback, None, RedisUnavailable("the Redis client is closing"))
+                return
             meaning = cluster_reply(error.message)
             if retry.attempts > len(RETRY_DELAYS) or meaning is None:
                 reason = meaning.kind if isinstance(meaning, Redirect) else meaning or "refused"
@@ -369,7 +404,8 @@ class ClusterPool:
                     self._ask(meaning, payload, retry)
                 else:  # the map is stale: read it, then follow it
                     self._wanted = True
-                    self._spawn(self._moved(meaning, payload, retry))
+                    moving = self._spawn(self._moved(meaning, payload, retry))
+                    moving.add_done_callback(lambda task: _cancelled(task, retry))
                 return
             if meaning in ("clusterdown", "masterdown", "readonly"):
                 self._wanted = True
@@ -378,18 +414,20 @@ class ClusterPool:
         return refused
 
     async def _moved(self, redirect: Redirect, payload: bytes, retry: Retry) -> None:
-        with contextlib.suppress(RedisError):
-            await self.refresh()
-        node = self._owners[redirect.slot]
+        """Read the map (a failover is reported before anything reaches a new primary),
+        then send the command to the node the redirect names, or else to the slot's owner
+        in the map; when neither can take it, again after a delay. Cancelled (closing)
+        before it sends, `_cancelled` fails the command."""
+        with contextlib.suppress(RedisError, TimeoutError):
+            async with asyncio.timeout(self.connect_timeout):
+                await self.refresh()
+        node = self._nodes.get((redirect.host, redirect.port)) or self._owners[redirect.slot]
         try:
             if node is None:
                 raise RedisUnavailable(f"slot {redirect.slot} has no known owner")
             node.connections[redirect.slot % node.size].send_payload(payload, retry)
         except RedisError:
             self._later(payload, "moved", retry)
-        except BaseException:
-            deliver(retry.done, None, RedisUnavailable("the Redis client is closing"))
-            raise
 
     def _ask(self, redirect: Redirect, payload: bytes, retry: Retry) -> None:
         """ASK: this command, once, on the node importing the slot (after ASKING)."""

@@ -109,6 +109,14 @@ class SlotMap:
     def uncovered(self) -> int:
         return self.owners.count(None)
 
+    def merged(self, newer: SlotMap) -> SlotMap:
+        """Each slot's newest known owner: `newer`'s, or this map's where `newer` has none."""
+        owners = [
+            new if new is not None else old
+            for old, new in zip(self.owners, newer.owners, strict=True)
+        ]
+        return SlotMap(owners, {**self.nodes, **newer.nodes})
+
     def assign(self, first: int, last: int, owner: str) -> None:
         if not 0 <= first <= last < SLOTS:
             raise ValueError(f"slot range {first}-{last} is outside 0-{SLOTS - 1}")
@@ -126,6 +134,11 @@ def _pairs(flat: Sequence[Any]) -> dict[str, Any]:
     if len(flat) % 2:
         raise ValueError(f"odd field list {flat!r}")
     return {_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
+
+
+def _node_port(fields: dict[str, Any], tls: bool) -> int:
+    port = (fields.get("tls-port") if tls else None) or fields.get("port")
+    return int(port or 0)
 
 
 def _node_host(fields: dict[str, Any]) -> str:
@@ -162,24 +175,23 @@ def _parse_shards(reply: Any, tls: bool) -> SlotMap:
     for shard in reply:
         fields = _pairs(shard)
         ranges = [int(n) for n in fields.get("slots", [])]
-        primary: Node | None = None
-        replicas: list[dict[str, Any]] = []
-        for raw in fields.get("nodes", []):
-            node = _pairs(raw)
-            # A failed primary keeps its slots until a replica takes them over, as in
-            # CLUSTER SLOTS: the failover is then seen as such (failed_over).
-            if _text(node.get("role", b"")) == "master":
-                port = node.get("tls-port") if tls else node.get("port")
-                primary = Node(_text(node["id"]), _node_host(node), int(port or 0))
-            else:
-                replicas.append(node)
-        if primary is None:
+        nodes = [_pairs(raw) for raw in fields.get("nodes", [])]
+        masters = [node for node in nodes if _text(node.get("role", b"")) == "master"]
+        if not masters:
             continue
+        # The shard's primary is its healthy master. A failed one keeps the slots until a
+        # replica takes them over (as in CLUSTER SLOTS), so that the failover is seen as
+        # one (failed_over); Redis 7.2 lists the failed old primary in the new one's shard.
+        healthy = [node for node in masters if _text(node.get("health", b"online")) != "fail"]
+        chosen = (healthy or masters)[0]
+        primary = Node(_text(chosen["id"]), _node_host(chosen), _node_port(chosen, tls))
         slot_map.nodes[primary.id] = primary
-        for node in replicas:
-            port = node.get("tls-port") if tls else node.get("port")
-            replica = Node(_text(node["id"]), _node_host(node), int(port or 0), primary.id)
-            slot_map.nodes[replica.id] = replica
+        for node in nodes:
+            if node is not chosen and _text(node["id"]) not in slot_map.nodes:
+                replica = Node(
+                    _text(node["id"]), _node_host(node), _node_port(node, tls), primary.id
+                )
+                slot_map.nodes[replica.id] = replica
         for i in range(0, len(ranges) - 1, 2):
             slot_map.assign(ranges[i], ranges[i + 1], primary.id)
     return slot_map

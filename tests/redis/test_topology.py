@@ -152,3 +152,30 @@ def test_replies_of_the_wrong_shape_are_value_errors() -> None:
         parse_shards([[b"slots", [0, 1], b"nodes", [[b"role", b"master"]]]])  # no id
     with pytest.raises(ValueError):
         parse_slots([[0, 1, [b"127.0.0.1"]]])  # no port
+
+
+def test_the_healthy_master_of_a_shard_is_its_primary_whatever_the_order() -> None:
+    # Redis 7.2 lists the failed old primary in its successor's shard.
+    for nodes in (
+        [_node("A2", 7004, "master"), _node("A", 7001, "master", "fail")],
+        [_node("A", 7001, "master", "fail"), _node("A2", 7004, "master")],
+    ):
+        slot_map = parse_shards(_shards(([0, 16383], nodes)))
+        assert slot_map.owners[0] == "A2"
+        assert slot_map.nodes["A2"].primary is None
+
+
+def test_a_failover_through_a_gap_without_owner_is_still_one() -> None:
+    before = parse_shards(BEFORE)
+    gap = SlotMap([None] * 5461 + before.owners[5461:], dict(before.nodes))
+    known = before.merged(gap)  # what the pool remembers: A kept its slots
+    assert known.owners[0] == "A"
+    assert failed_over(known, parse_shards(AFTER_FAILOVER)) == {"A"}
+    assert failed_over(gap, parse_shards(AFTER_FAILOVER)) == set()  # without memory: missed
+
+
+def test_a_tls_cluster_uses_the_tls_port_and_falls_back_to_the_port() -> None:
+    node = [b"id", b"A", b"port", 0, b"tls-port", 7443, b"ip", b"10.0.0.1", b"role", b"master"]
+    plain = [b"id", b"B", b"port", 7002, b"ip", b"10.0.0.2", b"role", b"master"]
+    slot_map = parse_shards(_shards(([0, 8191], [node]), ([8192, 16383], [plain])), tls=True)
+    assert slot_map.nodes["A"].port == 7443 and slot_map.nodes["B"].port == 7002
