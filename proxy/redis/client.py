@@ -430,8 +430,12 @@ def _consume_result(future: asyncio.Future[Reply]) -> None:
         future.exception()
 
 
-def _is_primary(role: Reply) -> bool:
-    return isinstance(role, list) and bool(role) and role[0] == b"master"
+def _info_fields(reply: Reply) -> dict[str, str]:
+    """An INFO reply's "name:value" lines."""
+    if not isinstance(reply, bytes):
+        return {}
+    text = reply.decode("utf-8", "replace")
+    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
 
 
 def _ignore(reply: Reply, error: RedisError | None) -> None:
@@ -463,9 +467,15 @@ class RedisConnection:
     ) -> None:
         self.url = parse_url(url) if isinstance(url, str) else url
         self.refusals = refusals
-        # Refuse to talk to a replica (ROLE in the handshake): after a failover the endpoint
-        # may still lead to the old primary for a while, and it must not be written to.
+        # Refuse to talk to a replica (INFO replication in the handshake): after a failover
+        # the endpoint may still lead to the old primary for a while, and it must not be
+        # written to. The handshake also learns the server's replication ids.
         self.require_primary = require_primary
+        self.replication = ("", "")
+        """(master_replid, master_replid2) of the server at the last connect: a promoted
+        replica keeps its old primary's id as replid2; a restarted server has new ones."""
+        self.on_connect: Callable[[RedisConnection], None] | None = None
+        """Called once a connection is up, before any command can use it."""
         self._service_time = service_time  # observes each reply's service time (seconds)
         self.timeout = self.url.timeout if self.url.timeout is not None else timeout
         self.connect_timeout = connect_timeout
@@ -558,6 +568,11 @@ class RedisConnection:
             if self.connects:
                 self.reconnects += 1
             self.connects += 1
+            if self.on_connect is not None:
+                try:
+                    self.on_connect(self)
+                except Exception:
+                    log.exception("redis %s (%s): connect hook failed", self.name, self.url)
             self._protocol = protocol
             self._connected.set()
             self._attempted.set()
@@ -606,7 +621,7 @@ class RedisConnection:
             if url.db:
                 handshake.append((b"SELECT", url.db))
             if self.require_primary:
-                handshake.append((b"ROLE",))
+                handshake.append((b"INFO", b"replication"))
             if self.library is not None:
                 handshake.append((b"FUNCTION", b"LOAD", b"REPLACE", self.library))
             # a stopped server still completes TCP handshakes; count it up once it answers
@@ -617,11 +632,15 @@ class RedisConnection:
                 try:
                     reply = await future
                 except RedisReplyError as exc:
-                    if cmd[0] == b"ROLE" and "unknown command" in exc.message.lower():
-                        continue  # a server without ROLE: take it for a primary
                     raise RedisReplyError(f"{_to_bytes(cmd[0]).decode()} failed: {exc}") from None
-                if cmd[0] == b"ROLE" and not _is_primary(reply):
-                    raise NotPrimary(f"{url.host}:{url.port} is a replica, not a primary")
+                if cmd[0] == b"INFO":
+                    info = _info_fields(reply)
+                    if info.get("role", "master") != "master":
+                        raise NotPrimary(f"{url.host}:{url.port} is a replica, not a primary")
+                    self.replication = (
+                        info.get("master_replid", ""),
+                        info.get("master_replid2", ""),
+                    )
             protocol.refusals = self.refusals
         except BaseException:
             protocol.abort(RedisUnavailable("handshake failed"))
@@ -865,10 +884,10 @@ class RedisPool:
     """A fixed set of connections; each key always uses the same one (crc32 of the key).
 
     A primary demoted to a replica under it (a failover behind one endpoint, as ElastiCache
-    does) answers writes with READONLY: the pool reports the keys written in the last
-    `failover_window` seconds lost (`on_writes_lost`), reconnects every connection (the
-    handshake's ROLE check waits for the endpoint to lead to a primary) and sends the refused
-    command again, within RETRY_DELAYS."""
+    does) answers writes with READONLY: the pool redials every connection (the handshake's
+    role check waits for the endpoint to lead to a primary) and sends the refused command
+    again, within RETRY_DELAYS. A connection that reaches another server (its replication
+    id changed) reports the writes it may lack (`on_writes_lost`) before carrying any."""
 
     def __init__(
         self,
@@ -913,8 +932,10 @@ class RedisPool:
             )
             for index in range(size)
         ]
+        self._replid = ""  # the server's replication id, as the connections last saw it
         for conn in self.connections:
             conn.refusals = (refusals or self._refusals)(conn)
+            conn.on_connect = self._connected
 
     def _refusals(self, conn: RedisConnection) -> Refusals:
         def refused(payload: bytes, error: RedisReplyError, callback: ReplyCallback) -> None:
@@ -938,22 +959,44 @@ class RedisPool:
         return refused
 
     def _demoted(self, refused_on: RedisConnection) -> None:
-        """The server behind the endpoint is a replica now: what it acknowledged lately may
-        be lost, and the endpoint must be dialled again to reach the new primary. Once per
-        demotion: the other refusals of connections not yet redialled are the same one."""
+        """The server behind the endpoint is a replica now: the endpoint must be dialled
+        again to reach the new primary (whose connect reports the writes lost: _connected).
+        Once per demotion: the other refusals of connections not yet redialled are the same
+        one."""
         if self._demoted_on.get(id(refused_on)) == refused_on.connects:
             return
-        now = time.perf_counter()
         self._demoted_on = {id(conn): conn.connects for conn in self.connections}
         log.warning(
             "redis %s answers READONLY: its primary became a replica (a failover); "
             "reconnecting to reach the new primary",
             self.url,
         )
-        if self.on_writes_lost is not None:
-            self.on_writes_lost(self.writes.before(now), "demoted")
         for conn in self.connections:
             conn.reset(RedisUnavailable("the server became a replica; reconnecting"))
+
+    def _connected(self, conn: RedisConnection) -> None:
+        """A connection is up, nothing sent on it yet. If the endpoint now leads to another
+        server (a failover, or a restart), the writes the old one took may be missing on
+        this one: report them before this connection carries anything, and redial the
+        connections still on the old server."""
+        replid, replid2 = conn.replication
+        if not replid or replid == self._replid:
+            return
+        previous, self._replid = self._replid, replid
+        if not previous:
+            return  # the first server seen
+        alive = max((c.last_read for c in self.connections), default=0.0)
+        if replid2 == previous:  # the old primary's replica, promoted: all but the last writes
+            lost, reason = self.writes.before(alive or time.perf_counter()), "failover"
+            what = "a replica of the previous primary (a failover)"
+        else:  # another data set altogether (a restart without persistence, a new server)
+            lost, reason, what = None, "replaced", "another server, or the same restarted"
+        log.warning("redis %s now leads to %s: recent writes may be lost", self.url, what)
+        if self.on_writes_lost is not None:
+            self.on_writes_lost(lost, reason)
+        for other in self.connections:
+            if other is not conn and other.is_connected and other.replication[0] != replid:
+                other.reset(RedisUnavailable("the server behind the endpoint changed"))
 
     def primaries(self) -> list[RedisConnection]:
         """One connection to each primary: flush_all and INFO go to every one."""

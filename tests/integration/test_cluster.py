@@ -192,7 +192,7 @@ def test_a_primary_demoted_behind_one_endpoint_like_elasticache(
         )
         dropped = result["dropped"]
         print(f"dropped by reason: {dropped}")
-        assert dropped.get("demoted", 0) > 0, dropped  # type: ignore[attr-defined]
+        assert dropped.get("failover", 0) > 0, dropped  # type: ignore[attr-defined]
     finally:
         proxy.stop()
         endpoint.close()

@@ -5,6 +5,7 @@ endpoint answering READONLY (a demoted primary)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -13,11 +14,11 @@ import pytest
 
 from proxy.redis.client import RETRY_DELAYS, RedisPool
 from proxy.redis.cluster import ClusterPool
-from proxy.redis.errors import RedisGaveUp
+from proxy.redis.errors import RedisError, RedisGaveUp
 from proxy.redis.store import RedisStore, StoreStatus
 from proxy.redis.topology import key_slot
 from tests.redis.conftest import Server
-from tests.support import RedisCluster, ServerProcess
+from tests.support import FaultRelay, RedisCluster, ServerProcess
 
 StartRedis = Callable[..., Server]
 
@@ -150,16 +151,12 @@ async def test_a_replica_is_not_taken_for_a_primary(redis_factory: StartRedis) -
         await pool.close()
 
 
-async def test_readonly_is_retried_then_given_up_and_reports_the_lost_writes(
-    redis_factory: StartRedis,
-) -> None:
+async def test_readonly_is_retried_then_given_up(redis_factory: StartRedis) -> None:
     primary = redis_factory()
     replica = redis_factory("--replicaof", "127.0.0.1", str(primary.port))
-    # A pool that does not check ROLE: as if the endpoint still led to the old primary.
+    # A pool that does not check the role: as if the endpoint still led to the old primary.
     pool = RedisPool(replica.url(), 1, backoff_max=0.1)
     store = RedisStore(pool)
-    lost: list[tuple[list[bytes] | None, str]] = []
-    store.on_writes_lost = lambda keys, reason: lost.append((keys, reason))
     try:
         assert await store.start()
         started = time.monotonic()
@@ -167,9 +164,71 @@ async def test_readonly_is_retried_then_given_up_and_reports_the_lost_writes(
             await store.delete(b"k")  # DEL: a write, refused by a replica
         assert refused.value.reason == "readonly"
         assert time.monotonic() - started >= sum(RETRY_DELAYS) * 0.9
-        # The write it was sent, reported lost; again after each redial that still found a
-        # replica (with the ROLE check, memshadow's own pools never redial into one).
-        assert lost and set(map(repr, lost)) == {repr(([b"k"], "demoted"))}
+    finally:
+        await store.close()
+
+
+async def _synced(replica: Server) -> None:
+    while b"master_link_status:up" not in _info(replica):
+        await asyncio.sleep(0.05)
+
+
+def _info(server: Server) -> bytes:
+    from tests.integration.test_shadow import redis_call
+
+    reply = redis_call(server.port, "INFO", "replication")
+    assert isinstance(reply, bytes)
+    return reply
+
+
+async def test_a_failover_behind_one_endpoint_reports_the_recent_writes_first(
+    redis_factory: StartRedis,
+) -> None:
+    """The endpoint moves to the promoted replica and the old primary is demoted: the
+    READONLY it answers makes the pool redial, and the new server (whose replid2 is the old
+    primary's id) has the recent writes reported lost before it carries any command."""
+    from tests.integration.test_shadow import redis_call
+
+    old = redis_factory("--repl-diskless-sync-delay", "0")
+    new = redis_factory("--replicaof", "127.0.0.1", str(old.port))
+    await asyncio.wait_for(_synced(new), 10)
+    endpoint = FaultRelay(old.port)
+    pool = RedisPool(f"redis://127.0.0.1:{endpoint.port}/0", 2, require_primary=True)
+    store = RedisStore(pool)
+    lost: list[tuple[list[bytes] | None, str]] = []
+    store.on_writes_lost = lambda keys, reason: lost.append((keys, reason))
+    try:
+        assert await store.start()
+        await store.delete(b"before")
+        redis_call(new.port, "REPLICAOF", "NO", "ONE")
+        endpoint.target = new.port
+        redis_call(old.port, "REPLICAOF", "127.0.0.1", str(new.port))
+        assert await store.delete(b"after") is not None  # READONLY, redial, sent again
+        assert lost == [([b"before", b"after"], "failover")] or lost == [
+            ([b"after", b"before"], "failover")
+        ]
+    finally:
+        await store.close()
+        endpoint.close()
+
+
+async def test_a_restarted_redis_has_every_key_reported(redis_factory: StartRedis) -> None:
+    """Without persistence a restarted Redis is empty (new replication ids): every key."""
+    server = redis_factory()
+    store = RedisStore(RedisPool(server.url(), 2, require_primary=True, backoff_max=0.1))
+    lost: list[tuple[list[bytes] | None, str]] = []
+    store.on_writes_lost = lambda keys, reason: lost.append((keys, reason))
+    try:
+        assert await store.start()
+        await store.delete(b"k")
+        server.restart()
+        for _ in range(100):
+            with contextlib.suppress(RedisError):
+                await store.delete(b"k")
+                if lost:
+                    break
+            await asyncio.sleep(0.05)
+        assert lost == [(None, "replaced")]
     finally:
         await store.close()
 
