@@ -166,12 +166,16 @@ class AdminServer:
         *,
         ready: Callable[[], bool],
         not_ready_reason: Callable[[], str] = lambda: "memcached is not reachable",
+        readiness: Callable[[], dict[str, Any]] | None = None,
         read_timeout: float = READ_TIMEOUT,
     ) -> None:
+        """readiness: /readyz's answer as JSON (asked with Accept: application/json or
+        ?verbose), each Memcached's state in it."""
         self.config_address = address
         self.metrics = metrics
         self.ready = ready
         self.not_ready_reason = not_ready_reason
+        self.readiness = readiness
         self.read_timeout = read_timeout
         self._routes: dict[str, dict[str, Handler]] = {}
         self._server: asyncio.Server | None = None
@@ -301,6 +305,10 @@ class AdminServer:
         return Response.text("ok")
 
     async def _readyz(self, request: Request) -> Response:
-        if self.ready():
+        ready = self.ready()
+        wants_json = "application/json" in request.headers.get("accept", "")
+        if self.readiness is not None and (wants_json or "verbose" in request.query):
+            return Response.json(self.readiness(), status=200 if ready else 503)
+        if ready:
             return Response.text("ready")
         return Response.text(f"not ready: {self.not_ready_reason()}", status=503)

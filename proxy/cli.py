@@ -13,15 +13,25 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy import __version__
 from proxy.admin import AdminServer
-from proxy.config import Config, HostPort, apply_overrides, check_complete, load_config
+from proxy.config import (
+    Config,
+    HostPort,
+    ListenerConfig,
+    apply_overrides,
+    check_complete,
+    load_config,
+)
 from proxy.errors import ConfigError
 from proxy.health import UpstreamHealth
 from proxy.metrics import ProxyMetrics
 from proxy.runtime import configure_logging
+
+if TYPE_CHECKING:
+    from proxy.server import ProxyServer
 
 log = logging.getLogger("memshadow")
 
@@ -124,16 +134,23 @@ async def serve(config: Config, load: Callable[[], Config] | None = None) -> int
     from proxy.server import ProxyServer
 
     loop = asyncio.get_running_loop()
-    metrics = ProxyMetrics()
-    # Replies to clients prove Memcached alive: the probe then sends nothing.
-    health = UpstreamHealth(
-        config.memcached, timeout=config.upstream_connect_timeout, activity=metrics.requests.total
-    )
+    backends = config.backends
+    metrics = ProxyMetrics(listeners=[backend.label for backend in backends])
+    # Replies to clients prove a Memcached alive: its probe then sends nothing.
+    healths = [
+        UpstreamHealth(
+            backend.memcached,
+            timeout=config.upstream_connect_timeout,
+            activity=metrics.requests_for(backend.label).total,
+        )
+        for backend in backends
+    ]
     admin = AdminServer(
         config.admin.listen,
         metrics,
-        ready=lambda: health.ready,
-        not_ready_reason=lambda: health.reason,
+        ready=lambda: all(health.ready for health in healths),
+        not_ready_reason=lambda: _not_ready(backends, healths),
+        readiness=lambda: _readiness(backends, healths),
     )
     shadow = None
     hooks: dict[str, Any] = {}
@@ -145,7 +162,10 @@ async def serve(config: Config, load: Callable[[], Config] | None = None) -> int
         shadow = build_shadow(config, metrics)
         hooks = {"capture": shadow.capture, "observer": shadow.observe}
         admin.add_route("GET", "/api/mismatches", mismatches_route(shadow.examples))
-    server = ProxyServer(config, metrics, health, **hooks)
+    servers = [
+        ProxyServer(config, metrics, health, index=index, **hooks)
+        for index, health in enumerate(healths)
+    ]
     # Runtime control API, console, audit, ramp and halt rules, hot reload.
     ops = install_ops(
         config,
@@ -181,35 +201,40 @@ async def serve(config: Config, load: Callable[[], Config] | None = None) -> int
         if shadow is not None:
             await shadow.start()
             cleanup.push_async_callback(shadow.stop)
-        try:
-            await server.start()
-        except OSError as exc:
-            log.error("cannot listen for clients on %s: %s", config.listen, exc)
-            return EXIT_RUNTIME_ERROR
+        for server in servers:
+            try:
+                await server.start()
+            except OSError as exc:
+                log.error("cannot listen for clients on %s: %s", server.listener.listen, exc)
+                await _stop_all(servers, 0.0)
+                return EXIT_RUNTIME_ERROR
         try:
             await admin.start()
         except OSError as exc:
             log.error("cannot listen for admin requests on %s: %s", config.admin.listen, exc)
-            await server.stop(0.0)
+            await _stop_all(servers, 0.0)
             return EXIT_RUNTIME_ERROR
         cleanup.push_async_callback(admin.stop)
-        await health.start()
-        cleanup.push_async_callback(health.stop)
+        for health in healths:
+            await health.start()
+            cleanup.push_async_callback(health.stop)
         await ops.start()
         cleanup.push_async_callback(ops.stop)
         log.info(
-            "memshadow %s listening on %s, memcached %s, admin http://%s, %s (config: %s)",
+            "memshadow %s listening on %s, admin http://%s, %s (config: %s)",
             __version__,
-            HostPort(*server.listen_address),
-            config.memcached,
+            "; ".join(
+                f"{HostPort(*server.listen_address)}, memcached {server.listener.memcached}"
+                for server in servers
+            ),
             HostPort(*admin.address),
             _describe_shadow(config),
             config.source,
         )
         await stop_requested.wait()
         started = time.monotonic()
-        if not await _stop_unless_forced(server.stop(config.shutdown_timeout), force):
-            await server.stop(0.0)  # a zero grace period aborts whatever is still open
+        if not await _stop_unless_forced(_stop_all(servers, config.shutdown_timeout), force):
+            await _stop_all(servers, 0.0)  # a zero grace period aborts whatever is still open
             return EXIT_RUNTIME_ERROR
         log.info("stopped after %.2fs", time.monotonic() - started)
     return EXIT_OK
@@ -230,6 +255,39 @@ async def _stop_unless_forced(graceful_stop: Awaitable[None], force: asyncio.Eve
     return False
 
 
+async def _stop_all(servers: list[ProxyServer], timeout: float) -> None:
+    await asyncio.gather(*(server.stop(timeout) for server in servers))
+
+
+def _not_ready(backends: tuple[ListenerConfig, ...], healths: list[UpstreamHealth]) -> str:
+    if len(healths) == 1:
+        return healths[0].reason
+    return "; ".join(
+        f"{backend.label}: {health.reason}"
+        for backend, health in zip(backends, healths, strict=True)
+        if not health.ready
+    )
+
+
+def _readiness(
+    backends: tuple[ListenerConfig, ...], healths: list[UpstreamHealth]
+) -> dict[str, Any]:
+    """/readyz as JSON: the whole answer, and each listener's Memcached."""
+    return {
+        "ready": all(health.ready for health in healths),
+        "listeners": [
+            {
+                "name": backend.label,
+                "listen": str(backend.listen),
+                "memcached": str(backend.memcached),
+                "ready": health.ready,
+                "reason": health.reason,
+            }
+            for backend, health in zip(backends, healths, strict=True)
+        ],
+    }
+
+
 def _describe_shadow(config: Config) -> str:
     shadow = config.shadow
     if shadow.enabled:
@@ -237,5 +295,3 @@ def _describe_shadow(config: Config) -> str:
     if shadow.redis is not None:
         return f"shadow to {shadow.redis} ready at rate 0 (raise it through the admin API)"
     return "shadow off"
-
-

@@ -644,6 +644,73 @@ class LogConfig:
     format: LogFormat = field(default="text", metadata=_parsed_by(_choice_parser(_LOG_FORMATS)))
 
 
+MAX_LISTENERS = 64
+"""Listeners one memshadow serves at most (the shadow tells them apart by a session's low
+bits: LISTENER_BITS)."""
+LISTENER_BITS = 6
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    """One listen address in front of one Memcached (an entry of `listeners:`). `name`
+    labels its metrics and its /readyz entry; by default the Memcached address."""
+
+    listen: HostPort
+    memcached: HostPort
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.name or str(self.memcached)
+
+
+_LISTENER_KEYS = ("listen", "memcached", "name")
+
+
+def _listeners(node: Node) -> tuple[ListenerConfig, ...]:
+    """A list of {listen: HOST:PORT, memcached: HOST:PORT[, name: TEXT]}; empty: none."""
+    if isinstance(node, ScalarNode) and node.tag == _NULL_TAG:
+        return ()
+    if not isinstance(node, SequenceNode):
+        raise InvalidValue(
+            "must be a list of {listen: HOST:PORT, memcached: HOST:PORT}, one per Memcached; "
+            f"got {_describe(node)}"
+        )
+    if len(node.value) > MAX_LISTENERS:
+        raise InvalidValue(f"at most {MAX_LISTENERS} listeners, got {len(node.value)}")
+    listeners: list[ListenerConfig] = []
+    for number, item in enumerate(node.value, 1):
+        where = f"entry {number}"
+        if not isinstance(item, MappingNode):
+            raise InvalidValue(f"{where} must be a mapping with listen and memcached")
+        fields: dict[str, Node] = {}
+        for key, value in item.value:
+            name = key.value if isinstance(key, ScalarNode) else None
+            if name not in _LISTENER_KEYS:
+                raise InvalidValue(
+                    f"{where}: unknown option {name!r} (use listen, memcached, name)"
+                )
+            fields[name] = value
+        missing = [k for k in ("listen", "memcached") if k not in fields]
+        if missing:
+            raise InvalidValue(f"{where}: {' and '.join(missing)} missing")
+        try:
+            listen = _host_port_parser(allow_port_zero=True)(fields["listen"])
+            memcached = _host_port_parser(allow_port_zero=False)(fields["memcached"])
+            label = _plain_text(fields["name"]) if "name" in fields else ""
+        except InvalidValue as exc:
+            raise InvalidValue(f"{where}: {exc.problem}") from None
+        listeners.append(ListenerConfig(listen, memcached, label or ""))
+    for kind, values in (
+        ("listen address", [str(entry.listen) for entry in listeners if entry.listen.port]),
+        ("name", [entry.label for entry in listeners]),
+    ):
+        twice = sorted({value for value in values if values.count(value) > 1})
+        if twice:
+            raise InvalidValue(f"the {kind} {twice[0]} is given twice")
+    return tuple(listeners)
+
+
 @dataclass(frozen=True, slots=True)
 class AdminConfig:
     """The HTTP admin endpoint. ``admin: HOST:PORT`` is short for ``admin: {listen: HOST:PORT}``."""
@@ -674,6 +741,9 @@ class Config:
         default=HostPort("127.0.0.1", 11211),
         metadata=_parsed_by(_host_port_parser(allow_port_zero=False)),
     )
+    # Several Memcached servers (the apps hash keys over them): one listen address in front
+    # of each, instead of listen and memcached; one shadow and one admin port for all.
+    listeners: tuple[ListenerConfig, ...] = field(default=(), metadata=_parsed_by(_listeners))
     admin: AdminConfig = field(
         default_factory=AdminConfig,
         metadata={**_section_of(AdminConfig), "shorthand": _admin_shorthand},
@@ -689,9 +759,28 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig, metadata=_section_of(LogConfig))
     source: str = field(default=DEFAULTS_SOURCE, compare=False)
 
+    @property
+    def backends(self) -> tuple[ListenerConfig, ...]:
+        """Every listen address with its Memcached: `listeners`, or listen and memcached."""
+        return self.listeners or (ListenerConfig(self.listen, self.memcached),)
+
+
+def _check_listeners(config: Config) -> None:
+    defaults = Config()
+    if config.listeners and (
+        config.listen != defaults.listen or config.memcached != defaults.memcached
+    ):
+        raise _Conflict(
+            ("listeners", "listen", "memcached"),
+            "give either listeners (one entry per Memcached) or listen and memcached, not both",
+        )
+
 
 # Checks that involve several options of one section, run after the section is built.
-_SECTION_CHECKS: dict[type[Any], Callable[[Any], None]] = {LimitsConfig: _check_limits}
+_SECTION_CHECKS: dict[type[Any], Callable[[Any], None]] = {
+    LimitsConfig: _check_limits,
+    Config: _check_listeners,
+}
 
 
 _T = TypeVar("_T")

@@ -51,6 +51,7 @@ DURATION_BUCKETS: Final[tuple[float, ...]] = (
 # Label values come from what clients send; at most this many series (OTHER_COMMAND included)
 # exist, later new commands counting as OTHER_COMMAND, so a client cannot grow the exposition.
 MAX_COMMANDS: Final = 64
+DEFAULT_LISTENER: Final = "default"
 OTHER_COMMAND: Final = "other"
 
 # Bucket labels spelled exactly as prometheus_client's own Histogram spells them ("5e-05").
@@ -153,24 +154,57 @@ class RequestStats:
             yield command, stats.cumulative(), stats.total
 
 
-class _RequestCollector(Collector):
-    """Exports RequestStats at scrape time as memshadow_requests_total and
-    memshadow_request_duration_seconds."""
+class RequestTotals:
+    """The RequestStats of several listeners read as one (what the guards, the reports and
+    the health probe need); the client path writes to each listener's own."""
 
-    def __init__(self, stats: RequestStats) -> None:
-        self._stats = stats
+    __slots__ = ("_parts",)
+
+    def __init__(self, parts: Sequence[RequestStats]) -> None:
+        self._parts = tuple(parts)
+
+    def total(self) -> int:
+        return sum(part.total() for part in self._parts)
+
+    def count(self, command: str) -> int:
+        return sum(part.count(command) for part in self._parts)
+
+    def snapshot(self) -> Iterator[tuple[str, list[int], float]]:
+        merged: dict[str, tuple[list[int], float]] = {}
+        for part in self._parts:
+            for command, cumulative, seconds in part.snapshot():
+                known = merged.get(command)
+                if known is None:
+                    merged[command] = (list(cumulative), seconds)
+                else:
+                    counts = [a + b for a, b in zip(known[0], cumulative, strict=True)]
+                    merged[command] = (counts, known[1] + seconds)
+        for command in sorted(merged):
+            yield command, *merged[command]
+
+
+RequestFigures = RequestStats | RequestTotals
+"""One listener's request figures, or all listeners' together (ProxyMetrics.requests)."""
+
+
+class _RequestCollector(Collector):
+    """Exports each listener's RequestStats at scrape time as memshadow_requests_total and
+    memshadow_request_duration_seconds, labelled by command and listener."""
+
+    def __init__(self, listeners: dict[str, RequestStats]) -> None:
+        self._listeners = listeners
 
     def _families(self) -> tuple[CounterMetricFamily, HistogramMetricFamily]:
         return (
             CounterMetricFamily(
                 "memshadow_requests",
-                "Client requests forwarded to Memcached, by command.",
-                labels=["command"],
+                "Client requests forwarded to Memcached, by command and listener.",
+                labels=["command", "listener"],
             ),
             HistogramMetricFamily(
                 "memshadow_request_duration_seconds",
-                "Time from a request's arrival to its reply's, by command.",
-                labels=["command"],
+                "Time from a request's arrival to its reply's, by command and listener.",
+                labels=["command", "listener"],
             ),
         )
 
@@ -180,13 +214,14 @@ class _RequestCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         requests, durations = self._families()
-        for command, cumulative, total_seconds in self._stats.snapshot():
-            requests.add_metric([command], cumulative[-1])
-            durations.add_metric(
-                [command],
-                buckets=list(zip(_BUCKET_LABELS, cumulative, strict=True)),
-                sum_value=total_seconds,
-            )
+        for listener, stats in self._listeners.items():
+            for command, cumulative, total_seconds in stats.snapshot():
+                requests.add_metric([command, listener], cumulative[-1])
+                durations.add_metric(
+                    [command, listener],
+                    buckets=list(zip(_BUCKET_LABELS, cumulative, strict=True)),
+                    sum_value=total_seconds,
+                )
         return (requests, durations)
 
 
@@ -197,10 +232,16 @@ class ProxyMetrics:
     to use prometheus_client directly; per-request figures go through ``requests``.
     """
 
-    def __init__(self, *, version: str = __version__) -> None:
+    def __init__(
+        self, *, version: str = __version__, listeners: Sequence[str] = (DEFAULT_LISTENER,)
+    ) -> None:
+        """listeners: the labels of the listeners (config.backends); each gets its own
+        request figures (requests_for), and `requests` reads them all together."""
         self.registry = CollectorRegistry()
-        self.requests = RequestStats()
-        self.registry.register(_RequestCollector(self.requests))
+        self.listeners = {label: RequestStats() for label in listeners}
+        parts = list(self.listeners.values())
+        self.requests: RequestFigures = parts[0] if len(parts) == 1 else RequestTotals(parts)
+        self.registry.register(_RequestCollector(self.listeners))
         self._client_connections = Gauge(
             "memshadow_client_connections",
             "Client connections open now.",
@@ -236,6 +277,16 @@ class ProxyMetrics:
         )
         build_info.labels(version).set(1)
         ProcessCollector(registry=self.registry)
+
+    def requests_for(self, listener: str) -> RequestStats:
+        """The request figures of one listener (the only one's, whatever its label, when
+        there is one: metrics made before the config was known)."""
+        stats = self.listeners.get(listener)
+        if stats is None:
+            if len(self.listeners) != 1:
+                raise KeyError(f"no listener {listener!r} in {list(self.listeners)}")
+            stats = next(iter(self.listeners.values()))
+        return stats
 
     def client_opened(self) -> None:
         self._client_connections.inc()

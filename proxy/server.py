@@ -18,11 +18,12 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
+from proxy.config import LISTENER_BITS
 from proxy.memcache.request import Expect, FramingLimits, Request, RequestFramer
 from proxy.memcache.response import ResponseFramer
 
 if TYPE_CHECKING:
-    from proxy.config import Config
+    from proxy.config import Config, ListenerConfig
     from proxy.health import UpstreamHealth
     from proxy.metrics import ProxyMetrics
 
@@ -36,7 +37,9 @@ _PAUSE_PENDING = 2  # too many requests await a reply
 _PAUSE_CONNECTING = 4  # the upstream connection is not up yet
 
 # Called with the sampled (captured) requests completed by one reply chunk, in Memcached's
-# reply order, and the number of the client session they came from.
+# reply order, and the number of the client session they came from. Session numbers are
+# unique in the process; their low LISTENER_BITS bits are the listener's index
+# (config.backends), so the shadow knows which Memcached a key lives on.
 ReplyObserver = Callable[[list[Request], int], None]
 CaptureDecider = Callable[[Request], bool]
 
@@ -112,7 +115,7 @@ class ClientSession(asyncio.Protocol):
         )
         self.replies = ResponseFramer(self.pending)
         self.max_pending = limits.max_pending_requests
-        self._observe = proxy.metrics.requests.observe
+        self._observe = proxy.requests.observe
         self.transport: asyncio.Transport | None = None
         self.upstream: _Upstream | None = None
         self._paused = 0
@@ -121,7 +124,7 @@ class ClientSession(asyncio.Protocol):
         self._connect_task: asyncio.Task[None] | None = None
         self._unframed_reported = False
         self._early: list[bytes] = []
-        self.number = next(_session_numbers)
+        self.number = next(_session_numbers) << LISTENER_BITS | proxy.index
         # Chunks received either way; the idle sweep (ProxyServer) sees whether it moved.
         # Two increments a request, ~35 ns each (timeit): 0.15% of the client path's CPU.
         self.activity = 0
@@ -161,7 +164,7 @@ class ClientSession(asyncio.Protocol):
 
     async def _connect(self) -> None:
         proxy = self.proxy
-        target = proxy.config.memcached
+        target = proxy.listener.memcached
         loop = asyncio.get_running_loop()
         try:
             _, upstream = await asyncio.wait_for(
@@ -348,9 +351,15 @@ class ProxyServer:
         *,
         capture: CaptureDecider | None = None,
         observer: ReplyObserver | None = None,
+        index: int = 0,
     ) -> None:
+        """index: which of config.backends this server listens for (its listen address and
+        its Memcached); health: that Memcached's."""
         self.config = config
+        self.index = index
+        self.listener: ListenerConfig = config.backends[index]
         self.metrics = metrics
+        self.requests = metrics.requests_for(self.listener.label)
         self.health = health
         self.capture = capture
         self.observer = observer
@@ -370,7 +379,7 @@ class ProxyServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        listen = self.config.listen
+        listen = self.listener.listen
         self._server = await loop.create_server(
             lambda: ClientSession(self), listen.host, listen.port, reuse_address=True, backlog=1024
         )

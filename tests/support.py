@@ -151,11 +151,12 @@ class ProxyThread:
         from proxy.metrics import ProxyMetrics
 
         self.config = config
-        self.metrics = ProxyMetrics()
+        self.metrics = ProxyMetrics(listeners=[backend.label for backend in config.backends])
         self._server_kwargs = server_kwargs
         self._use_uvloop = use_uvloop
         self.loop: asyncio.AbstractEventLoop | None = None
         self.server: Any = None
+        self.servers: list[Any] = []
         self.shadow: Any = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -194,21 +195,32 @@ class ProxyThread:
                 self.shadow = build_shadow(self.config, self.metrics)
                 await self.shadow.start()
                 kwargs.update(capture=self.shadow.capture, observer=self.shadow.observe)
-            self.server = ProxyServer(self.config, self.metrics, None, **kwargs)
-            await self.server.start()
+            self.servers = [
+                ProxyServer(self.config, self.metrics, None, index=index, **kwargs)
+                for index in range(len(self.config.backends))
+            ]
+            self.server = self.servers[0]
+            for server in self.servers:
+                await server.start()
         except BaseException as exc:  # surfaced in start()
             self._error = exc
             self._ready.set()
             return
         self._ready.set()
         await self._stop.wait()
-        await self.server.stop(self.config.shutdown_timeout)
+        for server in self.servers:
+            await server.stop(self.config.shutdown_timeout)
         if self.shadow is not None:
             await self.shadow.stop()
 
     @property
     def port(self) -> int:
         return int(self.server.listen_address[1])
+
+    @property
+    def ports(self) -> list[int]:
+        """Every listener's port, in config.backends order."""
+        return [int(server.listen_address[1]) for server in self.servers]
 
     def run(self, coro_fn: Callable[[], Any], timeout: float = 30.0) -> Any:
         """Run a coroutine function on the proxy's loop and return its result."""

@@ -110,8 +110,9 @@ async def test_metrics(admin: AdminServer, metrics: ProxyMetrics) -> None:
     assert reply.headers["content-type"] == METRICS_CONTENT_TYPE
     assert METRICS_CONTENT_TYPE == "text/plain; version=0.0.4; charset=utf-8"
     text = reply.body.decode()
-    assert 'memshadow_requests_total{command="get"} 1.0' in text
-    assert 'memshadow_request_duration_seconds_bucket{command="get",le="0.00025"} 1.0' in text
+    assert 'memshadow_requests_total{command="get",listener="default"} 1.0' in text
+    bucket = 'command="get",le="0.00025",listener="default"'
+    assert f"memshadow_request_duration_seconds_bucket{{{bucket}}} 1.0" in text
     assert "memshadow_client_connections 1.0" in text
     assert int(reply.headers["content-length"]) == len(reply.body)
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -302,12 +303,13 @@ FAKE_SERVER = """
 import asyncio, os, sys, types
 
 class ProxyServer:
-    def __init__(self, config, metrics, health):
+    def __init__(self, config, metrics, health, index=0):
         self.config = config
+        self.listener = config.backends[index]
         print(f"health={type(health).__name__}", flush=True)
 
     async def start(self):
-        listen = self.config.listen
+        listen = self.listener.listen
         self._server = await asyncio.start_server(
             lambda r, w: w.close(), listen.host, listen.port
         )
@@ -439,8 +441,9 @@ def test_serves_clients_and_stops_on_sigterm(memcached: ServerProcess, loop: str
             assert (reply.status, reply.read()) == (200, b"ready")
         with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10) as reply:
             text = reply.read().decode()
-        assert 'memshadow_requests_total{command="get"} 1.0' in text
-        assert 'memshadow_requests_total{command="set"} 1.0' in text
+        label = f'listener="{memcached.address}"'
+        assert f'memshadow_requests_total{{command="get",{label}}} 1.0' in text
+        assert f'memshadow_requests_total{{command="set",{label}}} 1.0' in text
         proc.proc.send_signal(signal.SIGTERM)
         code, _ = proc.finish()
     finally:
@@ -547,3 +550,55 @@ def test_a_killed_proxy_takes_its_shadow_worker_with_it(
         assert not status.exists() or status.read_text().split(") ", 1)[1][0] == "Z"
     finally:
         proc.kill()
+
+
+def test_listeners_each_front_their_memcached_and_readyz_tells_them_apart(
+    tmp_path: Path, memcached: ServerProcess
+) -> None:
+    dead = ServerProcess(lambda port: ["true"])  # a Memcached address nothing listens on
+    config = tmp_path / "memshadow.yaml"
+    config.write_text(
+        "listeners:\n"
+        f"  - {{listen: 127.0.0.1:0, memcached: {memcached.address}, name: live}}\n"
+        f"  - {{listen: 127.0.0.1:0, memcached: 127.0.0.1:{dead.port}, name: gone}}\n"
+        "admin: 127.0.0.1:0\n",
+        encoding="utf-8",
+    )
+    proc = Running([sys.executable, "-m", "proxy", "--config", str(config)])
+    try:
+        started = proc.wait_for(
+            re.compile(
+                r"listening on (\S+), memcached (\S+); (\S+), memcached (\S+), admin http://(\S+), "
+            )
+        )
+        live, admin = port_of(started[1]), port_of(started[5])
+        assert started[2] == str(memcached.address) and started[4] == f"127.0.0.1:{dead.port}"
+        client = Client(("127.0.0.1", live), connect_timeout=5, timeout=5)
+        assert client.set("k", b"v", noreply=False) and client.get("k") == b"v"
+        client.close()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{admin}/readyz", headers={"Accept": "application/json"}
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                urllib.request.urlopen(request, timeout=10)
+            except urllib.error.HTTPError as exc:  # 503: one Memcached is not reachable
+                body = json.loads(exc.read())
+                if not body["listeners"][1]["reason"].startswith("not probed"):
+                    break
+            assert time.monotonic() < deadline, "the dead backend was never probed"
+            time.sleep(0.1)
+        assert body["ready"] is False
+        states = {entry["name"]: entry["ready"] for entry in body["listeners"]}
+        assert states == {"live": True, "gone": False}
+        assert body["listeners"][1]["memcached"] == f"127.0.0.1:{dead.port}"
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+        assert 'memshadow_requests_total{command="get",listener="live"} 1.0' in text
+        proc.proc.send_signal(signal.SIGTERM)
+        code, _ = proc.finish()
+        assert code == 0
+    finally:
+        if proc.proc.poll() is None:
+            proc.proc.kill()

@@ -14,6 +14,7 @@ from proxy.config import (
     Config,
     HostPort,
     LimitsConfig,
+    ListenerConfig,
     LogConfig,
     RedisURL,
     ShadowConfig,
@@ -664,3 +665,55 @@ def test_a_forced_cluster_needs_database_0(tmp_path: Path) -> None:
         check_complete(config)
     assert info.value.key == "shadow.redis"
     assert "database 0 only" in str(info.value)
+
+
+# --- listeners ---------------------------------------------------------------------------------
+
+
+def test_listeners_give_one_listen_address_per_memcached(tmp_path: Path) -> None:
+    text = (
+        "listeners:\n"
+        "  - {listen: 0.0.0.0:11311, memcached: 10.0.0.1:11211, name: cache-a}\n"
+        "  - listen: 0.0.0.0:11312\n"
+        "    memcached: 10.0.0.2:11211\n"
+    )
+    config = load_config(write(tmp_path, text))
+    assert [(str(b.listen), str(b.memcached), b.label) for b in config.backends] == [
+        ("0.0.0.0:11311", "10.0.0.1:11211", "cache-a"),
+        ("0.0.0.0:11312", "10.0.0.2:11211", "10.0.0.2:11211"),
+    ]
+    assert Config().backends == (ListenerConfig(Config().listen, Config().memcached),)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("listeners: 127.0.0.1:1\n", "must be a list"),
+        ("listeners:\n  - {listen: 127.0.0.1:1}\n", "entry 1: memcached missing"),
+        (
+            "listeners:\n  - {listen: 127.0.0.1:1, memcached: x:1, port: 3}\n",
+            "unknown option 'port'",
+        ),
+        ("listeners:\n  - {listen: nope, memcached: x:1}\n", "entry 1:"),
+        (
+            "listeners:\n  - {listen: 127.0.0.1:1, memcached: a:1}\n"
+            "  - {listen: 127.0.0.1:1, memcached: b:1}\n",
+            "listen address 127.0.0.1:1 is given twice",
+        ),
+        (
+            "listeners:\n  - {listen: 127.0.0.1:1, memcached: a:1, name: x}\n"
+            "  - {listen: 127.0.0.1:2, memcached: b:1, name: x}\n",
+            "name x is given twice",
+        ),
+    ],
+)
+def test_bad_listeners_are_named(tmp_path: Path, text: str, problem: str) -> None:
+    err = error_of(tmp_path, text)
+    assert err.key == "listeners"
+    assert problem in str(err)
+
+
+def test_listeners_exclude_listen_and_memcached(tmp_path: Path) -> None:
+    text = "memcached: 10.0.0.9:11211\nlisteners:\n  - {listen: 127.0.0.1:1, memcached: a:1}\n"
+    err = error_of(tmp_path, text)
+    assert "either listeners" in str(err)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.config import ShadowConfig
-from proxy.metrics import RequestStats
+from proxy.metrics import RequestFigures
 from proxy.ops.audit import AuditLog
 from proxy.ops.guards import Action, Exposure, GuardPolicy, Trip, request_buckets
 from proxy.ops.ramp import RampMove, RampPhase, RampPolicy
@@ -68,7 +68,7 @@ class Autopilot:
         self,
         control: ShadowControl,
         stats: ShadowStats,
-        requests: RequestStats,
+        requests: RequestFigures,
         config: ShadowConfig,
         audit: AuditLog,
         *,

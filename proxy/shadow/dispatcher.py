@@ -18,10 +18,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from proxy.config import LISTENER_BITS
 from proxy.redis.errors import (
     RedisBusy,
     RedisError,
@@ -58,6 +59,8 @@ from proxy.shadow.scheduler import Scheduler
 from proxy.shadow.stats import ShadowStats
 from proxy.shadow.target import ShadowTarget
 from proxy.shadow.translate import HIT, MISS, McValue, ShadowOp
+
+LISTENER_MASK: Final = (1 << LISTENER_BITS) - 1
 
 log = logging.getLogger("memshadow.shadow")
 
@@ -113,7 +116,7 @@ class ShadowDispatcher:
         self,
         *,
         store: ShadowTarget,
-        reader: MemcachedReader,
+        reader: MemcachedReader | Sequence[MemcachedReader],
         control: ShadowControl,
         sampled: Callable[[bytes], bool],
         stats: ShadowStats,
@@ -121,7 +124,9 @@ class ShadowDispatcher:
         examples: ExampleSink | None = None,
         ticked: bool = False,
     ) -> None:
-        self.reader = reader
+        # One reader per Memcached (config.backends): a key is re-read where its last
+        # request went, told by the session number's low bits (server.py).
+        self.readers = (reader,) if isinstance(reader, MemcachedReader) else tuple(reader)
         self.control = control
         self.stats = stats
         self.settings = settings = settings or DispatcherSettings()
@@ -475,7 +480,7 @@ class ShadowDispatcher:
         of the key may lie between that operation and the snapshot."""
         await asyncio.sleep(self.settings.reread_delay)
         lo = time.perf_counter()
-        mc = await self.reader.get(key)
+        mc = await self._reader_for(key).get(key)
         hi = time.perf_counter()
         redis = await self.store.get(key)
         self.stats.redis_commands += 1
@@ -571,14 +576,24 @@ class ShadowDispatcher:
         memcached, redis = answers
         self.examples(diff.kind, command, op.key, memcached, redis, detail, story)
 
+    def _reader_for(self, key: bytes) -> MemcachedReader:
+        """The reader of the Memcached that holds `key`: where its last request went."""
+        readers = self.readers
+        if len(readers) == 1:
+            return readers[0]
+        state = self.keys.peek(key)
+        index = state.last_session & LISTENER_MASK if state is not None else 0
+        return readers[index] if index < len(readers) else readers[0]
+
     # -- eviction counters ----------------------------------------------------------------
 
     async def _watch_evictions(self) -> None:
         while True:
             await asyncio.sleep(self.settings.stats_interval)
             with contextlib.suppress(MemcachedUnavailable, ValueError):
-                stats = await self.reader.stats()
-                evictions = int(stats.get("evictions", "0"))
+                evictions = 0
+                for reader in self.readers:  # every Memcached's, summed
+                    evictions += int((await reader.stats()).get("evictions", "0"))
                 if self._mc_evictions is not None and evictions > self._mc_evictions:
                     self._mc_evicted_at = time.monotonic()
                 self._mc_evictions = evictions

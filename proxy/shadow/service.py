@@ -58,12 +58,16 @@ class ShadowEngine:
             failover_window=shadow.redis_failover_window,
             connect_timeout=config.upstream_connect_timeout,
         )
-        self.reader = MemcachedReader(
-            config.memcached.host, config.memcached.port, timeout=config.upstream_connect_timeout
-        )
+        self.readers = [
+            MemcachedReader(
+                b.memcached.host, b.memcached.port, timeout=config.upstream_connect_timeout
+            )
+            for b in config.backends
+        ]
+        self.reader = self.readers[0]  # whose `stats settings` stand for every Memcached's
         self.dispatcher = ShadowDispatcher(
             store=self.store,
-            reader=self.reader,
+            reader=self.readers,
             control=control,
             sampled=self.sampler.sampled,
             stats=stats,
@@ -104,7 +108,8 @@ class ShadowEngine:
     async def stop(self, timeout: float = 2.0) -> None:
         await self.dispatcher.stop(timeout)
         await self.store.close()
-        await self.reader.close()
+        for reader in self.readers:
+            await reader.close()
 
 
 class ShadowService(Protocol):

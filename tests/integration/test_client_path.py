@@ -75,6 +75,7 @@ def test_pymemcache_full_command_set(memcached: ServerProcess, noreply: bool, lo
 
 
 def test_counts_requests_by_command(proxy: ProxyThread) -> None:
+    label = proxy.config.backends[0].label
     client = _client(proxy.port, False)
     client.set("a", b"1")
     client.get("a")
@@ -86,7 +87,7 @@ def test_counts_requests_by_command(proxy: ProxyThread) -> None:
         time.sleep(0.01)
     assert stats.count("get") == 2 and stats.count("set") == 1
     text = proxy.metrics.render().decode()
-    assert 'memshadow_requests_total{command="get"} 2.0' in text
+    assert f'memshadow_requests_total{{command="get",listener="{label}"}} 2.0' in text
     assert "memshadow_request_duration_seconds_bucket" in text
 
 
