@@ -1,0 +1,130 @@
+"""Faults on both sides, again and again, under load: nothing may leak in the memshadow
+process (file descriptors, threads, memory) and the shadow's worker process stays one, with
+no zombie left behind (hardening: faults). Memcached restarted, Redis restarted, Redis
+paused: each round must leave the proxy as it found it, and serving."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from pymemcache.client.base import Client
+from pymemcache.exceptions import MemcacheError
+
+from tests.integration.test_connections_held import ROOT, STARTED, _rss_kb
+from tests.support import ServerProcess, memcached_argv, redis_argv
+
+ROUNDS = 4
+FD_SLACK = 6  # connections being redialled at the moment of a count
+RSS_SLACK_MB = 12
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    """(pid, state) of the process's children."""
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        text = Path(f"/proc/{pid}/task/{task}/children").read_text().split()
+        for child in text:
+            with contextlib.suppress(FileNotFoundError):
+                status = Path(f"/proc/{child}/status").read_text()
+                state = next(
+                    line.split()[1] for line in status.splitlines() if line.startswith("State:")
+                )
+                found.append((int(child), state))
+    return found
+
+
+def _load(port: int, stop: threading.Event) -> None:
+    """A client that keeps writing and reading; errors while Memcached restarts are normal."""
+    while not stop.is_set():
+        client = Client(("127.0.0.1", port), timeout=2, connect_timeout=2, default_noreply=False)
+        try:
+            for i in range(100_000):
+                if stop.is_set():
+                    break
+                key = f"leak{i % 50}"
+                client.set(key, b"v%d" % i, expire=60)
+                client.get(key)
+        except (MemcacheError, OSError):
+            time.sleep(0.05)
+        finally:
+            client.close()
+
+
+def test_repeated_faults_leak_nothing(tmp_path: Path) -> None:
+    memcached = ServerProcess(memcached_argv()).start()
+    redis = ServerProcess(redis_argv()).start()
+    config = tmp_path / "memshadow.yaml"
+    config.write_text(
+        f"shadow:\n  redis: redis://127.0.0.1:{redis.port}/0\n  sample_rate: 1.0\n"
+        "  worker: process\n",
+        encoding="utf-8",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "--config", str(config), "--listen", "127.0.0.1:0",
+         "--admin", "127.0.0.1:0", "--memcached", str(memcached.address)],
+        cwd=ROOT, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    stop = threading.Event()
+    loaders: list[threading.Thread] = []
+    try:
+        assert proc.stderr is not None
+        port = 0
+        for line in proc.stderr:
+            if match := STARTED.search(line):
+                port = int(match[1].rsplit(":", 1)[1])
+                break
+        assert port, "memshadow did not start"
+        threading.Thread(target=proc.stderr.read, daemon=True).start()  # the pipe never fills
+        loaders = [threading.Thread(target=_load, args=(port, stop)) for _ in range(4)]
+        for loader in loaders:
+            loader.start()
+        figures = []
+        for _ in range(ROUNDS):
+            memcached.restart()
+            time.sleep(1.0)
+            redis.restart()
+            time.sleep(1.0)
+            redis.pause()
+            time.sleep(1.0)
+            redis.resume()
+            time.sleep(2.0)  # reconnected, caught up
+            children = _children(proc.pid)
+            worker = [(pid, state, _fds(pid), _rss_kb(pid)) for pid, state in children]
+            figures.append((_fds(proc.pid), _threads(proc.pid), _rss_kb(proc.pid), worker))
+        print("\nafter each round (fds, threads, RSS KB, worker: pid, state, fds, RSS KB):")
+        print("\n".join(map(str, figures)))
+        base_fds, base_threads, base_rss, base_worker = figures[0]
+        for fds, threads, rss, worker in figures[1:]:
+            assert fds <= base_fds + FD_SLACK, figures
+            assert threads <= base_threads, figures
+            assert (rss - base_rss) / 1024 < RSS_SLACK_MB, figures
+            assert len(worker) == 1, worker  # the shadow's worker, no other
+            assert worker[0][1] != "Z", worker
+            assert worker[0][2] <= base_worker[0][2] + FD_SLACK, figures
+            assert (worker[0][3] - base_worker[0][3]) / 1024 < RSS_SLACK_MB, figures
+        # Still serving, and still shadowing.
+        client = Client(("127.0.0.1", port), timeout=5, default_noreply=False)
+        assert client.set("after", b"ok") and client.get("after") == b"ok"
+        client.close()
+    finally:
+        stop.set()
+        for loader in loaders:
+            loader.join(10)
+        proc.terminate()
+        proc.wait(30)
+        memcached.stop()
+        redis.stop()
