@@ -3,6 +3,8 @@ and halt rules), config hot reload, the control API and console, and their metri
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
@@ -13,7 +15,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from proxy.admin import AdminServer
+from proxy.admin import AdminServer, HTTPError, Request, Response
 from proxy.config import DEFAULTS_SOURCE, Config, LogConfig, load_config
 from proxy.metrics import ProxyMetrics
 from proxy.ops.audit import AuditLog
@@ -21,6 +23,7 @@ from proxy.ops.autopilot import Autopilot
 from proxy.ops.control_api import ControlAPI, RedisInfo
 from proxy.ops.reload import WATCH_INTERVAL, ConfigReloader
 from proxy.ops.report import parse_info
+from proxy.ops.timeline import EMPTY_BUCKETS, Reading, Timeline, cumulative_to_buckets
 from proxy.shadow.control import ShadowControl
 from proxy.shadow.stats import ShadowStats
 
@@ -162,6 +165,13 @@ class Operations:
         )
         self.api.install(admin)
         metrics.registry.register(OpsCollector(self.autopilot, self.reloader))
+        # The console's charts: a point every 10 s for 24 h (GET /api/history).
+        self.timeline = Timeline()
+        self._stats = stats
+        self._requests = metrics.requests
+        self._clock = clock
+        self._history_task: asyncio.Task[None] | None = None
+        admin.add_route("GET", "/api/history", self.get_history)
         listen = config.admin.listen
         if self.token() is None and not _is_loopback(listen.host):
             log.warning(
@@ -178,10 +188,60 @@ class Operations:
     async def start(self) -> None:
         await self.autopilot.start()
         await self.reloader.start(handle_sighup=self.handle_sighup)
+        self.record_history()  # the base of the first interval
+        self._history_task = asyncio.get_running_loop().create_task(
+            self._keep_history(), name="history"
+        )
 
     async def stop(self) -> None:
+        if self._history_task is not None:
+            self._history_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._history_task
         await self.reloader.stop()
         await self.autopilot.stop()
+
+    async def _keep_history(self) -> None:
+        while True:
+            await asyncio.sleep(self.timeline.resolution)
+            try:
+                self.record_history()
+            except Exception:  # the history must never stop the proxy
+                log.exception("history: cannot record a point")
+
+    def record_history(self) -> None:
+        """Add the history point of the interval ending now, and the audit's new events."""
+        self.timeline.note(self.audit.entries(since=self.timeline.audit_seq))
+        stats = self._stats
+        outcomes = {"match": 0, "mismatch": 0, "noise": 0}
+        for (_, outcome), count in stats.comparisons.items():
+            outcomes[outcome] = outcomes.get(outcome, 0) + count
+        client = list(EMPTY_BUCKETS)
+        for _, cumulative, _ in self._requests.snapshot():
+            for index, count in enumerate(cumulative_to_buckets(cumulative)):
+                client[index] += count
+        control = self.control
+        reading = Reading(
+            sample_rate=control.sample_rate if control.enabled else 0.0,
+            ramp_step=self.autopilot.ramp_step,
+            match=outcomes["match"],
+            mismatch=outcomes["mismatch"],
+            noise=outcomes["noise"],
+            dropped=sum(stats.dropped.values()),
+            errors=sum(stats.errors.values()),
+            lag_buckets=list(stats.lag.buckets),
+            client_buckets=client,
+        )
+        self.timeline.sample(self._clock(), reading)
+
+    async def get_history(self, request: Request) -> Response:
+        """GET /api/history[?since=UNIX_TIME]: the console's series and events."""
+        since = request.query.get("since", ["0"])[-1]
+        try:
+            after = float(since)
+        except ValueError:
+            raise HTTPError(400, f"since must be a unix time, got {since!r}") from None
+        return Response.json(self.timeline.to_json(after))
 
     def _apply(self, old: Config, new: Config, applied: list[str]) -> None:
         """Make the running proxy follow a reloaded config. A reload also lifts a halt: it

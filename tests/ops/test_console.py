@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -233,3 +234,42 @@ def test_console_tells_a_mismatch_s_story(server: AdminThread, browser: Browser)
         lambda: browser.script("return document.querySelector('#mismatches details').open") is True,
         "still open",
     )
+
+
+def test_console_charts_the_history_with_its_events(server: AdminThread, browser: Browser) -> None:
+    def history() -> None:
+        ops = server.ops
+        # The audit trail stamps changes with the real time: the history's clock runs
+        # around it, so the rate change below falls inside the charted period.
+        server.clock.now = time.time() - 150
+        ops.record_history()
+        for minute in range(30):
+            feed(server.stats, match=100 + minute, noise=3, mismatch=1 if minute == 20 else 0)
+            if minute == 10:
+                server.control.set_rate(0.5, "api", "wider")
+            server.clock.advance(10)
+            ops.record_history()
+
+    server.run(history)
+    browser.open(server.url)
+    browser.wait_for(
+        lambda: browser.script("return document.querySelectorAll('#charts svg').length") == 4,
+        "the four charts",
+    )
+    drawn = browser.script(
+        "return [...document.querySelectorAll('#charts polyline')]"
+        ".map(p => [p.dataset.field, p.getAttribute('points').split(' ').length])"
+    )
+    assert dict(drawn)["match"] == 30 and dict(drawn)["sample_rate"] == 30
+    # the rate change is marked on the time axis, with what it was
+    marks = browser.script(
+        "return [...document.querySelectorAll('#charts svg title')].map(t => t.textContent)"
+    )
+    assert any("sample_rate" in m and "0.5" in m for m in marks), marks
+    # hovering a chart reads out the point under the pointer
+    browser.script(
+        "const s = document.querySelector('#charts svg'); const r = s.getBoundingClientRect();"
+        "s.dispatchEvent(new MouseEvent('mousemove', {clientX: r.right - 1, clientY: r.top + 5}));"
+    )
+    readout = browser.text("#history-readout")
+    assert "match 129" in readout and "rate 50.0%" in readout, readout
