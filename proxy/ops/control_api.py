@@ -228,6 +228,10 @@ class ControlAPI:
         return Response.json({"entries": [entry.as_json() for entry in entries]})
 
     async def get_report(self, request: Request) -> Response:
+        return Response.json(await self.what_if())
+
+    async def what_if(self) -> dict[str, Any]:
+        """The what-if report (also a part of the readiness report)."""
         info: Mapping[str, str] | None = None
         error: str | None = None
         if self.redis_info is None:
@@ -250,7 +254,7 @@ class ControlAPI:
             db=redis.db if redis is not None else 0,
             now=self.clock(),
         )
-        return Response.json(report)
+        return report
 
     # --- helpers --------------------------------------------------------------------------
 

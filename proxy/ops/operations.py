@@ -21,6 +21,7 @@ from proxy.metrics import ProxyMetrics
 from proxy.ops.audit import AuditLog
 from proxy.ops.autopilot import Autopilot
 from proxy.ops.control_api import ControlAPI, RedisInfo
+from proxy.ops.readiness import DEFAULT_TARGET, build_readiness, to_html
 from proxy.ops.reload import WATCH_INTERVAL, ConfigReloader
 from proxy.ops.report import parse_info
 from proxy.ops.timeline import EMPTY_BUCKETS, Reading, Timeline, cumulative_to_buckets
@@ -172,6 +173,8 @@ class Operations:
         self._clock = clock
         self._history_task: asyncio.Task[None] | None = None
         admin.add_route("GET", "/api/history", self.get_history)
+        admin.add_route("GET", "/api/readiness", self.get_readiness)
+        self.started_at = clock()
         listen = config.admin.listen
         if self.token() is None and not _is_loopback(listen.host):
             log.warning(
@@ -233,6 +236,33 @@ class Operations:
             client_buckets=client,
         )
         self.timeline.sample(self._clock(), reading)
+
+    async def get_readiness(self, request: Request) -> Response:
+        """GET /api/readiness[?target=RATE][&format=html]: can the team switch to Redis?"""
+        raw = request.query.get("target", [str(DEFAULT_TARGET)])[-1]
+        try:
+            target = float(raw)
+        except ValueError:
+            target = -1.0
+        if not 0.0 < target < 1.0:
+            raise HTTPError(400, f"target must be a mismatch rate above 0 and below 1, got {raw!r}")
+        history = self.timeline.to_json()
+        control = self.control
+        report = build_readiness(
+            self._stats,
+            started_at=self.started_at,
+            now=self._clock(),
+            sample_rate=control.sample_rate if control.enabled else 0.0,
+            client_requests=self._requests.total(),
+            history=history,
+            halts=[event for event in history["events"] if event["field"] == "halt"],
+            halted=self.autopilot.halt.as_json() if self.autopilot.halt is not None else None,
+            what_if=await self.api.what_if(),
+            target=target,
+        )
+        if request.query.get("format", [""])[-1] == "html":
+            return Response(200, to_html(report).encode(), "text/html; charset=utf-8")
+        return Response.json(report)
 
     async def get_history(self, request: Request) -> Response:
         """GET /api/history[?since=UNIX_TIME]: the console's series and events."""

@@ -273,3 +273,23 @@ def test_console_charts_the_history_with_its_events(server: AdminThread, browser
     )
     readout = browser.text("#history-readout")
     assert "match 129" in readout and "rate 50.0%" in readout, readout
+
+
+def test_console_shows_the_readiness_verdict(server: AdminThread, browser: Browser) -> None:
+    server.run(lambda: feed(server.stats, match=40_000, noise=5))
+    browser.open(server.url)
+    browser.wait_for(
+        lambda: browser.text("#readiness-verdict").startswith("Ready: 0 mismatches in 40k"),
+        "the verdict",
+    )
+    assert "ready" in browser.script(
+        "return document.getElementById('readiness-verdict').className"
+    )
+    assert "get" in browser.text("#readiness-commands")
+    assert browser.text("#readiness-noise") == "transient_race 5"
+    server.run(lambda: feed(server.stats, mismatch=2))
+    browser.open(server.url)
+    browser.wait_for(
+        lambda: browser.text("#readiness-verdict").startswith("Not ready: 2 mismatches"),
+        "the verdict to turn",
+    )

@@ -1,0 +1,113 @@
+"""The migration readiness report: exact bounds, the verdict line, per-step figures, the
+API and its printable page."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.ops.readiness import _binomial_cdf, build_readiness, per_step, to_html, upper_bound
+from proxy.ops.timeline import FIELDS
+from proxy.shadow.stats import ShadowStats
+from tests.ops.support import feed
+from tests.ops.test_control_api import Env, config
+
+
+def test_with_no_mismatch_the_bound_is_about_three_over_n() -> None:
+    assert upper_bound(0, 30_000) == pytest.approx(3 / 30_000, rel=0.01)
+    assert upper_bound(0, 0) is None
+    assert upper_bound(10, 10) == 1.0
+
+
+@pytest.mark.parametrize(("k", "n", "bound"), [(1, 100, 0.0466), (5, 1000, 0.0105)])
+def test_the_bound_is_the_exact_clopper_pearson_one(k: int, n: int, bound: float) -> None:
+    found = upper_bound(k, n)
+    assert found == pytest.approx(bound, abs=5e-4)
+    assert _binomial_cdf(k, n, found) == pytest.approx(0.05, abs=1e-6)  # type: ignore[arg-type]
+
+
+def test_many_mismatches_use_wilson_close_to_the_rate() -> None:
+    bound = upper_bound(5_000, 1_000_000)
+    assert bound is not None and 0.005 < bound < 0.0052
+
+
+def _stats(match: int = 0, mismatch: int = 0, noise: int = 0) -> ShadowStats:
+    stats = ShadowStats()
+    feed(stats, match=match, mismatch=mismatch, noise=noise)
+    return stats
+
+
+def _report(stats: ShadowStats, **changes: object) -> dict[str, object]:
+    values: dict[str, object] = {
+        "started_at": 1_000.0,
+        "now": 1_000.0 + 6 * 86400,
+        "sample_rate": 1.0,
+        "client_requests": 100_000,
+        "history": {"points": [], "events": []},
+        "halts": [],
+        "halted": None,
+        "what_if": {},
+    }
+    values.update(changes)
+    return build_readiness(stats, **values)  # type: ignore[arg-type]
+
+
+def test_ready_says_how_much_evidence_there_is() -> None:
+    report = _report(_stats(match=40_000, noise=12))
+    assert report["ready"] is True
+    assert report["verdict"] == (
+        "Ready: 0 mismatches in 40k comparisons over 6.0 days, upper bound 0.007489%"
+    )
+    assert report["noise_reasons"] == {"transient_race": 12}
+    assert report["coverage"]["traffic_share"] == pytest.approx(0.40012)  # type: ignore[index]
+
+
+def test_what_blocks_readiness_is_said_plainly() -> None:
+    few = _report(_stats(match=1_000))
+    assert few["ready"] is False and "not enough evidence" in few["verdict"]  # type: ignore[operator]
+    bad = _report(_stats(match=50_000, mismatch=3))
+    assert "3 mismatches (value 3)" in bad["verdict"]  # type: ignore[operator]
+    (row,) = bad["commands"]  # type: ignore[misc]
+    assert row["mismatch"] == 3 and row["kinds"] == {"value": 3}
+    halted = _report(_stats(match=50_000), halted={"rule": "errors", "reason": "too many"})
+    assert "halted (errors: too many)" in halted["verdict"]  # type: ignore[operator]
+
+
+def test_per_step_figures_come_from_the_history() -> None:
+    def point(t: float, rate: float, step: int, match: int, mismatch: int = 0) -> list[object]:
+        row = dict.fromkeys(FIELDS, 0)
+        row.update(t=t, sample_rate=rate, ramp_step=step, match=match, mismatch=mismatch)
+        return [row[f] for f in FIELDS]
+
+    history = {"points": [point(10, 0.01, 1, 100), point(20, 0.01, 1, 100),
+                          point(30, 0.05, 2, 500, 1)], "events": []}  # fmt: skip
+    steps = per_step(history)
+    assert [(s["ramp_step"], s["comparisons"], s["mismatches"]) for s in steps] == [
+        (1, 200, 0),
+        (2, 501, 1),
+    ]
+    assert steps[0]["from"] == 10 and steps[0]["until"] == 20
+
+
+def test_the_printable_page_carries_the_verdict_and_escapes_what_it_shows() -> None:
+    stats = _stats(match=50_000, mismatch=1)
+    stats.comparisons[("<script>", "match")] += 1
+    page = to_html(_report(stats))
+    assert page.startswith("<!DOCTYPE html>") and "Not ready: 1 mismatches" in page
+    assert "<script>" not in page and "&lt;script&gt;" in page
+
+
+async def test_the_api_serves_json_and_html() -> None:
+    async with Env(config()) as env:
+        feed(env.stats, match=40_000)
+        env.ops.record_history()
+        reply = await env.get("/api/readiness")
+        assert reply.status == 200
+        body = reply.json()
+        assert body["ready"] is True and body["verdict"].startswith("Ready: 0 mismatches in 40k")
+        page = await env.get("/api/readiness?format=html")
+        assert page.headers["content-type"].startswith("text/html")
+        assert "Ready: 0 mismatches" in page.text
+        strict = (await env.get("/api/readiness?target=0.00001")).json()
+        assert strict["ready"] is False
+        bad = await env.get("/api/readiness?target=2")
+        assert bad.status == 400 and "target" in bad.text
