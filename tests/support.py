@@ -8,15 +8,18 @@ import asyncio
 import contextlib
 import os
 import random
+import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from proxy.config import Config, HostPort
@@ -30,6 +33,29 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+ROOT = Path(__file__).resolve().parent.parent
+STARTED = re.compile(r"listening on (\S+), memcached (\S+), admin http://(\S+), ")
+
+
+def start_memshadow(*args: str, **popen: Any) -> tuple[subprocess.Popen[str], int]:
+    """A memshadow process (`python -m proxy ARGS`) and the port it listens on, once its
+    start line is logged. Its stderr is a pipe: read it, or drain it, so it never fills."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", *args],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if match := STARTED.search(line):
+            return proc, int(match[1].rsplit(":", 1)[1])
+    proc.kill()
+    proc.wait(10)
+    raise AssertionError("memshadow did not start")
 
 
 def free_cluster_port() -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -383,18 +384,12 @@ class RedisStore:
         mode = ClusterMode(cluster)
 
         def make_pool(is_cluster: bool) -> RedisPool | ClusterPool:
-            if is_cluster:
-                return ClusterPool(
-                    parsed,
-                    size,
-                    timeout=timeout,
-                    connect_timeout=connect_timeout,
-                    max_inflight=max_inflight,
-                    library=function_library(),
-                    service_time=service_time,
-                    failover_window=failover_window,
-                )
-            return RedisPool(
+            # One Redis: its connections wait while the endpoint leads to a replica. A
+            # cluster's node pools check that themselves.
+            kind: Callable[..., RedisPool | ClusterPool] = (
+                ClusterPool if is_cluster else functools.partial(RedisPool, require_primary=True)
+            )
+            return kind(
                 parsed,
                 size,
                 timeout=timeout,
@@ -402,7 +397,6 @@ class RedisStore:
                 max_inflight=max_inflight,
                 library=function_library(),
                 service_time=service_time,
-                require_primary=True,
                 failover_window=failover_window,
             )
 

@@ -3,19 +3,14 @@ memory, and that the proxy still serves (hardening: resource limits)."""
 
 from __future__ import annotations
 
-import re
 import resource
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support import ServerProcess, memcached_argv
+from tests.support import ServerProcess, memcached_argv, start_memshadow
 
-ROOT = Path(__file__).resolve().parents[2]
-STARTED = re.compile(r"listening on (\S+), memcached (\S+), admin http://(\S+), ")
 # Per connection the proxy holds two descriptors (the client's and its Memcached one); the
 # rest is listeners, the admin port, the probe, logs.
 SPARE_FDS = 200
@@ -60,21 +55,12 @@ def test_idle_connections_are_held_at_a_few_kilobytes_each(tmp_path: Path, count
     memcached.start()
     config = tmp_path / "memshadow.yaml"
     config.write_text(f"limits:\n  max_connections: {count + 10}\n", encoding="utf-8")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "--config", str(config), "--listen", "127.0.0.1:0",
-         "--admin", "127.0.0.1:0", "--memcached", str(memcached.address)],
-        cwd=ROOT, stderr=subprocess.PIPE, text=True, preexec_fn=_raise_fd_limit,
+    proc, port = start_memshadow(
+        "--config", str(config), "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+        "--memcached", str(memcached.address), preexec_fn=_raise_fd_limit,
     )  # fmt: skip
     held: list[socket.socket] = []
     try:
-        assert proc.stderr is not None
-        port = 0
-        for line in proc.stderr:
-            if match := STARTED.search(line):
-                port = int(match[1].rsplit(":", 1)[1])
-                break
-        assert port, "memshadow did not start"
-
         def connect(n: int) -> None:
             batch = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(n)]
             for sock in batch:

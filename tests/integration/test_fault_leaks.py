@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,8 +14,8 @@ from pathlib import Path
 from pymemcache.client.base import Client
 from pymemcache.exceptions import MemcacheError
 
-from tests.integration.test_connections_held import ROOT, STARTED, _rss_kb
-from tests.support import ServerProcess, memcached_argv, redis_argv
+from tests.integration.test_connections_held import _rss_kb
+from tests.support import ServerProcess, memcached_argv, redis_argv, start_memshadow
 
 ROUNDS = 4
 FD_SLACK = 6  # connections being redialled at the moment of a count
@@ -73,21 +71,14 @@ def test_repeated_faults_leak_nothing(tmp_path: Path) -> None:
         "  worker: process\n",
         encoding="utf-8",
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "--config", str(config), "--listen", "127.0.0.1:0",
-         "--admin", "127.0.0.1:0", "--memcached", str(memcached.address)],
-        cwd=ROOT, stderr=subprocess.PIPE, text=True,
+    proc, port = start_memshadow(
+        "--config", str(config), "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+        "--memcached", str(memcached.address),
     )  # fmt: skip
     stop = threading.Event()
     loaders: list[threading.Thread] = []
     try:
         assert proc.stderr is not None
-        port = 0
-        for line in proc.stderr:
-            if match := STARTED.search(line):
-                port = int(match[1].rsplit(":", 1)[1])
-                break
-        assert port, "memshadow did not start"
         threading.Thread(target=proc.stderr.read, daemon=True).start()  # the pipe never fills
         loaders = [threading.Thread(target=_load, args=(port, stop)) for _ in range(4)]
         for loader in loaders:

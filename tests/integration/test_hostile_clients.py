@@ -9,15 +9,14 @@ from __future__ import annotations
 import contextlib
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.test_connections_held import ROOT, STARTED, _rss_kb, _version
-from tests.support import ServerProcess, memcached_argv
+from tests.integration.test_connections_held import _rss_kb, _version
+from tests.support import ServerProcess, memcached_argv, start_memshadow
 
 VALUE = 512 * 1024
 """Each pipelined get asks for this much: 4,000 unread replies would be 2 GB."""
@@ -39,19 +38,11 @@ def proxy_process(tmp_path: Path) -> Iterator[Running]:
     memcached.start()
     config = tmp_path / "memshadow.yaml"
     config.write_text("limits:\n  max_connections: 2000\n", encoding="utf-8")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "--config", str(config), "--listen", "127.0.0.1:0",
-         "--admin", "127.0.0.1:0", "--memcached", str(memcached.address)],
-        cwd=ROOT, stderr=subprocess.PIPE, text=True,
+    proc, port = start_memshadow(
+        "--config", str(config), "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+        "--memcached", str(memcached.address),
     )  # fmt: skip
     try:
-        assert proc.stderr is not None
-        port = 0
-        for line in proc.stderr:
-            if match := STARTED.search(line):
-                port = int(match[1].rsplit(":", 1)[1])
-                break
-        assert port, "memshadow did not start"
         yield proc, port
     finally:
         proc.terminate()

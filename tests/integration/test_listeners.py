@@ -138,28 +138,29 @@ def test_two_listeners_a_hashing_client_and_one_shadow(
         proxy.settle(30)
         assert figures(proxy)["mismatches"] == {}
 
+        def in_step(listener: int) -> str:
+            """A key the hashing client sends to `listener`, written and read: in step."""
+            key = next(
+                k
+                for k in (f"probe:{listener}:{i}" for i in range(100))
+                if _home(router, proxy.ports, k) == listener
+            )
+            router.set(key, b"original", expire=3600)
+            router.get(key)
+            proxy.settle(30)
+            time.sleep(0.3)
+            return key
+
         # A key of the second backend changed behind the proxy: re-read there, a `value`
         # mismatch (re-read on the first backend, it would look missing instead).
-        key = next(
-            k for k in (f"probe:{i}" for i in range(100)) if _home(router, proxy.ports, k) == 1
-        )
-        router.set(key, b"original", expire=3600)
-        router.get(key)
-        proxy.settle(30)
-        time.sleep(0.3)
+        key = in_step(1)
         mc_call(memcached_b.port, b"set %s 0 3600 5\r\nother\r\n" % key.encode())
         router.get(key)
         _wait(lambda: any(k.endswith(":value") for k in figures(proxy)["mismatches"]))  # type: ignore[union-attr]
         proxy.settle(30)
         assert figures(proxy)["mismatches"] == {"get:value": 1}
         # A key of the first backend deleted in Redis: missing_in_redis.
-        key = next(
-            k for k in (f"probe:{i}" for i in range(100)) if _home(router, proxy.ports, k) == 0
-        )
-        router.set(key, b"original", expire=3600)
-        router.get(key)
-        proxy.settle(30)
-        time.sleep(0.3)
+        key = in_step(0)
         redis_call(redis_server.port, "DEL", key)
         router.get(key)
         _wait(lambda: "get:missing_in_redis" in figures(proxy)["mismatches"])  # type: ignore[operator]
