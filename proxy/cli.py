@@ -173,7 +173,7 @@ async def serve(config: Config, load: Callable[[], Config] | None = None) -> int
         metrics,
         control=shadow.control if shadow is not None else None,
         stats=shadow.stats if shadow is not None else None,
-        redis_execute=shadow.redis_execute() if shadow is not None else None,
+        redis_primaries=shadow.redis_primaries if shadow is not None else None,
         load=load,
         configure_logging=configure_logging,
     )

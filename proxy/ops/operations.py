@@ -23,7 +23,7 @@ from proxy.ops.autopilot import Autopilot
 from proxy.ops.control_api import ControlAPI, RedisInfo
 from proxy.ops.readiness import DEFAULT_TARGET, build_readiness, to_html
 from proxy.ops.reload import WATCH_INTERVAL, ConfigReloader
-from proxy.ops.report import parse_info
+from proxy.ops.report import merge_info, parse_info
 from proxy.ops.timeline import EMPTY_BUCKETS, Reading, Timeline, cumulative_to_buckets
 from proxy.shadow.control import ShadowControl
 from proxy.shadow.stats import ShadowStats
@@ -87,14 +87,25 @@ class OpsCollector(Collector):
         return [halted, halts, step, successful, success_at]
 
 
-def redis_info_from(execute: Callable[..., Awaitable[Any]]) -> RedisInfo:
-    """A RedisInfo over a client's ``execute(*args)`` (e.g. RedisConnection.execute)."""
+RedisPrimaries = Callable[[], list[Callable[..., Awaitable[Any]]]]
+"""The `execute(*args)` of one connection to each primary of the shadow's Redis (one for a
+single Redis, one per primary of a cluster), as they are now."""
+
+
+def redis_info_from(primaries: RedisPrimaries) -> RedisInfo:
+    """A RedisInfo over every primary: INFO memory and keyspace, summed over a cluster."""
 
     async def info() -> Mapping[str, str]:
-        fields: dict[str, str] = {}
-        for section in ("memory", "keyspace"):
-            fields.update(parse_info(await execute("INFO", section)))
-        return fields
+        executes = primaries()
+        if not executes:
+            raise RuntimeError("no Redis primary reached yet")
+        parts = []
+        for execute in executes:
+            fields: dict[str, str] = {}
+            for section in ("memory", "keyspace"):
+                fields.update(parse_info(await execute("INFO", section)))
+            parts.append(fields)
+        return merge_info(parts)
 
     return info
 
@@ -293,7 +304,7 @@ def install_ops(
     *,
     control: ShadowControl | None = None,
     stats: ShadowStats | None = None,
-    redis_execute: Callable[..., Awaitable[Any]] | None = None,
+    redis_primaries: RedisPrimaries | None = None,
     load: Callable[[], Config] | None = None,
     configure_logging: Callable[[LogConfig], None] | None = None,
 ) -> Operations:
@@ -306,7 +317,7 @@ def install_ops(
         stats=stats if stats is not None else ShadowStats(),
         metrics=metrics,
         load=load,
-        redis_info=redis_info_from(redis_execute) if redis_execute is not None else None,
+        redis_info=redis_info_from(redis_primaries) if redis_primaries is not None else None,
         configure_logging=configure_logging,
         shadow_running=control is not None,
     )

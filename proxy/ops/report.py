@@ -10,7 +10,8 @@ Poisson; the intervals below are 95% intervals of those two counts.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,6 +106,24 @@ def parse_keyspace(value: str) -> dict[str, int]:
         if number.strip().isdigit():
             fields[name.strip()] = int(number)
     return fields
+
+
+def merge_info(parts: Sequence[Mapping[str, str]]) -> dict[str, str]:
+    """INFO fields of several primaries (a Redis Cluster) as one server's: memory and
+    keyspace counts summed, anything else as the first primary says."""
+    merged: dict[str, str] = dict(parts[0]) if parts else {}
+    for name in ("used_memory", "used_memory_startup"):
+        values = [int(part[name]) for part in parts if part.get(name, "").isdigit()]
+        if values:
+            merged[name] = str(sum(values))
+    databases = {name for part in parts for name in part if re.fullmatch(r"db\d+", name)}
+    for name in databases:
+        totals: dict[str, int] = {}
+        for part in parts:
+            for field, number in parse_keyspace(part.get(name, "")).items():
+                totals[field] = totals.get(field, 0) + number
+        merged[name] = ",".join(f"{field}={number}" for field, number in totals.items())
+    return merged
 
 
 def memory_projection(info: Mapping[str, str], rate: float, db: int) -> dict[str, Any]:

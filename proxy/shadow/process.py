@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from proxy.memcache.request import Request
-from proxy.redis.client import RedisPool
+from proxy.redis.store import RedisStore
 from proxy.shadow.control import ControlChange, ShadowControl
 from proxy.shadow.examples import MismatchExamples
 from proxy.shadow.metrics import install_shadow_metrics
@@ -124,7 +124,14 @@ class ShadowProcess:
         self.examples = MismatchExamples.for_config(config)
         self.sampler = KeySampler(self.control)
         # One connection of the proxy's own for the operators' Redis INFO.
-        self._info = RedisPool(shadow.redis.to_url(), 1, timeout=shadow.redis_timeout)
+        # The proxy's own connection(s), one per primary, for the operators' Redis INFO.
+        self._info = RedisStore.from_url(
+            shadow.redis,
+            size=1,
+            timeout=shadow.redis_timeout,
+            cluster=shadow.redis_cluster,
+            connect_timeout=config.upstream_connect_timeout,
+        )
         self._config_blob = pickle.dumps(config)
         self._batch: list[Group] = []
         self._batch_items = 0
@@ -295,8 +302,8 @@ class ShadowProcess:
         transport = link.transport if link is not None else None
         return None if transport is None or transport.is_closing() else transport
 
-    def redis_execute(self) -> Callable[..., Awaitable[Any]]:
-        return self._info.connection_for(b"").execute
+    def redis_primaries(self) -> list[Callable[..., Awaitable[Any]]]:
+        return [conn.execute for conn in self._info.pool.primaries()]
 
     @property
     def worker_pid(self) -> int | None:

@@ -129,7 +129,9 @@ class ShadowService(Protocol):
 
     async def idle(self) -> None: ...
 
-    def redis_execute(self) -> Callable[..., Awaitable[Any]]: ...
+    def redis_primaries(self) -> list[Callable[..., Awaitable[Any]]]:
+        """One connection's execute(*args) to each Redis primary (the operators' INFO)."""
+        ...
 
 
 class Shadow:
@@ -179,13 +181,9 @@ class Shadow:
         """Wait until everything handed over has been judged (tests, shutdown)."""
         await self.dispatcher.idle()
 
-    def redis_execute(self) -> Callable[..., Awaitable[Any]]:
-        store = self.store
-
-        async def execute(*args: Any) -> Any:  # the pool changes once `auto` has decided
-            return await store.pool.connection_for(b"").execute(*args)
-
-        return execute
+    def redis_primaries(self) -> list[Callable[..., Awaitable[Any]]]:
+        # The store's pool changes once `auto` has decided: asked each time.
+        return [conn.execute for conn in self.store.pool.primaries()]
 
 
 def build_shadow(config: Config, metrics: ProxyMetrics) -> ShadowService:

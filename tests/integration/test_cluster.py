@@ -19,6 +19,7 @@ import hiredis
 import pytest
 
 from proxy.config import Config, RedisURL
+from proxy.ops.operations import redis_info_from
 from tests.integration.hammer import figures
 from tests.integration.test_shadow import redis_call
 from tests.integration.test_verdicts import hammer_gives_no_false_alarm
@@ -78,6 +79,10 @@ def test_the_hammer_on_a_cluster_gives_no_false_alarm(
         assert after["dropped"] == {}
         if worker_mode == "inline":
             assert proxy.shadow.store.is_cluster
+        # The operators' INFO covers every primary: the keys summed over the cluster.
+        info = proxy.run(redis_info_from(proxy.shadow.redis_primaries))
+        total = sum(int(redis_call(p.port, "DBSIZE")) for p in cluster.primaries())  # type: ignore[call-overload]
+        assert info["db0"].startswith(f"keys={total},")
     finally:
         proxy.stop()
     # The keys went to every primary: each holds some.

@@ -96,8 +96,7 @@ def test_ops_projection() -> None:
 
 def test_info_parsing() -> None:
     text = (
-        b"# Memory\r\nused_memory:123\r\nused_memory_human:123B\r\n\r\n"
-        b"# Keyspace\r\ndb0:keys=1\r\n"
+        b"# Memory\r\nused_memory:123\r\nused_memory_human:123B\r\n\r\n# Keyspace\r\ndb0:keys=1\r\n"
     )
     assert parse_info(text) == {"used_memory": "123", "used_memory_human": "123B", "db0": "keys=1"}
 
@@ -133,7 +132,7 @@ async def test_report_from_a_real_redis(redis_server: ServerProcess) -> None:
             control=control,
             stats=stats,
             metrics=metrics,
-            redis_info=redis_info_from(connection.execute),
+            redis_info=redis_info_from(lambda: [connection.execute]),
             environ={},
             clock=clock,
             handle_sighup=False,
@@ -165,7 +164,7 @@ async def test_report_when_redis_is_down() -> None:
     connection = RedisConnection("redis://127.0.0.1:1/0", connect_timeout=0.2)
     await connection.start()
     try:
-        info = redis_info_from(connection.execute)
+        info = redis_info_from(lambda: [connection.execute])
         metrics = ProxyMetrics()
         admin = AdminServer(HostPort("127.0.0.1", 0), metrics, ready=lambda: True)
         Operations(
@@ -201,3 +200,19 @@ def test_service_times_put_every_memcached_command_beside_redis_and_the_queueing
     assert times["redis"]["samples"] == 1 and times["redis"]["mean"] == pytest.approx(0.0004)
     assert times["p99_ratio"] == pytest.approx(times["redis"]["p99"] / times["memcached"]["p99"])
     assert times["shadow_queueing"]["samples"] == 1
+
+
+def test_info_of_a_cluster_s_primaries_is_summed() -> None:
+    from proxy.ops.report import merge_info
+
+    parts = [
+        {"used_memory": "1000", "used_memory_startup": "100", "db0": "keys=3,expires=1,avg_ttl=5",
+         "redis_version": "7.0.15"},
+        {"used_memory": "2000", "used_memory_startup": "100", "db0": "keys=4,expires=0,avg_ttl=0"},
+        {"used_memory": "500", "used_memory_startup": "100"},
+    ]  # fmt: skip
+    merged = merge_info(parts)
+    assert merged["used_memory"] == "3500" and merged["used_memory_startup"] == "300"
+    assert merged["db0"] == "keys=7,expires=1,avg_ttl=5"
+    assert merged["redis_version"] == "7.0.15"
+    assert merge_info([]) == {}

@@ -73,7 +73,7 @@ class Stack:
                 control=shadow.control,
                 stats=shadow.stats,
                 metrics=self.proxy.metrics,
-                redis_info=redis_info_from(shadow.redis_execute()),
+                redis_info=redis_info_from(shadow.redis_primaries),
                 environ={},
                 clock=self.clock,
                 handle_sighup=False,
