@@ -13,9 +13,9 @@ RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 RUN_PACKAGES := memcached redis-server
 # chromium + chromium-driver: the console's end-to-end test; prometheus: promtool for the
-# alert rules.
-TEST_PACKAGES := memcached redis-server libmemcached-tools nutcracker chromium chromium-driver \
-	prometheus
+# alert rules; redis-tools: redis-cli, which the Redis Cluster tests create clusters with.
+TEST_PACKAGES := memcached redis-server redis-tools libmemcached-tools nutcracker chromium \
+	chromium-driver prometheus
 LINT_PATHS := proxy tests $(wildcard bench)
 
 .PHONY: run test lint typecheck bench fuzz clean venv
