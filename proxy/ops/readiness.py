@@ -99,7 +99,8 @@ def _duration(seconds: float) -> str:
         return f"{seconds / 86400:.1f} days"
     if seconds >= 2 * 3600:
         return f"{seconds / 3600:.1f} hours"
-    return f"{seconds / 60:.0f} minutes"
+    minutes = round(seconds / 60)
+    return "1 minute" if minutes == 1 else f"{minutes} minutes"
 
 
 def per_step(history: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -111,3 +111,11 @@ async def test_the_api_serves_json_and_html() -> None:
         assert strict["ready"] is False
         bad = await env.get("/api/readiness?target=2")
         assert bad.status == 400 and "target" in bad.text
+
+
+def test_the_observed_period_reads_well() -> None:
+    from proxy.ops.readiness import _duration
+
+    assert [_duration(s) for s in (30, 60, 600, 3 * 3600, 6 * 86400)] == [
+        "0 minutes", "1 minute", "10 minutes", "3.0 hours", "6.0 days",
+    ]  # fmt: skip
