@@ -23,8 +23,9 @@ from proxy.ops.autopilot import Autopilot
 from proxy.ops.control_api import ControlAPI, RedisInfo
 from proxy.ops.readiness import DEFAULT_TARGET, build_readiness, to_html
 from proxy.ops.reload import WATCH_INTERVAL, ConfigReloader
-from proxy.ops.report import merge_info, parse_info
+from proxy.ops.report import merge_info
 from proxy.ops.timeline import EMPTY_BUCKETS, Reading, Timeline, cumulative_to_buckets
+from proxy.redis.client import parse_info
 from proxy.shadow.control import ShadowControl
 from proxy.shadow.stats import ShadowStats
 

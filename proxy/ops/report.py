@@ -219,16 +219,3 @@ def build_report(
         "interpolated within histogram buckets",
         "capacity": capacity,
     }
-
-
-def parse_info(reply: bytes | str) -> dict[str, str]:
-    """Redis INFO text (``field:value`` lines, ``# Section`` headers) as a dict."""
-    text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name, sep, value = line.partition(":")
-        if sep:
-            fields[name.strip()] = value.strip()
-    return fields

@@ -430,12 +430,23 @@ def _consume_result(future: asyncio.Future[Reply]) -> None:
         future.exception()
 
 
-def _info_fields(reply: Reply) -> dict[str, str]:
-    """An INFO reply's "name:value" lines."""
-    if not isinstance(reply, bytes):
+def parse_info(reply: Reply | str) -> dict[str, str]:
+    """Redis INFO text (``field:value`` lines, ``# Section`` headers) as a dict; {} for a
+    reply that is not text."""
+    if isinstance(reply, bytes):
+        text = reply.decode("utf-8", "replace")
+    elif isinstance(reply, str):
+        text = reply
+    else:
         return {}
-    text = reply.decode("utf-8", "replace")
-    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.partition(":")
+        if sep:
+            fields[name.strip()] = value.strip()
+    return fields
 
 
 def _ignore(reply: Reply, error: RedisError | None) -> None:
@@ -634,7 +645,7 @@ class RedisConnection:
                 except RedisReplyError as exc:
                     raise RedisReplyError(f"{_to_bytes(cmd[0]).decode()} failed: {exc}") from None
                 if cmd[0] == b"INFO":
-                    info = _info_fields(reply)
+                    info = parse_info(reply)
                     if info.get("role", "master") != "master":
                         raise NotPrimary(f"{url.host}:{url.port} is a replica, not a primary")
                     self.replication = (

@@ -45,6 +45,7 @@ from proxy.redis.client import (
     WritesLost,
     deliver,
     give_up,
+    parse_info,
     send_later,
 )
 from proxy.redis.errors import RedisError, RedisReplyError, RedisUnavailable
@@ -98,7 +99,7 @@ async def detect_cluster(url: RedisURL, timeout: float) -> bool:
         reply = await conn.execute(b"INFO", b"cluster")
     finally:
         await conn.close()
-    return isinstance(reply, bytes) and b"cluster_enabled:1" in reply
+    return parse_info(reply).get("cluster_enabled") == "1"
 
 
 class ClusterPool:
@@ -173,23 +174,13 @@ class ClusterPool:
         return key_slot(key)
 
     def primaries(self) -> list[RedisConnection]:
-        """One connection to each primary that owns slots."""
-        return [pool.connections[0] for pool in self._owning_pools()]
-
-    def _owning_pools(self) -> list[RedisPool]:
-        seen: dict[int, RedisPool] = {}
-        for pool in self._owners:
-            if pool is not None:
-                seen.setdefault(id(pool), pool)
-        return list(seen.values())
-
-    @property
-    def connections(self) -> list[RedisConnection]:
-        return [conn for pool in self._nodes.values() for conn in pool.connections]
+        """One connection to each primary that owns slots (the pools of `_nodes`: _install
+        keeps there exactly the primaries of the map)."""
+        return [pool.connections[0] for pool in self._nodes.values()]
 
     @property
     def is_connected(self) -> bool:
-        pools = self._owning_pools()
+        pools = self._nodes.values()
         return bool(pools) and self.map.uncovered() == 0 and all(p.is_connected for p in pools)
 
     # -- life cycle ----------------------------------------------------------------------
@@ -206,12 +197,6 @@ class ClusterPool:
             self._maintainer = asyncio.get_running_loop().create_task(
                 self._maintain(), name="redis-cluster-map"
             )
-        return self.is_connected
-
-    async def wait_connected(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while not self.is_connected and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
         return self.is_connected
 
     async def close(self) -> None:
@@ -266,7 +251,7 @@ class ClusterPool:
 
     async def _read_map(self) -> SlotMap:
         errors: list[str] = []
-        for pool in self._owning_pools():  # connected primaries first: the likeliest fresh
+        for pool in list(self._nodes.values()):  # connected primaries first: the likeliest fresh
             if pool.connections[0].is_connected:
                 try:
                     return await self._ask_map(pool.connections[0])

@@ -25,8 +25,8 @@ from proxy.redis.client import (
     RedisPool,
     Reply,
     ReplyCallback,
-    Retries,
     WritesLost,
+    parse_info,
 )
 from proxy.redis.cluster import ClusterPool, detect_cluster
 from proxy.redis.errors import RedisError, RedisProtocolError, RedisUnavailable
@@ -309,8 +309,6 @@ class _Undecided:
         self.url = url
         self.writes = WriteLog()
         self.on_writes_lost: WritesLost | None = None
-        self.retries = Retries()
-        self.connections: list[RedisConnection] = []
         self.is_connected = False
 
     def connection_for(self, key: bytes) -> RedisConnection:
@@ -325,9 +323,6 @@ class _Undecided:
     async def start(self) -> bool:
         return False
 
-    async def wait_connected(self, timeout: float) -> bool:
-        return False
-
     async def close(self) -> None:
         return None
 
@@ -340,7 +335,7 @@ class RedisStore:
 
     def __init__(
         self,
-        pool: RedisPool | ClusterPool,
+        pool: Pool,
         *,
         item_size_max: int = DEFAULT_ITEM_SIZE_MAX,
         slab_chunk_max: int = DEFAULT_SLAB_CHUNK_MAX,
@@ -402,14 +397,13 @@ class RedisStore:
 
         first = make_pool(mode is ClusterMode.ON) if mode is not ClusterMode.AUTO else None
         store = cls(
-            first or RedisPool(parsed, 1),
+            first if first is not None else _Undecided(parsed),
             item_size_max=item_size_max,
             slab_chunk_max=slab_chunk_max,
             key_prefix=key_prefix,
         )
         store._connect_timeout = connect_timeout
         if first is None:
-            store.pool = _Undecided(parsed)
             store._make_pool = make_pool
         return store
 
@@ -432,7 +426,8 @@ class RedisStore:
                 is_cluster = await detect_cluster(url, self._connect_timeout)
                 break
             except RedisError as exc:
-                log.warning("redis %s: cannot tell whether it is a cluster yet: %s", url, exc)
+                if delay == 0.1:  # once: the connect failures have their own summaries
+                    log.warning("redis %s: cannot tell whether it is a cluster yet: %s", url, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         if is_cluster and url.db:
@@ -654,13 +649,7 @@ class RedisStore:
         apart from real differences)."""
         primaries = self._primaries()
         replies = await asyncio.gather(*(conn.execute(b"INFO", b"stats") for conn in primaries))
-        evicted = 0
-        for reply in replies:
-            if isinstance(reply, bytes):
-                for line in reply.split(b"\r\n"):
-                    if line.startswith(b"evicted_keys:"):
-                        evicted += int(line.split(b":", 1)[1])
-        return evicted
+        return sum(int(parse_info(reply).get("evicted_keys", "0")) for reply in replies)
 
     async def flush(self) -> None:
         """flush_all without delay: FLUSHDB ASYNC on every primary, so the Redis DB (or the

@@ -20,6 +20,7 @@ import pytest
 
 from proxy.config import Config, RedisURL
 from proxy.ops.operations import redis_info_from
+from proxy.ops.report import parse_keyspace
 from tests.integration.hammer import figures
 from tests.integration.test_shadow import redis_call
 from tests.integration.test_verdicts import hammer_gives_no_false_alarm
@@ -79,10 +80,16 @@ def test_the_hammer_on_a_cluster_gives_no_false_alarm(
         assert after["dropped"] == {}
         if worker_mode == "inline":
             assert proxy.shadow.store.is_cluster
-        # The operators' INFO covers every primary: the keys summed over the cluster.
+
+        # The operators' INFO covers every primary: the keys summed over the cluster (read
+        # between two counts: keys with a 2 s TTL may expire meanwhile).
+        def keys() -> int:
+            return sum(int(redis_call(p.port, "DBSIZE")) for p in cluster.primaries())  # type: ignore[call-overload]
+
+        before = keys()
         info = proxy.run(redis_info_from(proxy.shadow.redis_primaries))
-        total = sum(int(redis_call(p.port, "DBSIZE")) for p in cluster.primaries())  # type: ignore[call-overload]
-        assert info["db0"].startswith(f"keys={total},")
+        after = keys()
+        assert after <= parse_keyspace(info["db0"])["keys"] <= before, (after, info, before)
     finally:
         proxy.stop()
     # The keys went to every primary: each holds some.
@@ -113,7 +120,12 @@ def test_a_slot_migration_under_load_keeps_the_verdict_clean(
         result = hammer_gives_no_false_alarm(
             proxy, memcached, lambda key: cluster_get(cluster, key), 10.0, reshard
         )
-        assert result["dropped"] == {}
+        # No replay given up over the migration's own refusals (MOVED, ASK, TRYAGAIN): each
+        # was followed. (Replays timed out by a stalled machine are dropped as everywhere.)
+        refused = {r: n for r, n in result["dropped"].items() if r.startswith("redis_")}  # type: ignore[attr-defined]
+        refused.pop("redis_down", None)
+        refused.pop("redis_busy", None)
+        assert refused == {}, result["dropped"]
         if worker_mode == "inline":
             pool = _pool(proxy)
             print(f"redirects followed: {pool.redirects}")  # type: ignore[attr-defined]

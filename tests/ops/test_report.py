@@ -17,11 +17,10 @@ from proxy.ops.report import (
     key_count_interval,
     memory_projection,
     ops_projection,
-    parse_info,
     poisson_interval,
     service_times,
 )
-from proxy.redis.client import RedisConnection
+from proxy.redis.client import RedisConnection, parse_info
 from proxy.shadow.control import ShadowControl
 from proxy.shadow.stats import ShadowStats
 from tests.ops.http import call
