@@ -9,11 +9,12 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from proxy import __version__
 from proxy.admin import AdminServer
@@ -31,7 +32,9 @@ from proxy.metrics import ProxyMetrics
 from proxy.runtime import configure_logging
 
 if TYPE_CHECKING:
+    from proxy.processes import ProxyProcesses
     from proxy.server import ProxyServer
+    from proxy.shadow.process import ShadowProcess
 
 log = logging.getLogger("memshadow")
 
@@ -56,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--redis", metavar="URL", help="shadow Redis, redis://HOST:PORT/DB")
     parser.add_argument("--sample-rate", metavar="F", help="fraction of keys to shadow, 0..1")
     parser.add_argument("--admin", metavar="HOST:PORT", help="HTTP admin/metrics endpoint")
+    parser.add_argument(
+        "--workers", metavar="N", help="proxy processes: a number, or auto (usable cores)"
+    )
     parser.add_argument(
         "--check-config", action="store_true", help="validate the configuration and exit"
     )
@@ -107,6 +113,7 @@ def config_loader(args: argparse.Namespace) -> Callable[[], Config]:
             redis=args.redis,
             sample_rate=args.sample_rate,
             admin=args.admin,
+            workers=args.workers,
         )
         return check_complete(config)
 
@@ -135,7 +142,9 @@ async def serve(config: Config, load: Callable[[], Config] | None = None) -> int
 
     loop = asyncio.get_running_loop()
     backends = config.backends
-    metrics = ProxyMetrics(listeners=[backend.label for backend in backends])
+    metrics = ProxyMetrics(
+        listeners=[backend.label for backend in backends], processes=config.workers
+    )
     # Replies to clients prove a Memcached alive: its probe then sends nothing.
     healths = [
         UpstreamHealth(
@@ -145,12 +154,13 @@ async def serve(config: Config, load: Callable[[], Config] | None = None) -> int
         )
         for backend in backends
     ]
+    processes: ProxyProcesses | None = None
     admin = AdminServer(
         config.admin.listen,
         metrics,
         ready=lambda: all(health.ready for health in healths),
         not_ready_reason=lambda: _not_ready(backends, healths),
-        readiness=lambda: _readiness(backends, healths),
+        readiness=lambda: _readiness(backends, healths, processes),
     )
     shadow = None
     hooks: dict[str, Any] = {}
@@ -166,6 +176,15 @@ async def serve(config: Config, load: Callable[[], Config] | None = None) -> int
         ProxyServer(config, metrics, health, index=index, **hooks)
         for index, health in enumerate(healths)
     ]
+    if config.workers > 1:
+        from proxy.processes import ProxyProcesses
+
+        processes = ProxyProcesses(
+            config,
+            metrics,
+            control=shadow.control if shadow is not None else None,
+            shadow=cast("ShadowProcess", shadow) if shadow is not None else None,
+        )
     # Runtime control API, console, audit, ramp and halt rules, hot reload.
     ops = install_ops(
         config,
@@ -201,13 +220,22 @@ async def serve(config: Config, load: Callable[[], Config] | None = None) -> int
         if shadow is not None:
             await shadow.start()
             cleanup.push_async_callback(shadow.stop)
-        for server in servers:
+        socks: list[socket.socket | None] = [None] * len(servers)
+        if processes is not None:
             try:
-                await server.start()
+                socks = list(processes.bind())
+            except OSError as exc:
+                log.error("cannot listen for clients: %s", exc)
+                return EXIT_RUNTIME_ERROR
+        for server, sock in zip(servers, socks, strict=True):
+            try:
+                await server.start(sock=sock)
             except OSError as exc:
                 log.error("cannot listen for clients on %s: %s", server.listener.listen, exc)
                 await _stop_all(servers, 0.0)
                 return EXIT_RUNTIME_ERROR
+        if processes is not None:
+            await processes.start()
         try:
             await admin.start()
         except OSError as exc:
@@ -221,7 +249,7 @@ async def serve(config: Config, load: Callable[[], Config] | None = None) -> int
         await ops.start()
         cleanup.push_async_callback(ops.stop)
         log.info(
-            "memshadow %s listening on %s, admin http://%s, %s (config: %s)",
+            "memshadow %s listening on %s, admin http://%s, %s%s (config: %s)",
             __version__,
             "; ".join(
                 f"{HostPort(*server.listen_address)}, memcached {server.listener.memcached}"
@@ -229,12 +257,15 @@ async def serve(config: Config, load: Callable[[], Config] | None = None) -> int
             ),
             HostPort(*admin.address),
             _describe_shadow(config),
+            f", {config.workers} proxy processes" if config.workers > 1 else "",
             config.source,
         )
         await stop_requested.wait()
         started = time.monotonic()
-        if not await _stop_unless_forced(_stop_all(servers, config.shutdown_timeout), force):
-            await _stop_all(servers, 0.0)  # a zero grace period aborts whatever is still open
+        stopping = _stop_all(servers, config.shutdown_timeout, processes)
+        if not await _stop_unless_forced(stopping, force):
+            # a zero grace period aborts whatever is still open
+            await _stop_all(servers, 0.0, processes)
             return EXIT_RUNTIME_ERROR
         log.info("stopped after %.2fs", time.monotonic() - started)
     return EXIT_OK
@@ -255,8 +286,14 @@ async def _stop_unless_forced(graceful_stop: Awaitable[None], force: asyncio.Eve
     return False
 
 
-async def _stop_all(servers: list[ProxyServer], timeout: float) -> None:
-    await asyncio.gather(*(server.stop(timeout) for server in servers))
+async def _stop_all(
+    servers: list[ProxyServer], timeout: float, processes: ProxyProcesses | None = None
+) -> None:
+    """Drain every listener of this process, and the other proxy processes, at once."""
+    stops = [server.stop(timeout) for server in servers]
+    if processes is not None:
+        stops.append(processes.stop(timeout))
+    await asyncio.gather(*stops)
 
 
 def _not_ready(backends: tuple[ListenerConfig, ...], healths: list[UpstreamHealth]) -> str:
@@ -270,9 +307,14 @@ def _not_ready(backends: tuple[ListenerConfig, ...], healths: list[UpstreamHealt
 
 
 def _readiness(
-    backends: tuple[ListenerConfig, ...], healths: list[UpstreamHealth]
+    backends: tuple[ListenerConfig, ...],
+    healths: list[UpstreamHealth],
+    processes: ProxyProcesses | None = None,
 ) -> dict[str, Any]:
-    """/readyz as JSON: the whole answer, and each listener's Memcached."""
+    """/readyz as JSON: the whole answer, each listener's Memcached, and (workers: N) the
+    other proxy processes (one that restarts leaves the others serving: not a reason to be
+    unready)."""
+    extra = {"processes": processes.describe()} if processes is not None else {}
     return {
         "ready": all(health.ready for health in healths),
         "listeners": [
@@ -285,6 +327,7 @@ def _readiness(
             }
             for backend, health in zip(backends, healths, strict=True)
         ],
+        **extra,
     }
 
 

@@ -3,10 +3,12 @@ file, line and key of every mistake, and the command-line flags that override th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import ipaddress
 import math
+import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -320,6 +322,40 @@ def _positive_int(node: Node) -> int:
     if isinstance(node, ScalarNode) and node.tag == _INT_TAG and (value := _scalar(node)) > 0:
         return int(value)
     raise InvalidValue(f"must be a whole number above zero, got {_describe(node)}")
+
+
+MAX_WORKERS = 64
+"""Proxy processes one memshadow runs at most (sessions carry the process's index in
+PROCESS_BITS bits)."""
+PROCESS_BITS = 6
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask: what a container's cpuset
+    allows), not the host's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _workers(node: Node) -> int:
+    """A number of proxy processes from 1 to MAX_WORKERS, or auto (the usable cores)."""
+    if isinstance(node, ScalarNode) and node.tag in (_STR_TAG, _INT_TAG):
+        with contextlib.suppress(InvalidValue):
+            return _flag_workers(node.value)
+    raise InvalidValue(
+        f"must be auto or a whole number from 1 to {MAX_WORKERS}, got {_describe(node)}"
+    )
+
+
+def _flag_workers(text: str) -> int:
+    text = text.strip()
+    if text.lower() == "auto":
+        return min(MAX_WORKERS, usable_cores())
+    if text.isdigit() and 1 <= int(text) <= MAX_WORKERS:
+        return int(text)
+    raise InvalidValue(f"must be auto or a whole number from 1 to {MAX_WORKERS}, got {text!r}")
 
 
 def _niceness(node: Node) -> int:
@@ -749,6 +785,9 @@ class Config:
         metadata={**_section_of(AdminConfig), "shorthand": _admin_shorthand},
     )
     shadow: ShadowConfig = field(default_factory=ShadowConfig, metadata=_section_of(ShadowConfig))
+    # Proxy processes sharing the listen addresses (SO_REUSEPORT), each on one core, and as
+    # many shadow workers, each judging the keys of its shard. auto: the usable cores.
+    workers: int = field(default=1, metadata=_parsed_by(_workers))
     limits: LimitsConfig = field(default_factory=LimitsConfig, metadata=_section_of(LimitsConfig))
     upstream_connect_timeout: float = field(
         default=2.0, metadata=_parsed_by(_seconds_parser(allow_zero=False))
@@ -765,6 +804,24 @@ class Config:
         return self.listeners or (ListenerConfig(self.listen, self.memcached),)
 
 
+def _check_config(config: Config) -> None:
+    _check_listeners(config)
+    if config.workers > 1 and config.shadow.worker == "inline":
+        raise _Conflict(
+            ("workers", "shadow.worker"),
+            "shadow.worker: inline replays on each proxy process's own loop, but with several "
+            "processes a key's operations must reach one shadow engine: use "
+            "shadow.worker: process (the default) or workers: 1",
+        )
+    if config.workers > 1 and config.shadow.replay_flush_all:
+        raise _Conflict(
+            ("workers", "shadow.replay_flush_all"),
+            "shadow.replay_flush_all needs workers: 1 (with several shadow workers a flush "
+            "replayed by one would land between the others' writes); a flush_all then makes "
+            "every key cold instead",
+        )
+
+
 def _check_listeners(config: Config) -> None:
     defaults = Config()
     if config.listeners and (
@@ -779,7 +836,7 @@ def _check_listeners(config: Config) -> None:
 # Checks that involve several options of one section, run after the section is built.
 _SECTION_CHECKS: dict[type[Any], Callable[[Any], None]] = {
     LimitsConfig: _check_limits,
-    Config: _check_listeners,
+    Config: _check_config,
 }
 
 
@@ -954,6 +1011,7 @@ def apply_overrides(
     redis: str | None = None,
     sample_rate: str | float | None = None,
     admin: str | None = None,
+    workers: str | None = None,
 ) -> Config:
     """Return config with command-line values in place of the file's. Values are the raw flag
     text; a bad one raises ConfigError whose key is the flag (``--sample-rate``). An empty
@@ -976,6 +1034,8 @@ def apply_overrides(
         changes["admin"] = dataclasses.replace(
             config.admin, listen=flag("--admin", _flag_host_port(allow_port_zero=True), admin)
         )
+    if workers is not None:
+        changes["workers"] = flag("--workers", _flag_workers, workers)
     shadow = config.shadow
     if redis is not None:
         parsed = flag("--redis", RedisURL.parse, redis) if redis.strip() else None

@@ -153,6 +153,35 @@ class RequestStats:
             stats = self._commands[command]
             yield command, stats.cumulative(), stats.total
 
+    def state(self) -> RequestState:
+        """The figures as plain data (another proxy process sends them: workers: N)."""
+        return {command: (list(h.buckets), h.total) for command, h in self._commands.items()}
+
+    def load(self, state: RequestState) -> None:
+        """Show exactly these figures (another process's, mirrored)."""
+        self._commands = {
+            command: LatencyHistogram(buckets, total)
+            for command, (buckets, total) in list(state.items())[:MAX_COMMANDS]
+        }
+
+
+RequestState = dict[str, tuple[list[int], float]]
+"""RequestStats as plain data: command -> (bucket counts, not cumulative; sum of seconds)."""
+
+
+def add_request_states(a: RequestState, b: RequestState) -> RequestState:
+    total = dict(a)
+    for command, (buckets, seconds) in b.items():
+        known = total.get(command)
+        if known is None:
+            total[command] = (list(buckets), seconds)
+        else:
+            total[command] = (
+                [x + y for x, y in zip(known[0], buckets, strict=True)],
+                known[1] + seconds,
+            )
+    return total
+
 
 class RequestTotals:
     """The RequestStats of several listeners read as one (what the guards, the reports and
@@ -160,7 +189,7 @@ class RequestTotals:
 
     __slots__ = ("_parts",)
 
-    def __init__(self, parts: Sequence[RequestStats]) -> None:
+    def __init__(self, parts: Sequence[RequestStats | RequestTotals]) -> None:
         self._parts = tuple(parts)
 
     def total(self) -> int:
@@ -191,7 +220,7 @@ class _RequestCollector(Collector):
     """Exports each listener's RequestStats at scrape time as memshadow_requests_total and
     memshadow_request_duration_seconds, labelled by command and listener."""
 
-    def __init__(self, listeners: dict[str, RequestStats]) -> None:
+    def __init__(self, listeners: dict[str, RequestFigures]) -> None:
         self._listeners = listeners
 
     def _families(self) -> tuple[CounterMetricFamily, HistogramMetricFamily]:
@@ -233,19 +262,40 @@ class ProxyMetrics:
     """
 
     def __init__(
-        self, *, version: str = __version__, listeners: Sequence[str] = (DEFAULT_LISTENER,)
+        self,
+        *,
+        version: str = __version__,
+        listeners: Sequence[str] = (DEFAULT_LISTENER,),
+        processes: int = 1,
     ) -> None:
         """listeners: the labels of the listeners (config.backends); each gets its own
-        request figures (requests_for), and `requests` reads them all together."""
+        request figures (requests_for), and `requests` reads them all together.
+        processes: with workers: N, the figures of the N-1 other proxy processes are
+        mirrored here (`remote`) and every metric of the client path is their sum."""
         self.registry = CollectorRegistry()
         self.listeners = {label: RequestStats() for label in listeners}
-        parts = list(self.listeners.values())
+        # remote[i][label]: proxy process i+1's figures, as it last reported them.
+        self.remote = [
+            {label: RequestStats() for label in listeners} for _ in range(processes - 1)
+        ]
+        shown: dict[str, RequestFigures] = {
+            label: RequestTotals([local, *(r[label] for r in self.remote)])
+            if self.remote
+            else local
+            for label, local in self.listeners.items()
+        }
+        parts = list(shown.values())
         self.requests: RequestFigures = parts[0] if len(parts) == 1 else RequestTotals(parts)
-        self.registry.register(_RequestCollector(self.listeners))
+        self.registry.register(_RequestCollector(shown))
+        self.connections = 0  # client connections of this process
+        self.remote_connections = [0] * (processes - 1)
         self._client_connections = Gauge(
             "memshadow_client_connections",
             "Client connections open now.",
             registry=self.registry,
+        )
+        self._client_connections.set_function(
+            lambda: self.connections + sum(self.remote_connections)
         )
         self._upstream_errors = Counter(
             "memshadow_upstream_errors",
@@ -289,10 +339,10 @@ class ProxyMetrics:
         return stats
 
     def client_opened(self) -> None:
-        self._client_connections.inc()
+        self.connections += 1
 
     def client_closed(self) -> None:
-        self._client_connections.dec()
+        self.connections -= 1
 
     def closed_by_proxy(self, reason: str) -> None:
         self._closed_by_proxy.labels(reason).inc()
@@ -302,6 +352,36 @@ class ProxyMetrics:
 
     def unframed(self, reason: str) -> None:
         self._unframed.labels(reason).inc()
+
+    def counters(self) -> dict[str, dict[str, float]]:
+        """The connection-level counters by label value (another process sends them)."""
+        values: dict[str, dict[str, float]] = {}
+        for name, metric in self._labelled_counters().items():
+            values[name] = {
+                next(iter(sample.labels.values())): sample.value
+                for family in metric.collect()
+                for sample in family.samples
+                if sample.name.endswith("_total")
+            }
+        return values
+
+    def add_counters(self, deltas: dict[str, dict[str, float]]) -> None:
+        """Add another process's increments to the connection-level counters."""
+        metrics = self._labelled_counters()
+        for name, values in deltas.items():
+            metric = metrics.get(name)
+            if metric is None:
+                continue
+            for label, amount in values.items():
+                if amount > 0:
+                    metric.labels(label).inc(amount)
+
+    def _labelled_counters(self) -> dict[str, Counter]:
+        return {
+            "upstream_errors": self._upstream_errors,
+            "closed_by_proxy": self._closed_by_proxy,
+            "unframed": self._unframed,
+        }
 
     def render(self) -> bytes:
         """The registry in the Prometheus text exposition format (version 0.0.4)."""

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
-from proxy.config import LISTENER_BITS
+from proxy.config import LISTENER_BITS, PROCESS_BITS
 from proxy.memcache.request import Expect, FramingLimits, Request, RequestFramer
 from proxy.memcache.response import ResponseFramer
 
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("memshadow.server")
 _session_numbers = itertools.count(1)
+LISTEN_BACKLOG = 1024
 TOO_MANY_CONNECTIONS = b"ERROR Too many open connections\r\n"  # memcached's, past its -c
 
 # Why the client side of a session is not being read (a bit each).
@@ -38,8 +39,10 @@ _PAUSE_CONNECTING = 4  # the upstream connection is not up yet
 
 # Called with the sampled (captured) requests completed by one reply chunk, in Memcached's
 # reply order, and the number of the client session they came from. Session numbers are
-# unique in the process; their low LISTENER_BITS bits are the listener's index
-# (config.backends), so the shadow knows which Memcached a key lives on.
+# unique in the memshadow; their low LISTENER_BITS bits are the listener's index
+# (config.backends), so the shadow knows which Memcached a key lives on, and the next
+# PROCESS_BITS say which of the `workers` processes serves the session.
+_TAG_BITS = LISTENER_BITS + PROCESS_BITS
 ReplyObserver = Callable[[list[Request], int], None]
 CaptureDecider = Callable[[Request], bool]
 
@@ -124,7 +127,7 @@ class ClientSession(asyncio.Protocol):
         self._connect_task: asyncio.Task[None] | None = None
         self._unframed_reported = False
         self._early: list[bytes] = []
-        self.number = next(_session_numbers) << LISTENER_BITS | proxy.index
+        self.number = next(_session_numbers) << _TAG_BITS | proxy.tag
         # Chunks received either way; the idle sweep (ProxyServer) sees whether it moved.
         # Two increments a request, ~35 ns each (timeit): 0.15% of the client path's CPU.
         self.activity = 0
@@ -352,11 +355,14 @@ class ProxyServer:
         capture: CaptureDecider | None = None,
         observer: ReplyObserver | None = None,
         index: int = 0,
+        process: int = 0,
     ) -> None:
         """index: which of config.backends this server listens for (its listen address and
-        its Memcached); health: that Memcached's."""
+        its Memcached); health: that Memcached's; process: which of the `workers` this
+        process is."""
         self.config = config
         self.index = index
+        self.tag = process << LISTENER_BITS | index
         self.listener: ListenerConfig = config.backends[index]
         self.metrics = metrics
         self.requests = metrics.requests_for(self.listener.label)
@@ -377,12 +383,22 @@ class ProxyServer:
         assert self._address is not None, "start() first"
         return self._address
 
-    async def start(self) -> None:
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Listen on the configured address, or on `sock` (already bound: workers: N)."""
         loop = asyncio.get_running_loop()
         listen = self.listener.listen
-        self._server = await loop.create_server(
-            lambda: ClientSession(self), listen.host, listen.port, reuse_address=True, backlog=1024
-        )
+        if sock is not None:
+            self._server = await loop.create_server(
+                lambda: ClientSession(self), sock=sock, backlog=LISTEN_BACKLOG
+            )
+        else:
+            self._server = await loop.create_server(
+                lambda: ClientSession(self),
+                listen.host,
+                listen.port,
+                reuse_address=True,
+                backlog=LISTEN_BACKLOG,
+            )
         host, port = self._server.sockets[0].getsockname()[:2]
         self._address = (str(host), int(port))
         timeout = self.config.limits.idle_timeout

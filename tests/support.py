@@ -177,7 +177,10 @@ class ProxyThread:
         from proxy.metrics import ProxyMetrics
 
         self.config = config
-        self.metrics = ProxyMetrics(listeners=[backend.label for backend in config.backends])
+        self.metrics = ProxyMetrics(
+            listeners=[backend.label for backend in config.backends], processes=config.workers
+        )
+        self.processes: Any = None  # workers: N: the extra proxy processes
         self._server_kwargs = server_kwargs
         self._use_uvloop = use_uvloop
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -226,8 +229,21 @@ class ProxyThread:
                 for index in range(len(self.config.backends))
             ]
             self.server = self.servers[0]
-            for server in self.servers:
-                await server.start()
+            socks: list[Any] = [None] * len(self.servers)
+            if self.config.workers > 1:
+                from proxy.processes import ProxyProcesses
+
+                self.processes = ProxyProcesses(
+                    self.config,
+                    self.metrics,
+                    self.shadow.control if self.shadow is not None else None,
+                    self.shadow,
+                )
+                socks = self.processes.bind()
+            for server, sock in zip(self.servers, socks, strict=True):
+                await server.start(sock=sock)
+            if self.processes is not None:
+                await self.processes.start()
         except BaseException as exc:  # surfaced in start()
             self._error = exc
             self._ready.set()
@@ -236,6 +252,8 @@ class ProxyThread:
         await self._stop.wait()
         for server in self.servers:
             await server.stop(self.config.shutdown_timeout)
+        if self.processes is not None:
+            await self.processes.stop(self.config.shutdown_timeout)
         if self.shadow is not None:
             await self.shadow.stop()
 
@@ -254,9 +272,15 @@ class ProxyThread:
         return asyncio.run_coroutine_threadsafe(coro_fn(), self.loop).result(timeout)
 
     def settle(self, timeout: float = 30.0) -> None:
-        """Wait until the shadow has judged everything handed to it."""
-        if self.shadow is not None:
-            self.run(lambda: asyncio.wait_for(self.shadow.idle(), timeout), timeout + 1)
+        """Wait until the shadow has judged everything handed to it (workers: N: also what
+        the other proxy processes handed over, and their figures reported)."""
+        if self.shadow is None:
+            return
+        if self.processes is not None:
+            time.sleep(0.2)  # their last batches and ticks reach the shadow workers
+        self.run(lambda: asyncio.wait_for(self.shadow.idle(), timeout), timeout + 1)
+        if self.processes is not None:
+            time.sleep(1.5)  # proxy.processes.REPORT_INTERVAL: their figures reach us
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """Run fn on the proxy's loop and return its result."""

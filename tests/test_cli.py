@@ -308,7 +308,7 @@ class ProxyServer:
         self.listener = config.backends[index]
         print(f"health={type(health).__name__}", flush=True)
 
-    async def start(self):
+    async def start(self, sock=None):
         listen = self.listener.listen
         self._server = await asyncio.start_server(
             lambda r, w: w.close(), listen.host, listen.port

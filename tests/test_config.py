@@ -717,3 +717,41 @@ def test_listeners_exclude_listen_and_memcached(tmp_path: Path) -> None:
     text = "memcached: 10.0.0.9:11211\nlisteners:\n  - {listen: 127.0.0.1:1, memcached: a:1}\n"
     err = error_of(tmp_path, text)
     assert "either listeners" in str(err)
+
+
+# --- workers ---------------------------------------------------------------------------------
+
+
+def test_workers_take_a_number_or_auto(tmp_path: Path) -> None:
+    from proxy.config import usable_cores
+
+    path = tmp_path / "w.yaml"
+    path.write_text("workers: 3\n")
+    assert load_config(str(path)).workers == 3
+    path.write_text("workers: auto\n")
+    assert load_config(str(path)).workers == min(64, usable_cores())
+    assert load_config(None).workers == 1
+
+
+@pytest.mark.parametrize("value", ["0", "65", "two", "1.5", "-1"])
+def test_workers_out_of_range_are_named(tmp_path: Path, value: str) -> None:
+    err = error_of(tmp_path, f"workers: {value}\n")
+    assert err.key == "workers"
+    assert "auto or a whole number from 1 to 64" in err.problem
+
+
+def test_workers_refuse_an_inline_shadow_and_a_replayed_flush(tmp_path: Path) -> None:
+    err = error_of(tmp_path, "workers: 2\nshadow:\n  worker: inline\n")
+    assert err.key == "workers" and "shadow.worker: process" in err.problem
+    err = error_of(tmp_path, "workers: 2\nshadow:\n  replay_flush_all: true\n")
+    assert err.key == "workers" and "replay_flush_all needs workers: 1" in err.problem
+
+
+def test_the_workers_flag_overrides_the_file(tmp_path: Path) -> None:
+    from proxy.config import apply_overrides
+
+    config = apply_overrides(load_config(write(tmp_path, "workers: 3\n")), workers="2")
+    assert config.workers == 2
+    with pytest.raises(ConfigError) as info:
+        apply_overrides(config, workers="0")
+    assert info.value.key == "--workers"

@@ -249,3 +249,28 @@ def test_request_stats_observe_is_latency_histogram_observe() -> None:
         hist.observe(seconds)
     ((_, cumulative, total),) = stats.snapshot()
     assert (cumulative, total) == (hist.cumulative(), hist.total)
+
+
+def test_other_processes_figures_are_added_to_every_client_path_metric() -> None:
+    """workers: N: the extra processes' figures, mirrored, are summed with this one's."""
+    metrics = ProxyMetrics(listeners=["a", "b"], processes=3)
+    metrics.requests_for("a").observe("get", 0.0001)
+    metrics.client_opened()
+    other = ProxyMetrics(listeners=["a", "b"])
+    for _ in range(4):
+        other.requests_for("a").observe("get", 0.002)
+    other.requests_for("b").observe("set", 0.002)
+    other.upstream_error("connect")
+    other.upstream_error("connect")
+    metrics.remote[0]["a"].load(other.requests_for("a").state())
+    metrics.remote[0]["b"].load(other.requests_for("b").state())
+    metrics.remote_connections[1] = 5
+    metrics.add_counters(other.counters())
+    text = metrics.render().decode()
+    assert 'memshadow_requests_total{command="get",listener="a"} 5.0' in text
+    assert 'memshadow_requests_total{command="set",listener="b"} 1.0' in text
+    assert "memshadow_client_connections 6.0" in text
+    assert 'memshadow_upstream_errors_total{kind="connect"} 2.0' in text
+    assert metrics.requests.total() == 6
+    assert metrics.requests_for("a").total() == 1  # what this process's client path writes
+    assert other.counters()["upstream_errors"] == {"connect": 2.0}

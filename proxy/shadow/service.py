@@ -18,6 +18,7 @@ from proxy.shadow.control import ShadowControl
 from proxy.shadow.dispatcher import DispatcherSettings, ExampleSink, ShadowDispatcher
 from proxy.shadow.examples import MismatchExamples
 from proxy.shadow.mcreader import MemcachedReader, MemcachedUnavailable
+from proxy.shadow.merge import shard_of
 from proxy.shadow.metrics import install_shadow_metrics
 from proxy.shadow.process import ShadowProcess
 from proxy.shadow.sampler import KeySampler
@@ -40,7 +41,10 @@ class ShadowEngine:
         control: ShadowControl,
         examples: ExampleSink | None,
         ticked: bool = False,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
+        """shard: (this engine's shard, shards): with several, it judges only the keys of
+        its own (merge.shard_of) and ignores the rest of a multi-key request."""
         shadow = config.shadow
         if shadow.redis is None:
             raise ValueError("the shadow needs shadow.redis")
@@ -69,7 +73,7 @@ class ShadowEngine:
             store=self.store,
             reader=self.readers,
             control=control,
-            sampled=self.sampler.sampled,
+            sampled=_owned(self.sampler, *shard),
             stats=stats,
             settings=DispatcherSettings(
                 queue_size=shadow.queue_size,
@@ -110,6 +114,13 @@ class ShadowEngine:
         await self.store.close()
         for reader in self.readers:
             await reader.close()
+
+
+def _owned(sampler: KeySampler, shard: int, shards: int) -> Callable[[bytes], bool]:
+    if shards == 1:
+        return sampler.sampled
+    sampled = sampler.sampled
+    return lambda key: sampled(key) and shard_of(key, shards) == shard
 
 
 class ShadowService(Protocol):

@@ -6,9 +6,13 @@ same interpreter and code, and marshal is the cheapest C-level encoder of tuples
 str and numbers). A message is a tuple whose first item names it:
 
 proxy -> worker
-    ("start", config_pickle, rate, enabled, nice)   first frame: the Config to run with
-                                        (pickled: it only ever comes from the proxy process
-                                        that started the worker, over a private socketpair)
+    ("start", config_pickle, rate, enabled, nice, shard, shards, token, since)
+                                        first frame: the Config to run with (pickled: it
+                                        only ever comes from the proxy process that started
+                                        the worker, over a private socketpair); which shard
+                                        of how many it judges; the token other proxy
+                                        processes' feeds must show; the time from which on
+                                        the proxy hands it what it observes
     ("batch", groups, sent_at)          observed requests; groups of (session, replied_at,
                                         [request tuple, ...]), see pack_request; sent_at:
                                         everything observed before it is in this frame or
@@ -21,12 +25,17 @@ proxy -> worker
     ("idle", token)                     answer ("idle", token) once everything is judged
     ("stop", timeout)                   finish (within timeout) and exit
 
+another proxy process -> worker (workers: N; on the worker's feed socket)
+    ("hello", token, since)             then batch, tick, lost and epoch as above
+
 worker -> proxy
     ("stats", state, received)          ShadowStats as plain data (see stats_state), and how
                                         many requests it has taken from batches so far
     ("example", kind, command, key, memcached, redis, detail, story)   one mismatch example
     ("idle", token)
-    ("ready",)                          replaying (Redis and Memcached contacted or retrying)
+    ("ready", feed_address)             replaying (Redis and Memcached contacted or
+                                        retrying); where other proxy processes feed it
+                                        (None with one shard)
 
 Times in requests are time.perf_counter() values of the proxy process: on Linux that is
 CLOCK_MONOTONIC, one clock for every process of the host, so the worker can compare them

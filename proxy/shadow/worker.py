@@ -13,13 +13,16 @@ import contextlib
 import logging
 import os
 import pickle
+import secrets
 import signal
 import socket
+import struct
 import sys
 import time
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from proxy.shadow.control import ShadowControl
+from proxy.shadow.merge import Group, Merger
 from proxy.shadow.stats import ShadowStats
 from proxy.shadow.wire import FrameDecoder, WireError, encode, stats_state, unpack_request
 
@@ -29,6 +32,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("memshadow.shadow")
 
 STATS_INTERVAL: Final = 0.5
+RELEASE_INTERVAL: Final = 0.05
+"""With several proxy processes: how often the merge is looked at without a message (so a
+proxy that stopped ticking holds the others back for merge.Merger's stall at most)."""
+LATE: Final = "late_handoff"
+"""Drop reason: another proxy process's requests came after later ones had been replayed
+(it was stalled): their keys turn cold instead of being replayed out of order."""
 
 
 class WorkerSession(asyncio.Protocol):
@@ -48,6 +57,11 @@ class WorkerSession(asyncio.Protocol):
         self._stopping = False
         self._examples_per_kind = 20
         self._example_windows: dict[str, tuple[float, int]] = {}
+        # workers: N: the other proxy processes' streams, interleaved in reply order.
+        self.merger: Merger | None = None
+        self.feed_token = ""
+        self._feed_server: asyncio.AbstractServer | None = None
+        self._feeds = 0
 
     # -- socket -------------------------------------------------------------------------
 
@@ -85,13 +99,18 @@ class WorkerSession(asyncio.Protocol):
         if kind == "batch":
             if engine is None:  # never: "start" comes first, and a failed start exits
                 return
+            if self.merger is not None:
+                self.feed(0, message)
+                return
             observe = engine.dispatcher.observe
             for session, replied_at, items in message[1]:
                 self.received += len(items)
                 observe([unpack_request(item) for item in items], session, replied_at=replied_at)
             engine.dispatcher.tick(message[2])
         elif kind == "tick":
-            if engine is not None:
+            if self.merger is not None:
+                self.feed(0, message)
+            elif engine is not None:
                 engine.dispatcher.tick(message[1])
         elif kind == "lost":
             if engine is not None:
@@ -112,7 +131,19 @@ class WorkerSession(asyncio.Protocol):
         else:
             log.warning("shadow worker: unknown message %r", kind)
 
-    def _start(self, config_blob: bytes, rate: float, enabled: bool, nice: int) -> None:
+    def _start(
+        self,
+        config_blob: bytes,
+        rate: float,
+        enabled: bool,
+        nice: int,
+        shard: int = 0,
+        shards: int = 1,
+        token: str = "",
+        since: float = 0.0,
+    ) -> None:
+        """since: the proxy's perf_counter time when it began handing requests over (the
+        start of its stream: with several proxies, the merge waits for nothing earlier)."""
         from proxy.runtime import configure_logging, tune_gc
         from proxy.shadow.service import ShadowEngine
 
@@ -125,7 +156,7 @@ class WorkerSession(asyncio.Protocol):
             self.control = ShadowControl(rate, enabled)
             self._examples_per_kind = config.shadow.examples_per_kind
             self.engine = ShadowEngine(
-                config, self.stats, self.control, self._example, ticked=True
+                config, self.stats, self.control, self._example, ticked=True, shard=(shard, shards)
             )
         except Exception:
             log.exception("shadow worker: cannot start")
@@ -133,8 +164,19 @@ class WorkerSession(asyncio.Protocol):
             return
         tune_gc()
         self._spawn(self._report())
-        task = self._spawn(self.engine.start())
+        if shards > 1:
+            self.merger = Merger()
+            self.merger.open(0, since)
+            self.feed_token = token
+            self._spawn(self._merge_clock())
+        task = self._spawn(self._begin(shard))
         task.add_done_callback(self._started)
+
+    async def _begin(self, shard: int) -> None:
+        assert self.engine is not None
+        await self.engine.start()
+        if self.merger is not None:
+            self._feed_server = await _listen_for_feeds(self, shard)
 
     def _started(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
@@ -143,7 +185,71 @@ class WorkerSession(asyncio.Protocol):
             log.error("shadow worker: cannot start", exc_info=task.exception())
             self._fail()
             return
-        self._send(("ready",))
+        address = None
+        if self._feed_server is not None:
+            address = _address_of(self._feed_server)
+        self._send(("ready", address))
+
+    # -- workers: N: every proxy process's stream, merged -----------------------------------
+
+    def feed_opened(self, since: float) -> int:
+        """A proxy process's feed joined, handing over what it observes from `since` on;
+        its stream number."""
+        assert self.merger is not None
+        self._feeds += 1
+        self.merger.open(self._feeds, since)
+        return self._feeds
+
+    def feed_closed(self, stream: int) -> None:
+        if self.merger is not None:
+            self.merger.close(stream)
+            self._release()
+
+    def feed(self, stream: int, message: tuple[Any, ...]) -> None:
+        """A batch, tick, lost or epoch message of one proxy process's stream."""
+        engine, merger = self.engine, self.merger
+        if engine is None or merger is None:
+            return
+        kind = message[0]
+        if kind == "batch":
+            late = merger.add(stream, message[1], message[2])
+            if late:
+                self._late(late)
+        elif kind == "tick":
+            merger.tick(stream, message[1])
+        elif kind == "lost":
+            engine.dispatcher.forget(message[1])
+            return
+        elif kind == "epoch":
+            engine.dispatcher.forget_all()
+            return
+        else:
+            raise WireError(f"unexpected {kind!r} on a feed")
+        self._release()
+
+    def _release(self) -> None:
+        engine, merger = self.engine, self.merger
+        if engine is None or merger is None:
+            return
+        groups, watermark = merger.release(time.perf_counter())
+        observe = engine.dispatcher.observe
+        for session, replied_at, items in groups:
+            self.received += len(items)
+            observe([unpack_request(item) for item in items], session, replied_at=replied_at)
+        engine.dispatcher.tick(watermark)
+
+    def _late(self, groups: list[Group]) -> None:
+        assert self.engine is not None
+        for _, _, items in groups:
+            self.received += len(items)
+            self.stats.dropped[LATE] += len(items)
+            for item in items:
+                self.engine.dispatcher.forget(unpack_request(item).keys)
+
+    async def _merge_clock(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(RELEASE_INTERVAL)
+            self._release()
 
     def _fail(self) -> None:
         """A worker that cannot work exits (non-zero): the proxy restarts it with backoff."""
@@ -187,6 +293,8 @@ class WorkerSession(asyncio.Protocol):
 
     async def _idle(self, token: int) -> None:
         if self.engine is not None:
+            while self.merger is not None and self.merger.pending and not self._stopping:
+                await asyncio.sleep(RELEASE_INTERVAL)  # other proxies' requests still held
             await self.engine.dispatcher.idle()
         self._send_stats()
         self._send(("idle", token))
@@ -195,6 +303,8 @@ class WorkerSession(asyncio.Protocol):
         if self._stopping:
             return
         self._stopping = True
+        if self._feed_server is not None:
+            self._feed_server.close()
         if self.engine is not None:
             await self.engine.stop(timeout)
         self._send_stats()
@@ -208,6 +318,76 @@ class WorkerSession(asyncio.Protocol):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+
+class FeedSession(asyncio.Protocol):
+    """Another proxy process's stream (workers: N): ("hello", token, since) first, then
+    batch, tick, lost and epoch messages as on the main socket."""
+
+    def __init__(self, owner: WorkerSession) -> None:
+        self.owner = owner
+        self.decoder = FrameDecoder()
+        self.transport: asyncio.Transport | None = None
+        self.stream: int | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        uid = None
+        with contextlib.suppress(OSError):
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDS.size)
+            uid = _CREDS.unpack(creds)[1]
+        if uid != os.getuid():
+            log.warning("shadow worker: refused a feed from uid %s", uid)
+            self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        try:
+            for message in self.decoder.feed(data):
+                if self.stream is None:
+                    if message[0] != "hello" or not secrets.compare_digest(
+                        str(message[1]), self.owner.feed_token
+                    ):
+                        raise WireError("a feed must start with the right hello")
+                    self.stream = self.owner.feed_opened(float(message[2]))
+                    continue
+                self.owner.feed(self.stream, message)
+        except WireError as exc:
+            log.error("shadow worker: feed closed: %s", exc)
+            self.transport.abort()
+        except Exception:  # a bad message must not end the worker's other work
+            log.exception("shadow worker: cannot handle a feed message")
+            self.owner.stats.errors["internal"] += 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.stream is not None:
+            self.owner.feed_closed(self.stream)
+
+
+_CREDS: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+async def _listen_for_feeds(owner: WorkerSession, shard: int) -> asyncio.AbstractServer:
+    """A Unix socket in the abstract namespace (no file to clean up, nothing on a read-only
+    root filesystem): only this user's processes that hold the token may feed it."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(f"\0memshadow-{os.getppid()}-{shard}-{secrets.token_hex(8)}")
+        sock.listen(64)
+        sock.setblocking(False)
+        return await asyncio.get_running_loop().create_unix_server(
+            lambda: FeedSession(owner), sock=sock
+        )
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _address_of(server: asyncio.AbstractServer) -> str:
+    sockets: tuple[Any, ...] = tuple(getattr(server, "sockets", ()))
+    name = sockets[0].getsockname()
+    return name.decode("latin-1") if isinstance(name, bytes) else str(name)
 
 
 async def serve(fd: int) -> int:

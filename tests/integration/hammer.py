@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import random
 import threading
 import time
@@ -246,13 +247,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=12.0)
     parser.add_argument("--worker", choices=("inline", "process"), default="inline")
     parser.add_argument("--shared", type=int, default=0, help="hot keys shared by all")
+    parser.add_argument("--workers", type=int, default=1, help="proxy processes (workers: N)")
     parser.add_argument("--reveal", action="store_true", help="show values in examples")
     args = parser.parse_args()
     memcached = ServerProcess(memcached_argv()).start()
     redis = ServerProcess(redis_argv()).start()
-    proxy = ProxyThread(
-        proxy_config(memcached, redis, 1.0, worker=args.worker, reveal_examples=args.reveal)
-    )
+    config = proxy_config(memcached, redis, 1.0, worker=args.worker, reveal_examples=args.reveal)
+    proxy = ProxyThread(dataclasses.replace(config, workers=args.workers))
     proxy.start()
     try:
         shared = [f"hot{i}" for i in range(args.shared)]
@@ -262,6 +263,7 @@ def main() -> None:
         out = figures(proxy)
         print(
             f"connections={args.connections} worker={args.worker} shared={args.shared} "
+            f"workers={args.workers} "
             f"operations={hammer.result.operations} client_errors={len(hammer.result.errors)}"
         )
         for name, value in out.items():

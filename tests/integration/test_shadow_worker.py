@@ -16,6 +16,8 @@ from collections.abc import Iterator
 import pytest
 from pymemcache.client.base import Client
 
+import proxy.children
+import proxy.shadow.handoff
 import proxy.shadow.process
 from proxy.shadow.sampler import KeySampler
 from tests.integration.test_shadow import Hammers, assert_stores_equal, totals
@@ -100,7 +102,7 @@ def test_a_killed_worker_is_restarted_and_clients_never_notice(
 def test_a_stalled_worker_costs_drops_not_latency_or_memory(
     worker_proxy: ProxyThread, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(proxy.shadow.process, "PIPE_BUFFER_LIMIT", 64 * 1024)
+    monkeypatch.setattr(proxy.shadow.handoff, "PIPE_BUFFER_LIMIT", 64 * 1024)
     pid = worker_proxy.shadow.worker_pid
     os.kill(pid, signal.SIGSTOP)
     try:
@@ -203,7 +205,7 @@ def test_counters_never_go_back_across_a_restart(worker_proxy: ProxyThread) -> N
 def test_a_request_too_big_for_the_hand_off_is_dropped_and_its_key_made_cold(
     worker_proxy: ProxyThread, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(proxy.shadow.process, "PIPE_BUFFER_LIMIT", 64 * 1024)
+    monkeypatch.setattr(proxy.shadow.handoff, "PIPE_BUFFER_LIMIT", 64 * 1024)
     client = Client(("127.0.0.1", worker_proxy.port), default_noreply=False, timeout=5)
     assert client.set("big", b"a")
     assert client.get("big") == b"a"
@@ -227,7 +229,7 @@ def test_a_request_too_big_for_the_hand_off_is_dropped_and_its_key_made_cold(
 def test_a_worker_that_cannot_start_does_not_hold_up_clients(
     memcached: ServerProcess, redis_server: ServerProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(proxy.shadow.process.sys, "executable", "/bin/false")
+    monkeypatch.setattr(proxy.children.sys, "executable", "/bin/false")
     # Were start() to wait for readiness, this would hold it far past ProxyThread's own
     # start-up wait: starting at all shows the first exit ended the wait.
     monkeypatch.setattr(proxy.shadow.process, "READY_TIMEOUT", 3600.0)

@@ -1,0 +1,617 @@
+"""`workers: N`: the extra proxy processes, and the first process that runs them.
+
+The first process (cli.py) does everything it does with one worker: the admin endpoint,
+the operations (rate, ramp, halts, reload), the health probes, the shadow workers, and
+client traffic on its own listen sockets. It also starts N-1 more proxy processes
+(`python -m proxy.processes FD`), each given listen sockets of its own bound to the same
+addresses with SO_REUSEPORT, so the kernel spreads client connections over all of them.
+Each one serves clients exactly as the first does, samples with the same hash and the live
+rate the first sends it, and hands its sampled requests straight to the shadow workers that
+own their keys (handoff.py; the workers merge every process's stream in reply order). Every
+second it reports its figures, which the first one's /metrics add to its own.
+
+An extra process that dies is started again with backoff on new sockets (its own are gone
+with it, and the kernel stops sending it connections); one that loses the first process
+(end of file on its control socket) drains its clients and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any, Final, cast
+
+from proxy.children import reap, start_child
+from proxy.metrics import ProxyMetrics, RequestState, add_request_states
+from proxy.shadow.control import ControlChange, ShadowControl
+from proxy.shadow.wire import FrameDecoder, WireError, encode
+
+if TYPE_CHECKING:
+    from proxy.config import Config
+    from proxy.shadow.handoff import Handoff
+    from proxy.shadow.process import ShadowProcess
+
+log = logging.getLogger("memshadow.processes")
+
+REPORT_INTERVAL: Final = 1.0
+"""How often an extra process reports its figures (the staleness of their part of
+/metrics)."""
+READY_TIMEOUT: Final = 10.0
+BACKOFF_INITIAL: Final = 0.5
+BACKOFF_MAX: Final = 10.0
+STABLE_AFTER: Final = 30.0
+FEED_RETRY: Final = 0.5  # seconds between attempts to reach a shadow worker's feed socket
+FEED_WAIT: Final = 2.0  # an extra process waits this long for its feeds before serving
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket with SO_REUSEPORT: every proxy process binds one to the same
+    address, and the kernel spreads new connections over them."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        sock.listen(1024)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+# -- the first process's side -------------------------------------------------------------
+
+
+@dataclass
+class _Extra:
+    """One extra proxy process, as the first one sees it."""
+
+    index: int
+    process: subprocess.Popen[bytes] | None = None
+    transport: asyncio.Transport | None = None
+    closed: asyncio.Future[None] | None = None
+    ready: asyncio.Future[None] | None = None
+    supervisor: asyncio.Task[None] | None = None
+    up: bool = False
+    restarts: int = 0
+    # Figures of its earlier lives (counters never go back) and of the current one.
+    base_requests: dict[str, RequestState] = field(default_factory=dict)
+    last: dict[str, Any] = field(default_factory=dict)
+
+
+class _ExtraLink(asyncio.Protocol):
+    def __init__(self, owner: ProxyProcesses, extra: _Extra) -> None:
+        self.owner = owner
+        self.extra = extra
+        self.decoder = FrameDecoder()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.extra.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages = self.decoder.feed(data)
+        except WireError as exc:
+            log.error("proxy process %d: %s; restarting it", self.extra.index, exc)
+            if self.extra.transport is not None:
+                self.extra.transport.abort()
+            return
+        for message in messages:
+            self.owner._received(self.extra, message)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        closed = self.extra.closed
+        if closed is not None and not closed.done():
+            closed.set_result(None)
+
+
+class ProxyProcesses:
+    """Runs and supervises the N-1 extra proxy processes; merges their figures."""
+
+    def __init__(
+        self,
+        config: Config,
+        metrics: ProxyMetrics,
+        control: ShadowControl | None,
+        shadow: ShadowProcess | None,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.control = control
+        self.shadow = shadow
+        self.addresses: list[tuple[str, int]] = []  # each listener's bound address
+        self._extras = [_Extra(index) for index in range(1, config.workers)]
+        self._config_blob = pickle.dumps(config)
+        self._stopping = False
+        if control is not None:
+            control.add_listener(self._control_changed)
+        if shadow is not None:
+            shadow.feeds_changed = self._feeds_changed
+
+    def bind(self) -> list[socket.socket]:
+        """The first process's own listen sockets, one per listener (SO_REUSEPORT); a port
+        0 is resolved here, so that every process binds the same one."""
+        socks: list[socket.socket] = []
+        try:
+            for backend in self.config.backends:
+                sock = listen_socket(backend.listen.host, backend.listen.port)
+                socks.append(sock)
+                host, port = sock.getsockname()[:2]
+                self.addresses.append((str(host), int(port)))
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            raise
+        return socks
+
+    async def start(self) -> None:
+        """Start the extra processes; wait (up to READY_TIMEOUT) until they serve."""
+        loop = asyncio.get_running_loop()
+        for extra in self._extras:
+            extra.ready = loop.create_future()
+            extra.supervisor = loop.create_task(
+                self._supervise(extra), name=f"proxy-process-{extra.index}"
+            )
+        waiting = [asyncio.shield(e.ready) for e in self._extras if e.ready is not None]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*waiting), READY_TIMEOUT)
+        late = [e.index for e in self._extras if not e.up]
+        if late:
+            log.warning(
+                "proxy processes %s not serving after %gs; carrying on", late, READY_TIMEOUT
+            )
+
+    async def stop(self, timeout: float) -> None:
+        """Ask every extra process to drain its clients within `timeout`, then end it."""
+        self._stopping = True
+        for extra in self._extras:
+            self._send(extra, ("stop", timeout))
+        closing = [asyncio.shield(e.closed) for e in self._extras if e.closed is not None]
+        if closing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*closing), timeout + 2.0)
+        for extra in self._extras:
+            if extra.supervisor is not None:
+                extra.supervisor.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await extra.supervisor
+            await self._end(extra)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Each extra process for /readyz: index, pid, serving, restarts."""
+        return [
+            {
+                "index": extra.index,
+                "pid": extra.process.pid if extra.process is not None else None,
+                "serving": extra.up,
+                "restarts": extra.restarts,
+            }
+            for extra in self._extras
+        ]
+
+    @property
+    def pids(self) -> list[int | None]:
+        return [e.process.pid if e.process is not None else None for e in self._extras]
+
+    async def _supervise(self, extra: _Extra) -> None:
+        backoff = BACKOFF_INITIAL
+        while not self._stopping:
+            started = time.monotonic()
+            try:
+                await self._spawn(extra)
+            except Exception as exc:  # whatever it is, try again later
+                log.error("cannot start proxy process %d: %s", extra.index, exc)
+            else:
+                assert extra.closed is not None
+                await extra.closed
+                self._gone(extra)
+                if self._stopping:
+                    return
+                code = await self._end(extra)
+                if time.monotonic() - started >= STABLE_AFTER:
+                    backoff = BACKOFF_INITIAL
+                log.error(
+                    "proxy process %d exited (status %s); restarting it in %.1fs",
+                    extra.index,
+                    code,
+                    backoff,
+                )
+            extra.restarts += 1
+            if extra.ready is not None and not extra.ready.done():
+                extra.ready.set_result(None)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+
+    async def _spawn(self, extra: _Extra) -> None:
+        listens = [listen_socket(host, port) for host, port in self.addresses]
+        fds = tuple(sock.fileno() for sock in listens)
+        try:
+            extra.process, ours = start_child("proxy.processes", fds)
+        finally:
+            for sock in listens:  # the child holds them now; ours would take connections
+                sock.close()
+        loop = asyncio.get_running_loop()
+        extra.closed = loop.create_future()
+        try:
+            ours.setblocking(False)
+            await loop.create_unix_connection(lambda: _ExtraLink(self, extra), sock=ours)
+        except BaseException:
+            ours.close()
+            extra.process.kill()
+            raise
+        shadow = self.shadow
+        control = self.control
+        self._send(
+            extra,
+            (
+                "start",
+                self._config_blob,
+                extra.index,
+                list(fds),
+                control.sample_rate if control is not None else 0.0,
+                control.enabled if control is not None else False,
+                shadow.feed_addresses if shadow is not None else [],
+                shadow.feed_token if shadow is not None else "",
+            ),
+        )
+
+    def _gone(self, extra: _Extra) -> None:
+        """Its figures so far stay (added to its successor's); its connections are gone."""
+        extra.up = False
+        extra.transport = None
+        requests = extra.last.get("requests", {})
+        for label, state in requests.items():
+            extra.base_requests[label] = add_request_states(
+                extra.base_requests.get(label, {}), state
+            )
+        extra.last = {}
+        self.metrics.remote_connections[extra.index - 1] = 0
+
+    async def _end(self, extra: _Extra) -> int | None:
+        process = extra.process
+        if process is None:
+            return None
+        extra.process = None
+        return await reap(process)
+
+    def _received(self, extra: _Extra, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "figures":
+            self._merge(extra, message[1])
+        elif kind == "ready":
+            extra.up = True
+            if extra.ready is not None and not extra.ready.done():
+                extra.ready.set_result(None)
+        else:
+            log.warning("proxy process %d: unknown message %r", extra.index, kind)
+
+    def _merge(self, extra: _Extra, figures: dict[str, Any]) -> None:
+        """Mirror an extra process's cumulative figures: its request figures (plus its
+        earlier lives'), its open connections, and its counters' increments since its last
+        report."""
+        previous = extra.last
+        extra.last = figures
+        remote = self.metrics.remote[extra.index - 1]
+        for label, state in figures["requests"].items():
+            stats = remote.get(label)
+            if stats is not None:
+                stats.load(add_request_states(extra.base_requests.get(label, {}), state))
+        self.metrics.remote_connections[extra.index - 1] = figures["connections"]
+        self.metrics.add_counters(
+            {
+                name: _increments(values, previous.get("counters", {}).get(name, {}))
+                for name, values in figures["counters"].items()
+            }
+        )
+        if self.shadow is not None:
+            self.shadow.add_remote(
+                _whole(_increments(figures["shadowed"], previous.get("shadowed", {}))),
+                _whole(_increments(figures["dropped"], previous.get("dropped", {}))),
+            )
+
+    def _send(self, extra: _Extra, message: tuple[Any, ...]) -> None:
+        transport = extra.transport
+        if transport is not None and not transport.is_closing():
+            transport.writelines(encode(message))
+
+    def _control_changed(self, change: ControlChange) -> None:
+        assert self.control is not None
+        message = ("rate", self.control.sample_rate, self.control.enabled)
+        for extra in self._extras:
+            self._send(extra, message)
+
+    def _feeds_changed(self, addresses: list[str | None]) -> None:
+        for extra in self._extras:
+            self._send(extra, ("feeds", addresses))
+
+
+def _increments(now: Mapping[str, float], before: Mapping[str, float]) -> dict[str, float]:
+    return {
+        key: value - before.get(key, 0) for key, value in now.items() if value != before.get(key, 0)
+    }
+
+
+def _whole(counts: dict[str, float]) -> dict[str, int]:
+    return {key: int(value) for key, value in counts.items()}
+
+
+# -- an extra process ---------------------------------------------------------------------
+
+
+class _FeedLink(asyncio.Protocol):
+    """An extra process's socket to one shadow worker's feed; the worker never answers."""
+
+    def __init__(self, owner: ExtraProcess, shard: int) -> None:
+        self.owner = owner
+        self.shard = shard
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner._feed_lost(self.shard, self)
+
+
+class ExtraProcess(asyncio.Protocol):
+    """An extra proxy process: serves clients on the sockets it was given, feeds the shadow
+    workers, obeys the first process (its control socket)."""
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.finished: asyncio.Future[int] = loop.create_future()
+        self.decoder = FrameDecoder()
+        self.transport: asyncio.Transport | None = None
+        self.config: Config | None = None
+        self.metrics: ProxyMetrics | None = None
+        self.control = ShadowControl(0.0, False)
+        self.handoff: Handoff | None = None
+        self.servers: list[Any] = []
+        self.index = 0
+        self._feeds: list[str | None] = []
+        self._feed_links: list[_FeedLink | None] = []
+        self._token = ""
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopping = False
+
+    # -- the control socket -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages = self.decoder.feed(data)
+        except WireError as exc:
+            log.error("proxy process: %s from the first process; stopping", exc)
+            self._spawn(self._stop(0.0))
+            return
+        for message in messages:
+            kind = message[0]
+            if kind == "start":
+                self._spawn(self._start(*message[1:]))
+            elif kind == "rate":
+                self.control.set_rate(message[1], "first process")
+                self.control.set_enabled(message[2], "first process")
+            elif kind == "feeds":
+                self._set_feeds(message[1])
+            elif kind == "stop":
+                self._spawn(self._stop(float(message[1])))
+            else:
+                log.warning("proxy process: unknown message %r", kind)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # The first process is gone: drain our clients and end.
+        self.transport = None
+        timeout = self.config.shutdown_timeout if self.config is not None else 0.0
+        self._spawn(self._stop(timeout))
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(encode(message))
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    async def _start(
+        self,
+        config_blob: bytes,
+        index: int,
+        fds: list[int],
+        rate: float,
+        enabled: bool,
+        feeds: list[str | None],
+        token: str,
+    ) -> None:
+        from proxy.runtime import configure_logging
+        from proxy.server import ProxyServer
+
+        config: Config = pickle.loads(config_blob)
+        configure_logging(config.log)
+        self.config = config
+        self.index = index
+        self.control.set_rate(rate, "first process")
+        self.control.set_enabled(enabled, "first process")
+        metrics = self.metrics = ProxyMetrics(listeners=[b.label for b in config.backends])
+        hooks: dict[str, Any] = {}
+        if config.shadow.redis is not None:
+            from proxy.shadow.handoff import Handoff
+            from proxy.shadow.sampler import KeySampler
+            from proxy.shadow.stats import ShadowStats
+
+            sampler = KeySampler(self.control)
+            self.handoff = Handoff(config.workers, ShadowStats(), sampler.sampled)
+            hooks = {"capture": sampler.decide, "observer": self.handoff.observe}
+            self._token = token
+            self._feed_links = [None] * config.workers
+            self._set_feeds(feeds)
+            self._spawn(self._tick())
+            await self._feeds_connected(FEED_WAIT)
+        try:
+            for listener, fd in enumerate(fds):
+                server = ProxyServer(config, metrics, index=listener, process=index, **hooks)
+                await server.start(sock=socket.socket(fileno=fd))
+                self.servers.append(server)
+        except Exception:
+            log.exception("proxy process %d: cannot serve", index)
+            await self._stop(0.0, code=1)
+            return
+        self._spawn(self._report())
+        self._send(("ready",))
+
+    async def _stop(self, timeout: float, code: int = 0) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        await asyncio.gather(*(server.stop(timeout) for server in self.servers))
+        if self.handoff is not None:
+            self.handoff.flush()
+            self.handoff.close()
+        self._send(("figures", self._figures()))
+        for link in self._feed_links:
+            if link is not None and link.transport is not None:
+                link.transport.close()
+        if self.transport is not None:
+            self.transport.close()
+        if not self.finished.done():
+            self.finished.set_result(code)
+
+    async def _report(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(REPORT_INTERVAL)
+            self._send(("figures", self._figures()))
+
+    def _figures(self) -> dict[str, Any]:
+        metrics = self.metrics
+        if metrics is None:
+            return {}
+        handoff = self.handoff
+        return {
+            "requests": {label: stats.state() for label, stats in metrics.listeners.items()},
+            "connections": metrics.connections,
+            "counters": metrics.counters(),
+            "shadowed": dict(handoff.stats.shadowed) if handoff is not None else {},
+            "dropped": dict(handoff.dropped) if handoff is not None else {},
+        }
+
+    async def _tick(self) -> None:
+        from proxy.shadow.process import MERGE_TICK_INTERVAL
+
+        while not self._stopping:
+            await asyncio.sleep(MERGE_TICK_INTERVAL)
+            if self.handoff is not None:
+                self.handoff.tick()
+
+    # -- the shadow workers' feeds ----------------------------------------------------------
+
+    def _set_feeds(self, feeds: list[str | None]) -> None:
+        old = self._feeds
+        self._feeds = list(feeds)
+        for shard, address in enumerate(self._feeds):
+            if shard >= len(self._feed_links):
+                break
+            if address != (old[shard] if shard < len(old) else None) or (
+                self._feed_links[shard] is None and address is not None
+            ):
+                self._drop_feed(shard)
+                if address is not None:
+                    self._spawn(self._connect(shard, address))
+
+    async def _feeds_connected(self, timeout: float) -> None:
+        """Wait (bounded) until every running worker's feed is up, so that the first
+        clients' sampled requests are not dropped as worker_down."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(
+            address is not None and link is None
+            for address, link in zip(self._feeds, self._feed_links, strict=False)
+        ):
+            await asyncio.sleep(0.01)
+
+    def _drop_feed(self, shard: int) -> None:
+        link = self._feed_links[shard]
+        self._feed_links[shard] = None
+        if self.handoff is not None:
+            self.handoff.connect(shard, None)
+        if link is not None and link.transport is not None:
+            link.transport.close()
+
+    async def _connect(self, shard: int, address: str) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._stopping and self._feeds[shard] == address:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.setblocking(False)
+                await loop.sock_connect(sock, address)
+                transport, link = await loop.create_unix_connection(
+                    partial(_FeedLink, self, shard), sock=sock
+                )
+            except OSError as exc:
+                sock.close()
+                log.debug("proxy process %d: shadow worker %d: %s", self.index, shard, exc)
+                await asyncio.sleep(FEED_RETRY)
+                continue
+            if self._stopping or self._feeds[shard] != address:
+                transport.close()
+                return
+            self._feed_links[shard] = link
+            # Nothing observed before this is handed to the worker (connect() is next).
+            transport.writelines(encode(("hello", self._token, time.perf_counter())))
+            assert self.handoff is not None
+            self.handoff.connect(shard, transport)
+            return
+
+    def _feed_lost(self, shard: int, link: _FeedLink) -> None:
+        if shard < len(self._feed_links) and self._feed_links[shard] is link:
+            self._feed_links[shard] = None
+            if self.handoff is not None:
+                self.handoff.connect(shard, None)
+            address = self._feeds[shard]
+            if address is not None and not self._stopping:
+                self._spawn(self._connect(shard, address))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+async def _serve(fd: int) -> int:
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)
+    process = ExtraProcess()
+    await asyncio.get_running_loop().create_unix_connection(lambda: process, sock=sock)
+    return await process.finished
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or not args[0].isdigit():
+        print("usage: python -m proxy.processes FD (memshadow starts it)", file=sys.stderr)
+        return 2
+    # Its own process group: the first process, which got the signal, drives its stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from proxy.cli import loop_factory
+
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        return runner.run(_serve(int(args[0])))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["ExtraProcess", "ProxyProcesses", "listen_socket"]

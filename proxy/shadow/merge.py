@@ -1,0 +1,130 @@
+"""Shards and the merge of several proxies' hand-offs, sans-IO (workers: N).
+
+With several proxy processes, every key belongs to one shadow worker (its shard: a hash of
+the key), so its operations are judged by one engine in one order. A worker then hears from
+every proxy process. Each proxy's stream is in its own reply order and carries a horizon
+(wire.py: a batch's sent_at, a tick's now: nothing observed before it is still to come); on
+one host all of them read the same CLOCK_MONOTONIC, so the worker can interleave the streams
+in reply order exactly: `Merger` releases a group once every live stream's horizon has
+passed its reply time. A stream whose horizon falls `stall` seconds behind the freshest
+one (a stopped process) no longer holds the others back; what it sends later for times
+already released comes too late to be ordered, and its keys are made cold rather than
+replayed out of order.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any, Final
+from zlib import crc32
+
+SHARD_SEED: Final = 0x73686172
+"""Initial CRC value of the shard hash ("shar"), unlike the sampler's: sampled keys are the
+ones with small sampler hashes, and they must still spread evenly over the shards."""
+
+Group = tuple[int, float, list[Any]]
+"""(session, replied_at, [request tuple, ...]) as wire.py's batch carries them."""
+
+
+def shard_of(key: bytes, shards: int) -> int:
+    """The shadow worker (0 .. shards-1) that judges `key`."""
+    return crc32(key, SHARD_SEED) % shards
+
+
+def shards_for(keys: Iterable[bytes], shards: int, sampled: Callable[[bytes], bool]) -> set[int]:
+    """The workers a captured request goes to: the shards of its sampled keys (each judges
+    only its own keys of a multi-key get), or all of them for a keyless one (flush_all)."""
+    targets = {shard_of(key, shards) for key in keys if sampled(key)}
+    return targets or set(range(shards))
+
+
+class _Stream:
+    __slots__ = ("closed", "horizon", "pending")
+
+    def __init__(self, horizon: float) -> None:
+        self.horizon = horizon
+        self.pending: deque[Group] = deque()
+        self.closed = False
+
+
+class Merger:
+    """Interleaves several proxies' hand-off streams in reply order (see the module doc)."""
+
+    def __init__(self, stall: float = 1.0) -> None:
+        self.stall = stall
+        self.released = float("-inf")  # everything replied before this has been released
+        self._streams: dict[int, _Stream] = {}
+
+    def open(self, stream: int, now: float) -> None:
+        """A proxy process joins; nothing it observed before `now` will come."""
+        self._streams[stream] = _Stream(now)
+
+    def close(self, stream: int) -> None:
+        """It is gone: what it sent is released in order, it holds nobody back any more."""
+        state = self._streams.get(stream)
+        if state is not None:
+            state.closed = True
+
+    def add(self, stream: int, groups: list[Group], horizon: float) -> list[Group]:
+        """Queue a batch; returns the groups that came too late to be ordered."""
+        state = self._streams.get(stream)
+        if state is None:
+            return groups
+        late: list[Group] = []
+        released = self.released
+        pending = state.pending
+        for group in groups:
+            if group[1] <= released:
+                late.append(group)
+            else:
+                pending.append(group)
+        if horizon > state.horizon:
+            state.horizon = horizon
+        return late
+
+    def tick(self, stream: int, horizon: float) -> None:
+        state = self._streams.get(stream)
+        if state is not None and horizon > state.horizon:
+            state.horizon = horizon
+
+    def release(self, now: float) -> tuple[list[Group], float]:
+        """The groups every stream has vouched for, in reply order, and the new watermark
+        (the dispatcher's tick): nothing replied before it is still to come. `now` is the
+        watermark only when no stream is open."""
+        # A stream is stalled when it lags the freshest one, not the clock: a worker that
+        # was itself slow to read (it runs niced) finds every stream equally behind.
+        live = [state.horizon for state in self._streams.values() if not state.closed]
+        if live:
+            freshest = max(live)
+            watermark = min(h for h in live if freshest - h <= self.stall)
+        else:
+            watermark = now
+        out: list[Group] = []
+        for stream, state in list(self._streams.items()):
+            pending = state.pending
+            while pending and pending[0][1] <= watermark:
+                out.append(pending.popleft())
+            if state.closed and not pending:
+                del self._streams[stream]
+        if len(out) > 1:
+            out.sort(key=_replied_at)  # stable: one stream's groups keep their order
+        if watermark > self.released:
+            self.released = watermark
+        return out, watermark
+
+    @property
+    def pending(self) -> int:
+        """Requests waiting for the other streams' horizons."""
+        return sum(len(group[2]) for state in self._streams.values() for group in state.pending)
+
+    @property
+    def streams(self) -> int:
+        return len(self._streams)
+
+
+def _replied_at(group: Group) -> float:
+    return group[1]
+
+
+__all__ = ["SHARD_SEED", "Group", "Merger", "shard_of", "shards_for"]
