@@ -236,6 +236,7 @@ async def serve(config: Config, load: Callable[[], Config] | None = None) -> int
                 return EXIT_RUNTIME_ERROR
         if processes is not None:
             await processes.start()
+            cleanup.push_async_callback(processes.stop, 0.0)  # whatever the way out
         try:
             await admin.start()
         except OSError as exc:

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from proxy.config import Config
     from proxy.shadow.handoff import Handoff
     from proxy.shadow.process import ShadowProcess
+    from proxy.shadow.sampler import KeySampler
 
 log = logging.getLogger("memshadow.processes")
 
@@ -50,22 +51,31 @@ READY_TIMEOUT: Final = 10.0
 BACKOFF_INITIAL: Final = 0.5
 BACKOFF_MAX: Final = 10.0
 STABLE_AFTER: Final = 30.0
+HEARTBEAT_TIMEOUT: Final = 10.0
+"""An extra process silent this long (it reports every REPORT_INTERVAL) is stuck: it is
+killed and started again."""
 FEED_RETRY: Final = 0.5  # seconds between attempts to reach a shadow worker's feed socket
 FEED_WAIT: Final = 2.0  # an extra process waits this long for its feeds before serving
 
 
-def listen_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket with SO_REUSEPORT: every proxy process binds one to the same
-    address, and the kernel spreads new connections over them."""
+def listen_socket(host: str, port: int, *, first: bool = False) -> socket.socket:
+    """A TCP socket bound with SO_REUSEPORT: every proxy process binds one to the same
+    address, and the kernel spreads new connections over those that listen (each process
+    calls listen() when it is ready to accept, so none is sent clients it cannot serve).
+    `first`: make sure nothing else listens there already (another memshadow would
+    otherwise silently share the port)."""
     family, kind, proto, _, address = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
+    if first and port:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)  # EADDRINUSE when something listens there
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
-        sock.listen(1024)
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -88,6 +98,7 @@ class _Extra:
     supervisor: asyncio.Task[None] | None = None
     up: bool = False
     restarts: int = 0
+    last_heard: float = 0.0
     # Figures of its earlier lives (counters never go back) and of the current one.
     base_requests: dict[str, RequestState] = field(default_factory=dict)
     last: dict[str, Any] = field(default_factory=dict)
@@ -148,7 +159,7 @@ class ProxyProcesses:
         socks: list[socket.socket] = []
         try:
             for backend in self.config.backends:
-                sock = listen_socket(backend.listen.host, backend.listen.port)
+                sock = listen_socket(backend.listen.host, backend.listen.port, first=True)
                 socks.append(sock)
                 host, port = sock.getsockname()[:2]
                 self.addresses.append((str(host), int(port)))
@@ -216,8 +227,7 @@ class ProxyProcesses:
             except Exception as exc:  # whatever it is, try again later
                 log.error("cannot start proxy process %d: %s", extra.index, exc)
             else:
-                assert extra.closed is not None
-                await extra.closed
+                await self._watch(extra)
                 self._gone(extra)
                 if self._stopping:
                     return
@@ -236,13 +246,33 @@ class ProxyProcesses:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
 
+    async def _watch(self, extra: _Extra) -> None:
+        """Until its control socket closes; kill it if it stops reporting (it reports every
+        REPORT_INTERVAL, also while it drains)."""
+        closed = extra.closed
+        assert closed is not None
+        extra.last_heard = time.monotonic()
+        while not closed.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(closed), 1.0)
+            silent = time.monotonic() - extra.last_heard
+            if not closed.done() and silent > HEARTBEAT_TIMEOUT and not self._stopping:
+                log.error("proxy process %d silent for %.0fs; killing it", extra.index, silent)
+                if extra.process is not None:
+                    extra.process.kill()
+                if extra.transport is not None:
+                    extra.transport.abort()
+                await closed
+
     async def _spawn(self, extra: _Extra) -> None:
-        listens = [listen_socket(host, port) for host, port in self.addresses]
-        fds = tuple(sock.fileno() for sock in listens)
+        listens: list[socket.socket] = []
         try:
+            for host, port in self.addresses:
+                listens.append(listen_socket(host, port))
+            fds = tuple(sock.fileno() for sock in listens)
             extra.process, ours = start_child("proxy.processes", fds)
         finally:
-            for sock in listens:  # the child holds them now; ours would take connections
+            for sock in listens:  # the child holds them now
                 sock.close()
         loop = asyncio.get_running_loop()
         extra.closed = loop.create_future()
@@ -252,6 +282,7 @@ class ProxyProcesses:
         except BaseException:
             ours.close()
             extra.process.kill()
+            await self._end(extra)
             raise
         shadow = self.shadow
         control = self.control
@@ -268,6 +299,8 @@ class ProxyProcesses:
                 shadow.feed_token if shadow is not None else "",
             ),
         )
+        if self._stopping:  # stop() came while it was being started
+            self._send(extra, ("stop", 0.0))
 
     def _gone(self, extra: _Extra) -> None:
         """Its figures so far stay (added to its successor's); its connections are gone."""
@@ -289,6 +322,7 @@ class ProxyProcesses:
         return await reap(process)
 
     def _received(self, extra: _Extra, message: tuple[Any, ...]) -> None:
+        extra.last_heard = time.monotonic()
         kind = message[0]
         if kind == "figures":
             self._merge(extra, message[1])
@@ -303,6 +337,8 @@ class ProxyProcesses:
         """Mirror an extra process's cumulative figures: its request figures (plus its
         earlier lives'), its open connections, and its counters' increments since its last
         report."""
+        if not figures:
+            return  # (it stopped before it started)
         previous = extra.last
         extra.last = figures
         remote = self.metrics.remote[extra.index - 1]
@@ -385,6 +421,9 @@ class ExtraProcess(asyncio.Protocol):
         self._feeds: list[str | None] = []
         self._feed_links: list[_FeedLink | None] = []
         self._token = ""
+        self._fds: list[int] = []
+        self._sampler: KeySampler | None = None
+        self._connecting: dict[int, str] = {}  # shard -> the address being dialled
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
 
@@ -403,7 +442,15 @@ class ExtraProcess(asyncio.Protocol):
         for message in messages:
             kind = message[0]
             if kind == "start":
-                self._spawn(self._start(*message[1:]))
+                # What it says applies at once: a rate or feeds message right behind it
+                # (in the same read) must not be overwritten by it later.
+                try:
+                    self._configure(*message[1:])
+                except Exception:
+                    log.exception("proxy process: cannot start")
+                    self._spawn(self._stop(0.0, code=1))
+                    return
+                self._spawn(self._serve_clients())
             elif kind == "rate":
                 self.control.set_rate(message[1], "first process")
                 self.control.set_enabled(message[2], "first process")
@@ -426,7 +473,7 @@ class ExtraProcess(asyncio.Protocol):
 
     # -- life cycle -----------------------------------------------------------------------
 
-    async def _start(
+    def _configure(
         self,
         config_blob: bytes,
         index: int,
@@ -437,49 +484,56 @@ class ExtraProcess(asyncio.Protocol):
         token: str,
     ) -> None:
         from proxy.runtime import configure_logging
-        from proxy.server import ProxyServer
 
         config: Config = pickle.loads(config_blob)
         configure_logging(config.log)
         self.config = config
         self.index = index
+        self._fds = fds
         self.control.set_rate(rate, "first process")
         self.control.set_enabled(enabled, "first process")
-        metrics = self.metrics = ProxyMetrics(listeners=[b.label for b in config.backends])
-        hooks: dict[str, Any] = {}
+        self.metrics = ProxyMetrics(listeners=[b.label for b in config.backends])
         if config.shadow.redis is not None:
             from proxy.shadow.handoff import Handoff
             from proxy.shadow.sampler import KeySampler
             from proxy.shadow.stats import ShadowStats
 
-            sampler = KeySampler(self.control)
-            self.handoff = Handoff(config.workers, ShadowStats(), sampler.sampled)
-            hooks = {"capture": sampler.decide, "observer": self.handoff.observe}
+            self._sampler = KeySampler(self.control)
+            self.handoff = Handoff(config.workers, ShadowStats(), self._sampler.sampled)
             self._token = token
             self._feed_links = [None] * config.workers
             self._set_feeds(feeds)
             self._spawn(self._tick())
+        self._spawn(self._report())
+
+    async def _serve_clients(self) -> None:
+        from proxy.server import ProxyServer
+
+        config, metrics = self.config, self.metrics
+        assert config is not None and metrics is not None
+        hooks: dict[str, Any] = {}
+        if self.handoff is not None and self._sampler is not None:
+            hooks = {"capture": self._sampler.decide, "observer": self.handoff.observe}
             await self._feeds_connected(FEED_WAIT)
         try:
-            for listener, fd in enumerate(fds):
-                server = ProxyServer(config, metrics, index=listener, process=index, **hooks)
-                await server.start(sock=socket.socket(fileno=fd))
+            for listener, fd in enumerate(self._fds):
+                server = ProxyServer(config, metrics, index=listener, process=self.index, **hooks)
                 self.servers.append(server)
+                await server.start(sock=socket.socket(fileno=fd))
         except Exception:
-            log.exception("proxy process %d: cannot serve", index)
+            log.exception("proxy process %d: cannot serve", self.index)
             await self._stop(0.0, code=1)
             return
-        self._spawn(self._report())
         self._send(("ready",))
 
     async def _stop(self, timeout: float, code: int = 0) -> None:
         if self._stopping:
             return
         self._stopping = True
+        # (ticks and reports go on while the clients drain)
         await asyncio.gather(*(server.stop(timeout) for server in self.servers))
         if self.handoff is not None:
-            self.handoff.flush()
-            self.handoff.close()
+            self.handoff.close(goodbye=True)
         self._send(("figures", self._figures()))
         for link in self._feed_links:
             if link is not None and link.transport is not None:
@@ -490,7 +544,7 @@ class ExtraProcess(asyncio.Protocol):
             self.finished.set_result(code)
 
     async def _report(self) -> None:
-        while not self._stopping:
+        while not self.finished.done():
             await asyncio.sleep(REPORT_INTERVAL)
             self._send(("figures", self._figures()))
 
@@ -510,10 +564,9 @@ class ExtraProcess(asyncio.Protocol):
     async def _tick(self) -> None:
         from proxy.shadow.process import MERGE_TICK_INTERVAL
 
-        while not self._stopping:
+        while self.handoff is not None and not self.handoff.stopping:
             await asyncio.sleep(MERGE_TICK_INTERVAL)
-            if self.handoff is not None:
-                self.handoff.tick()
+            self.handoff.tick()
 
     # -- the shadow workers' feeds ----------------------------------------------------------
 
@@ -523,12 +576,19 @@ class ExtraProcess(asyncio.Protocol):
         for shard, address in enumerate(self._feeds):
             if shard >= len(self._feed_links):
                 break
-            if address != (old[shard] if shard < len(old) else None) or (
-                self._feed_links[shard] is None and address is not None
-            ):
+            if address != (old[shard] if shard < len(old) else None):
                 self._drop_feed(shard)
-                if address is not None:
-                    self._spawn(self._connect(shard, address))
+            if (
+                address is not None
+                and self._feed_links[shard] is None
+                and self._connecting.get(shard) != address
+            ):
+                self._dial(shard, address)
+
+    def _dial(self, shard: int, address: str) -> None:
+        """Connect to a worker's feed, once at a time per shard."""
+        self._connecting[shard] = address
+        self._spawn(self._connect(shard, address))
 
     async def _feeds_connected(self, timeout: float) -> None:
         """Wait (bounded) until every running worker's feed is up, so that the first
@@ -545,10 +605,19 @@ class ExtraProcess(asyncio.Protocol):
         self._feed_links[shard] = None
         if self.handoff is not None:
             self.handoff.connect(shard, None)
+            if link is not None:  # what it still carried may never arrive anywhere
+                self.handoff.lost_all(shard)
         if link is not None and link.transport is not None:
             link.transport.close()
 
     async def _connect(self, shard: int, address: str) -> None:
+        try:
+            await self._connect_once(shard, address)
+        finally:
+            if self._connecting.get(shard) == address:
+                del self._connecting[shard]
+
+    async def _connect_once(self, shard: int, address: str) -> None:
         loop = asyncio.get_running_loop()
         while not self._stopping and self._feeds[shard] == address:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -570,7 +639,8 @@ class ExtraProcess(asyncio.Protocol):
             # Nothing observed before this is handed to the worker (connect() is next).
             transport.writelines(encode(("hello", self._token, time.perf_counter())))
             assert self.handoff is not None
-            self.handoff.connect(shard, transport)
+            # fresh=False: the worker runs already; what we dropped meanwhile is told first.
+            self.handoff.connect(shard, transport, fresh=False)
             return
 
     def _feed_lost(self, shard: int, link: _FeedLink) -> None:
@@ -578,9 +648,10 @@ class ExtraProcess(asyncio.Protocol):
             self._feed_links[shard] = None
             if self.handoff is not None:
                 self.handoff.connect(shard, None)
+                self.handoff.lost_all(shard)
             address = self._feeds[shard]
-            if address is not None and not self._stopping:
-                self._spawn(self._connect(shard, address))
+            if address is not None and not self._stopping and shard not in self._connecting:
+                self._dial(shard, address)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -356,8 +356,23 @@ class ClusterPool:
             refusals=self._refusals,
             **self._pool_options,
         )
+        pool.on_writes_lost = self._node_replaced
         self._spawn(pool.start())
         return pool
+
+    def _node_replaced(self, keys: list[bytes] | None, reason: str) -> None:
+        """A node's own address now leads to another data set (a primary restarted without
+        persistence keeps its slots and comes back empty): its pool saw the replication id
+        change. The cluster's write log cannot say which of its keys that node held: every
+        key turns cold."""
+        log.warning(
+            "redis cluster %s: a primary came back with another data set (%s); every key "
+            "is cold again",
+            self.url,
+            reason,
+        )
+        if self.on_writes_lost is not None:
+            self.on_writes_lost(None, reason)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)

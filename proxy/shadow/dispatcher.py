@@ -488,7 +488,15 @@ class ShadowDispatcher:
         if ordered_after is not None:
             race_window = self.settings.race_window
             caught_up = await self.scheduler.caught_up(hi + race_window, max(1.0, 4 * race_window))
-            ordered = caught_up and not self.scheduler.pending_write(key, hi)
+            # A change of the key dropped on the way (known only now that everything is in)
+            # leaves nothing to prove: the key is no longer known to be in step.
+            state = self.keys.peek(key)
+            ordered = (
+                caught_up
+                and state is not None
+                and state.warm
+                and not self.scheduler.pending_write(key, hi)
+            )
         return _Snapshot(mc, redis, lo, hi, ordered)
 
     async def settle(self, key: bytes, state: KeyState) -> None:

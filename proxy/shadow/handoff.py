@@ -3,9 +3,12 @@
 The client path calls `observe` with the sampled requests of one reply chunk; they are
 packed (wire.py) into the batch of the worker that owns their key (merge.shard_of) and
 written once per event-loop iteration, or as soon as a batch reaches FRAME_BYTES. Past
-PIPE_BUFFER_LIMIT bytes a worker has not taken yet, requests are dropped (queue_full); to a
-worker that is down or restarting, with reason worker_down. The keys of requests dropped on
-the way are sent to their worker before its next batch, so it stops trusting them.
+PIPE_BUFFER_LIMIT bytes not yet taken by the workers, requests are dropped (queue_full); to
+a worker that is down or restarting, with reason worker_down. A drop is recorded in the
+batch where it happened, as a marker naming its keys (merge.MARKER): the worker makes them
+cold exactly between the requests that came before the drop and those after it; too many
+to name make one marker for every key. A worker that was unreachable hears first, on the
+next socket, that every key is cold (unless it is a new worker, cold anyway).
 
 One Handoff serves one proxy process: the one that also supervises the workers
 (process.py) and each extra proxy process of `workers: N` (processes.py).
@@ -20,7 +23,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from proxy.memcache.request import Request
-from proxy.shadow.merge import shard_of, shards_for
+from proxy.shadow.merge import MARKER, shards_for
 from proxy.shadow.stats import ShadowStats
 from proxy.shadow.wire import RequestTuple, encode, pack_request
 
@@ -36,21 +39,33 @@ LOST_KEYS_LIMIT: Final = 10_000
 made cold instead (one message, whatever was dropped)."""
 ITEM_OVERHEAD: Final = 64  # bytes a request tuple takes in a frame beyond its line, data, reply
 
-Group = tuple[int, float, list[RequestTuple]]
+Group = tuple[int, float, Any]  # (session, replied_at, requests), or a drop marker
 
 
 class Lane:
-    """What one worker is owed: the batch being built, and the keys lost meanwhile."""
+    """What one worker is owed: the batch being built (requests and drop markers)."""
 
-    __slots__ = ("batch", "items", "lost", "lost_overflow", "sent", "size", "transport")
+    __slots__ = (
+        "batch",
+        "cold",
+        "cold_at",
+        "items",
+        "lost",
+        "lost_overflow",
+        "sent",
+        "size",
+        "transport",
+    )
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.batch: list[Group] = []
         self.items = 0
         self.size = 0
-        self.lost: set[bytes] = set()
-        self.lost_overflow = False
+        self.lost = 0  # keys named by the markers in the batch
+        self.lost_overflow = False  # past LOST_KEYS_LIMIT: one marker for every key, last
+        self.cold = False  # unreachable meanwhile: the next socket starts with every key cold
+        self.cold_at = 0.0  # when the last request it should have had was dropped
         self.sent = 0  # requests handed to the current worker
 
     def writer(self) -> asyncio.Transport | None:
@@ -70,14 +85,32 @@ class Handoff:
         self.stopping = False
         self._flush_handle: asyncio.Handle | None = None
 
-    def connect(self, shard: int, transport: asyncio.Transport | None) -> None:
-        """A new socket to `shard`'s worker (None: it is down). A new worker starts with
-        every key cold, so what was lost before it need not be told."""
+    def connect(
+        self, shard: int, transport: asyncio.Transport | None, *, fresh: bool = True
+    ) -> None:
+        """A new socket to `shard`'s worker (None: it is down). `fresh`: a new worker, which
+        starts with every key cold, so what was lost before it need not be told. Otherwise
+        (another proxy process's feed to a running worker) it hears, before anything else,
+        that what this process dropped meanwhile makes every key cold."""
         lane = self.lanes[shard]
         lane.transport = transport
-        lane.lost.clear()
-        lane.lost_overflow = False
         lane.sent = 0
+        if transport is None:
+            return
+        if lane.cold and not fresh:
+            # Stamped with the last drop: requests before it may not warm a key again.
+            transport.writelines(encode(("epoch", lane.cold_at)))
+        lane.cold = False
+
+    def lost_all(self, shard: int) -> None:
+        """What was written to `shard`'s worker on a socket that broke may not have reached
+        it: the next socket starts by making every key cold."""
+        self._cold(self.lanes[shard])
+
+    @staticmethod
+    def _cold(lane: Lane) -> None:
+        lane.cold = True
+        lane.cold_at = time.perf_counter()
 
     @property
     def pending(self) -> int:
@@ -93,8 +126,9 @@ class Handoff:
             return
         shadowed = self.stats.shadowed
         shards = len(lanes)
+        now = time.perf_counter()  # (the replies of this chunk all came before it)
         routed: dict[int, list[RequestTuple]] = {}
-        rooms: dict[int, int] = {}
+        room = self._room()
         for request in requests:
             if not request.capture:
                 continue
@@ -104,42 +138,43 @@ class Handoff:
             refused = ""
             for shard in shards_for(request.keys, shards, self.sampled):
                 lane = lanes[shard]
-                room = rooms.get(shard)
-                if room is None:
-                    room = rooms[shard] = self._room(lane)
-                if room < 0 or self.stopping:
+                if lane.writer() is None or self.stopping:
                     refused = "worker_down"
-                    self._lose(lane, request.keys)
+                    self._cold(lane)
                     continue
                 if size > room:
                     refused = refused or "queue_full"
-                    self._lose(lane, request.keys)
+                    waiting = routed.pop(shard, None)
+                    if waiting:  # (the requests before the drop keep their place)
+                        lane.batch.append((session, now, waiting))
+                        lane.items += len(waiting)
+                    self._lose(lane, request.keys, now)
                     continue
-                rooms[shard] = room - size
+                room -= size
                 lane.size += size
                 if packed is None:
                     packed = pack_request(request)
                 routed.setdefault(shard, []).append(packed)
             if refused:
                 self._count_drop(refused)
-        if routed:
-            now = time.perf_counter()
-            for shard, items in routed.items():
-                lane = lanes[shard]
-                lane.batch.append((session, now, items))
-                lane.items += len(items)
-            self._after_add()
+        for shard, items in routed.items():
+            lane = lanes[shard]
+            lane.batch.append((session, now, items))
+            lane.items += len(items)
+        self._after_add()
 
     def _observe_one(self, lane: Lane, requests: list[Request], session: int) -> None:
         """observe() with one worker: no routing (the common case, kept as cheap as before)."""
         shadowed = self.stats.shadowed
-        room = self._room(lane)
-        if room < 0 or self.stopping:
+        if lane.writer() is None or self.stopping:
             for request in requests:
                 if request.capture:
                     shadowed[request.command] += 1
                     self._count_drop("worker_down")
+                    self._cold(lane)
             return
+        room = self._room()
+        now = time.perf_counter()
         items: list[RequestTuple] = []
         for request in requests:
             if not request.capture:
@@ -148,25 +183,35 @@ class Handoff:
             size = _size(request)
             if size > room:
                 self._count_drop("queue_full")
-                self._lose(lane, request.keys)
+                if items:  # (the requests before the drop keep their place)
+                    lane.batch.append((session, now, items))
+                    lane.items += len(items)
+                    items = []
+                self._lose(lane, request.keys, now)
                 continue
             room -= size
             lane.size += size
             items.append(pack_request(request))
-        if not items:
-            return
-        lane.batch.append((session, time.perf_counter(), items))
-        lane.items += len(items)
-        self._after_add()
+        if items:
+            lane.batch.append((session, now, items))
+            lane.items += len(items)
+        if lane.batch:
+            self._after_add()
 
-    def _room(self, lane: Lane) -> int:
-        """Bytes the lane may still take; -1 when its worker is down."""
-        transport = lane.writer()
-        if transport is None:
-            return -1
-        return PIPE_BUFFER_LIMIT - transport.get_write_buffer_size() - lane.size
+    def _room(self) -> int:
+        """Bytes the workers' sockets may still take: one budget (PIPE_BUFFER_LIMIT) for the
+        whole process, whatever the number of workers, so memory does not grow with them."""
+        used = 0
+        for lane in self.lanes:
+            transport = lane.writer()
+            if transport is not None:
+                used += transport.get_write_buffer_size()
+            used += lane.size
+        return PIPE_BUFFER_LIMIT - used
 
     def _after_add(self) -> None:
+        if not any(lane.batch for lane in self.lanes):
+            return
         self.stats.queue_depth = self.worker_queue + self.pending
         if any(lane.size >= FRAME_BYTES for lane in self.lanes):
             self.flush()
@@ -177,19 +222,15 @@ class Handoff:
         self.dropped[reason] += 1
         self.stats.dropped[reason] += 1
 
-    def _lose(self, lane: Lane, keys: list[bytes]) -> None:
-        if lane.lost_overflow or lane.writer() is None:
-            return  # (a new worker starts with every key cold anyway)
-        lane.lost.update(keys)
-        if len(lane.lost) > LOST_KEYS_LIMIT:
-            lane.lost.clear()
+    def _lose(self, lane: Lane, keys: list[bytes], now: float) -> None:
+        """A change of these keys was dropped here: a marker in the batch, in its place."""
+        if lane.lost_overflow:
+            return  # every key is made cold at the end of the batch anyway
+        lane.lost += len(keys)
+        if lane.lost > LOST_KEYS_LIMIT:
             lane.lost_overflow = True
-
-    def lose(self, keys: list[bytes]) -> None:
-        """Changes of these keys were dropped on the way: tell their workers."""
-        shards = len(self.lanes)
-        for key in keys:
-            self._lose(self.lanes[shard_of(key, shards) if shards > 1 else 0], [key])
+            return
+        lane.batch.append((MARKER, now, list(keys) or None))
 
     # -- writes -----------------------------------------------------------------------------
 
@@ -201,19 +242,23 @@ class Handoff:
         now = 0.0
         for lane in self.lanes:
             batch = lane.batch
-            if not batch:
+            if not batch and not lane.lost_overflow:
                 continue
+            if lane.lost_overflow:  # after everything: conservative for all of them
+                batch.append((MARKER, time.perf_counter(), None))
             lane.batch = []
             lane.size = 0
+            lane.lost = 0
+            lane.lost_overflow = False
             items = lane.items
             lane.items = 0
             transport = lane.writer()
             if transport is None:
                 self.dropped["worker_down"] += items
                 self.stats.dropped["worker_down"] += items
+                self._cold(lane)
                 continue
-            self._write_lost(lane, transport)
-            now = now or time.perf_counter()
+            now = time.perf_counter()
             transport.writelines(encode(("batch", batch, now)))
             lane.sent += items
 
@@ -228,7 +273,6 @@ class Handoff:
         for lane in self.lanes:
             transport = lane.writer()
             if transport is not None:
-                self._write_lost(lane, transport)
                 transport.writelines(message)
 
     def send(self, shard: int, message: tuple[Any, ...]) -> bool:
@@ -241,20 +285,19 @@ class Handoff:
         transport.writelines(encode(message))
         return True
 
-    def close(self) -> None:
+    def close(self, goodbye: bool = False) -> None:
+        """Stop handing over; `goodbye`: tell each worker this stream ended cleanly (a feed
+        that closes without it may have lost messages: the worker makes its keys cold)."""
+        self.flush()
         self.stopping = True
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
-
-    @staticmethod
-    def _write_lost(lane: Lane, transport: asyncio.Transport) -> None:
-        if lane.lost_overflow:
-            transport.writelines(encode(("epoch",)))
-        elif lane.lost:
-            transport.writelines(encode(("lost", list(lane.lost))))
-        lane.lost.clear()
-        lane.lost_overflow = False
+        if goodbye:
+            for lane in self.lanes:
+                transport = lane.writer()
+                if transport is not None:
+                    transport.writelines(encode(("bye",)))
 
 
 def _size(request: Request) -> int:

@@ -23,8 +23,11 @@ SHARD_SEED: Final = 0x73686172
 """Initial CRC value of the shard hash ("shar"), unlike the sampler's: sampled keys are the
 ones with small sampler hashes, and they must still spread evenly over the shards."""
 
-Group = tuple[int, float, list[Any]]
-"""(session, replied_at, [request tuple, ...]) as wire.py's batch carries them."""
+Group = tuple[int, float, Any]
+"""(session, replied_at, [request tuple, ...]) as wire.py's batch carries them, or a
+marker: (MARKER, time, keys or None), changes of those keys (None: of any key) lost before
+`time`, ordered with the requests like them."""
+MARKER: Final = -1  # (session numbers are positive)
 
 
 def shard_of(key: bytes, shards: int) -> int:
@@ -51,20 +54,32 @@ class _Stream:
 class Merger:
     """Interleaves several proxies' hand-off streams in reply order (see the module doc)."""
 
-    def __init__(self, stall: float = 1.0) -> None:
+    def __init__(self, stall: float = 1.0, feeds: int = 0) -> None:
+        """feeds: the other proxy processes' streams expected (workers - 1); until each has
+        joined (or while one is away, being restarted) the dispatcher is never told that
+        everything is in: its requests, or its drops, may still be to come."""
         self.stall = stall
         self.released = float("-inf")  # everything replied before this has been released
+        self.absent = feeds
         self._streams: dict[int, _Stream] = {}
+        self._feeds: set[int] = set()
 
-    def open(self, stream: int, now: float) -> None:
+    def open(self, stream: int, now: float, feed: bool = False) -> None:
         """A proxy process joins; nothing it observed before `now` will come."""
         self._streams[stream] = _Stream(now)
+        if feed:
+            self._feeds.add(stream)
+            self.absent = max(0, self.absent - 1)
 
     def close(self, stream: int) -> None:
-        """It is gone: what it sent is released in order, it holds nobody back any more."""
+        """It is gone: what it sent is released in order, it holds nobody back any more
+        (a feed's successor is expected in its place)."""
         state = self._streams.get(stream)
         if state is not None:
             state.closed = True
+        if stream in self._feeds:
+            self._feeds.discard(stream)
+            self.absent += 1
 
     def add(self, stream: int, groups: list[Group], horizon: float) -> list[Group]:
         """Queue a batch; returns the groups that came too late to be ordered."""
@@ -89,17 +104,22 @@ class Merger:
             state.horizon = horizon
 
     def release(self, now: float) -> tuple[list[Group], float]:
-        """The groups every stream has vouched for, in reply order, and the new watermark
-        (the dispatcher's tick): nothing replied before it is still to come. `now` is the
-        watermark only when no stream is open."""
+        """The groups every stream has vouched for, in reply order, and the dispatcher's
+        tick: the horizon of every open stream, a stalled one included, so that a verdict
+        needing ordered evidence waits for it (and gives up as unverified) rather than
+        judging without what the stalled stream may still hold. `now` is the watermark
+        only when no stream is open."""
         # A stream is stalled when it lags the freshest one, not the clock: a worker that
         # was itself slow to read (it runs niced) finds every stream equally behind.
         live = [state.horizon for state in self._streams.values() if not state.closed]
         if live:
             freshest = max(live)
             watermark = min(h for h in live if freshest - h <= self.stall)
+            everyone = min(live)
         else:
-            watermark = now
+            watermark = everyone = now
+        if self.absent:
+            everyone = float("-inf")
         out: list[Group] = []
         for stream, state in list(self._streams.items()):
             pending = state.pending
@@ -111,12 +131,16 @@ class Merger:
             out.sort(key=_replied_at)  # stable: one stream's groups keep their order
         if watermark > self.released:
             self.released = watermark
-        return out, watermark
+        return out, everyone
 
     @property
     def pending(self) -> int:
         """Requests waiting for the other streams' horizons."""
-        return sum(len(group[2]) for state in self._streams.values() for group in state.pending)
+        return sum(
+            len(group[2]) if group[0] != MARKER else 0
+            for state in self._streams.values()
+            for group in state.pending
+        )
 
     @property
     def streams(self) -> int:
@@ -127,4 +151,4 @@ def _replied_at(group: Group) -> float:
     return group[1]
 
 
-__all__ = ["SHARD_SEED", "Group", "Merger", "shard_of", "shards_for"]
+__all__ = ["MARKER", "SHARD_SEED", "Group", "Merger", "shard_of", "shards_for"]

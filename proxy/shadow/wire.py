@@ -14,19 +14,21 @@ proxy -> worker
                                         processes' feeds must show; the time from which on
                                         the proxy hands it what it observes
     ("batch", groups, sent_at)          observed requests; groups of (session, replied_at,
-                                        [request tuple, ...]), see pack_request; sent_at:
-                                        everything observed before it is in this frame or
-                                        an earlier one
+                                        [request tuple, ...]), see pack_request, and drop
+                                        markers (-1, at, keys or None: every key) in their
+                                        place; sent_at: everything observed before it is in
+                                        this frame or an earlier one
     ("tick", now)                       every TICK_INTERVAL: nothing observed before `now`
                                         is still to come (ordered evidence waits for it)
-    ("lost", keys)                      changes of these keys never reached the worker
-    ("epoch",)                          too many lost keys to list: every key is cold again
+    ("epoch", at)                       what was handed over before `at` may not have
+                                        reached the worker: every key is cold again
     ("rate", sample_rate, enabled)      the live sampling settings changed
     ("idle", token)                     answer ("idle", token) once everything is judged
     ("stop", timeout)                   finish (within timeout) and exit
 
 another proxy process -> worker (workers: N; on the worker's feed socket)
-    ("hello", token, since)             then batch, tick, lost and epoch as above
+    ("hello", token, since)             then batch, tick and epoch as above, and
+    ("bye",)                            last: the stream ended with nothing lost
 
 worker -> proxy
     ("stats", state, received)          ShadowStats as plain data (see stats_state), and how
@@ -79,13 +81,15 @@ class FrameDecoder:
         self.max_frame = max_frame
         self._buffer = bytearray()
 
-    def feed(self, data: bytes) -> list[tuple[Any, ...]]:
+    def feed(self, data: bytes, limit: int = -1) -> list[tuple[Any, ...]]:
+        """The whole messages in what came so far; at most `limit` of them (the rest stays
+        buffered for the next call) when limit >= 0."""
         buffer = self._buffer
         buffer += data
         messages: list[tuple[Any, ...]] = []
         offset = 0
         end = len(buffer)
-        while end - offset >= 4:
+        while end - offset >= 4 and len(messages) != limit:
             (size,) = _HEADER.unpack_from(buffer, offset)
             if size > self.max_frame:
                 raise WireError(f"frame of {size} bytes is over the {self.max_frame} limit")

@@ -22,9 +22,16 @@ import time
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from proxy.shadow.control import ShadowControl
-from proxy.shadow.merge import Group, Merger
+from proxy.shadow.merge import MARKER, Group, Merger
 from proxy.shadow.stats import ShadowStats
-from proxy.shadow.wire import FrameDecoder, WireError, encode, stats_state, unpack_request
+from proxy.shadow.wire import (
+    MAX_FRAME,
+    FrameDecoder,
+    WireError,
+    encode,
+    stats_state,
+    unpack_request,
+)
 
 if TYPE_CHECKING:
     from proxy.shadow.service import ShadowEngine
@@ -102,21 +109,25 @@ class WorkerSession(asyncio.Protocol):
             if self.merger is not None:
                 self.feed(0, message)
                 return
-            observe = engine.dispatcher.observe
+            dispatcher = engine.dispatcher
             for session, replied_at, items in message[1]:
+                if session == MARKER:  # requests of these keys were dropped on the way
+                    _forget(dispatcher, items)
+                    continue
                 self.received += len(items)
-                observe([unpack_request(item) for item in items], session, replied_at=replied_at)
-            engine.dispatcher.tick(message[2])
+                dispatcher.observe(
+                    [unpack_request(item) for item in items], session, replied_at=replied_at
+                )
+            dispatcher.tick(message[2])
         elif kind == "tick":
             if self.merger is not None:
                 self.feed(0, message)
             elif engine is not None:
                 engine.dispatcher.tick(message[1])
-        elif kind == "lost":
-            if engine is not None:
-                engine.dispatcher.forget(message[1])
         elif kind == "epoch":
-            if engine is not None:
+            if self.merger is not None:
+                self.feed(0, message)
+            elif engine is not None:
                 engine.dispatcher.forget_all()
         elif kind == "rate":
             if self.control is not None:
@@ -165,7 +176,7 @@ class WorkerSession(asyncio.Protocol):
         tune_gc()
         self._spawn(self._report())
         if shards > 1:
-            self.merger = Merger()
+            self.merger = Merger(feeds=shards - 1)  # (one proxy process per shard)
             self.merger.open(0, since)
             self.feed_token = token
             self._spawn(self._merge_clock())
@@ -197,32 +208,39 @@ class WorkerSession(asyncio.Protocol):
         its stream number."""
         assert self.merger is not None
         self._feeds += 1
-        self.merger.open(self._feeds, since)
+        self.merger.open(self._feeds, since, feed=True)
         return self._feeds
 
-    def feed_closed(self, stream: int) -> None:
+    def feed_closed(self, stream: int, clean: bool) -> None:
+        """A feed ended; without its goodbye, messages may have been lost with it: every
+        key turns cold, ordered after what it did deliver."""
         if self.merger is not None:
+            if not clean:
+                self.feed(stream, ("epoch", time.perf_counter()))
             self.merger.close(stream)
             self._release()
 
     def feed(self, stream: int, message: tuple[Any, ...]) -> None:
-        """A batch, tick, lost or epoch message of one proxy process's stream."""
+        """A batch, tick or epoch message of one proxy process's stream (stream 0: the first
+        process, on the main socket)."""
         engine, merger = self.engine, self.merger
         if engine is None or merger is None:
             return
         kind = message[0]
         if kind == "batch":
+            if stream == 0:  # (`received` is what the first process handed over)
+                self.received += sum(len(g[2]) for g in message[1] if g[0] != MARKER)
             late = merger.add(stream, message[1], message[2])
             if late:
                 self._late(late)
         elif kind == "tick":
             merger.tick(stream, message[1])
-        elif kind == "lost":
-            engine.dispatcher.forget(message[1])
-            return
         elif kind == "epoch":
-            engine.dispatcher.forget_all()
-            return
+            # Ordered with the requests: one released after it may warm a key again, one
+            # released before it must not (what was lost came after it).
+            late = merger.add(stream, [(MARKER, float(message[1]), None)], float("-inf"))
+            if late:
+                self._late(late)
         else:
             raise WireError(f"unexpected {kind!r} on a feed")
         self._release()
@@ -232,19 +250,28 @@ class WorkerSession(asyncio.Protocol):
         if engine is None or merger is None:
             return
         groups, watermark = merger.release(time.perf_counter())
-        observe = engine.dispatcher.observe
+        dispatcher = engine.dispatcher
         for session, replied_at, items in groups:
-            self.received += len(items)
-            observe([unpack_request(item) for item in items], session, replied_at=replied_at)
-        engine.dispatcher.tick(watermark)
+            if session == MARKER:
+                _forget(dispatcher, items)
+            else:
+                dispatcher.observe(
+                    [unpack_request(item) for item in items], session, replied_at=replied_at
+                )
+        dispatcher.tick(watermark)
 
     def _late(self, groups: list[Group]) -> None:
+        """Requests that came after later ones were replayed: their keys turn cold (every
+        key, for a keyless one: flush_all)."""
         assert self.engine is not None
-        for _, _, items in groups:
-            self.received += len(items)
+        dispatcher = self.engine.dispatcher
+        for session, _, items in groups:
+            if session == MARKER:
+                _forget(dispatcher, items)
+                continue
             self.stats.dropped[LATE] += len(items)
             for item in items:
-                self.engine.dispatcher.forget(unpack_request(item).keys)
+                _forget(dispatcher, unpack_request(item).keys or None)
 
     async def _merge_clock(self) -> None:
         while not self._stopping:
@@ -320,15 +347,24 @@ class WorkerSession(asyncio.Protocol):
         return task
 
 
+def _forget(dispatcher: Any, keys: list[bytes] | None) -> None:
+    if keys is None:
+        dispatcher.forget_all()
+    else:
+        dispatcher.forget(keys)
+
+
 class FeedSession(asyncio.Protocol):
     """Another proxy process's stream (workers: N): ("hello", token, since) first, then
-    batch, tick, lost and epoch messages as on the main socket."""
+    batch, tick and epoch messages as on the main socket, and ("bye",) last."""
 
     def __init__(self, owner: WorkerSession) -> None:
         self.owner = owner
-        self.decoder = FrameDecoder()
+        # Small frames only until the hello proves the peer is one of ours.
+        self.decoder = FrameDecoder(max_frame=HELLO_FRAME)
         self.transport: asyncio.Transport | None = None
         self.stream: int | None = None
+        self.clean = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -344,28 +380,38 @@ class FeedSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None
         try:
+            if self.stream is None:
+                hello = self.decoder.feed(data, limit=1)  # (small frames only until then)
+                if not hello:
+                    return
+                message = hello[0]
+                if message[0] != "hello" or not secrets.compare_digest(
+                    str(message[1]), self.owner.feed_token
+                ):
+                    raise WireError("a feed must start with the right hello")
+                self.stream = self.owner.feed_opened(float(message[2]))
+                self.decoder.max_frame = MAX_FRAME
+                data = b""
             for message in self.decoder.feed(data):
-                if self.stream is None:
-                    if message[0] != "hello" or not secrets.compare_digest(
-                        str(message[1]), self.owner.feed_token
-                    ):
-                        raise WireError("a feed must start with the right hello")
-                    self.stream = self.owner.feed_opened(float(message[2]))
+                if message[0] == "bye":
+                    self.clean = True
                     continue
                 self.owner.feed(self.stream, message)
         except WireError as exc:
             log.error("shadow worker: feed closed: %s", exc)
             self.transport.abort()
         except Exception:  # a bad message must not end the worker's other work
-            log.exception("shadow worker: cannot handle a feed message")
+            log.exception("shadow worker: cannot handle a feed message; closing the feed")
             self.owner.stats.errors["internal"] += 1
+            self.transport.abort()  # (its keys turn cold; the proxy process reconnects)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.stream is not None:
-            self.owner.feed_closed(self.stream)
+            self.owner.feed_closed(self.stream, self.clean)
 
 
 _CREDS: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
+HELLO_FRAME: Final = 4096
 
 
 async def _listen_for_feeds(owner: WorkerSession, shard: int) -> asyncio.AbstractServer:

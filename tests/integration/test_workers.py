@@ -83,6 +83,23 @@ def test_hot_keys_through_two_processes_give_no_false_mismatch(two: ProxyThread)
     assert two.metrics.requests.total() == local + remote
 
 
+def test_shadow_workers_killed_under_load_give_no_false_mismatch(two: ProxyThread) -> None:
+    """A restarted worker hears the first process at once and the other one only once it
+    has reconnected: what that one dropped meanwhile must make its keys cold."""
+    hammer = Hammer(two.port, 16, 8.0, shared=[f"hot{i}" for i in range(4)])
+    time.sleep(2.5)
+    first = list(two.shadow.worker_pids)
+    for pid in first:
+        os.kill(pid, signal.SIGKILL)
+    _wait(lambda: all(p not in (None, *first) for p in two.shadow.worker_pids))
+    hammer.join()
+    two.settle(120)
+    out = figures(two)
+    assert hammer.result.errors == []
+    assert out["mismatches"] == {}, out
+    assert out["comparisons"] > 500, out
+
+
 def test_metrics_add_up_and_a_rate_change_reaches_both_processes(two: ProxyThread) -> None:
     _sets(two.port, 16, 50, "on")
     two.settle()

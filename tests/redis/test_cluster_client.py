@@ -258,3 +258,30 @@ async def test_closing_while_a_moved_command_waits_completes_it_once(
         await store.close()
         await asyncio.sleep(0.05)
         assert len(calls) == 1, calls
+
+
+async def test_a_primary_restarted_empty_at_its_address_has_every_key_reported(
+    cluster: RedisCluster,
+) -> None:
+    """Without persistence a restarted cluster primary keeps its slots (nodes.conf) and
+    comes back empty: nothing in the slot map changes, only its replication id."""
+    store = RedisStore.from_url(cluster.url(), cluster="true", size=2)
+    lost: list[tuple[list[bytes] | None, str]] = []
+    store.on_writes_lost = lambda keys, reason: lost.append((keys, reason))
+    try:
+        assert await store.start()
+        key = b"restarted:1"
+        assert (await store.store("set", key, 0, 0, b"v")).status is StoreStatus.STORED
+        owner = _owner(cluster, key)
+        owner.restart()
+        await asyncio.to_thread(cluster.wait_ok)
+        for _ in range(200):
+            with contextlib.suppress(RedisError):
+                await store.get(key)
+                if lost:
+                    break
+            await asyncio.sleep(0.05)
+        assert lost == [(None, "replaced")]
+        assert await store.get(key) is None  # (it did come back empty)
+    finally:
+        await store.close()

@@ -45,8 +45,8 @@ def test_a_stalled_stream_stops_holding_the_others_and_its_late_groups_are_retur
     merger.add(0, [group(1, 0.5)], 0.9)
     assert merger.release(0.9)[0] == []  # stream 1 is only 0.9 behind: wait for it
     merger.tick(0, 2.0)
-    out, watermark = merger.release(2.0)  # stream 1 is 2.0 behind the freshest: stalled
-    assert len(out) == 1 and watermark == 2.0
+    out, tick = merger.release(2.0)  # stream 1 is 2.0 behind the freshest: stalled
+    assert len(out) == 1 and merger.released == 2.0 and tick == 0.0
     late = merger.add(1, [group(5, 1.5, "late"), group(5, 2.5, "fine")], 2.6)
     assert [g[2] for g in late] == [["late"]]
     merger.tick(0, 3.0)
@@ -117,3 +117,25 @@ def test_a_request_goes_to_its_sampled_keys_shards_or_to_all_when_keyless() -> N
     one = keys[3]
     assert shards_for([one], 4, sampler.sampled) == {shard_of(one, 4)}
     assert shards_for([one], 1, sampler.sampled) == {0}
+
+
+def test_the_dispatchers_tick_waits_for_a_stalled_stream_that_no_longer_holds_releases() -> None:
+    """Past a stalled stream, requests are replayed, but verdicts that need ordered
+    evidence are not told that everything is in: the stalled stream may hold some."""
+    merger = Merger(stall=1.0)
+    merger.open(0, 0.0)
+    merger.open(1, 0.0)
+    merger.add(0, [group(1, 1.5)], 2.0)
+    out, tick = merger.release(2.0)
+    assert len(out) == 1  # stream 1 is 2 s behind: stalled, not waited for
+    assert tick == 0.0  # ... but the dispatcher's horizon stays with it
+
+
+def test_a_marker_is_released_after_the_requests_that_came_before_it() -> None:
+    """lost/epoch come before the batch they were written with; they sort by their time."""
+    merger = Merger(stall=10.0)
+    merger.open(0, 0.0)
+    merger.add(0, [(-1, 2.0, None)], float("-inf"))  # told at 2.0, before the batch
+    merger.add(0, [group(1, 1.0, "before"), group(1, 1.5, "also")], 2.5)
+    out, _ = merger.release(5.0)
+    assert [g[2] for g in out] == [["before"], ["also"], None]
