@@ -48,7 +48,6 @@ class Lane:
     __slots__ = (
         "batch",
         "cold",
-        "cold_at",
         "items",
         "lost",
         "lost_overflow",
@@ -65,7 +64,6 @@ class Lane:
         self.lost = 0  # keys named by the markers in the batch
         self.lost_overflow = False  # past LOST_KEYS_LIMIT: one marker for every key, last
         self.cold = False  # unreachable meanwhile: the next socket starts with every key cold
-        self.cold_at = 0.0  # when the last request it should have had was dropped
         self.sent = 0  # requests handed to the current worker
 
     def writer(self) -> asyncio.Transport | None:
@@ -98,19 +96,14 @@ class Handoff:
         if transport is None:
             return
         if lane.cold and not fresh:
-            # Stamped with the last drop: requests before it may not warm a key again.
-            transport.writelines(encode(("epoch", lane.cold_at)))
+            # Every drop came before now (and after `hello`, nothing is dropped for it).
+            transport.writelines(encode(("epoch", time.perf_counter())))
         lane.cold = False
 
     def lost_all(self, shard: int) -> None:
         """What was written to `shard`'s worker on a socket that broke may not have reached
         it: the next socket starts by making every key cold."""
-        self._cold(self.lanes[shard])
-
-    @staticmethod
-    def _cold(lane: Lane) -> None:
-        lane.cold = True
-        lane.cold_at = time.perf_counter()
+        self.lanes[shard].cold = True
 
     @property
     def pending(self) -> int:
@@ -140,7 +133,7 @@ class Handoff:
                 lane = lanes[shard]
                 if lane.writer() is None or self.stopping:
                     refused = "worker_down"
-                    self._cold(lane)
+                    lane.cold = True
                     continue
                 if size > room:
                     refused = refused or "queue_full"
@@ -171,7 +164,7 @@ class Handoff:
                 if request.capture:
                     shadowed[request.command] += 1
                     self._count_drop("worker_down")
-                    self._cold(lane)
+                    lane.cold = True
             return
         room = self._room()
         now = time.perf_counter()
@@ -256,7 +249,7 @@ class Handoff:
             if transport is None:
                 self.dropped["worker_down"] += items
                 self.stats.dropped["worker_down"] += items
-                self._cold(lane)
+                lane.cold = True
                 continue
             now = time.perf_counter()
             transport.writelines(encode(("batch", batch, now)))

@@ -236,8 +236,10 @@ class WorkerSession(asyncio.Protocol):
         elif kind == "tick":
             merger.tick(stream, message[1])
         elif kind == "epoch":
-            # Ordered with the requests: one released after it may warm a key again, one
-            # released before it must not (what was lost came after it).
+            # What this stream lost came before `at`. At once: a verdict still waiting for
+            # its evidence may have missed it (it turns unverified). And in order: a
+            # request released after this point from before `at` must not warm a key.
+            engine.dispatcher.forget_all()
             late = merger.add(stream, [(MARKER, float(message[1]), None)], float("-inf"))
             if late:
                 self._late(late)
