@@ -219,7 +219,7 @@ class ShadowDispatcher:
         if diff is None:
             if op.mc_status is not None:
                 stats.comparisons[figures.match] += 1
-            if full_state:
+            if full_state and state.ttl_known:  # (a read alone does not tell the TTL)
                 state.mark_synced(op.seq)
         else:
             verdict = await self._classify(op, diff, state, answer, expires_at)
@@ -297,7 +297,7 @@ class ShadowDispatcher:
                     return  # the chain goes on once the difference is classified
                 if op.mc_status is not None:
                     self.stats.comparisons[figures.match] += 1
-                if full:
+                if full and state.ttl_known:  # (a read alone does not tell the TTL)
                     state.mark_synced(op.seq)
                 figures.duration.observe(now - started)
                 self.stats.lag.observe(now - op.replied_at)

@@ -32,6 +32,7 @@ class KeyState:
         "replayed_seq",
         "synced",
         "touches",
+        "ttl_known",
     )
 
     def __init__(self, epoch: int) -> None:
@@ -41,6 +42,11 @@ class KeyState:
         self.synced = -1
         self.lost = -1
         self.expires_at: float | None = None  # unix time memcached should expire it (None: never)
+        # Whether expires_at comes from a write seen in this epoch. A read that finds both
+        # stores equal does not say when the item expires: it cannot make the key warm
+        # alone, or an expiry set before (another worker's life, another epoch) would read
+        # as a mismatch when it comes.
+        self.ttl_known = False
         self.last_session = 0
         self.last_seen = 0.0  # perf_counter time of the latest reply seen for this key
         self.contended_until = 0.0  # perf_counter: until then, other connections raced on it
@@ -68,6 +74,7 @@ class KeyState:
     def note_expiry(self, exptime: int) -> None:
         """Memcached applied `exptime` to the key now (its rule: 0 never, negative at
         once, up to 30 days relative, beyond that a unix time)."""
+        self.ttl_known = True
         if exptime == 0:
             self.expires_at = None
         elif exptime < 0:

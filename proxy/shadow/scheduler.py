@@ -306,9 +306,12 @@ class Scheduler:
     def _dispatched_until(self) -> float:
         """Every operation Memcached answered before this perf_counter time is dispatched."""
         queue = self._queue
-        if queue:
+        until = self._horizon if self._ticked else time.perf_counter()
+        if queue and queue[0][1] < until:
+            # (never past the horizon: with several proxy processes, requests of one may be
+            # queued while another has not vouched for their time yet)
             return queue[0][1]
-        return self._horizon if self._ticked else time.perf_counter()
+        return until
 
     def _chain_idle(self, key: bytes) -> None:
         """Nothing of the key waits: settle it if writers raced on it, else end its chain."""

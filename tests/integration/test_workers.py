@@ -83,12 +83,6 @@ def test_hot_keys_through_two_processes_give_no_false_mismatch(two: ProxyThread)
     assert two.metrics.requests.total() == local + remote
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known defect: about one run in six reports one false mismatch (a key Redis "
-    "lost with no operation the restarted worker saw) among ~21k comparisons; with "
-    "workers: 1 the same kill gives none. Tracked in the closing note of this stop.",
-)
 def test_shadow_workers_killed_under_load_give_no_false_mismatch(two: ProxyThread) -> None:
     """A restarted worker hears the first process at once and the other one only once it
     has reconnected: what that one dropped meanwhile must make its keys cold."""

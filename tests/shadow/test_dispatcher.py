@@ -463,3 +463,19 @@ async def test_redis_service_time_and_the_shadow_queueing_are_measured_apart(
     same_service, slow_queueing = await _service_and_queueing(mc_server, redis_proc.port, 0.2)
     assert same_service < 0.01
     assert slow_queueing >= 0.05  # requests wait up to the 200 ms window
+
+
+async def test_equal_reads_alone_do_not_warm_a_key(shadow: Harness) -> None:
+    # Both stores hold the key from before this shadow saw any write of it (another
+    # worker's life, another epoch): equal reads say nothing of when memcached expires it.
+    RawClient(shadow.mc_port).send(b"set k 0 0 5\r\nhello\r\n")
+    redis_call(shadow.redis_port, "SET", "k", pack_value(0, 1, b"hello"))
+    shadow.send(b"get k\r\n")
+    await shadow.idle()
+    assert shadow.outcomes() == {"match": 1}
+    # memcached loses it with no operation the shadow sees (its expiry, here a delete).
+    assert shadow.memcached(b"delete k\r\n") == b"DELETED\r\n"
+    shadow.send(b"get k\r\n")
+    await shadow.idle()
+    assert shadow.mismatches() == {}
+    assert shadow.noise() == {"cold_key": 1}

@@ -68,6 +68,7 @@ def make(runner: Runner, **limits: int) -> tuple[Scheduler, ShadowStats, KeyStat
         max_inflight=limits.get("max_inflight", 512),
         batch_window=0.0,
         batch_size=64,
+        ticked=bool(limits.get("ticked", 0)),
     )
     runner.scheduler = scheduler
     return scheduler, stats, keys
@@ -147,3 +148,17 @@ async def test_stop_ends_held_chains() -> None:
     await scheduler.stop(0.1)
     assert time.monotonic() - started < 1.0
     assert not scheduler._chains
+
+
+async def test_a_queued_request_does_not_vouch_past_the_horizon() -> None:
+    # Worker mode with several proxy processes: one process's request queued here says
+    # nothing of what another one, which has not ticked that far, may still send.
+    scheduler, _, _ = make(Runner(), ticked=1)
+    now = time.perf_counter()
+    scheduler.tick(now)
+    scheduler.observe([get(b"k")], session=1, replied_at=now + 1.0)  # queued, not started
+    assert not await scheduler.caught_up(now + 0.5, give_up_after=0.05)
+    scheduler.tick(now + 0.6)
+    assert await scheduler.caught_up(now + 0.5, give_up_after=0.05)
+    assert not await scheduler.caught_up(now + 1.5, give_up_after=0.05)  # the queue's head
+    await scheduler.stop(1.0)
