@@ -10,7 +10,8 @@ import ipaddress
 import math
 import os
 import re
-from collections.abc import Callable, Iterator
+import ssl
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeVar, cast
 from urllib.parse import parse_qs, quote, unquote, urlsplit
@@ -135,13 +136,20 @@ class RedisURL:
     tls: bool = False
     timeout: float | None = None  # seconds per command (?timeout=); None: the client's own
     tls_verify: bool = True  # rediss: check the server's certificate (?ssl_cert_reqs=none)
+    # rediss: the CAs that vouch for the server (?ssl_ca_certs=; None: the system's) and a
+    # client certificate for servers that ask for one (?ssl_certfile=, ?ssl_keyfile=).
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
 
     @classmethod
     def parse(cls, text: str, *, options: bool = False) -> RedisURL:
         """Parse a Redis URL; raise InvalidValue (a ValueError) naming what is wrong.
 
-        options: accept the query parameters `timeout`, `ssl_cert_reqs` and `db` (URLs given
-        to the Redis client in code); the YAML has its own keys for these and refuses them.
+        options: accept the query parameters of _URL_OPTIONS (URLs given to the Redis client
+        in code); the YAML has its own keys for these and refuses them. A user name without
+        a password is accepted: the config may take the password from elsewhere
+        (complete_redis), and a connection refuses to start without one.
         """
         text = text.strip()
         if "://" not in text:
@@ -179,11 +187,21 @@ class RedisURL:
             )
         username = unquote(parts.username) if parts.username else None
         password = unquote(parts.password) if parts.password is not None else None
-        if username is not None and password is None:
-            raise InvalidValue("a user name needs a password: redis://USER:PASSWORD@HOST")
         timeout = _url_timeout(query["timeout"]) if "timeout" in query else None
         verify = query.get("ssl_cert_reqs", "required").lower() != "none"
-        return cls(host, port, db, username, password or None, scheme == "rediss", timeout, verify)
+        return cls(
+            host,
+            port,
+            db,
+            username,
+            password or None,
+            scheme == "rediss",
+            timeout,
+            verify,
+            query.get("ssl_ca_certs") or None,
+            query.get("ssl_certfile") or None,
+            query.get("ssl_keyfile") or None,
+        )
 
     def to_url(self, *, redact: bool = False) -> str:
         scheme = "rediss" if self.tls else "redis"
@@ -197,13 +215,41 @@ class RedisURL:
             options.append(f"timeout={self.timeout:g}")
         if not self.tls_verify:
             options.append("ssl_cert_reqs=none")
+        for name, path in (
+            ("ssl_ca_certs", self.tls_ca_file),
+            ("ssl_certfile", self.tls_cert_file),
+            ("ssl_keyfile", self.tls_key_file),
+        ):
+            if path is not None:
+                options.append(f"{name}={quote(path, safe='/')}")
         return url + ("?" + "&".join(options) if options else "")
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The TLS settings of a rediss:// URL (None for redis://): the server's certificate
+        and host name are checked against the given CAs (the system's by default) unless
+        ssl_cert_reqs=none. Raises OSError or ssl.SSLError when a file cannot be loaded."""
+        if not self.tls:
+            return None
+        context = ssl.create_default_context(cafile=self.tls_ca_file)
+        if not self.tls_verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        if self.tls_cert_file is not None:
+            context.load_cert_chain(self.tls_cert_file, self.tls_key_file)
+        return context
 
     def __str__(self) -> str:
         return self.to_url(redact=True)
 
 
-_URL_OPTIONS: Final = ("timeout", "ssl_cert_reqs", "db")
+_URL_OPTIONS: Final = (
+    "timeout",
+    "ssl_cert_reqs",
+    "db",
+    "ssl_ca_certs",
+    "ssl_certfile",
+    "ssl_keyfile",
+)
 
 
 def _url_options(query: str) -> dict[str, str]:
@@ -309,6 +355,69 @@ def _redis_url(node: Node) -> RedisURL | None:
     if text is None:
         raise InvalidValue(f"must be a redis:// URL or null, got {_describe(node)}")
     return RedisURL.parse(text)
+
+
+MAX_SECRET_FILE: Final = 4096
+"""Bytes a password file may hold (a mounted Kubernetes Secret holds one line)."""
+
+
+def read_secret_file(path: str) -> str:
+    """The one-line secret a file holds, without its line end; InvalidValue (never quoting
+    the content) when it cannot be read or is not one line of text."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_SECRET_FILE + 1)
+    except OSError as exc:
+        raise InvalidValue(f"cannot read {path!r}: {exc.strerror or exc}") from None
+    if len(data) > MAX_SECRET_FILE:
+        raise InvalidValue(f"{path!r} holds over {MAX_SECRET_FILE} bytes: not a password file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidValue(f"{path!r} is not UTF-8 text") from None
+    text = text.removesuffix("\n").removesuffix("\r")
+    if not text:
+        raise InvalidValue(f"{path!r} is empty")
+    if "\n" in text or "\r" in text:
+        raise InvalidValue(f"{path!r} holds more than one line; a password file holds one")
+    return text
+
+
+def _path(node: Node) -> str | None:
+    if isinstance(node, ScalarNode) and node.tag == _NULL_TAG:
+        return None
+    text = _plain_text(node)
+    if not text:
+        raise InvalidValue(f"must be a file path or null, got {_describe(node)}")
+    return text
+
+
+def _readable_file(node: Node) -> str | None:
+    path = _path(node)
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as exc:
+            raise InvalidValue(f"cannot read {path!r}: {exc.strerror or exc}") from None
+    return path
+
+
+def _password_file(node: Node) -> str | None:
+    path = _path(node)
+    if path is not None:
+        read_secret_file(path)
+    return path
+
+
+def _ca_file(node: Node) -> str | None:
+    path = _readable_file(node)
+    if path is not None:
+        try:
+            ssl.create_default_context(cafile=path)
+        except ssl.SSLError as exc:
+            raise InvalidValue(f"{path!r} holds no usable CA certificate (PEM): {exc}") from None
+    return path
 
 
 def _fraction(node: Node) -> float:
@@ -636,6 +745,14 @@ class ShadowConfig:
     redis_failover_window: float = field(
         default=10.0, metadata=_parsed_by(_seconds_parser(allow_zero=True))
     )
+    # The Redis password from a file (a mounted Secret), so that none sits in a ConfigMap;
+    # the MEMSHADOW_REDIS_PASSWORD environment variable, when set, wins over it and the URL.
+    redis_password_file: str | None = field(default=None, metadata=_parsed_by(_password_file))
+    # rediss:// only: the CAs that vouch for Redis's certificate (PEM; default: the system's)
+    # and a client certificate and key for a server that asks for one (tls-auth-clients).
+    redis_tls_ca_file: str | None = field(default=None, metadata=_parsed_by(_ca_file))
+    redis_tls_cert_file: str | None = field(default=None, metadata=_parsed_by(_readable_file))
+    redis_tls_key_file: str | None = field(default=None, metadata=_parsed_by(_readable_file))
     redis_connections: int = field(default=4, metadata=_parsed_by(_positive_int))
     redis_timeout: float = field(
         default=0.5, metadata=_parsed_by(_seconds_parser(allow_zero=False))
@@ -833,9 +950,15 @@ def _check_listeners(config: Config) -> None:
         )
 
 
-# Checks that involve several options of one section, run after the section is built.
-_SECTION_CHECKS: dict[type[Any], Callable[[Any], None]] = {
+def _complete_shadow(shadow: ShadowConfig) -> ShadowConfig | None:
+    return None if shadow.redis is None else complete_redis(shadow, shadow.redis, os.environ)
+
+
+# Checks that involve several options of one section, run after the section is built; one
+# that returns a section puts it in the built one's place (the Redis URL completed).
+_SECTION_CHECKS: dict[type[Any], Callable[[Any], Any]] = {
     LimitsConfig: _check_limits,
+    ShadowConfig: _complete_shadow,
     Config: _check_config,
 }
 
@@ -923,7 +1046,10 @@ class _Loader:
         if len(self.errors) > errors_before:
             return result  # a check across options would only see defaults in their place
         try:
-            _SECTION_CHECKS.get(cls, _no_check)(result)
+            check: Callable[[Any], Any] = _SECTION_CHECKS.get(cls, _no_check)
+            completed = check(result)
+            if completed is not None:
+                result = completed
         except _Conflict as exc:
             name = next((n for n in exc.fields if n in nodes), exc.fields[0])
             key = f"{path}.{name}" if path else name
@@ -980,6 +1106,69 @@ def parse_config(text: str, *, source: str) -> Config:
     loader = _Loader(source)
     config = loader.done(loader.section(Config, root, ""))
     return dataclasses.replace(config, source=source)
+
+
+REDIS_PASSWORD_ENV: Final = "MEMSHADOW_REDIS_PASSWORD"
+
+
+def complete_redis(shadow: ShadowConfig, url: RedisURL, environ: Mapping[str, str]) -> ShadowConfig:
+    """shadow with `url` as its Redis, completed with what the other options say: the
+    password (MEMSHADOW_REDIS_PASSWORD, else shadow.redis_password_file, else the URL's)
+    and the TLS files. Raises _Conflict naming the option at fault."""
+    password = url.password
+    if shadow.redis_password_file is not None:
+        if url.password is not None:
+            raise _Conflict(
+                ("redis_password_file", "redis"),
+                "the Redis URL and shadow.redis_password_file both give a password: give it "
+                f"in one place (the file, the URL, or {REDIS_PASSWORD_ENV})",
+            )
+        try:
+            password = read_secret_file(shadow.redis_password_file)
+        except InvalidValue as exc:
+            raise _Conflict(("redis_password_file",), exc.problem) from None
+    password = environ.get(REDIS_PASSWORD_ENV) or password
+    if url.username is not None and password is None:
+        raise _Conflict(
+            ("redis",),
+            f"the Redis URL names the user {url.username!r} but no password is given: put "
+            f"it in the URL, in shadow.redis_password_file or in {REDIS_PASSWORD_ENV}",
+        )
+    files = {
+        "tls_ca_file": shadow.redis_tls_ca_file,
+        "tls_cert_file": shadow.redis_tls_cert_file,
+        "tls_key_file": shadow.redis_tls_key_file,
+    }
+    given = [name for name, path in files.items() if path is not None]
+    if given and not url.tls:
+        raise _Conflict(
+            (f"redis_{given[0]}", "redis"),
+            f"shadow.redis_{given[0]} applies to TLS only, and the Redis URL is "
+            "redis://: use rediss:// (or remove the TLS options)",
+        )
+    if shadow.redis_tls_key_file is not None and shadow.redis_tls_cert_file is None:
+        raise _Conflict(
+            ("redis_tls_key_file",),
+            "shadow.redis_tls_key_file is set without shadow.redis_tls_cert_file (the "
+            "certificate it is the key of)",
+        )
+    completed = dataclasses.replace(
+        url,
+        password=password,
+        tls_ca_file=shadow.redis_tls_ca_file or url.tls_ca_file,
+        tls_cert_file=shadow.redis_tls_cert_file or url.tls_cert_file,
+        tls_key_file=shadow.redis_tls_key_file or url.tls_key_file,
+    )
+    if shadow.redis_tls_cert_file is not None:
+        try:
+            completed.tls_context()
+        except (OSError, ssl.SSLError) as exc:
+            raise _Conflict(
+                ("redis_tls_cert_file",),
+                "shadow.redis_tls_cert_file cannot be loaded (with its key, "
+                f"shadow.redis_tls_key_file, if given) as a client certificate: {exc}",
+            ) from None
+    return dataclasses.replace(shadow, redis=completed)
 
 
 def check_complete(config: Config) -> Config:
@@ -1040,6 +1229,11 @@ def apply_overrides(
     if redis is not None:
         parsed = flag("--redis", RedisURL.parse, redis) if redis.strip() else None
         shadow = dataclasses.replace(shadow, redis=parsed)
+        if parsed is not None:
+            try:
+                shadow = complete_redis(shadow, parsed, os.environ)
+            except _Conflict as exc:
+                raise ConfigError(COMMAND_LINE, exc.problem, key="--redis") from None
     if sample_rate is not None:
         shadow = dataclasses.replace(
             shadow, sample_rate=flag("--sample-rate", _flag_fraction, str(sample_rate))

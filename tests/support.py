@@ -545,3 +545,58 @@ class RedisCluster:
     def stop(self) -> None:
         for server in self.servers:
             server.stop()
+
+
+class ThrowawayCA:
+    """A certificate authority made for one test (openssl, EC keys, valid one day): it
+    issues server certificates for a host name or IP and client certificates."""
+
+    def __init__(self, directory: Path, name: str = "ca") -> None:
+        self.directory = directory
+        self.name = name
+        self.cert = directory / f"{name}.pem"
+        self.key = directory / f"{name}.key"
+        self._openssl(
+            "req", "-x509", *self._new_key(self.key), "-days", "1", "-out", str(self.cert),
+            "-subj", f"/CN=memshadow test {name}",
+        )  # fmt: skip
+
+    def issue(self, name: str, subject_alt_name: str = "") -> tuple[Path, Path]:
+        """(certificate, key) for `name`, e.g. issue("server", "IP:127.0.0.1")."""
+        cert = self.directory / f"{self.name}-{name}.pem"
+        key = self.directory / f"{self.name}-{name}.key"
+        request = self.directory / f"{self.name}-{name}.csr"
+        self._openssl(
+            "req", "-new", *self._new_key(key), "-out", str(request), "-subj", f"/CN={name}"
+        )
+        extensions = self.directory / f"{self.name}-{name}.ext"
+        extensions.write_text(f"subjectAltName={subject_alt_name}\n" if subject_alt_name else "")
+        self._openssl(
+            "x509", "-req", "-in", str(request), "-CA", str(self.cert), "-CAkey", str(self.key),
+            "-set_serial", str(random.getrandbits(62)), "-days", "1", "-out", str(cert),
+            "-extfile", str(extensions),
+        )  # fmt: skip
+        return cert, key
+
+    @staticmethod
+    def _new_key(path: Path) -> list[str]:
+        return ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                "-keyout", str(path)]  # fmt: skip
+
+    @staticmethod
+    def _openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def tls_redis_argv(
+    cert: Path, key: Path, ca: Path, *extra: str, client_certs: bool = False
+) -> Callable[[int], list[str]]:
+    """A redis-server that speaks TLS only, on the port it is given; client_certs: it
+    refuses clients without a certificate its CA issued (tls-auth-clients yes)."""
+    plain = redis_argv(*extra)
+    return lambda port: [
+        *plain(port),
+        "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert),
+        "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
+        "--tls-auth-clients", "yes" if client_certs else "no",
+    ]  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from proxy.config import (
     parse_config,
 )
 from proxy.errors import ConfigError, InvalidValue, MemshadowError
+from tests.support import ThrowawayCA
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "memshadow.yaml"
 
@@ -441,7 +443,11 @@ def test_port_zero_only_for_listening_addresses(tmp_path: Path) -> None:
         ("redis://h/1/2", "database must be a number, as in redis://HOST:PORT/0; got '/1/2'"),
         ("redis://h/0?timeout=1", "query parameters are not supported, got '?timeout=1'"),
         ("redis://h/0#x", "fragments are not supported, got '#x'"),
-        ("redis://user@h", "a user name needs a password: redis://USER:PASSWORD@HOST"),
+        (
+            "redis://user@h",
+            "the Redis URL names the user 'user' but no password is given: put it in the "
+            "URL, in shadow.redis_password_file or in MEMSHADOW_REDIS_PASSWORD",
+        ),
         ("redis://bad_host!:1", "invalid host name 'bad_host!'"),
         ("redis://u:hunter2@:6379", "missing host in 'redis://u:***@:6379'"),
         ("[1, 2]", "must be a redis:// URL or null, got a list"),
@@ -755,3 +761,163 @@ def test_the_workers_flag_overrides_the_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         apply_overrides(config, workers="0")
     assert info.value.key == "--workers"
+
+
+# --- secrets and TLS files for Redis ---------------------------------------------------------
+
+
+@pytest.fixture
+def no_password_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MEMSHADOW_REDIS_PASSWORD", raising=False)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> tuple[ThrowawayCA, Path, Path]:
+    ca = ThrowawayCA(tmp_path)
+    return (ca, *ca.issue("memshadow"))
+
+
+def shadow_yaml(redis: str, **options: object) -> str:
+    lines = [f"  redis: {redis}", *(f"  {name}: {value}" for name, value in options.items())]
+    return "shadow:\n" + "\n".join(lines) + "\n"
+
+
+@pytest.mark.usefixtures("no_password_env")
+def test_the_redis_password_from_a_file(tmp_path: Path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("p@ss word\n")
+    path = write(tmp_path, shadow_yaml("redis://alice@cache:6380/0", redis_password_file=secret))
+    url = load_config(path).shadow.redis
+    assert url is not None
+    assert (url.username, url.password) == ("alice", "p@ss word")
+    assert "p@ss" not in str(url) and "p@ss" not in repr(load_config(path))
+    # Read again (a reload): the same config, so nothing to restart.
+    assert load_config(path) == load_config(path)
+    # --redis gets it too.
+    flagged = apply_overrides(load_config(path), redis="redis://bob@other:6379")
+    assert flagged.shadow.redis is not None and flagged.shadow.redis.password == "p@ss word"
+
+
+def test_the_redis_password_from_the_environment_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("from-file")
+    monkeypatch.setenv("MEMSHADOW_REDIS_PASSWORD", "from-env")
+    for text in (
+        shadow_yaml("redis://cache", redis_password_file=secret),
+        shadow_yaml("redis://:in-url@cache"),
+    ):
+        url = load_config(write(tmp_path, text)).shadow.redis
+        assert url is not None and url.password == "from-env"
+
+
+@pytest.mark.usefixtures("no_password_env")
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (None, "cannot read '{path}': No such file or directory"),
+        ("", "'{path}' is empty"),
+        ("\n", "'{path}' is empty"),
+        ("hunter2\nhunter3\n", "'{path}' holds more than one line; a password file holds one"),
+        ("x" * 5000, "'{path}' holds over 4096 bytes: not a password file"),
+    ],
+)
+def test_a_bad_password_file_is_named_never_shown(
+    tmp_path: Path, content: str | None, problem: str
+) -> None:
+    secret = tmp_path / "password"
+    if content is not None:
+        secret.write_text(content)
+    err = error_of(tmp_path, shadow_yaml("redis://cache", redis_password_file=secret))
+    assert (err.line, err.key, err.problem) == (
+        3,
+        "shadow.redis_password_file",
+        problem.format(path=secret),
+    )
+    assert "hunter" not in str(err)
+
+
+@pytest.mark.usefixtures("no_password_env")
+def test_a_password_in_two_places_or_none_for_a_user(tmp_path: Path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("hunter2")
+    err = error_of(tmp_path, shadow_yaml("redis://:hunter3@cache", redis_password_file=secret))
+    assert err.key == "shadow.redis_password_file"
+    assert err.problem.startswith("the Redis URL and shadow.redis_password_file both give")
+    assert "hunter" not in str(err)
+    err = error_of(tmp_path, shadow_yaml("redis://alice@cache"))
+    assert err.key == "shadow.redis"
+    with pytest.raises(ConfigError) as info:
+        apply_overrides(Config(), redis="redis://alice@cache")
+    assert info.value.key == "--redis" and "no password is given" in info.value.problem
+
+
+def test_tls_files_go_into_the_url(tmp_path: Path, pki: tuple[ThrowawayCA, Path, Path]) -> None:
+    ca, cert, key = pki
+    path = write(
+        tmp_path,
+        shadow_yaml(
+            "rediss://cache:6380/0",
+            redis_tls_ca_file=ca.cert,
+            redis_tls_cert_file=cert,
+            redis_tls_key_file=key,
+        ),
+    )
+    url = load_config(path).shadow.redis
+    assert url is not None
+    assert (url.tls_ca_file, url.tls_cert_file, url.tls_key_file) == (
+        str(ca.cert),
+        str(cert),
+        str(key),
+    )
+    assert RedisURL.parse(url.to_url(), options=True) == url
+    context = url.tls_context()
+    assert context is not None and context.check_hostname
+    assert len(context.get_ca_certs()) == 1  # this CA only, not the system's
+
+
+@pytest.mark.parametrize(
+    ("yaml_of", "key", "problem"),
+    [
+        (
+            lambda ca, cert, key: shadow_yaml("redis://cache", redis_tls_ca_file=ca),
+            "shadow.redis_tls_ca_file",
+            "shadow.redis_tls_ca_file applies to TLS only, and the Redis URL is redis://: use "
+            "rediss:// (or remove the TLS options)",
+        ),
+        (
+            lambda ca, cert, key: shadow_yaml("rediss://cache", redis_tls_ca_file=key),
+            "shadow.redis_tls_ca_file",
+            "holds no usable CA certificate (PEM)",
+        ),
+        (
+            lambda ca, cert, key: shadow_yaml("rediss://cache", redis_tls_key_file=key),
+            "shadow.redis_tls_key_file",
+            "shadow.redis_tls_key_file is set without shadow.redis_tls_cert_file",
+        ),
+        (
+            lambda ca, cert, key: shadow_yaml(
+                "rediss://cache", redis_tls_cert_file=cert, redis_tls_key_file=ca
+            ),
+            "shadow.redis_tls_cert_file",
+            "shadow.redis_tls_cert_file cannot be loaded",
+        ),
+        (
+            lambda ca, cert, key: shadow_yaml("rediss://cache", redis_tls_cert_file="/nope.pem"),
+            "shadow.redis_tls_cert_file",
+            "cannot read '/nope.pem': No such file or directory",
+        ),
+    ],
+)
+def test_bad_tls_files(
+    tmp_path: Path,
+    pki: tuple[ThrowawayCA, Path, Path],
+    yaml_of: Callable[[Path, Path, Path], str],
+    key: str,
+    problem: str,
+) -> None:
+    ca, cert, private = pki
+    err = error_of(tmp_path, yaml_of(ca.cert, cert, private))
+    assert err.key == key
+    assert problem in err.problem

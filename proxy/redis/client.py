@@ -19,7 +19,7 @@ import socket
 import ssl
 import time
 import zlib
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias, cast
 
@@ -132,8 +132,31 @@ ASKING = b"*1\r\n$6\r\nASKING\r\n"
 
 def parse_url(url: str) -> RedisURL:
     """Parse a redis:// or rediss:// URL (config.RedisURL, the one URL type, with its query
-    options ``timeout`` and ``ssl_cert_reqs=none``); ValueError when it is not one."""
+    options: ``timeout``, ``ssl_cert_reqs=none``, ``ssl_ca_certs``, ``ssl_certfile``,
+    ``ssl_keyfile``); ValueError when it is not one."""
     return RedisURL.parse(url, options=True)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """Why a connection attempt failed, as a metric label: tls (the certificate or its host
+    name refused, or no TLS handshake), auth (AUTH refused), dns, refused, timeout,
+    replica (the endpoint leads to a replica) or other."""
+    if isinstance(exc, ssl.SSLError):
+        return "tls"
+    if isinstance(exc, socket.gaierror):
+        return "dns"
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, TimeoutError | RedisTimeout):
+        return "timeout"
+    if isinstance(exc, NotPrimary):
+        return "replica"
+    if isinstance(exc, RedisReplyError) and (
+        str(exc).startswith("AUTH failed")
+        or any(word in str(exc) for word in ("NOAUTH", "WRONGPASS", "NOPERM"))
+    ):
+        return "auth"
+    return "other"
 
 
 # encoding -----------------------------------------------------------------------------------
@@ -475,9 +498,13 @@ class RedisConnection:
         service_time: Callable[[float], None] | None = None,
         refusals: Refusals | None = None,
         require_primary: bool = False,
+        failures: Counter[str] | None = None,
     ) -> None:
+        """failures: counts each failed connection attempt by failure_reason (shared by
+        the connections of a shadow, for its metrics)."""
         self.url = parse_url(url) if isinstance(url, str) else url
         self.refusals = refusals
+        self.failures = failures
         # Refuse to talk to a replica (INFO replication in the handshake): after a failover
         # the endpoint may still lead to the old primary for a while, and it must not be
         # written to. The handshake also learns the server's replication ids.
@@ -565,6 +592,8 @@ class RedisConnection:
                 protocol = await self._connect_once()
             except (OSError, TimeoutError, RedisError) as exc:
                 self.connect_failures += 1
+                if self.failures is not None:
+                    self.failures[failure_reason(exc)] += 1
                 self.last_error = _describe_failure(exc, self.url)
                 self._attempted.set()
                 _outage(self.url).failed(self.last_error)
@@ -599,12 +628,10 @@ class RedisConnection:
     async def _connect_once(self) -> _RespProtocol:
         loop = asyncio.get_running_loop()
         url = self.url
-        ssl_ctx: ssl.SSLContext | None = None
-        if url.tls:
-            ssl_ctx = self._ssl_context or ssl.create_default_context()
-            if self._ssl_context is None and not url.tls_verify:
-                ssl_ctx.check_hostname = False
-                ssl_ctx.verify_mode = ssl.CERT_NONE
+        if url.username is not None and url.password is None:
+            raise RedisUnavailable(f"the URL names the user {url.username!r} but no password")
+        # (built at each connect: a renewed certificate or CA file is read the next time)
+        ssl_ctx = (self._ssl_context or url.tls_context()) if url.tls else None
 
         def factory() -> _RespProtocol:
             return _RespProtocol(
@@ -916,6 +943,7 @@ class RedisPool:
         require_primary: bool = False,
         refusals: Callable[[RedisConnection], Refusals] | None = None,
         failover_window: float = FAILOVER_WINDOW,
+        failures: Counter[str] | None = None,
     ) -> None:
         """refusals: builds each connection's handler of a cluster's refusals (a cluster's
         node pools); by default the pool's own, for one Redis behind one endpoint."""
@@ -940,6 +968,7 @@ class RedisPool:
                 name=str(index),
                 service_time=service_time,
                 require_primary=require_primary,
+                failures=failures,
             )
             for index in range(size)
         ]

@@ -27,6 +27,7 @@ import dataclasses
 import logging
 import ssl
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -89,10 +90,22 @@ def command_key(payload: bytes) -> bytes | None:
     return key if isinstance(key, bytes) else None
 
 
-async def detect_cluster(url: RedisURL, timeout: float) -> bool:
+async def detect_cluster(
+    url: RedisURL,
+    timeout: float,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    failures: Counter[str] | None = None,
+) -> bool:
     """Whether the server at `url` runs in cluster mode (INFO cluster: cluster_enabled:1).
     Raises RedisError when it cannot be asked."""
-    conn = RedisConnection(dataclasses.replace(url, db=0), connect_timeout=timeout, timeout=timeout)
+    conn = RedisConnection(
+        dataclasses.replace(url, db=0),
+        connect_timeout=timeout,
+        timeout=timeout,
+        ssl_context=ssl_context,
+        failures=failures,
+    )
     try:
         if not await conn.start():
             raise RedisUnavailable(f"redis {url}: {conn.last_error or 'unreachable'}")
@@ -120,6 +133,7 @@ class ClusterPool:
         service_time: Callable[[float], None] | None = None,
         refresh_interval: float = REFRESH_INTERVAL,
         failover_window: float = FAILOVER_WINDOW,
+        failures: Counter[str] | None = None,
     ) -> None:
         self.url = RedisURL.parse(url, options=True) if isinstance(url, str) else url
         if self.url.db:
@@ -137,6 +151,7 @@ class ClusterPool:
             "library": library,
             "ssl_context": ssl_context,
             "service_time": service_time,
+            "failures": failures,
         }
         self.connect_timeout = connect_timeout
         self.refresh_interval = refresh_interval
@@ -265,6 +280,7 @@ class ClusterPool:
                 timeout=self.connect_timeout,
                 connect_timeout=self.connect_timeout,
                 ssl_context=self._pool_options["ssl_context"],
+                failures=self._pool_options["failures"],
                 name="map",
             )
             try:

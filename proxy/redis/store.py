@@ -11,6 +11,7 @@ import contextlib
 import functools
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -354,6 +355,7 @@ class RedisStore:
         self._make_pool: Callable[[bool], RedisPool | ClusterPool] | None = None
         self._deciding: asyncio.Task[None] | None = None
         self._connect_timeout = 2.0
+        self._failures: Counter[str] | None = None  # (for the cluster detection's attempts)
         pool.on_writes_lost = self._writes_lost
 
     @classmethod
@@ -371,10 +373,12 @@ class RedisStore:
         cluster: ClusterMode | str = ClusterMode.OFF,
         connect_timeout: float = 2.0,
         failover_window: float = FAILOVER_WINDOW,
+        failures: Counter[str] | None = None,
     ) -> RedisStore:
         """A store over a new pool that loads the function library (call start());
         `service_time` observes each reply's service time (write to read, seconds).
-        cluster: "true" for a Redis Cluster, "auto" to ask the server at start()."""
+        cluster: "true" for a Redis Cluster, "auto" to ask the server at start().
+        failures: counts failed connection attempts by reason (client.failure_reason)."""
         parsed = RedisURL.parse(url, options=True) if isinstance(url, str) else url
         mode = ClusterMode(cluster)
 
@@ -393,6 +397,7 @@ class RedisStore:
                 library=function_library(),
                 service_time=service_time,
                 failover_window=failover_window,
+                failures=failures,
             )
 
         first = make_pool(mode is ClusterMode.ON) if mode is not ClusterMode.AUTO else None
@@ -405,6 +410,7 @@ class RedisStore:
         store._connect_timeout = connect_timeout
         if first is None:
             store._make_pool = make_pool
+            store._failures = failures
         return store
 
     async def start(self) -> bool:
@@ -423,7 +429,9 @@ class RedisStore:
         delay = 0.1
         while True:
             try:
-                is_cluster = await detect_cluster(url, self._connect_timeout)
+                is_cluster = await detect_cluster(
+                    url, self._connect_timeout, failures=self._failures
+                )
                 break
             except RedisError as exc:
                 if delay == 0.1:  # once: the connect failures have their own summaries

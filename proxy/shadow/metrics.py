@@ -41,6 +41,9 @@ ERROR_KINDS: Final = (
     "worker_exit",
 )
 """Error kinds exported at 0 from the start (the dispatcher's and the worker process's)."""
+CONNECT_FAILURE_REASONS: Final = ("tls", "auth", "dns", "refused", "timeout")
+"""Reasons a connection to Redis failed, exported at 0 from the start (client.failure_reason;
+replica and other appear with their first count)."""
 
 # Bucket labels spelled as prometheus_client's own Histogram spells them ("5e-05").
 _go_float: Callable[[float], str] = floatToGoString  # untyped upstream
@@ -103,6 +106,7 @@ class ShadowCollector(Collector):
             (families.skipped, stats.skipped, self._skipped_reasons),
             (families.dropped, stats.dropped, self._dropped_reasons),
             (families.errors, stats.errors, self._error_kinds),
+            (families.connect_failures, stats.connect_failures, CONNECT_FAILURE_REASONS),
         ):
             values = dict.fromkeys(seeds, 0) | dict(counter)
             for label, n in sorted(values.items()):
@@ -130,6 +134,7 @@ class _Families(NamedTuple):
     skipped: CounterMetricFamily
     dropped: CounterMetricFamily
     errors: CounterMetricFamily
+    connect_failures: CounterMetricFamily
     duration: HistogramMetricFamily
     redis_service: HistogramMetricFamily
     queueing: HistogramMetricFamily
@@ -179,6 +184,13 @@ class _Families(NamedTuple):
                 "memshadow_shadow_errors",
                 "Failures of the shadow path (Redis, the Memcached re-reader, internal), by kind.",
                 labels=["kind"],
+            ),
+            CounterMetricFamily(
+                "memshadow_shadow_redis_connect_failures",
+                "Failed attempts to connect to Redis, by reason (tls: its certificate or host "
+                "name refused; auth: its password or user refused; dns, refused, timeout, "
+                "replica, other).",
+                labels=["reason"],
             ),
             HistogramMetricFamily(
                 "memshadow_shadow_duration_seconds",

@@ -61,6 +61,7 @@ class ShadowEngine:
             cluster=shadow.redis_cluster,
             failover_window=shadow.redis_failover_window,
             connect_timeout=config.upstream_connect_timeout,
+            failures=stats.connect_failures,
         )
         self.readers = [
             MemcachedReader(

@@ -115,6 +115,7 @@ class ShadowStats:
     skipped: Counter[str] = field(default_factory=Counter)  # reason
     dropped: Counter[str] = field(default_factory=Counter)  # reason
     errors: Counter[str] = field(default_factory=Counter)  # kind
+    connect_failures: Counter[str] = field(default_factory=Counter)  # Redis connects: reason
     redis_commands: int = 0  # Redis commands sent for shadowed requests
     repairs: int = 0  # keys copied from Memcached into Redis after a difference
     # Per command: Memcached's latency (client request -> reply) and Redis's (op sent ->

@@ -137,7 +137,15 @@ unpack_request: Final[Callable[[RequestTuple], Captured]] = Captured._make
 # -- stats ------------------------------------------------------------------------------------
 
 
-_COUNTERS: Final = ("comparisons", "mismatches", "noise", "skipped", "dropped", "errors")
+_COUNTERS: Final = (
+    "comparisons",
+    "mismatches",
+    "noise",
+    "skipped",
+    "dropped",
+    "errors",
+    "connect_failures",
+)
 _HISTOGRAM_TABLES: Final = ("memcached_latency", "redis_latency", "shadow_duration")
 _HISTOGRAMS: Final = ("lag", "redis_service", "queueing")  # one histogram each, no command label
 

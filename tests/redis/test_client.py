@@ -7,6 +7,7 @@ import asyncio
 import ssl
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from proxy.redis.errors import (
 )
 from proxy.redis.store import RedisStore, StoreMode, StoreStatus, function_library
 from tests.redis.conftest import REDIS_SERVER, Server, free_port
+from tests.support import ServerProcess, ThrowawayCA, tls_redis_argv
 
 StartRedis = Callable[..., Server]
 
@@ -513,9 +515,12 @@ async def test_password_and_database_from_the_url(redis_factory: StartRedis) -> 
 
 async def test_wrong_password_never_connects(redis_factory: StartRedis) -> None:
     server = redis_factory("--requirepass", "s3cret")
-    conn = RedisConnection(server.url(auth=":wrong@"), backoff_max=0.1)
+    failures: Counter[str] = Counter()
+    conn = RedisConnection(server.url(auth=":wrong@"), backoff_max=0.1, failures=failures)
     assert not await conn.start()
     assert conn.last_error is not None and "AUTH failed" in conn.last_error
+    assert "wrong" not in conn.last_error
+    assert set(failures) == {"auth"}
     with pytest.raises(RedisUnavailable):
         await conn.execute(b"PING")
     await conn.close()
@@ -573,3 +578,63 @@ async def test_tls(tls_files: tuple[Path, Path]) -> None:
         await verified.close()
     finally:
         server.stop()
+
+
+async def attempt(url: str) -> tuple[bool, str, Counter[str]]:
+    """Connect once (and PING): (whether it worked, the last error, failures by reason)."""
+    failures: Counter[str] = Counter()
+    conn = RedisConnection(url, backoff_max=0.1, connect_timeout=2.0, failures=failures)
+    try:
+        up = await conn.start() and await conn.execute(b"PING") == b"PONG"
+        return up, conn.last_error or "", failures
+    except RedisUnavailable:
+        return False, conn.last_error or "", failures
+    finally:
+        await conn.close()
+
+
+async def test_tls_checks_the_ca_the_host_name_and_sends_a_client_certificate(
+    tmp_path: Path,
+) -> None:
+    ca, stranger = ThrowawayCA(tmp_path, "ca"), ThrowawayCA(tmp_path, "stranger")
+    cert, key = ca.issue("memshadow")
+    strict = ServerProcess(
+        tls_redis_argv(*ca.issue("redis", "IP:127.0.0.1"), ca.cert, client_certs=True)
+    ).start()
+    misnamed = ServerProcess(
+        tls_redis_argv(*ca.issue("cache.example", "DNS:cache.example"), ca.cert)
+    ).start()
+    mine = f"&ssl_certfile={cert}&ssl_keyfile={key}"
+    try:
+        up, error, failures = await attempt(
+            f"rediss://127.0.0.1:{strict.port}/0?ssl_ca_certs={ca.cert}{mine}"
+        )
+        assert (up, error, failures) == (True, "", Counter())
+        # Another CA, or the system's (the default), does not vouch for the server.
+        for cas in (f"ssl_ca_certs={stranger.cert}", "timeout=1"):
+            up, error, failures = await attempt(f"rediss://127.0.0.1:{strict.port}/0?{cas}{mine}")
+            assert not up and "CERTIFICATE_VERIFY_FAILED" in error, error
+            assert set(failures) == {"tls"}
+        # The right CA, for another name than the one dialled.
+        up, error, failures = await attempt(
+            f"rediss://127.0.0.1:{misnamed.port}/0?ssl_ca_certs={ca.cert}"
+        )
+        assert not up and "IP address mismatch" in error, error
+        assert set(failures) == {"tls"}
+        # Only an explicit ssl_cert_reqs=none takes it.
+        up, _, _ = await attempt(f"rediss://127.0.0.1:{misnamed.port}/0?ssl_cert_reqs=none")
+        assert up
+        # The server that asks for a client certificate refuses a client without one.
+        up, _, failures = await attempt(
+            f"rediss://127.0.0.1:{strict.port}/0?ssl_ca_certs={ca.cert}"
+        )
+        assert not up and sum(failures.values()) >= 1
+    finally:
+        strict.stop()
+        misnamed.stop()
+
+
+async def test_an_acl_user_without_a_password_does_not_connect(redis_factory: StartRedis) -> None:
+    server = redis_factory()
+    up, error, _ = await attempt(server.url(auth="alice@"))
+    assert not up and "names the user 'alice' but no password" in error

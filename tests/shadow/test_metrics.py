@@ -7,7 +7,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from proxy.metrics import ProxyMetrics
 from proxy.shadow.control import ShadowControl
-from proxy.shadow.metrics import DROP_REASONS, ERROR_KINDS, ShadowCollector, install_shadow_metrics
+from proxy.shadow.metrics import (
+    CONNECT_FAILURE_REASONS,
+    DROP_REASONS,
+    ERROR_KINDS,
+    ShadowCollector,
+    install_shadow_metrics,
+)
 from proxy.shadow.stats import ShadowStats
 
 BOUNDS = [
@@ -59,6 +65,7 @@ def test_fresh_exposition_has_every_family() -> None:
         "memshadow_shadow_skipped_total": "counter",
         "memshadow_shadow_dropped_total": "counter",
         "memshadow_shadow_errors_total": "counter",
+        "memshadow_shadow_redis_connect_failures_total": "counter",
         "memshadow_shadow_duration_seconds": "histogram",
         "memshadow_shadow_redis_service_seconds": "histogram",
         "memshadow_shadow_queueing_seconds": "histogram",
@@ -86,6 +93,10 @@ def test_fresh_exposition_has_every_family() -> None:
     ]
     assert samples(lines, "memshadow_shadow_errors_total") == [
         f'memshadow_shadow_errors_total{{kind="{k}"}} 0.0' for k in sorted(ERROR_KINDS)
+    ]
+    assert samples(lines, "memshadow_shadow_redis_connect_failures_total") == [
+        f'memshadow_shadow_redis_connect_failures_total{{reason="{r}"}} 0.0'
+        for r in sorted(CONNECT_FAILURE_REASONS)
     ]
     assert samples(lines, "memshadow_shadow_lag_seconds_bucket") == [
         f'memshadow_shadow_lag_seconds_bucket{{le="{b}"}} 0.0' for b in BOUNDS
