@@ -18,7 +18,7 @@ TEST_PACKAGES := memcached redis-server redis-tools libmemcached-tools nutcracke
 	chromium-driver prometheus
 LINT_PATHS := proxy tests $(wildcard bench)
 
-.PHONY: run test lint typecheck bench fuzz clean venv
+.PHONY: run test lint typecheck bench fuzz soak clean venv
 
 run: $(RUN_STAMP)
 	scripts/ensure-packages.sh $(RUN_PACKAGES)
@@ -39,6 +39,13 @@ typecheck: $(STAMP)
 bench: $(STAMP)
 	scripts/ensure-packages.sh $(TEST_PACKAGES)
 	$(BIN)/python bench/run.py $(ARGS)
+
+# Mixed traffic with shadowing and periodic faults, plotted (matplotlib, installed here
+# only): make soak ARGS="--minutes 30"
+soak: $(STAMP)
+	scripts/ensure-packages.sh $(TEST_PACKAGES)
+	$(BIN)/pip install -q 'matplotlib>=3.7'
+	$(BIN)/python bench/soak.py $(ARGS)
 
 # The client path's differential fuzzer, for as long as asked: make fuzz ARGS="--seconds 3600"
 fuzz: $(STAMP)

@@ -145,6 +145,7 @@ async def serve(config: Config, load: Callable[[], Config] | None = None) -> int
     metrics = ProxyMetrics(
         listeners=[backend.label for backend in backends], processes=config.workers
     )
+    metrics.loop = loop
     # Replies to clients prove a Memcached alive: its probe then sends nothing.
     healths = [
         UpstreamHealth(

@@ -154,6 +154,15 @@ class RedisURL:
         text = text.strip()
         if "://" not in text:
             raise InvalidValue(f"expected a URL like redis://HOST:PORT/DB, got {_redact(text)!r}")
+        after = text.partition("://")[2]
+        netloc_end = min((i for i in map(after.find, "/?#") if i >= 0), default=len(after))
+        if after.rfind("@") > netloc_end:
+            # A password with '/', '?' or '#' in it: parsed as is, its tail would be quoted
+            # in the messages below as a path, a query or a port.
+            raise InvalidValue(
+                f"the URL {_redact(text)!r} has an '@' after a '/', '?' or '#': percent-encode "
+                "those characters in the user name or password (%2F, %3F, %23)"
+            )
         try:
             parts = urlsplit(text)
         except ValueError as exc:  # e.g. an unclosed '[' of an IPv6 host
@@ -209,6 +218,8 @@ class RedisURL:
         if self.password is not None:
             secret = "***" if redact else quote(self.password, safe="")
             auth = f"{quote(self.username or '', safe='')}:{secret}@"
+        elif self.username is not None:
+            auth = f"{quote(self.username, safe='')}@"
         url = f"{scheme}://{auth}{_format_host(self.host)}:{self.port}/{self.db}"
         options = []
         if self.timeout is not None:
@@ -235,11 +246,16 @@ class RedisURL:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
         if self.tls_cert_file is not None:
-            context.load_cert_chain(self.tls_cert_file, self.tls_key_file)
+            context.load_cert_chain(self.tls_cert_file, self.tls_key_file, _no_passphrase)
         return context
 
     def __str__(self) -> str:
         return self.to_url(redact=True)
+
+
+def _no_passphrase() -> str:
+    # (OpenSSL would otherwise ask for one on the terminal, and block the event loop)
+    raise ssl.SSLError("the client key is encrypted: give a key file without a passphrase")
 
 
 _URL_OPTIONS: Final = (
@@ -280,8 +296,14 @@ def _url_timeout(text: str) -> float:
 
 
 def _redact(url: str) -> str:
-    # Error messages quote the URL; never echo a password back to a terminal or log.
-    return re.sub(r":[^/@:]*@", ":***@", url)
+    """The URL as an error message may quote it: whatever comes before its last '@' (the
+    user and password, even one with unencoded '/', '?' or '#') hidden."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    if "@" not in rest:
+        return url
+    return f"{scheme}{sep}***@{rest.rpartition('@')[2]}"
 
 
 # --- value parsers: one YAML node in, a Python value out, or _Invalid -------------------------
@@ -375,11 +397,17 @@ def read_secret_file(path: str) -> str:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidValue(f"{path!r} is not UTF-8 text") from None
+    return one_line_secret(text, repr(path))
+
+
+def one_line_secret(text: str, where: str) -> str:
+    """A secret as a mounted or exported Secret holds it: one line, its line end dropped
+    (`kubectl create secret --from-file` keeps the file's)."""
     text = text.removesuffix("\n").removesuffix("\r")
     if not text:
-        raise InvalidValue(f"{path!r} is empty")
+        raise InvalidValue(f"{where} is empty")
     if "\n" in text or "\r" in text:
-        raise InvalidValue(f"{path!r} holds more than one line; a password file holds one")
+        raise InvalidValue(f"{where} holds more than one line; a password is one line")
     return text
 
 
@@ -1116,7 +1144,13 @@ def complete_redis(shadow: ShadowConfig, url: RedisURL, environ: Mapping[str, st
     password (MEMSHADOW_REDIS_PASSWORD, else shadow.redis_password_file, else the URL's)
     and the TLS files. Raises _Conflict naming the option at fault."""
     password = url.password
-    if shadow.redis_password_file is not None:
+    from_environment = environ.get(REDIS_PASSWORD_ENV)
+    if from_environment:
+        try:
+            password = one_line_secret(from_environment, REDIS_PASSWORD_ENV)
+        except InvalidValue as exc:
+            raise _Conflict(("redis",), exc.problem) from None
+    elif shadow.redis_password_file is not None:
         if url.password is not None:
             raise _Conflict(
                 ("redis_password_file", "redis"),
@@ -1127,7 +1161,6 @@ def complete_redis(shadow: ShadowConfig, url: RedisURL, environ: Mapping[str, st
             password = read_secret_file(shadow.redis_password_file)
         except InvalidValue as exc:
             raise _Conflict(("redis_password_file",), exc.problem) from None
-    password = environ.get(REDIS_PASSWORD_ENV) or password
     if url.username is not None and password is None:
         raise _Conflict(
             ("redis",),

@@ -10,6 +10,7 @@ Histogram.labels(cmd).observe 1.57-1.64 us: 4x and 10x the cost of observe().
 
 from __future__ import annotations
 
+import asyncio
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import accumulate
@@ -319,6 +320,15 @@ class ProxyMetrics:
             ["reason"],
             registry=self.registry,
         )
+        # The event loop whose tasks are counted (set by whoever runs it): a count that
+        # only grows is a leak (bench/soak.py plots it).
+        self.loop: asyncio.AbstractEventLoop | None = None
+        tasks = Gauge(
+            "memshadow_event_loop_tasks",
+            "asyncio tasks alive on the (first) proxy process's event loop.",
+            registry=self.registry,
+        )
+        tasks.set_function(lambda: len(asyncio.all_tasks(self.loop)) if self.loop else 0)
         build_info = Gauge(
             "memshadow_build_info",
             "Always 1; the version label says which memshadow is running.",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -449,7 +450,17 @@ def test_port_zero_only_for_listening_addresses(tmp_path: Path) -> None:
             "URL, in shadow.redis_password_file or in MEMSHADOW_REDIS_PASSWORD",
         ),
         ("redis://bad_host!:1", "invalid host name 'bad_host!'"),
-        ("redis://u:hunter2@:6379", "missing host in 'redis://u:***@:6379'"),
+        ("redis://u:hunter2@:6379", "missing host in 'redis://***@:6379'"),
+        (
+            "redis://alice:hunter2/x@h:6379/0",
+            "the URL 'redis://***@h:6379/0' has an '@' after a '/', '?' or '#': percent-encode "
+            "those characters in the user name or password (%2F, %3F, %23)",
+        ),
+        (
+            "redis://:hun?ter2@h",
+            "the URL 'redis://***@h' has an '@' after a '/', '?' or '#': percent-encode those "
+            "characters in the user name or password (%2F, %3F, %23)",
+        ),
         ("[1, 2]", "must be a redis:// URL or null, got a list"),
     ],
 )
@@ -819,7 +830,7 @@ def test_the_redis_password_from_the_environment_wins(
         (None, "cannot read '{path}': No such file or directory"),
         ("", "'{path}' is empty"),
         ("\n", "'{path}' is empty"),
-        ("hunter2\nhunter3\n", "'{path}' holds more than one line; a password file holds one"),
+        ("hunter2\nhunter3\n", "'{path}' holds more than one line; a password is one line"),
         ("x" * 5000, "'{path}' holds over 4096 bytes: not a password file"),
     ],
 )
@@ -921,3 +932,43 @@ def test_bad_tls_files(
     err = error_of(tmp_path, yaml_of(ca.cert, cert, private))
     assert err.key == key
     assert problem in err.problem
+
+
+def test_the_environment_password_is_one_line_and_needs_no_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("from-file")
+    monkeypatch.setenv("MEMSHADOW_REDIS_PASSWORD", "from-env\n")  # as --from-file keeps it
+    # It wins over the URL and the file together (no "given twice" then).
+    text = shadow_yaml("redis://alice:in-url@cache", redis_password_file=secret)
+    url = load_config(write(tmp_path, text)).shadow.redis
+    assert url is not None and (url.username, url.password) == ("alice", "from-env")
+    monkeypatch.setenv("MEMSHADOW_REDIS_PASSWORD", "two\nlines")
+    err = error_of(tmp_path, shadow_yaml("redis://cache"))
+    assert err.key == "shadow.redis"
+    assert (
+        err.problem == "MEMSHADOW_REDIS_PASSWORD holds more than one line; a password is one line"
+    )
+    assert "two" not in str(err)
+
+
+def test_a_user_without_a_password_keeps_the_user_in_the_url() -> None:
+    url = RedisURL("cache", username="alice")
+    assert url.to_url() == str(url) == "redis://alice@cache:6379/0"
+    assert RedisURL.parse(url.to_url()) == url
+
+
+def test_an_encrypted_client_key_is_refused_at_once(tmp_path: Path) -> None:
+    ca = ThrowawayCA(tmp_path)
+    cert, key = ca.issue("memshadow")
+    locked = tmp_path / "locked.key"
+    subprocess.run(
+        ["openssl", "pkey", "-in", str(key), "-aes256", "-passout", "pass:pp", "-out", str(locked)],
+        check=True,
+        capture_output=True,
+    )
+    text = shadow_yaml("rediss://cache", redis_tls_cert_file=cert, redis_tls_key_file=locked)
+    err = error_of(tmp_path, text)
+    assert err.key == "shadow.redis_tls_cert_file"
+    assert "the client key is encrypted" in err.problem

@@ -7,6 +7,7 @@ Histogram; the figures are quoted in proxy/metrics.py's docstring.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import timeit
 
@@ -274,3 +275,16 @@ def test_other_processes_figures_are_added_to_every_client_path_metric() -> None
     assert metrics.requests.total() == 6
     assert metrics.requests_for("a").total() == 1  # what this process's client path writes
     assert other.counters()["upstream_errors"] == {"connect": 2.0}
+
+
+async def test_the_event_loop_s_tasks_are_counted() -> None:
+    metrics = ProxyMetrics()
+    assert value(metrics, "memshadow_event_loop_tasks") == 0  # no loop given yet
+    metrics.loop = asyncio.get_running_loop()
+    before = value(metrics, "memshadow_event_loop_tasks")
+    release = asyncio.Event()
+    task = asyncio.create_task(release.wait())
+    assert value(metrics, "memshadow_event_loop_tasks") == before + 1
+    release.set()
+    await task
+    assert value(metrics, "memshadow_event_loop_tasks") == before

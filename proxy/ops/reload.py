@@ -61,6 +61,13 @@ def show_value(config: Config, option: str) -> Any:
     return str(value)
 
 
+def _restart_line(running: Config, new: Config, option: str) -> str:
+    was, now = show_value(running, option), show_value(new, option)
+    if was == now:  # (only what is hidden differs: a password)
+        return f"{option} (a secret in it changed)"
+    return f"{option} (running {was}, file {now})"
+
+
 @dataclass(frozen=True, slots=True)
 class ReloadResult:
     ok: bool
@@ -154,10 +161,7 @@ class ConfigReloader:
         if restart:
             log.warning(
                 "config options changed that need a restart to take effect: %s",
-                "; ".join(
-                    f"{p} (running {show_value(self.started, p)}, file {show_value(new, p)})"
-                    for p in restart
-                ),
+                "; ".join(_restart_line(self.started, new, p) for p in restart),
             )
         return result
 

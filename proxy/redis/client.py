@@ -21,7 +21,7 @@ import time
 import zlib
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from typing import Any, TypeAlias, cast
+from typing import Any, Final, TypeAlias, cast
 
 import hiredis
 
@@ -137,12 +137,27 @@ def parse_url(url: str) -> RedisURL:
     return RedisURL.parse(url, options=True)
 
 
+_AUTH_REFUSALS: Final = (
+    "WRONGPASS",
+    "NOAUTH",
+    "ERR invalid password",
+    "ERR invalid username-password pair",
+    "ERR Client sent AUTH, but no password is set",
+    "ERR AUTH <password> called without any password configured",
+)
+"""How Redis (5 to 7) refuses a password or asks for one, at the start of its error reply."""
+
+
 def failure_reason(exc: BaseException) -> str:
     """Why a connection attempt failed, as a metric label: tls (the certificate or its host
-    name refused, or no TLS handshake), auth (AUTH refused), dns, refused, timeout,
-    replica (the endpoint leads to a replica) or other."""
-    if isinstance(exc, ssl.SSLError):
-        return "tls"
+    name refused, ours refused by the server, or no TLS), auth (the password refused or
+    missing), permission (the ACL user may not run a command memshadow needs), dns,
+    refused, timeout, replica (the endpoint leads to a replica) or other."""
+    cause: BaseException | None = exc
+    while cause is not None:  # (a TLS 1.3 refusal of our certificate ends the connection)
+        if isinstance(cause, ssl.SSLError):
+            return "tls"
+        cause = cause.__cause__
     if isinstance(exc, socket.gaierror):
         return "dns"
     if isinstance(exc, ConnectionRefusedError):
@@ -151,11 +166,12 @@ def failure_reason(exc: BaseException) -> str:
         return "timeout"
     if isinstance(exc, NotPrimary):
         return "replica"
-    if isinstance(exc, RedisReplyError) and (
-        str(exc).startswith("AUTH failed")
-        or any(word in str(exc) for word in ("NOAUTH", "WRONGPASS", "NOPERM"))
-    ):
-        return "auth"
+    if isinstance(exc, RedisReplyError):
+        reply = str(exc).partition(" failed: ")[2]  # (the handshake names its command)
+        if reply.startswith(_AUTH_REFUSALS):
+            return "auth"
+        if reply.startswith("NOPERM"):
+            return "permission"
     return "other"
 
 
@@ -255,7 +271,9 @@ class _RespProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._aborted = True
         self._on_down(self)
-        self._fail_all(RedisUnavailable(f"connection lost: {exc or 'closed'}"))
+        lost = RedisUnavailable(f"connection lost: {exc or 'closed'}")
+        lost.__cause__ = exc
+        self._fail_all(lost)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -8,7 +8,9 @@ their presence (REFERENCE 4.6).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Final
 
 from proxy.redis.layout import Item
 from proxy.shadow.translate import (
@@ -47,10 +49,15 @@ def _show(data: bytes | None) -> str:
     return f"{len(data)} bytes"
 
 
+_PADDED: Final = re.compile(rb"\A([0-9]+) +")
+
+
 def _same_number(a: bytes, b: bytes) -> bool:
-    """Values that differ only by memcached's incr padding (REFERENCE 1.7)."""
-    sa, sb = a.rstrip(b" "), b.rstrip(b" ")
-    return sa == sb and sa.isdigit()
+    """Values that differ only by memcached's incr padding (REFERENCE 1.7): spaces after the
+    number an incr or decr left, which memcached writes or not depending on whether a reader
+    held the item at that moment; an append after it keeps them inside the value (seen in
+    the soak: "0x" against "0" + 17 spaces + "x")."""
+    return a != b and _PADDED.sub(rb"\1", a) == _PADDED.sub(rb"\1", b)
 
 
 def compare_values(mc: McValue | None, redis: Item | None) -> Difference | None:

@@ -65,6 +65,8 @@ LISTENER_MASK: Final = (1 << LISTENER_BITS) - 1
 log = logging.getLogger("memshadow.shadow")
 
 VERIFY: Final = "verify"
+RESTART_SETTLE: Final = 1.0
+"""Seconds after a Memcached restart is seen at which every key turns cold once more."""
 """The command label of shadow.verify_writes' verdicts (a read of both stores after a write)."""
 
 # (kind, command, key, memcached's answer, redis's answer, detail, story: the re-read, the
@@ -127,6 +129,8 @@ class ShadowDispatcher:
         # One reader per Memcached (config.backends): a key is re-read where its last
         # request went, told by the session number's low bits (server.py).
         self.readers = (reader,) if isinstance(reader, MemcachedReader) else tuple(reader)
+        for one in self.readers:
+            one.on_restart = self._memcached_restarted
         self.control = control
         self.stats = stats
         self.settings = settings = settings or DispatcherSettings()
@@ -244,6 +248,15 @@ class ShadowDispatcher:
         self.casmap.clear()
         if not replay:
             self.stats.skipped["flush_all_not_replayed"] += 1
+
+    def _memcached_restarted(self, what: str) -> None:
+        """A Memcached lost every item: every key is cold, at once and again a moment later
+        (requests its old process answered may still be on their way here: in the worker's
+        pipe, or, with several proxy processes, held for ordering)."""
+        log.warning("shadow: %s: it lost its items, so every key starts cold again", what)
+        self.stats.dropped["memcached_restart"] += 1
+        self.scheduler.new_epoch()
+        asyncio.get_running_loop().call_later(RESTART_SETTLE, self.scheduler.new_epoch)
 
     def _spawn_flush(self) -> None:
         async def flush() -> None:

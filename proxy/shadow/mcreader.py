@@ -3,12 +3,17 @@
 Used off the client path only. `mg <key> v f t u` reads a value without bumping it in the
 LRU; `stats` gives the eviction counters that tell evictions apart from real differences.
 Requests are pipelined on one connection and fail fast when it is down.
+
+Each new connection first asks `stats` who answers (pid, and start time = time - uptime): a
+Memcached restarted since the last connection has lost every item, and `on_restart` says so
+before any read on the new connection is answered (a restart always breaks the connection).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -38,7 +43,8 @@ class _Reader(asyncio.Protocol):
         self.owner._parse()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.owner._lost(exc)
+        if self.owner._protocol is self:  # (not a connection already given up)
+            self.owner._lost(exc)
 
 
 class MemcachedReader:
@@ -52,6 +58,11 @@ class MemcachedReader:
         self._protocol: _Reader | None = None
         self._waiting: deque[tuple[str, asyncio.Future[object]]] = deque()
         self._connecting: asyncio.Task[None] | None = None
+        self._identity: tuple[str, int] | None = None  # (pid, start time) last seen
+        self.restarts = 0
+        self.on_restart: Callable[[str], None] | None = None
+        """Called with a description when a new connection finds another Memcached process
+        than the last one did (restarted: every item lost)."""
 
     @property
     def connected(self) -> bool:
@@ -62,8 +73,36 @@ class MemcachedReader:
         transport, protocol = await asyncio.wait_for(
             loop.create_connection(lambda: _Reader(self), self.host, self.port), self.timeout
         )
-        self._transport = transport
         self._protocol = protocol
+        # Not `connected` until Memcached has said who it is: no read goes out before.
+        future: asyncio.Future[object] = loop.create_future()
+        self._waiting.append(("stats", future))
+        transport.write(b"stats\r\n")
+        try:
+            stats = await asyncio.wait_for(asyncio.shield(future), self.timeout)
+        except BaseException:
+            transport.abort()
+            self._reset(MemcachedUnavailable("no answer to stats on a new connection"))
+            raise
+        self._transport = transport
+        self._note_identity(cast("dict[str, str]", stats))
+
+    def _note_identity(self, stats: dict[str, str]) -> None:
+        try:
+            identity = (stats["pid"], int(stats["time"]) - int(stats["uptime"]))
+        except (KeyError, ValueError):
+            return  # (not a memcached that says; nothing to compare)
+        before, self._identity = self._identity, identity
+        # The start time is fixed for a process's life; a second of slack for other servers
+        # that compute it from a ticking clock. A new pid is a new process (outside a
+        # container: in one, memcached may be pid 1 every time, and the start time tells).
+        if before is not None and (identity[0] != before[0] or abs(identity[1] - before[1]) > 1):
+            self.restarts += 1
+            if self.on_restart is not None:
+                self.on_restart(
+                    f"memcached {self.host}:{self.port} restarted (pid {before[0]} -> "
+                    f"{identity[0]}, up {stats.get('uptime', '?')} s)"
+                )
 
     async def _ensure(self) -> None:
         if self.connected:
@@ -72,6 +111,8 @@ class MemcachedReader:
             self._connecting = asyncio.get_running_loop().create_task(self._connect())
         try:
             await asyncio.shield(self._connecting)
+        except MemcachedUnavailable:
+            raise
         except (OSError, TimeoutError) as exc:
             raise MemcachedUnavailable(f"memcached {self.host}:{self.port}: {exc}") from exc
 

@@ -187,9 +187,10 @@ class _Families(NamedTuple):
             ),
             CounterMetricFamily(
                 "memshadow_shadow_redis_connect_failures",
-                "Failed attempts to connect to Redis, by reason (tls: its certificate or host "
-                "name refused; auth: its password or user refused; dns, refused, timeout, "
-                "replica, other).",
+                "Failed attempts to connect to Redis, by reason (tls: a certificate or host "
+                "name refused; auth: the password refused or missing; permission: the ACL "
+                "user may not run a command memshadow needs; dns, refused, timeout, replica, "
+                "other).",
                 labels=["reason"],
             ),
             HistogramMetricFamily(

@@ -121,9 +121,10 @@ def explain(stream: bytes, direct: tuple[bytes, bool], proxied: tuple[bytes, boo
     path"); None when it is not (a bug)."""
     if direct[1] != proxied[1]:
         return None
-    for line in stream.split(b"\n"):
-        words = line.rstrip(b"\r").split(b" ")
-        if words[0] in _RETRIEVAL and any(len(word) > 250 for word in words[1:]):
+    # (the marker follows the stream: an unterminated last line ends with it)
+    for line in (stream + MARKER).split(b"\n"):
+        words = [word for word in line.rstrip(b"\r").split(b" ") if word]  # (" gets k")
+        if words and words[0] in _RETRIEVAL and any(len(word) > 250 for word in words[1:]):
             # memcached 1.6.18 drops the replies it has not flushed yet when a get names a
             # key over 250 bytes; memshadow flushes them first (an `mn`), so they arrive.
             return "long_key_get"

@@ -17,7 +17,7 @@ from pymemcache.client.base import Client
 from proxy.redis.layout import pack_value, unpack_value
 from tests.integration.hammer import Hammer, figures
 from tests.integration.test_shadow import mc_call, mc_item, redis_call
-from tests.support import ProxyThread, ServerProcess, proxy_config
+from tests.support import ProxyThread, ServerProcess, memcached_argv, proxy_config
 
 
 @pytest.fixture(params=["process", "inline"])
@@ -281,3 +281,34 @@ def test_a_client_gone_before_its_noreply_write_was_answered_makes_the_key_cold(
         assert result["outcomes"].get("mismatch", 0) == 0, result["mismatches"]  # type: ignore[union-attr]
         assert result["noise"] == {"cold_key": 1}
         client.close()
+
+
+def test_a_memcached_restart_under_the_hammer_is_no_false_alarm(
+    worker_mode: str, redis_server: ServerProcess
+) -> None:
+    """Memcached restarted (empty) between two hammer runs on the same keys: Redis still has
+    them, Memcached has none; every such difference is the restart's (cold keys), and the
+    keys written again are compared again."""
+    memcached = ServerProcess(memcached_argv()).start()  # its own: it is restarted
+    try:
+        with _shadow(memcached, redis_server, worker_mode) as proxy:
+            shared = [f"hot{i}" for i in range(6)]
+            first = Hammer(proxy.port, 16, 3.0, own_keys=10, shared=shared)
+            first.join()
+            assert first.result.errors == []
+            proxy.settle(60)
+            memcached.restart()
+            reader = Client(("127.0.0.1", proxy.port), timeout=10)
+            for key in first.keys:  # Memcached: none of them; Redis: most
+                reader.get(key)
+            reader.close()
+            again = Hammer(proxy.port, 16, 3.0, own_keys=10, shared=shared)
+            again.join()
+            assert again.result.errors == []
+            proxy.settle(60)
+            out = figures(proxy)
+            print(f"\nafter the restart: {out}")
+            assert out["outcomes"].get("mismatch", 0) == 0, out["mismatches"]  # type: ignore[union-attr]
+            assert out["dropped"].get("memcached_restart", 0) >= 1, out  # type: ignore[union-attr]
+    finally:
+        memcached.stop()

@@ -628,10 +628,24 @@ async def test_tls_checks_the_ca_the_host_name_and_sends_a_client_certificate(
         up, _, failures = await attempt(
             f"rediss://127.0.0.1:{strict.port}/0?ssl_ca_certs={ca.cert}"
         )
-        assert not up and sum(failures.values()) >= 1
+        assert not up and set(failures) == {"tls"}
     finally:
         strict.stop()
         misnamed.stop()
+
+
+async def test_an_acl_user_without_the_rights_memshadow_needs(redis_factory: StartRedis) -> None:
+    server = redis_factory(
+        "--user", "bob", "on", ">bobpw", "~*", "&*", "+@all", "-function",
+    )  # fmt: skip
+    failures: Counter[str] = Counter()
+    conn = RedisConnection(
+        server.url(auth="bob:bobpw@"), library=function_library(), backoff_max=0.1,
+        failures=failures,
+    )  # fmt: skip
+    assert not await conn.start()
+    await conn.close()
+    assert set(failures) == {"permission"}
 
 
 async def test_an_acl_user_without_a_password_does_not_connect(redis_factory: StartRedis) -> None:

@@ -140,6 +140,15 @@ def test_the_write_log_answers_since_when_and_knows_when_it_forgot() -> None:
     assert sorted(log.since(1.5) or []) == [b"a", b"b", b"c", b"d"]
 
 
+def test_the_write_log_forgets_writes_older_than_twice_its_window() -> None:
+    log = WriteLog(window=10.0)
+    for when in range(100):
+        log.add(float(when), b"k%d" % when)
+    assert len(log) == 21  # 79..99: nothing older than 20 s before the newest
+    assert log.before(95.0) == [b"k%d" % w for w in range(99, 84, -1)]
+    assert log.before(85.0) is None  # from 75: some of that period is forgotten
+
+
 def test_keys_of_a_primary_are_those_of_its_slots() -> None:
     slot_map = parse_shards(BEFORE)
     keys = [b"foo", b"a", b"{user1000}.x"]  # slots 12182 (C), 15495 (C), 3443 (A)

@@ -55,6 +55,8 @@ def redis_call(port: int, *args: bytes | str | int) -> object:
 class Harness:
     """A dispatcher wired to real servers, fed the way the client path feeds it."""
 
+    reader: MemcachedReader
+
     def __init__(
         self, mc: ServerProcess, redis: ServerProcess, url_options: str = "", **settings: float
     ) -> None:
@@ -479,3 +481,32 @@ async def test_equal_reads_alone_do_not_warm_a_key(shadow: Harness) -> None:
     await shadow.idle()
     assert shadow.mismatches() == {}
     assert shadow.noise() == {"cold_key": 1}
+
+
+async def test_a_memcached_restart_makes_every_key_cold(redis_proc: ServerProcess) -> None:
+    # A Memcached of its own: restarted on its port, it comes back empty while Redis keeps
+    # every key. Those differences are the restart's, not Redis's.
+    memcached = ServerProcess(memcached_argv()).start()
+    redis_call(redis_proc.port, "FLUSHALL")
+    shadow = Harness(memcached, redis_proc)
+    await shadow.start()
+    try:
+        shadow.send(b"set k 0 0 5\r\nhello\r\n")
+        shadow.send(b"get k\r\n")
+        await shadow.idle()
+        assert shadow.outcomes() == {"match": 2}
+        await shadow.reader.stats()  # (connected: it knows which process answers)
+        memcached.restart()
+        shadow.send(b"get k\r\n")  # memcached: miss; Redis: hello
+        await shadow.idle()
+        assert shadow.mismatches() == {}
+        assert shadow.reader.restarts == 1
+        assert shadow.stats.dropped["memcached_restart"] == 1
+        # A write after the restart makes the key warm again, and compared.
+        shadow.send(b"set k 0 0 3\r\nnew\r\n")
+        shadow.send(b"get k\r\n")
+        await shadow.idle()
+        assert shadow.outcomes()["match"] == 4
+    finally:
+        await shadow.stop()
+        memcached.stop()

@@ -196,6 +196,11 @@ def test_compare_read() -> None:
     diff = compare_read(padded, Item(0, 1, b"99"))
     assert diff is not None and diff.kind == PADDING
     assert state_equal(McValue(0, b"99 ", None), Item(0, 1, b"99"))
+    # Padding an append has left inside the value: still only padding.
+    assert state_equal(McValue(0, b"0x", None), Item(0, 1, b"0" + b" " * 17 + b"x"))
+    # Not a number before the spaces, or other bytes differ: a real difference.
+    assert not state_equal(McValue(0, b"a x", None), Item(0, 1, b"ax"))
+    assert not state_equal(McValue(0, b"0 x", None), Item(0, 1, b"0y"))
 
 
 def test_compare_outcome() -> None:
