@@ -48,6 +48,7 @@ from proxy.shadow.classify import (
     judge_at_once,
     judge_reread,
     place,
+    signed_overflow,
 )
 from proxy.shadow.compare import PADDING, Difference, compare_values, state_equal
 from proxy.shadow.control import ShadowControl
@@ -467,6 +468,7 @@ class ShadowDispatcher:
             memcached_evicted=self._mc_evicted_at > recent,
             redis_evicted=self._redis_evicted_at > recent,
             redis_blank=snapshot.redis is not None and blank(snapshot.redis.data),
+            memcached_signed_overflow=snapshot.mc is not None and signed_overflow(snapshot.mc.data),
         )
 
     async def _act(

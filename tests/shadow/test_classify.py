@@ -27,6 +27,7 @@ from proxy.shadow.classify import (
     judge_at_once,
     judge_reread,
     place,
+    signed_overflow,
 )
 from proxy.shadow.compare import (
     CAS_UNMAPPED,
@@ -235,3 +236,14 @@ def test_the_redis_store_is_a_shadow_target() -> None:
 
     # mypy checks the signatures where the engine is built; this checks nothing is missing.
     assert isinstance(RedisStore.from_url("redis://127.0.0.1:1/0", size=1), ShadowTarget)
+
+
+def test_a_big_number_memcached_calls_non_numeric_is_its_overread() -> None:
+    assert signed_overflow(b"9223372036854775808") and signed_overflow(b" +18446744073709551615x")
+    assert not signed_overflow(b"9223372036854775807") and not signed_overflow(b"abc")
+    assert not signed_overflow(b"18446744073709551616") and not signed_overflow(None)
+    diff = Difference(ERROR, "NON_NUMERIC", "STORED")
+    assert judge_reread(diff, reread(memcached_signed_overflow=True)) == Verdict(
+        NOISE, MEMCACHED_OVERREAD, REPAIR
+    )
+    assert judge_reread(diff, reread()).outcome == MISMATCH  # a small number: a real one
