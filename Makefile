@@ -15,7 +15,7 @@ RUN_PACKAGES := memcached redis-server
 # chromium + chromium-driver: the console's end-to-end test; prometheus: promtool for the
 # alert rules; redis-tools: redis-cli, which the Redis Cluster tests create clusters with.
 TEST_PACKAGES := memcached redis-server redis-tools libmemcached-tools nutcracker chromium \
-	chromium-driver prometheus
+	chromium-driver prometheus openssl
 LINT_PATHS := proxy tests $(wildcard bench)
 
 .PHONY: run test lint typecheck bench fuzz soak clean venv

@@ -94,7 +94,6 @@ async def detect_cluster(
     url: RedisURL,
     timeout: float,
     *,
-    ssl_context: ssl.SSLContext | None = None,
     failures: Counter[str] | None = None,
 ) -> bool:
     """Whether the server at `url` runs in cluster mode (INFO cluster: cluster_enabled:1).
@@ -103,7 +102,6 @@ async def detect_cluster(
         dataclasses.replace(url, db=0),
         connect_timeout=timeout,
         timeout=timeout,
-        ssl_context=ssl_context,
         failures=failures,
     )
     try:

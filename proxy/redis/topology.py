@@ -258,12 +258,9 @@ class WriteLog:
 
     def add(self, when: float, key: bytes) -> None:
         log = self._log
-        if len(log) == log.maxlen:
-            self._forgot_until = log[0][0]
-        elif log and log[0][0] < when - 2 * self.window:
-            stale = when - 2 * self.window
-            while log and log[0][0] < stale:
-                self._forgot_until = log.popleft()[0]
+        stale = when - 2 * self.window
+        while log and (log[0][0] < stale or len(log) == log.maxlen):
+            self._forgot_until = log.popleft()[0]
         log.append((when, key))
 
     def before(self, when: float) -> list[bytes] | None:

@@ -75,9 +75,7 @@ class MemcachedReader:
         )
         self._protocol = protocol
         # Not `connected` until Memcached has said who it is: no read goes out before.
-        future: asyncio.Future[object] = loop.create_future()
-        self._waiting.append(("stats", future))
-        transport.write(b"stats\r\n")
+        future = self._send(transport, b"stats\r\n", "stats")
         try:
             stats = await asyncio.wait_for(asyncio.shield(future), self.timeout)
         except BaseException:
@@ -119,14 +117,19 @@ class MemcachedReader:
     async def _call(self, line: bytes, kind: str) -> object:
         await self._ensure()
         assert self._transport is not None
-        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        self._waiting.append((kind, future))
-        self._transport.write(line)
+        future = self._send(self._transport, line, kind)
         try:
             return await asyncio.wait_for(asyncio.shield(future), self.timeout)
         except TimeoutError as exc:
             self._reset(MemcachedUnavailable("memcached reply timed out"))
             raise MemcachedUnavailable("memcached reply timed out") from exc
+
+    def _send(self, transport: asyncio.Transport, line: bytes, kind: str) -> asyncio.Future[object]:
+        """Write one request; its reply resolves the future (replies come in order)."""
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._waiting.append((kind, future))
+        transport.write(line)
+        return future
 
     async def get(self, key: bytes) -> McItem | None:
         """The item as Memcached has it now, without touching its LRU position."""

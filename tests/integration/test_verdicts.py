@@ -56,6 +56,13 @@ def _differing(memcached: ServerProcess, redis_get: RedisGet, keys: list[str]) -
     return differing
 
 
+def _read_every_key(proxy: ProxyThread, keys: list[str]) -> None:
+    reader = Client(("127.0.0.1", proxy.port), timeout=10)
+    for key in keys:
+        reader.get(key)
+    reader.close()
+
+
 def hammer_gives_no_false_alarm(
     proxy: ProxyThread,
     memcached: ServerProcess,
@@ -80,10 +87,7 @@ def hammer_gives_no_false_alarm(
     # A read of every key through the proxy: a warm key that differs is a mismatch, a
     # cold one is backfilled (backfill: the keys the shadow lost track of, noreply writes of
     # unknown outcome, repairs overlapping a write, are copied, so every key must end equal).
-    reader = Client(("127.0.0.1", proxy.port), timeout=10)
-    for key in hammer.keys:
-        reader.get(key)
-    reader.close()
+    _read_every_key(proxy, hammer.keys)
     proxy.settle(120)
     after = figures(proxy)
     assert after["outcomes"].get("mismatch", 0) == 0, after["mismatches"]  # type: ignore[union-attr]
@@ -298,10 +302,7 @@ def test_a_memcached_restart_under_the_hammer_is_no_false_alarm(
             assert first.result.errors == []
             proxy.settle(60)
             memcached.restart()
-            reader = Client(("127.0.0.1", proxy.port), timeout=10)
-            for key in first.keys:  # Memcached: none of them; Redis: most
-                reader.get(key)
-            reader.close()
+            _read_every_key(proxy, first.keys)  # Memcached: none of them; Redis: most
             again = Hammer(proxy.port, 16, 3.0, own_keys=10, shared=shared)
             again.join()
             assert again.result.errors == []
