@@ -81,6 +81,9 @@ class Scheduler:
         self._wakeup = asyncio.Event()
         # Per key with an operation in flight: the key's operations waiting for their turn.
         self._chains: dict[bytes, deque[ShadowOp]] = {}
+        # Operations waiting in the chains: with the queue, bounded by queue_size (a hot key's
+        # chain would otherwise grow for as long as Redis or the worker falls behind).
+        self._chained = 0
         self._chain_done = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._worker: asyncio.Task[None] | None = None
@@ -101,11 +104,11 @@ class Scheduler:
         for request in requests:
             shadowed[request.command] += 1  # dropped ones included: drops/requests <= 1
             self.seq = seq = self.seq + 1
-            if len(queue) >= limit or self.stopping:
+            if len(queue) + self._chained >= limit or self.stopping:
                 self.drop("queue_full", request.keys, seq)
                 continue
             queue.append((request, now, session, seq))
-        self.stats.queue_depth = len(queue)
+        self.stats.queue_depth = len(queue) + self._chained
         if queue:
             self._wakeup.set()
 
@@ -187,7 +190,7 @@ class Scheduler:
             self._wakeup.clear()
             while queue:
                 if len(self._chains) >= self.max_inflight:
-                    self.stats.queue_depth = len(queue)
+                    self.stats.queue_depth = len(queue) + self._chained
                     while len(self._chains) >= self.max_inflight:
                         self._chain_done.clear()
                         await self._chain_done.wait()
@@ -197,7 +200,7 @@ class Scheduler:
                 except Exception:  # a shadow bug must never reach the client path
                     log.exception("shadow: cannot handle %r", request)
                     self.stats.errors["internal"] += 1
-            self.stats.queue_depth = 0
+            self.stats.queue_depth = self._chained
             if self.stopping and not queue:
                 return
 
@@ -232,6 +235,7 @@ class Scheduler:
             chain = chains.get(key)
             if chain is not None:
                 chain.append(op)
+                self._chained += 1
                 continue
             chain = chains[key] = deque()
             self._start(key, chain, op, state, now)
@@ -265,6 +269,7 @@ class Scheduler:
                 self._chain_idle(key)
                 return
             op = chain.popleft()
+            self._chained -= 1
             state = self.keys.get(key)
             started = time.perf_counter()
 
@@ -278,6 +283,7 @@ class Scheduler:
             self._end_chain(key)
         elif chain:
             op = chain.popleft()
+            self._chained -= 1
             self._start(key, chain, op, self.keys.get(key), time.perf_counter())
         else:
             self._chain_idle(key)
@@ -324,7 +330,9 @@ class Scheduler:
             self._task(key, self._settled(key, state))
 
     def _end_chain(self, key: bytes) -> None:
-        self._chains.pop(key, None)
+        chain = self._chains.pop(key, None)
+        if chain:  # (closing, or a task that failed: what waited is not replayed)
+            self._chained -= len(chain)
         self._chain_done.set()
 
     def _task(self, key: bytes, coro: Coroutine[Any, Any, None]) -> None:

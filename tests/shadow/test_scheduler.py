@@ -112,6 +112,41 @@ async def test_a_full_queue_drops_and_turns_the_key_cold() -> None:
     assert [key for key, _ in runner.started] == [b"a", b"b", b"c"]
 
 
+class Stuck(Runner):
+    """Finishes no operation until released (Redis stalled): each key's chain only grows."""
+
+    stuck = True
+
+    def run(self, op: ShadowOp, state: KeyState, started: float) -> int:
+        if not self.stuck:
+            return super().run(op, state, started)
+        self.started.append((op.key, op.seq))
+        return SENT
+
+
+async def test_operations_waiting_behind_their_key_count_against_the_queue() -> None:
+    # A hot key with its operation in flight: what follows waits in its chain, not in the
+    # queue. Those count too, so a stalled Redis cannot make the backlog (memory) grow.
+    runner = Stuck()
+    scheduler, stats, _ = make(runner, queue_size=50)
+    scheduler.start()
+    hot = [b"hot%d" % i for i in range(5)]
+    for _ in range(40):
+        scheduler.observe([get(key) for key in hot], session=1)
+        await asyncio.sleep(0)
+    assert len(runner.started) == 5  # one in flight per key, the rest chained
+    assert stats.queue_depth == 50
+    assert stats.dropped == {"queue_full": 200 - 50 - 5}
+    runner.stuck = False  # Redis answers again: the chains drain, the count with them
+    for key in hot:
+        scheduler.advance(key)
+    await asyncio.wait_for(scheduler.idle(), 10)
+    assert len(runner.started) == 55 and scheduler._chained == 0
+    scheduler.observe([get(b"k")], session=1)
+    assert stats.queue_depth == 1
+    await scheduler.stop(1.0)
+
+
 async def test_operations_that_end_at_once_run_the_chain_on() -> None:
     runner = Runner(outcome=DONE)
     scheduler, _, _ = make(runner)
