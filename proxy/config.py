@@ -577,6 +577,13 @@ def _duration(node: Node) -> float:
     return value
 
 
+def _optional_duration(node: Node) -> float | None:
+    """A duration (see _duration), or null for none."""
+    if isinstance(node, ScalarNode) and node.tag == _NULL_TAG:
+        return None
+    return _duration(node)
+
+
 def _ramp_steps(node: Node) -> tuple[float, ...]:
     """A rising list of sample rates, each above 0 and at most 1; empty means no ramp."""
     if isinstance(node, ScalarNode) and node.tag == _NULL_TAG:
@@ -705,6 +712,9 @@ class LatencyGuardConfig:
     threshold: float = field(default=2.0, metadata=_parsed_by(_ratio_above_one))
     min_increase: float = field(default=0.001, metadata=_parsed_by(_duration))
     action: str = field(default="stop", metadata=_parsed_by(_choice_parser(GUARD_ACTIONS)))
+    # The p99 to compare with until one is measured with the shadow off (after a restart
+    # with the shadow on, say): the operator's own figure, from their monitoring.
+    baseline_p99: float | None = field(default=None, metadata=_parsed_by(_optional_duration))
 
 
 @dataclass(frozen=True, slots=True)

@@ -256,11 +256,12 @@ class GuardPolicy:
         for interval in self._off:
             baseline = _plus(baseline, interval.buckets)
         count, base_count = sum(current), sum(baseline)
+        measured = base_count >= config.min_count
         value: float | None = None
         trip: Trip | None = None
         if not config.enabled:
             detail = "rule disabled"
-        elif base_count < config.min_count:
+        elif not measured and config.baseline_p99 is None:
             detail = (
                 f"no baseline yet: {base_count}/{config.min_count} requests measured with the "
                 "shadow off"
@@ -268,18 +269,26 @@ class GuardPolicy:
             if count:  # shadowing now: the baseline cannot grow until the shadow is off
                 detail += (
                     "; it grows only while the shadow is off (rate 0 or disabled): turn it "
-                    "off until enough requests are measured to arm this rule"
+                    "off until enough requests are measured to arm this rule, or set "
+                    "guards.latency.baseline_p99"
                 )
         elif count < config.min_count:
             detail = f"waiting for {config.min_count} requests while shadowing ({count} so far)"
         else:
-            p99, base_p99 = bucket_quantile(current, 0.99), bucket_quantile(baseline, 0.99)
-            assert p99 is not None and base_p99 is not None
+            p99 = bucket_quantile(current, 0.99)
+            assert p99 is not None
+            if measured:
+                base_p99 = bucket_quantile(baseline, 0.99)
+                assert base_p99 is not None
+                against = f"{_ms(base_p99)} with the shadow off"
+                counts = f"{count} and {base_count} requests"
+            else:
+                assert config.baseline_p99 is not None
+                base_p99 = config.baseline_p99
+                against = f"{_ms(base_p99)} configured (guards.latency.baseline_p99)"
+                counts = f"{count} requests"
             value = p99 / base_p99 if base_p99 > 0 else float("inf")
-            detail = (
-                f"client p99 {_ms(p99)} while shadowing vs {_ms(base_p99)} with the shadow off "
-                f"({value:.2f}x, {count} and {base_count} requests)"
-            )
+            detail = f"client p99 {_ms(p99)} while shadowing vs {against} ({value:.2f}x, {counts})"
             if value >= config.threshold and p99 - base_p99 >= config.min_increase:
                 trip = Trip(
                     "latency",

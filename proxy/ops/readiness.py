@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from proxy.ops.timeline import FIELDS
+from proxy.ops.timeline import STEP_FIELDS
 from proxy.shadow.stats import ShadowStats
 
 CONFIDENCE = 0.95
@@ -104,26 +104,26 @@ def _duration(seconds: float) -> str:
 
 
 def per_step(history: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The history's points grouped by ramp step and sample rate, in time order."""
-    index = {name: i for i, name in enumerate(FIELDS)}
+    """Figures for each period of one ramp step and sample rate, in time order: the history's
+    `steps`, which cover the whole run (not only the points it still holds)."""
     steps: list[dict[str, Any]] = []
-    for point in history.get("points", []):
-        rate, step = point[index["sample_rate"]], point[index["ramp_step"]]
-        if not steps or (steps[-1]["sample_rate"], steps[-1]["ramp_step"]) != (rate, step):
-            steps.append(
-                {"sample_rate": rate, "ramp_step": step, "from": point[0], "comparisons": 0,
-                 "mismatches": 0, "noise": 0}
-            )  # fmt: skip
-        current = steps[-1]
-        current["until"] = point[0]
-        current["mismatches"] += point[index["mismatch"]]
-        current["noise"] += point[index["noise"]]
-        current["comparisons"] += (
-            point[index["match"]] + point[index["mismatch"]] + point[index["noise"]]
+    names = history.get("step_fields", STEP_FIELDS)
+    for row in history.get("steps", []):
+        period = dict(zip(names, row, strict=True))
+        noise = period["noise"]
+        comparisons = period["match"] + period["mismatch"] + noise
+        steps.append(
+            {
+                "sample_rate": period["sample_rate"],
+                "ramp_step": period["ramp_step"],
+                "from": period["from"],
+                "until": period["until"],
+                "comparisons": comparisons,
+                "mismatches": period["mismatch"],
+                "noise": noise,
+                "upper_bound": upper_bound(period["mismatch"], comparisons - noise),
+            }
         )
-    for step in steps:
-        judged = step["comparisons"] - step["noise"]
-        step["upper_bound"] = upper_bound(step["mismatches"], judged)
     return steps
 
 
@@ -221,8 +221,7 @@ def build_readiness(
         "latency": what_if.get("service_time"),
         "capacity": what_if.get("capacity"),
         "notes": [
-            "Counts are since this memshadow started; per-step figures cover the history "
-            "(24 h at most).",
+            "Counts, per ramp step too, are since this memshadow started.",
             "Noise (races, expiry boundaries, evictions, writes lost in a Redis failover) is "
             "not evidence either way and is left out of the bounds.",
             "upper_bound: the exact one-sided 95% upper bound of the mismatch rate "
@@ -295,7 +294,7 @@ th, td {{ text-align: left; padding: 3px 12px 3px 0; border-bottom: 1px solid #d
     }
 <h2>By command</h2>
 {table(["command", "comparisons", "mismatches", "noise", "95% upper bound"], commands)}
-<h2>By ramp step (history)</h2>
+<h2>By ramp step</h2>
 {table(["step", "rate", "from", "until", "comparisons", "mismatches", "95% upper bound"], steps)}
 <h2>Noise by reason</h2>
 {table(["reason", "count"], noise)}

@@ -20,6 +20,9 @@ from proxy.ops.audit import AuditEntry
 RESOLUTION = 10.0
 SPAN = 24 * 3600.0
 MAX_EVENTS = 2_000
+# Periods of one sample rate and ramp step, kept whole for as long as memshadow runs (the
+# readiness report's per-step figures), not only for the span: at most this many.
+MAX_STEPS = 1_000
 
 FIELDS = (
     "t",  # unix time of the sample (the end of its interval)
@@ -33,6 +36,16 @@ FIELDS = (
     "lag_p99",  # seconds from Memcached's reply to the verdict, p99 of the interval
     "client_p99",  # client requests' p99 in the interval (seconds), whatever the rate
     "requests",  # client requests in the interval
+)
+
+STEP_FIELDS = (
+    "sample_rate",
+    "ramp_step",
+    "from",  # unix time of the period's first point
+    "until",  # ...and of its last
+    "match",  # verdicts in the period, by outcome
+    "mismatch",
+    "noise",
 )
 
 
@@ -68,6 +81,7 @@ class Timeline:
             maxlen=max(1, int(span / resolution))
         )
         self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
+        self.steps: deque[list[float]] = deque(maxlen=MAX_STEPS)  # rows in STEP_FIELDS order
         self._last: Reading | None = None
         self._audit_seq = 0
 
@@ -79,14 +93,26 @@ class Timeline:
             return
         lag = _delta(reading.lag_buckets, last.lag_buckets)
         client = _delta(reading.client_buckets, last.client_buckets)
+        t = round(now, 3)
+        match = max(0, reading.match - last.match)
+        mismatch = max(0, reading.mismatch - last.mismatch)
+        noise = max(0, reading.noise - last.noise)
+        steps = self.steps
+        if not steps or (steps[-1][0], steps[-1][1]) != (reading.sample_rate, reading.ramp_step):
+            steps.append([reading.sample_rate, reading.ramp_step, t, t, 0, 0, 0])
+        period = steps[-1]
+        period[3] = t
+        period[4] += match
+        period[5] += mismatch
+        period[6] += noise
         self.points.append(
             (
-                round(now, 3),
+                t,
                 reading.sample_rate,
                 reading.ramp_step,
-                max(0, reading.match - last.match),
-                max(0, reading.mismatch - last.mismatch),
-                max(0, reading.noise - last.noise),
+                match,
+                mismatch,
+                noise,
                 max(0, reading.dropped - last.dropped),
                 max(0, reading.errors - last.errors),
                 _rounded(bucket_quantile(lag, 0.99)),
@@ -117,12 +143,15 @@ class Timeline:
 
     def to_json(self, since: float = 0.0) -> dict[str, Any]:
         """The points and events after `since` (unix time), as GET /api/history serves
-        them: columns named once, each point a row."""
+        them: columns named once, each point a row; and every period of one rate and ramp
+        step since the start, whatever `since`."""
         return {
             "resolution": self.resolution,
             "fields": list(FIELDS),
             "points": [list(point) for point in self.points if (point[0] or 0) > since],
             "events": [event for event in self.events if event["t"] > since],
+            "step_fields": list(STEP_FIELDS),
+            "steps": [list(period) for period in self.steps],
         }
 
 

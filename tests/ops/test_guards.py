@@ -160,9 +160,29 @@ def test_latency_rule_without_a_baseline_waits() -> None:
     assert figures.detail("latency") == (
         "no baseline yet: 0/1000 requests measured with the shadow off; it grows only while "
         "the shadow is off (rate 0 or disabled): turn it off until enough requests are "
-        "measured to arm this rule"
+        "measured to arm this rule, or set guards.latency.baseline_p99"
     )
     assert figures.policy.baseline_progress() == (0, 1000)
+
+
+def test_a_configured_baseline_arms_the_rule_until_one_is_measured() -> None:
+    # Started with the shadow on (a restart): only the operator's figure can arm the rule.
+    configured = dataclasses.replace(LATENCY, baseline_p99=0.0005)
+    figures = Figures(guards(latency=configured))
+    figures.observe(T0)
+    requests(figures.requests, 1000, 0.004)
+    assert figures.observe(T0 + 10) == ["latency:stop"]
+    assert figures.detail("latency").startswith(
+        "client p99 4.98 ms while shadowing vs 0.5 ms configured (guards.latency.baseline_p99)"
+    )
+    # A measured baseline takes its place: here as slow as the shadowing figures.
+    figures = Figures(guards(latency=configured))
+    figures.observe(T0, Exposure.OFF)
+    requests(figures.requests, 1000, 0.004)
+    figures.observe(T0 + 5, Exposure.OFF)
+    requests(figures.requests, 1000, 0.004)
+    assert figures.observe(T0 + 10) == []
+    assert "with the shadow off" in figures.detail("latency")
 
 
 # --- the autopilot applies them ----------------------------------------------------------------

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.ops.readiness import _binomial_cdf, build_readiness, per_step, to_html, upper_bound
-from proxy.ops.timeline import FIELDS
+from proxy.ops.timeline import EMPTY_BUCKETS, MAX_STEPS, Reading, Timeline
 from proxy.shadow.stats import ShadowStats
 from tests.ops.support import feed
 from tests.ops.test_control_api import Env, config
@@ -72,20 +72,39 @@ def test_what_blocks_readiness_is_said_plainly() -> None:
     assert "halted (errors: too many)" in halted["verdict"]  # type: ignore[operator]
 
 
-def test_per_step_figures_come_from_the_history() -> None:
-    def point(t: float, rate: float, step: int, match: int, mismatch: int = 0) -> list[object]:
-        row = dict.fromkeys(FIELDS, 0)
-        row.update(t=t, sample_rate=rate, ramp_step=step, match=match, mismatch=mismatch)
-        return [row[f] for f in FIELDS]
-
-    history = {"points": [point(10, 0.01, 1, 100), point(20, 0.01, 1, 100),
-                          point(30, 0.05, 2, 500, 1)], "events": []}  # fmt: skip
+def test_per_step_figures_cover_the_whole_run_not_only_the_history() -> None:
+    # A one-hour history: the first step's points are gone, its figures are not.
+    timeline = Timeline(resolution=10, span=3600)
+    reading = {"sample_rate": 0.01, "ramp_step": 1, "match": 0, "mismatch": 0, "noise": 0,
+               "dropped": 0, "errors": 0, "lag_buckets": EMPTY_BUCKETS,
+               "client_buckets": EMPTY_BUCKETS}  # fmt: skip
+    timeline.sample(0.0, Reading(**reading))  # type: ignore[arg-type]
+    for i in range(1, 1001):  # step 1: 10 matches a point for 10,000 s
+        reading["match"] = 10 * i
+        timeline.sample(10.0 * i, Reading(**reading))  # type: ignore[arg-type]
+    reading.update(sample_rate=0.05, ramp_step=2)
+    for i in range(1001, 1011):  # step 2: 50 a point, 1 mismatch and 2 noise at the end
+        reading["match"] = 10_000 + 50 * (i - 1000)
+        timeline.sample(10.0 * i, Reading(**reading))  # type: ignore[arg-type]
+    reading.update(mismatch=1, noise=2)
+    timeline.sample(10_110.0, Reading(**reading))  # type: ignore[arg-type]
+    history = timeline.to_json()
+    assert history["points"][0][0] > 10.0  # the history no longer holds step 1's start
     steps = per_step(history)
-    assert [(s["ramp_step"], s["comparisons"], s["mismatches"]) for s in steps] == [
-        (1, 200, 0),
-        (2, 501, 1),
+    assert [(s["ramp_step"], s["comparisons"], s["mismatches"], s["noise"]) for s in steps] == [
+        (1, 10_000, 0, 0),
+        (2, 503, 1, 2),
     ]
-    assert steps[0]["from"] == 10 and steps[0]["until"] == 20
+    assert steps[0]["from"] == 10.0 and steps[0]["until"] == 10_000.0
+    assert steps[1]["upper_bound"] == upper_bound(1, 501)
+
+
+def test_periods_are_bounded() -> None:
+    timeline = Timeline(resolution=10, span=3600)
+    for i in range(MAX_STEPS + 50):  # a rate change every point
+        timeline.sample(10.0 * i, Reading(i % 2 * 0.5, 0, i, 0, 0, 0, 0, EMPTY_BUCKETS,
+                                          EMPTY_BUCKETS))  # fmt: skip
+    assert len(timeline.steps) == MAX_STEPS
 
 
 def test_the_printable_page_carries_the_verdict_and_escapes_what_it_shows() -> None:
