@@ -113,9 +113,7 @@ def near_expiry(facts: KeyFacts, tolerance: float) -> bool:
 def judge_at_once(diff: Difference, facts: KeyFacts, expiry_tolerance: float) -> Verdict | None:
     """A verdict from the facts alone, or None when a re-read must decide."""
     if diff.kind == PADDING:
-        # Harmless to a client, but copying Memcached's bytes keeps the two stores equal
-        # byte for byte (an append after the padding then compares exactly).
-        return Verdict(NOISE, PADDING, REPAIR)
+        return Verdict(NOISE, PADDING)
     if diff.kind == CAS_UNMAPPED:
         return Verdict(NOISE, CAS_UNMAPPED)
     if facts.raced:

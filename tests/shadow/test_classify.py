@@ -75,9 +75,8 @@ def reread(**overrides: object) -> Reread:
 
 
 def test_padding_and_cas_unmapped_are_noise_without_a_re_read() -> None:
-    # Padding is copied from Memcached, so the stores stay equal byte for byte.
     assert judge_at_once(Difference(PADDING, "'9 '", "'9'"), facts(), 2.0) == Verdict(
-        NOISE, PADDING, REPAIR
+        NOISE, PADDING
     )
     assert judge_at_once(Difference(CAS_UNMAPPED, "STORED", "-"), facts(), 2.0) == Verdict(
         NOISE, CAS_UNMAPPED
@@ -198,7 +197,7 @@ def test_memcached_reading_past_a_blank_value_is_noise() -> None:
 
 
 def test_a_verdict_without_a_repair_keeps_the_key() -> None:
-    assert Verdict(NOISE, TRANSIENT_RACE).action == KEEP
+    assert Verdict(NOISE, PADDING).action == KEEP
 
 
 # -- a repair's snapshot against the key's operations ----------------------------------------
