@@ -214,7 +214,7 @@ class _Families(NamedTuple):
             ),
             GaugeMetricFamily(
                 "memshadow_shadow_queue_depth",
-                "Requests waiting in the shadow's queue.",
+                "Shadow work waiting: requests queued, and operations waiting behind their key's.",
             ),
             CounterMetricFamily(
                 "memshadow_shadow_redis_commands",

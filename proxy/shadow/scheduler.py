@@ -104,6 +104,7 @@ class Scheduler:
         for request in requests:
             shadowed[request.command] += 1  # dropped ones included: drops/requests <= 1
             self.seq = seq = self.seq + 1
+            # (a multi-key get counts once while queued, once per key in the chains)
             if len(queue) + self._chained >= limit or self.stopping:
                 self.drop("queue_full", request.keys, seq)
                 continue
@@ -159,6 +160,10 @@ class Scheduler:
             if task is not None:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+        # Chains whose operation never finished (Redis stalled): nothing will run them now.
+        self._chains.clear()
+        self._chained = 0
+        self.stats.queue_depth = len(self._queue)
 
     async def idle(self) -> None:
         """Wait until the queue is empty and no chain is running (tests, shutdown)."""
@@ -258,20 +263,24 @@ class Scheduler:
         """Run `op`, the key's next operation, and the ones after it for as long as they end
         at once (fenced, target down or busy)."""
         run = self.runner.run
-        while True:
-            sent = run(op, state, started)
-            if sent == SENT:
-                return
-            if sent == ASYNC:
-                self.hold(key, self.runner.run_slow(op))
-                return
-            if not chain:
-                self._chain_idle(key)
-                return
-            op = chain.popleft()
-            self._chained -= 1
-            state = self.keys.get(key)
-            started = time.perf_counter()
+        try:
+            while True:
+                sent = run(op, state, started)
+                if sent == SENT:
+                    return
+                if sent == ASYNC:
+                    self.hold(key, self.runner.run_slow(op))
+                    return
+                if not chain:
+                    self._chain_idle(key)
+                    return
+                op = chain.popleft()
+                self._chained -= 1
+                state = self.keys.get(key)
+                started = time.perf_counter()
+        except BaseException:
+            self._abandon(key)  # (a chain left behind would hold its key, and its count)
+            raise
 
     def advance(self, key: bytes) -> None:
         """The key's operation in flight is finished: start the next one, or settle the key,
@@ -331,9 +340,19 @@ class Scheduler:
 
     def _end_chain(self, key: bytes) -> None:
         chain = self._chains.pop(key, None)
-        if chain:  # (closing, or a task that failed: what waited is not replayed)
+        if chain:  # (closing, or a chain that broke: what waited is not replayed)
             self._chained -= len(chain)
+        self.stats.queue_depth = len(self._queue) + self._chained
         self._chain_done.set()
+
+    def _abandon(self, key: bytes) -> None:
+        """The key's chain broke (a shadow bug): what waited in it is not replayed, so Redis
+        may have missed changes of the key, which turns cold."""
+        if not self.closed:
+            state = self.keys.peek(key)
+            if state is not None:
+                state.mark_lost(self.seq)
+        self._end_chain(key)
 
     def _task(self, key: bytes, coro: Coroutine[Any, Any, None]) -> None:
         if self.closed:
@@ -347,21 +366,30 @@ class Scheduler:
     async def _held(self, key: bytes, coro: Coroutine[Any, Any, None]) -> None:
         try:
             await coro
+            self.advance(key)
+        except Exception:  # a shadow bug: counted and logged, the key no longer trusted
+            self._broken(key)
         except BaseException:
-            self._end_chain(key)
+            self._abandon(key)
             raise
-        self.advance(key)
 
     async def _settled(self, key: bytes, state: KeyState) -> None:
         try:
             await self.runner.settle(key, state)
+            if self._chains.get(key):
+                self.advance(key)
+            else:
+                self._end_chain(key)  # settled once; operations to come start a new chain
+        except Exception:
+            self._broken(key)
         except BaseException:
-            self._end_chain(key)
+            self._abandon(key)
             raise
-        if self._chains.get(key):
-            self.advance(key)
-        else:
-            self._end_chain(key)  # settled once; operations to come start a new chain
+
+    def _broken(self, key: bytes) -> None:
+        log.exception("shadow: the chain of operations of a key broke")
+        self.stats.errors["internal"] += 1
+        self._abandon(key)
 
 
 __all__ = ["ChainRunner", "Scheduler"]

@@ -147,6 +147,44 @@ async def test_operations_waiting_behind_their_key_count_against_the_queue() -> 
     await scheduler.stop(1.0)
 
 
+class Failing(Runner):
+    """A shadow bug: the first operation of b"bad" raises when run; every b"slow" one needs
+    the slow path, which raises."""
+
+    def run(self, op: ShadowOp, state: KeyState, started: float) -> int:
+        if op.key == b"bad" and not any(key == b"bad" for key, _ in self.started):
+            self.started.append((op.key, op.seq))
+            raise RuntimeError("bug")
+        if op.key == b"slow":
+            self.started.append((op.key, op.seq))
+            return ASYNC
+        return super().run(op, state, started)
+
+    async def run_slow(self, op: ShadowOp) -> None:
+        await asyncio.sleep(0.01)
+        raise RuntimeError("bug")
+
+
+async def test_a_broken_chain_turns_its_key_cold_and_leaves_no_count_behind() -> None:
+    runner = Failing()
+    scheduler, stats, keys = make(runner)
+    for key in (b"bad", b"slow", b"ok"):
+        keys.get(key).mark_synced(0)
+    scheduler.start()
+    scheduler.observe([get(b"bad"), get(b"slow"), get(b"ok"), get(b"slow"), get(b"slow")], 1)
+    await asyncio.wait_for(scheduler.idle(), 10)
+    scheduler.observe([get(b"bad")], session=1)  # a new chain: the key is served again
+    await asyncio.wait_for(scheduler.idle(), 10)
+    assert stats.errors["internal"] == 2  # the raise in the queue loop, the held task's
+    assert not keys.get(b"bad").warm and not keys.get(b"slow").warm
+    assert keys.get(b"ok").warm
+    # b"slow": the first failed in its task, the two behind it were not replayed.
+    assert [key for key, _ in runner.started].count(b"slow") == 1
+    assert [key for key, _ in runner.started].count(b"bad") == 2
+    assert scheduler._chained == 0 and stats.queue_depth == 0
+    await scheduler.stop(1.0)
+
+
 async def test_operations_that_end_at_once_run_the_chain_on() -> None:
     runner = Runner(outcome=DONE)
     scheduler, _, _ = make(runner)
