@@ -221,7 +221,12 @@ def build_readiness(
         "latency": what_if.get("service_time"),
         "capacity": what_if.get("capacity"),
         "notes": [
-            "Counts, per ramp step too, are since this memshadow started.",
+            "Counts, per ramp step too, are since this memshadow started"
+            + (
+                f" (the oldest {history['steps_dropped']} ramp periods are no longer listed)."
+                if history.get("steps_dropped")
+                else "."
+            ),
             "Noise (races, expiry boundaries, evictions, writes lost in a Redis failover) is "
             "not evidence either way and is left out of the bounds.",
             "upper_bound: the exact one-sided 95% upper bound of the mismatch rate "

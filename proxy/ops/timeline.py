@@ -82,6 +82,7 @@ class Timeline:
         )
         self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
         self.steps: deque[list[float]] = deque(maxlen=MAX_STEPS)  # rows in STEP_FIELDS order
+        self.steps_dropped = 0  # the oldest periods, past MAX_STEPS
         self._last: Reading | None = None
         self._audit_seq = 0
 
@@ -99,6 +100,8 @@ class Timeline:
         noise = max(0, reading.noise - last.noise)
         steps = self.steps
         if not steps or (steps[-1][0], steps[-1][1]) != (reading.sample_rate, reading.ramp_step):
+            if len(steps) == steps.maxlen:
+                self.steps_dropped += 1
             steps.append([reading.sample_rate, reading.ramp_step, t, t, 0, 0, 0])
         period = steps[-1]
         period[3] = t
@@ -143,16 +146,19 @@ class Timeline:
 
     def to_json(self, since: float = 0.0) -> dict[str, Any]:
         """The points and events after `since` (unix time), as GET /api/history serves
-        them: columns named once, each point a row; and every period of one rate and ramp
-        step since the start, whatever `since`."""
-        return {
+        them: columns named once, each point a row. A whole read (no `since`) also has every
+        period of one rate and ramp step since the start (the readiness report's)."""
+        history: dict[str, Any] = {
             "resolution": self.resolution,
             "fields": list(FIELDS),
             "points": [list(point) for point in self.points if (point[0] or 0) > since],
             "events": [event for event in self.events if event["t"] > since],
-            "step_fields": list(STEP_FIELDS),
-            "steps": [list(period) for period in self.steps],
         }
+        if since <= 0:
+            history["step_fields"] = list(STEP_FIELDS)
+            history["steps"] = [list(period) for period in self.steps]
+            history["steps_dropped"] = self.steps_dropped
+        return history
 
 
 def _rounded(value: float | None) -> float | None:

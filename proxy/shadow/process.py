@@ -143,13 +143,16 @@ class ShadowProcess:
         self.feed_token = secrets.token_hex(16) if self.shards > 1 else ""
         self.feeds_changed: FeedsChanged | None = None
         self.tick_interval = MERGE_TICK_INTERVAL if self.shards > 1 else TICK_INTERVAL
-        # The proxy's own connection(s), one per primary, for the operators' Redis INFO.
+        # The proxy's own connection(s), one per primary, for the operators' Redis INFO; its
+        # refused connects count with the workers' (a bad password shows before any replay).
+        self._info_failures: Counter[str] = Counter()
         self._info = RedisStore.from_url(
             shadow.redis,
             size=1,
             timeout=shadow.redis_timeout,
             cluster=shadow.redis_cluster,
             connect_timeout=config.upstream_connect_timeout,
+            failures=self._info_failures,
         )
         self._config_blob = pickle.dumps(config)
         self._workers: list[_Worker] = []
@@ -414,6 +417,7 @@ class ShadowProcess:
             {**total, "queue_depth": queue},
             extra_dropped=self._dropped + self.handoff.dropped,
             extra_errors=self._errors,
+            extra_connect_failures=self._info_failures,
             extra_queue=self.handoff.pending,
         )
 

@@ -169,11 +169,12 @@ def apply_stats_state(
     *,
     extra_dropped: dict[str, int] | None = None,
     extra_errors: dict[str, int] | None = None,
+    extra_connect_failures: dict[str, int] | None = None,
     extra_queue: int = 0,
 ) -> None:
     """Make `stats` (the proxy process's mirror, shared with the metrics collector and the
     operator tools, so updated in place) show the worker's figures plus the proxy's own
-    drops and errors."""
+    drops, errors and failed Redis connects."""
     for name in _COUNTERS:
         counter = getattr(stats, name)
         counter.clear()
@@ -182,6 +183,8 @@ def apply_stats_state(
         stats.dropped.update(extra_dropped)
     if extra_errors:
         stats.errors.update(extra_errors)
+    if extra_connect_failures:
+        stats.connect_failures.update(extra_connect_failures)
     stats.redis_commands = state["redis_commands"]
     stats.repairs = state["repairs"]
     for name in _HISTOGRAM_TABLES:

@@ -160,7 +160,7 @@ def test_latency_rule_without_a_baseline_waits() -> None:
     assert figures.detail("latency") == (
         "no baseline yet: 0/1000 requests measured with the shadow off; it grows only while "
         "the shadow is off (rate 0 or disabled): turn it off until enough requests are "
-        "measured to arm this rule, or set guards.latency.baseline_p99"
+        "measured to arm this rule, or set shadow.guards.latency.baseline_p99"
     )
     assert figures.policy.baseline_progress() == (0, 1000)
 
@@ -173,8 +173,15 @@ def test_a_configured_baseline_arms_the_rule_until_one_is_measured() -> None:
     requests(figures.requests, 1000, 0.004)
     assert figures.observe(T0 + 10) == ["latency:stop"]
     assert figures.detail("latency").startswith(
-        "client p99 4.98 ms while shadowing vs 0.5 ms configured (guards.latency.baseline_p99)"
+        "client p99 4.98 ms while shadowing vs 0.497 ms configured "
+        "(shadow.guards.latency.baseline_p99: 0.5 ms) (10.00x"
     )
+    # The configured figure is read through the same buckets as the measured one: 1.1 ms
+    # configured against 2.4 ms measured (read as 2.49 ms, its bucket's top) is no 2x halt.
+    near = Figures(guards(latency=dataclasses.replace(LATENCY, baseline_p99=0.0011)))
+    near.observe(T0)
+    requests(near.requests, 1000, 0.0024)
+    assert near.observe(T0 + 10) == []
     # A measured baseline takes its place: here as slow as the shadowing figures.
     figures = Figures(guards(latency=configured))
     figures.observe(T0, Exposure.OFF)

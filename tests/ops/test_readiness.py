@@ -101,10 +101,13 @@ def test_per_step_figures_cover_the_whole_run_not_only_the_history() -> None:
 
 def test_periods_are_bounded() -> None:
     timeline = Timeline(resolution=10, span=3600)
-    for i in range(MAX_STEPS + 50):  # a rate change every point
+    for i in range(MAX_STEPS + 51):  # a rate change every point (the first sets the base)
         timeline.sample(10.0 * i, Reading(i % 2 * 0.5, 0, i, 0, 0, 0, 0, EMPTY_BUCKETS,
                                           EMPTY_BUCKETS))  # fmt: skip
     assert len(timeline.steps) == MAX_STEPS
+    history = timeline.to_json()
+    assert history["steps_dropped"] == 50 and len(per_step(history)) == MAX_STEPS
+    assert "steps" not in timeline.to_json(since=1.0)  # the console's polls do without
 
 
 def test_the_printable_page_carries_the_verdict_and_escapes_what_it_shows() -> None:

@@ -103,6 +103,7 @@ def _stats(n: int) -> ShadowStats:
     stats.repairs = n
     stats.histogram(stats.redis_latency, "get").observe(0.001)
     stats.lag.observe(0.002)
+    stats.connect_failures["auth"] += n
     stats.queue_depth = n
     return stats
 
@@ -112,7 +113,11 @@ def test_stats_cross_as_plain_data_and_load_in_place() -> None:
     mirror = ShadowStats()
     comparisons = mirror.comparisons
     apply_stats_state(
-        mirror, state, extra_dropped={"worker_down": 3}, extra_errors={"worker_exit": 1}
+        mirror,
+        state,
+        extra_dropped={"worker_down": 3},
+        extra_errors={"worker_exit": 1},
+        extra_connect_failures={"auth": 1, "tls": 4},  # the proxy's own INFO connection's
     )
     assert mirror.comparisons is comparisons  # the metrics collector holds this object
     assert mirror.comparisons[("get", "mismatch")] == 1
@@ -120,6 +125,7 @@ def test_stats_cross_as_plain_data_and_load_in_place() -> None:
     assert mirror.noise[("set", "transient_race")] == 1
     assert mirror.dropped == {"timeout": 2, "worker_down": 3}
     assert mirror.errors == {"redis_timeout": 2, "worker_exit": 1}
+    assert mirror.connect_failures == {"auth": 3, "tls": 4}
     assert mirror.redis_commands == 20
     assert mirror.redis_latency["get"].count == 1
     assert mirror.lag.count == 1
