@@ -247,6 +247,7 @@ class ShadowDispatcher:
         if not delay:
             self.keys.new_epoch(op.seq)
         self.casmap.clear()
+        self.stats.cas_map_entries = 0
         if not replay:
             self.stats.skipped["flush_all_not_replayed"] += 1
 
@@ -256,6 +257,8 @@ class ShadowDispatcher:
         pipe, or, with several proxy processes, held for ordering)."""
         log.warning("shadow: %s: it lost its items, so every key starts cold again", what)
         self.stats.dropped["memcached_restart"] += 1
+        self.casmap.clear()  # (a new process hands out cas tokens from the start again)
+        self.stats.cas_map_entries = 0
         self.scheduler.new_epoch()
         asyncio.get_running_loop().call_later(RESTART_SETTLE, self.scheduler.new_epoch)
 

@@ -257,6 +257,7 @@ class Executor:
         value = op.mc_value
         if op.want_cas and item is not None and value is not None and value.cas is not None:
             self.casmap.put(op.key, value.cas, item.cas)
+            self.stats.cas_map_entries = len(self.casmap)
         # A meta get defines the key only when it returned both the value and the flags.
         full = op.exptime is None and (
             not op.meta

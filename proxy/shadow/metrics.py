@@ -119,6 +119,7 @@ class ShadowCollector(Collector):
         families.redis_service.add_metric([], _buckets(service), service.total)
         families.queueing.add_metric([], _buckets(stats.queueing), stats.queueing.total)
         families.queue_depth.add_metric([], stats.queue_depth)
+        families.cas_map_entries.add_metric([], stats.cas_map_entries)
         families.redis_commands.add_metric([], stats.redis_commands)
         return families
 
@@ -140,6 +141,7 @@ class _Families(NamedTuple):
     queueing: HistogramMetricFamily
     lag: HistogramMetricFamily
     queue_depth: GaugeMetricFamily
+    cas_map_entries: GaugeMetricFamily
     redis_commands: CounterMetricFamily
 
     @classmethod
@@ -215,6 +217,11 @@ class _Families(NamedTuple):
             GaugeMetricFamily(
                 "memshadow_shadow_queue_depth",
                 "Shadow work waiting: requests queued, and operations waiting behind their key's.",
+            ),
+            GaugeMetricFamily(
+                "memshadow_shadow_cas_map_entries",
+                "Memcached cas tokens the shadow maps to Redis's (at most shadow.cas_map_size "
+                "per shadow worker).",
             ),
             CounterMetricFamily(
                 "memshadow_shadow_redis_commands",

@@ -411,10 +411,11 @@ class ShadowProcess:
         states = [worker.totals() for worker in self._workers]
         total = states[0] if len(states) == 1 else _sum_states(states)
         queue = sum(worker.state["queue_depth"] for worker in self._workers)
+        cas_pairs = sum(worker.state["cas_map_entries"] for worker in self._workers)
         self.handoff.worker_queue = queue
         apply_stats_state(
             self.stats,
-            {**total, "queue_depth": queue},
+            {**total, "queue_depth": queue, "cas_map_entries": cas_pairs},
             extra_dropped=self._dropped + self.handoff.dropped,
             extra_errors=self._errors,
             extra_connect_failures=self._info_failures,

@@ -131,6 +131,7 @@ class ShadowStats:
     # hand-off, the batching window, the queue, the key's earlier operations).
     queueing: LatencyHistogram = field(default_factory=LatencyHistogram)
     queue_depth: int = 0
+    cas_map_entries: int = 0  # Memcached -> Redis cas pairs remembered (a gauge)
     client_requests_fn: object = None  # set by the wiring: () -> int, all client requests
     _figures: dict[str, CommandFigures] = field(
         default_factory=dict, init=False, repr=False, compare=False

@@ -160,6 +160,7 @@ def stats_state(stats: ShadowStats) -> dict[str, Any]:
         "repairs": stats.repairs,
         **{name: _histogram(getattr(stats, name)) for name in _HISTOGRAMS},
         "queue_depth": stats.queue_depth,
+        "cas_map_entries": stats.cas_map_entries,
     }
 
 
@@ -192,11 +193,12 @@ def apply_stats_state(
     for name in _HISTOGRAMS:
         _load_histogram(getattr(stats, name), state[name])
     stats.queue_depth = state["queue_depth"] + extra_queue
+    stats.cas_map_entries = state["cas_map_entries"]
 
 
 def add_states(base: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
     """The sum of two stats states: the figures of a worker that exited are added to its
-    successor's, so counters never go backwards (the queue depth is the newer one's)."""
+    successor's, so counters never go backwards (the gauges are the newer one's)."""
     total: dict[str, Any] = {}
     for name in _COUNTERS:
         merged = dict(base[name])
@@ -214,6 +216,7 @@ def add_states(base: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
     total["redis_commands"] = base["redis_commands"] + more["redis_commands"]
     total["repairs"] = base["repairs"] + more["repairs"]
     total["queue_depth"] = more["queue_depth"]
+    total["cas_map_entries"] = more["cas_map_entries"]
     return total
 
 

@@ -250,6 +250,10 @@ async def test_a_cas_mapped_by_a_shadowed_gets_is_compared(shadow: Harness) -> N
     await shadow.idle()
     assert shadow.outcomes() == {"match": 4}
     assert shadow.noise() == {}
+    assert shadow.stats.cas_map_entries == 1  # the gets's token (memshadow_shadow_cas_map_entries)
+    shadow.send(b"flush_all\r\n")
+    await shadow.idle()
+    assert shadow.stats.cas_map_entries == 0
 
 
 async def test_a_missing_function_library_is_reloaded(shadow: Harness) -> None:

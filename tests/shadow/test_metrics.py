@@ -71,6 +71,7 @@ def test_fresh_exposition_has_every_family() -> None:
         "memshadow_shadow_queueing_seconds": "histogram",
         "memshadow_shadow_lag_seconds": "histogram",
         "memshadow_shadow_queue_depth": "gauge",
+        "memshadow_shadow_cas_map_entries": "gauge",
         "memshadow_shadow_redis_commands_total": "counter",
     }
     assert samples(lines, "memshadow_shadow_sample_rate") == ["memshadow_shadow_sample_rate 0.25"]
@@ -123,7 +124,11 @@ def test_counts_are_exported_with_outcomes_seeded_per_command() -> None:
     stats.errors["something_new"] += 1
     stats.redis_commands = 42
     stats.queue_depth = 7
+    stats.cas_map_entries = 11
     lines = render(registry)
+    assert samples(lines, "memshadow_shadow_cas_map_entries") == [
+        "memshadow_shadow_cas_map_entries 11.0"
+    ]
     assert samples(lines, "memshadow_shadow_requests_total") == [
         'memshadow_shadow_requests_total{command="get"} 3.0',
         'memshadow_shadow_requests_total{command="set"} 1.0',

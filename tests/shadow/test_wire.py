@@ -105,6 +105,7 @@ def _stats(n: int) -> ShadowStats:
     stats.lag.observe(0.002)
     stats.connect_failures["auth"] += n
     stats.queue_depth = n
+    stats.cas_map_entries = 10 * n
     return stats
 
 
@@ -130,6 +131,7 @@ def test_stats_cross_as_plain_data_and_load_in_place() -> None:
     assert mirror.redis_latency["get"].count == 1
     assert mirror.lag.count == 1
     assert mirror.queue_depth == 2
+    assert mirror.cas_map_entries == 20
 
 
 def test_states_add_up_so_counters_survive_a_worker_restart() -> None:
@@ -143,3 +145,4 @@ def test_states_add_up_so_counters_survive_a_worker_restart() -> None:
     assert mirror.redis_latency["get"].count == 2
     assert mirror.lag.count == 2
     assert mirror.queue_depth == 3  # the newer worker's queue, not a sum
+    assert mirror.cas_map_entries == 30  # ...and its cas map
