@@ -8,7 +8,6 @@ client p99 while shadowing with the p99 measured while the shadow was off.
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from enum import StrEnum
 from typing import Any
 
 from proxy.config import GuardRuleConfig, GuardsConfig, LatencyGuardConfig
-from proxy.metrics import DURATION_BUCKETS, bucket_quantile
+from proxy.metrics import DURATION_BUCKETS, LatencyHistogram, bucket_quantile
 from proxy.shadow.stats import StatsSnapshot
 
 
@@ -329,8 +328,8 @@ def _as_measured(p99: float) -> float:
     (interpolated within its bucket, which sits 2-2.5x above the one below), so the two
     sides compare alike: an exact 2.4 ms beside a measured 2.6 ms read as 4.98 ms would be
     a false 2x."""
-    buckets = [0] * (len(DURATION_BUCKETS) + 1)
-    buckets[bisect_left(DURATION_BUCKETS, p99)] = 100
-    measured = bucket_quantile(buckets, 0.99)
+    histogram = LatencyHistogram()
+    histogram.observe(p99)
+    measured = histogram.quantile(0.99)
     assert measured is not None
     return measured
