@@ -63,6 +63,24 @@ def _read_every_key(proxy: ProxyThread, keys: list[str]) -> None:
     reader.close()
 
 
+def _hammered(
+    proxy: ProxyThread,
+    connections: int,
+    seconds: float,
+    shared: list[str],
+    during: Callable[[], None] | None = None,
+) -> Hammer:
+    """The hammer through `proxy` (`during()` run while it hammers), finished with no client
+    error, and its verdicts all in."""
+    hammer = Hammer(proxy.port, connections, seconds, own_keys=10, shared=shared)
+    if during is not None:
+        during()
+    hammer.join()
+    assert hammer.result.errors == []
+    proxy.settle(120)
+    return hammer
+
+
 def hammer_gives_no_false_alarm(
     proxy: ProxyThread,
     memcached: ServerProcess,
@@ -73,13 +91,7 @@ def hammer_gives_no_false_alarm(
     """The hammer through `proxy` (shadow with backfill), `during()` run while it hammers
     (a fault, a migration): no client error, no mismatch, and every key equal in both
     stores at the end. Returns the shadow's figures."""
-    shared = [f"hot{i}" for i in range(6)]
-    hammer = Hammer(proxy.port, 32, seconds, own_keys=10, shared=shared)
-    if during is not None:
-        during()
-    hammer.join()
-    assert hammer.result.errors == []
-    proxy.settle(120)
+    hammer = _hammered(proxy, 32, seconds, [f"hot{i}" for i in range(6)], during)
     during = figures(proxy)
     print(f"\nhammer: {hammer.result.operations} operations, {during}")
     assert during["outcomes"].get("mismatch", 0) == 0, during["mismatches"]  # type: ignore[union-attr]
@@ -297,16 +309,10 @@ def test_a_memcached_restart_under_the_hammer_is_no_false_alarm(
     try:
         with _shadow(memcached, redis_server, worker_mode) as proxy:
             shared = [f"hot{i}" for i in range(6)]
-            first = Hammer(proxy.port, 16, 3.0, own_keys=10, shared=shared)
-            first.join()
-            assert first.result.errors == []
-            proxy.settle(60)
+            first = _hammered(proxy, 16, 3.0, shared)
             memcached.restart()
             _read_every_key(proxy, first.keys)  # Memcached: none of them; Redis: most
-            again = Hammer(proxy.port, 16, 3.0, own_keys=10, shared=shared)
-            again.join()
-            assert again.result.errors == []
-            proxy.settle(60)
+            _hammered(proxy, 16, 3.0, shared)
             out = figures(proxy)
             print(f"\nafter the restart: {out}")
             assert out["outcomes"].get("mismatch", 0) == 0, out["mismatches"]  # type: ignore[union-attr]
