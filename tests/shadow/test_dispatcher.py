@@ -128,10 +128,20 @@ class Harness:
         return dict(counts)
 
 
+def _flush_memcached(mc: ServerProcess) -> None:
+    """Empty memcached and wait for its OK: a request on another connection must not overtake it."""
+    client = RawClient(mc.port)
+    try:
+        client.send(b"flush_all\r\n")
+        assert client.read_until(b"\r\n") == b"OK\r\n"
+    finally:
+        client.close()
+
+
 @pytest.fixture
 async def shadow(mc_server: ServerProcess, redis_proc: ServerProcess) -> AsyncIterator[Harness]:
     redis_call(redis_proc.port, "FLUSHALL")
-    RawClient(mc_server.port).send(b"flush_all\r\n")
+    _flush_memcached(mc_server)
     harness = Harness(mc_server, redis_proc)
     await harness.start()
     yield harness
@@ -361,7 +371,7 @@ async def test_a_classic_set_with_noreply_is_compared_but_does_not_warm_the_key(
 async def verifying(mc_server: ServerProcess, redis_proc: ServerProcess) -> AsyncIterator[Harness]:
     """A harness with shadow.verify_writes: 1.0, on empty stores."""
     redis_call(redis_proc.port, "FLUSHALL")
-    RawClient(mc_server.port).send(b"flush_all\r\n")
+    _flush_memcached(mc_server)
     harness = Harness(mc_server, redis_proc, verify_writes=1.0)
     await harness.start()
     yield harness
@@ -474,7 +484,7 @@ async def test_redis_service_time_and_the_shadow_queueing_are_measured_apart(
 async def test_equal_reads_alone_do_not_warm_a_key(shadow: Harness) -> None:
     # Both stores hold the key from before this shadow saw any write of it (another
     # worker's life, another epoch): equal reads say nothing of when memcached expires it.
-    RawClient(shadow.mc_port).send(b"set k 0 0 5\r\nhello\r\n")
+    assert shadow.memcached(b"set k 0 0 5\r\nhello\r\n") == b"STORED\r\n"
     redis_call(shadow.redis_port, "SET", "k", pack_value(0, 1, b"hello"))
     shadow.send(b"get k\r\n")
     await shadow.idle()
