@@ -202,6 +202,7 @@ def metric_figures(admin: int) -> dict[str, float]:
         "mismatches": total(samples, "memshadow_shadow_mismatches_total"),
         "dropped": total(samples, "memshadow_shadow_dropped_total"),
         "shadow_errors": total(samples, "memshadow_shadow_errors_total"),
+        "cas_map": total(samples, "memshadow_shadow_cas_map_entries"),
     }
     for name, labels, value in samples:
         if name == "memshadow_shadow_dropped_total" and value:
@@ -332,8 +333,9 @@ def report(
         f"{args.connections} connections, a fault every {args.fault_every:g} s",
         "",
         "| minutes | ops/s | client p99 ms | client errors (outside Memcached restarts) | "
-        "proxy RSS MB | worker RSS MB | proxy fds | tasks | comparisons | mismatches | dropped |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "proxy RSS MB | worker RSS MB | cas map pairs | proxy fds | tasks | comparisons | "
+        "mismatches | dropped |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     start = 0.0
     last = samples[-1]["t"] if samples else 0.0
@@ -347,7 +349,8 @@ def report(
                 f"| {start / 60:.0f}-{(start + window) / 60:.0f} "
                 f"| {_median(rows, 'ops_per_s'):,.0f} | {_median(rows, 'client_p99_ms'):.2f} "
                 f"| {errors} ({outside}) | {_median(rows, 'proxy_rss_mb'):.1f} "
-                f"| {_median(rows, 'worker_rss_mb'):.1f} | {_median(rows, 'proxy_fds'):.0f} "
+                f"| {_median(rows, 'worker_rss_mb'):.1f} | {_median(rows, 'cas_map'):,.0f} "
+                f"| {_median(rows, 'proxy_fds'):.0f} "
                 f"| {_median(rows, 'tasks'):.0f} | {end.get('comparisons', 0):,.0f} "
                 f"| {end.get('mismatches', 0):,.0f} | {end.get('dropped', 0):,.0f} |"
             )
@@ -392,6 +395,7 @@ def plot(out: Path, samples: list[dict[str, Any]], faults: list[Fault]) -> bool:
     minutes = [r["t"] / 60 for r in samples]
     panels = [
         ("RSS (MB)", [("proxy_rss_mb", "proxy"), ("worker_rss_mb", "shadow worker")]),
+        ("shadow cas map (pairs)", [("cas_map", "cas map")]),
         ("open fds", [("proxy_fds", "proxy"), ("worker_fds", "shadow worker")]),
         ("event loop tasks", [("tasks", "proxy")]),
         ("shadow drops (cumulative)", [("dropped", "dropped")]),

@@ -68,8 +68,14 @@ class KeyState:
             self.synced = seq
 
     def mark_lost(self, seq: int) -> None:
+        """An operation Redis missed, or whose effect is unknown. The key's expiry is no
+        longer known either (the operation may have set it: a touch, a gat, a write with a
+        TTL), so a read that finds both stores equal cannot make the key warm again: only a
+        write seen from now on, or a repair, can (a touch that overlapped a repair left
+        memcached's TTL at seconds and Redis's at an hour: a false unexpected_in_redis)."""
         if seq > self.lost:
             self.lost = seq
+        self.ttl_known = False
 
     def note_expiry(self, exptime: int) -> None:
         """Memcached applied `exptime` to the key now (its rule: 0 never, negative at

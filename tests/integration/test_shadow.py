@@ -306,6 +306,37 @@ def test_injected_divergence_is_reported_exactly(
     client.close()
 
 
+def test_an_incr_memcached_could_not_pad_then_a_prepend_is_noise(
+    shadowed: ProxyThread, memcached: ServerProcess
+) -> None:
+    """memcached pads a shorter incr result with spaces only when no other request holds the
+    item; Redis's side always pads. Here a reader that does not read its reply (straight to
+    memcached) holds the item, so memcached writes "1001" where Redis keeps "1001" and the
+    old length in spaces; a prepend then leaves the spaces after other bytes. The soak's two
+    false mismatches, now incr_padding noise."""
+    client = Client(("127.0.0.1", shadowed.port), default_noreply=False, timeout=5)
+    client.set("n", b"1000" + b" " * 400_000)  # (a number, under memcached's chunked size)
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    holder.connect(("127.0.0.1", memcached.port))
+    try:
+        # 12 MB of replies, more than the kernel takes (tcp_wmem's 4 MB): memcached is stuck
+        # writing them, and holds the item meanwhile.
+        holder.sendall(b"get" + b" n" * 30 + b"\r\n")
+        time.sleep(0.3)
+        assert client.incr("n", 1) == 1001
+    finally:
+        holder.close()
+    assert mc_item(memcached.port, "n") == (0, b"1001")  # not padded
+    assert client.get("n") == b"1001"
+    assert client.prepend("n", b"x")
+    assert client.get("n") == b"x1001"
+    shadowed.settle()
+    assert mismatch_kinds(shadowed) == {}
+    assert noise_reasons(shadowed).get("incr_padding", 0) == 2
+    client.close()
+
+
 def test_cold_keys_are_noise_and_backfill_copies_them(
     memcached: ServerProcess, redis_server: ServerProcess
 ) -> None:

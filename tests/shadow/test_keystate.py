@@ -41,3 +41,17 @@ def test_the_table_is_bounded_and_forgets_the_least_recently_used() -> None:
     assert len(keys) == 2
     assert keys.peek(b"b") is None
     assert keys.peek(b"a") is not None and keys.peek(b"a").warm  # type: ignore[union-attr]
+
+
+def test_a_lost_operation_makes_the_expiry_unknown_again() -> None:
+    """The soak-under-load false unexpected_in_redis: a touch that overlapped a repair was
+    lost (memcached's TTL now seconds, Redis's an hour); an equal read must not then make
+    the key warm with the repair's expiry."""
+    state = KeyStates(10, 0.2).get(b"k")
+    state.note_expiry(3600)  # the repair's copy
+    state.mark_synced(1)
+    assert state.warm and state.ttl_known
+    state.mark_lost(2)  # the overlapping touch
+    assert not state.warm and not state.ttl_known  # an equal read (the dispatcher) waits
+    state.note_expiry(5)  # a write seen from now on tells it again
+    assert state.ttl_known

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from proxy.memcache.request import RequestFramer
 from proxy.redis.layout import Item
 from proxy.shadow.compare import (
+    FLAGS,
     MISSING_IN_REDIS,
     PADDING,
     STATUS,
@@ -20,6 +21,7 @@ from proxy.shadow.compare import (
     VALUE,
     compare_outcome,
     compare_read,
+    compare_values,
     state_equal,
 )
 from proxy.shadow.translate import (
@@ -192,15 +194,55 @@ def test_compare_read() -> None:
     diff = compare_read(miss, Item(1, 5, b"v"))
     assert diff is not None and diff.kind == UNEXPECTED_IN_REDIS
     assert compare_read(miss, None) is None
-    padded = ShadowOp("get", "read", b"k", HIT, mc_value=McValue(0, b"99 ", None))
-    diff = compare_read(padded, Item(0, 1, b"99"))
+    padded = ShadowOp("get", "read", b"k", HIT, mc_value=McValue(0, b"99", None))
+    diff = compare_read(padded, Item(0, 1, b"99 "))
     assert diff is not None and diff.kind == PADDING
-    assert state_equal(McValue(0, b"99 ", None), Item(0, 1, b"99"))
-    # Padding an append has left inside the value: still only padding.
+
+
+def test_incr_padding_is_noise_wherever_an_append_or_prepend_left_it() -> None:
+    """memcached pads a shorter incr/decr result only when no reader holds the item; the
+    Redis side always does, so Redis may hold more spaces after a number, never fewer."""
+    assert state_equal(McValue(0, b"99", None), Item(0, 1, b"99 "))
+    # An append after it: the spaces inside the value.
     assert state_equal(McValue(0, b"0x", None), Item(0, 1, b"0" + b" " * 17 + b"x"))
-    # Not a number before the spaces, or other bytes differ: a real difference.
-    assert not state_equal(McValue(0, b"a x", None), Item(0, 1, b"ax"))
-    assert not state_equal(McValue(0, b"0 x", None), Item(0, 1, b"0y"))
+    # A prepend after it: the spaces end the value, after other bytes (the soak's mismatches).
+    assert state_equal(McValue(0, b"x0", None), Item(0, 1, b"x0" + b" " * 18))
+    assert state_equal(
+        McValue(0, b"ab 8704560008494919533", None), Item(0, 1, b"ab 8704560008494919533 ")
+    )
+    # Both padded, Redis more: spaces added to a run already there.
+    assert state_equal(McValue(0, b"p12 s", None), Item(0, 1, b"p12 " + b" " * 5 + b"s"))
+    assert state_equal(McValue(0, b"x7 ", None), Item(0, 1, b"x7   "))
+    # A megabyte value is judged quickly (the common prefix is found by halves, in C).
+    big = b"v" * 1_000_000 + b"42"
+    assert state_equal(McValue(0, big, None), Item(0, 1, big + b"  "))
+    assert not state_equal(McValue(0, big, None), Item(0, 1, b"w" + big[1:] + b"  "))
+
+
+@pytest.mark.parametrize(
+    ("mc", "redis"),
+    [
+        (b"99 ", b"99"),  # memcached never holds more padding than Redis
+        (b"ax", b"a x"),  # no digit before the spaces
+        (b"x", b"x  "),
+        (b"5", b" 5"),  # spaces before, not after, the number
+        (b"", b"  "),
+        (b"0y", b"0 x"),  # other bytes differ too
+        (b"1 2", b"12  "),  # a space moved, not only added
+        (b"1 2 3", b"1  2  3"),  # spaces added at two places
+        (b"12", b"1 "),  # a digit lost
+    ],
+)
+def test_a_difference_that_is_not_only_padding_is_a_mismatch(mc: bytes, redis: bytes) -> None:
+    assert not state_equal(McValue(0, mc, None), Item(0, 1, redis))
+    diff = compare_values(McValue(0, mc, None), Item(0, 1, redis))
+    assert diff is not None and diff.kind == VALUE
+
+
+def test_flags_that_differ_are_a_mismatch_even_when_the_value_is_only_padded() -> None:
+    diff = compare_values(McValue(5, b"1", None), Item(7, 1, b"1 "))
+    assert diff is not None and diff.kind == FLAGS
+    assert not state_equal(McValue(5, b"1", None), Item(7, 1, b"1 "))
 
 
 def test_compare_outcome() -> None:
