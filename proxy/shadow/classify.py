@@ -31,6 +31,10 @@ MISMATCH: Final = "mismatch"
 COLD_KEY: Final = "cold_key"
 TRANSIENT_RACE: Final = "transient_race"
 EXPIRY_BOUNDARY: Final = "expiry_boundary"
+# The host's wall clock stepped (a VM's clock sync, an NTP step) since the key's expiry was
+# set: Redis keeps expiry times on the wall clock, memcached counts a TTL on a monotonic one,
+# so the stores expire such a key up to the step's size apart.
+CLOCK_STEP: Final = "clock_step"
 EVICTED: Final = "evicted"
 UNVERIFIED: Final = "unverified"
 # memcached's incr/decr parses a value made only of whitespace by reading on past its end
@@ -41,6 +45,10 @@ UNVERIFIED: Final = "unverified"
 # whether the incr/decr is NON_NUMERIC (seen in the soak: 4 in 3.6M comparisons).
 MEMCACHED_OVERREAD: Final = "memcached_overread"
 WHITESPACE: Final = b" \t\n\v\f\r"
+
+# A wall clock that moved this much against the monotonic one has stepped (NTP slews at
+# most 0.5 ms a second; a step is a jump).
+STEP_SECONDS: Final = 0.25
 
 # What the shadow does after a verdict.
 KEEP: Final = "keep"  # nothing: Redis is as much in step as it was
@@ -68,6 +76,10 @@ class KeyFacts:
     expires_at: float | None  # unix time Memcached expires the key (None: never)
     replied_wall: float
     judged_wall: float
+    # How far the wall clock stepped since expires_at was set (seconds, + forward): Redis
+    # expires the key at expires_at, memcached at expires_at + expiry_skew (both in today's
+    # wall-clock seconds).
+    expiry_skew: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,14 +112,16 @@ def blank(data: bytes | None) -> bool:
     return data is not None and data != b"" and not data.strip(WHITESPACE)
 
 
-def near_expiry(facts: KeyFacts, tolerance: float) -> bool:
+def near_expiry(facts: KeyFacts, tolerance: float, skew: float = 0.0) -> bool:
     """Memcached answered at replied_wall, Redis at some time up to judged_wall: an expiry
-    anywhere in that span (widened by the clocks' tolerance) explains a hit against a miss."""
+    anywhere in that span (widened by the clocks' tolerance) explains a hit against a miss.
+    With `skew`, the two stores' expiries are that far apart (a wall-clock step): either one
+    in the span explains it, and so does a span that lies between them."""
     expires_at = facts.expires_at
-    return (
-        expires_at is not None
-        and facts.replied_wall - tolerance <= expires_at <= facts.judged_wall + tolerance
-    )
+    if expires_at is None:
+        return False
+    first, last = sorted((expires_at, expires_at + skew))
+    return facts.replied_wall - tolerance <= last and first <= facts.judged_wall + tolerance
 
 
 def judge_at_once(diff: Difference, facts: KeyFacts, expiry_tolerance: float) -> Verdict | None:
@@ -127,6 +141,10 @@ def judge_at_once(diff: Difference, facts: KeyFacts, expiry_tolerance: float) ->
         # may be right, and the key may now differ in any way (a touch of a key one store
         # expired): copy Memcached's state.
         return Verdict(NOISE, EXPIRY_BOUNDARY, REPAIR)
+    if abs(facts.expiry_skew) > STEP_SECONDS and near_expiry(
+        facts, expiry_tolerance, facts.expiry_skew
+    ):
+        return Verdict(NOISE, CLOCK_STEP, REPAIR)
     return None
 
 
@@ -172,6 +190,7 @@ def place(sent_at: float, replied_at: float, fence_lo: float, fence_hi: float) -
 __all__ = [
     "AFTER",
     "BACKFILL",
+    "CLOCK_STEP",
     "COLD_KEY",
     "EVICTED",
     "EXPIRY_BOUNDARY",
@@ -182,6 +201,7 @@ __all__ = [
     "NOISE",
     "OVERLAPS",
     "REPAIR",
+    "STEP_SECONDS",
     "SUBSUMED",
     "TRANSIENT_RACE",
     "UNVERIFIED",

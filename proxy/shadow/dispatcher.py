@@ -54,7 +54,7 @@ from proxy.shadow.compare import PADDING, Difference, compare_values, state_equa
 from proxy.shadow.control import ShadowControl
 from proxy.shadow.executor import DONE, Executor
 from proxy.shadow.history import OpHistory
-from proxy.shadow.keystate import CasMap, KeyState, KeyStates
+from proxy.shadow.keystate import CasMap, KeyState, KeyStates, wall_offset
 from proxy.shadow.mcreader import McItem, MemcachedReader, MemcachedUnavailable
 from proxy.shadow.scheduler import Scheduler
 from proxy.shadow.stats import ShadowStats
@@ -212,6 +212,7 @@ class ShadowDispatcher:
         state = self.keys.get(op.key)
         started = time.perf_counter()
         expires_at = state.expires_at  # before Redis's answer moves it
+        op.expiry_clock = state.expiry_clock
         try:
             diff, full_state, answer = await self.executor.replay(op, state)
         except RedisError as exc:
@@ -443,6 +444,7 @@ class ShadowDispatcher:
             return
         # The write itself may have changed the TTL: judge with the expiry it left.
         expires_at = state.expires_at
+        op.expiry_clock = state.expiry_clock
         verdict = judge_at_once(
             diff, self._facts(op, state, expires_at), self.settings.expiry_tolerance
         ) or judge_reread(diff, self._evidence(op, state, snapshot))
@@ -458,6 +460,7 @@ class ShadowDispatcher:
             expires_at=expires_at,
             replied_wall=op.replied_wall,
             judged_wall=time.time(),
+            expiry_skew=0.0 if expires_at is None else wall_offset() - op.expiry_clock,
         )
 
     def _evidence(self, op: ShadowOp, state: KeyState, snapshot: _Snapshot) -> Reread:

@@ -143,6 +143,7 @@ class Executor:
             self.completed(op, state, started, None, None, False, None, error)
             return
         expires_at = state.expires_at  # evidence for a difference: before the answer moves it
+        op.expiry_clock = state.expiry_clock
         try:
             diff, full = interpret(op, state, result)
         except Exception as exc:  # a shadow bug: the caller counts it and drops the key
@@ -198,7 +199,7 @@ class Executor:
                 if op.mc_status == STORED:
                     mode = "set" if op.mode == "cas" else op.mode
                     await target.store(mode, op.key, op.flags, op.exptime or 0, op.data)
-                    state.note_expiry(op.exptime or 0)
+                    state.note_expiry(op.exptime or 0, _clock(op))
                 if op.mc_status is None:
                     state.mark_lost(op.seq)  # noreply: memcached's outcome is unknown
                 return _unmapped(op), False, CAS_UNMAPPED
@@ -253,7 +254,7 @@ class Executor:
 
     def _read_result(self, op: ShadowOp, state: KeyState, item: Item | None) -> Outcome:
         if op.exptime is not None:
-            state.note_expiry(op.exptime)
+            state.note_expiry(op.exptime, _clock(op))
         value = op.mc_value
         if op.want_cas and item is not None and value is not None and value.cas is not None:
             self.casmap.put(op.key, value.cas, item.cas)
@@ -269,7 +270,7 @@ class Executor:
     def _store_result(self, op: ShadowOp, state: KeyState, result: StoreResult) -> Outcome:
         status = result.status
         if status == STORED and op.mode not in ("append", "prepend"):
-            state.note_expiry(op.exptime or 0)
+            state.note_expiry(op.exptime or 0, _clock(op))
         # Only outcomes that define the key in both stores make it known to be in step: a
         # value stored whole, or the key absent from both. add's NOT_STORED and cas's EXISTS
         # only say the key exists, with whatever value each store has.
@@ -282,19 +283,24 @@ class Executor:
     def _delta_result(self, op: ShadowOp, state: KeyState, result: DeltaResult) -> Outcome:
         status = result.status
         if status == "CREATED" and op.create is not None:
-            state.note_expiry(op.create)
+            state.note_expiry(op.create, _clock(op))
         if op.exptime is not None and status in ("OK", "CREATED"):
-            state.note_expiry(op.exptime)
+            state.note_expiry(op.exptime, _clock(op))
         return compare_outcome(op, status, result.value), False
 
     def _touch_result(self, op: ShadowOp, state: KeyState, status: TouchStatus) -> Outcome:
         if status == TOUCHED:
-            state.note_expiry(op.exptime or 0)
+            state.note_expiry(op.exptime or 0, _clock(op))
         return compare_outcome(op, status, None), False
 
     def _delete_result(self, op: ShadowOp, state: KeyState, status: DeleteStatus) -> Outcome:
         full = op.mc_status in (DELETED, NOT_FOUND) and op.cas is None
         return compare_outcome(op, status, None), full
+
+
+def _clock(op: ShadowOp) -> float | None:
+    """The wall clock's offset when the op's exptime was anchored (None: not dispatched)."""
+    return op.replied_wall - op.replied_at if op.replied_wall else None
 
 
 def _unmapped(op: ShadowOp) -> Difference | None:

@@ -16,6 +16,12 @@ from collections import OrderedDict
 from proxy.redis.layout import REALTIME_MAXDELTA
 
 
+def wall_offset() -> float:
+    """The wall clock's offset from the monotonic one: it moves only when the wall clock is
+    stepped (or slewed, at most 0.5 ms a second)."""
+    return time.time() - time.perf_counter()
+
+
 class KeyState:
     """Per-key facts used to classify a difference."""
 
@@ -23,6 +29,7 @@ class KeyState:
         "contended_until",
         "epoch",
         "expires_at",
+        "expiry_clock",
         "fence_hi",
         "fence_lo",
         "last_seen",
@@ -47,6 +54,10 @@ class KeyState:
         # alone, or an expiry set before (another worker's life, another epoch) would read
         # as a mismatch when it comes.
         self.ttl_known = False
+        # The wall clock's offset from the monotonic one (time.time() - perf_counter()) when
+        # expires_at was computed: a later offset tells how far the wall clock stepped since
+        # (Redis expires by the wall clock, memcached by a monotonic one).
+        self.expiry_clock = 0.0
         self.last_session = 0
         self.last_seen = 0.0  # perf_counter time of the latest reply seen for this key
         self.contended_until = 0.0  # perf_counter: until then, other connections raced on it
@@ -77,18 +88,23 @@ class KeyState:
             self.lost = seq
         self.ttl_known = False
 
-    def note_expiry(self, exptime: int) -> None:
+    def note_expiry(self, exptime: int, clock: float | None = None) -> None:
         """Memcached applied `exptime` to the key now (its rule: 0 never, negative at
-        once, up to 30 days relative, beyond that a unix time)."""
+        once, up to 30 days relative, beyond that a unix time). clock: the wall clock's
+        offset from the monotonic one when an absolute exptime was computed (default: now)."""
         self.ttl_known = True
         if exptime == 0:
             self.expires_at = None
-        elif exptime < 0:
-            self.expires_at = time.time()
+            return
+        now = time.perf_counter()
+        wall = time.time()
+        if exptime < 0:
+            self.expires_at = wall
         elif exptime <= REALTIME_MAXDELTA:
-            self.expires_at = time.time() + exptime
+            self.expires_at = wall + exptime
         else:
             self.expires_at = float(exptime)
+        self.expiry_clock = wall - now if clock is None else clock
 
 
 class KeyStates:

@@ -19,8 +19,9 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from proxy.memcache.request import Captured
+from proxy.shadow.classify import STEP_SECONDS
 from proxy.shadow.executor import ASYNC, SENT
-from proxy.shadow.keystate import KeyState, KeyStates
+from proxy.shadow.keystate import KeyState, KeyStates, wall_offset
 from proxy.shadow.stats import ShadowStats
 from proxy.shadow.translate import ShadowOp, Skip, translate
 
@@ -76,6 +77,7 @@ class Scheduler:
         # times it sends (tick); inline, everything observed so far is in the queue.
         self._ticked = ticked
         self._horizon = 0.0
+        self._wall_offset = wall_offset()  # to see the host's wall clock step
         self._queue: deque[tuple[Captured, float, int, int]] = deque()
         self.seq = 0  # requests observed so far: a total order of replies
         self._wakeup = asyncio.Event()
@@ -209,6 +211,16 @@ class Scheduler:
             if self.stopping and not queue:
                 return
 
+    def _clock_stepped(self, offset: float) -> None:
+        log.warning(
+            "shadow: the host's wall clock stepped by %+.2f s. Redis keeps expiry times on "
+            "the wall clock and memcached counts TTLs on a monotonic one, so keys whose TTL "
+            "ends near the step may expire that far apart in the two stores (noise: "
+            "clock_step)",
+            offset - self._wall_offset,
+        )
+        self._wall_offset = offset
+
     def _dispatch(self, request: Captured, replied_at: float, session: int, seq: int) -> None:
         sent_at = request.started
         if sent_at:
@@ -220,7 +232,10 @@ class Scheduler:
                 self.keys.get(key).mark_lost(seq)
             return
         now = time.perf_counter()
-        replied_wall = time.time() - (now - replied_at)
+        wall = time.time()
+        replied_wall = wall - (now - replied_at)
+        if abs(wall - now - self._wall_offset) > STEP_SECONDS:
+            self._clock_stepped(wall - now)
         sent = sent_at or replied_at
         chains = self._chains
         for op in plan:

@@ -81,6 +81,9 @@ class ShadowOp:
     sent_at: float = 0.0
     replied_at: float = 0.0
     replied_wall: float = 0.0
+    # Set when the op is replayed: the key's expiry clock then (KeyState.expiry_clock), for
+    # the evidence a difference is judged by.
+    expiry_clock: float = 0.0
 
     def anchor_expiry(self, replied_wall: float) -> None:
         """Make relative exptimes count from Memcached's reply, not from the replay.
@@ -107,6 +110,7 @@ class Skip:
 
 
 Translation = list[ShadowOp] | Skip
+
 
 def translate(request: Captured, sampled: Callable[[bytes], bool]) -> Translation:
     """Turn one completed request (with its captured reply) into shadow operations."""

@@ -8,6 +8,7 @@ import pytest
 from proxy.shadow.classify import (
     AFTER,
     BACKFILL,
+    CLOCK_STEP,
     COLD_KEY,
     EVICTED,
     EXPIRY_BOUNDARY,
@@ -123,6 +124,39 @@ def test_a_lag_longer_than_the_tolerance_still_covers_the_replay() -> None:
         1.0,
     )
     assert verdict == Verdict(NOISE, EXPIRY_BOUNDARY, REPAIR)
+
+
+@pytest.mark.parametrize(
+    ("expires_at", "skew", "reason"),
+    [
+        # The soak's case: the wall clock jumped 3.8 s forward. Redis (wall clock) expired
+        # the key at NOW - 2.9; memcached (monotonic) keeps it until NOW + 0.9, and answered
+        # a hit at NOW - 0.5: out of the plain tolerance, explained by the step.
+        (NOW - 2.9, 3.8, CLOCK_STEP),
+        (NOW - 2.9, 0.0, None),  # the same difference on a steady clock: a re-read decides
+        (NOW - 2.9, 0.3, None),  # a step too small to reach the answers
+        (NOW - 40.0, 3.8, None),  # expired long before, in both stores' terms
+        # Backwards by 5 s: memcached expires it at NOW - 1.0, Redis (wall clock) at NOW + 4:
+        # a miss against a hit in between is the step.
+        (NOW + 4.0, -5.0, CLOCK_STEP),
+        (NOW + 9.0, -5.0, None),  # both expiries after the judgement, past the tolerance
+        (NOW - 1.0, 3.8, EXPIRY_BOUNDARY),  # within the plain tolerance: a boundary first
+    ],
+)
+def test_a_wall_clock_step_explains_an_expiry_that_far_apart(
+    expires_at: float, skew: float, reason: str | None
+) -> None:
+    verdict = judge_at_once(
+        Difference(MISSING_IN_REDIS, "hit", "miss"),
+        facts(expires_at=expires_at, expiry_skew=skew),
+        2.0,
+    )
+    assert verdict == (None if reason is None else Verdict(NOISE, reason, REPAIR))
+
+
+def test_a_clock_step_does_not_excuse_a_key_without_expiry() -> None:
+    diff = Difference(MISSING_IN_REDIS, "hit", "miss")
+    assert judge_at_once(diff, facts(expires_at=None, expiry_skew=30.0), 2.0) is None
 
 
 # -- judged from a re-read -----------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from proxy.shadow.keystate import KeyStates
+from proxy.shadow.keystate import KeyState, KeyStates, wall_offset
 
 
 def test_a_key_is_warm_once_synced_after_its_last_loss() -> None:
@@ -55,3 +55,16 @@ def test_a_lost_operation_makes_the_expiry_unknown_again() -> None:
     assert not state.warm and not state.ttl_known  # an equal read (the dispatcher) waits
     state.note_expiry(5)  # a write seen from now on tells it again
     assert state.ttl_known
+
+
+def test_an_expiry_remembers_the_wall_clock_it_was_computed_on() -> None:
+    """A later offset tells how far the wall clock stepped since (the classifier's
+    clock_step): the caller's offset when it anchored the exptime, or now's."""
+    state = KeyState(0)
+    state.note_expiry(1_900_000_000, clock=123.5)
+    assert (state.expires_at, state.expiry_clock) == (1_900_000_000.0, 123.5)
+    before = wall_offset()
+    state.note_expiry(30)
+    assert before - 0.01 <= state.expiry_clock <= wall_offset() + 0.01
+    state.note_expiry(0)  # never expires: the clock no longer matters
+    assert state.expires_at is None

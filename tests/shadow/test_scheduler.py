@@ -7,6 +7,8 @@ import asyncio
 import random
 import time
 
+import pytest
+
 from proxy.memcache.request import Captured, RequestFramer
 from proxy.shadow.executor import ASYNC, DONE, SENT
 from proxy.shadow.keystate import KeyState, KeyStates
@@ -235,3 +237,24 @@ async def test_a_queued_request_does_not_vouch_past_the_horizon() -> None:
     assert await scheduler.caught_up(now + 0.5, give_up_after=0.05)
     assert not await scheduler.caught_up(now + 1.5, give_up_after=0.05)  # the queue's head
     await scheduler.stop(1.0)
+
+
+async def test_a_wall_clock_step_is_logged_once_with_its_size(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    runner = Runner()
+    scheduler, _, _ = make(runner)
+    scheduler.start()
+    scheduler.observe([get(b"before")], session=1)
+    await asyncio.wait_for(scheduler.idle(), 10)
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 3.8)  # the host's clock jumps
+    for key in (b"after", b"again", b"still"):
+        scheduler.observe([get(key)], session=1)
+        await asyncio.wait_for(scheduler.idle(), 10)
+    monkeypatch.undo()
+    await scheduler.stop(1.0)
+    steps = [r.getMessage() for r in caplog.records if "wall clock stepped" in r.getMessage()]
+    assert len(steps) == 1 and "+3.80 s" in steps[0], steps
+    # The ops dispatched after it were anchored to the new wall clock.
+    assert [key for key, _ in runner.started] == [b"before", b"after", b"again", b"still"]
