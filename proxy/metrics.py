@@ -276,9 +276,7 @@ class ProxyMetrics:
         self.registry = CollectorRegistry()
         self.listeners = {label: RequestStats() for label in listeners}
         # remote[i][label]: proxy process i+1's figures, as it last reported them.
-        self.remote = [
-            {label: RequestStats() for label in listeners} for _ in range(processes - 1)
-        ]
+        self.remote = [{label: RequestStats() for label in listeners} for _ in range(processes - 1)]
         shown: dict[str, RequestFigures] = {
             label: RequestTotals([local, *(r[label] for r in self.remote)])
             if self.remote
@@ -320,6 +318,14 @@ class ProxyMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self._shadow_handoff = Counter(
+            "memshadow_shadow_handoff_failures",
+            "Times the shadow's hand-off raised on the client path (a bug: the client was "
+            "answered and carries on, the shadow lost those requests), by stage.",
+            ["stage"],
+            registry=self.registry,
+        )
+        self._shadow_handoff.labels("observe")
         # The event loop whose tasks are counted (set by whoever runs it): a count that
         # only grows is a leak (bench/soak.py plots it).
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -363,6 +369,9 @@ class ProxyMetrics:
     def unframed(self, reason: str) -> None:
         self._unframed.labels(reason).inc()
 
+    def shadow_handoff_failed(self) -> None:
+        self._shadow_handoff.labels("observe").inc()
+
     def counters(self) -> dict[str, dict[str, float]]:
         """The connection-level counters by label value (another process sends them)."""
         values: dict[str, dict[str, float]] = {}
@@ -391,6 +400,7 @@ class ProxyMetrics:
             "upstream_errors": self._upstream_errors,
             "closed_by_proxy": self._closed_by_proxy,
             "unframed": self._unframed,
+            "shadow_handoff": self._shadow_handoff,
         }
 
     def render(self) -> bytes:

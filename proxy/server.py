@@ -31,6 +31,7 @@ log = logging.getLogger("memshadow.server")
 _session_numbers = itertools.count(1)
 LISTEN_BACKLOG = 1024
 TOO_MANY_CONNECTIONS = b"ERROR Too many open connections\r\n"  # memcached's, past its -c
+OBSERVER_LOG_INTERVAL = 60.0  # seconds between log lines about a failing shadow hand-off
 
 # Why the client side of a session is not being read (a bit each).
 _PAUSE_UPSTREAM_FULL = 1  # Memcached's socket buffer is full
@@ -253,7 +254,10 @@ class ClientSession(asyncio.Protocol):
             # cold in the shadow instead of silently missing from Redis.
             unanswered = [r for r in self.pending if r.capture and r.response is None]
             if unanswered:
-                observer(unanswered, self.number)
+                try:
+                    observer(unanswered, self.number)
+                except Exception as exc:  # (see upstream_data)
+                    self.proxy.observer_failed(exc)
         self.pending.clear()
         self.proxy.session_closed(self)
 
@@ -290,7 +294,10 @@ class ClientSession(asyncio.Protocol):
                 # Only sampled requests cross over; at rate 0 the shadow is not even called.
                 captured = [r for r in done if r.capture]
                 if captured:
-                    observer(captured, self.number)
+                    try:
+                        observer(captured, self.number)
+                    except Exception as exc:  # a shadow bug never costs a client anything
+                        self.proxy.observer_failed(exc)
             if self._paused & _PAUSE_PENDING and len(self.pending) < self.max_pending // 2:
                 self.resume_client(_PAUSE_PENDING)
         if self.proxy.draining:
@@ -376,6 +383,25 @@ class ProxyServer:
         self._all_closed.set()
         self._address: tuple[str, int] | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._observer_failures = 0  # since the last line logged about them
+        self._observer_logged = -OBSERVER_LOG_INTERVAL
+
+    def observer_failed(self, exc: Exception) -> None:
+        """The shadow's hand-off raised (a bug): the client's reply went out already and its
+        connection carries on; the shadow lost those requests. Counted; logged with its
+        traceback at most once every OBSERVER_LOG_INTERVAL seconds, with how many since."""
+        self.metrics.shadow_handoff_failed()
+        self._observer_failures += 1
+        now = time.monotonic()
+        if now - self._observer_logged >= OBSERVER_LOG_INTERVAL:
+            log.error(
+                "shadow hand-off failed (%d times since the last report); clients unaffected, "
+                "the shadow lost those requests",
+                self._observer_failures,
+                exc_info=exc,
+            )
+            self._observer_failures = 0
+            self._observer_logged = now
 
     @property
     def listen_address(self) -> tuple[str, int]:

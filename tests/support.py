@@ -378,7 +378,10 @@ class FaultRelay:
     """A TCP relay to 127.0.0.1:target on a loop of its own, whose faults a test switches at
     run time: "pass", "stall" (replies stop part-way through a chunk, until set back),
     "blackhole" (nothing is forwarded either way), reset() (every connection through it is
-    aborted with an RST), and `delay` (seconds every reply chunk is held, in any mode)."""
+    aborted with an RST), half_close() (every connection gets a FIN towards the relay's
+    client, as if the server had shut its sending side, but stays open: requests still reach
+    the server, its replies are thrown away), and `delay` (seconds every reply chunk is held,
+    in any mode)."""
 
     def __init__(self, target: int) -> None:
         self.target = target
@@ -387,6 +390,8 @@ class FaultRelay:
         self.delay = 0.0
         self._loop = asyncio.new_event_loop()
         self._writers: set[asyncio.StreamWriter] = set()
+        self._clients: set[asyncio.StreamWriter] = set()  # the relay's side towards its client
+        self._half_closed: set[asyncio.StreamWriter] = set()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fault-relay", daemon=True)
         self._thread.start()
@@ -418,6 +423,8 @@ class FaultRelay:
                     await asyncio.sleep(0.01)
                 if replies and self.delay:
                     await asyncio.sleep(self.delay)
+                if writer in self._half_closed:
+                    continue  # its FIN was sent: what the server says now goes nowhere
                 writer.write(data)
                 await writer.drain()
         writer.close()
@@ -429,12 +436,15 @@ class FaultRelay:
             writer.close()
             return
         self._writers |= {writer, up_writer}
+        self._clients.add(writer)
         try:
             await asyncio.gather(
                 self._pump(reader, up_writer, False), self._pump(up_reader, writer, True)
             )
         finally:
             self._writers -= {writer, up_writer}
+            self._clients.discard(writer)
+            self._half_closed.discard(writer)
 
     def reset(self) -> None:
         def abort_all() -> None:
@@ -446,6 +456,15 @@ class FaultRelay:
                 writer.transport.abort()
 
         self._loop.call_soon_threadsafe(abort_all)
+
+    def half_close(self) -> None:
+        def shut_all() -> None:
+            for writer in list(self._clients - self._half_closed):
+                if writer.can_write_eof() and not writer.is_closing():
+                    self._half_closed.add(writer)
+                    writer.write_eof()
+
+        self._loop.call_soon_threadsafe(shut_all)
 
     def close(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)

@@ -17,6 +17,12 @@ clock ticks in its own phase), and both are restarted empty, so one divergence c
 up again in every later reply (a cas counter one apart differs in every cas that follows).
 Both are also restarted after a delayed flush_all. (The probe reads every fuzzed key between
 inputs, so an item is never new to `mg ... h` in a later input.)
+
+With `--shadow inline|process` the proxy also shadows every request (rate 1.0) to a Redis of
+its own, so the same hostile streams go through sampling, translation, replay and comparison:
+the run then also requires no error logged and no shadow error, and reports the verdicts
+(every mismatch's example is written out). The twins' restarts are Memcached restarts for
+the shadow (its keys turn cold).
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support import ProxyThread, ServerProcess, memcached_argv, proxy_config
+from tests.support import ProxyThread, ServerProcess, memcached_argv, proxy_config, redis_argv
 
 MARKER = b"mg fuzz:end v O424242\r\n"
 MARKER_REPLY = b"EN O424242\r\n"
@@ -271,6 +277,14 @@ class Findings:
     explained: Counter[str] = field(default_factory=Counter)
     divergences: list[Divergence] = field(default_factory=list)
     diverged_explained: Counter[str] = field(default_factory=Counter)
+    # --shadow: verdicts by outcome, mismatches by (command, kind), noise by reason,
+    # dropped and shadow errors by reason, and the mismatches' examples
+    verdicts: Counter[str] = field(default_factory=Counter)
+    mismatches: Counter[str] = field(default_factory=Counter)
+    noise: Counter[str] = field(default_factory=Counter)
+    dropped: Counter[str] = field(default_factory=Counter)
+    shadow_errors: Counter[str] = field(default_factory=Counter)
+    mismatch_examples: list[object] = field(default_factory=list)
 
 
 class _ErrorCatcher(logging.Handler):
@@ -283,15 +297,42 @@ class _ErrorCatcher(logging.Handler):
 
 
 class Twin:
-    """A fresh memcached straight, another behind memshadow."""
+    """A fresh memcached straight, another behind memshadow (shadowing every request to a
+    Redis of its own, with the worker `shadow` names, if given)."""
 
-    def __init__(self) -> None:
+    def __init__(self, shadow: str | None = None) -> None:
         self.direct = ServerProcess(memcached_argv(*DETERMINISTIC))
         self.behind = ServerProcess(memcached_argv(*DETERMINISTIC))
         self.direct.start()
         self.behind.start()
-        self.proxy = ProxyThread(proxy_config(self.behind))
+        self.redis: ServerProcess | None = None
+        if shadow is None:
+            config = proxy_config(self.behind)
+        else:
+            self.redis = ServerProcess(redis_argv())
+            self.redis.start()
+            config = proxy_config(self.behind, self.redis, 1.0, worker=shadow)
+        self.proxy = ProxyThread(config)
         self.proxy.start()
+
+    def shadow_figures(self, findings: Findings) -> None:
+        """Add the shadow's verdicts, drops, errors and mismatch examples, once it judged
+        everything it was handed."""
+        shadow = self.proxy.shadow
+        if shadow is None:
+            return
+        self.proxy.settle(60)
+        stats = shadow.stats
+        for (_, outcome), n in stats.comparisons.items():
+            findings.verdicts[outcome] += n
+        for (command, kind), n in stats.mismatches.items():
+            findings.mismatches[f"{command}:{kind}"] += n
+        for (_, reason), n in stats.noise.items():
+            findings.noise[reason] += n
+        findings.dropped.update(stats.dropped)
+        findings.shadow_errors.update(stats.errors)
+        if stats.mismatches:
+            findings.mismatch_examples.append(self.proxy.call(lambda: shadow.examples.to_json()))
 
     def states(self) -> tuple[State, State]:
         return state(self.direct.port), state(self.behind.port)
@@ -306,6 +347,8 @@ class Twin:
         self.proxy.stop()
         self.direct.stop()
         self.behind.stop()
+        if self.redis is not None:
+            self.redis.stop()
 
 
 def settle(
@@ -377,11 +420,18 @@ def campaign(
             findings.errors_logged.append(f"campaign on twin {twin.direct.port}: {exc!r}")
 
 
-def run(seconds: float, inputs: int, twins: int, seed: int, quiet: float = 0.15) -> Findings:
+def run(
+    seconds: float,
+    inputs: int,
+    twins: int,
+    seed: int,
+    quiet: float = 0.15,
+    shadow: str | None = None,
+) -> Findings:
     findings = Findings()
     catcher = _ErrorCatcher(findings)
     logging.getLogger().addHandler(catcher)
-    pairs = [Twin() for _ in range(twins)]
+    pairs = [Twin(shadow) for _ in range(twins)]
     lock = threading.Lock()
     try:
         until = time.monotonic() + seconds
@@ -396,6 +446,8 @@ def run(seconds: float, inputs: int, twins: int, seed: int, quiet: float = 0.15)
             thread.start()
         for thread in threads:
             thread.join()
+        for pair in pairs:
+            pair.shadow_figures(findings)
     finally:
         for pair in pairs:
             pair.close()
@@ -416,10 +468,17 @@ def main() -> None:
         default=0.15,
         help="seconds of silence that end an exchange whose marker a data block swallowed",
     )
+    ap.add_argument(
+        "--shadow",
+        choices=("inline", "process"),
+        default=None,
+        help="also shadow every request to a Redis per twin, with this worker (inline: the "
+        "shadow's log is watched for errors too; process: only the proxy's)",
+    )
     args = ap.parse_args()
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
     started = time.monotonic()
-    findings = run(args.seconds, args.inputs, args.twins, seed, args.quiet)
+    findings = run(args.seconds, args.inputs, args.twins, seed, args.quiet, args.shadow)
     elapsed = time.monotonic() - started
     print(
         f"seed {seed}: {findings.inputs:,} inputs in {elapsed:.0f} s "
@@ -430,7 +489,14 @@ def main() -> None:
         f"state divergences explained {dict(findings.diverged_explained)}, "
         f"{len(findings.divergences)} unexplained, {len(findings.errors_logged)} errors logged"
     )
-    if findings.differences or findings.divergences or findings.errors_logged:
+    if args.shadow:
+        print(
+            f"shadow ({args.shadow}): verdicts {dict(findings.verdicts)}, "
+            f"mismatches {dict(findings.mismatches)}, noise {dict(findings.noise)}, "
+            f"dropped {dict(findings.dropped)}, shadow errors {dict(findings.shadow_errors)}"
+        )
+    failed = findings.mismatches or findings.shadow_errors
+    if findings.differences or findings.divergences or findings.errors_logged or failed:
         with args.out.open("w") as out:
             for stream, cut, direct, proxied in findings.differences:
                 out.write(f"input {stream!r} cut {cut}\n")
@@ -440,6 +506,8 @@ def main() -> None:
                 out.write(f"  direct  {d.direct!r}\n  behind  {d.behind!r}\n")
             for error in findings.errors_logged:
                 out.write(f"logged: {error}\n")
+            for examples in findings.mismatch_examples:
+                out.write(f"shadow mismatch examples: {examples!r}\n")
         print(f"written to {args.out}")
         raise SystemExit(1)
 

@@ -9,6 +9,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -318,9 +319,42 @@ def _limited(memcached: ServerProcess, **limits: Any) -> ProxyThread:
 
 
 def _closed_by_proxy(proxy: ProxyThread, reason: str) -> float:
+    name = "memshadow_client_connections_closed_by_proxy_total"
+    return _metric(proxy, f'{name}{{reason="{reason}"}} ')
+
+
+def _metric(proxy: ProxyThread, line: str) -> float:
     text = proxy.metrics.render().decode()
-    line = f'memshadow_client_connections_closed_by_proxy_total{{reason="{reason}"}} '
     return float(next(row for row in text.splitlines() if row.startswith(line)).split()[-1])
+
+
+def test_a_failing_shadow_hand_off_costs_the_client_nothing(
+    memcached: ServerProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug in the shadow's hand-off (the observer raises) must not reach the client: every
+    reply arrives, the connection stays open, others are served; the failures are counted
+    and logged with their traceback once, not once per request."""
+
+    def broken(requests: list[Any], session: int) -> None:
+        raise RuntimeError("shadow bug")
+
+    proxy = ProxyThread(proxy_config(memcached), capture=lambda request: True, observer=broken)
+    proxy.start()
+    try:
+        clients = [Client(("127.0.0.1", proxy.port), timeout=5) for _ in range(3)]
+        for round_ in range(20):
+            for n, client in enumerate(clients):
+                assert client.set(f"k{n}", b"v%d" % round_, noreply=False)
+                assert client.get(f"k{n}") == b"v%d" % round_
+        for client in clients:
+            client.close()
+        failures = _metric(proxy, 'memshadow_shadow_handoff_failures_total{stage="observe"} ')
+        assert failures == 3 * 20 * 2
+        logged = [r for r in caplog.records if "shadow hand-off failed" in r.getMessage()]
+        assert len(logged) == 1 and logged[0].exc_info is not None
+        assert proxy.metrics.requests.total() == 3 * 20 * 2
+    finally:
+        proxy.stop()
 
 
 def test_past_max_connections_a_client_is_refused_as_memcached_would(
@@ -371,11 +405,12 @@ def test_idle_timeout_closes_only_idle_connections(memcached: ServerProcess) -> 
         proxy.stop()
 
 
-def test_memcached_black_holed_then_reset_leaks_nothing(memcached: ServerProcess) -> None:
-    """Memcached stops answering (a black hole), then every connection to it is reset, while
-    clients keep trying: clients see what a silent or vanished Memcached gives them
-    (timeouts, closed connections), the proxy carries on by itself once Memcached answers
-    again, and when the clients are gone no descriptor, task or session is left behind."""
+def test_memcached_faults_leak_nothing(memcached: ServerProcess) -> None:
+    """Memcached stops answering (a black hole), stalls part-way through a reply, shuts its
+    sending side (a half-close) and has every connection reset, while clients keep trying:
+    clients see what a silent or vanished Memcached gives them (timeouts, closed
+    connections), never a wrong answer, the proxy carries on by itself after each fault, and
+    when the clients are gone no descriptor, task or session is left behind."""
     relay = FaultRelay(memcached.port)
     config = replace(proxy_config(memcached), memcached=HostPort("127.0.0.1", relay.port))
     proxy = ProxyThread(config)
@@ -411,19 +446,35 @@ def test_memcached_black_holed_then_reset_leaks_nothing(memcached: ServerProcess
         for thread in threads:
             thread.start()
         time.sleep(0.5)
-        relay.mode = "blackhole"
-        time.sleep(1.0)
-        relay.mode = "pass"
+        faults: list[tuple[str, int, int, int]] = []  # name, then indices into outcomes
+
+        def fault(name: str, start: Callable[[], None], end: Callable[[], None]) -> None:
+            before = len(outcomes)
+            start()
+            time.sleep(1.0)
+            end()
+            time.sleep(0.4)
+            recovered = len(outcomes)
+            time.sleep(0.6)
+            faults.append((name, before, recovered, len(outcomes)))
+
+        def set_mode(mode: str) -> Callable[[], None]:
+            return lambda: setattr(relay, "mode", mode)
+
+        fault("blackhole", set_mode("blackhole"), set_mode("pass"))
+        fault("stall", set_mode("stall"), set_mode("pass"))
+        fault("half_close", relay.half_close, lambda: None)
+        fault("reset", relay.reset, lambda: None)
         time.sleep(0.5)
-        relay.reset()
-        time.sleep(1.0)
         count_at_end = len(outcomes)
         time.sleep(0.5)
         stop.set()
         for thread in threads:
             thread.join(10)
         assert "wrong" not in outcomes
-        assert any(o != "ok" for o in outcomes)  # the faults did reach the clients
+        for name, before, recovered, after in faults:
+            assert any(o != "ok" for o in outcomes[before:recovered]), name  # clients felt it
+            assert "ok" in outcomes[recovered:after], name  # and the proxy serves again
         assert outcomes[count_at_end:].count("ok") > 0  # and the proxy serves again by itself
         deadline = time.monotonic() + 10
         while proxy.call(lambda: len(proxy.server.sessions)) and time.monotonic() < deadline:

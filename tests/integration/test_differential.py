@@ -11,6 +11,7 @@ import base64
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -523,3 +524,17 @@ def test_a_short_fuzz_campaign_finds_no_unexplained_difference() -> None:
     assert findings.differences == [], findings.differences[:2]
     assert findings.divergences == [], findings.divergences[:2]
     assert findings.errors_logged == []
+
+
+def test_a_short_shadowed_fuzz_campaign_finds_no_difference_and_no_mismatch() -> None:
+    """The same hostile streams with the shadow on (rate 1.0, inline, so its log is watched
+    too): translation, replay and comparison never fail, never report a mismatch, and the
+    client path stays byte for byte the same."""
+    findings = fuzz.run(seconds=60, inputs=300, twins=1, seed=20261203, shadow="inline")
+    assert findings.inputs == 300
+    assert findings.differences == [], findings.differences[:2]
+    assert findings.divergences == [], findings.divergences[:2]
+    assert findings.errors_logged == []
+    assert findings.verdicts["match"] > 0, findings.verdicts
+    assert findings.mismatches == Counter(), findings.mismatch_examples
+    assert findings.shadow_errors == Counter()

@@ -534,19 +534,25 @@ def test_random_streams_from_many_connections_give_no_false_alarm(
 def test_redis_faults_between_memshadow_and_redis_under_load(
     memcached: ServerProcess, redis_server: ServerProcess, worker: str
 ) -> None:
-    """Replies stalled part-way, a black hole, then every connection reset, while clients
-    hammer: no client error, no false mismatch, the lost shadow work dropped and counted, and
-    the shadow back by itself once Redis answers again."""
+    """Replies stalled part-way, a black hole, added latency (under and over the timeout),
+    every connection half-closed by the Redis side, then every connection reset, while
+    clients hammer: no client error, no false mismatch, the lost shadow work dropped and
+    counted, and the shadow back by itself once Redis answers again."""
     relay = FaultRelay(redis_server.port)
     proxy = ProxyThread(proxy_config(memcached, relay, 1.0, worker=worker, redis_timeout=0.3))
     proxy.start()
     try:
         keys = [f"fault{i}" for i in range(30)]
-        hammers = Hammers(proxy.port, keys, 7.0, 8)
+        hammers = Hammers(proxy.port, keys, 11.0, 8)
         time.sleep(1)
         for mode in ("stall", "pass", "blackhole", "pass"):
             relay.mode = mode
             time.sleep(1.2)
+        for delay in (0.02, 0.5, 0.0):
+            relay.delay = delay
+            time.sleep(1.2)
+        relay.half_close()
+        time.sleep(1.2)
         relay.reset()
         hammers.join()
         assert hammers.errors == [], hammers.errors[:3]
