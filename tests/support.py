@@ -417,7 +417,7 @@ class FaultRelay:
         with contextlib.suppress(ConnectionError, RuntimeError):
             while data := await reader.read(65536):
                 while self.mode == "blackhole" or (replies and self.mode == "stall"):
-                    if self.mode == "stall" and len(data) > 1:
+                    if self.mode == "stall" and len(data) > 1 and writer not in self._half_closed:
                         writer.write(data[: len(data) // 2])  # part of a reply, then nothing
                         data = data[len(data) // 2 :]
                     await asyncio.sleep(0.01)
@@ -458,13 +458,17 @@ class FaultRelay:
         self._loop.call_soon_threadsafe(abort_all)
 
     def half_close(self) -> None:
+        done = threading.Event()
+
         def shut_all() -> None:
             for writer in list(self._clients - self._half_closed):
                 if writer.can_write_eof() and not writer.is_closing():
                     self._half_closed.add(writer)
                     writer.write_eof()
+            done.set()
 
         self._loop.call_soon_threadsafe(shut_all)
+        assert done.wait(5)  # every FIN is sent when this returns
 
     def close(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)

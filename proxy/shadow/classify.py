@@ -19,7 +19,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from proxy.shadow.compare import CAS_UNMAPPED, ERROR, PADDING, Difference
+from proxy.shadow.compare import (
+    CAS_UNMAPPED,
+    ERROR,
+    MISSING_IN_REDIS,
+    PADDING,
+    STATUS,
+    UNEXPECTED_IN_REDIS,
+    Difference,
+)
 from proxy.shadow.translate import NON_NUMERIC
 
 # Outcomes (memshadow_shadow_comparisons_total{outcome}).
@@ -46,8 +54,8 @@ UNVERIFIED: Final = "unverified"
 MEMCACHED_OVERREAD: Final = "memcached_overread"
 WHITESPACE: Final = b" \t\n\v\f\r"
 
-# A wall clock that moved this much against the monotonic one has stepped (NTP slews at
-# most 0.5 ms a second; a step is a jump).
+# A wall clock that moved this much against the monotonic one has stepped (Linux slews
+# both together: only a step moves one against the other).
 STEP_SECONDS: Final = 0.25
 
 # What the shadow does after a verdict.
@@ -141,11 +149,21 @@ def judge_at_once(diff: Difference, facts: KeyFacts, expiry_tolerance: float) ->
         # may be right, and the key may now differ in any way (a touch of a key one store
         # expired): copy Memcached's state.
         return Verdict(NOISE, EXPIRY_BOUNDARY, REPAIR)
-    if abs(facts.expiry_skew) > STEP_SECONDS and near_expiry(
-        facts, expiry_tolerance, facts.expiry_skew
+    skew = facts.expiry_skew
+    if (
+        abs(skew) > STEP_SECONDS
+        and diff.kind in (_STEP_FORWARD if skew > 0 else _STEP_BACKWARD)
+        and near_expiry(facts, expiry_tolerance, skew)
     ):
         return Verdict(NOISE, CLOCK_STEP, REPAIR)
     return None
+
+
+# What a step can explain: forward, Redis expires the key early (the key missing there, an
+# outcome that depends on its presence); backward, late (the key still there). Never a
+# value or flags difference: a key present in both stores did not expire in either.
+_STEP_FORWARD: Final = (MISSING_IN_REDIS, STATUS)
+_STEP_BACKWARD: Final = (UNEXPECTED_IN_REDIS, STATUS)
 
 
 def judge_reread(diff: Difference, reread: Reread) -> Verdict:

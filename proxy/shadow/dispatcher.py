@@ -454,13 +454,15 @@ class ShadowDispatcher:
         self.stats.count_comparison(VERIFY, verdict.outcome, verdict.reason)
 
     def _facts(self, op: ShadowOp, state: KeyState, expires_at: float | None) -> KeyFacts:
+        offset = wall_offset()
         return KeyFacts(
             warm=state.warm,
             raced=self.keys.raced_near(state, op.replied_at),
             expires_at=expires_at,
-            replied_wall=op.replied_wall,
+            # On today's wall clock, like judged_wall (it may have stepped since the reply).
+            replied_wall=op.replied_at + offset if op.replied_wall else op.replied_wall,
             judged_wall=time.time(),
-            expiry_skew=0.0 if expires_at is None else wall_offset() - op.expiry_clock,
+            expiry_skew=0.0 if expires_at is None else offset - op.expiry_clock,
         )
 
     def _evidence(self, op: ShadowOp, state: KeyState, snapshot: _Snapshot) -> Reread:

@@ -113,6 +113,15 @@ class Handoff:
     # -- the client path's hook (never waits) ---------------------------------------------
 
     def observe(self, requests: list[Request], session: int) -> None:
+        try:
+            self._observe(requests, session)
+        except Exception:
+            # A bug: which of these requests reached a batch is unknown, so every worker
+            # makes every key cold after its next batch. The client path counts it.
+            self.lose_everything()
+            raise
+
+    def _observe(self, requests: list[Request], session: int) -> None:
         lanes = self.lanes
         if len(lanes) == 1:
             self._observe_one(lanes[0], requests, session)
@@ -214,6 +223,14 @@ class Handoff:
     def _count_drop(self, reason: str) -> None:
         self.dropped[reason] += 1
         self.stats.dropped[reason] += 1
+
+    def lose_everything(self) -> None:
+        """Which requests of a chunk reached a batch is unknown (a bug raised in observe):
+        each worker makes every key cold after what it is handed next (flush does it)."""
+        for lane in self.lanes:
+            lane.lost_overflow = True
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self.flush)
 
     def _lose(self, lane: Lane, keys: list[bytes], now: float) -> None:
         """A change of these keys was dropped here: a marker in the batch, in its place."""

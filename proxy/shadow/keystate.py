@@ -18,7 +18,7 @@ from proxy.redis.layout import REALTIME_MAXDELTA
 
 def wall_offset() -> float:
     """The wall clock's offset from the monotonic one: it moves only when the wall clock is
-    stepped (or slewed, at most 0.5 ms a second)."""
+    stepped (Linux slews CLOCK_MONOTONIC along with it)."""
     return time.time() - time.perf_counter()
 
 

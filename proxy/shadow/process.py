@@ -172,7 +172,7 @@ class ShadowProcess:
         return self.sampler.decide(request)
 
     def observe(self, requests: list[Request], session: int) -> None:
-        self.handoff.observe(requests, session)
+        self.handoff.observe(requests, session)  # (a failure makes every key cold)
 
     def add_remote(self, shadowed: Mapping[str, int], dropped: Mapping[str, int]) -> None:
         """Another proxy process of `workers: N` handed these over or dropped them."""

@@ -169,7 +169,13 @@ class Shadow:
         return self.sampler.decide(request)
 
     def observe(self, requests: list[Request], session: int) -> None:
-        self.dispatcher.observe([r.captured() for r in requests if r.capture], session)
+        try:
+            self.dispatcher.observe([r.captured() for r in requests if r.capture], session)
+        except Exception:
+            # A bug: which of these requests were queued is unknown, so no key can be
+            # trusted to be in step any more. The client path counts and logs it.
+            self.dispatcher.forget_all()
+            raise
 
     def _record_example(
         self,

@@ -566,3 +566,37 @@ def test_redis_faults_between_memshadow_and_redis_under_load(
     finally:
         proxy.stop()
         relay.close()
+
+
+def test_a_hand_off_that_raises_turns_every_key_cold_and_spares_the_client(
+    shadowed: ProxyThread,
+) -> None:
+    """A bug in the shadow's hand-off: the client is answered and carries on, and since what
+    reached the shadow is unknown, no key stays warm (a later difference is cold_key noise,
+    never a verdict on a stale Redis)."""
+    client = Client(("127.0.0.1", shadowed.port), default_noreply=False, timeout=5)
+    client.set("warm", b"1")
+    assert client.get("warm") == b"1"
+    shadowed.settle()
+    assert totals(shadowed).get("match", 0) >= 1 and noise_reasons(shadowed) == {}
+    # Where the bug strikes: inside the hand-off to the worker processes, or the inline
+    # dispatcher's queueing.
+    handoff = getattr(shadowed.shadow, "handoff", None)
+    target, name = (handoff, "_observe") if handoff else (shadowed.shadow.dispatcher, "observe")
+    real = getattr(target, name)
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("shadow bug")
+
+    shadowed.call(lambda: setattr(target, name, broken))
+    try:
+        assert client.set("warm", b"2")  # answered; its hand-off raised
+    finally:
+        shadowed.call(lambda: setattr(target, name, real))
+    assert client.get("warm") == b"2"
+    shadowed.settle()
+    client.close()
+    assert noise_reasons(shadowed) == {"cold_key": 1}  # the get: Redis missed the set
+    assert totals(shadowed).get("mismatch", 0) == 0
+    text = shadowed.metrics.render().decode()
+    assert 'memshadow_shadow_handoff_failures_total{stage="observe"} 1.0' in text

@@ -126,31 +126,38 @@ def test_a_lag_longer_than_the_tolerance_still_covers_the_replay() -> None:
     assert verdict == Verdict(NOISE, EXPIRY_BOUNDARY, REPAIR)
 
 
+MISSING = Difference(MISSING_IN_REDIS, "hit", "miss")
+UNEXPECTED = Difference(UNEXPECTED_IN_REDIS, "miss", "hit")
+
+
 @pytest.mark.parametrize(
-    ("expires_at", "skew", "reason"),
+    ("diff", "expires_at", "skew", "reason"),
     [
         # The soak's case: the wall clock jumped 3.8 s forward. Redis (wall clock) expired
         # the key at NOW - 2.9; memcached (monotonic) keeps it until NOW + 0.9, and answered
         # a hit at NOW - 0.5: out of the plain tolerance, explained by the step.
-        (NOW - 2.9, 3.8, CLOCK_STEP),
-        (NOW - 2.9, 0.0, None),  # the same difference on a steady clock: a re-read decides
-        (NOW - 2.9, 0.3, None),  # a step too small to reach the answers
-        (NOW - 40.0, 3.8, None),  # expired long before, in both stores' terms
+        (MISSING, NOW - 2.9, 3.8, CLOCK_STEP),
+        (Difference(STATUS, "NOT_STORED", "STORED"), NOW - 2.9, 3.8, CLOCK_STEP),  # an add
+        (MISSING, NOW - 2.9, 0.0, None),  # the same difference on a steady clock: a re-read
+        (MISSING, NOW - 2.9, 0.3, None),  # a step too small to reach the answers
+        (MISSING, NOW - 40.0, 3.8, None),  # expired long before, in both stores' terms
+        # A forward step makes Redis expire early, never late; and a key present in both
+        # stores did not expire in either: values and flags are never a step's doing.
+        (UNEXPECTED, NOW - 2.9, 3.8, None),
+        (VALUE_DIFF, NOW - 2.9, 3.8, None),
+        (Difference(FLAGS, "1", "2"), NOW - 2.9, 3.8, None),
         # Backwards by 5 s: memcached expires it at NOW - 1.0, Redis (wall clock) at NOW + 4:
-        # a miss against a hit in between is the step.
-        (NOW + 4.0, -5.0, CLOCK_STEP),
-        (NOW + 9.0, -5.0, None),  # both expiries after the judgement, past the tolerance
-        (NOW - 1.0, 3.8, EXPIRY_BOUNDARY),  # within the plain tolerance: a boundary first
+        # a miss against a hit in between is the step; the other way round it is not.
+        (UNEXPECTED, NOW + 4.0, -5.0, CLOCK_STEP),
+        (MISSING, NOW + 4.0, -5.0, None),
+        (UNEXPECTED, NOW + 9.0, -5.0, None),  # both expiries after the judgement
+        (MISSING, NOW - 1.0, 3.8, EXPIRY_BOUNDARY),  # within the plain tolerance: a boundary
     ],
 )
 def test_a_wall_clock_step_explains_an_expiry_that_far_apart(
-    expires_at: float, skew: float, reason: str | None
+    diff: Difference, expires_at: float, skew: float, reason: str | None
 ) -> None:
-    verdict = judge_at_once(
-        Difference(MISSING_IN_REDIS, "hit", "miss"),
-        facts(expires_at=expires_at, expiry_skew=skew),
-        2.0,
-    )
+    verdict = judge_at_once(diff, facts(expires_at=expires_at, expiry_skew=skew), 2.0)
     assert verdict == (None if reason is None else Verdict(NOISE, reason, REPAIR))
 
 

@@ -147,3 +147,21 @@ async def test_a_clean_close_says_goodbye_after_the_last_batch() -> None:
     assert sum(len(batches(t)) for t in transports) == 1
     hand.observe([request(b"set k 0 0 1", b"v")], session=1)  # after close: dropped
     assert hand.dropped == {"worker_down": 1}
+
+
+async def test_a_hand_off_that_raised_makes_every_key_cold_on_every_worker() -> None:
+    """After a bug in observe, which requests reached a batch is unknown: each worker gets,
+    after whatever it was handed, the marker that makes every key cold."""
+    hand, transports = handoff(2)
+    hand.observe([request(b"set k%d 0 0 1" % i, b"v") for i in range(6)], session=5)
+
+    def broken(requests: object, session: int) -> None:
+        raise RuntimeError("shadow bug")
+
+    hand._observe = broken  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        hand.observe([request(b"set k9 0 0 1", b"v")], session=5)
+    await asyncio.sleep(0)  # its flush runs on the loop
+    for transport in transports:
+        ((_, groups, _),) = batches(transport)
+        assert groups[-1][0] == MARKER and groups[-1][2] is None
