@@ -17,7 +17,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -623,3 +624,24 @@ def tls_redis_argv(
         "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
         "--tls-auth-clients", "yes" if client_certs else "no",
     ]  # fmt: skip
+
+
+def _by_second(counts: Mapping[tuple[str, str], int]) -> dict[str, int]:
+    """Counts keyed (command, x) summed over the commands."""
+    summed: Counter[str] = Counter()
+    for (_, second), n in counts.items():
+        summed[second] += n
+    return dict(summed)
+
+
+def totals(proxy: ProxyThread) -> dict[str, int]:
+    """The shadow's comparisons by outcome (match, noise, mismatch)."""
+    return _by_second(proxy.shadow.stats.comparisons)
+
+
+def mismatch_kinds(proxy: ProxyThread) -> dict[str, int]:
+    return _by_second(proxy.shadow.stats.mismatches)
+
+
+def noise_reasons(proxy: ProxyThread) -> dict[str, int]:
+    return _by_second(proxy.shadow.stats.noise)

@@ -38,7 +38,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support import ProxyThread, ServerProcess, memcached_argv, proxy_config, redis_argv
+from tests.support import (
+    ProxyThread,
+    ServerProcess,
+    memcached_argv,
+    noise_reasons,
+    proxy_config,
+    redis_argv,
+    totals,
+)
 
 MARKER = b"mg fuzz:end v O424242\r\n"
 MARKER_REPLY = b"EN O424242\r\n"
@@ -339,12 +347,10 @@ class Twin:
             return
         self.proxy.settle(60)
         stats = shadow.stats
-        for (_, outcome), n in stats.comparisons.items():
-            findings.verdicts[outcome] += n
+        findings.verdicts.update(totals(self.proxy))
         for (command, kind), n in stats.mismatches.items():
             findings.mismatches[f"{command}:{kind}"] += n
-        for (_, reason), n in stats.noise.items():
-            findings.noise[reason] += n
+        findings.noise.update(noise_reasons(self.proxy))
         findings.dropped.update(stats.dropped)
         findings.shadow_errors.update(stats.errors)
         if stats.mismatches:

@@ -34,8 +34,11 @@ from tests.support import (
     RawClient,
     ServerProcess,
     memcached_argv,
+    mismatch_kinds,
+    noise_reasons,
     proxy_config,
     redis_argv,
+    totals,
 )
 
 
@@ -60,27 +63,6 @@ def mc_call(port: int, line: bytes, until: bytes = b"\r\n") -> bytes:
         return client.read_until(until)
     finally:
         client.close()
-
-
-def totals(proxy: ProxyThread) -> dict[str, int]:
-    outcomes: Counter[str] = Counter()
-    for (_, outcome), n in proxy.shadow.stats.comparisons.items():
-        outcomes[outcome] += n
-    return dict(outcomes)
-
-
-def mismatch_kinds(proxy: ProxyThread) -> dict[str, int]:
-    kinds: Counter[str] = Counter()
-    for (_, kind), n in proxy.shadow.stats.mismatches.items():
-        kinds[kind] += n
-    return dict(kinds)
-
-
-def noise_reasons(proxy: ProxyThread) -> dict[str, int]:
-    reasons: Counter[str] = Counter()
-    for (_, reason), n in proxy.shadow.stats.noise.items():
-        reasons[reason] += n
-    return dict(reasons)
 
 
 def mc_item(port: int, key: str) -> tuple[int, bytes] | None:

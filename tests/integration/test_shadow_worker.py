@@ -20,8 +20,8 @@ import proxy.children
 import proxy.shadow.handoff
 import proxy.shadow.process
 from proxy.shadow.sampler import KeySampler
-from tests.integration.test_shadow import Hammers, assert_stores_equal, totals
-from tests.support import ProxyThread, ServerProcess, proxy_config
+from tests.integration.test_shadow import Hammers, assert_stores_equal
+from tests.support import ProxyThread, ServerProcess, proxy_config, totals
 
 
 @pytest.fixture
