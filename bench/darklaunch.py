@@ -90,6 +90,14 @@ def memcached_call(port: int, payload: bytes, until: bytes = b"\r\n") -> bytes:
         client.close()
 
 
+def read_replies(client: RawClient, end: bytes, count: int, timeout: float = 10.0) -> bytes:
+    """What the client receives until `end` has come `count` times."""
+    out = b""
+    while out.count(end) < count:
+        out += client.read_until(end, timeout)
+    return out
+
+
 def memcached_stat(port: int, name: str) -> int:
     for line in memcached_call(port, b"stats\r\n", b"END\r\n").split(b"\r\n"):
         words = line.split()
@@ -381,34 +389,46 @@ def repro_delayed_flush_all(run: Run) -> None:
 
 def repro_same_value_reset(run: Run) -> None:
     """Cause 4: 8 keys set with a 2 s TTL and read; as soon as memcached has expired them
-    while Redis still holds them, a get, a set of the same value with no TTL and a get of
-    each; 3 s later a get. (Redis expires them at a whole second of the wall clock,
-    memcached at its own clock tick, whose phase is its process's: the window exists only
-    when the set's second is favourable, so the attempt is moved on by 0.3 s until Redis
-    has them for 0.5 s more.)"""
+    while Redis still holds them, a get and a set of the same value with no TTL of each (one
+    write: 16 requests, within the small queue); 3 s later a get.
+
+    Redis expires them at a whole second of the wall clock (the set's second + 2), memcached
+    at its second clock tick after the set, whose phase within the second is its process's:
+    set just after a wall-clock second, memcached expires them (1 - phase) s before Redis.
+    A memcached whose phase leaves less than 0.15 s is restarted (a new phase) and the
+    attempt made again."""
     raw = RawClient(run.port)
+    restarts = 0
     try:
         for attempt in range(6):
+            time.sleep(1.02 - time.time() % 1.0)  # just after a wall-clock second
             keys = [b"reset%d-%d" % (attempt, i) for i in range(8)]
             raw.send(b"".join(b"set %s 0 2 4\r\nsame\r\n" % k for k in keys))
-            raw.read_until(b"STORED\r\n" * len(keys), 10)
-            for key in keys:
-                raw.send(b"get %s\r\n" % key)
-                raw.read_until(b"END\r\n", 10)
-            run.settle()
+            read_replies(raw, b"STORED\r\n", len(keys))
+            raw.send(b"".join(b"get %s\r\n" % k for k in keys))
+            read_replies(raw, b"END\r\n", len(keys))
             deadline = time.monotonic() + 5.0
             while time.monotonic() < deadline:
                 if memcached_call(run.memcached.port, b"mg %s\r\n" % keys[0]) == b"EN\r\n":
                     break
                 time.sleep(0.005)
-            if redis_call(run.redis.port, "PTTL", keys[-1]) > 500:
-                break  # memcached expired them first: the window is open (0.5 s at least)
-            time.sleep(0.3 + attempt * 0.3)
-        run.notes["cause 4 attempts"] = attempt + 1
-        for k in keys:
-            raw.send(b"get %s\r\nset %s 0 0 4\r\nsame\r\nget %s\r\n" % (k, k, k))
-            raw.read_until(b"same\r\nEND\r\n", 10)
-            run.settle()  # (the small queue never overflows)
+            if redis_call(run.redis.port, "PTTL", keys[-1]) > 150:
+                break  # memcached expired them first: the window is open
+            raw.close()
+            seen = run.figures()["dropped"].get("memcached_restart", 0)
+            run.memcached.restart()
+            restarts += 1
+            deadline = time.monotonic() + 30.0  # until the shadow has seen the restart
+            while time.monotonic() < deadline:
+                if run.figures()["dropped"].get("memcached_restart", 0) > seen:
+                    break
+                time.sleep(0.1)
+            time.sleep(1.5)  # (dispatcher.RESTART_SETTLE: every key turns cold again)
+            run.settle()
+            raw = RawClient(run.port)
+        run.notes["cause 4 memcached restarts"] = restarts
+        raw.send(b"".join(b"get %s\r\nset %s 0 0 4\r\nsame\r\n" % (k, k) for k in keys))
+        read_replies(raw, b"STORED\r\n", len(keys))
         time.sleep(3.0)
         for key in keys:
             raw.send(b"get %s\r\n" % key)
@@ -546,7 +566,7 @@ def memcached_restarts(mode: str, args: argparse.Namespace) -> list[Row]:
         run.settle()
         run.phase("end")
         clean = Row(
-            "no_fault_64",
+            "memcached_restarts/no_fault",
             mode,
             _delta(run.figures(), before),
             phases=run.phases[-1:],
