@@ -35,12 +35,16 @@ from proxy.redis.errors import (
     RedisReplyError,
     RedisTimeout,
     RedisUnavailable,
+    ShadowStarved,
 )
 from proxy.redis.topology import WriteLog, cluster_reply, is_cluster_refusal
 
 log = logging.getLogger(__name__)
 
 OUTAGE_SUMMARY_INTERVAL = 60.0
+LATE_TIMER: Final = 0.05
+"""A reply deadline timer that runs this much late says the event loop was held up: the
+replies are read before any command is called timed out."""
 """While a Redis stays unreachable, one summary line per this many seconds (every connection
 of a pool retries on its own, a few times a second in all: one line per attempt would flood
 the log for as long as the outage lasts)."""
@@ -221,8 +225,8 @@ def deliver(callback: ReplyCallback, reply: Reply, error: RedisError | None) -> 
 class _RespProtocol(asyncio.Protocol):
     """One TCP/TLS connection: batched writes, FIFO replies, and the reply deadline.
 
-    Each command waiting for its reply is a `[future, callback, deadline]` entry of
-    `_pending`, in send order: a future (send) or a callback (send_callback). A callback is
+    Each command waiting for its reply is a `[future, callback, deadline, payload, timeout]`
+    entry of `_pending`, in send order: a future (send) or a callback (send_callback). A callback is
     set to None once called, so it is called exactly once whatever comes first: the reply,
     the deadline or the loss of the connection.
     """
@@ -233,8 +237,12 @@ class _RespProtocol(asyncio.Protocol):
         on_timeout: Callable[[int], None],
         on_down: Callable[[_RespProtocol], None],
         service_time: Callable[[float], None] | None = None,
+        on_push: Callable[[list[Any]], None] | None = None,
     ) -> None:
         self._loop = loop
+        # A subscribed connection's published messages (["message", channel, payload]): they
+        # answer no command. None on every other connection.
+        self._on_push = on_push
         # Set once the handshake is done: where a cluster's refusals (MOVED, ASK, READONLY,
         # LOADING...) go instead of to the command's caller (see Refusals).
         self.refusals: Refusals | None = None
@@ -253,6 +261,8 @@ class _RespProtocol(asyncio.Protocol):
         self._flush_handle: asyncio.Handle | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when = 0.0
+        self._rechecking = False  # the deadline timer ran late: one more look after I/O
+        self._held_up = 0.0  # how late it ran
         self._aborted = False
         self.lost: asyncio.Future[None] = loop.create_future()
 
@@ -287,21 +297,20 @@ class _RespProtocol(asyncio.Protocol):
     def send(self, payload: bytes, timeout: float) -> asyncio.Future[Reply]:
         """Queue one encoded command; it is written with the others of this loop iteration."""
         future: asyncio.Future[Reply] = self._loop.create_future()
-        self._queue([future, None, self._loop.time() + timeout, payload], payload)
+        self._queue([future, None, timeout, payload, timeout], payload)
         return future
 
     def send_callback(self, payload: bytes, timeout: float, callback: ReplyCallback) -> None:
         """send() without a future: `callback` gets the reply or the error (see ReplyCallback)."""
-        self._queue([None, callback, self._loop.time() + timeout, payload], payload)
+        self._queue([None, callback, timeout, payload, timeout], payload)
 
     def _queue(self, entry: list[Any], payload: bytes) -> None:
+        # entry[2] holds the timeout until the command is written: its deadline counts from
+        # the write (a loop that was busy before writing it is not Redis being slow).
         self._pending.append(entry)
         self._outbuf.append(payload)
         if self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self._flush)
-        deadline = entry[2]
-        if self._timer is None or deadline < self._timer_when:
-            self._arm(deadline)
 
     def close(self) -> None:
         if self._transport is not None:
@@ -325,6 +334,17 @@ class _RespProtocol(asyncio.Protocol):
         self._transport.write(data)
         if self._service_time is not None:
             self._writes.append([time.perf_counter(), commands])
+        # The commands just written are the last `commands` entries: their deadlines start.
+        pending = self._pending
+        now = self._loop.time()
+        earliest = float("inf")
+        for index in range(len(pending) - commands, len(pending)):
+            entry = pending[index]
+            entry[2] = deadline = now + entry[2]
+            if deadline < earliest:
+                earliest = deadline
+        if self._timer is None or earliest < self._timer_when:
+            self._arm(earliest)
 
     def data_received(self, data: bytes) -> None:
         self.last_read = read_at = time.perf_counter()
@@ -332,6 +352,7 @@ class _RespProtocol(asyncio.Protocol):
         pending = self._pending
         writes = self._writes
         service_time = self._service_time
+        push = self._on_push
         while True:
             try:
                 reply = self._reader.gets()
@@ -340,6 +361,9 @@ class _RespProtocol(asyncio.Protocol):
                 return
             if reply is False:
                 return
+            if push is not None and type(reply) is list and reply and reply[0] == b"message":
+                push(reply)
+                continue
             if not pending:
                 self.abort(RedisProtocolError("reply from Redis with no command waiting for it"))
                 return
@@ -419,9 +443,23 @@ class _RespProtocol(asyncio.Protocol):
     def _check_deadlines(self) -> None:
         self._timer = None
         now = self._loop.time()
+        late = now - self._timer_when
+        if late > LATE_TIMER and not self._rechecking:
+            # This loop was held up (a starved worker): replies may be waiting unread in the
+            # socket. Read them first (a timer 1 ms on runs after the next I/O poll).
+            self._rechecking = True
+            self._held_up = late
+            self._arm(now + 0.001)
+            return
+        held_up, self._held_up = self._held_up, 0.0
+        self._rechecking = False
         earliest: float | None = None
         expired: list[list[Any]] = []
-        for entry in self._pending:
+        pending = self._pending
+        written = len(pending) - len(self._outbuf)  # (the others hold no deadline yet)
+        for index, entry in enumerate(pending):
+            if index >= written:
+                break
             future, callback, deadline = entry[0], entry[1], entry[2]
             if callback is None and (future is None or future.done()):
                 continue  # answered, or the caller gave up waiting
@@ -433,6 +471,12 @@ class _RespProtocol(asyncio.Protocol):
             if earliest is not None:
                 self._arm(earliest)
             return
+        # Held up longer than a whole timeout: the wait measured this process, not Redis.
+        error: RedisTimeout = (
+            ShadowStarved("this process was too busy to read Redis's reply in time")
+            if held_up >= min(entry[4] for entry in expired)
+            else RedisTimeout("no reply from Redis in time")
+        )
         callbacks: list[ReplyCallback] = []
         for entry in expired:
             future, callback = entry[0], entry[1]
@@ -440,13 +484,18 @@ class _RespProtocol(asyncio.Protocol):
                 entry[1] = None
                 callbacks.append(callback)
             else:
-                future.set_exception(RedisTimeout("no reply from Redis in time"))
-        self._on_timeout(len(expired))
-        self.abort(RedisUnavailable("connection reset after a command timed out"))
-        # After the reset: a callback that sends again must not use this connection.
+                future.set_exception(error)
+        if isinstance(error, ShadowStarved):
+            # Nothing says the connection is at fault: it stays, and the late replies still
+            # come in order, to entries that no longer wait for them.
+            if earliest is not None:
+                self._arm(earliest)
+        else:
+            self._on_timeout(len(expired))
+            self.abort(RedisUnavailable("connection reset after a command timed out"))
+        # (After the reset: a callback that sends again must not use this connection.)
         for callback in callbacks:
-            deliver(callback, None, RedisTimeout("no reply from Redis in time"))
-
+            deliver(callback, None, error)
 
 # connection ---------------------------------------------------------------------------------
 
@@ -517,9 +566,12 @@ class RedisConnection:
         refusals: Refusals | None = None,
         require_primary: bool = False,
         failures: Counter[str] | None = None,
+        on_push: Callable[[list[Any]], None] | None = None,
     ) -> None:
         """failures: counts each failed connection attempt by failure_reason (shared by
-        the connections of a shadow, for its metrics)."""
+        the connections of a shadow, for its metrics). on_push: takes the messages
+        published to a subscribed connection."""
+        self._on_push = on_push
         self.url = parse_url(url) if isinstance(url, str) else url
         self.refusals = refusals
         self.failures = failures
@@ -653,7 +705,7 @@ class RedisConnection:
 
         def factory() -> _RespProtocol:
             return _RespProtocol(
-                loop, self._count_timeouts, self._protocol_down, self._service_time
+                loop, self._count_timeouts, self._protocol_down, self._service_time, self._on_push
             )
 
         _, protocol = await asyncio.wait_for(

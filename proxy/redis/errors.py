@@ -19,6 +19,11 @@ class RedisTimeout(RedisError):
     """No reply came in time; the connection is reset because later replies would be misaligned."""
 
 
+class ShadowStarved(RedisTimeout):
+    """No reply was read in time, but this process's own event loop was held up longer than
+    the timeout itself: the wait says nothing of Redis (a starved shadow worker)."""
+
+
 class RedisReplyError(RedisError):
     """Redis answered with an error reply (the message is the exception's text)."""
 

@@ -28,6 +28,7 @@ from proxy.redis.errors import (
     RedisReplyError,
     RedisTimeout,
     RedisUnavailable,
+    ShadowStarved,
 )
 from proxy.redis.store import RedisStore, StoreMode, StoreStatus, function_library
 from tests.redis.conftest import REDIS_SERVER, Server, free_port
@@ -305,6 +306,41 @@ async def test_callback_timeout_is_reported_once_and_resets_the_connection(
         again = Calls()
         conn.send_callback(again, b"ECHO", b"again")
         assert await again.wait() == (b"again", None)
+    finally:
+        server.resume()
+        await conn.close()
+
+
+async def test_a_starved_loop_reads_its_replies_before_calling_anything_timed_out(
+    redis_factory: StartRedis,
+) -> None:
+    """A shadow worker starved of CPU (its loop held up past the timeout) used to read its
+    own lag as Redis timeouts, and the errors guard switched the shadow off. The replies
+    that came meanwhile are read first: no timeout; a command still unanswered after a
+    hold-up longer than its timeout fails as ShadowStarved (a drop), not as Redis's fault."""
+    server = redis_factory()
+    conn = RedisConnection(server.url(), timeout=0.2, connect_timeout=1.0, backoff_max=0.2)
+    assert await conn.start()
+    try:
+        answered = Calls()
+        conn.send_callback(answered, b"ECHO", b"quick")
+        await asyncio.sleep(0)  # written
+        time.sleep(0.5)  # the loop is held up (CPU starvation): Redis answered long ago
+        assert await answered.wait() == (b"quick", None)
+        assert conn.timeouts == 0 and conn.is_connected
+        server.pause()
+        unanswered = Calls()
+        conn.send_callback(unanswered, b"ECHO", b"never")
+        await asyncio.sleep(0)
+        time.sleep(0.5)
+        reply, exc = await unanswered.wait()
+        assert reply is None and isinstance(exc, ShadowStarved)
+        # Not Redis's fault: the connection stays, and the late reply finds its place.
+        assert conn.is_connected and conn.timeouts == 0
+        server.resume()
+        after = Calls()
+        conn.send_callback(after, b"ECHO", b"after")
+        assert await after.wait() == (b"after", None)
     finally:
         server.resume()
         await conn.close()
