@@ -205,9 +205,25 @@ class Run:
 
     def set_enabled(self, enabled: bool, source: str = "api") -> None:
         self.on_loop(lambda: self.proxy.shadow.control.set_enabled(enabled, source))
+        self.announced()
 
     def set_rate(self, rate: float, source: str = "api") -> None:
         self.on_loop(lambda: self.proxy.shadow.control.set_rate(rate, source))
+        self.announced()
+
+    def announced(self) -> None:
+        """Wait until the shadow knows the sample it sees every request of (a rise counts
+        once the requests in flight under the old rate are answered: keys defined before
+        that cannot be established, so a divergence injected on them would not be found)."""
+        shadow = self.proxy.shadow
+        coverage = getattr(shadow, "coverage", None)
+        if coverage is None:  # (a memshadow from before the announcements)
+            return
+        deadline = time.monotonic() + 30.0
+        while time.monotonic() < deadline:
+            if self.on_loop(lambda: coverage.announced == shadow.control.threshold):
+                return
+            time.sleep(0.01)
 
     def phase(self, label: str, action: Callable[[], object] | None = None) -> None:
         """Close the current phase (its figures: what changed since it began) and begin

@@ -177,6 +177,8 @@ async def serve(config: Config, load: Callable[[], Config] | None = None) -> int
         ProxyServer(config, metrics, health, index=index, **hooks)
         for index, health in enumerate(healths)
     ]
+    if shadow is not None:  # (a rise of the sample waits for their requests in flight)
+        shadow.attach(lambda: [s.pending for server in servers for s in server.sessions])
     if config.workers > 1:
         from proxy.processes import ProxyProcesses
 

@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -38,6 +39,8 @@ from proxy.shadow.wire import FrameDecoder, WireError, encode
 
 if TYPE_CHECKING:
     from proxy.config import Config
+    from proxy.memcache.request import Request
+    from proxy.shadow.coverage import CoverageAnnouncer
     from proxy.shadow.handoff import Handoff
     from proxy.shadow.process import ShadowProcess
     from proxy.shadow.sampler import KeySampler
@@ -423,6 +426,7 @@ class ExtraProcess(asyncio.Protocol):
         self._token = ""
         self._fds: list[int] = []
         self._sampler: KeySampler | None = None
+        self.coverage: CoverageAnnouncer | None = None
         self._connecting: dict[int, str] = {}  # shard -> the address being dialled
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
@@ -494,12 +498,15 @@ class ExtraProcess(asyncio.Protocol):
         self.control.set_enabled(enabled, "first process")
         self.metrics = ProxyMetrics(listeners=[b.label for b in config.backends])
         if config.shadow.redis is not None:
+            from proxy.shadow.coverage import CoverageAnnouncer
             from proxy.shadow.handoff import Handoff
             from proxy.shadow.sampler import KeySampler
             from proxy.shadow.stats import ShadowStats
 
             self._sampler = KeySampler(self.control)
             self.handoff = Handoff(config.workers, ShadowStats(), self._sampler.sampled)
+            self.coverage = CoverageAnnouncer(self.control, self.handoff.coverage)
+            self.coverage.attach(self._in_flight)
             self._token = token
             self._feed_links = [None] * config.workers
             self._set_feeds(feeds)
@@ -526,10 +533,16 @@ class ExtraProcess(asyncio.Protocol):
             return
         self._send(("ready",))
 
+    def _in_flight(self) -> list[deque[Request]]:
+        """The requests this process's client sessions await replies to."""
+        return [session.pending for server in self.servers for session in server.sessions]
+
     async def _stop(self, timeout: float, code: int = 0) -> None:
         if self._stopping:
             return
         self._stopping = True
+        if self.coverage is not None:
+            self.coverage.close()
         # (ticks and reports go on while the clients drain)
         await asyncio.gather(*(server.stop(timeout) for server in self.servers))
         if self.handoff is not None:
@@ -637,7 +650,9 @@ class ExtraProcess(asyncio.Protocol):
                 return
             self._feed_links[shard] = link
             # Nothing observed before this is handed to the worker (connect() is next).
-            transport.writelines(encode(("hello", self._token, time.perf_counter())))
+            assert self.coverage is not None
+            hello = ("hello", self._token, time.perf_counter(), self.coverage.announced)
+            transport.writelines(encode(hello))
             assert self.handoff is not None
             # fresh=False: the worker runs already; what we dropped meanwhile is told first.
             self.handoff.connect(shard, transport, fresh=False)

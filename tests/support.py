@@ -230,6 +230,9 @@ class ProxyThread:
                 for index in range(len(self.config.backends))
             ]
             self.server = self.servers[0]
+            if self.shadow is not None:
+                servers = self.servers
+                self.shadow.attach(lambda: [s.pending for v in servers for s in v.sessions])
             socks: list[Any] = [None] * len(self.servers)
             if self.config.workers > 1:
                 from proxy.processes import ProxyProcesses
@@ -645,3 +648,14 @@ def mismatch_kinds(proxy: ProxyThread) -> dict[str, int]:
 
 def noise_reasons(proxy: ProxyThread) -> dict[str, int]:
     return _by_second(proxy.shadow.stats.noise)
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 30.0, what: str = "") -> float:
+    """Poll `condition` until it holds; the seconds that took. Fails after `timeout` (a bound
+    on a hang, never a measure: nothing asserts how fast it held)."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"not within {timeout:g} s: {what or condition}")
+        time.sleep(0.02)
+    return time.monotonic() - started

@@ -17,6 +17,7 @@ from proxy.memcache.arguments import meta_key
 from proxy.memcache.commands import (
     BY_WORD,
     CLOSE,
+    EVERY_KEY,
     GATS,
     GETS,
     KEY_LAYOUT,
@@ -160,8 +161,8 @@ def request_keys(command: str, words: list[bytes]) -> list[bytes]:
     """Every key a request names, as memcached stores it (a meta `b` key decoded; none when
     it does not decode); commands.KEY_LAYOUT says where they are."""
     layout = KEY_LAYOUT.get(command)
-    if layout is None or len(words) < 2:
-        return []
+    if layout is None or layout == EVERY_KEY or len(words) < 2:
+        return []  # (flush_all names no key: its word is a delay)
     if layout == GETS:
         return words[1:]
     if layout == GATS:

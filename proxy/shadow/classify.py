@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
+from proxy.redis.layout import REALTIME_MAXDELTA
+from proxy.shadow import keystate
 from proxy.shadow.compare import (
     CAS_UNMAPPED,
     ERROR,
@@ -43,7 +45,10 @@ EXPIRY_BOUNDARY: Final = "expiry_boundary"
 # set: Redis keeps expiry times on the wall clock, memcached counts a TTL on a monotonic one,
 # so the stores expire such a key up to the step's size apart.
 CLOCK_STEP: Final = "clock_step"
-EVICTED: Final = "evicted"
+EVICTED: Final = "evicted"  # Memcached evicted the key (its watch stream named it)
+# Redis evicted the key (a keyspace notification named it): not a protocol difference but a
+# capacity finding (the working set needs more than Redis's maxmemory), counted apart.
+REDIS_EVICTED: Final = "redis_evicted"
 UNVERIFIED: Final = "unverified"
 # memcached's incr/decr parses a value made only of whitespace by reading on past its end
 # (strtoull skips the whitespace and the item's "\r\n"), so its answer depends on whatever
@@ -88,6 +93,7 @@ class KeyFacts:
     # expires the key at expires_at, memcached at expires_at + expiry_skew (both in today's
     # wall-clock seconds).
     expiry_skew: float = 0.0
+    why: int = keystate.NEVER  # why the key is not warm (keystate.NEVER, EVICTED...)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +105,9 @@ class Reread:
     redis_present: bool
     equal: bool  # the two items are the same (value and flags)
     raced: bool  # another connection touched the key while the evidence was gathered
-    memcached_evicted: bool  # Memcached evicted items within the eviction window
-    redis_evicted: bool
+    # Why the key stopped being in step while the evidence was gathered (keystate.EVICTED,
+    # REDIS_EVICTED, ...; -1: it did not).
+    why: int = -1
     redis_blank: bool = False  # Redis's value is not empty and holds only whitespace
     memcached_signed_overflow: bool = False  # Memcached's value is a number >= 2^63
 
@@ -143,7 +150,7 @@ def judge_at_once(diff: Difference, facts: KeyFacts, expiry_tolerance: float) ->
         # came back: the chain settles the key once the writers pause.
         return Verdict(NOISE, TRANSIENT_RACE)
     if not facts.warm:
-        return Verdict(NOISE, COLD_KEY, BACKFILL)
+        return _cold(facts.why)
     if near_expiry(facts, expiry_tolerance):
         # The two stores' clocks differ (memcached: whole seconds, a timer): either answer
         # may be right, and the key may now differ in any way (a touch of a key one store
@@ -171,6 +178,8 @@ def judge_reread(diff: Difference, reread: Reread) -> Verdict:
     if reread.raced:
         return Verdict(NOISE, TRANSIENT_RACE, REPAIR)
     if not reread.ordered:
+        if reread.why in (keystate.EVICTED, keystate.REDIS_EVICTED):
+            return _cold(reread.why)  # a store evicted the key meanwhile
         # Memcached's snapshot may hold operations Redis has not replayed yet (or miss one
         # it has): it proves nothing either way.
         return Verdict(NOISE, UNVERIFIED, REPAIR)
@@ -182,17 +191,49 @@ def judge_reread(diff: Difference, reread: Reread) -> Verdict:
         # Both stores agree again and nothing of the key came between: something outside
         # this proxy (another instance, a direct client) wrote the key meanwhile.
         return Verdict(NOISE, TRANSIENT_RACE, REPAIR)
-    if not reread.memcached_present and reread.redis_present and reread.memcached_evicted:
-        return Verdict(NOISE, EVICTED, REPAIR)
-    if reread.memcached_present and not reread.redis_present and reread.redis_evicted:
-        return Verdict(NOISE, EVICTED, REPAIR)
     return Verdict(MISMATCH, diff.kind, REPAIR)
+
+
+def _cold(why: int) -> Verdict:
+    """A difference on a key not in step, by why it is not: evicted by a store (repaired:
+    the eviction is the whole story), or never established since the shadow lost track of
+    it (backfilled only when shadow.backfill asks for it)."""
+    if why == keystate.EVICTED:
+        return Verdict(NOISE, EVICTED, REPAIR)
+    if why == keystate.REDIS_EVICTED:
+        return Verdict(NOISE, REDIS_EVICTED, REPAIR)
+    return Verdict(NOISE, COLD_KEY, BACKFILL)
 
 
 # Where an operation stands against a repair's snapshot (taken between fence_lo and fence_hi).
 AFTER: Final = 0  # Memcached ran it after the snapshot: replay it
 SUBSUMED: Final = 1  # Memcached ran it before the snapshot: the copy holds its effect
 OVERLAPS: Final = 2  # it may have run on either side: its effect in Redis is unknown
+
+
+FLUSH_CLOCK_SLACK: Final = 1.0
+"""Seconds either side of where memcached's one-second clock may apply a delayed flush_all:
+its tick lags when its timer runs late."""
+
+
+def flush_window(
+    delay: int, sent: float, replied: float, wall_offset: float
+) -> tuple[float, float, float]:
+    """When memcached may apply `flush_all <delay>` sent at `sent` and answered at `replied`
+    (perf_counter times; wall_offset: unix time minus perf_counter): (lo, hi, at). Operations
+    that meet [lo, hi] may or may not see it; every key turns cold at `at`, in reply order.
+
+    Checked on 1.6.18: 0 (or negative) applies while the request runs. N seconds applies at
+    the tick N-1 seconds on of memcached's one-second clock, N-2 to N-1 s after the command,
+    and flushes too what is written up to the next tick (N-1 to N s after it): those writes
+    are lost. A delay over 30 days is a unix time (it applies about then)."""
+    if delay <= 0:
+        return sent, replied, replied
+    if delay > REALTIME_MAXDELTA:
+        at = delay - wall_offset
+        return sent, max(replied, at) + 1.0 + FLUSH_CLOCK_SLACK, sent
+    lo = max(sent, sent + delay - 2 - FLUSH_CLOCK_SLACK)
+    return lo, replied + delay + FLUSH_CLOCK_SLACK, lo
 
 
 def place(sent_at: float, replied_at: float, fence_lo: float, fence_hi: float) -> int:
@@ -218,6 +259,7 @@ __all__ = [
     "MISMATCH",
     "NOISE",
     "OVERLAPS",
+    "REDIS_EVICTED",
     "REPAIR",
     "STEP_SECONDS",
     "SUBSUMED",
@@ -227,6 +269,7 @@ __all__ = [
     "Reread",
     "Verdict",
     "blank",
+    "flush_window",
     "judge_at_once",
     "judge_reread",
     "near_expiry",

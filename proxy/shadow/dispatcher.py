@@ -15,7 +15,6 @@ once, and nothing is applied twice.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +29,7 @@ from proxy.redis.errors import (
     RedisReplyError,
     RedisTimeout,
     RedisUnavailable,
+    ShadowStarved,
 )
 from proxy.redis.layout import Item
 from proxy.redis.store import DeltaResult, StoreResult
@@ -45,29 +45,36 @@ from proxy.shadow.classify import (
     Reread,
     Verdict,
     blank,
+    flush_window,
     judge_at_once,
     judge_reread,
     place,
     signed_overflow,
 )
 from proxy.shadow.compare import PADDING, Difference, compare_values, state_equal
-from proxy.shadow.control import ShadowControl
+from proxy.shadow.evictions import MEMCACHED, EvictionWatch
 from proxy.shadow.executor import DONE, Executor
-from proxy.shadow.history import OpHistory
-from proxy.shadow.keystate import CasMap, KeyState, KeyStates, wall_offset
+from proxy.shadow.history import HISTORY_STEPS, OpHistory, StepTuple, describe_steps
+from proxy.shadow.keystate import (
+    EVICTED,
+    HASH_SPACE,
+    REDIS_EVICTED,
+    CasMap,
+    KeyState,
+    KeyStates,
+    wall_offset,
+)
 from proxy.shadow.mcreader import McItem, MemcachedReader, MemcachedUnavailable
 from proxy.shadow.scheduler import Scheduler
 from proxy.shadow.stats import ShadowStats
 from proxy.shadow.target import ShadowTarget
-from proxy.shadow.translate import HIT, MISS, McValue, ShadowOp
+from proxy.shadow.translate import HIT, MISS, McValue, ShadowOp, flush_delay
 
 LISTENER_MASK: Final = (1 << LISTENER_BITS) - 1
 
 log = logging.getLogger("memshadow.shadow")
 
 VERIFY: Final = "verify"
-RESTART_SETTLE: Final = 1.0
-"""Seconds after a Memcached restart is seen at which every key turns cold once more."""
 """The command label of shadow.verify_writes' verdicts (a read of both stores after a write)."""
 
 # (kind, command, key, memcached's answer, redis's answer, detail, story: the re-read, the
@@ -85,6 +92,7 @@ class _Snapshot:
     lo: float
     hi: float
     ordered: bool
+    why: int = -1  # why the key stopped being in step while it was judged (-1: it did not)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,13 +104,14 @@ class DispatcherSettings:
     race_window: float = 1.0
     reread_delay: float = 0.05
     expiry_tolerance: float = 2.0
-    eviction_window: float = 10.0
     key_state_size: int = 200_000
     cas_map_size: int = 100_000
     backfill: bool = False
     verify_writes: float = 0.0
     replay_flush_all: bool = False
-    stats_interval: float = 1.0
+    # Operations of recently used keys kept for mismatch examples (history.OpHistory), in
+    # all: about 120 bytes each.
+    history_steps: int = HISTORY_STEPS
     # The worker lets requests gather for batch_window seconds before replaying them, unless
     # batch_size are already waiting: the Redis commands of a batch go out in one write per
     # connection, and the replies come back in one read. Verdicts come that much later.
@@ -120,30 +129,35 @@ class ShadowDispatcher:
         *,
         store: ShadowTarget,
         reader: MemcachedReader | Sequence[MemcachedReader],
-        control: ShadowControl,
-        sampled: Callable[[bytes], bool],
         stats: ShadowStats,
         settings: DispatcherSettings | None = None,
         examples: ExampleSink | None = None,
         ticked: bool = False,
+        coverage: int = HASH_SPACE,
+        owned: Callable[[bytes], bool] | None = None,
+        evictions: EvictionWatch | None = None,
     ) -> None:
+        """coverage: the sample at the start (keys hashed below it; coverage() moves it);
+        owned: with several shadow workers, which keys are this one's to judge."""
         # One reader per Memcached (config.backends): a key is re-read where its last
         # request went, told by the session number's low bits (server.py).
         self.readers = (reader,) if isinstance(reader, MemcachedReader) else tuple(reader)
         for one in self.readers:
             one.on_restart = self._memcached_restarted
-        self.control = control
         self.stats = stats
         self.settings = settings = settings or DispatcherSettings()
         self.examples = examples
-        self.keys = KeyStates(settings.key_state_size, settings.race_window)
+        self.keys = keys = KeyStates(settings.key_state_size, settings.race_window, coverage)
         self.casmap = CasMap(settings.cas_map_size)
-        self.history = OpHistory()
+        self.history = OpHistory(settings.history_steps)
         self.executor = Executor(store, self.casmap, stats, self._completed)
         store.on_writes_lost = self._writes_lost
+        covers = keys.covers
+        sampled = covers if owned is None else (lambda key: covers(key) and owned(key))
+        self.sampled = sampled
         self.scheduler = Scheduler(
             runner=self,
-            keys=self.keys,
+            keys=keys,
             sampled=sampled,
             stats=stats,
             queue_size=settings.queue_size,
@@ -158,13 +172,12 @@ class ShadowDispatcher:
         self.forget = self.scheduler.forget
         self.forget_all = self.scheduler.new_epoch
         self.tick = self.scheduler.tick
+        self.evictions = evictions
+        if evictions is not None:
+            evictions.on_evicted = self._evicted
+            evictions.on_unknown = self._evicted_unnamed
         self._verify_rate = settings.verify_writes
         self._verify_credit = 0.0  # verify_writes accumulated: a write is verified at 1
-        self._monitor: asyncio.Task[None] | None = None
-        self._mc_evicted_at = 0.0
-        self._redis_evicted_at = 0.0
-        self._mc_evictions: int | None = None
-        self._redis_evictions: int | None = None
 
     @property
     def store(self) -> ShadowTarget:
@@ -174,16 +187,41 @@ class ShadowDispatcher:
 
     async def start(self) -> None:
         self.scheduler.start()
-        loop = asyncio.get_running_loop()
-        self._monitor = loop.create_task(self._watch_evictions(), name="shadow-evictions")
+        if self.keys.coverage:
+            await self._watch_evictions()
 
     async def stop(self, timeout: float = 2.0) -> None:
         """Stop taking work; give in-flight chains `timeout` seconds, then cancel."""
         await self.scheduler.stop(timeout)
-        if self._monitor is not None:
-            self._monitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._monitor
+        if self.evictions is not None:
+            await self.evictions.stop()
+
+    def coverage(self, stream: int, threshold: int, since: float) -> None:
+        """What proxy process `stream` hands over changed (see Scheduler.coverage)."""
+        self.scheduler.coverage(stream, threshold, since)
+        if threshold and self.evictions is not None and not self.evictions.started:
+            self.scheduler.spawn(self._watch_evictions())
+
+    async def _watch_evictions(self) -> None:
+        """Evictions matter from the first key shadowed (nothing is watched at rate 0)."""
+        if self.evictions is not None:
+            try:
+                await self.evictions.start()
+            except Exception:  # (never fatal: without it, the counters stand in)
+                log.exception("shadow: cannot watch the stores' evictions")
+
+    def _evicted(self, store: str, keys: list[bytes]) -> None:
+        self.stats.evictions[store] += len(keys)
+        if store == MEMCACHED:
+            self.scheduler.evicted(keys, EVICTED)
+        else:
+            self.scheduler.evicted(keys, REDIS_EVICTED, in_order=False)
+
+    def _evicted_unnamed(self, store: str, why: str) -> None:
+        """A store dropped keys without naming them: every key turns cold."""
+        log.warning("shadow: %s; every key starts cold again", why)
+        self.stats.evictions[f"{store}_unnamed"] += 1
+        self.scheduler.new_epoch(EVICTED if store == MEMCACHED else REDIS_EVICTED)
 
     async def idle(self) -> None:
         """Wait until the queue is empty and no chain is running (tests, shutdown)."""
@@ -235,44 +273,47 @@ class ShadowDispatcher:
             await self._verify(op, state)
 
     def flush(self, op: ShadowOp) -> None:
-        delay = op.exptime or 0
-        loop = asyncio.get_running_loop()
+        """A flush_all, in its place in reply order. Memcached empties itself while the
+        request runs, or, delayed, at a tick of its one-second clock (flush_window): every
+        key turns cold there (after FLUSHDB, when shadow.replay_flush_all), and no operation
+        that may have met the flush establishes a key."""
+        lo, hi, when = flush_window(op.exptime or 0, op.sent_at, op.replied_at, wall_offset())
+        self.keys.untrusted(lo, hi)
         replay = self.settings.replay_flush_all
-        if replay:
-            if delay:
-                loop.call_later(delay, self._spawn_flush)
-            else:
-                self._spawn_flush()
-        elif delay:
-            loop.call_later(delay, self.scheduler.new_epoch)
-        if not delay:
-            self.keys.new_epoch(op.seq)
+        self.scheduler.at(when, self._replay_flush if replay else None)
         self.casmap.clear()
         self.stats.cas_map_entries = 0
         if not replay:
             self.stats.skipped["flush_all_not_replayed"] += 1
 
+    def flush_seen(self, sent: float, replied: float, words: list[bytes]) -> None:
+        """A flush_all the proxy handed over before this engine's stream began (a restarted
+        worker): keys warmed from now on must still turn cold when its delay runs out."""
+        delay = flush_delay(words)
+        if delay is None:
+            return
+        lo, hi, when = flush_window(delay, sent, replied, wall_offset())
+        if hi > time.perf_counter():
+            self.keys.untrusted(lo, hi)
+            self.scheduler.at(when)
+
+    async def _replay_flush(self) -> None:
+        try:
+            await self.store.flush()
+            self.stats.redis_commands += 1
+        except RedisError as exc:  # (the keys turn cold all the same)
+            self.stats.errors[_error_kind(exc)] += 1
+
     def _memcached_restarted(self, what: str) -> None:
-        """A Memcached lost every item: every key is cold, at once and again a moment later
-        (requests its old process answered may still be on their way here: in the worker's
-        pipe, or, with several proxy processes, held for ordering)."""
+        """A Memcached lost every item: every key is cold, and no operation sent before now
+        establishes one (its old process may have answered it: such requests may still be
+        on their way here, in the worker's pipe or held for ordering)."""
         log.warning("shadow: %s: it lost its items, so every key starts cold again", what)
         self.stats.dropped["memcached_restart"] += 1
         self.casmap.clear()  # (a new process hands out cas tokens from the start again)
         self.stats.cas_map_entries = 0
+        self.keys.untrusted(float("-inf"), time.perf_counter())
         self.scheduler.new_epoch()
-        asyncio.get_running_loop().call_later(RESTART_SETTLE, self.scheduler.new_epoch)
-
-    def _spawn_flush(self) -> None:
-        async def flush() -> None:
-            try:
-                await self.store.flush()
-                self.stats.redis_commands += 1
-            except RedisError as exc:
-                self.stats.errors[_error_kind(exc)] += 1
-            self.scheduler.new_epoch()
-
-        self.scheduler.spawn(flush())
 
     def _fenced(self, op: ShadowOp, state: KeyState) -> int:
         """An operation the proxy sent before the key's last repair read Memcached: the copy
@@ -356,6 +397,10 @@ class ShadowDispatcher:
         """Count an operation Redis did not carry out (or whose outcome is unknown)."""
         stats = self.stats
         stats.for_command(op.command).redis_latency.observe(time.perf_counter() - started)
+        if isinstance(exc, ShadowStarved):  # this process's own lag: a drop, not a Redis fault
+            self._history(op, "shadow starved")
+            self.scheduler.drop("shadow_starved", (op.key,), op.seq)
+            return
         kind = _error_kind(exc)
         stats.errors[kind] += 1
         self._history(op, kind)
@@ -412,7 +457,9 @@ class ShadowDispatcher:
             diff, self._facts(op, state, expires_at), self.settings.expiry_tolerance
         )
         snapshot: _Snapshot | None = None
+        steps: list[StepTuple] | None = None
         if verdict is None:
+            steps = self.history.snapshot(op.key)  # the story as it stood when it was seen
             try:
                 snapshot = await self._reread(op.key, ordered_after=op)
             except (RedisError, MemcachedUnavailable) as exc:
@@ -421,7 +468,7 @@ class ShadowDispatcher:
                 return Verdict(NOISE, UNVERIFIED)
             verdict = judge_reread(diff, self._evidence(op, state, snapshot))
         answers = (_describe_mc_answer(op), _describe_redis_answer(op, answer))
-        await self._act(op, op.command, state, verdict, diff, snapshot, expires_at, answers)
+        await self._act(op, op.command, state, verdict, diff, snapshot, expires_at, answers, steps)
         return verdict
 
     async def _verify(self, op: ShadowOp, state: KeyState) -> None:
@@ -450,13 +497,15 @@ class ShadowDispatcher:
         ) or judge_reread(diff, self._evidence(op, state, snapshot))
         answers = (_describe_mc(mc), _describe_redis(snapshot.redis))
         command = f"{op.command} (verify)"
-        await self._act(op, command, state, verdict, diff, snapshot, expires_at, answers)
+        steps = self.history.snapshot(op.key)
+        await self._act(op, command, state, verdict, diff, snapshot, expires_at, answers, steps)
         self.stats.count_comparison(VERIFY, verdict.outcome, verdict.reason)
 
     def _facts(self, op: ShadowOp, state: KeyState, expires_at: float | None) -> KeyFacts:
         offset = wall_offset()
         return KeyFacts(
             warm=state.warm,
+            why=state.why,
             raced=self.keys.raced_near(state, op.replied_at),
             expires_at=expires_at,
             # On today's wall clock, like judged_wall (it may have stepped since the reply).
@@ -466,15 +515,13 @@ class ShadowDispatcher:
         )
 
     def _evidence(self, op: ShadowOp, state: KeyState, snapshot: _Snapshot) -> Reread:
-        recent = time.monotonic() - self.settings.eviction_window
         return Reread(
             ordered=snapshot.ordered,
             memcached_present=snapshot.mc is not None,
             redis_present=snapshot.redis is not None,
             equal=state_equal(_mc_value(snapshot.mc), snapshot.redis),
             raced=self.keys.raced_near(state, op.replied_at),
-            memcached_evicted=self._mc_evicted_at > recent,
-            redis_evicted=self._redis_evicted_at > recent,
+            why=snapshot.why,
             redis_blank=snapshot.redis is not None and blank(snapshot.redis.data),
             memcached_signed_overflow=snapshot.mc is not None and signed_overflow(snapshot.mc.data),
         )
@@ -489,18 +536,21 @@ class ShadowDispatcher:
         snapshot: _Snapshot | None,
         expires_at: float | None,
         answers: tuple[dict[str, Any], dict[str, Any]],
+        steps: list[StepTuple] | None,
     ) -> None:
         """Carry out a verdict: repair the key if it says so, keep an example of a mismatch."""
         action = "none"
         if verdict.action == REPAIR or (verdict.action == BACKFILL and self.settings.backfill):
             action = await self._repair(op.key, state, op.seq, snapshot)
         if verdict.outcome == MISMATCH:
-            self._example(op, command, diff, answers, snapshot, action, expires_at)
+            self._example(op, command, diff, answers, snapshot, action, expires_at, steps)
 
     async def _reread(self, key: bytes, ordered_after: ShadowOp | None = None) -> _Snapshot:
         """Read Memcached's item, then Redis's. With `ordered_after` (the operation whose
-        answers differed, its chain held), also tell whether the snapshot is ordered: no write
-        of the key may lie between that operation and the snapshot."""
+        answers differed, its chain held), also tell whether the snapshot is ordered: no
+        change of the key may lie between that operation and the snapshot, neither an
+        operation still on its way nor an eviction (every store's evictions before now are
+        known first); when the key stopped being in step meanwhile, why."""
         await asyncio.sleep(self.settings.reread_delay)
         lo = time.perf_counter()
         mc = await self._reader_for(key).get(key)
@@ -508,19 +558,27 @@ class ShadowDispatcher:
         redis = await self.store.get(key)
         self.stats.redis_commands += 1
         ordered = False
+        why = -1
         if ordered_after is not None:
             race_window = self.settings.race_window
             caught_up = await self.scheduler.caught_up(hi + race_window, max(1.0, 4 * race_window))
-            # A change of the key dropped on the way (known only now that everything is in)
-            # leaves nothing to prove: the key is no longer known to be in step.
+            told = self.evictions is None or (
+                await self.evictions.sync()  # (then placed in reply order, as they are due)
+                and await self.scheduler.caught_up(time.perf_counter(), 1.0)
+            )
+            # A change of the key dropped on the way, or evicted, (known only now that
+            # everything is in) leaves nothing to prove: the key is no longer in step.
             state = self.keys.peek(key)
+            if state is not None and not state.warm:
+                why = state.why
             ordered = (
                 caught_up
+                and told
                 and state is not None
                 and state.warm
                 and not self.scheduler.pending_write(key, hi)
             )
-        return _Snapshot(mc, redis, lo, hi, ordered)
+        return _Snapshot(mc, redis, lo, hi, ordered, why)
 
     async def settle(self, key: bytes, state: KeyState) -> None:
         """After a burst of racing writers: make Redis equal Memcached for this key."""
@@ -552,17 +610,20 @@ class ShadowDispatcher:
             if mc is not None and mc.ttl >= 0:
                 wall = time.time() - (time.perf_counter() - snapshot.lo)
                 exptime = int(wall) + max(mc.ttl, 1)
+            # Written even when value and flags are equal already: the TTL may differ (the
+            # operations the fence skips may have changed it), and so may the cas pair.
             action = "none needed"
-            if state_equal(_mc_value(mc), snapshot.redis):
-                pass  # Redis holds the snapshot already: only the fence is needed
-            elif mc is None:
+            if mc is not None:
+                stored = await self.store.store("set", key, mc.flags, exptime, mc.data)
+                self.stats.redis_commands += 1
+                if mc.cas and stored.cas is not None:
+                    self.casmap.put(key, mc.cas, stored.cas)
+                    self.stats.cas_map_entries = len(self.casmap)
+                action = "copied to redis"
+            elif snapshot.redis is not None:
                 await self.store.delete(key)
                 self.stats.redis_commands += 1
                 action = "deleted in redis"
-            else:
-                await self.store.store("set", key, mc.flags, exptime, mc.data)
-                self.stats.redis_commands += 1
-                action = "copied to redis"
             state.note_expiry(exptime)  # 0 (absent, or no TTL): never expires
             state.fence_lo = snapshot.lo
             state.fence_hi = snapshot.hi
@@ -583,6 +644,7 @@ class ShadowDispatcher:
         snapshot: _Snapshot | None,
         action: str,
         expires_at: float | None,
+        steps: list[StepTuple] | None,
     ) -> None:
         if self.examples is None:
             return
@@ -593,7 +655,9 @@ class ShadowDispatcher:
             "connection": op.session,
             "lag_ms": round((time.perf_counter() - op.replied_at) * 1000.0, 1),
             "action": action,
-            "history": self.history.describe(op.key, op.replied_at),
+            "history": describe_steps(
+                self.history.snapshot(op.key) if steps is None else steps, op.replied_at
+            ),
         }
         if expires_at is not None:
             # When the shadow expected Memcached to expire the key, from its answer's time.
@@ -615,25 +679,6 @@ class ShadowDispatcher:
         state = self.keys.peek(key)
         index = state.last_session & LISTENER_MASK if state is not None else 0
         return readers[index] if index < len(readers) else readers[0]
-
-    # -- eviction counters ----------------------------------------------------------------
-
-    async def _watch_evictions(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.stats_interval)
-            with contextlib.suppress(MemcachedUnavailable, ValueError):
-                evictions = 0
-                for reader in self.readers:  # every Memcached's, summed
-                    evictions += int((await reader.stats()).get("evictions", "0"))
-                if self._mc_evictions is not None and evictions > self._mc_evictions:
-                    self._mc_evicted_at = time.monotonic()
-                self._mc_evictions = evictions
-            with contextlib.suppress(RedisError, ValueError):
-                evicted = await self.store.evicted_keys()
-                if self._redis_evictions is not None and evicted > self._redis_evictions:
-                    self._redis_evicted_at = time.monotonic()
-                self._redis_evictions = evicted
-
 
 def _mc_value(item: McItem | None) -> McValue | None:
     return None if item is None else McValue(item.flags, item.data, None)

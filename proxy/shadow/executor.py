@@ -199,7 +199,11 @@ class Executor:
                 if op.mc_status == STORED:
                     mode = "set" if op.mode == "cas" else op.mode
                     await target.store(mode, op.key, op.flags, op.exptime or 0, op.data)
-                    state.note_expiry(op.exptime or 0, _clock(op))
+                    if mode == "set":
+                        state.note_expiry(op.exptime or 0, _clock(op))
+                        state.padded = False
+                    elif state.padded:  # (see _store_result)
+                        state.mark_lost(op.seq)
                 if op.mc_status is None:
                     state.mark_lost(op.seq)  # noreply: memcached's outcome is unknown
                 return _unmapped(op), False, CAS_UNMAPPED
@@ -269,8 +273,12 @@ class Executor:
 
     def _store_result(self, op: ShadowOp, state: KeyState, result: StoreResult) -> Outcome:
         status = result.status
-        if status == STORED and op.mode not in ("append", "prepend"):
+        if op.mode in ("append", "prepend"):
+            if state.padded:  # (an incr's padding may differ: the joined values may too)
+                state.mark_lost(op.seq)
+        elif status == STORED:
             state.note_expiry(op.exptime or 0, _clock(op))
+            state.padded = False
         # Only outcomes that define the key in both stores make it known to be in step: a
         # value stored whole, or the key absent from both. add's NOT_STORED and cas's EXISTS
         # only say the key exists, with whatever value each store has.
@@ -282,6 +290,8 @@ class Executor:
 
     def _delta_result(self, op: ShadowOp, state: KeyState, result: DeltaResult) -> Outcome:
         status = result.status
+        if status == "OK":
+            state.padded = True
         if status == "CREATED" and op.create is not None:
             state.note_expiry(op.create, _clock(op))
         if op.exptime is not None and status in ("OK", "CREATED"):

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any, Final
 
 from proxy.memcache.request import Request
-from proxy.shadow.merge import MARKER, shards_for
+from proxy.shadow.merge import COVERAGE, MARKER, shards_for
 from proxy.shadow.stats import ShadowStats
 from proxy.shadow.wire import RequestTuple, encode, pack_request
 
@@ -38,6 +38,7 @@ LOST_KEYS_LIMIT: Final = 10_000
 """Keys of dropped requests remembered until the worker can be told; past it every key is
 made cold instead (one message, whatever was dropped)."""
 ITEM_OVERHEAD: Final = 64  # bytes a request tuple takes in a frame beyond its line, data, reply
+FLUSHES_KEPT: Final = 4
 
 Group = tuple[int, float, Any]  # (session, replied_at, requests), or a drop marker
 
@@ -82,6 +83,8 @@ class Handoff:
         self.worker_queue = 0  # requests queued in the workers (their last reports)
         self.stopping = False
         self._flush_handle: asyncio.Handle | None = None
+        # The last flush_alls handed over: (sent, replied, words), told to every new socket.
+        self.flushes: deque[tuple[float, float, list[bytes]]] = deque(maxlen=FLUSHES_KEPT)
 
     def connect(
         self, shard: int, transport: asyncio.Transport | None, *, fresh: bool = True
@@ -99,6 +102,8 @@ class Handoff:
             # Every drop came before now (and after `hello`, nothing is dropped for it).
             transport.writelines(encode(("epoch", time.perf_counter())))
         lane.cold = False
+        for sent, replied, words in self.flushes:  # (one whose delay is still running)
+            transport.writelines(encode(("flush", sent, replied, words)))
 
     def lost_all(self, shard: int) -> None:
         """What was written to `shard`'s worker on a socket that broke may not have reached
@@ -136,6 +141,9 @@ class Handoff:
                 continue
             shadowed[request.command] += 1
             size = _size(request)
+            if request.command == "flush_all":
+                self._flushed(request, now)
+                size = 0  # (never dropped for room: one lost makes every key cold for long)
             packed: RequestTuple | None = None
             refused = ""
             for shard in shards_for(request.keys, shards, self.sampled):
@@ -183,6 +191,9 @@ class Handoff:
                 continue
             shadowed[request.command] += 1
             size = _size(request)
+            if request.command == "flush_all":
+                self._flushed(request, now)
+                size = 0  # (never dropped for room: one lost makes every key cold for long)
             if size > room:
                 self._count_drop("queue_full")
                 if items:  # (the requests before the drop keep their place)
@@ -199,6 +210,11 @@ class Handoff:
             lane.items += len(items)
         if lane.batch:
             self._after_add()
+
+    def _flushed(self, request: Request, replied_at: float) -> None:
+        """Remember a flush_all handed over: a worker that starts later (a restart) must
+        still know of one whose delay has not run out (flush_seen)."""
+        self.flushes.append((request.started or replied_at, replied_at, request.words))
 
     def _room(self) -> int:
         """Bytes the workers' sockets may still take: one budget (PIPE_BUFFER_LIMIT) for the
@@ -271,6 +287,14 @@ class Handoff:
             now = time.perf_counter()
             transport.writelines(encode(("batch", batch, now)))
             lane.sent += items
+
+    def coverage(self, threshold: int, since: float) -> None:
+        """This process now hands over every request of the keys hashed below `threshold`
+        (for a rise, of those sent from `since` on): in every worker's stream, in place."""
+        now = time.perf_counter()
+        for lane in self.lanes:
+            lane.batch.append((COVERAGE, now, (threshold, since)))
+        self.flush()
 
     def tick(self) -> None:
         """Tell every worker that it has everything observed until now: a verdict that needs

@@ -15,9 +15,13 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Final, cast
 
 from proxy.errors import MemshadowError
+
+REVIVE_INITIAL: Final = 0.05
+REVIVE_MAX: Final = 2.0
+"""Backoff (seconds) of the reader's reconnection after its connection was lost."""
 
 
 class MemcachedUnavailable(MemshadowError):
@@ -26,11 +30,13 @@ class MemcachedUnavailable(MemshadowError):
 
 @dataclass(frozen=True, slots=True)
 class McItem:
-    """A value read back from Memcached: flags, data and remaining TTL (-1: none)."""
+    """A value read back from Memcached: flags, data, remaining TTL (-1: none) and its cas
+    (0: not told)."""
 
     flags: int
     data: bytes
     ttl: int
+    cas: int = 0
 
 
 class _Reader(asyncio.Protocol):
@@ -59,6 +65,8 @@ class MemcachedReader:
         self._waiting: deque[tuple[str, asyncio.Future[object]]] = deque()
         self._connecting: asyncio.Task[None] | None = None
         self._identity: tuple[str, int] | None = None  # (pid, start time) last seen
+        self._closed = False
+        self._revive: asyncio.Task[None] | None = None
         self.restarts = 0
         self.on_restart: Callable[[str], None] | None = None
         """Called with a description when a new connection finds another Memcached process
@@ -133,7 +141,7 @@ class MemcachedReader:
 
     async def get(self, key: bytes) -> McItem | None:
         """The item as Memcached has it now, without touching its LRU position."""
-        result = await self._call(b"mg " + key + b" v f t u\r\n", "mg")
+        result = await self._call(b"mg " + key + b" v f t c u\r\n", "mg")
         return cast("McItem | None", result)
 
     async def stats(self, group: bytes = b"") -> dict[str, str]:
@@ -142,6 +150,9 @@ class MemcachedReader:
         return cast("dict[str, str]", await self._call(line, "stats"))
 
     async def close(self) -> None:
+        self._closed = True
+        if self._revive is not None:
+            self._revive.cancel()
         self._reset(MemcachedUnavailable("closed"))
 
     def _reset(self, exc: Exception) -> None:
@@ -157,6 +168,19 @@ class MemcachedReader:
 
     def _lost(self, exc: Exception | None) -> None:
         self._reset(MemcachedUnavailable(f"connection lost: {exc}"))
+        if not self._closed and (self._revive is None or self._revive.done()):
+            # Connect again at once: a restart is then known (on_restart) as soon as the new
+            # process answers, not at the next re-read.
+            self._revive = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        delay = REVIVE_INITIAL
+        while not self._closed and not self.connected:
+            try:
+                await self._ensure()
+            except MemcachedUnavailable:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, REVIVE_MAX)
 
     def _parse(self) -> None:
         protocol = self._protocol
@@ -192,13 +216,15 @@ class MemcachedReader:
                     return
                 data = bytes(buf[nl + 2 : nl + 2 + size])
                 del buf[: nl + 2 + size + 2]
-                flags, ttl = 0, -1
+                flags, ttl, cas = 0, -1, 0
                 for word in words[2:]:
                     if word[:1] == b"f":
                         flags = int(word[1:])
                     elif word[:1] == b"t":
                         ttl = int(word[1:])
-                self._resolve(McItem(flags, data, ttl))
+                    elif word[:1] == b"c":
+                        cas = int(word[1:])
+                self._resolve(McItem(flags, data, ttl, cas))
             elif line == b"EN":
                 del buf[: nl + 2]
                 self._resolve(None)

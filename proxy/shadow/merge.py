@@ -28,6 +28,10 @@ Group = tuple[int, float, Any]
 marker: (MARKER, time, keys or None), changes of those keys (None: of any key) lost before
 `time`, ordered with the requests like them."""
 MARKER: Final = -1  # (session numbers are positive)
+COVERAGE: Final = -2
+"""(COVERAGE, time, (threshold, since)): from here on the stream hands over every request
+of the keys hashed below threshold (coverage.CoverageAnnouncer); the worker adds the
+stream's number in front when several are merged."""
 
 
 def shard_of(key: bytes, shards: int) -> int:
@@ -137,7 +141,7 @@ class Merger:
     def pending(self) -> int:
         """Requests waiting for the other streams' horizons."""
         return sum(
-            len(group[2]) if group[0] != MARKER else 0
+            len(group[2]) if group[0] > 0 else 0
             for state in self._streams.values()
             for group in state.pending
         )
@@ -151,4 +155,4 @@ def _replied_at(group: Group) -> float:
     return group[1]
 
 
-__all__ = ["MARKER", "SHARD_SEED", "Group", "Merger", "shard_of", "shards_for"]
+__all__ = ["COVERAGE", "MARKER", "SHARD_SEED", "Group", "Merger", "shard_of", "shards_for"]

@@ -27,7 +27,14 @@ from proxy.shadow.stats import ShadowStats
 
 OUTCOMES: Final = ("match", "mismatch", "noise")
 """Outcomes every shadowed command exports, at 0 until they happen."""
-DROP_REASONS: Final = ("queue_full", "timeout", "redis_down", "redis_busy", "worker_down")
+DROP_REASONS: Final = (
+    "queue_full",
+    "timeout",
+    "redis_down",
+    "redis_busy",
+    "worker_down",
+    "shadow_starved",
+)
 """Drop reasons exported at 0 from the start (the dispatcher's and the worker hand-off's)."""
 ERROR_KINDS: Final = (
     "redis_timeout",
@@ -42,6 +49,8 @@ ERROR_KINDS: Final = (
 )
 """Error kinds exported at 0 from the start (the dispatcher's and the worker process's)."""
 CONNECT_FAILURE_REASONS: Final = ("tls", "auth", "dns", "refused", "timeout")
+EVICTION_STORES: Final = ("memcached", "redis")
+"""Stores whose evictions of sampled keys are counted, exported at 0 from the start."""
 """Reasons a connection to Redis failed, exported at 0 from the start (client.failure_reason;
 replica and other appear with their first count)."""
 
@@ -107,6 +116,7 @@ class ShadowCollector(Collector):
             (families.dropped, stats.dropped, self._dropped_reasons),
             (families.errors, stats.errors, self._error_kinds),
             (families.connect_failures, stats.connect_failures, CONNECT_FAILURE_REASONS),
+            (families.evictions, stats.evictions, EVICTION_STORES),
         ):
             values = dict.fromkeys(seeds, 0) | dict(counter)
             for label, n in sorted(values.items()):
@@ -136,6 +146,7 @@ class _Families(NamedTuple):
     dropped: CounterMetricFamily
     errors: CounterMetricFamily
     connect_failures: CounterMetricFamily
+    evictions: CounterMetricFamily
     duration: HistogramMetricFamily
     redis_service: HistogramMetricFamily
     queueing: HistogramMetricFamily
@@ -194,6 +205,14 @@ class _Families(NamedTuple):
                 "user may not run a command memshadow needs; dns, refused, timeout, replica, "
                 "other).",
                 labels=["reason"],
+            ),
+            CounterMetricFamily(
+                "memshadow_shadow_evictions",
+                "Sampled keys a store evicted, named by the store (memcached: its watch "
+                "stream; redis: keyspace notifications), each turned cold; "
+                "memcached_unnamed / redis_unnamed: times a store dropped keys it did not "
+                "name, and every key turned cold.",
+                labels=["store"],
             ),
             HistogramMetricFamily(
                 "memshadow_shadow_duration_seconds",

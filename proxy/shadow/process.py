@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any, Final, cast
 from proxy.children import reap, start_child
 from proxy.memcache.request import Request
 from proxy.redis.store import RedisStore
-from proxy.shadow.control import ControlChange, ShadowControl
+from proxy.shadow.control import ShadowControl
+from proxy.shadow.coverage import CoverageAnnouncer, InFlight
 from proxy.shadow.examples import MismatchExamples
 from proxy.shadow.handoff import Handoff
 from proxy.shadow.metrics import install_shadow_metrics
@@ -139,6 +140,7 @@ class ShadowProcess:
         self.sampler = KeySampler(self.control)
         self.shards = config.workers
         self.handoff = Handoff(self.shards, self.stats, self.sampler.sampled)
+        self.coverage = CoverageAnnouncer(self.control, self.handoff.coverage)
         # The other proxy processes' feeds need the workers to listen for them.
         self.feed_token = secrets.token_hex(16) if self.shards > 1 else ""
         self.feeds_changed: FeedsChanged | None = None
@@ -163,7 +165,6 @@ class ShadowProcess:
         self._idle_token = 0
         self._idle_waiters: dict[tuple[int, int], asyncio.Future[None]] = {}
         self._stopping = False
-        self.control.add_listener(self._control_changed)
         install_shadow_metrics(metrics.registry, self.stats, self.control)
 
     # -- the client path's two hooks (never wait) -----------------------------------------
@@ -173,6 +174,10 @@ class ShadowProcess:
 
     def observe(self, requests: list[Request], session: int) -> None:
         self.handoff.observe(requests, session)  # (a failure makes every key cold)
+
+    def attach(self, in_flight: InFlight) -> None:
+        """Where this process's client sessions keep their requests in flight."""
+        self.coverage.attach(in_flight)
 
     def add_remote(self, shadowed: Mapping[str, int], dropped: Mapping[str, int]) -> None:
         """Another proxy process of `workers: N` handed these over or dropped them."""
@@ -209,6 +214,7 @@ class ShadowProcess:
             if worker.link is not None and self.handoff.send(worker.shard, ("stop", timeout)):
                 closing.append(asyncio.shield(worker.link.closed))
         self._stopping = True
+        self.coverage.close()
         self.handoff.close()
         if closing:
             with contextlib.suppress(TimeoutError):
@@ -327,8 +333,7 @@ class ShadowProcess:
                 (
                     "start",
                     self._config_blob,
-                    self.control.sample_rate,
-                    self.control.enabled,
+                    self.coverage.announced,
                     self.config.shadow.worker_nice,
                     worker.shard,
                     self.shards,
@@ -421,12 +426,6 @@ class ShadowProcess:
             extra_connect_failures=self._info_failures,
             extra_queue=self.handoff.pending,
         )
-
-    def _control_changed(self, change: ControlChange) -> None:
-        message = ("rate", self.control.sample_rate, self.control.enabled)
-        for worker in self._workers:
-            self.handoff.send(worker.shard, message)
-
 
 def _sum_states(states: list[dict[str, Any]]) -> dict[str, Any]:
     total = states[0]

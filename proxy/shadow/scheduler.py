@@ -11,17 +11,19 @@ dispatcher); the scheduler only knows when the key's next one may start.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
 from proxy.memcache.request import Captured
 from proxy.shadow.classify import STEP_SECONDS
 from proxy.shadow.executor import ASYNC, SENT
-from proxy.shadow.keystate import KeyState, KeyStates, wall_offset
+from proxy.shadow.keystate import EVICTED, MISSED, NEVER, KeyState, KeyStates, wall_offset
 from proxy.shadow.stats import ShadowStats
 from proxy.shadow.translate import ShadowOp, Skip, translate
 
@@ -89,6 +91,13 @@ class Scheduler:
         self._chain_done = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._worker: asyncio.Task[None] | None = None
+        # What each proxy process's stream covers (coverage()); the shadow covers the least.
+        self._coverage: dict[int, int] = {0: keys.coverage}
+        # Events at a time in reply order (at()): (when, order, flush or None).
+        self._timed: list[tuple[float, int, Callable[[], Awaitable[None]] | None]] = []
+        self._timed_order = itertools.count()
+        # Memcached's evictions waiting for the proxy's horizon to reach them: (when, keys, why)
+        self._evictions: deque[tuple[float, list[bytes], int]] = deque()
         self.stopping = False
         self.closed = False  # stopped: chains still in flight end without going on
 
@@ -106,8 +115,10 @@ class Scheduler:
         for request in requests:
             shadowed[request.command] += 1  # dropped ones included: drops/requests <= 1
             self.seq = seq = self.seq + 1
-            # (a multi-key get counts once while queued, once per key in the chains)
-            if len(queue) + self._chained >= limit or self.stopping:
+            # (a multi-key get counts once while queued, once per key in the chains; a
+            # keyless flush_all is never dropped for room: losing one makes every key cold
+            # and its delay unknown)
+            if (len(queue) + self._chained >= limit and request.keys) or self.stopping:
                 self.drop("queue_full", request.keys, seq)
                 continue
             queue.append((request, now, session, seq))
@@ -115,32 +126,96 @@ class Scheduler:
         if queue:
             self._wakeup.set()
 
-    def forget(self, keys: list[bytes]) -> None:
-        """Changes of these keys were lost before they reached the queue: none of them is
-        known to be in step any more, whatever came before."""
+    def lose(self, keys: list[bytes] | None, why: int = MISSED) -> None:
+        """Changes of these keys (None: of any key) were missed before now: none of them is
+        known to be in step any more, whatever came before (the requests still queued for
+        them included)."""
         self.seq += 1
-        for key in keys:
-            state = self.keys.peek(key)
-            if state is not None:
-                state.mark_lost(self.seq)
+        if keys is None:
+            self.keys.new_epoch(self.seq)
+        else:
+            self.keys.lose(keys, self.seq, why)
 
-    def new_epoch(self) -> None:
-        """Every key turns cold (a flush_all not replayed; too many changes lost to list)."""
+    def forget(self, keys: list[bytes]) -> None:
+        """Changes of these keys were lost before they reached the queue."""
+        self.lose(keys)
+
+    def evicted(self, keys: list[bytes], why: int = EVICTED, in_order: bool = True) -> None:
+        """A store evicted these keys (before now): each sampled one turns cold with that
+        reason, a key with operations still queued included. `in_order`: Memcached's
+        eviction is placed after every operation Memcached answered before now, those
+        still on their way from the proxy process included (it happened before now; an
+        operation answered before it must not establish the key after it). Redis's
+        evictions are Redis's side of the replay: they count from now, as they come."""
+        sampled = self.sampled
+        keys = [key for key in keys if sampled(key)]
+        if not keys:
+            return
+        if in_order and self._ticked and self._horizon < time.perf_counter():
+            self._evictions.append((time.perf_counter(), keys, why))
+            return
         self.seq += 1
-        self.keys.new_epoch(self.seq)
+        self.keys.lose(keys, self.seq, why)
+
+    def _evictions_due(self) -> None:
+        """Memcached's evictions whose time every proxy process has handed over by now."""
+        pending = self._evictions
+        while pending and pending[0][0] <= self._horizon:
+            _, keys, why = pending.popleft()
+            self.seq += 1
+            self.keys.lose(keys, self.seq, why)
+
+    def new_epoch(self, why: int = NEVER) -> None:
+        """Every key turns cold (a flush_all not replayed; too many changes lost to list; a
+        store that dropped keys without naming them: `why`)."""
+        self.seq += 1
+        self.keys.new_epoch(self.seq, why)
 
     def drop(self, reason: str, keys: list[bytes] | tuple[bytes, ...], seq: int) -> None:
+        """A request (sequence number `seq`) was not replayed, or its outcome is unknown:
+        its keys turn cold there; a keyless one (flush_all) makes every key cold."""
         self.stats.dropped[reason] += 1
-        for key in keys:
-            state = self.keys.peek(key)
-            if state is not None:
-                state.mark_lost(seq)  # Redis missed a change: no longer known to be in step
+        if keys:
+            self.keys.lose(keys, seq)
+        else:
+            self.keys.new_epoch(seq)
+
+    def coverage(self, stream: int, threshold: int, since: float) -> None:
+        """Proxy process `stream` now hands over every request of the keys hashed below
+        `threshold`: for a rise, of those sent from `since` on. The sample the shadow
+        covers is what every proxy process covers."""
+        self._coverage[stream] = threshold
+        self._covered_changed(since)
+
+    def stream_closed(self, stream: int) -> None:
+        """A proxy process's stream ended: it no longer narrows what is covered."""
+        if self._coverage.pop(stream, None) is not None and self._coverage:
+            self._covered_changed(time.perf_counter())
+
+    def _covered_changed(self, since: float) -> None:
+        threshold = min(self._coverage.values())
+        if threshold != self.keys.coverage:
+            self.seq += 1
+            self.keys.coverage_changed(threshold, since, self.seq)
+
+    def at(self, when: float, flush: Callable[[], Awaitable[None]] | None = None) -> None:
+        """At `when` (perf_counter), in reply order: every key turns cold, after `flush()`
+        has run with no operation in flight (a flush_all replayed on the target). It happens
+        before the first operation Memcached answered at or after `when`."""
+        bisect.insort(self._timed, (when, next(self._timed_order), flush))
+        delay = when - time.perf_counter()
+        loop = asyncio.get_running_loop()
+        loop.call_later(max(0.0, delay), self._wakeup.set)
 
     def tick(self, now: float) -> None:
         """The proxy process has handed over everything it observed before `now` (worker
         mode: the observed replies reach the scheduler through a pipe)."""
         if now > self._horizon:
             self._horizon = now
+            if self._evictions:
+                self._evictions_due()
+            if self._timed and self._timed[0][0] <= now:
+                self._wakeup.set()
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -190,6 +265,7 @@ class Scheduler:
 
     async def _run(self) -> None:
         queue = self._queue
+        timed = self._timed
         while True:
             await self._wakeup.wait()
             if self.batch_window > 0 and len(queue) < self.batch_size:
@@ -201,15 +277,37 @@ class Scheduler:
                     while len(self._chains) >= self.max_inflight:
                         self._chain_done.clear()
                         await self._chain_done.wait()
-                request, replied_at, session, seq = queue.popleft()
+                request, replied_at, session, seq = queue[0]
+                if timed and timed[0][0] <= replied_at:
+                    await self._fire(seq - 1)  # (everything before this op is dispatched)
+                    continue
+                queue.popleft()
                 try:
                     self._dispatch(request, replied_at, session, seq)
                 except Exception:  # a shadow bug must never reach the client path
                     log.exception("shadow: cannot handle %r", request)
                     self.stats.errors["internal"] += 1
+            while timed and not queue and timed[0][0] <= self._dispatched_until(timed=False):
+                await self._fire(self.seq)
             self.stats.queue_depth = self._chained
             if self.stopping and not queue:
                 return
+
+    async def _fire(self, seq: int) -> None:
+        """The first timed event (at()) is due: everything up to `seq` is before it. Every
+        key turns cold first (a verdict waiting for its evidence then stops waiting, as
+        unverified), then a flush runs once what is in flight has reached the target."""
+        _, _, flush = self._timed.pop(0)
+        self.keys.new_epoch(seq)
+        if flush is not None and not self.stopping:
+            while self._chains:  # (no operation is dispatched meanwhile)
+                self._chain_done.clear()
+                waiter = asyncio.ensure_future(self._chain_done.wait())
+                try:
+                    await asyncio.wait((waiter,), timeout=0.05)
+                finally:
+                    waiter.cancel()
+            await flush()
 
     def _clock_stepped(self, offset: float) -> None:
         log.warning(
@@ -229,7 +327,7 @@ class Scheduler:
         if isinstance(plan, Skip):
             self.stats.skipped[plan.reason] += 1
             for key in plan.keys:
-                self.keys.get(key).mark_lost(seq)
+                self.keys.get(key, seq).mark_lost(seq)
             return
         now = time.perf_counter()
         wall = time.time()
@@ -251,7 +349,7 @@ class Scheduler:
             # Contention is judged in reply-arrival order, before any of the key's queued
             # operations run, so an operation that raced with a later one is known to.
             key = op.key
-            state = self.keys.touch(key, session, sent, replied_at, now)
+            state = self.keys.touch(key, session, sent, replied_at, now, seq)
             chain = chains.get(key)
             if chain is not None:
                 chain.append(op)
@@ -291,7 +389,7 @@ class Scheduler:
                     return
                 op = chain.popleft()
                 self._chained -= 1
-                state = self.keys.get(key)
+                state = self.keys.get(key, op.seq)
                 started = time.perf_counter()
         except BaseException:
             self._abandon(key)  # (a chain left behind would hold its key, and its count)
@@ -308,7 +406,7 @@ class Scheduler:
         elif chain:
             op = chain.popleft()
             self._chained -= 1
-            self._start(key, chain, op, self.keys.get(key), time.perf_counter())
+            self._start(key, chain, op, self.keys.get(key, op.seq), time.perf_counter())
         else:
             self._chain_idle(key)
 
@@ -333,14 +431,17 @@ class Scheduler:
             await asyncio.sleep(min(0.02, max(0.001, until - time.perf_counter())))
         return True
 
-    def _dispatched_until(self) -> float:
-        """Every operation Memcached answered before this perf_counter time is dispatched."""
+    def _dispatched_until(self, timed: bool = True) -> float:
+        """Every operation Memcached answered before this perf_counter time is dispatched
+        (and, unless `timed` is False, every timed event before it has happened)."""
         queue = self._queue
         until = self._horizon if self._ticked else time.perf_counter()
         if queue and queue[0][1] < until:
             # (never past the horizon: with several proxy processes, requests of one may be
             # queued while another has not vouched for their time yet)
-            return queue[0][1]
+            until = queue[0][1]
+        if timed and self._timed and self._timed[0][0] <= until:
+            return self._timed[0][0] - 1e-6  # (the run loop fires it: wait for that)
         return until
 
     def _chain_idle(self, key: bytes) -> None:

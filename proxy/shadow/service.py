@@ -13,9 +13,12 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from proxy.memcache.request import Request
+from proxy.redis.client import RedisConnection, parse_info
 from proxy.redis.store import RedisStore
 from proxy.shadow.control import ShadowControl
+from proxy.shadow.coverage import CoverageAnnouncer, InFlight
 from proxy.shadow.dispatcher import DispatcherSettings, ExampleSink, ShadowDispatcher
+from proxy.shadow.evictions import EvictionWatch
 from proxy.shadow.examples import MismatchExamples
 from proxy.shadow.mcreader import MemcachedReader, MemcachedUnavailable
 from proxy.shadow.merge import shard_of
@@ -38,20 +41,20 @@ class ShadowEngine:
         self,
         config: Config,
         stats: ShadowStats,
-        control: ShadowControl,
+        coverage: int,
         examples: ExampleSink | None,
         ticked: bool = False,
         shard: tuple[int, int] = (0, 1),
     ) -> None:
-        """shard: (this engine's shard, shards): with several, it judges only the keys of
-        its own (merge.shard_of) and ignores the rest of a multi-key request."""
+        """coverage: the sample every request of which it is handed at the start (a sampler
+        threshold; the hand-off moves it). shard: (this engine's shard, shards): with
+        several, it judges only the keys of its own (merge.shard_of) and ignores the rest
+        of a multi-key request."""
         shadow = config.shadow
         if shadow.redis is None:
             raise ValueError("the shadow needs shadow.redis")
         self.config = config
         self.stats = stats
-        self.control = control
-        self.sampler = KeySampler(control)
         self.store = RedisStore.from_url(
             shadow.redis,
             size=shadow.redis_connections,
@@ -70,11 +73,19 @@ class ShadowEngine:
             for b in config.backends
         ]
         self.reader = self.readers[0]  # whose `stats settings` stand for every Memcached's
+        store = self.store
+        self.evictions = EvictionWatch(
+            self.readers,
+            lambda: [(conn.url, _evicted_keys(conn)) for conn in store.pool.primaries()],
+            key_prefix=store.key_prefix,
+            connect_timeout=config.upstream_connect_timeout,
+        )
         self.dispatcher = ShadowDispatcher(
             store=self.store,
             reader=self.readers,
-            control=control,
-            sampled=_owned(self.sampler, *shard),
+            coverage=coverage,
+            owned=_owned(*shard),
+            evictions=self.evictions,
             stats=stats,
             settings=DispatcherSettings(
                 queue_size=shadow.queue_size,
@@ -117,11 +128,20 @@ class ShadowEngine:
             await reader.close()
 
 
-def _owned(sampler: KeySampler, shard: int, shards: int) -> Callable[[bytes], bool]:
+def _owned(shard: int, shards: int) -> Callable[[bytes], bool] | None:
+    """Which keys an engine judges: its shard's (None: every key, with one shard)."""
     if shards == 1:
-        return sampler.sampled
-    sampled = sampler.sampled
-    return lambda key: sampled(key) and shard_of(key, shards) == shard
+        return None
+    return lambda key: shard_of(key, shards) == shard
+
+
+def _evicted_keys(conn: RedisConnection) -> Callable[[], Awaitable[int]]:
+    """A Redis primary's INFO stats evicted_keys."""
+
+    async def count() -> int:
+        return int(parse_info(await conn.execute(b"INFO", b"stats")).get("evicted_keys", "0"))
+
+    return count
 
 
 class ShadowService(Protocol):
@@ -134,6 +154,10 @@ class ShadowService(Protocol):
     def capture(self, request: Request) -> bool: ...
 
     def observe(self, requests: list[Request], session: int) -> None: ...
+
+    def attach(self, in_flight: InFlight) -> None:
+        """Where this process's client sessions keep their requests in flight (coverage)."""
+        ...
 
     async def start(self) -> None: ...
 
@@ -157,12 +181,21 @@ class Shadow:
         self.stats = ShadowStats()
         self.stats.client_requests_fn = client_requests(metrics)
         self.examples = MismatchExamples.for_config(config)
-        self.engine = ShadowEngine(config, self.stats, self.control, self._record_example)
-        self.sampler = self.engine.sampler
+        self.sampler = KeySampler(self.control)
+        self.engine = ShadowEngine(
+            config, self.stats, self.control.threshold, self._record_example
+        )
         self.store = self.engine.store
         self.reader = self.engine.reader
         self.dispatcher = self.engine.dispatcher
+        self.coverage = CoverageAnnouncer(
+            self.control, lambda threshold, since: self.dispatcher.coverage(0, threshold, since)
+        )
         install_shadow_metrics(metrics.registry, self.stats, self.control)
+
+    def attach(self, in_flight: InFlight) -> None:
+        """Where this process's client sessions keep their requests in flight."""
+        self.coverage.attach(in_flight)
 
     # The client path's two hooks.
     def capture(self, request: Request) -> bool:
@@ -193,6 +226,7 @@ class Shadow:
         await self.engine.start()
 
     async def stop(self, timeout: float = 2.0) -> None:
+        self.coverage.close()
         await self.engine.stop(timeout)
 
     async def idle(self) -> None:

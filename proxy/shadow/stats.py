@@ -116,6 +116,9 @@ class ShadowStats:
     dropped: Counter[str] = field(default_factory=Counter)  # reason
     errors: Counter[str] = field(default_factory=Counter)  # kind
     connect_failures: Counter[str] = field(default_factory=Counter)  # Redis connects: reason
+    # Sampled keys a store evicted ("memcached", "redis"), and times a store dropped keys
+    # without naming them ("memcached_unnamed", "redis_unnamed": every key turned cold).
+    evictions: Counter[str] = field(default_factory=Counter)
     redis_commands: int = 0  # Redis commands sent for shadowed requests
     repairs: int = 0  # keys copied from Memcached into Redis after a difference
     # Per command: Memcached's latency (client request -> reply) and Redis's (op sent ->

@@ -17,7 +17,7 @@ from proxy.memcache.arguments import (
     parse_meta_request,
 )
 from proxy.memcache.commands import COMMANDS, KEY_MAX_LENGTH
-from proxy.memcache.numbers import canonical_int32, is_canonical_decimal
+from proxy.memcache.numbers import canonical_int32, is_canonical_decimal, safe_strtol
 from proxy.memcache.reply import MalformedReply, MetaReply, parse_meta, parse_retrieval
 from proxy.memcache.request import Captured
 from proxy.redis.layout import REALTIME_MAXDELTA
@@ -315,17 +315,24 @@ def _touch(request: Captured, reply: bytes, sampled: Callable[[bytes], bool]) ->
     return [ShadowOp(request.command, "touch", words[1], status, exptime=exptime)]
 
 
-def _flush(request: Captured, reply: bytes, sampled: Callable[[bytes], bool]) -> Translation:
-    words = request.words
+def flush_delay(words: list[bytes]) -> int | None:
+    """The delay of `flush_all [delay] [noreply]` read as memcached does, None when it flushes
+    nothing: 4 words or more are an ERROR; the delay is the second word (strtol: a sign, any
+    number; <= 0 is now) and a third is ignored unless it is noreply; a delay memcached
+    refuses is a CLIENT_ERROR."""
+    if len(words) > 3:
+        return None
     noreply = words[-1] == b"noreply"
-    args = words[1:-1] if noreply else words[1:]
-    if len(args) > 1:
-        return Skip("unshadowable_input")
-    delay = 0
-    if args:
-        if not args[0].isdigit():
-            return Skip("unshadowable_input")
-        delay = int(args[0])
+    if len(words) - noreply > 1:
+        return safe_strtol(words[1])
+    return 0
+
+
+def _flush(request: Captured, reply: bytes, sampled: Callable[[bytes], bool]) -> Translation:
+    delay = flush_delay(request.words)
+    if delay is None:
+        return Skip("memcached_error")
+    noreply = request.words[-1] == b"noreply"
     if not noreply and _line(reply) != b"OK":
         return Skip("memcached_error")
     return [ShadowOp(request.command, "flush", b"", None if noreply else "OK", exptime=delay)]

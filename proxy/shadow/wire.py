@@ -6,28 +6,32 @@ same interpreter and code, and marshal is the cheapest C-level encoder of tuples
 str and numbers). A message is a tuple whose first item names it:
 
 proxy -> worker
-    ("start", config_pickle, rate, enabled, nice, shard, shards, token, since)
+    ("start", config_pickle, coverage, nice, shard, shards, token, since)
                                         first frame: the Config to run with (pickled: it
                                         only ever comes from the proxy process that started
-                                        the worker, over a private socketpair); which shard
-                                        of how many it judges; the token other proxy
-                                        processes' feeds must show; the time from which on
-                                        the proxy hands it what it observes
+                                        the worker, over a private socketpair); the sample
+                                        the proxy hands over every request of (a sampler
+                                        threshold, coverage.py); which shard of how many it
+                                        judges; the token other proxy processes' feeds must
+                                        show; the time from which on the proxy hands it what
+                                        it observes
     ("batch", groups, sent_at)          observed requests; groups of (session, replied_at,
-                                        [request tuple, ...]), see pack_request, and drop
-                                        markers (-1, at, keys or None: every key) in their
-                                        place; sent_at: everything observed before it is in
-                                        this frame or an earlier one
+                                        [request tuple, ...]), see pack_request, and, in
+                                        their place, drop markers (-1, at, keys or None:
+                                        every key) and changes of the sample (-2, at,
+                                        (threshold, since)); sent_at: everything observed
+                                        before it is in this frame or an earlier one
     ("tick", now)                       every TICK_INTERVAL: nothing observed before `now`
                                         is still to come (ordered evidence waits for it)
     ("epoch", at)                       what was handed over before `at` may not have
                                         reached the worker: every key is cold again
-    ("rate", sample_rate, enabled)      the live sampling settings changed
+    ("flush", sent, replied, words)     a flush_all handed over before this socket (its
+                                        delay may still be running: flush_seen)
     ("idle", token)                     answer ("idle", token) once everything is judged
     ("stop", timeout)                   finish (within timeout) and exit
 
 another proxy process -> worker (workers: N; on the worker's feed socket)
-    ("hello", token, since)             then batch, tick and epoch as above, and
+    ("hello", token, since, coverage)   then batch, tick, epoch and flush as above, and
     ("bye",)                            last: the stream ended with nothing lost
 
 worker -> proxy
@@ -145,6 +149,7 @@ _COUNTERS: Final = (
     "dropped",
     "errors",
     "connect_failures",
+    "evictions",
 )
 _HISTOGRAM_TABLES: Final = ("memcached_latency", "redis_latency", "shadow_duration")
 _HISTOGRAMS: Final = ("lag", "redis_service", "queueing")  # one histogram each, no command label

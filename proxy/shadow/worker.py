@@ -21,8 +21,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Final, cast
 
-from proxy.shadow.control import ShadowControl
-from proxy.shadow.merge import MARKER, Group, Merger
+from proxy.shadow.merge import COVERAGE, MARKER, Group, Merger
 from proxy.shadow.stats import ShadowStats
 from proxy.shadow.wire import (
     MAX_FRAME,
@@ -56,7 +55,6 @@ class WorkerSession(asyncio.Protocol):
         self.decoder = FrameDecoder()
         self.transport: asyncio.Transport | None = None
         self.engine: ShadowEngine | None = None
-        self.control: ShadowControl | None = None
         self.stats = ShadowStats()
         self.exit_code = 0
         self.received = 0  # requests taken from batches
@@ -111,13 +109,15 @@ class WorkerSession(asyncio.Protocol):
                 return
             dispatcher = engine.dispatcher
             for session, replied_at, items in message[1]:
-                if session == MARKER:  # requests of these keys were dropped on the way
+                if session > 0:
+                    self.received += len(items)
+                    dispatcher.observe(
+                        [unpack_request(item) for item in items], session, replied_at=replied_at
+                    )
+                elif session == MARKER:  # requests of these keys were dropped on the way
                     _forget(dispatcher, items)
-                    continue
-                self.received += len(items)
-                dispatcher.observe(
-                    [unpack_request(item) for item in items], session, replied_at=replied_at
-                )
+                elif session == COVERAGE:
+                    dispatcher.coverage(0, *items)
             dispatcher.tick(message[2])
         elif kind == "tick":
             if self.merger is not None:
@@ -129,10 +129,9 @@ class WorkerSession(asyncio.Protocol):
                 self.feed(0, message)
             elif engine is not None:
                 engine.dispatcher.forget_all()
-        elif kind == "rate":
-            if self.control is not None:
-                self.control.set_rate(message[1], "proxy")
-                self.control.set_enabled(message[2], "proxy")
+        elif kind == "flush":
+            if engine is not None:  # a flush_all from before this socket (flush_seen)
+                engine.dispatcher.flush_seen(message[1], message[2], message[3])
         elif kind == "idle":
             self._spawn(self._idle(message[1]))
         elif kind == "start":
@@ -145,15 +144,15 @@ class WorkerSession(asyncio.Protocol):
     def _start(
         self,
         config_blob: bytes,
-        rate: float,
-        enabled: bool,
+        coverage: int,
         nice: int,
         shard: int = 0,
         shards: int = 1,
         token: str = "",
         since: float = 0.0,
     ) -> None:
-        """since: the proxy's perf_counter time when it began handing requests over (the
+        """coverage: the sample the proxy hands every request of (a sampler threshold);
+        since: the proxy's perf_counter time when it began handing requests over (the
         start of its stream: with several proxies, the merge waits for nothing earlier)."""
         from proxy.runtime import configure_logging, tune_gc
         from proxy.shadow.service import ShadowEngine
@@ -164,10 +163,9 @@ class WorkerSession(asyncio.Protocol):
             if nice:
                 with contextlib.suppress(OSError):
                     os.nice(nice)
-            self.control = ShadowControl(rate, enabled)
             self._examples_per_kind = config.shadow.examples_per_kind
             self.engine = ShadowEngine(
-                config, self.stats, self.control, self._example, ticked=True, shard=(shard, shards)
+                config, self.stats, coverage, self._example, ticked=True, shard=(shard, shards)
             )
         except Exception:
             log.exception("shadow worker: cannot start")
@@ -203,12 +201,13 @@ class WorkerSession(asyncio.Protocol):
 
     # -- workers: N: every proxy process's stream, merged -----------------------------------
 
-    def feed_opened(self, since: float) -> int:
-        """A proxy process's feed joined, handing over what it observes from `since` on;
-        its stream number."""
-        assert self.merger is not None
+    def feed_opened(self, since: float, coverage: int) -> int:
+        """A proxy process's feed joined, handing over what it observes from `since` on,
+        every request of the keys hashed below `coverage`; its stream number."""
+        assert self.merger is not None and self.engine is not None
         self._feeds += 1
         self.merger.open(self._feeds, since, feed=True)
+        self.engine.dispatcher.coverage(self._feeds, coverage, since)
         return self._feeds
 
     def feed_closed(self, stream: int, clean: bool) -> None:
@@ -219,6 +218,8 @@ class WorkerSession(asyncio.Protocol):
                 self.feed(stream, ("epoch", time.perf_counter()))
             self.merger.close(stream)
             self._release()
+            if self.engine is not None:
+                self.engine.dispatcher.scheduler.stream_closed(stream)
 
     def feed(self, stream: int, message: tuple[Any, ...]) -> None:
         """A batch, tick or epoch message of one proxy process's stream (stream 0: the first
@@ -228,9 +229,14 @@ class WorkerSession(asyncio.Protocol):
             return
         kind = message[0]
         if kind == "batch":
+            groups = message[1]
             if stream == 0:  # (`received` is what the first process handed over)
-                self.received += sum(len(g[2]) for g in message[1] if g[0] != MARKER)
-            late = merger.add(stream, message[1], message[2])
+                self.received += sum(len(g[2]) for g in groups if g[0] > 0)
+            if any(g[0] == COVERAGE for g in groups):  # (whose it is, once merged)
+                groups = [
+                    (COVERAGE, g[1], (stream, *g[2])) if g[0] == COVERAGE else g for g in groups
+                ]
+            late = merger.add(stream, groups, message[2])
             if late:
                 self._late(late)
         elif kind == "tick":
@@ -243,6 +249,8 @@ class WorkerSession(asyncio.Protocol):
             late = merger.add(stream, [(MARKER, float(message[1]), None)], float("-inf"))
             if late:
                 self._late(late)
+        elif kind == "flush":
+            engine.dispatcher.flush_seen(message[1], message[2], message[3])
         else:
             raise WireError(f"unexpected {kind!r} on a feed")
         self._release()
@@ -254,12 +262,14 @@ class WorkerSession(asyncio.Protocol):
         groups, watermark = merger.release(time.perf_counter())
         dispatcher = engine.dispatcher
         for session, replied_at, items in groups:
-            if session == MARKER:
-                _forget(dispatcher, items)
-            else:
+            if session > 0:
                 dispatcher.observe(
                     [unpack_request(item) for item in items], session, replied_at=replied_at
                 )
+            elif session == MARKER:
+                _forget(dispatcher, items)
+            elif session == COVERAGE:
+                dispatcher.coverage(*items)
         dispatcher.tick(watermark)
 
     def _late(self, groups: list[Group]) -> None:
@@ -270,6 +280,9 @@ class WorkerSession(asyncio.Protocol):
         for session, _, items in groups:
             if session == MARKER:
                 _forget(dispatcher, items)
+                continue
+            if session == COVERAGE:
+                dispatcher.coverage(*items)
                 continue
             self.stats.dropped[LATE] += len(items)
             for item in items:
@@ -357,7 +370,8 @@ def _forget(dispatcher: Any, keys: list[bytes] | None) -> None:
 
 
 class FeedSession(asyncio.Protocol):
-    """Another proxy process's stream (workers: N): ("hello", token, since) first, then
+    """Another proxy process's stream (workers: N): ("hello", token, since, coverage) first,
+    then
     batch, tick and epoch messages as on the main socket, and ("bye",) last."""
 
     def __init__(self, owner: WorkerSession) -> None:
@@ -391,7 +405,7 @@ class FeedSession(asyncio.Protocol):
                     str(message[1]), self.owner.feed_token
                 ):
                     raise WireError("a feed must start with the right hello")
-                self.stream = self.owner.feed_opened(float(message[2]))
+                self.stream = self.owner.feed_opened(float(message[2]), int(message[3]))
                 self.decoder.max_frame = MAX_FRAME
                 data = b""
             for message in self.decoder.feed(data):

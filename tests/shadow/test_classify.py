@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from proxy.shadow import keystate
 from proxy.shadow.classify import (
     AFTER,
     BACKFILL,
@@ -17,6 +18,7 @@ from proxy.shadow.classify import (
     MISMATCH,
     NOISE,
     OVERLAPS,
+    REDIS_EVICTED,
     REPAIR,
     SUBSUMED,
     TRANSIENT_RACE,
@@ -25,6 +27,7 @@ from proxy.shadow.classify import (
     Reread,
     Verdict,
     blank,
+    flush_window,
     judge_at_once,
     judge_reread,
     place,
@@ -65,8 +68,6 @@ def reread(**overrides: object) -> Reread:
         "redis_present": True,
         "equal": False,
         "raced": False,
-        "memcached_evicted": False,
-        "redis_evicted": False,
     }
     base.update(overrides)
     return Reread(**base)  # type: ignore[arg-type]
@@ -203,28 +204,51 @@ def test_a_race_seen_while_gathering_evidence_is_noise() -> None:
     assert judge_reread(VALUE_DIFF, reread(raced=True)) == Verdict(NOISE, TRANSIENT_RACE, REPAIR)
 
 
-def test_evictions_explain_only_their_own_direction() -> None:
-    gone_from_mc = reread(memcached_present=False)
-    assert judge_reread(
-        Difference(UNEXPECTED_IN_REDIS, "miss", "hit"),
-        reread(memcached_present=False, memcached_evicted=True),
-    ) == Verdict(NOISE, EVICTED, REPAIR)
-    assert (
-        judge_reread(Difference(UNEXPECTED_IN_REDIS, "miss", "hit"), gone_from_mc).outcome
-        == MISMATCH
+def test_an_eviction_named_while_the_evidence_was_gathered_explains_the_difference() -> None:
+    """Eviction evidence is per key (the stores name what they evict): a key Memcached
+    evicted is noise, one Redis evicted is the capacity finding, never a mismatch; and an
+    eviction of some other key (a busy store) explains nothing: no window of time does."""
+    diff = Difference(UNEXPECTED_IN_REDIS, "miss", "hit")
+    evicted = reread(memcached_present=False, ordered=False, why=keystate.EVICTED)
+    assert judge_reread(diff, evicted) == Verdict(NOISE, EVICTED, REPAIR)
+    lost = Difference(MISSING_IN_REDIS, "hit", "miss")
+    by_redis = reread(redis_present=False, ordered=False, why=keystate.REDIS_EVICTED)
+    assert judge_reread(lost, by_redis) == Verdict(NOISE, REDIS_EVICTED, REPAIR)
+    # The key itself was not evicted: the ordered re-read proves a mismatch.
+    assert judge_reread(diff, reread(memcached_present=False)).outcome == MISMATCH
+    # Lost another way meanwhile (a drop): nothing proven either way.
+    dropped = reread(ordered=False, why=keystate.MISSED)
+    assert judge_reread(diff, dropped) == Verdict(NOISE, UNVERIFIED, REPAIR)
+
+
+def test_a_cold_key_is_noise_by_why_it_is_cold() -> None:
+    diff = Difference(UNEXPECTED_IN_REDIS, "miss", "hit")
+    assert judge_at_once(diff, facts(warm=False), 2.0) == Verdict(NOISE, COLD_KEY, BACKFILL)
+    assert judge_at_once(diff, facts(warm=False, why=keystate.MISSED), 2.0) == Verdict(
+        NOISE, COLD_KEY, BACKFILL
     )
-    # Redis evicting something does not explain Memcached losing a key.
-    assert (
-        judge_reread(
-            Difference(UNEXPECTED_IN_REDIS, "miss", "hit"),
-            reread(memcached_present=False, redis_evicted=True),
-        ).outcome
-        == MISMATCH
+    assert judge_at_once(diff, facts(warm=False, why=keystate.EVICTED), 2.0) == Verdict(
+        NOISE, EVICTED, REPAIR
     )
-    assert judge_reread(
-        Difference(MISSING_IN_REDIS, "hit", "miss"),
-        reread(redis_present=False, redis_evicted=True),
-    ) == Verdict(NOISE, EVICTED, REPAIR)
+    assert judge_at_once(diff, facts(warm=False, why=keystate.REDIS_EVICTED), 2.0) == Verdict(
+        NOISE, REDIS_EVICTED, REPAIR
+    )
+
+
+def test_flush_windows_follow_memcached_s_clock() -> None:
+    """flush_all N: applied at a tick of memcached's one-second clock, N-2 to N-1 s after
+    the command, and what is written up to the next tick is flushed too: every operation
+    that meets the window is untrusted; every key turns cold from the window's start."""
+    sent, replied = 100.0, 100.001
+    assert flush_window(0, sent, replied, 0.0) == (sent, replied, replied)
+    assert flush_window(-5, sent, replied, 0.0) == (sent, replied, replied)
+    lo, hi, at = flush_window(1, sent, replied, 0.0)
+    assert lo == at == sent and hi >= replied + 1.0
+    lo, hi, at = flush_window(5, sent, replied, 0.0)
+    assert lo == at and sent + 2.0 <= lo <= sent + 3.0 and hi >= replied + 5.0
+    # Over 30 days: a unix time; here 50 s on (its perf_counter time is 150).
+    lo, hi, at = flush_window(1_900_000_000, sent, replied, 1_900_000_000 - 150.0)
+    assert lo == at == sent and hi >= 150.0
 
 
 def test_memcached_reading_past_a_blank_value_is_noise() -> None:

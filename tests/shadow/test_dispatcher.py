@@ -16,10 +16,8 @@ import pytest
 from proxy.memcache.request import RequestFramer
 from proxy.redis.layout import pack_value, unpack_value
 from proxy.redis.store import RedisStore
-from proxy.shadow.control import ShadowControl
 from proxy.shadow.dispatcher import DispatcherSettings, ShadowDispatcher
 from proxy.shadow.mcreader import MemcachedReader
-from proxy.shadow.sampler import KeySampler
 from proxy.shadow.stats import ShadowStats
 from tests.support import FaultRelay, RawClient, ServerProcess, memcached_argv, redis_argv
 
@@ -64,14 +62,11 @@ class Harness:
         self.redis_port = redis.port
         self.store = RedisStore.from_url(redis.url() + url_options, size=2)
         self.reader = MemcachedReader("127.0.0.1", mc.port, timeout=2.0)
-        control = ShadowControl(1.0)
         self.stats = ShadowStats()
         defaults: dict[str, float] = {"race_window": 0.2, "reread_delay": 0.01}
         self.dispatcher = ShadowDispatcher(
             store=self.store,
             reader=self.reader,
-            control=control,
-            sampled=KeySampler(control).sampled,
             stats=self.stats,
             settings=DispatcherSettings(**{**defaults, **settings}),  # type: ignore[arg-type]
         )
@@ -194,6 +189,28 @@ async def test_a_corrupt_redis_value_is_an_error_and_the_key_goes_on(shadow: Har
     shadow.send(b"get k\r\n")
     await shadow.idle()
     assert shadow.outcomes() == {"match": 3}
+
+
+async def test_an_append_after_an_incr_whose_padding_may_differ_makes_the_key_cold(
+    shadow: Harness,
+) -> None:
+    """memcached pads a shorter incr/decr result with spaces only when no other request holds
+    the item; Redis always does. An append then joins "99" + "5" in one store and "99 " +
+    "5" in the other: the next incr answers 996 and 100 (the false incr:value of the
+    64-client hammer). The append makes the key cold instead."""
+    shadow.send(b"set k 0 0 3\r\n100\r\n")
+    shadow.send(b"decr k 1\r\n")
+    await shadow.idle()
+    # As if another connection held the item: memcached wrote "99" without its padding.
+    client = RawClient(shadow.mc_port)
+    client.send(b"set k 0 0 2\r\n99\r\n")
+    assert client.read_until(b"\r\n") == b"STORED\r\n"
+    client.close()
+    shadow.send(b"append k 0 0 1\r\n5\r\n")
+    shadow.send(b"incr k 1\r\n")
+    await shadow.idle()
+    assert shadow.mismatches() == {}
+    assert shadow.noise() == {"cold_key": 1}
 
 
 async def test_a_key_s_operations_run_in_reply_order(shadow: Harness) -> None:
@@ -430,12 +447,9 @@ async def _service_and_queueing(
         f"redis://127.0.0.1:{redis_port}/0", size=1, service_time=stats.redis_service.observe
     )
     reader = MemcachedReader("127.0.0.1", mc.port, timeout=2.0)
-    control = ShadowControl(1.0)
     dispatcher = ShadowDispatcher(
         store=store,
         reader=reader,
-        control=control,
-        sampled=KeySampler(control).sampled,
         stats=stats,
         settings=DispatcherSettings(batch_window=batch_window, batch_size=1000),
     )

@@ -66,6 +66,7 @@ def test_fresh_exposition_has_every_family() -> None:
         "memshadow_shadow_dropped_total": "counter",
         "memshadow_shadow_errors_total": "counter",
         "memshadow_shadow_redis_connect_failures_total": "counter",
+        "memshadow_shadow_evictions_total": "counter",
         "memshadow_shadow_duration_seconds": "histogram",
         "memshadow_shadow_redis_service_seconds": "histogram",
         "memshadow_shadow_queueing_seconds": "histogram",

@@ -11,7 +11,7 @@ import pytest
 
 from proxy.memcache.request import Captured, RequestFramer
 from proxy.shadow.executor import ASYNC, DONE, SENT
-from proxy.shadow.keystate import KeyState, KeyStates
+from proxy.shadow.keystate import EVICTED, KeyState, KeyStates
 from proxy.shadow.scheduler import Scheduler
 from proxy.shadow.stats import ShadowStats
 from proxy.shadow.translate import ShadowOp
@@ -258,3 +258,106 @@ async def test_a_wall_clock_step_is_logged_once_with_its_size(
     assert len(steps) == 1 and "+3.80 s" in steps[0], steps
     # The ops dispatched after it were anchored to the new wall clock.
     assert [key for key, _ in runner.started] == [b"before", b"after", b"again", b"still"]
+
+
+def request(stream: bytes, reply: bytes) -> Captured:
+    requests, _ = RequestFramer(capture=lambda r: True).feed(stream)
+    captured = requests[0]
+    captured.started = time.perf_counter()
+    captured.response = reply
+    return captured.captured()
+
+
+class Syncing(Runner):
+    """Marks every operation's key in step when it completes (as a matching write does)."""
+
+    def run(self, op: ShadowOp, state: KeyState, started: float) -> int:
+        state.mark_synced(op.seq)
+        return DONE
+
+
+async def test_a_drop_of_a_key_with_no_state_yet_keeps_it_cold() -> None:
+    """Cause 1: `set K`, then gets of other keys until the small queue overflows, then
+    `incr K` (dropped): the queued set, replayed later, must not make K in step."""
+    scheduler, stats, keys = make(Syncing(), queue_size=3)
+    chunk = [request(b"set K 0 0 3\r\n100\r\n", b"STORED\r\n")]
+    chunk += [get(b"other%d" % i) for i in range(5)]
+    chunk.append(request(b"incr K 5\r\n", b"105\r\n"))
+    scheduler.observe(chunk, session=1)
+    assert stats.dropped["queue_full"] == 4
+    scheduler.start()
+    await asyncio.wait_for(scheduler.idle(), 10)
+    await scheduler.stop(1.0)
+    state = keys.peek(b"K")
+    assert state is not None and not state.warm
+
+
+async def test_a_flush_all_is_never_dropped_for_room() -> None:
+    """Cause 2: a flush_all lost to a full queue left every key warm. It is queued whatever
+    the queue holds (it has no key: losing it would make every key cold, and its delay
+    unknown)."""
+    scheduler, stats, _ = make(Runner(outcome=DONE), queue_size=2)
+    flushed: list[ShadowOp] = []
+    scheduler.runner.flush = flushed.append  # type: ignore[method-assign]
+    scheduler.observe([get(b"a"), get(b"b"), request(b"flush_all 2\r\n", b"OK\r\n")], session=1)
+    assert "queue_full" not in stats.dropped
+    scheduler.start()
+    await asyncio.wait_for(scheduler.idle(), 10)
+    await scheduler.stop(1.0)
+    assert [op.exptime for op in flushed] == [2]
+
+
+async def test_a_timed_event_happens_in_reply_order() -> None:
+    """Every key turns cold at the time given, before the first operation answered at or
+    after it, whatever the order of arrival; a queue that waits for nothing fires it once
+    the time has passed."""
+    scheduler, _, keys = make(Syncing())
+    scheduler.start()
+    now = time.perf_counter()
+    scheduler.at(now + 0.05)
+    scheduler.observe([get(b"before")], session=1, replied_at=now)
+    await asyncio.wait_for(scheduler.idle(), 10)
+    assert keys.peek(b"before").warm  # type: ignore[union-attr]
+    scheduler.observe([get(b"after")], session=1, replied_at=now + 0.06)
+    await asyncio.wait_for(scheduler.idle(), 10)
+    assert keys.peek(b"before") is None  # (the epoch came between them)
+    assert keys.peek(b"after").warm  # type: ignore[union-attr]
+    scheduler.at(time.perf_counter() + 0.05)
+    assert await scheduler.caught_up(time.perf_counter() + 0.1, give_up_after=2.0)
+    assert keys.peek(b"after") is None
+    await scheduler.stop(1.0)
+
+
+async def test_the_sample_is_what_every_proxy_process_covers() -> None:
+    """workers: N: a rise counts once every process has risen; a fall as soon as one has."""
+    scheduler, _, keys = make(Runner())
+    full = keys.coverage
+    scheduler.coverage(1, full, 0.0)
+    scheduler.coverage(0, full // 2, 1.0)
+    assert keys.coverage == full // 2
+    scheduler.coverage(0, full, 2.0)
+    scheduler.coverage(1, full // 4, 2.0)
+    assert keys.coverage == full // 4
+    scheduler.coverage(1, full, 3.0)
+    assert keys.coverage == full
+    scheduler.coverage(1, 0, 4.0)
+    scheduler.stream_closed(1)  # (its process is gone: it narrows nothing any more)
+    assert keys.coverage == full
+    await scheduler.stop(1.0)
+
+
+async def test_a_memcached_eviction_comes_after_every_operation_answered_before_it() -> None:
+    """Worker mode: `set K` answered, then Memcached evicts K; the eviction is named before
+    the set has come through the proxy's pipe. The set, arriving later, must not establish
+    K after the eviction (the false unexpected_in_redis of memcached -m 8 with drops)."""
+    scheduler, _, keys = make(Syncing(), ticked=1)
+    answered = time.perf_counter()
+    scheduler.tick(answered - 1.0)  # the proxy has vouched for less than that so far
+    scheduler.evicted([b"K"])  # named now, by the watch stream
+    scheduler.observe([request(b"set K 0 0 1\r\nv\r\n", b"STORED\r\n")], 1, replied_at=answered)
+    scheduler.start()
+    await asyncio.wait_for(scheduler.idle(), 10)
+    scheduler.tick(time.perf_counter())  # everything answered before the eviction is in
+    state = keys.peek(b"K")
+    assert state is not None and not state.warm and state.why == EVICTED
+    await scheduler.stop(1.0)
