@@ -257,6 +257,7 @@ class _RespProtocol(asyncio.Protocol):
         self._reader = hiredis.Reader()
         self._transport: asyncio.Transport | None = None
         self._pending: deque[list[Any]] = deque()
+        self._unwritten: list[list[Any]] = []  # entries of _pending not written yet
         self._outbuf: list[bytes] = []
         self._flush_handle: asyncio.Handle | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -291,6 +292,7 @@ class _RespProtocol(asyncio.Protocol):
             self._flush_handle.cancel()
             self._flush_handle = None
         self._outbuf.clear()
+        self._unwritten.clear()
         if not self.lost.done():
             self.lost.set_result(None)
 
@@ -308,6 +310,7 @@ class _RespProtocol(asyncio.Protocol):
         # entry[2] holds the timeout until the command is written: its deadline counts from
         # the write (a loop that was busy before writing it is not Redis being slow).
         self._pending.append(entry)
+        self._unwritten.append(entry)
         self._outbuf.append(payload)
         if self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self._flush)
@@ -334,15 +337,14 @@ class _RespProtocol(asyncio.Protocol):
         self._transport.write(data)
         if self._service_time is not None:
             self._writes.append([time.perf_counter(), commands])
-        # The commands just written are the last `commands` entries: their deadlines start.
-        pending = self._pending
+        # The commands just written: their deadlines start now.
         now = self._loop.time()
         earliest = float("inf")
-        for index in range(len(pending) - commands, len(pending)):
-            entry = pending[index]
+        for entry in self._unwritten:
             entry[2] = deadline = now + entry[2]
             if deadline < earliest:
                 earliest = deadline
+        self._unwritten.clear()
         if self._timer is None or earliest < self._timer_when:
             self._arm(earliest)
 
@@ -456,7 +458,7 @@ class _RespProtocol(asyncio.Protocol):
         earliest: float | None = None
         expired: list[list[Any]] = []
         pending = self._pending
-        written = len(pending) - len(self._outbuf)  # (the others hold no deadline yet)
+        written = len(pending) - len(self._unwritten)  # (the others hold no deadline yet)
         for index, entry in enumerate(pending):
             if index >= written:
                 break
