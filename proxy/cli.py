@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import TYPE_CHECKING, Any, cast
 
-from proxy import __version__
+from proxy import __version__, buildinfo
 from proxy.admin import AdminServer
 from proxy.config import (
     Config,
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the default configuration, every option commented, and exit",
     )
-    parser.add_argument("--version", action="version", version=f"memshadow {__version__}")
+    parser.add_argument("--version", action="version", version=buildinfo.version_line())
     return parser
 
 
@@ -141,6 +141,8 @@ async def serve(config: Config, load: Callable[[], Config] | None = None) -> int
     from proxy.server import ProxyServer
 
     loop = asyncio.get_running_loop()
+    # First, so that even a start that fails says which build it was.
+    log.info("memshadow %s, %s", __version__, buildinfo.describe())
     backends = config.backends
     metrics = ProxyMetrics(
         listeners=[backend.label for backend in backends], processes=config.workers

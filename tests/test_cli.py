@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from pymemcache.client.base import Client
 
-from proxy import __version__
+from proxy import __version__, buildinfo
 from proxy.cli import main
 from proxy.runtime import JsonLogFormatter
 from tests.support import ServerProcess
@@ -118,7 +118,8 @@ class Running:
 
 def test_version() -> None:
     result = memshadow("--version")
-    assert (result.returncode, result.stdout, result.stderr) == (0, "memshadow 0.1.0\n", "")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == f"memshadow 0.1.0, {buildinfo.describe()}\n"
     assert __version__ == "0.1.0"
 
 
@@ -270,7 +271,7 @@ def test_unknown_flag_is_a_usage_error() -> None:
 
 def test_main_in_process(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main(["--version"]) == 0
-    assert capsys.readouterr().out == "memshadow 0.1.0\n"
+    assert capsys.readouterr().out == f"memshadow 0.1.0, {buildinfo.describe()}\n"
     assert main(["--check-config"]) == 0
     assert capsys.readouterr().out == "config OK: defaults\n"
     assert main(["--config", str(tmp_path / "none.yaml")]) == 2

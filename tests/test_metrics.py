@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import platform
 import timeit
 
 import pytest
@@ -16,7 +17,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from proxy import __version__
+from proxy import __version__, buildinfo
 from proxy.metrics import (
     DURATION_BUCKETS,
     MAX_COMMANDS,
@@ -79,6 +80,7 @@ def test_bucket_bounds_are_the_documented_ones() -> None:
 
 
 def test_exposition_has_every_metric_name() -> None:
+    compiled = "true" if buildinfo.is_compiled() else "false"
     metrics = ProxyMetrics()
     metrics.requests.observe("get", 0.0002)
     metrics.upstream_error("connect")
@@ -94,7 +96,8 @@ def test_exposition_has_every_metric_name() -> None:
         'memshadow_requests_total{command="get",listener="default"} 1.0',
         'memshadow_upstream_errors_total{kind="connect"} 1.0',
         'memshadow_unframed_connections_total{reason="binary"} 1.0',
-        f'memshadow_build_info{{version="{__version__}"}} 1.0',
+        f'memshadow_build_info{{compiled="{compiled}",python="{platform.python_version()}",'
+        f'version="{__version__}"}} 1.0',
         "memshadow_client_connections 0.0",
     ]:
         assert line in text.splitlines(), line
