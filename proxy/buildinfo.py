@@ -24,13 +24,9 @@ COMPILED_MODULES: Final[tuple[str, ...]] = (
     "proxy.memcache.response",
     "proxy.memcache.reply",
     "proxy.shadow.sampler",
-    # The shadow engine's sans-IO pieces (being rewritten for issue 22: these compile and pass
-    # the suite unchanged). Not yet:
-    # - proxy.shadow.translate: compiles, but tests/shadow/test_translate_compare.py hands
-    #   translate() a Request where a Captured is declared, and compiled code checks argument
-    #   types at run time (TypeError); the test's helper should pass request.captured().
-    # - proxy.shadow.stats: compiled, its dataclass field annotated `object` fails at import
-    #   (KeyError: 'object' in mypyc's dataclass support); `Callable[[], int] | None` fixes it.
+    # The shadow engine's sans-IO pieces.
+    "proxy.shadow.translate",
+    "proxy.shadow.stats",
     "proxy.shadow.compare",
     "proxy.shadow.classify",
     "proxy.shadow.keystate",

@@ -135,7 +135,8 @@ class ShadowStats:
     queueing: LatencyHistogram = field(default_factory=LatencyHistogram)
     queue_depth: int = 0
     cas_map_entries: int = 0  # Memcached -> Redis cas pairs remembered (a gauge)
-    client_requests_fn: object = None  # set by the wiring: () -> int, all client requests
+    # Set by the wiring: () -> int, every client request served so far.
+    client_requests_fn: Callable[[], int] | None = None
     _figures: dict[str, CommandFigures] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )

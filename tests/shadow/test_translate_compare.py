@@ -45,7 +45,7 @@ def op_for(stream: bytes, reply: bytes, sampled: object = None) -> list[ShadowOp
     request = requests[0]
     request.response = reply
     predicate = sampled if callable(sampled) else (lambda key: True)
-    return translate(request, predicate)
+    return translate(request.captured(), predicate)
 
 
 def one(stream: bytes, reply: bytes) -> ShadowOp:
@@ -73,7 +73,8 @@ def _both(stream: bytes, reply: bytes, sampled: Callable[[bytes], bool]) -> tupl
     requests, _ = RequestFramer(capture=lambda r: True).feed(stream)
     request = requests[-1]  # after the `mn` of an over-long key
     request.response = reply
-    return translate(request, sampled), _retrieval(request, reply, sampled)
+    captured = request.captured()
+    return translate(captured, sampled), _retrieval(captured, reply, sampled)
 
 
 KEY = b"k" * 32
