@@ -37,8 +37,8 @@ from proxy.memcache.request import Captured
 from proxy.redis.store import RedisStore
 from proxy.runtime import tune_gc
 from proxy.shadow.control import ShadowControl
-from proxy.shadow.dispatcher import DispatcherSettings, ShadowDispatcher
-from proxy.shadow.mcreader import MemcachedReader
+from proxy.shadow.engine.dispatcher import DispatcherSettings, ShadowDispatcher
+from proxy.shadow.engine.mcreader import MemcachedReader
 from proxy.shadow.sampler import KeySampler
 from proxy.shadow.stats import ShadowStats
 from tests.support import RedisCluster

@@ -25,13 +25,13 @@ COMPILED_MODULES: Final[tuple[str, ...]] = (
     "proxy.memcache.reply",
     "proxy.shadow.sampler",
     # The shadow engine's sans-IO pieces.
-    "proxy.shadow.translate",
+    "proxy.shadow.engine.translate",
     "proxy.shadow.stats",
-    "proxy.shadow.compare",
-    "proxy.shadow.classify",
-    "proxy.shadow.keystate",
-    "proxy.shadow.history",
-    "proxy.shadow.merge",
+    "proxy.shadow.engine.compare",
+    "proxy.shadow.engine.classify",
+    "proxy.shadow.engine.keystate",
+    "proxy.shadow.engine.history",
+    "proxy.shadow.engine.merge",
     "proxy.shadow.wire",
 )
 

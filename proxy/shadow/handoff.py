@@ -23,9 +23,9 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from proxy.memcache.request import Request
-from proxy.shadow.merge import COVERAGE, MARKER, shards_for
+from proxy.shadow.shards import shards_for
 from proxy.shadow.stats import ShadowStats
-from proxy.shadow.wire import RequestTuple, encode, pack_request
+from proxy.shadow.wire import COVERAGE, MARKER, RequestTuple, encode, pack_request
 
 PIPE_BUFFER_LIMIT: Final = 8 * 1024 * 1024
 """Bytes handed to a worker but not taken by it yet (on top of the kernel's socket buffer),

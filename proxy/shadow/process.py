@@ -3,7 +3,7 @@
 The proxy process keeps what the client path and the operators touch: the sampler (capture),
 the live control, the mismatch examples (with their secret) and a mirror of the shadow's
 stats for /metrics and the ramp and halt rules. Everything else, the replay on Redis, the
-comparisons and their per-key state, runs in `python -m proxy.shadow.worker`, fed over a
+comparisons and their per-key state, runs in `python -m proxy.shadow.engine.worker`, fed over a
 Unix socket (wire.py) by the hand-off (handoff.py). The hand-off costs the client path one
 tuple per sampled request and one write per event-loop iteration; the worker's CPU, garbage
 collection and slow paths never stall client traffic, and it runs niced, so when CPU is
@@ -315,7 +315,7 @@ class ShadowProcess:
                 await link.closed
 
     async def _spawn(self, worker: _Worker) -> _WorkerLink:
-        worker.process, ours = start_child("proxy.shadow.worker")
+        worker.process, ours = start_child("proxy.shadow.engine.worker")
         link = _WorkerLink(self, worker)
         try:
             ours.setblocking(False)

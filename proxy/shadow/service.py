@@ -17,14 +17,14 @@ from proxy.redis.client import RedisConnection, parse_info
 from proxy.redis.store import RedisStore
 from proxy.shadow.control import ShadowControl
 from proxy.shadow.coverage import CoverageAnnouncer, InFlight
-from proxy.shadow.dispatcher import DispatcherSettings, ExampleSink, ShadowDispatcher
-from proxy.shadow.evictions import EvictionWatch
+from proxy.shadow.engine.dispatcher import DispatcherSettings, ExampleSink, ShadowDispatcher
+from proxy.shadow.engine.evictions import EvictionWatch
+from proxy.shadow.engine.mcreader import MemcachedReader, MemcachedUnavailable
 from proxy.shadow.examples import MismatchExamples
-from proxy.shadow.mcreader import MemcachedReader, MemcachedUnavailable
-from proxy.shadow.merge import shard_of
 from proxy.shadow.metrics import install_shadow_metrics
 from proxy.shadow.process import ShadowProcess
 from proxy.shadow.sampler import KeySampler
+from proxy.shadow.shards import shard_of
 from proxy.shadow.stats import ShadowStats, client_requests
 
 if TYPE_CHECKING:

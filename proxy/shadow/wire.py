@@ -67,6 +67,15 @@ memcached, but a batch holds what one loop iteration saw)."""
 
 RequestTuple = tuple[str, list[bytes], int, bool, bytes | None, bytes | None, float]
 
+Group = tuple[int, float, Any]
+"""One item of a batch: (session, replied_at, [request tuple, ...]), or a marker in its place
+in reply order: (MARKER, time, keys or None): changes of those keys (None: of any key) were
+lost before `time`; (COVERAGE, time, (threshold, since)): from here on the stream hands over
+every request of the keys hashed below threshold (coverage.CoverageAnnouncer; the worker puts
+the stream's number in front when it merges several)."""
+MARKER: Final = -1  # (session numbers are positive)
+COVERAGE: Final = -2
+
 
 class WireError(MemshadowError):
     """The peer sent something that is not a frame of this protocol."""
@@ -260,7 +269,10 @@ def _load_histograms(table: dict[str, LatencyHistogram], state: dict[str, _Histo
 
 
 __all__ = [
+    "COVERAGE",
+    "MARKER",
     "FrameDecoder",
+    "Group",
     "RequestTuple",
     "WireError",
     "add_states",

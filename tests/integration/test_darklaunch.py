@@ -361,7 +361,7 @@ def test_a_repair_restores_the_ttl_even_when_value_and_flags_are_equal(
         proxy.settle()
         # Behind the shadow's back: Memcached's TTL is now 30 s, Redis's none.
         mc_call(memcached.port, b"touch k 30\r\n")
-        dispatcher = proxy.shadow.dispatcher
+        dispatcher = proxy.shadow.engine.dispatcher
 
         async def repair() -> str:
             state = dispatcher.keys.get(b"k")

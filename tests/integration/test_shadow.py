@@ -24,8 +24,8 @@ from pymemcache.client.base import Client
 from pymemcache.exceptions import MemcacheClientError
 
 from proxy.redis.layout import pack_value, unpack_value
-from proxy.shadow.compare import state_equal
-from proxy.shadow.translate import McValue
+from proxy.shadow.engine.compare import state_equal
+from proxy.shadow.engine.translate import McValue
 from tests.integration.hammer import Hammer
 from tests.integration.test_differential import _request
 from tests.support import (

@@ -7,8 +7,9 @@ import pytest
 
 from proxy.memcache.commands import COMMANDS, EVERY_KEY, NO_KEY, SHADOWED, UNKNOWN
 from proxy.memcache.request import Expect, RequestFramer
-from proxy.shadow import sampler, translate
+from proxy.shadow import sampler
 from proxy.shadow.control import ShadowControl
+from proxy.shadow.engine import translate
 
 
 def frame(stream: bytes) -> list:  # type: ignore[type-arg]

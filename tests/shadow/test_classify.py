@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.shadow import keystate
-from proxy.shadow.classify import (
+from proxy.shadow.engine import keystate
+from proxy.shadow.engine.classify import (
     AFTER,
     BACKFILL,
     CLOCK_STEP,
@@ -33,7 +33,7 @@ from proxy.shadow.classify import (
     place,
     signed_overflow,
 )
-from proxy.shadow.compare import (
+from proxy.shadow.engine.compare import (
     CAS_UNMAPPED,
     ERROR,
     FLAGS,
@@ -297,7 +297,7 @@ def test_without_a_repair_everything_is_after() -> None:
 
 def test_the_redis_store_is_a_shadow_target() -> None:
     from proxy.redis.store import RedisStore
-    from proxy.shadow.target import ShadowTarget
+    from proxy.shadow.engine.target import ShadowTarget
 
     # mypy checks the signatures where the engine is built; this checks nothing is missing.
     assert isinstance(RedisStore.from_url("redis://127.0.0.1:1/0", size=1), ShadowTarget)

@@ -16,8 +16,8 @@ import pytest
 from proxy.memcache.request import RequestFramer
 from proxy.redis.layout import pack_value, unpack_value
 from proxy.redis.store import RedisStore
-from proxy.shadow.dispatcher import DispatcherSettings, ShadowDispatcher
-from proxy.shadow.mcreader import MemcachedReader
+from proxy.shadow.engine.dispatcher import DispatcherSettings, ShadowDispatcher
+from proxy.shadow.engine.mcreader import MemcachedReader
 from proxy.shadow.stats import ShadowStats
 from tests.support import FaultRelay, RawClient, ServerProcess, memcached_argv, redis_argv
 

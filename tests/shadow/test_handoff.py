@@ -12,10 +12,10 @@ import proxy.shadow.handoff
 from proxy.memcache.request import Request, RequestFramer
 from proxy.shadow.control import ShadowControl
 from proxy.shadow.handoff import Handoff
-from proxy.shadow.merge import MARKER, shard_of
 from proxy.shadow.sampler import KeySampler
+from proxy.shadow.shards import shard_of
 from proxy.shadow.stats import ShadowStats
-from proxy.shadow.wire import FrameDecoder
+from proxy.shadow.wire import MARKER, FrameDecoder
 
 
 class FakeTransport(asyncio.Transport):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from proxy.shadow.history import OpHistory, Step
+from proxy.shadow.engine.history import OpHistory, Step
 
 
 def test_a_key_keeps_its_last_operations_in_order() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from proxy.shadow.keystate import (
+from proxy.shadow.engine.keystate import (
     EVICTED,
     HASH_SPACE,
     NEVER,

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections import Counter
 
 from proxy.shadow.control import ShadowControl
-from proxy.shadow.merge import Merger, shard_of, shards_for
+from proxy.shadow.engine.merge import Merger
 from proxy.shadow.sampler import KeySampler
+from proxy.shadow.shards import shard_of, shards_for
 
 
 def group(session: int, at: float, name: str = "r") -> tuple[int, float, list[object]]:

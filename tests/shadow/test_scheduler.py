@@ -10,11 +10,11 @@ import time
 import pytest
 
 from proxy.memcache.request import Captured, RequestFramer
-from proxy.shadow.executor import ASYNC, DONE, SENT
-from proxy.shadow.keystate import EVICTED, KeyState, KeyStates
-from proxy.shadow.scheduler import Scheduler
+from proxy.shadow.engine.executor import ASYNC, DONE, SENT
+from proxy.shadow.engine.keystate import EVICTED, KeyState, KeyStates
+from proxy.shadow.engine.scheduler import Scheduler
+from proxy.shadow.engine.translate import ShadowOp
 from proxy.shadow.stats import ShadowStats
-from proxy.shadow.translate import ShadowOp
 
 
 class Runner:

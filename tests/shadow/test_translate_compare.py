@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from proxy.memcache.request import RequestFramer
 from proxy.redis.layout import Item
-from proxy.shadow.compare import (
+from proxy.shadow.engine.compare import (
     FLAGS,
     MISSING_IN_REDIS,
     PADDING,
@@ -24,7 +24,7 @@ from proxy.shadow.compare import (
     compare_values,
     state_equal,
 )
-from proxy.shadow.translate import (
+from proxy.shadow.engine.translate import (
     HIT,
     MISS,
     NON_NUMERIC,

@@ -8,8 +8,8 @@ import struct
 import pytest
 
 from proxy.memcache.request import Request, RequestFramer
+from proxy.shadow.engine.translate import translate
 from proxy.shadow.stats import ShadowStats
-from proxy.shadow.translate import translate
 from proxy.shadow.wire import (
     FrameDecoder,
     WireError,

@@ -31,7 +31,7 @@ from urllib.parse import unquote_to_bytes
 from proxy.config import RedisURL
 from proxy.redis.client import RedisConnection
 from proxy.redis.errors import RedisError, RedisReplyError
-from proxy.shadow.mcreader import MemcachedReader, MemcachedUnavailable
+from proxy.shadow.engine.mcreader import MemcachedReader, MemcachedUnavailable
 
 log = logging.getLogger("memshadow.shadow")
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from proxy.redis.layout import Item
-from proxy.shadow.translate import (
+from proxy.shadow.engine.translate import (
     CREATED,
     HIT,
     MISS,

@@ -16,11 +16,10 @@ from typing import Any, Final
 from proxy.redis.errors import RedisError
 from proxy.redis.layout import Item, max_value_len
 from proxy.redis.store import DeleteStatus, DeltaResult, StoreResult, TouchStatus
-from proxy.shadow.compare import CAS_UNMAPPED, Difference, compare_outcome, compare_read
-from proxy.shadow.keystate import CasMap, KeyState
-from proxy.shadow.stats import ShadowStats
-from proxy.shadow.target import ShadowTarget
-from proxy.shadow.translate import (
+from proxy.shadow.engine.compare import CAS_UNMAPPED, Difference, compare_outcome, compare_read
+from proxy.shadow.engine.keystate import CasMap, KeyState
+from proxy.shadow.engine.target import ShadowTarget
+from proxy.shadow.engine.translate import (
     DELETED,
     MISS,
     NOT_FOUND,
@@ -29,6 +28,7 @@ from proxy.shadow.translate import (
     TOUCHED,
     ShadowOp,
 )
+from proxy.shadow.stats import ShadowStats
 
 # What send did with an operation.
 SENT: Final = 1  # its command is on its way; the completion callback goes on with it

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import Final
 
 from proxy.redis.layout import REALTIME_MAXDELTA
-from proxy.shadow import keystate
-from proxy.shadow.compare import (
+from proxy.shadow.engine import keystate
+from proxy.shadow.engine.compare import (
     CAS_UNMAPPED,
     ERROR,
     MISSING_IN_REDIS,
@@ -30,7 +30,7 @@ from proxy.shadow.compare import (
     UNEXPECTED_IN_REDIS,
     Difference,
 )
-from proxy.shadow.translate import NON_NUMERIC
+from proxy.shadow.engine.translate import NON_NUMERIC
 
 # Outcomes (memshadow_shadow_comparisons_total{outcome}).
 MATCH: Final = "match"

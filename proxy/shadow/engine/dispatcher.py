@@ -33,7 +33,7 @@ from proxy.redis.errors import (
 )
 from proxy.redis.layout import Item
 from proxy.redis.store import DeltaResult, StoreResult
-from proxy.shadow.classify import (
+from proxy.shadow.engine.classify import (
     BACKFILL,
     MATCH,
     MISMATCH,
@@ -51,11 +51,11 @@ from proxy.shadow.classify import (
     place,
     signed_overflow,
 )
-from proxy.shadow.compare import PADDING, Difference, compare_values, state_equal
-from proxy.shadow.evictions import MEMCACHED, EvictionWatch
-from proxy.shadow.executor import DONE, Executor
-from proxy.shadow.history import HISTORY_STEPS, OpHistory, StepTuple, describe_steps
-from proxy.shadow.keystate import (
+from proxy.shadow.engine.compare import PADDING, Difference, compare_values, state_equal
+from proxy.shadow.engine.evictions import MEMCACHED, EvictionWatch
+from proxy.shadow.engine.executor import DONE, Executor
+from proxy.shadow.engine.history import HISTORY_STEPS, OpHistory, StepTuple, describe_steps
+from proxy.shadow.engine.keystate import (
     EVICTED,
     HASH_SPACE,
     REDIS_EVICTED,
@@ -64,11 +64,11 @@ from proxy.shadow.keystate import (
     KeyStates,
     wall_offset,
 )
-from proxy.shadow.mcreader import McItem, MemcachedReader, MemcachedUnavailable
-from proxy.shadow.scheduler import Scheduler
+from proxy.shadow.engine.mcreader import McItem, MemcachedReader, MemcachedUnavailable
+from proxy.shadow.engine.scheduler import Scheduler
+from proxy.shadow.engine.target import ShadowTarget
+from proxy.shadow.engine.translate import HIT, MISS, McValue, ShadowOp, flush_delay
 from proxy.shadow.stats import ShadowStats
-from proxy.shadow.target import ShadowTarget
-from proxy.shadow.translate import HIT, MISS, McValue, ShadowOp, flush_delay
 
 LISTENER_MASK: Final = (1 << LISTENER_BITS) - 1
 

@@ -1,8 +1,8 @@
-"""Shards and the merge of several proxies' hand-offs, sans-IO (workers: N).
+"""The merge of several proxies' hand-offs, sans-IO (workers: N).
 
-With several proxy processes, every key belongs to one shadow worker (its shard: a hash of
-the key), so its operations are judged by one engine in one order. A worker then hears from
-every proxy process. Each proxy's stream is in its own reply order and carries a horizon
+With several proxy processes, every key belongs to one shadow worker (shards.py), so its
+operations are judged by one engine in one order. A worker then hears from every proxy
+process. Each proxy's stream is in its own reply order and carries a horizon
 (wire.py: a batch's sent_at, a tick's now: nothing observed before it is still to come); on
 one host all of them read the same CLOCK_MONOTONIC, so the worker can interleave the streams
 in reply order exactly: `Merger` releases a group once every live stream's horizon has
@@ -15,35 +15,8 @@ replayed out of order.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable
-from typing import Any, Final
-from zlib import crc32
 
-SHARD_SEED: Final = 0x73686172
-"""Initial CRC value of the shard hash ("shar"), unlike the sampler's: sampled keys are the
-ones with small sampler hashes, and they must still spread evenly over the shards."""
-
-Group = tuple[int, float, Any]
-"""(session, replied_at, [request tuple, ...]) as wire.py's batch carries them, or a
-marker: (MARKER, time, keys or None), changes of those keys (None: of any key) lost before
-`time`, ordered with the requests like them."""
-MARKER: Final = -1  # (session numbers are positive)
-COVERAGE: Final = -2
-"""(COVERAGE, time, (threshold, since)): from here on the stream hands over every request
-of the keys hashed below threshold (coverage.CoverageAnnouncer); the worker adds the
-stream's number in front when several are merged."""
-
-
-def shard_of(key: bytes, shards: int) -> int:
-    """The shadow worker (0 .. shards-1) that judges `key`."""
-    return crc32(key, SHARD_SEED) % shards
-
-
-def shards_for(keys: Iterable[bytes], shards: int, sampled: Callable[[bytes], bool]) -> set[int]:
-    """The workers a captured request goes to: the shards of its sampled keys (each judges
-    only its own keys of a multi-key get), or all of them for a keyless one (flush_all)."""
-    targets = {shard_of(key, shards) for key in keys if sampled(key)}
-    return targets or set(range(shards))
+from proxy.shadow.wire import Group
 
 
 class _Stream:
@@ -155,4 +128,4 @@ def _replied_at(group: Group) -> float:
     return group[1]
 
 
-__all__ = ["COVERAGE", "MARKER", "SHARD_SEED", "Group", "Merger", "shard_of", "shards_for"]
+__all__ = ["Merger"]

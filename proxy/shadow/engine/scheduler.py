@@ -21,11 +21,11 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
 from proxy.memcache.request import Captured
-from proxy.shadow.classify import STEP_SECONDS
-from proxy.shadow.executor import ASYNC, SENT
-from proxy.shadow.keystate import EVICTED, MISSED, NEVER, KeyState, KeyStates, wall_offset
+from proxy.shadow.engine.classify import STEP_SECONDS
+from proxy.shadow.engine.executor import ASYNC, SENT
+from proxy.shadow.engine.keystate import EVICTED, MISSED, NEVER, KeyState, KeyStates, wall_offset
+from proxy.shadow.engine.translate import ShadowOp, Skip, translate
 from proxy.shadow.stats import ShadowStats
-from proxy.shadow.translate import ShadowOp, Skip, translate
 
 log = logging.getLogger("memshadow.shadow")
 

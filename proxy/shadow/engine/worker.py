@@ -1,4 +1,4 @@
-"""The shadow worker process: `python -m proxy.shadow.worker FD`, started by process.py.
+"""The shadow worker process: `python -m proxy.shadow.engine.worker FD`, started by process.py.
 
 It runs a ShadowEngine (Redis store, Memcached reader, dispatcher) on its own event loop,
 fed with the proxy's observed requests over the Unix socket FD (wire.py), and reports its
@@ -21,11 +21,14 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Final, cast
 
-from proxy.shadow.merge import COVERAGE, MARKER, Group, Merger
+from proxy.shadow.engine.merge import Merger
 from proxy.shadow.stats import ShadowStats
 from proxy.shadow.wire import (
+    COVERAGE,
+    MARKER,
     MAX_FRAME,
     FrameDecoder,
+    Group,
     WireError,
     encode,
     stats_state,
@@ -465,7 +468,8 @@ async def serve(fd: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or not args[0].isdigit():
-        print("usage: python -m proxy.shadow.worker FD (memshadow starts it)", file=sys.stderr)
+        print("usage: python -m proxy.shadow.engine.worker FD (memshadow starts it)",
+              file=sys.stderr)  # fmt: skip
         return 2
     # The worker has a process group of its own; should a Ctrl-C or a group SIGTERM reach
     # it anyway, the proxy (which drains its clients first) stops it, or its exit does.
