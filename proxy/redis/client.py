@@ -545,7 +545,7 @@ def _ignore(reply: Reply, error: RedisError | None) -> None:
     """The completion of ASKING: its reply matters to nobody (the command after it tells)."""
 
 
-def _missing_function(exc: RedisReplyError) -> bool:
+def missing_function(exc: RedisReplyError) -> bool:
     return exc.message.startswith(_MISSING_FUNCTION_PREFIXES)
 
 
@@ -830,7 +830,7 @@ class RedisConnection:
         try:
             return await self.send(b"FCALL", function, 1, key, *args)
         except RedisReplyError as exc:
-            if self.library is None or not _missing_function(exc):
+            if self.library is None or not missing_function(exc):
                 raise
         await self.reload_library()
         return await self.send(b"FCALL", function, 1, key, *args)
@@ -846,14 +846,14 @@ class RedisConnection:
             return
 
         def first_reply(reply: Reply, error: RedisError | None) -> None:
-            if isinstance(error, RedisReplyError) and _missing_function(error):
-                self._after_reload(callback, command)
+            if isinstance(error, RedisReplyError) and missing_function(error):
+                self.after_reload(callback, command)
             else:
                 callback(reply, error)
 
         self.send_callback(first_reply, *command)
 
-    def _after_reload(self, callback: ReplyCallback, command: tuple[Arg, ...]) -> None:
+    def after_reload(self, callback: ReplyCallback, command: tuple[Arg, ...]) -> None:
         try:
             reload = self._start_reload()
         except RedisError as exc:

@@ -16,21 +16,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from importlib import resources
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, TypeVar, final
 
 from proxy.config import RedisURL
+from proxy.memcache.words import DELTA_MODES, STORE_MODES, Mode, Status
 from proxy.redis.client import (
     FAILOVER_WINDOW,
     Arg,
     RedisConnection,
     RedisPool,
     Reply,
-    ReplyCallback,
     WritesLost,
+    missing_function,
     parse_info,
 )
 from proxy.redis.cluster import ClusterPool, detect_cluster
-from proxy.redis.errors import RedisError, RedisProtocolError, RedisUnavailable
+from proxy.redis.errors import RedisError, RedisProtocolError, RedisReplyError, RedisUnavailable
 from proxy.redis.layout import (
     DEFAULT_ITEM_SIZE_MAX,
     DEFAULT_SLAB_CHUNK_MAX,
@@ -57,57 +58,16 @@ def function_library() -> str:
     return resources.files("proxy.redis").joinpath(LIBRARY_RESOURCE).read_text(encoding="utf-8")
 
 
-class StoreMode(StrEnum):
-    SET = "set"
-    ADD = "add"
-    REPLACE = "replace"
-    APPEND = "append"
-    PREPEND = "prepend"
-    CAS = "cas"
-
-
-class StoreStatus(StrEnum):
-    STORED = "STORED"
-    NOT_STORED = "NOT_STORED"
-    EXISTS = "EXISTS"
-    NOT_FOUND = "NOT_FOUND"
-    TOO_LARGE = "TOO_LARGE"  # memcached: SERVER_ERROR object too large for cache
-
-
-class DeltaOp(StrEnum):
-    INCR = "incr"
-    DECR = "decr"
-
-
-class DeltaStatus(StrEnum):
-    OK = "OK"  # value is the new number
-    CREATED = "CREATED"  # ma N autovivified the item; value is J
-    NOT_FOUND = "NOT_FOUND"
-    NON_NUMERIC = "NON_NUMERIC"
-    EXISTS = "EXISTS"  # cas mismatch
-
-
-class TouchStatus(StrEnum):
-    TOUCHED = "TOUCHED"
-    NOT_FOUND = "NOT_FOUND"
-
-
-class DeleteStatus(StrEnum):
-    DELETED = "DELETED"
-    NOT_FOUND = "NOT_FOUND"
-    EXISTS = "EXISTS"
-
-
 @dataclass(frozen=True, slots=True)
 class StoreResult:
-    status: StoreStatus
+    status: Status  # STORED, NOT_STORED, EXISTS, NOT_FOUND or TOO_LARGE
     cas: int | None = None
     """The new Redis cas when STORED."""
 
 
 @dataclass(frozen=True, slots=True)
 class DeltaResult:
-    status: DeltaStatus
+    status: Status  # OK (value: the new number), CREATED (value: J), NOT_FOUND, NON_NUMERIC, EXISTS
     value: int | None = None
     """The new number (OK) or the initial value (CREATED)."""
     cas: int | None = None
@@ -118,8 +78,6 @@ _T = TypeVar("_T")
 ExpiryArg = int | Expiry
 """A memcached exptime (converted with the store's clock) or an already converted Expiry."""
 
-ResultCallback: TypeAlias = Callable[[_T | None, RedisError | None], None]
-"""Completion of a *_callback call: exactly once, (result, None) or (None, the RedisError)."""
 
 _NO_EXPIRY_ARGS = NO_EXPIRY.args()
 
@@ -130,17 +88,22 @@ _NO_EXPIRY_ARGS = NO_EXPIRY.args()
 # the str.decode() of the reply: the callback path runs once per shadowed request.
 
 
-def _by_reply(enum: type[StrEnum]) -> dict[bytes, Any]:
-    return {member.value.encode(): member for member in enum}
+def _by_reply(*statuses: Status) -> dict[bytes, Status]:
+    return {status.value.encode(): status for status in statuses}
 
 
-_STORE_STATUSES: dict[bytes, StoreStatus] = _by_reply(StoreStatus)
-_DELTA_STATUSES: dict[bytes, DeltaStatus] = _by_reply(DeltaStatus)
-_TOUCH_STATUSES: dict[bytes, TouchStatus] = _by_reply(TouchStatus)
-_DELETE_STATUSES: dict[bytes, DeleteStatus] = _by_reply(DeleteStatus)
+# What each function may answer.
+_STORE_STATUSES = _by_reply(
+    Status.STORED, Status.NOT_STORED, Status.EXISTS, Status.NOT_FOUND, Status.TOO_LARGE
+)
+_DELTA_STATUSES = _by_reply(
+    Status.OK, Status.CREATED, Status.NOT_FOUND, Status.NON_NUMERIC, Status.EXISTS
+)
+_TOUCH_STATUSES = _by_reply(Status.TOUCHED, Status.NOT_FOUND)
+_DELETE_STATUSES = _by_reply(Status.DELETED, Status.NOT_FOUND, Status.EXISTS)
 # Valid modes and ops, as plain str: StrEnum's .value is a property lookup on every call.
-_STORE_MODES: dict[str, str] = {mode.value: mode.value for mode in StoreMode}
-_DELTA_OPS: dict[str, str] = {op.value: op.value for op in DeltaOp}
+_STORE_MODES: dict[str, str] = {mode.value: mode.value for mode in STORE_MODES}
+_DELTA_OPS: dict[str, str] = {op.value: op.value for op in DELTA_MODES}
 
 
 def _status(reply: Reply, statuses: dict[bytes, _T], function: str) -> tuple[_T, list[Reply]]:
@@ -173,7 +136,7 @@ def decode_item(raw: Reply) -> Item | None:
 
 
 def store_arguments(
-    mode: StoreMode | str,
+    mode: Mode | str,
     flags: int,
     expiry: tuple[bytes, bytes],
     data: bytes,
@@ -185,7 +148,7 @@ def store_arguments(
     they are out of range."""
     checked = _STORE_MODES.get(mode)
     if checked is None:
-        raise ValueError(f"{mode!r} is not a valid StoreMode")
+        raise ValueError(f"{mode!r} is not a storage mode")
     if not 0 <= flags <= U32_MAX:
         raise ValueError(f"flags {flags} out of uint32 range")
     if checked == "cas" and cas is None:
@@ -199,19 +162,19 @@ def store_arguments(
     return (checked, flags, kind, value, data, cas or 0, limit, deletes)
 
 
-_STORE_RESULTS = {status: StoreResult(status) for status in StoreStatus}
+_STORE_RESULTS = {status: StoreResult(status) for status in _STORE_STATUSES.values()}
 
 
 def decode_store(reply: Reply) -> StoreResult:
     """mc_store's reply: {status} or {STORED, new cas}."""
     status, fields = _status(reply, _STORE_STATUSES, "mc_store")
-    if status is StoreStatus.STORED:
+    if status is Status.STORED:
         return StoreResult(status, _int_field(fields, 1, "mc_store"))
     return _STORE_RESULTS[status]
 
 
 def delta_arguments(
-    op: DeltaOp | str,
+    op: Mode | str,
     delta: int,
     cas: int | None,
     create: tuple[bytes, bytes],
@@ -224,7 +187,7 @@ def delta_arguments(
     are expiry argument pairs, (b"", b"") when absent."""
     checked = _DELTA_OPS.get(op)
     if checked is None:
-        raise ValueError(f"{op!r} is not a valid DeltaOp")
+        raise ValueError(f"{op!r} is not incr or decr")
     for name, number in (("delta", delta), ("initial", initial)):
         if not 0 <= number <= U64_MAX:
             raise ValueError(f"{name} {number} out of uint64 range")
@@ -237,24 +200,24 @@ def delta_arguments(
 def decode_delta(reply: Reply) -> DeltaResult:
     """mc_delta's reply: {status} or {OK|CREATED, number, new cas}."""
     status, fields = _status(reply, _DELTA_STATUSES, "mc_delta")
-    if status in (DeltaStatus.OK, DeltaStatus.CREATED):
+    if status is Status.OK or status is Status.CREATED:
         return DeltaResult(
             status, _int_field(fields, 1, "mc_delta"), _int_field(fields, 2, "mc_delta")
         )
     return DeltaResult(status)
 
 
-def decode_touch(reply: Reply) -> TouchStatus:
+def decode_touch(reply: Reply) -> Status:
     """mc_touch's reply: {status}."""
     return _status(reply, _TOUCH_STATUSES, "mc_touch")[0]
 
 
-def decode_del(reply: Reply) -> DeleteStatus:
+def decode_del(reply: Reply) -> Status:
     """DEL's reply (the number of keys deleted) as a delete status."""
-    return DeleteStatus.DELETED if reply == 1 else DeleteStatus.NOT_FOUND
+    return Status.DELETED if reply == 1 else Status.NOT_FOUND
 
 
-def decode_cas_delete(reply: Reply) -> DeleteStatus:
+def decode_cas_delete(reply: Reply) -> Status:
     """mc_delete's reply: {status}."""
     return _status(reply, _DELETE_STATUSES, "mc_delete")[0]
 
@@ -277,21 +240,97 @@ def getex_command(rkey: bytes, expiry: Expiry) -> tuple[Arg, ...]:
     return (b"GETEX", rkey, b"PXAT", 1)
 
 
-def _decoding(decode: Callable[[Reply], _T], done: ResultCallback[_T]) -> ReplyCallback:
-    """A ReplyCallback that hands `done` the decoded reply, or the error."""
+@final
+class Command:
+    """One Memcached operation on Redis, described once: the key it is routed by, its
+    arguments, whether it writes, and its reply's decoder. Sent with RedisStore.send, it is
+    itself the reply's callback (no closure per command): it decodes the reply, loads the
+    function library again when Redis lost it (once), and calls `done`."""
 
-    def on_reply(reply: Reply, error: RedisError | None) -> None:
+    __slots__ = (
+        "args",
+        "conn",
+        "context",
+        "decode",
+        "done",
+        "retried",
+        "rkey",
+        "sent_at",
+        "write",
+    )
+
+    def __init__(
+        self,
+        rkey: bytes,
+        args: tuple[Arg, ...],
+        decode: Callable[[Reply], Any],
+        *,
+        write: bool = False,
+    ) -> None:
+        self.rkey = rkey
+        self.args = args
+        self.decode = decode
+        self.write = write
+        # Set by its user and by send(): what it was sent for, whom to tell, and where.
+        self.context: object = None
+        self.done: Callable[[Command, Any, RedisError | None], None] | None = None
+        self.conn: RedisConnection | None = None
+        self.sent_at = 0.0  # perf_counter
+        self.retried = False
+
+    def __call__(self, reply: Reply, error: RedisError | None) -> None:
+        done = self.done
+        assert done is not None
         if error is None:
             try:
-                result = decode(reply)
+                result = self.decode(reply)
             except RedisError as exc:
-                done(None, exc)
+                done(self, None, exc)
                 return
-            done(result, None)
-        else:
-            done(None, error)
+            done(self, result, None)
+            return
+        conn = self.conn
+        if (
+            not self.retried
+            and conn is not None
+            and conn.library is not None
+            and isinstance(error, RedisReplyError)
+            and missing_function(error)
+        ):
+            self.retried = True  # Redis lost the library (a restart without persistence)
+            conn.after_reload(self, self.args)
+            return
+        done(self, None, error)
 
-    return on_reply
+
+class _Reads:
+    """The callback of an MGET of `count` keys: the items in order, or the error."""
+
+    __slots__ = ("context", "count", "done")
+
+    def __init__(self, count: int, done: ReadsDone, context: object) -> None:
+        self.count = count
+        self.done = done
+        self.context = context
+
+    def __call__(self, reply: Reply, error: RedisError | None) -> None:
+        if error is not None:
+            self.done(None, error, self.context)
+            return
+        if not isinstance(reply, list) or len(reply) != self.count:
+            error = RedisProtocolError(f"MGET: unexpected reply {reply!r}")
+            self.done(None, error, self.context)
+            return
+        try:
+            items = [decode_item(raw) for raw in reply]
+        except RedisError as exc:
+            self.done(None, exc, self.context)
+            return
+        self.done(items, None, self.context)
+
+
+ReadsDone = Callable[[list[Item | None] | None, RedisError | None, object], None]
+"""The completion of send_reads: (items, None, context) or (None, the error, context)."""
 
 
 class ClusterMode(StrEnum):
@@ -492,11 +531,24 @@ class RedisStore:
         self.pool.writes.add(time.perf_counter(), rkey)
         return conn, rkey
 
-    # writes
+    # -- the operations: one description each (its command and its reply's decoder) ------
+    #
+    # How a Command is sent is the transport's business: awaited (call), with a completion
+    # (send), or many reads in one MGET (send_reads).
 
-    async def store(
+    def get_command(self, key: bytes) -> Command:
+        """get/gets/mg of one key: the item, or None on a miss."""
+        rkey = self._rkey(key)
+        return Command(rkey, (b"GET", rkey), decode_item)
+
+    def gat_command(self, exptime: ExpiryArg, key: bytes) -> Command:
+        """gat/gats of one key: read and set the TTL like touch; the cas does not change."""
+        rkey = self._rkey(key)
+        return Command(rkey, getex_command(rkey, self.expiry(exptime)), decode_item, write=True)
+
+    def store_command(
         self,
-        mode: StoreMode | str,
+        mode: Mode | str,
         key: bytes,
         flags: int,
         exptime: ExpiryArg,
@@ -505,8 +557,9 @@ class RedisStore:
         *,
         item_size_max: int | None = None,
         too_large_deletes: bool | None = None,
-    ) -> StoreResult:
-        """set/add/replace/append/prepend/cas.
+    ) -> Command:
+        """set/add/replace/append/prepend/cas: a StoreResult (ValueError when an argument is
+        out of range).
 
         cas: required for CAS (0 never matches); for APPEND/PREPEND a non-zero cas must match
         (ms MA/MP with C). too_large_deletes: whether a value over the limit deletes the key;
@@ -514,52 +567,16 @@ class RedisStore:
         Append/prepend keep the item's own flags and TTL; their flags argument only counts
         for the size check, as in memcached (non-zero flags lower the limit by 4 bytes).
         """
-        args = self._store_arguments(
-            mode, key, flags, exptime, data, cas, item_size_max, too_large_deletes
-        )
-        conn, rkey = self._write(key)
-        return decode_store(await conn.fcall("mc_store", rkey, *args))
-
-    def store_callback(
-        self,
-        done: ResultCallback[StoreResult],
-        mode: StoreMode | str,
-        key: bytes,
-        flags: int,
-        exptime: ExpiryArg,
-        data: bytes,
-        cas: int | None = None,
-        *,
-        item_size_max: int | None = None,
-        too_large_deletes: bool | None = None,
-    ) -> None:
-        """store() with a callback (see ResultCallback; RedisError or ValueError at once when
-        the command cannot be sent)."""
-        args = self._store_arguments(
-            mode, key, flags, exptime, data, cas, item_size_max, too_large_deletes
-        )
-        conn, rkey = self._write(key)
-        conn.fcall_callback(_decoding(decode_store, done), "mc_store", rkey, *args)
-
-    def _store_arguments(
-        self,
-        mode: StoreMode | str,
-        key: bytes,
-        flags: int,
-        exptime: ExpiryArg,
-        data: bytes,
-        cas: int | None,
-        item_size_max: int | None,
-        too_large_deletes: bool | None,
-    ) -> tuple[Arg, ...]:
         limit = max_value_len(item_size_max or self.item_size_max, len(key))
         expiry = self._expiry_args(exptime)
-        return store_arguments(mode, flags, expiry, data, cas, limit, too_large_deletes)
+        args = store_arguments(mode, flags, expiry, data, cas, limit, too_large_deletes)
+        rkey = self._rkey(key)
+        return Command(rkey, (b"FCALL", b"mc_store", 1, rkey, *args), decode_store, write=True)
 
-    async def delta(
+    def delta_command(
         self,
         key: bytes,
-        op: DeltaOp | str,
+        op: Mode | str,
         delta: int,
         *,
         cas: int | None = None,
@@ -567,49 +584,17 @@ class RedisStore:
         initial: int = 0,
         ttl: ExpiryArg | None = None,
         create_ttl_wins: bool = False,
-    ) -> DeltaResult:
-        """incr/decr, and ma with C (cas), N (create = its TTL), J (initial), T (ttl).
+    ) -> Command:
+        """incr/decr, and ma with C (cas), N (create = its TTL), J (initial), T (ttl): a
+        DeltaResult.
 
         On autovivify both N and T set the TTL in memcached, in request order: by default T
         (given after N) wins; create_ttl_wins=True when N came after T. On an existing item
         memcached 1.6.18 applies T only when the new number is not longer than the stored
         value (in-place rewrite); the functions do the same.
         """
-        args = self._delta_arguments(key, op, delta, cas, create, initial, ttl, create_ttl_wins)
-        conn, rkey = self._write(key)
-        return decode_delta(await conn.fcall("mc_delta", rkey, *args))
-
-    def delta_callback(
-        self,
-        done: ResultCallback[DeltaResult],
-        key: bytes,
-        op: DeltaOp | str,
-        delta: int,
-        *,
-        cas: int | None = None,
-        create: ExpiryArg | None = None,
-        initial: int = 0,
-        ttl: ExpiryArg | None = None,
-        create_ttl_wins: bool = False,
-    ) -> None:
-        """delta() with a callback (see store_callback)."""
-        args = self._delta_arguments(key, op, delta, cas, create, initial, ttl, create_ttl_wins)
-        conn, rkey = self._write(key)
-        conn.fcall_callback(_decoding(decode_delta, done), "mc_delta", rkey, *args)
-
-    def _delta_arguments(
-        self,
-        key: bytes,
-        op: DeltaOp | str,
-        delta: int,
-        cas: int | None,
-        create: ExpiryArg | None,
-        initial: int,
-        ttl: ExpiryArg | None,
-        create_ttl_wins: bool,
-    ) -> tuple[Arg, ...]:
         absent = (b"", b"")
-        return delta_arguments(
+        args = delta_arguments(
             op,
             delta,
             cas,
@@ -619,42 +604,156 @@ class RedisStore:
             max_numeric_len(self.slab_chunk_max, len(key)),
             create_ttl_wins,
         )
+        rkey = self._rkey(key)
+        return Command(rkey, (b"FCALL", b"mc_delta", 1, rkey, *args), decode_delta, write=True)
 
-    async def touch(self, key: bytes, exptime: ExpiryArg) -> TouchStatus:
-        """Set a new TTL on an existing item; the cas does not change."""
-        conn, rkey = self._write(key)
-        return decode_touch(await conn.fcall("mc_touch", rkey, *self._expiry_args(exptime)))
+    def touch_command(self, key: bytes, exptime: ExpiryArg) -> Command:
+        """A new TTL on an existing item (the cas does not change): TOUCHED or NOT_FOUND."""
+        rkey = self._rkey(key)
+        args = (b"FCALL", b"mc_touch", 1, rkey, *self._expiry_args(exptime))
+        return Command(rkey, args, decode_touch, write=True)
 
-    def touch_callback(
-        self, done: ResultCallback[TouchStatus], key: bytes, exptime: ExpiryArg
-    ) -> None:
-        """touch() with a callback (see store_callback)."""
-        conn, rkey = self._write(key)
-        args = self._expiry_args(exptime)
-        conn.fcall_callback(_decoding(decode_touch, done), "mc_touch", rkey, *args)
-
-    async def delete(self, key: bytes, cas: int | None = None) -> DeleteStatus:
+    def delete_command(self, key: bytes, cas: int | None = None) -> Command:
         """delete, or md with C (cas must match exactly; 0 never matches)."""
-        conn, rkey = self._write(key)
+        rkey = self._rkey(key)
         if cas is None:
-            return decode_del(await conn.execute(b"DEL", rkey))
+            return Command(rkey, (b"DEL", rkey), decode_del, write=True)
         check_cas(cas)
-        return decode_cas_delete(await conn.fcall("mc_delete", rkey, cas))
+        args = (b"FCALL", b"mc_delete", 1, rkey, cas)
+        return Command(rkey, args, decode_cas_delete, write=True)
 
-    def delete_callback(
-        self, done: ResultCallback[DeleteStatus], key: bytes, cas: int | None = None
+    # -- the transports ---------------------------------------------------------------------
+
+    async def call(self, command: Command) -> Any:
+        """Send `command` and return its decoded result (a missing function library is
+        loaded again, once). Raises RedisError."""
+        conn = self._route(command)
+        args = command.args
+        if args[0] != b"FCALL":
+            return command.decode(await conn.execute(*args))
+        try:
+            reply = await conn.execute(*args)
+        except RedisReplyError as exc:
+            if conn.library is None or not missing_function(exc):
+                raise
+            await conn.reload_library()
+            reply = await conn.execute(*args)
+        return command.decode(reply)
+
+    def send(
+        self, command: Command, done: Callable[[Command, Any, RedisError | None], None]
     ) -> None:
-        """delete() with a callback (see store_callback)."""
-        conn, rkey = self._write(key)
-        if cas is None:
-            conn.send_callback(_decoding(decode_del, done), b"DEL", rkey)
-            return
-        check_cas(cas)
-        conn.fcall_callback(_decoding(decode_cas_delete, done), "mc_delete", rkey, cas)
+        """Send `command`; `done(command, result, None)` or `done(command, None, error)` is
+        called once, later. Raises RedisError at once when it cannot be sent (`done` is then
+        never called). The command itself is the reply's callback: no closure per call."""
+        conn = self._route(command)
+        command.done = done
+        command.conn = conn
+        command.sent_at = time.perf_counter()
+        conn.send_callback(command, *command.args)
+
+    def send_reads(self, keys: Sequence[bytes], done: ReadsDone, context: object) -> None:
+        """Plain reads of several keys in one MGET, on the connection of the first (they
+        must share it: see batches()); `done` is called once, later (ReadsDone). Raises
+        RedisError at once when it cannot be sent."""
+        rkeys = [self._rkey(key) for key in keys]
+        conn = self.pool.connection_for(rkeys[0])
+        conn.send_callback(_Reads(len(rkeys), done, context), b"MGET", *rkeys)
+
+    def batches(self, keys: Sequence[bytes]) -> list[list[int]] | None:
+        """Which of `keys` can go in one MGET together (positions, grouped by connection),
+        or None when reads cannot be batched (a cluster: keys of different slots)."""
+        if self.is_cluster:
+            return None
+        pool = self.pool
+        prefix = self.key_prefix
+        groups: dict[int, list[int]] = {}
+        for position, key in enumerate(keys):
+            groups.setdefault(pool.index_for(prefix + key if prefix else key), []).append(
+                position
+            )
+        return list(groups.values())
+
+    def _rkey(self, key: bytes) -> bytes:
+        prefix = self.key_prefix
+        return prefix + key if prefix else key
+
+    def _route(self, command: Command) -> RedisConnection:
+        conn = self.pool.connection_for(command.rkey)
+        if command.write:  # (logged: a failover may lose it, WriteLog)
+            self.pool.writes.add(time.perf_counter(), command.rkey)
+        return conn
+
+    # -- the same, awaited (tests, repairs, re-reads) -------------------------------------
+
+    async def get(self, key: bytes) -> Item | None:
+        result: Item | None = await self.call(self.get_command(key))
+        return result
+
+    async def gat(self, exptime: ExpiryArg, key: bytes) -> Item | None:
+        result: Item | None = await self.call(self.gat_command(exptime, key))
+        return result
+
+    async def store(
+        self,
+        mode: Mode | str,
+        key: bytes,
+        flags: int,
+        exptime: ExpiryArg,
+        data: bytes,
+        cas: int | None = None,
+        *,
+        item_size_max: int | None = None,
+        too_large_deletes: bool | None = None,
+    ) -> StoreResult:
+        command = self.store_command(
+            mode,
+            key,
+            flags,
+            exptime,
+            data,
+            cas,
+            item_size_max=item_size_max,
+            too_large_deletes=too_large_deletes,
+        )
+        result: StoreResult = await self.call(command)
+        return result
+
+    async def delta(
+        self,
+        key: bytes,
+        op: Mode | str,
+        delta: int,
+        *,
+        cas: int | None = None,
+        create: ExpiryArg | None = None,
+        initial: int = 0,
+        ttl: ExpiryArg | None = None,
+        create_ttl_wins: bool = False,
+    ) -> DeltaResult:
+        command = self.delta_command(
+            key,
+            op,
+            delta,
+            cas=cas,
+            create=create,
+            initial=initial,
+            ttl=ttl,
+            create_ttl_wins=create_ttl_wins,
+        )
+        result: DeltaResult = await self.call(command)
+        return result
+
+    async def touch(self, key: bytes, exptime: ExpiryArg) -> Status:
+        result: Status = await self.call(self.touch_command(key, exptime))
+        return result
+
+    async def delete(self, key: bytes, cas: int | None = None) -> Status:
+        result: Status = await self.call(self.delete_command(key, cas))
+        return result
 
     async def evicted_keys(self) -> int:
-        """Redis's INFO stats evicted_keys, summed over the primaries (tells its evictions
-        apart from real differences)."""
+        """Redis's INFO stats evicted_keys, summed over the primaries."""
         primaries = self._primaries()
         replies = await asyncio.gather(*(conn.execute(b"INFO", b"stats") for conn in primaries))
         return sum(int(parse_info(reply).get("evicted_keys", "0")) for reply in replies)
@@ -673,17 +772,6 @@ class RedisStore:
         if not primaries:
             raise RedisUnavailable(f"redis {self.pool.url}: no primary reached yet")
         return primaries
-
-    # reads
-
-    async def get(self, key: bytes) -> Item | None:
-        conn, rkey = self._conn(key)
-        return decode_item(await conn.execute(b"GET", rkey))
-
-    def get_callback(self, done: ResultCallback[Item], key: bytes) -> None:
-        """get() with a callback (see store_callback); a miss is (None, None)."""
-        conn, rkey = self._conn(key)
-        conn.send_callback(_decoding(decode_item, done), b"GET", rkey)
 
     async def get_many(self, keys: Sequence[bytes]) -> list[Item | None]:
         """get/gets: one MGET per connection (per slot on a cluster), so each key stays
@@ -711,17 +799,6 @@ class RedisStore:
             for position, raw in zip(positions, reply, strict=True):
                 items[position] = decode_item(raw)
         return items
-
-    async def gat(self, exptime: ExpiryArg, key: bytes) -> Item | None:
-        """gat/gats of one key: read and set the TTL like touch; the cas does not change."""
-        conn, rkey = self._write(key)
-        return decode_item(await conn.execute(*getex_command(rkey, self.expiry(exptime))))
-
-    def gat_callback(self, done: ResultCallback[Item], exptime: ExpiryArg, key: bytes) -> None:
-        """gat() with a callback (see store_callback)."""
-        conn, rkey = self._write(key)
-        command = getex_command(rkey, self.expiry(exptime))
-        conn.send_callback(_decoding(decode_item, done), *command)
 
     async def gat_many(self, exptime: ExpiryArg, keys: Sequence[bytes]) -> list[Item | None]:
         """gat/gats of several keys: one pipelined GETEX per key."""

@@ -33,7 +33,9 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 from proxy.children import reap, start_child
 from proxy.memcache.request import Request
-from proxy.redis.store import RedisStore
+from proxy.redis.store import (
+    RedisStore,
+)
 from proxy.shadow.control import ShadowControl
 from proxy.shadow.coverage import CoverageAnnouncer, InFlight
 from proxy.shadow.examples import MismatchExamples

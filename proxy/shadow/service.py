@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from proxy.memcache.request import Request
 from proxy.redis.client import RedisConnection, parse_info
-from proxy.redis.store import RedisStore
+from proxy.redis.store import (
+    RedisStore,
+)
 from proxy.shadow.control import ShadowControl
 from proxy.shadow.coverage import CoverageAnnouncer, InFlight
 from proxy.shadow.engine.dispatcher import DispatcherSettings, ExampleSink, ShadowDispatcher
@@ -114,6 +116,7 @@ class ShadowEngine:
         try:
             settings = await self.reader.stats(b"settings")
             self.store.item_size_max = int(settings.get("item_size_max", self.store.item_size_max))
+            self.dispatcher.scheduler.item_size_max = self.store.item_size_max
             chunk = settings.get("slab_chunk_max")
             if chunk is not None:
                 self.store.slab_chunk_max = int(chunk)

@@ -15,6 +15,7 @@ import hiredis
 import pytest
 
 from proxy.config import RedisURL
+from proxy.memcache.words import Mode, Status
 from proxy.redis import client as client_module
 from proxy.redis.client import (
     RedisConnection,
@@ -30,7 +31,10 @@ from proxy.redis.errors import (
     RedisUnavailable,
     ShadowStarved,
 )
-from proxy.redis.store import RedisStore, StoreMode, StoreStatus, function_library
+from proxy.redis.store import (
+    RedisStore,
+    function_library,
+)
 from tests.redis.conftest import REDIS_SERVER, Server, free_port
 from tests.support import ServerProcess, ThrowawayCA, tls_redis_argv
 
@@ -161,7 +165,7 @@ async def test_get_many_spans_connections_in_request_order(redis_shared: Server)
         await store.flush()
         keys = [b"g%d" % i for i in range(30)]
         for i, key in enumerate(keys[::2]):
-            assert (await store.store(StoreMode.SET, key, i, 0, key)).status is StoreStatus.STORED
+            assert (await store.store(Mode.SET, key, i, 0, key)).status is Status.STORED
         items = await store.get_many([*keys, keys[0]])
         assert [item.data if item else None for item in items] == [
             *[k if i % 2 == 0 else None for i, k in enumerate(keys)],
@@ -411,7 +415,7 @@ async def test_redis_killed_then_back(redis_factory: StartRedis) -> None:
     store = store_for(server.url())
     assert await store.start()
     try:
-        await store.store(StoreMode.SET, b"k", 1, 0, b"before")
+        await store.store(Mode.SET, b"k", 1, 0, b"before")
         server.stop()
         conn = store.pool.connections[0]
         await eventually(lambda: not conn.is_connected)
@@ -422,8 +426,8 @@ async def test_redis_killed_then_back(redis_factory: StartRedis) -> None:
         server.start()  # same port, empty, and without the function library
         assert await store.pool.wait_connected(5)
         assert conn.reconnects == 1
-        result = await store.store(StoreMode.ADD, b"k", 1, 0, b"after")
-        assert result.status is StoreStatus.STORED
+        result = await store.store(Mode.ADD, b"k", 1, 0, b"after")
+        assert result.status is Status.STORED
         item = await store.get(b"k")
         assert item is not None and item.data == b"after"
     finally:
@@ -469,14 +473,14 @@ async def test_missing_function_is_reloaded_once(redis_shared: Server) -> None:
     conn = store.pool.connections[0]
     try:
         await conn.execute(b"FUNCTION", b"DELETE", b"memshadow")
-        result = await store.store(StoreMode.SET, b"k", 0, 0, b"v")
-        assert result.status is StoreStatus.STORED
+        result = await store.store(Mode.SET, b"k", 0, 0, b"v")
+        assert result.status is Status.STORED
         assert conn.function_reloads == 1
         await conn.execute(b"FUNCTION", b"DELETE", b"memshadow")
         results = await asyncio.gather(
-            *(store.store(StoreMode.SET, b"k%d" % i, 0, 0, b"v") for i in range(20))
+            *(store.store(Mode.SET, b"k%d" % i, 0, 0, b"v") for i in range(20))
         )
-        assert {r.status for r in results} == {StoreStatus.STORED}
+        assert {r.status for r in results} == {Status.STORED}
         assert conn.function_reloads == 2  # concurrent callers shared one reload
     finally:
         await store.close()
@@ -537,7 +541,7 @@ async def test_password_and_database_from_the_url(redis_factory: StartRedis) -> 
     store = store_for(server.url(db=7, auth=":s3cret@"))
     assert await store.start()
     try:
-        await store.store(StoreMode.SET, b"k", 3, 0, b"in db 7")
+        await store.store(Mode.SET, b"k", 3, 0, b"in db 7")
         db7 = RedisConnection(server.url(db=7, auth=":s3cret@"))
         db0 = RedisConnection(server.url(db=0, auth=":s3cret@"))
         assert await db7.start() and await db0.start()
@@ -602,7 +606,7 @@ async def test_tls(tls_files: tuple[Path, Path]) -> None:
         url = f"rediss://127.0.0.1:{server.port}/1"
         store = RedisStore(RedisPool(url, 1, library=function_library(), ssl_context=context))
         assert await store.start()
-        assert (await store.store(StoreMode.SET, b"k", 0, 0, b"tls")).status is StoreStatus.STORED
+        assert (await store.store(Mode.SET, b"k", 0, 0, b"tls")).status is Status.STORED
         await store.close()
         insecure = RedisConnection(url + "?ssl_cert_reqs=none")
         assert await insecure.start()

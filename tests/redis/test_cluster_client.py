@@ -12,10 +12,13 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from proxy.memcache.words import Status
 from proxy.redis.client import RETRY_DELAYS, RedisPool
 from proxy.redis.cluster import ClusterPool
 from proxy.redis.errors import RedisError, RedisGaveUp
-from proxy.redis.store import RedisStore, StoreStatus
+from proxy.redis.store import (
+    RedisStore,
+)
 from proxy.redis.topology import key_slot
 from tests.redis.conftest import Server
 from tests.support import FaultRelay, RedisCluster, ServerProcess
@@ -52,7 +55,7 @@ async def test_each_key_lands_on_its_slots_primary(cluster: RedisCluster) -> Non
         keys = [b"key:%d" % i for i in range(60)]
         for key in keys:
             result = await store.store("set", key, 7, 0, b"v-" + key)
-            assert result.status is StoreStatus.STORED
+            assert result.status is Status.STORED
         for key in keys:
             # the raw value sits on the owner, behind the 12-byte flags|cas header
             raw = cluster.cli(_owner(cluster, key).port, "getrange", key.decode(), "12", "-1")
@@ -97,7 +100,7 @@ async def test_ask_during_a_migration_and_moved_after_it(cluster: RedisCluster) 
         # The key has left: the source answers ASK, the store follows it (ASKING first).
         item = await store.get(key)
         assert item is not None and item.data == b"before"
-        assert (await store.store("add", fresh, 2, 0, b"new")).status is StoreStatus.STORED
+        assert (await store.store("add", fresh, 2, 0, b"new")).status is Status.STORED
         assert pool.redirects["ask"] >= 2
         assert pool.map.owners[slot] == source_id  # ASK does not change the map
         for node in cluster.primaries():
@@ -120,7 +123,7 @@ async def test_auto_tells_a_cluster_from_a_single_redis(
         try:
             assert await store.start()
             assert store.is_cluster is is_cluster
-            assert (await store.store("set", b"auto", 0, 0, b"x")).status is StoreStatus.STORED
+            assert (await store.store("set", b"auto", 0, 0, b"x")).status is Status.STORED
         finally:
             await store.close()
 
@@ -250,7 +253,10 @@ async def test_closing_while_a_moved_command_waits_completes_it_once(
         for node in cluster.primaries():  # the slot moves; the pool's map does not know yet
             cluster.cli(node.port, "cluster", "setslot", str(slot), "node", cluster.node_id(target))
         calls: list[tuple[object, object]] = []
-        store.get_callback(lambda item, error, calls=calls: calls.append((item, error)), key)
+        store.send(
+            store.get_command(key),
+            lambda command, item, error, calls=calls: calls.append((item, error)),
+        )
         while pool.redirects["moved"] == 0:
             await asyncio.sleep(0.001)
         if attempt:
@@ -271,7 +277,7 @@ async def test_a_primary_restarted_empty_at_its_address_has_every_key_reported(
     try:
         assert await store.start()
         key = b"restarted:1"
-        assert (await store.store("set", key, 0, 0, b"v")).status is StoreStatus.STORED
+        assert (await store.store("set", key, 0, 0, b"v")).status is Status.STORED
         owner = _owner(cluster, key)
         owner.restart()
         await asyncio.to_thread(cluster.wait_ok)

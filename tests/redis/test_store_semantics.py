@@ -7,8 +7,8 @@ import time
 
 import pytest
 
+from proxy.memcache.words import Mode, Status
 from proxy.redis.layout import max_numeric_len, max_value_len
-from proxy.redis.store import StoreMode, StoreStatus
 from tests.redis.twin import Hit, KeyState, Twin
 
 U64_MAX = 2**64 - 1
@@ -416,9 +416,9 @@ def test_memcached_bug_chunked_request_block_into_unchunked_result(
     block = twin.mc.file.read(len(expected) + 2)
     assert block != expected + b"\r\n"  # memcached sends garbage, even in place of "\r\n"
     assert twin.mc.file.readline() == b"END\r\n"
-    twin.run(twin.store.store(StoreMode.SET, key, 0, 0, b"oo"))
-    result = twin.run(twin.store.store(StoreMode(cmd), key, 7, 0, new))
-    assert result.status is StoreStatus.STORED
+    twin.run(twin.store.store(Mode.SET, key, 0, 0, b"oo"))
+    result = twin.run(twin.store.store(Mode(cmd), key, 7, 0, new))
+    assert result.status is Status.STORED
     item = twin.run(twin.store.get(key))
     assert item is not None and item.flags == 0
     assert item.data == (b"oo" + new if cmd == "append" else new + b"oo")

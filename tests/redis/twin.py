@@ -5,23 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from proxy.memcache.words import Mode, Status
 from proxy.redis.client import RedisPool
 from proxy.redis.errors import RedisError
 from proxy.redis.layout import Item
 from proxy.redis.store import (
-    DeleteStatus,
-    DeltaOp,
+    Command,
     DeltaResult,
-    DeltaStatus,
     RedisStore,
-    StoreMode,
     StoreResult,
-    StoreStatus,
-    TouchStatus,
     function_library,
 )
 
@@ -116,44 +112,46 @@ class Mismatch(AssertionError):
 
 
 class CallbackStore:
-    """RedisStore's single-key calls made through its *_callback methods and awaited, so the
-    differential checks both ways of calling the store (each callback must come once)."""
+    """RedisStore's single-key operations sent with a completion (RedisStore.send, the
+    shadow's fast path) and awaited, so the differential checks both ways of sending a
+    command (each completion must come once, never from inside the send)."""
 
     def __init__(self, store: RedisStore) -> None:
         self.target = store
 
-    async def _call(self, method: Callable[..., None], *args: Any, **kwargs: Any) -> Any:
+    async def _send(self, command: Command) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
-        def done(result: object, error: RedisError | None) -> None:
-            assert not future.done(), "callback called twice"
+        def done(sent: Command, result: object, error: RedisError | None) -> None:
+            assert sent is command
+            assert not future.done(), "completion called twice"
             if error is None:
                 future.set_result(result)
             else:
                 future.set_exception(error)
 
-        method(done, *args, **kwargs)
-        assert not future.done(), "callback called from inside the call"
+        self.target.send(command, done)
+        assert not future.done(), "completion called from inside the send"
         return await future
 
     async def store(self, *args: Any, **kwargs: Any) -> StoreResult:
-        result: StoreResult = await self._call(self.target.store_callback, *args, **kwargs)
+        result: StoreResult = await self._send(self.target.store_command(*args, **kwargs))
         return result
 
     async def delta(self, *args: Any, **kwargs: Any) -> DeltaResult:
-        result: DeltaResult = await self._call(self.target.delta_callback, *args, **kwargs)
+        result: DeltaResult = await self._send(self.target.delta_command(*args, **kwargs))
         return result
 
-    async def touch(self, *args: Any) -> TouchStatus:
-        result: TouchStatus = await self._call(self.target.touch_callback, *args)
+    async def touch(self, *args: Any) -> Status:
+        result: Status = await self._send(self.target.touch_command(*args))
         return result
 
-    async def delete(self, *args: Any) -> DeleteStatus:
-        result: DeleteStatus = await self._call(self.target.delete_callback, *args)
+    async def delete(self, *args: Any) -> Status:
+        result: Status = await self._send(self.target.delete_command(*args))
         return result
 
     async def get(self, key: bytes) -> Item | None:
-        result: Item | None = await self._call(self.target.get_callback, key)
+        result: Item | None = await self._send(self.target.get_command(key))
         return result
 
 
@@ -231,7 +229,7 @@ class Twin:
         mc = "TOO_LARGE" if reply == b"SERVER_ERROR object too large for cache" else reply.decode()
         result = self.run(
             self.single().store(
-                StoreMode(cmd),
+                Mode(cmd),
                 key,
                 flags,
                 exptime,
@@ -253,8 +251,8 @@ class Twin:
             b"NOT_FOUND": "NOT_FOUND",
             b"CLIENT_ERROR cannot increment or decrement non-numeric value": "NON_NUMERIC",
         }.get(reply, reply.decode())
-        result = self.run(self.single().delta(key, DeltaOp(op), delta))
-        redis = str(result.value) if result.status is DeltaStatus.OK else result.status.value
+        result = self.run(self.single().delta(key, Mode(op), delta))
+        redis = str(result.value) if result.status is Status.OK else result.status.value
         return self._same(f"{op} {key!r} {delta}", mc, redis)
 
     def touch(self, key: bytes, exptime: int) -> str:
@@ -317,23 +315,23 @@ class Twin:
         else:
             mc = b" ".join(tokens).decode()
         store_mode = {
-            "S": StoreMode.SET,
-            "E": StoreMode.ADD,
-            "A": StoreMode.APPEND,
-            "P": StoreMode.PREPEND,
-            "R": StoreMode.REPLACE,
+            "S": Mode.SET,
+            "E": Mode.ADD,
+            "A": Mode.APPEND,
+            "P": Mode.PREPEND,
+            "R": Mode.REPLACE,
         }[mode]
         redis_cas: int | None = None
-        if cas is not None and store_mode is not StoreMode.ADD:
+        if cas is not None and store_mode is not Mode.ADD:
             redis_cas = self.redis_cas(key, cas)
-            if store_mode in (StoreMode.SET, StoreMode.REPLACE):
-                store_mode = StoreMode.CAS
+            if store_mode in (Mode.SET, Mode.REPLACE):
+                store_mode = Mode.CAS
         result = self.run(
             self.single().store(
                 store_mode, key, flags, exptime, data, cas=redis_cas, too_large_deletes=True
             )
         )
-        if mc == "STORED" and result.status is StoreStatus.STORED:
+        if mc == "STORED" and result.status is Status.STORED:
             mc_cas = _meta_flag(tokens, b"c")
             assert mc_cas is not None and result.cas is not None
             self.cas_map[(key, int(mc_cas))] = result.cas
@@ -380,7 +378,7 @@ class Twin:
         result = self.run(
             self.single().delta(
                 key,
-                DeltaOp(op),
+                Mode(op),
                 delta,
                 cas=None if cas is None else self.redis_cas(key, cas),
                 create=create,
@@ -389,7 +387,7 @@ class Twin:
                 create_ttl_wins=ttl_first,
             )
         )
-        if result.status in (DeltaStatus.OK, DeltaStatus.CREATED):
+        if result.status in (Status.OK, Status.CREATED):
             redis = str(result.value)
             mc_cas = _meta_flag(tokens, b"c")
             if block is not None and mc_cas is not None and result.cas is not None:
@@ -404,7 +402,7 @@ class Twin:
         mc = {b"HD": "DELETED", b"NF": "NOT_FOUND", b"EX": "EXISTS"}.get(
             tokens[0], b" ".join(tokens).decode()
         )
-        status: DeleteStatus = self.run(
+        status: Status = self.run(
             self.single().delete(key, None if cas is None else self.redis_cas(key, cas))
         )
         return self._same(line.decode(errors="replace"), mc, status.value)

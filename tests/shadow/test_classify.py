@@ -296,7 +296,9 @@ def test_without_a_repair_everything_is_after() -> None:
 
 
 def test_the_redis_store_is_a_shadow_target() -> None:
-    from proxy.redis.store import RedisStore
+    from proxy.redis.store import (
+    RedisStore,
+)
     from proxy.shadow.engine.target import ShadowTarget
 
     # mypy checks the signatures where the engine is built; this checks nothing is missing.

@@ -15,7 +15,9 @@ import pytest
 
 from proxy.memcache.request import RequestFramer
 from proxy.redis.layout import pack_value, unpack_value
-from proxy.redis.store import RedisStore
+from proxy.redis.store import (
+    RedisStore,
+)
 from proxy.shadow.engine.dispatcher import DispatcherSettings, ShadowDispatcher
 from proxy.shadow.engine.mcreader import MemcachedReader
 from proxy.shadow.stats import ShadowStats

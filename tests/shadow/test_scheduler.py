@@ -29,7 +29,10 @@ class Runner:
         self.slow_done: list[bytes] = []
         self.scheduler: Scheduler | None = None
 
-    def run(self, op: ShadowOp, state: KeyState, started: float) -> int:
+    def flush_reads(self) -> None:
+        pass
+
+    def run(self, op: ShadowOp, state: KeyState, started: float, batch: bool = False) -> int:
         assert op.key not in self.in_flight, "two operations of one key in flight"
         self.started.append((op.key, op.seq))
         if self.outcome != SENT:
@@ -119,9 +122,9 @@ class Stuck(Runner):
 
     stuck = True
 
-    def run(self, op: ShadowOp, state: KeyState, started: float) -> int:
+    def run(self, op: ShadowOp, state: KeyState, started: float, batch: bool = False) -> int:
         if not self.stuck:
-            return super().run(op, state, started)
+            return super().run(op, state, started, batch)
         self.started.append((op.key, op.seq))
         return SENT
 
@@ -153,7 +156,7 @@ class Failing(Runner):
     """A shadow bug: the first operation of b"bad" raises when run; every b"slow" one needs
     the slow path, which raises."""
 
-    def run(self, op: ShadowOp, state: KeyState, started: float) -> int:
+    def run(self, op: ShadowOp, state: KeyState, started: float, batch: bool = False) -> int:
         if op.key == b"bad" and not any(key == b"bad" for key, _ in self.started):
             self.started.append((op.key, op.seq))
             raise RuntimeError("bug")
@@ -271,7 +274,7 @@ def request(stream: bytes, reply: bytes) -> Captured:
 class Syncing(Runner):
     """Marks every operation's key in step when it completes (as a matching write does)."""
 
-    def run(self, op: ShadowOp, state: KeyState, started: float) -> int:
+    def run(self, op: ShadowOp, state: KeyState, started: float, batch: bool = False) -> int:
         state.mark_synced(op.seq)
         return DONE
 

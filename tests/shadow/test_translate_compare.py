@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.memcache.request import RequestFramer
-from proxy.redis.layout import Item
+from proxy.redis.layout import DEFAULT_ITEM_SIZE_MAX, Item
 from proxy.shadow.engine.compare import (
     FLAGS,
     MISSING_IN_REDIS,
@@ -25,15 +25,20 @@ from proxy.shadow.engine.compare import (
     state_equal,
 )
 from proxy.shadow.engine.translate import (
+    DELTA,
     HIT,
     MISS,
     NON_NUMERIC,
+    NOT_SEEN,
     NOT_STORED,
+    READ,
+    STORE,
     STORED,
     TOO_LARGE,
     McValue,
     ShadowOp,
     Skip,
+    _Context,
     _retrieval,
     translate,
 )
@@ -74,7 +79,8 @@ def _both(stream: bytes, reply: bytes, sampled: Callable[[bytes], bool]) -> tupl
     request = requests[-1]  # after the `mn` of an over-long key
     request.response = reply
     captured = request.captured()
-    return translate(captured, sampled), _retrieval(captured, reply, sampled)
+    general = _retrieval(_Context(captured, reply, sampled, NOT_SEEN, DEFAULT_ITEM_SIZE_MAX))
+    return translate(captured, sampled), general
 
 
 KEY = b"k" * 32
@@ -123,17 +129,21 @@ def test_get_error_reply_is_skipped() -> None:
 
 
 @pytest.mark.parametrize(
-    ("line", "reply", "status"),
+    ("line", "reply", "status", "inferred"),
     [
-        (b"set k 1 0 2\r\nhi\r\n", b"STORED\r\n", STORED),
-        (b"add k 1 0 2\r\nhi\r\n", b"NOT_STORED\r\n", NOT_STORED),
-        (b"set k 1 0 2 noreply\r\nhi\r\n", b"", None),
-        (b"set k 0 -1 2\r\nhi\r\n", b"STORED\r\n", STORED),
+        (b"set k 1 0 2\r\nhi\r\n", b"STORED\r\n", STORED, False),
+        (b"add k 1 0 2\r\nhi\r\n", b"NOT_STORED\r\n", NOT_STORED, False),
+        # A classic set with noreply whose value fits an item: memcached stored it (the
+        # outcome is inferred when it is observed, never written into the record later).
+        (b"set k 1 0 2 noreply\r\nhi\r\n", b"", STORED, True),
+        (b"add k 1 0 2 noreply\r\nhi\r\n", b"", None, False),
+        (b"set k 0 -1 2\r\nhi\r\n", b"STORED\r\n", STORED, False),
     ],
 )
-def test_storage(line: bytes, reply: bytes, status: str | None) -> None:
+def test_storage(line: bytes, reply: bytes, status: str | None, inferred: bool) -> None:
     op = one(line, reply)
-    assert (op.action, op.key, op.mc_status, op.data) == ("store", b"k", status, b"hi")
+    assert (op.action, op.key, op.mc_status, op.data) == (STORE, b"k", status, b"hi")
+    assert op.inferred is inferred
 
 
 def test_storage_non_canonical_numbers_are_skipped_and_key_turns_cold() -> None:
@@ -183,8 +193,8 @@ def test_unemulated_meta_flags_are_skipped(line: bytes) -> None:
 
 
 def test_compare_read() -> None:
-    hit = ShadowOp("get", "read", b"k", HIT, mc_value=McValue(1, b"v", None))
-    miss = ShadowOp("get", "read", b"k", MISS)
+    hit = ShadowOp("get", READ, b"k", HIT, mc_value=McValue(1, b"v", None))
+    miss = ShadowOp("get", READ, b"k", MISS)
     assert compare_read(hit, Item(1, 5, b"v")) is None
     diff = compare_read(hit, Item(2, 5, b"v"))
     assert diff is not None and diff.kind == "flags"
@@ -195,7 +205,7 @@ def test_compare_read() -> None:
     diff = compare_read(miss, Item(1, 5, b"v"))
     assert diff is not None and diff.kind == UNEXPECTED_IN_REDIS
     assert compare_read(miss, None) is None
-    padded = ShadowOp("get", "read", b"k", HIT, mc_value=McValue(0, b"99", None))
+    padded = ShadowOp("get", READ, b"k", HIT, mc_value=McValue(0, b"99", None))
     diff = compare_read(padded, Item(0, 1, b"99 "))
     assert diff is not None and diff.kind == PADDING
 
@@ -247,19 +257,19 @@ def test_flags_that_differ_are_a_mismatch_even_when_the_value_is_only_padded() -
 
 
 def test_compare_outcome() -> None:
-    op = ShadowOp("add", "store", b"k", STORED)
+    op = ShadowOp("add", STORE, b"k", STORED)
     assert compare_outcome(op, STORED, None) is None
     diff = compare_outcome(op, NOT_STORED, None)
     assert diff is not None and diff.kind == STATUS
-    incr = ShadowOp("incr", "delta", b"k", STORED, mc_number=10)
-    assert compare_outcome(incr, "OK", 10) is None  # the store's DeltaStatus.OK
+    incr = ShadowOp("incr", DELTA, b"k", STORED, mc_number=10)
+    assert compare_outcome(incr, "OK", 10) is None  # the store's Status.OK
     diff = compare_outcome(incr, "OK", 11)
     assert diff is not None and diff.kind == VALUE
     diff = compare_outcome(incr, NON_NUMERIC, None)
     assert diff is not None and diff.kind == "error"
-    autoviv = ShadowOp("ma", "delta", b"k", STORED, mc_number=13)
+    autoviv = ShadowOp("ma", DELTA, b"k", STORED, mc_number=13)
     assert compare_outcome(autoviv, "CREATED", 13) is None
-    assert compare_outcome(ShadowOp("set", "store", b"k", None), NOT_STORED, None) is None
+    assert compare_outcome(ShadowOp("set", STORE, b"k", None), NOT_STORED, None) is None
 
 
 def test_dropped_requests_are_filed_under_decoded_meta_keys() -> None:

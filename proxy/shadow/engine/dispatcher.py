@@ -32,7 +32,10 @@ from proxy.redis.errors import (
     ShadowStarved,
 )
 from proxy.redis.layout import Item
-from proxy.redis.store import DeltaResult, StoreResult
+from proxy.redis.store import (
+    DeltaResult,
+    StoreResult,
+)
 from proxy.shadow.engine.classify import (
     BACKFILL,
     MATCH,
@@ -67,7 +70,7 @@ from proxy.shadow.engine.keystate import (
 from proxy.shadow.engine.mcreader import McItem, MemcachedReader, MemcachedUnavailable
 from proxy.shadow.engine.scheduler import Scheduler
 from proxy.shadow.engine.target import ShadowTarget
-from proxy.shadow.engine.translate import HIT, MISS, McValue, ShadowOp, flush_delay
+from proxy.shadow.engine.translate import HIT, MISS, READ, McValue, ShadowOp, flush_delay
 from proxy.shadow.stats import ShadowStats
 
 LISTENER_MASK: Final = (1 << LISTENER_BITS) - 1
@@ -150,7 +153,7 @@ class ShadowDispatcher:
         self.keys = keys = KeyStates(settings.key_state_size, settings.race_window, coverage)
         self.casmap = CasMap(settings.cas_map_size)
         self.history = OpHistory(settings.history_steps)
-        self.executor = Executor(store, self.casmap, stats, self._completed)
+        self.executor = Executor(store, self.casmap, keys, stats, self._completed)
         store.on_writes_lost = self._writes_lost
         covers = keys.covers
         sampled = covers if owned is None else (lambda key: covers(key) and owned(key))
@@ -233,24 +236,27 @@ class ShadowDispatcher:
     # the key's chain, so it is ordered with the key's operations; a repair leaves a fence
     # that keeps the operations its copy already holds from being replayed again.
 
-    def run(self, op: ShadowOp, state: KeyState, started: float) -> int:
+    def run(self, op: ShadowOp, state: KeyState, started: float, batch: bool = False) -> int:
         state.replayed_seq = op.seq
         if op.sent_at <= state.fence_hi:
             return self._fenced(op, state)
         self.stats.queueing.observe(started - op.replied_at)
         try:
-            return self.executor.send(op, state, started)
+            return self.executor.send(op, state, started, batch)
         except RedisError as exc:  # not sent: Redis down or busy
             self._failed(op, state, exc, started)
         except Exception:  # a shadow bug: the key can no longer be trusted
             self._internal_error(op, state)
         return DONE
 
+    def flush_reads(self) -> None:
+        self.executor.flush_reads()
+
     async def run_slow(self, op: ShadowOp) -> None:
-        state = self.keys.get(op.key)
+        state = self.keys.get(op.key, op.seq)
         started = time.perf_counter()
         expires_at = state.expires_at  # before Redis's answer moves it
-        op.expiry_clock = state.expiry_clock
+        clock = state.expiry_clock
         try:
             diff, full_state, answer = await self.executor.replay(op, state)
         except RedisError as exc:
@@ -266,10 +272,10 @@ class ShadowDispatcher:
             if full_state and state.ttl_known:  # (a read alone does not tell the TTL)
                 state.mark_synced(op.seq)
         else:
-            verdict = await self._classify(op, diff, state, answer, expires_at)
+            verdict = await self._classify(op, diff, state, answer, expires_at, clock)
             stats.count_comparison(op.command, verdict.outcome, verdict.reason)
         self._finished(op, started)
-        if diff is None and self._verify_rate and op.action != "read" and self._verify_due():
+        if diff is None and self._verify_rate and op.action != READ and self._verify_due():
             await self._verify(op, state)
 
     def flush(self, op: ShadowOp) -> None:
@@ -324,7 +330,7 @@ class ShadowDispatcher:
             return DONE
         self.stats.skipped["repair_overlap"] += 1
         self._history(op, "overlaps repair")
-        if op.action != "read":
+        if op.action != READ:
             state.mark_lost(op.seq)
         return DONE
 
@@ -337,6 +343,7 @@ class ShadowDispatcher:
         diff: Difference | None,
         full: bool,
         expires_at: float | None,
+        clock: float,
         error: Exception | None,
     ) -> None:
         """The executor's fast path finished an operation: record its verdict, go on."""
@@ -351,7 +358,7 @@ class ShadowDispatcher:
                 figures.redis_latency.observe(now - started)
                 self._history(op, _outcome(answer))
                 if diff is not None:
-                    judge = self._judge(op, diff, state, started, answer, expires_at)
+                    judge = self._judge(op, diff, state, started, answer, expires_at, clock)
                     self.scheduler.hold(op.key, judge)
                     return  # the chain goes on once the difference is classified
                 if op.mc_status is not None:
@@ -360,7 +367,7 @@ class ShadowDispatcher:
                     state.mark_synced(op.seq)
                 figures.duration.observe(now - started)
                 self.stats.lag.observe(now - op.replied_at)
-                if self._verify_rate and op.action != "read" and self._verify_due():
+                if self._verify_rate and op.action != READ and self._verify_due():
                     self.scheduler.hold(op.key, self._verify(op, state))
                     return  # the chain goes on after the verification
         except Exception:  # a shadow bug: the key can no longer be trusted
@@ -375,8 +382,9 @@ class ShadowDispatcher:
         started: float,
         answer: object,
         expires_at: float | None,
+        clock: float,
     ) -> None:
-        verdict = await self._classify(op, diff, state, answer, expires_at)
+        verdict = await self._classify(op, diff, state, answer, expires_at, clock)
         self.stats.count_comparison(op.command, verdict.outcome, verdict.reason)
         self._finished(op, started)
 
@@ -448,13 +456,14 @@ class ShadowDispatcher:
         state: KeyState,
         answer: object,
         expires_at: float | None,
+        clock: float,
     ) -> Verdict:
         """The verdict on a difference. The key's chain is held meanwhile, so the evidence
         gathered here is ordered with the key's operations (classify.py says what it proves).
-        `expires_at` is when Memcached was expected to expire the key before the operation.
-        """
+        `expires_at` is when Memcached was expected to expire the key before the operation,
+        `clock` the wall clock's offset when that expiry was computed."""
         verdict = judge_at_once(
-            diff, self._facts(op, state, expires_at), self.settings.expiry_tolerance
+            diff, self._facts(op, state, expires_at, clock), self.settings.expiry_tolerance
         )
         snapshot: _Snapshot | None = None
         steps: list[StepTuple] | None = None
@@ -491,17 +500,19 @@ class ShadowDispatcher:
             return
         # The write itself may have changed the TTL: judge with the expiry it left.
         expires_at = state.expires_at
-        op.expiry_clock = state.expiry_clock
-        verdict = judge_at_once(
-            diff, self._facts(op, state, expires_at), self.settings.expiry_tolerance
-        ) or judge_reread(diff, self._evidence(op, state, snapshot))
+        facts = self._facts(op, state, expires_at, state.expiry_clock)
+        verdict = judge_at_once(diff, facts, self.settings.expiry_tolerance) or judge_reread(
+            diff, self._evidence(op, state, snapshot)
+        )
         answers = (_describe_mc(mc), _describe_redis(snapshot.redis))
         command = f"{op.command} (verify)"
         steps = self.history.snapshot(op.key)
         await self._act(op, command, state, verdict, diff, snapshot, expires_at, answers, steps)
         self.stats.count_comparison(VERIFY, verdict.outcome, verdict.reason)
 
-    def _facts(self, op: ShadowOp, state: KeyState, expires_at: float | None) -> KeyFacts:
+    def _facts(
+        self, op: ShadowOp, state: KeyState, expires_at: float | None, clock: float
+    ) -> KeyFacts:
         offset = wall_offset()
         return KeyFacts(
             warm=state.warm,
@@ -511,7 +522,7 @@ class ShadowDispatcher:
             # On today's wall clock, like judged_wall (it may have stepped since the reply).
             replied_wall=op.replied_at + offset if op.replied_wall else op.replied_wall,
             judged_wall=time.time(),
-            expiry_skew=0.0 if expires_at is None else offset - op.expiry_clock,
+            expiry_skew=0.0 if expires_at is None else offset - clock,
         )
 
     def _evidence(self, op: ShadowOp, state: KeyState, snapshot: _Snapshot) -> Reread:
@@ -700,16 +711,16 @@ def _outcome(answer: object) -> str:
 def _describe_mc_answer(op: ShadowOp) -> dict[str, Any]:
     """What Memcached answered the operation (values and numbers as bytes: hashed unless
     revealed)."""
-    if op.action == "read":
+    if op.action == READ:
         return _describe_mc(op.mc_value if op.mc_status == HIT else None)
-    shown: dict[str, Any] = {"status": op.mc_status or "no reply"}
+    shown: dict[str, Any] = {"status": str(op.mc_status) if op.mc_status else "no reply"}
     if op.mc_number is not None:
         shown["number"] = str(op.mc_number).encode()
     return shown
 
 
 def _describe_redis_answer(op: ShadowOp, answer: object) -> dict[str, Any]:
-    if op.action == "read":
+    if op.action == READ:
         return _describe_redis(answer if isinstance(answer, Item) else None)
     if isinstance(answer, DeltaResult):
         shown: dict[str, Any] = {"status": str(answer.status)}

@@ -96,8 +96,8 @@ def describe_steps(steps: list[StepTuple], now: float) -> list[dict[str, Any]]:
     return [
         {
             "command": step[0],
-            "memcached": step[1],
-            "redis": step[2],
+            "memcached": str(step[1]),  # (plain text: an enum member does not marshal)
+            "redis": str(step[2]),
             "ms": round((step[3] - now) * 1000.0, 1),
             "connection": step[4],
         }

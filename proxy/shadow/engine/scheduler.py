@@ -21,10 +21,11 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
 from proxy.memcache.request import Captured
+from proxy.redis.layout import DEFAULT_ITEM_SIZE_MAX
 from proxy.shadow.engine.classify import STEP_SECONDS
 from proxy.shadow.engine.executor import ASYNC, SENT
 from proxy.shadow.engine.keystate import EVICTED, MISSED, NEVER, KeyState, KeyStates, wall_offset
-from proxy.shadow.engine.translate import ShadowOp, Skip, translate
+from proxy.shadow.engine.translate import FLUSH, READ, ShadowOp, Skip, translate
 from proxy.shadow.stats import ShadowStats
 
 log = logging.getLogger("memshadow.shadow")
@@ -33,9 +34,14 @@ log = logging.getLogger("memshadow.shadow")
 class ChainRunner(Protocol):
     """What the scheduler asks of the dispatcher, one key's operation at a time."""
 
-    def run(self, op: ShadowOp, state: KeyState, started: float) -> int:
+    def run(self, op: ShadowOp, state: KeyState, started: float, batch: bool = False) -> int:
         """Start op (nothing else of its key is in flight): executor.SENT (its completion
-        hands the chain back with `advance`), DONE (it ended at once) or ASYNC (run_slow)."""
+        hands the chain back with `advance`), DONE (it ended at once) or ASYNC (run_slow).
+        `batch`: the key's first operation in a while: it may wait for flush_reads()."""
+        ...
+
+    def flush_reads(self) -> None:
+        """The reads that waited (run with batch) go out: the scheduler's round is over."""
         ...
 
     async def run_slow(self, op: ShadowOp) -> None:
@@ -82,6 +88,7 @@ class Scheduler:
         self._wall_offset = wall_offset()  # to see the host's wall clock step
         self._queue: deque[tuple[Captured, float, int, int]] = deque()
         self.seq = 0  # requests observed so far: a total order of replies
+        self.item_size_max = DEFAULT_ITEM_SIZE_MAX  # memcached's (`stats settings`)
         self._wakeup = asyncio.Event()
         # Per key with an operation in flight: the key's operations waiting for their turn.
         self._chains: dict[bytes, deque[ShadowOp]] = {}
@@ -271,14 +278,17 @@ class Scheduler:
             if self.batch_window > 0 and len(queue) < self.batch_size:
                 await asyncio.sleep(self.batch_window)
             self._wakeup.clear()
+            flush_reads = self.runner.flush_reads
             while queue:
                 if len(self._chains) >= self.max_inflight:
+                    flush_reads()  # (the reads waiting hold chains: they must go first)
                     self.stats.queue_depth = len(queue) + self._chained
                     while len(self._chains) >= self.max_inflight:
                         self._chain_done.clear()
                         await self._chain_done.wait()
                 request, replied_at, session, seq = queue[0]
                 if timed and timed[0][0] <= replied_at:
+                    flush_reads()
                     await self._fire(seq - 1)  # (everything before this op is dispatched)
                     continue
                 queue.popleft()
@@ -287,6 +297,7 @@ class Scheduler:
                 except Exception:  # a shadow bug must never reach the client path
                     log.exception("shadow: cannot handle %r", request)
                     self.stats.errors["internal"] += 1
+            flush_reads()  # the round's reads: one MGET per connection
             while timed and not queue and timed[0][0] <= self._dispatched_until(timed=False):
                 await self._fire(self.seq)
             self.stats.queue_depth = self._chained
@@ -323,40 +334,34 @@ class Scheduler:
         sent_at = request.started
         if sent_at:
             self.stats.for_command(request.command).memcached_latency.observe(replied_at - sent_at)
-        plan = translate(request, self.sampled)
-        if isinstance(plan, Skip):
-            self.stats.skipped[plan.reason] += 1
-            for key in plan.keys:
-                self.keys.get(key, seq).mark_lost(seq)
-            return
         now = time.perf_counter()
         wall = time.time()
         replied_wall = wall - (now - replied_at)
         if abs(wall - now - self._wall_offset) > STEP_SECONDS:
             self._clock_stepped(wall - now)
-        sent = sent_at or replied_at
+        seen = (seq, session, sent_at, replied_at, replied_wall)
+        plan = translate(request, self.sampled, seen, self.item_size_max)
+        if isinstance(plan, Skip):
+            self.stats.skipped[plan.reason] += 1
+            for key in plan.keys:
+                self.keys.get(key, seq).mark_lost(seq)
+            return
         chains = self._chains
         for op in plan:
-            op.seq = seq
-            op.session = session
-            op.sent_at = sent
-            op.replied_at = replied_at
-            op.replied_wall = replied_wall
-            if op.action == "flush":
+            if op.action == FLUSH:
                 self.runner.flush(op)
                 continue
-            op.anchor_expiry(replied_wall)
             # Contention is judged in reply-arrival order, before any of the key's queued
             # operations run, so an operation that raced with a later one is known to.
             key = op.key
-            state = self.keys.touch(key, session, sent, replied_at, now, seq)
+            state = self.keys.touch(key, session, op.sent_at, replied_at, now, seq)
             chain = chains.get(key)
             if chain is not None:
                 chain.append(op)
                 self._chained += 1
                 continue
             chain = chains[key] = deque()
-            self._start(key, chain, op, state, now)
+            self._start(key, chain, op, state, now, True)
 
     # -- a key's chain: one operation in flight at a time, in reply order -------------------
     #
@@ -371,14 +376,21 @@ class Scheduler:
     # (with the plain-get translation shortcut and the per-command figures).
 
     def _start(
-        self, key: bytes, chain: deque[ShadowOp], op: ShadowOp, state: KeyState, started: float
+        self,
+        key: bytes,
+        chain: deque[ShadowOp],
+        op: ShadowOp,
+        state: KeyState,
+        started: float,
+        batch: bool = False,
     ) -> None:
         """Run `op`, the key's next operation, and the ones after it for as long as they end
-        at once (fenced, target down or busy)."""
+        at once (fenced, target down or busy). `batch`: the first of a new chain."""
         run = self.runner.run
         try:
             while True:
-                sent = run(op, state, started)
+                sent = run(op, state, started, batch)
+                batch = False
                 if sent == SENT:
                     return
                 if sent == ASYNC:
@@ -417,7 +429,7 @@ class Scheduler:
     def pending_write(self, key: bytes, sent_before: float) -> bool:
         """Does a write of the key that the proxy sent before `sent_before` wait in its chain?"""
         chain = self._chains.get(key, ())
-        return any(op.action != "read" and op.sent_at <= sent_before for op in chain)
+        return any(op.action != READ and op.sent_at <= sent_before for op in chain)
 
     async def caught_up(self, until: float, give_up_after: float) -> bool:
         """Wait until every operation answered before `until` has been dispatched to its

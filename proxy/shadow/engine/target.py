@@ -1,54 +1,45 @@
 """The shadow's target seam: what the engine needs of the store it replays on.
 
-The dispatcher replays, judges and repairs through this interface only. RedisStore (one Redis,
+The engine replays, judges and repairs through this interface only. RedisStore (one Redis,
 its keys spread over a pool of connections by `pool.index_for(key)`, the key-to-node router)
 implements it on one Redis, and on a Redis Cluster (a ClusterPool under the same RedisStore
 routes each key to the primary that owns its slot); the verdict logic is the same for both.
-Every call concerns one key, so per-key ordering is the target's to keep: one key, one
-connection, in call order, a redirected call completed before the key's next one starts.
+Each operation is described once (a Command: its arguments and its reply's decoder); how it
+is sent (awaited, with a completion, or reads batched in one MGET) is the target's business.
+Every command concerns one key, so per-key ordering is the target's to keep: one key, one
+connection, in send order, a redirected command completed before the key's next one starts.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
+from proxy.memcache.words import Mode
 from proxy.redis.client import WritesLost
+from proxy.redis.errors import RedisError
 from proxy.redis.layout import Item
-from proxy.redis.store import (
-    DeleteStatus,
-    DeltaOp,
-    DeltaResult,
-    ExpiryArg,
-    ResultCallback,
-    StoreMode,
-    StoreResult,
-    TouchStatus,
-)
+from proxy.redis.store import Command, ExpiryArg, ReadsDone
 
 
 @runtime_checkable
 class ShadowTarget(Protocol):
-    """Per-key Memcached semantics on the shadow store.
-
-    The *_callback calls are the fast path: the command is sent at once and `done` is called
-    exactly once with (result, None) or (None, error); they raise RedisError when the
-    command cannot be sent. The coroutines are the slow path (repairs, re-reads, cas
-    without a mapping).
-    """
+    """Per-key Memcached semantics on the shadow store."""
 
     item_size_max: int  # memcached's, from `stats settings`: the value size limit
     # Set by the engine: told the keys whose recent writes the target lost (a failover: the
     # old primary had not replicated them), or None for "every key".
     on_writes_lost: WritesLost | None
 
-    def get_callback(self, done: ResultCallback[Item], key: bytes) -> None: ...
+    # -- the operations ------------------------------------------------------------------
 
-    def gat_callback(self, done: ResultCallback[Item], exptime: ExpiryArg, key: bytes) -> None: ...
+    def get_command(self, key: bytes) -> Command: ...
 
-    def store_callback(
+    def gat_command(self, exptime: ExpiryArg, key: bytes) -> Command: ...
+
+    def store_command(
         self,
-        done: ResultCallback[StoreResult],
-        mode: StoreMode | str,
+        mode: Mode | str,
         key: bytes,
         flags: int,
         exptime: ExpiryArg,
@@ -57,13 +48,12 @@ class ShadowTarget(Protocol):
         *,
         item_size_max: int | None = None,
         too_large_deletes: bool | None = None,
-    ) -> None: ...
+    ) -> Command: ...
 
-    def delta_callback(
+    def delta_command(
         self,
-        done: ResultCallback[DeltaResult],
         key: bytes,
-        op: DeltaOp | str,
+        op: Mode | str,
         delta: int,
         *,
         cas: int | None = None,
@@ -71,23 +61,39 @@ class ShadowTarget(Protocol):
         initial: int = 0,
         ttl: ExpiryArg | None = None,
         create_ttl_wins: bool = False,
-    ) -> None: ...
+    ) -> Command: ...
 
-    def touch_callback(
-        self, done: ResultCallback[TouchStatus], key: bytes, exptime: ExpiryArg
-    ) -> None: ...
+    def touch_command(self, key: bytes, exptime: ExpiryArg) -> Command: ...
 
-    def delete_callback(
-        self, done: ResultCallback[DeleteStatus], key: bytes, cas: int | None = None
-    ) -> None: ...
+    def delete_command(self, key: bytes, cas: int | None = None) -> Command: ...
+
+    # -- the transports ----------------------------------------------------------------------
+
+    async def call(self, command: Command) -> Any:
+        """The decoded result. Raises RedisError."""
+        ...
+
+    def send(
+        self, command: Command, done: Callable[[Command, Any, RedisError | None], None]
+    ) -> None:
+        """`done` once, later; RedisError at once when it cannot be sent (Redis down, busy)."""
+        ...
+
+    def batches(self, keys: Sequence[bytes]) -> list[list[int]] | None:
+        """The positions of `keys` that may share one MGET, or None: never batch."""
+        ...
+
+    def send_reads(self, keys: Sequence[bytes], done: ReadsDone, context: object) -> None:
+        """Reads of keys of one batch (batches()) in one MGET; `done` once, later."""
+        ...
+
+    # -- the rest --------------------------------------------------------------------------
 
     async def get(self, key: bytes) -> Item | None: ...
 
-    async def gat(self, exptime: ExpiryArg, key: bytes) -> Item | None: ...
-
     async def store(
         self,
-        mode: StoreMode | str,
+        mode: Mode | str,
         key: bytes,
         flags: int,
         exptime: ExpiryArg,
@@ -96,31 +102,12 @@ class ShadowTarget(Protocol):
         *,
         item_size_max: int | None = None,
         too_large_deletes: bool | None = None,
-    ) -> StoreResult: ...
+    ) -> Any: ...
 
-    async def delta(
-        self,
-        key: bytes,
-        op: DeltaOp | str,
-        delta: int,
-        *,
-        cas: int | None = None,
-        create: ExpiryArg | None = None,
-        initial: int = 0,
-        ttl: ExpiryArg | None = None,
-        create_ttl_wins: bool = False,
-    ) -> DeltaResult: ...
-
-    async def touch(self, key: bytes, exptime: ExpiryArg) -> TouchStatus: ...
-
-    async def delete(self, key: bytes, cas: int | None = None) -> DeleteStatus: ...
+    async def delete(self, key: bytes, cas: int | None = None) -> Any: ...
 
     async def flush(self) -> None:
         """flush_all replayed: empty the shadow's keyspace (every node)."""
-        ...
-
-    async def evicted_keys(self) -> int:
-        """Keys the target evicted so far (summed over nodes): classifies `evicted`."""
         ...
 
 
