@@ -116,6 +116,7 @@ class ClientSession(asyncio.Protocol):
                 max_value_bytes=limits.max_value_bytes,
             ),
             capture=proxy.capture,
+            pending=self.pending,
         )
         self.replies = ResponseFramer(self.pending)
         self.max_pending = limits.max_pending_requests

@@ -59,6 +59,32 @@ def start_memshadow(*args: str, **popen: Any) -> tuple[subprocess.Popen[str], in
     raise AssertionError("memshadow did not start")
 
 
+def eventually(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    """Poll until `condition()` holds; fail naming `what` after `timeout` seconds (a bound for
+    slow machines, never a measurement)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not reached within {timeout:g}s: {what}"
+        time.sleep(0.01)
+
+
+def memcached_stats(port: int) -> dict[str, str]:
+    """A memcached's `stats`, on a connection of its own (which the figures then count)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"stats\r\n")
+        data = b""
+        while not data.endswith(b"END\r\n"):
+            chunk = sock.recv(65536)
+            assert chunk, f"memcached at {port} closed during stats"
+            data += chunk
+    stats = {}
+    for line in data.decode().splitlines():
+        if line.startswith("STAT "):
+            _, name, value = line.split(" ", 2)
+            stats[name] = value
+    return stats
+
+
 def free_cluster_port() -> int:
     """A free port for a cluster node: at most 55535, with the cluster bus port (10000
     higher) free too."""
