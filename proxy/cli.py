@@ -146,13 +146,8 @@ async def serve(config: Config, load: Callable[[], Config] | None = None) -> int
         listeners=[backend.label for backend in backends], processes=config.workers
     )
     metrics.loop = loop
-    # Replies to clients prove a Memcached alive: its probe then sends nothing.
     healths = [
-        UpstreamHealth(
-            backend.memcached,
-            timeout=config.upstream_connect_timeout,
-            activity=metrics.requests_for(backend.label).total,
-        )
+        UpstreamHealth(backend.memcached, timeout=config.upstream_connect_timeout)
         for backend in backends
     ]
     processes: ProxyProcesses | None = None

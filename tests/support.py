@@ -18,7 +18,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -195,6 +195,19 @@ def redis_argv(*extra: str) -> Callable[[int], list[str]]:
         "no",
         *extra,
     ]
+
+
+@contextlib.contextmanager
+def auth_file(line: str = "user:pass") -> Iterator[str]:
+    """A memcached -Y file (ascii authentication), readable by the user memcached runs as."""
+    fd, path = tempfile.mkstemp(prefix="memshadow-auth-", dir="/tmp")
+    try:
+        os.write(fd, f"{line}\n".encode())
+        os.close(fd)
+        os.chmod(path, 0o644)
+        yield path
+    finally:
+        os.unlink(path)
 
 
 class ProxyThread:
