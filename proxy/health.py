@@ -100,7 +100,7 @@ def _keep_alive(sock: socket.socket | None) -> None:
 
 class UpstreamHealth:
     """Readiness of one Memcached server, kept current while start()ed; listeners hear every
-    change."""
+    change (each listen socket of memshadow is closed while its Memcached is not ready)."""
 
     def __init__(
         self,

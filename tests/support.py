@@ -213,10 +213,21 @@ def auth_file(line: str = "user:pass") -> Iterator[str]:
 class ProxyThread:
     """memshadow's ProxyServer on a private event loop in a background thread."""
 
-    def __init__(self, config: Config, use_uvloop: bool = True, **server_kwargs: Any) -> None:
+    def __init__(
+        self,
+        config: Config,
+        use_uvloop: bool = True,
+        *,
+        follow_memcached: bool = False,
+        **server_kwargs: Any,
+    ) -> None:
+        """follow_memcached: as memshadow itself runs, each listener is open only while its
+        Memcached is reachable (UpstreamHealth); without it, they always listen."""
         from proxy.metrics import ProxyMetrics
 
         self.config = config
+        self.follow_memcached = follow_memcached
+        self.healths: list[Any] = []
         self.metrics = ProxyMetrics(
             listeners=[backend.label for backend in config.backends], processes=config.workers
         )
@@ -264,8 +275,24 @@ class ProxyThread:
                 self.shadow = build_shadow(self.config, self.metrics)
                 await self.shadow.start()
                 kwargs.update(capture=self.shadow.capture, observer=self.shadow.observe)
+            if self.follow_memcached:
+                from proxy.health import UpstreamHealth
+
+                timeout = self.config.upstream_connect_timeout
+                self.healths = [
+                    UpstreamHealth(backend.memcached, timeout=timeout)
+                    for backend in self.config.backends
+                ]
+                for health in self.healths:
+                    await health.start()
             self.servers = [
-                ProxyServer(self.config, self.metrics, None, index=index, **kwargs)
+                ProxyServer(
+                    self.config,
+                    self.metrics,
+                    self.healths[index] if self.healths else None,
+                    index=index,
+                    **kwargs,
+                )
                 for index in range(len(self.config.backends))
             ]
             self.server = self.servers[0]
@@ -278,6 +305,7 @@ class ProxyThread:
                     self.metrics,
                     self.shadow.control if self.shadow is not None else None,
                     self.shadow,
+                    healths=self.healths,
                 )
                 socks = self.processes.bind()
             for server, sock in zip(self.servers, socks, strict=True):
@@ -294,6 +322,8 @@ class ProxyThread:
             await server.stop(self.config.shutdown_timeout)
         if self.processes is not None:
             await self.processes.stop(self.config.shutdown_timeout)
+        for health in self.healths:
+            await health.stop()
         if self.shadow is not None:
             await self.shadow.stop()
 
