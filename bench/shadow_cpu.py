@@ -36,10 +36,8 @@ from run import HOST, free_port, wait_ready
 from proxy.memcache.request import Captured
 from proxy.redis.store import RedisStore
 from proxy.runtime import tune_gc
-from proxy.shadow.control import ShadowControl
 from proxy.shadow.engine.dispatcher import DispatcherSettings, ShadowDispatcher
 from proxy.shadow.engine.mcreader import MemcachedReader
-from proxy.shadow.sampler import KeySampler
 from proxy.shadow.stats import ShadowStats
 from tests.support import RedisCluster
 
@@ -74,12 +72,9 @@ async def one_run(redis_port: int, requests: list[Captured], chunk: int, cluster
     )
     assert await store.start()
     reader = MemcachedReader(HOST, 1, timeout=1.0)  # never used: every verdict is a match
-    control = ShadowControl(1.0)
     dispatcher = ShadowDispatcher(
         store=store,
         reader=reader,
-        control=control,
-        sampled=KeySampler(control).sampled,
         stats=stats,
         settings=DispatcherSettings(),
     )

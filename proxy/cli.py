@@ -148,13 +148,10 @@ async def serve(config: Config, load: Callable[[], Config] | None = None) -> int
         listeners=[backend.label for backend in backends], processes=config.workers
     )
     metrics.loop = loop
-    # Replies to clients prove a Memcached alive: its probe then sends nothing.
+    # Each listener follows its Memcached: open while it is reachable, refusing clients while
+    # it is not (every proxy process of `workers: N` alike).
     healths = [
-        UpstreamHealth(
-            backend.memcached,
-            timeout=config.upstream_connect_timeout,
-            activity=metrics.requests_for(backend.label).total,
-        )
+        UpstreamHealth(backend.memcached, timeout=config.upstream_connect_timeout)
         for backend in backends
     ]
     processes: ProxyProcesses | None = None
@@ -189,6 +186,7 @@ async def serve(config: Config, load: Callable[[], Config] | None = None) -> int
             metrics,
             control=shadow.control if shadow is not None else None,
             shadow=cast("ShadowProcess", shadow) if shadow is not None else None,
+            healths=healths,
         )
     # Runtime control API, console, audit, ramp and halt rules, hot reload.
     ops = install_ops(
@@ -225,6 +223,11 @@ async def serve(config: Config, load: Callable[[], Config] | None = None) -> int
         if shadow is not None:
             await shadow.start()
             cleanup.push_async_callback(shadow.stop)
+        # Memcached's state first: a listener opens only once its Memcached has accepted a
+        # connection (before that, clients are refused as Memcached itself would refuse them).
+        for health in healths:
+            await health.start()
+            cleanup.push_async_callback(health.stop)
         socks: list[socket.socket | None] = [None] * len(servers)
         if processes is not None:
             try:
@@ -249,9 +252,6 @@ async def serve(config: Config, load: Callable[[], Config] | None = None) -> int
             await _stop_all(servers, 0.0)
             return EXIT_RUNTIME_ERROR
         cleanup.push_async_callback(admin.stop)
-        for health in healths:
-            await health.start()
-            cleanup.push_async_callback(health.stop)
         await ops.start()
         cleanup.push_async_callback(ops.stop)
         log.info(

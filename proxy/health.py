@@ -1,11 +1,17 @@
-"""Is the upstream Memcached reachable? A periodic `version` probe, nudged by the proxy's own
-connection successes and failures so /readyz reacts faster than the probe interval.
+"""Is the upstream Memcached reachable? Known from connects alone, so that Memcached counts
+not one byte of it: the proxy's own connections to it, and one idle connection kept open.
 
-The probe leaves as little trace in Memcached as it can, so that `stats` and `watch
-connevents` show what clients do: it keeps one connection open (no connection event per
-probe), and sends nothing while client traffic proves Memcached alive (replies arriving).
-While no client traffic flows, each probe adds one `version` exchange (9 bytes read, about
-16 written) to memcached's byte counters."""
+Memcached closes every connection when it stops, and the kept one with them: that close is
+noticed at once and a new connect tells whether it is back. While it is not, a connect is
+tried every RETRY_INTERVAL. TCP keep-alive (the kernels' own packets, which Memcached never
+sees) finds a Memcached host that vanished without a word. No request is ever sent, so a
+Memcached that speaks only the binary protocol, or wants SASL first, is ready like any other.
+
+What it leaves in Memcached's `stats`: the kept connection in `curr_connections` (+1), and
+one in `total_connections` per connect (at start, after each restart of Memcached or close of
+the idle connection by its `-o idle_timeout`, and after a failed client connect);
+`bytes_read` and `bytes_written` nothing.
+"""
 
 from __future__ import annotations
 
@@ -16,43 +22,106 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from typing import Protocol, cast
 
 from proxy.config import HostPort
 
 log = logging.getLogger("memshadow.health")
 
-# After note_failure() asks for an early probe, wait at least this long after the previous
-# probe, so a burst of failing client connections cannot turn into a burst of probes.
+# While Memcached is unreachable, a connect every RETRY_INTERVAL seconds: clients are refused
+# for at most about this long after it is back. A refused connect costs ~0.1 ms of CPU, and
+# Memcached sees none of them.
+RETRY_INTERVAL = 0.1
+# After note_failure() asks for an early connect, wait at least this long after the previous
+# one, so a burst of failing client connections cannot turn into a burst of connects.
 MIN_PROBE_GAP = 0.1
-_MAX_REPLY = 1024
-_Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+# TCP keep-alive on the kept connection: probes after KEEPALIVE_IDLE seconds of silence, one
+# a second, KEEPALIVE_COUNT unanswered ones close it (a silent loss is seen in about 4 s).
+KEEPALIVE_IDLE = 1
+KEEPALIVE_COUNT = 3
+# At its -c limit Memcached accepts a connection, says "ERROR Too many open connections" and
+# closes it: it answers, so it stays ready, and the next connect waits, doubling from
+# RETRY_INTERVAL up to MAX_BACKOFF (not a connection every RETRY_INTERVAL while it is full).
+MAX_BACKOFF = 5.0
+
+ReadyListener = Callable[[bool], None]
+
+
+class MemcachedState(Protocol):
+    """What the client path tells about, and learns from, the state of its Memcached."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    def add_listener(self, listener: ReadyListener) -> None: ...
+
+    def note_success(self) -> None: ...
+
+    def note_failure(self, reason: str = ...) -> None: ...
+
+
+class _Kept(asyncio.Protocol):
+    """The idle connection: reads nothing it expects, tells when it ends."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.lost = asyncio.Event()
+        self.error: Exception | None = None
+        self.refused = False  # Memcached said something: only ever its "too many" ERROR
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        _keep_alive(transport.get_extra_info("socket"))
+
+    def data_received(self, data: bytes) -> None:
+        self.refused = True  # "ERROR Too many open connections", then a close (its -c)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.error = exc
+        self.lost.set()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _keep_alive(sock: socket.socket | None) -> None:
+    if sock is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):  # (the TCP_KEEP* names are Linux's)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
 
 
 class UpstreamHealth:
-    """Readiness of one Memcached server, kept current while start()ed."""
+    """Readiness of one Memcached server, kept current while start()ed; listeners hear every
+    change (each listen socket of memshadow is closed while its Memcached is not ready)."""
 
     def __init__(
         self,
         address: HostPort,
         *,
-        interval: float = 1.0,
         timeout: float = 1.0,
-        activity: Callable[[], int] | None = None,
+        retry: float = RETRY_INTERVAL,
     ) -> None:
         self.address = address
-        self.interval = interval
         self.timeout = timeout
-        # A count that grows whenever Memcached answers a client (replies seen): while it
-        # grows, Memcached is alive and the probe sends nothing.
-        self.activity = activity
-        self._seen_activity = -1
-        self._conn: _Connection | None = None
+        self.retry = retry
+        self._kept: _Kept | None = None
         self._ready = False
         self._reason = "not probed yet"
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._last_probe = -MIN_PROBE_GAP
         self._logged: bool | None = None  # the state last logged, to log changes only
+        self._listeners: list[ReadyListener] = []
+        self._refusals = 0  # kept connections in a row that Memcached refused (its -c)
+        self.connects = 0  # connections the probe opened (each one counts in Memcached)
 
     @property
     def ready(self) -> bool:
@@ -63,31 +132,29 @@ class UpstreamHealth:
         """Why memshadow is not ready; empty while it is."""
         return self._reason
 
+    def add_listener(self, listener: ReadyListener) -> None:
+        """Call `listener(ready)` at every change of readiness."""
+        self._listeners.append(listener)
+
     def note_success(self) -> None:
         """The proxy just reached Memcached: ready now, without waiting for a probe."""
         self._set(None)
 
     def note_failure(self, reason: str = "a proxy connection to memcached failed") -> None:
-        """The proxy could not reach Memcached: not ready now, and probe again soon to find
+        """The proxy could not reach Memcached: not ready now, and connect again soon to find
         out when it is back."""
         self._set(reason)
         self._wake.set()
 
     async def probe(self) -> str | None:
-        """Send one `version` request on the kept connection (a new one if there is none, or
-        if the kept one turns out closed); None if Memcached answered, else what went wrong.
-        Does not change ready/reason (check() does)."""
-        if self._conn is not None:
-            failure, stale = await self._exchange(self._conn)
-            if not stale:
-                return failure
-            # Closed since the last probe (Memcached restarted, or dropped an idle
-            # connection): try again on a new one.
+        """Connect to Memcached; None if it accepted (the connection is kept, in place of the
+        one kept so far), else what went wrong. Does not change ready/reason (check() does)."""
         where = f"memcached at {self.address}"
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.timeout):
-                self._conn = await asyncio.open_connection(
-                    self.address.host, self.address.port, limit=_MAX_REPLY
+                _, kept = await loop.create_connection(
+                    _Kept, self.address.host, self.address.port
                 )
         except TimeoutError:
             return f"{where} did not accept a connection within {self.timeout:g}s"
@@ -97,50 +164,27 @@ class UpstreamHealth:
             # asyncio's own message is "Connect call failed (host, port)"; the errno says why.
             why = os.strerror(exc.errno) if exc.errno else str(exc)
             return f"cannot connect to {where}: {why}"
-        failure, _ = await self._exchange(self._conn)
-        return failure
+        self.connects += 1
+        self._drop()
+        self._kept = kept
+        return None
 
-    async def _exchange(self, conn: _Connection) -> tuple[str | None, bool]:
-        """One version request on `conn`: (what went wrong or None, whether the connection
-        was found closed, which a new one may not be). The connection is dropped on any
-        failure: a late reply must never be read as the answer to the next probe."""
-        reader, writer = conn
-        where = f"memcached at {self.address}"
-        stale = False
-        try:
-            async with asyncio.timeout(self.timeout):
-                writer.write(b"version\r\n")
-                line = await reader.readline()
-        except TimeoutError:
-            failure = f"{where} did not answer within {self.timeout:g}s"
-        except ValueError:  # reply line longer than _MAX_REPLY
-            failure = f"{where} sent an over-long reply to version"
-        except OSError as exc:
-            why = os.strerror(exc.errno) if exc.errno else str(exc)
-            failure, stale = f"{where}: {why}", True
-        else:
-            if line.startswith(b"VERSION "):
-                return None, False
-            if line:
-                failure = f"{where} answered version with {line[:60]!r}"
-            else:
-                failure, stale = f"{where} closed the connection without answering version", True
-        self._drop_connection()
-        return failure, stale
-
-    def _drop_connection(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn[1].close()
+    def _drop(self) -> None:
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            kept.close()
 
     async def check(self) -> bool:
-        """Probe now and update ready/reason; returns ready."""
+        """Connect now and update ready/reason; returns ready."""
         self._last_probe = time.monotonic()
-        self._set(await self.probe())
+        failure = await self.probe()
+        if failure is not None:
+            self._drop()
+        self._set(failure)
         return self._ready
 
     async def start(self) -> None:
-        """Probe once (so readiness is known when this returns), then every interval."""
+        """Connect once (so readiness is known when this returns), then watch."""
         if self._task is not None:
             return
         await self.check()
@@ -152,34 +196,47 @@ class UpstreamHealth:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        conn = self._conn
-        self._drop_connection()
-        if conn is not None:
-            with contextlib.suppress(OSError):
-                await conn[1].wait_closed()
+        self._drop()
 
     async def _run(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.interval):
-                    await self._wake.wait()
+            kept = self._kept
+            if kept is not None:
+                await self._until_lost_or_woken(kept)
+                if kept.lost.is_set() and kept is self._kept:
+                    self._kept = None
+                    log.debug("memcached at %s closed the idle connection: %s",
+                              self.address, kept.error)  # fmt: skip
+                    if kept.refused:
+                        self._refusals += 1
+                        await self._woken_within(min(self.retry * 2**self._refusals, MAX_BACKOFF))
+                    else:  # stopped, restarted, or its idle_timeout: connect again at once
+                        self._refusals = 0
+            else:
+                await self._woken_within(self.retry)
             self._wake.clear()
-            if self._ready and self._traffic_seen():
-                continue  # Memcached is answering clients: no need to ask it anything
             gap = self._last_probe + MIN_PROBE_GAP - time.monotonic()
             if gap > 0:
                 await asyncio.sleep(gap)
             try:
                 await self.check()
-            except Exception:  # keep probing whatever happened; a dead prober means stale state
+            except Exception:  # keep watching whatever happened; a dead watch means stale state
                 log.exception("upstream health probe crashed")
+                await asyncio.sleep(self.retry)
 
-    def _traffic_seen(self) -> bool:
-        """Did Memcached answer a client since the last look?"""
-        if self.activity is None:
-            return False
-        seen, self._seen_activity = self._seen_activity, self.activity()
-        return self._seen_activity != seen
+    async def _woken_within(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
+
+    async def _until_lost_or_woken(self, kept: _Kept) -> None:
+        lost = asyncio.ensure_future(kept.lost.wait())
+        woken = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({lost, woken}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+            woken.cancel()
 
     def _set(self, failure: str | None) -> None:
         ready = failure is None
@@ -189,5 +246,9 @@ class UpstreamHealth:
                 log.info("memcached at %s is reachable; ready", self.address)
             else:
                 log.warning("not ready: %s", failure)
+        changed = ready != self._ready
         self._ready = ready
         self._reason = failure or ""
+        if changed:
+            for listener in list(self._listeners):
+                listener(ready)

@@ -13,6 +13,11 @@ second it reports its figures, which the first one's /metrics add to its own.
 An extra process that dies is started again with backoff on new sockets (its own are gone
 with it, and the kernel stops sending it connections); one that loses the first process
 (end of file on its control socket) drains its clients and exits.
+
+While a Memcached is down, every process refuses new clients on its listener (listener.py):
+the first process knows the Memcached's state (health.py) and tells the others every change;
+an extra process whose client cannot reach a Memcached closes that listener at once and tells
+the first, and opens it again only on word from the first that came after its report.
 """
 
 from __future__ import annotations
@@ -33,12 +38,14 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from proxy.children import reap, start_child
+from proxy.listener import bind_sockets
 from proxy.metrics import ProxyMetrics, RequestState, add_request_states
 from proxy.shadow.control import ControlChange, ShadowControl
 from proxy.shadow.wire import FrameDecoder, WireError, encode
 
 if TYPE_CHECKING:
     from proxy.config import Config
+    from proxy.health import ReadyListener, UpstreamHealth
     from proxy.memcache.request import Request
     from proxy.shadow.coverage import CoverageAnnouncer
     from proxy.shadow.handoff import Handoff
@@ -74,15 +81,7 @@ def listen_socket(host: str, port: int, *, first: bool = False) -> socket.socket
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind(address)  # EADDRINUSE when something listens there
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(address)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
+    (sock,) = bind_sockets(host, port, reuse_port=True, every_address=False)
     return sock
 
 
@@ -102,6 +101,8 @@ class _Extra:
     up: bool = False
     restarts: int = 0
     last_heard: float = 0.0
+    # Per listener: the last report of a Memcached failure it sent us that we acted on.
+    acked: dict[int, int] = field(default_factory=dict)
     # Figures of its earlier lives (counters never go back) and of the current one.
     base_requests: dict[str, RequestState] = field(default_factory=dict)
     last: dict[str, Any] = field(default_factory=dict)
@@ -142,11 +143,15 @@ class ProxyProcesses:
         metrics: ProxyMetrics,
         control: ShadowControl | None,
         shadow: ShadowProcess | None,
+        healths: list[UpstreamHealth] | None = None,
     ) -> None:
+        """healths: each listener's Memcached, whose changes every process's listener
+        follows (none: they always listen)."""
         self.config = config
         self.metrics = metrics
         self.control = control
         self.shadow = shadow
+        self.healths = healths or []
         self.addresses: list[tuple[str, int]] = []  # each listener's bound address
         self._extras = [_Extra(index) for index in range(1, config.workers)]
         self._config_blob = pickle.dumps(config)
@@ -155,6 +160,8 @@ class ProxyProcesses:
             control.add_listener(self._control_changed)
         if shadow is not None:
             shadow.feeds_changed = self._feeds_changed
+        for listener, health in enumerate(self.healths):
+            health.add_listener(partial(self._memcached_changed, listener))
 
     def bind(self) -> list[socket.socket]:
         """The first process's own listen sockets, one per listener (SO_REUSEPORT); a port
@@ -268,6 +275,7 @@ class ProxyProcesses:
                 await closed
 
     async def _spawn(self, extra: _Extra) -> None:
+        extra.acked = {}  # a new life numbers its reports from 1
         listens: list[socket.socket] = []
         try:
             for host, port in self.addresses:
@@ -300,6 +308,7 @@ class ProxyProcesses:
                 control.enabled if control is not None else False,
                 shadow.feed_addresses if shadow is not None else [],
                 shadow.feed_token if shadow is not None else "",
+                self._accepting(),
             ),
         )
         if self._stopping:  # stop() came while it was being started
@@ -333,6 +342,9 @@ class ProxyProcesses:
             extra.up = True
             if extra.ready is not None and not extra.ready.done():
                 extra.ready.set_result(None)
+        elif kind == "memcached_failed":
+            _, listener, report, reason = message
+            self._memcached_failed(extra, listener, report, reason)
         else:
             log.warning("proxy process %d: unknown message %r", extra.index, kind)
 
@@ -373,6 +385,31 @@ class ProxyProcesses:
         for extra in self._extras:
             self._send(extra, message)
 
+    def _accepting(self) -> list[bool]:
+        """Which listeners accept clients now (all of them when no Memcached is watched)."""
+        if not self.healths:
+            return [True] * len(self.config.backends)
+        return [health.ready for health in self.healths]
+
+    def _memcached_changed(self, listener: int, ready: bool) -> None:
+        for extra in self._extras:
+            self._send(extra, ("accept", listener, ready, extra.acked.get(listener, 0)))
+
+    def _memcached_failed(self, extra: _Extra, listener: int, report: int, reason: str) -> None:
+        """An extra process's client could not reach this listener's Memcached: it closed
+        its listener already. The Memcached is now not ready until a connect says otherwise,
+        and the word that it is (or the current state, when nothing changes) acknowledges
+        the report, which the extra process waits for before it opens again."""
+        extra.acked[listener] = report
+        if listener >= len(self.healths):  # no Memcached watched: every listener stays open
+            self._send(extra, ("accept", listener, True, report))
+            return
+        health = self.healths[listener]
+        was = health.ready
+        health.note_failure(f"{reason} (proxy process {extra.index})")
+        if not was:  # no change to tell everyone: tell it alone that it is still down
+            self._send(extra, ("accept", listener, health.ready, report))
+
     def _feeds_changed(self, addresses: list[str | None]) -> None:
         for extra in self._extras:
             self._send(extra, ("feeds", addresses))
@@ -406,6 +443,48 @@ class _FeedLink(asyncio.Protocol):
         self.owner._feed_lost(self.shard, self)
 
 
+class _FirstsWord:
+    """A listener's Memcached as an extra process knows it (health.MemcachedState): ready
+    as the first process last said, not ready at once when a client of ours cannot reach
+    it (reported to the first process, whose word from before the report is then stale)."""
+
+    def __init__(self, owner: ExtraProcess, listener: int, ready: bool) -> None:
+        self._owner = owner
+        self._listener = listener
+        self._ready = ready
+        self._listeners: list[ReadyListener] = []
+        self._reports = 0  # failures reported to the first process
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def add_listener(self, listener: ReadyListener) -> None:
+        self._listeners.append(listener)
+
+    def note_success(self) -> None:
+        pass  # (the first process says when Memcached is back)
+
+    def note_failure(self, reason: str = "a proxy connection to memcached failed") -> None:
+        if not self._ready:
+            return  # reported already; clients accepted before our listener closed
+        self._reports += 1
+        self._set(False)
+        self._owner._send(("memcached_failed", self._listener, self._reports, reason))
+
+    def told(self, ready: bool, acknowledged: int) -> None:
+        """The first process's word: `acknowledged`, the last report of ours it had seen."""
+        if ready and acknowledged < self._reports:
+            return  # said before it heard of our failure
+        self._set(ready)
+
+    def _set(self, ready: bool) -> None:
+        if ready != self._ready:
+            self._ready = ready
+            for listener in list(self._listeners):
+                listener(ready)
+
+
 class ExtraProcess(asyncio.Protocol):
     """An extra proxy process: serves clients on the sockets it was given, feeds the shadow
     workers, obeys the first process (its control socket)."""
@@ -425,6 +504,7 @@ class ExtraProcess(asyncio.Protocol):
         self._feed_links: list[_FeedLink | None] = []
         self._token = ""
         self._fds: list[int] = []
+        self._memcached: list[_FirstsWord] = []  # per listener
         self._sampler: KeySampler | None = None
         self.coverage: CoverageAnnouncer | None = None
         self._connecting: dict[int, str] = {}  # shard -> the address being dialled
@@ -458,6 +538,10 @@ class ExtraProcess(asyncio.Protocol):
             elif kind == "rate":
                 self.control.set_rate(message[1], "first process")
                 self.control.set_enabled(message[2], "first process")
+            elif kind == "accept":
+                _, listener, ready, acknowledged = message
+                if listener < len(self._memcached):
+                    self._memcached[listener].told(ready, acknowledged)
             elif kind == "feeds":
                 self._set_feeds(message[1])
             elif kind == "stop":
@@ -486,6 +570,7 @@ class ExtraProcess(asyncio.Protocol):
         enabled: bool,
         feeds: list[str | None],
         token: str,
+        accepting: list[bool],
     ) -> None:
         from proxy.runtime import configure_logging
 
@@ -494,6 +579,9 @@ class ExtraProcess(asyncio.Protocol):
         self.config = config
         self.index = index
         self._fds = fds
+        self._memcached = [
+            _FirstsWord(self, listener, ready) for listener, ready in enumerate(accepting)
+        ]
         self.control.set_rate(rate, "first process")
         self.control.set_enabled(enabled, "first process")
         self.metrics = ProxyMetrics(listeners=[b.label for b in config.backends])
@@ -524,7 +612,14 @@ class ExtraProcess(asyncio.Protocol):
             await self._feeds_connected(FEED_WAIT)
         try:
             for listener, fd in enumerate(self._fds):
-                server = ProxyServer(config, metrics, index=listener, process=self.index, **hooks)
+                server = ProxyServer(
+                    config,
+                    metrics,
+                    self._memcached[listener],
+                    index=listener,
+                    process=self.index,
+                    **hooks,
+                )
                 self.servers.append(server)
                 await server.start(sock=socket.socket(fileno=fd))
         except Exception:

@@ -3,7 +3,8 @@
 Each client connection gets its own upstream connection. Client bytes go upstream unchanged
 (an `mn` sentinel is inserted after requests whose reply count is unknown), replies come back
 unchanged (minus the sentinels' `MN`), and every (request, reply) pair is handed to an
-optional observer: the shadow's one narrow entry point.
+optional observer: the shadow's one narrow entry point. While Memcached is known to be down
+the listener is closed: new clients are refused, as by a dead Memcached (listener.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import socket
 import time
 from collections import deque
@@ -19,17 +21,18 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from proxy.config import LISTENER_BITS, PROCESS_BITS
+from proxy.listener import Listener, bind_sockets
 from proxy.memcache.request import Expect, FramingLimits, Request, RequestFramer
 from proxy.memcache.response import ResponseFramer
 
 if TYPE_CHECKING:
     from proxy.config import Config, ListenerConfig
-    from proxy.health import UpstreamHealth
+    from proxy.health import MemcachedState
     from proxy.metrics import ProxyMetrics
 
 log = logging.getLogger("memshadow.server")
 _session_numbers = itertools.count(1)
-LISTEN_BACKLOG = 1024
+REOPEN_RETRY = 1.0  # seconds between attempts to listen again when listen() fails
 TOO_MANY_CONNECTIONS = b"ERROR Too many open connections\r\n"  # memcached's, past its -c
 OBSERVER_LOG_INTERVAL = 60.0  # seconds between log lines about a failing shadow hand-off
 
@@ -116,6 +119,7 @@ class ClientSession(asyncio.Protocol):
                 max_value_bytes=limits.max_value_bytes,
             ),
             capture=proxy.capture,
+            pending=self.pending,
         )
         self.replies = ResponseFramer(self.pending)
         self.max_pending = limits.max_pending_requests
@@ -357,7 +361,7 @@ class ProxyServer:
         self,
         config: Config,
         metrics: ProxyMetrics,
-        health: UpstreamHealth | None = None,
+        health: MemcachedState | None = None,
         *,
         capture: CaptureDecider | None = None,
         observer: ReplyObserver | None = None,
@@ -365,8 +369,8 @@ class ProxyServer:
         process: int = 0,
     ) -> None:
         """index: which of config.backends this server listens for (its listen address and
-        its Memcached); health: that Memcached's; process: which of the `workers` this
-        process is."""
+        its Memcached); health: that Memcached's state, which the listener follows (none:
+        always listening); process: which of the `workers` this process is."""
         self.config = config
         self.index = index
         self.tag = process << LISTENER_BITS | index
@@ -378,7 +382,10 @@ class ProxyServer:
         self.observer = observer
         self.sessions: set[ClientSession] = set()
         self.draining = False
-        self._server: asyncio.Server | None = None
+        self._listening: Listener | None = None
+        self._want_open = False
+        self._opening = False
+        self._follower: asyncio.Task[None] | None = None
         self._all_closed = asyncio.Event()
         self._all_closed.set()
         self._address: tuple[str, int] | None = None
@@ -410,26 +417,76 @@ class ProxyServer:
         return self._address
 
     async def start(self, sock: socket.socket | None = None) -> None:
-        """Listen on the configured address, or on `sock` (already bound: workers: N)."""
-        loop = asyncio.get_running_loop()
-        listen = self.listener.listen
-        if sock is not None:
-            self._server = await loop.create_server(
-                lambda: ClientSession(self), sock=sock, backlog=LISTEN_BACKLOG
-            )
+        """Bind the configured address, or take `sock` (bound already: workers: N), and
+        listen while Memcached is reachable (when this returns, if it is)."""
+        if sock is None:
+            listen = self.listener.listen
+            socks = bind_sockets(listen.host, listen.port)
         else:
-            self._server = await loop.create_server(
-                lambda: ClientSession(self),
-                listen.host,
-                listen.port,
-                reuse_address=True,
-                backlog=LISTEN_BACKLOG,
-            )
-        host, port = self._server.sockets[0].getsockname()[:2]
-        self._address = (str(host), int(port))
+            socks = [sock]
+        self._listening = Listener(socks, lambda: ClientSession(self))
+        self._address = self._listening.address
+        if self.health is None:
+            self._want_open = True
+        else:
+            self.health.add_listener(self.accept_clients)
+            self._want_open = self.health.ready
+        if self._want_open:
+            self._opening = True
+            try:
+                await self._listening.open()  # (a failure here is the caller's to report)
+            finally:
+                self._opening = False
+            self.accept_clients(self._want_open)  # (Memcached may have gone away meanwhile)
+        else:
+            log.warning("refusing new clients on %s until memcached at %s accepts a connection",
+                        self.listener.listen, self.listener.memcached)  # fmt: skip
         timeout = self.config.limits.idle_timeout
         if timeout > 0:
+            loop = asyncio.get_running_loop()
             self._sweeper = loop.create_task(self._sweep_idle(timeout), name="idle-sweep")
+
+    def accept_clients(self, on: bool) -> None:
+        """Open the listener (on), or close it: new clients are then refused, as by a dead
+        Memcached; connections already open carry on."""
+        self._want_open = on
+        listening = self._listening
+        if listening is None or self.draining or self._opening:
+            return  # (an open under way looks at _want_open again when it is done)
+        if not on:
+            self._refuse()  # at once: no new client gets a connection that goes nowhere
+        elif not listening.is_open and (self._follower is None or self._follower.done()):
+            self._follower = asyncio.get_running_loop().create_task(
+                self._follow(), name="listener"
+            )
+
+    async def _follow(self) -> None:
+        """Open or close the listener until it is as wanted (_want_open)."""
+        listening = self._listening
+        while listening is not None and not self.draining:
+            want = self._want_open
+            if want == listening.is_open:
+                return
+            if not want:
+                self._refuse()
+                continue
+            self._opening = True
+            try:
+                await listening.open()
+            except OSError as exc:
+                log.error("cannot listen for clients on %s again: %s; retrying every %gs",
+                          self.listener.listen, exc, REOPEN_RETRY)  # fmt: skip
+                await asyncio.sleep(REOPEN_RETRY)
+            else:
+                log.info("accepting clients on %s again", self.listener.listen)
+            finally:
+                self._opening = False
+
+    def _refuse(self) -> None:
+        if self._listening is not None and self._listening.is_open:
+            self._listening.close()
+            log.warning("refusing new clients on %s while memcached at %s is unreachable",
+                        self.listener.listen, self.listener.memcached)  # fmt: skip
 
     async def _sweep_idle(self, timeout: float) -> None:
         """Close client connections that moved no byte either way for `timeout` seconds and
@@ -452,8 +509,10 @@ class ProxyServer:
         self.draining = True
         if self._sweeper is not None:
             self._sweeper.cancel()
-        if self._server is not None:
-            self._server.close()
+        if self._follower is not None:
+            self._follower.cancel()
+        if self._listening is not None:
+            self._listening.release()
         for session in list(self.sessions):
             session.drain()
         try:
@@ -462,9 +521,6 @@ class ProxyServer:
             log.warning("shutdown: %d connections still busy, closing them", len(self.sessions))
             for session in list(self.sessions):
                 session.abort()
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 1.0)
 
     def session_opened(self, session: ClientSession) -> None:
         self.sessions.add(session)
@@ -483,12 +539,20 @@ class ProxyServer:
     def upstream_failed(self, kind: str, exc: BaseException | None) -> None:
         self.metrics.upstream_error(kind)
         if self.health is not None and kind.startswith("connect"):
-            self.health.note_failure()
+            why = "timed out" if kind == "connect_timeout" else _why(exc)
+            where = self.listener.memcached
+            self.health.note_failure(f"a client's connection to memcached at {where}: {why}")
         log.debug("upstream %s: %s", kind, exc)
 
     def upstream_ok(self) -> None:
         if self.health is not None:
             self.health.note_success()
+
+
+def _why(exc: BaseException | None) -> str:
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)
+    return str(exc) or type(exc).__name__
 
 
 def _set_nodelay(transport: asyncio.BaseTransport) -> None:

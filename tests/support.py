@@ -18,7 +18,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,32 @@ def start_memshadow(*args: str, **popen: Any) -> tuple[subprocess.Popen[str], in
     proc.kill()
     proc.wait(10)
     raise AssertionError("memshadow did not start")
+
+
+def eventually(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    """Poll until `condition()` holds; fail naming `what` after `timeout` seconds (a bound for
+    slow machines, never a measurement)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not reached within {timeout:g}s: {what}"
+        time.sleep(0.01)
+
+
+def memcached_stats(port: int) -> dict[str, str]:
+    """A memcached's `stats`, on a connection of its own (which the figures then count)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"stats\r\n")
+        data = b""
+        while not data.endswith(b"END\r\n"):
+            chunk = sock.recv(65536)
+            assert chunk, f"memcached at {port} closed during stats"
+            data += chunk
+    stats = {}
+    for line in data.decode().splitlines():
+        if line.startswith("STAT "):
+            _, name, value = line.split(" ", 2)
+            stats[name] = value
+    return stats
 
 
 def free_cluster_port() -> int:
@@ -171,13 +197,37 @@ def redis_argv(*extra: str) -> Callable[[int], list[str]]:
     ]
 
 
+@contextlib.contextmanager
+def auth_file(line: str = "user:pass") -> Iterator[str]:
+    """A memcached -Y file (ascii authentication), readable by the user memcached runs as."""
+    fd, path = tempfile.mkstemp(prefix="memshadow-auth-", dir="/tmp")
+    try:
+        os.write(fd, f"{line}\n".encode())
+        os.close(fd)
+        os.chmod(path, 0o644)
+        yield path
+    finally:
+        os.unlink(path)
+
+
 class ProxyThread:
     """memshadow's ProxyServer on a private event loop in a background thread."""
 
-    def __init__(self, config: Config, use_uvloop: bool = True, **server_kwargs: Any) -> None:
+    def __init__(
+        self,
+        config: Config,
+        use_uvloop: bool = True,
+        *,
+        follow_memcached: bool = False,
+        **server_kwargs: Any,
+    ) -> None:
+        """follow_memcached: as memshadow itself runs, each listener is open only while its
+        Memcached is reachable (UpstreamHealth); without it, they always listen."""
         from proxy.metrics import ProxyMetrics
 
         self.config = config
+        self.follow_memcached = follow_memcached
+        self.healths: list[Any] = []
         self.metrics = ProxyMetrics(
             listeners=[backend.label for backend in config.backends], processes=config.workers
         )
@@ -225,8 +275,24 @@ class ProxyThread:
                 self.shadow = build_shadow(self.config, self.metrics)
                 await self.shadow.start()
                 kwargs.update(capture=self.shadow.capture, observer=self.shadow.observe)
+            if self.follow_memcached:
+                from proxy.health import UpstreamHealth
+
+                timeout = self.config.upstream_connect_timeout
+                self.healths = [
+                    UpstreamHealth(backend.memcached, timeout=timeout)
+                    for backend in self.config.backends
+                ]
+                for health in self.healths:
+                    await health.start()
             self.servers = [
-                ProxyServer(self.config, self.metrics, None, index=index, **kwargs)
+                ProxyServer(
+                    self.config,
+                    self.metrics,
+                    self.healths[index] if self.healths else None,
+                    index=index,
+                    **kwargs,
+                )
                 for index in range(len(self.config.backends))
             ]
             self.server = self.servers[0]
@@ -242,6 +308,7 @@ class ProxyThread:
                     self.metrics,
                     self.shadow.control if self.shadow is not None else None,
                     self.shadow,
+                    healths=self.healths,
                 )
                 socks = self.processes.bind()
             for server, sock in zip(self.servers, socks, strict=True):
@@ -258,6 +325,8 @@ class ProxyThread:
             await server.stop(self.config.shutdown_timeout)
         if self.processes is not None:
             await self.processes.stop(self.config.shutdown_timeout)
+        for health in self.healths:
+            await health.stop()
         if self.shadow is not None:
             await self.shadow.stop()
 

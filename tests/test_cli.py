@@ -24,7 +24,7 @@ from pymemcache.client.base import Client
 from proxy import __version__, buildinfo
 from proxy.cli import main
 from proxy.runtime import JsonLogFormatter
-from tests.support import ServerProcess
+from tests.support import ServerProcess, memcached_argv, memcached_stats
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = "config/memshadow.yaml"
@@ -480,6 +480,32 @@ def test_the_health_probe_leaves_no_connection_events_in_memcached(
         assert after == before
     finally:
         proc.kill()
+
+
+def test_an_idle_memshadow_leaves_no_byte_in_memcacheds_stats() -> None:
+    """memcached's t/stats.t ("initial bytes_written is zero") through memshadow: a fresh
+    memcached behind a fresh, idle memshadow counts what one alone counts, but for the one
+    connection memshadow keeps open (curr_connections and total_connections, +1 each)."""
+    alone = ServerProcess(memcached_argv()).start()
+    behind = ServerProcess(memcached_argv()).start()
+    proc = Running(
+        [sys.executable, "-m", "proxy", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+         "--memcached", str(behind.address)]
+    )  # fmt: skip
+    try:
+        proc.wait_for(STARTED)
+        time.sleep(2.5)  # idle: the version probe had written 16 bytes at once, 64 in 3 s
+        expected = memcached_stats(alone.port)
+        seen = memcached_stats(behind.port)
+        assert (seen["bytes_read"], seen["bytes_written"]) == ("7", "0")  # "stats" alone
+        for counter in ("bytes_read", "bytes_written", "cmd_get", "cmd_set", "cmd_touch"):
+            assert seen[counter] == expected[counter], counter
+        for counter in ("curr_connections", "total_connections"):
+            assert int(seen[counter]) == int(expected[counter]) + 1, counter
+    finally:
+        proc.kill()
+        alone.stop()
+        behind.stop()
 
 
 def _children(pid: int) -> list[int]:

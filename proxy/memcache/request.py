@@ -3,12 +3,13 @@
 Fed arbitrary chunks of client bytes, it finds request boundaries exactly as memcached 1.6.18
 does (line ending, tokenizer, when a data block follows and how long it is) and tells the
 caller which requests have replies it cannot predict, so that an `mn` sentinel can be put
-after them (REFERENCE 3). It never re-serialises: the caller forwards the client's own bytes.
+after them (REFERENCE 3). It never re-serialises and never holds bytes back: each chunk goes
+on to Memcached at once, the client's own bytes with sentinels between requests.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import NamedTuple
@@ -115,7 +116,7 @@ class Request:
         self.capture = False
         self.started = 0.0
         self.response: bytes | None = None
-        self.flush_before = False  # an `mn` must go upstream before this request
+        self.flush_before = False  # an `mn` goes upstream first while replies are due
         self.synthetic = False  # a sentinel of the proxy's own, not a client request
 
     def __repr__(self) -> str:
@@ -214,6 +215,21 @@ def flush_sentinel() -> Request:
     return request
 
 
+# The command words of the get family (commands.RETRIEVAL): the only lines that may need an
+# `mn` in front of them (Request.flush_before).
+_RETRIEVAL_WORDS = tuple(word for word, command in BY_WORD.items() if command.framing == RETRIEVAL)
+
+
+def may_need_flush(start: bytes) -> bool:
+    """Could a line that begins with `start` (no newline yet) be a get of an over-long key,
+    which needs an `mn` before it (Request.flush_before)? True unless its first word rules
+    out the get family: the words memcached's tokenizer would see (spaces skipped)."""
+    word, space, _ = start.lstrip(b" ").partition(b" ")
+    if space:
+        return word in _RETRIEVAL_WORDS
+    return any(name.startswith(word) for name in _RETRIEVAL_WORDS)
+
+
 def _quiet(flags: list[bytes]) -> bool:
     return any(flag[0] == 113 for flag in flags)  # 'q'
 
@@ -270,7 +286,7 @@ def _parse_line(raw: bytes) -> Request:
         request = Request(raw, words, label, _RETRIEVAL, last_is_noreply)
         # memcached 1.6.18 answers a get with a key over 250 bytes by discarding every reply
         # it has not flushed yet on the connection (conn_release_items). An `mn` first flushes
-        # them, so each request keeps exactly its own reply.
+        # them (when any are due), so each request keeps exactly its own reply.
         if len(line) > KEY_MAX_LENGTH + 4 and any(len(w) > KEY_MAX_LENGTH for w in words):
             request.flush_before = True
         return request
@@ -304,21 +320,31 @@ class RequestFramer:
     """Turns a stream of client bytes into Requests, with the places to put sentinels.
 
     `feed(chunk)` returns the requests whose command line completed in this chunk (in order)
-    and the offsets in the chunk after which `mn\\r\\n` must be sent upstream. After a
-    `watch`, `quit`, a binary-protocol first byte or an over-long line, the framer turns
-    `raw`: later bytes are forwarded with no framing (`raw_reason` says why).
+    and the bytes to send upstream: the whole chunk, with `mn\\r\\n` inserted where needed.
+    After a `watch`, `quit`, a binary-protocol first byte or an over-long line, the framer
+    turns `raw`: later bytes are forwarded with no framing (`raw_reason` says why).
+
+    `pending`: the caller's requests still awaiting their reply (the session's FIFO). A line
+    that starts in one chunk and ends in a later one goes upstream as it arrives; if it may
+    turn out to be a get of an over-long key (flush_before) while replies are due, an `mn`
+    goes before its first byte, since none can be put there later. Without `pending`, only
+    the requests earlier in the same chunk count as due.
     """
 
     def __init__(
         self,
         limits: FramingLimits | None = None,
         capture: Callable[[Request], bool] | None = None,
+        pending: Sized | None = None,
     ) -> None:
         self.limits = limits or FramingLimits()
         self._capture = capture
+        self._pending = pending
         self.raw = False
         self.raw_reason = ""
         self._started = False
+        # The start of a line whose end has not arrived: already sent upstream, kept only to
+        # parse the line once it is complete (bounded by _check_partial).
         self._partial = bytearray()
         self._block_left = 0  # bytes of the current data block (with \r\n) still to come
         self._block_req: Request | None = None
@@ -331,16 +357,20 @@ class RequestFramer:
 
     @property
     def at_boundary(self) -> bool:
-        """True between requests: no partial line held, no data block under way."""
+        """True between requests: no line begun, no data block under way."""
         return not self._partial and not self._block_left
+
+    @property
+    def in_block(self) -> bool:
+        """True while a request's data block is under way (its line is complete)."""
+        return self._block_left > 0
 
     def feed(self, data: bytes) -> tuple[list[Request], list[bytes]]:
         """Frame a chunk: (requests whose line completed, in order; bytes to send upstream).
 
-        The bytes to send are the client's own, with `mn\\r\\n` inserted where needed. An
-        incomplete trailing line is held back until its end arrives (or the line is too long,
-        when the framer turns raw and lets it through), so that a sentinel can still be put in
-        front of it.
+        The bytes to send are the whole chunk, the client's own, with `mn\\r\\n` inserted at
+        request boundaries where needed: nothing is held back waiting for the end of a line or
+        of a data block, so Memcached judges every byte when it would directly.
         """
         if self.raw:
             return [], [data]
@@ -385,12 +415,16 @@ class RequestFramer:
         out: list[bytes] = []
         pos = 0
         emit_from = 0
+        continued = False  # the first line began in an earlier chunk (already sent)
         if self._partial:
             if data.find(b"\n") < 0:
                 self._partial += data
-                return requests, self._check_partial()
+                self._check_partial()
+                return requests, [data]
+            emit_from = len(self._partial)
             data = bytes(self._partial) + data
             self._partial = bytearray()
+            continued = True
         elif self._block_left:
             pos = self._take_block(data, 0)
             if self._block_left:
@@ -403,9 +437,15 @@ class RequestFramer:
         while pos < n:
             nl = data.find(b"\n", pos)
             if nl < 0:
-                out.append(data[emit_from:pos])
-                self._partial += data[pos:]
-                out.extend(self._check_partial())
+                start = data[pos:]
+                if self._replies_due(requests) and may_need_flush(start):
+                    out.append(data[emit_from:pos])
+                    out.append(SENTINEL)
+                    emit_from = pos
+                    requests.append(flush_sentinel())
+                out.append(data[emit_from:])
+                self._partial += start
+                self._check_partial()
                 return requests, out
             line_start = pos
             pos = nl + 1
@@ -413,7 +453,10 @@ class RequestFramer:
                 request, first = first, None
             else:
                 request = parse_line(data[line_start:nl])
-            if request.flush_before:
+            if continued:
+                # Its first bytes went upstream already, after an `mn` if it needed one.
+                continued = False
+            elif request.flush_before and self._replies_due(requests):
                 out.append(data[emit_from:line_start])
                 out.append(SENTINEL)
                 emit_from = line_start
@@ -470,15 +513,18 @@ class RequestFramer:
         if request.sentinel:
             out.append(SENTINEL)
 
-    def _check_partial(self) -> list[bytes]:
-        """Bound the held line as memcached does: only get/gets lines may grow past 2 KiB.
+    def _replies_due(self, requests: list[Request]) -> bool:
+        """May Memcached still hold unsent replies? (requests earlier in this chunk, or
+        earlier ones the caller has not seen answered)"""
+        return bool(requests) or (self._pending is not None and len(self._pending) > 0)
 
-        Returns the held bytes when the framer gives up and turns raw (they must be sent).
-        """
+    def _check_partial(self) -> None:
+        """Bound the kept start of a line as memcached does: only get/gets lines may grow
+        past 2 KiB (memcached closes the connection at any other; the framer stops framing,
+        the bytes went upstream already)."""
         size = len(self._partial)
         if size <= self.limits.max_line_bytes:
-            return []
-        held = bytes(self._partial)
+            return
         stripped = self._partial.lstrip(b" ")
         if size - len(stripped) > 100 or not (
             stripped.startswith(b"get ") or stripped.startswith(b"gets ")
@@ -486,6 +532,3 @@ class RequestFramer:
             self._go_raw("line_too_long")
         elif size > self.limits.max_get_line_bytes:
             self._go_raw("get_line_too_long")
-        else:
-            return []
-        return [held]

@@ -19,8 +19,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proxy.memcache.request import RequestFramer
 from tests.integration import fuzz
-from tests.support import ProxyThread, RawClient, ServerProcess, memcached_argv, proxy_config
+from tests.support import (
+    ProxyThread,
+    RawClient,
+    ServerProcess,
+    eventually,
+    memcached_argv,
+    memcached_stats,
+    proxy_config,
+)
 
 
 @dataclass
@@ -72,13 +81,9 @@ def _exchange(
     return out, client.closed
 
 
-@pytest.fixture(scope="module")
-def twin() -> Iterator[Twin]:
-    # The LRU maintainer makes incr/decr padding depend on background timing (a bumped item
-    # is rewritten unpadded), which would make two memcacheds disagree with no proxy at all.
-    deterministic = ("-o", "no_lru_maintainer,no_lru_crawler")
-    direct = ServerProcess(memcached_argv(*deterministic))
-    behind = ServerProcess(memcached_argv(*deterministic))
+def _twin(*flags: str) -> Iterator[Twin]:
+    direct = ServerProcess(memcached_argv(*flags))
+    behind = ServerProcess(memcached_argv(*flags))
     direct.start()
     behind.start()
     proxy = ProxyThread(proxy_config(behind))
@@ -87,6 +92,20 @@ def twin() -> Iterator[Twin]:
     proxy.stop()
     direct.stop()
     behind.stop()
+
+
+@pytest.fixture(scope="module")
+def twin() -> Iterator[Twin]:
+    # The LRU maintainer makes incr/decr padding depend on background timing (a bumped item
+    # is rewritten unpadded), which would make two memcacheds disagree with no proxy at all.
+    yield from _twin("-o", "no_lru_maintainer,no_lru_crawler")
+
+
+@pytest.fixture(scope="module")
+def binary_twin() -> Iterator[Twin]:
+    """Two memcacheds that speak only the binary protocol (-B binary): text closes the
+    connection at its first byte, newline or not."""
+    yield from _twin("-B", "binary")
 
 
 LONG_KEY = b"k" * 251
@@ -264,6 +283,137 @@ def test_interleaved_clients_keep_their_own_pairing(proxy: ProxyThread) -> None:
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         assert all(pool.map(work, range(32)))
+
+
+# -- bytes go to memcached as they arrive -----------------------------------------------------
+
+# memcached's t/issue_50.t: 62 bytes of text, no newline, to a memcached started -B binary.
+ISSUE_50 = b"Here's a bunch of garbage that doesn't look like the bin prot."
+
+
+def _fate(port: int, chunks: list[bytes], expect: bytes | None = None) -> tuple[bytes, bool]:
+    """What a new connection gets for `chunks` (each sent on its own): (bytes, closed).
+    With `expect` (what the direct memcached gave) it reads until it has as many bytes or
+    is closed, then briefly for anything more; without it, until nothing comes for 0.4 s."""
+    client = RawClient(port)
+    out = b""
+    try:
+        for chunk in chunks:
+            client.send(chunk)
+            time.sleep(0.02)  # (separate reads, most of the time; any coalescing is fine too)
+        if expect is not None:
+            deadline = time.monotonic() + 10
+            while len(out) < len(expect) and not client.closed and time.monotonic() < deadline:
+                out += client.read_quiet(0.1, limit=1.0)
+        out += client.read_quiet(0.4 if expect is None else 0.3)
+    except (BrokenPipeError, ConnectionResetError):
+        client.closed = True
+    finally:
+        client.close()
+    return out, client.closed
+
+
+def _same_fate(twin: Twin, chunks: list[bytes]) -> tuple[bytes, bool]:
+    direct = _fate(twin.direct.port, chunks)
+    proxied = _fate(twin.proxy.port, chunks, expect=direct[0])
+    if proxied != direct and _flushed_early(chunks):
+        # The documented difference: replies memcached keeps while a value is under way
+        # were flushed by an `mn`; the rest of the value would bring them directly too.
+        assert proxied[1] == direct[1] and proxied[0].startswith(direct[0]), direct
+        return direct
+    assert proxied == direct, f"direct: {direct!r}"
+    return direct
+
+
+def _flushed_early(chunks: list[bytes]) -> bool:
+    """Does the stream end inside a data block, after a request memshadow put an `mn` behind?
+    memcached sends no reply while it reads a value, and an `mn` makes it send those it has
+    (README, Differences): through memshadow they may arrive before the value ends."""
+    framer = RequestFramer()
+    requests, _ = framer.feed(b"".join(chunks))
+    return framer.in_block and any(r.sentinel for r in requests[:-1])
+
+
+def test_replies_kept_while_a_value_arrives_may_come_sooner_behind_a_sentinel(
+    twin: Twin,
+) -> None:
+    """The one timing difference left: memcached keeps its replies while it reads a value;
+    the `mn` behind a noreply request makes it send them. The bytes are the same once the
+    value is complete."""
+    start = [b"set early:a 0 0 1\r\na\r\nset early:b 0 0 1 noreply\r\nb\r\nset early:c 0 0 1\r\n"]
+    assert _same_fate(twin, start) == (b"", False)  # (directly: nothing yet)
+    done = twin.assert_same([*start, b"c\r\n"], gap=0.1, until=b"STORED\r\nSTORED\r\n")
+    assert done == b"STORED\r\nSTORED\r\n"
+
+
+def test_text_to_a_binary_only_memcached_is_closed_as_directly(binary_twin: Twin) -> None:
+    """t/issue_50.t through memshadow: the bytes reach memcached without waiting for a
+    newline that never comes, and memcached's close reaches the client."""
+    assert _same_fate(binary_twin, [ISSUE_50]) == (b"", True)
+    # It judges a whole binary header (24 bytes): fewer wait, more are closed.
+    assert _same_fate(binary_twin, [b"g", b"et k\r\n"]) == (b"", False)
+    assert _same_fate(binary_twin, [ISSUE_50[:23], ISSUE_50[23:24]]) == (b"", True)
+
+
+def test_the_start_of_a_line_reaches_memcached_as_it_arrives(twin: Twin) -> None:
+    """memcached reads (and counts in bytes_read) the start of a line before its end
+    arrives, directly and through memshadow alike."""
+    _start_of_a_line(twin.direct, twin.direct.port)
+    _start_of_a_line(twin.behind, twin.proxy.port)
+
+
+def _start_of_a_line(server: ServerProcess, port: int) -> None:
+    client = RawClient(port)
+    try:
+        client.send(b"version\r\n")
+        client.read_until(b"\r\n")
+        before = int(memcached_stats(server.port)["bytes_read"])
+        calls = 0
+
+        def read() -> int:  # since `before`, less the stats calls' own "stats\r\n"
+            nonlocal calls
+            calls += 1
+            return int(memcached_stats(server.port)["bytes_read"]) - before - 7 * calls
+
+        client.send(b"delete edge:ke")  # no newline yet
+        eventually(lambda: read() >= 14, f"memcached {server.port} read the start of a line")
+        assert read() == 14
+        client.send(b"y\r\n")
+        assert client.read_until(b"\r\n") == b"NOT_FOUND\r\n"
+    finally:
+        client.close()
+
+
+@st.composite
+def _cut_stream(draw: st.DrawFn) -> list[bytes]:
+    """Requests cut at random points, the last one left unfinished for good (at a random
+    point of it, possibly mid-line; or dropped whole)."""
+    requests = draw(st.lists(_request, min_size=1, max_size=8))
+    last = requests.pop()
+    stream = b"".join(requests) + last[: draw(st.integers(0, len(last) - 1))]
+    points = sorted({p % (len(stream) + 1) for p in draw(st.lists(st.integers(0, 10_000)))})
+    chunks = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
+    return [chunk for chunk in chunks if chunk]
+
+
+@settings(
+    max_examples=int(os.environ.get("MEMSHADOW_FUZZ_EXAMPLES", "40")),
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
+@given(chunks=_cut_stream(), binary=st.booleans())
+def test_streams_cut_anywhere_and_left_unfinished_fare_as_directly(
+    twin: Twin, binary_twin: Twin, chunks: list[bytes], binary: bool
+) -> None:
+    """Any stream split at random points, its last request left unfinished forever: the
+    same bytes back, the same fate (open, or closed by memcached), from a text memcached
+    and from one that speaks only binary."""
+    if binary:
+        _same_fate(binary_twin, chunks)
+        return
+    for server in (twin.direct, twin.behind):
+        _exchange(server.port, [b"flush_all\r\n"], 0.0, 1.0, until=b"OK\r\n")
+    _same_fate(twin, chunks)
 
 
 # -- random streams, malformed ones included -------------------------------------------------

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.memcache.numbers import is_canonical_decimal, safe_strtol, safe_strtoul, safe_strtoull
-from proxy.memcache.request import Expect, FramingLimits, RequestFramer, parse_line
+from proxy.memcache.request import (
+    SENTINEL,
+    Expect,
+    FramingLimits,
+    RequestFramer,
+    may_need_flush,
+    parse_line,
+)
 
 
 def frame(data: bytes, **limits: int) -> tuple[list[tuple[bytes, str, str, bool, int]], bytes]:
@@ -243,18 +250,77 @@ def test_quit_and_watch_end_framing() -> None:
 
 def test_long_non_get_line_turns_raw_like_memcached_closing() -> None:
     framer = RequestFramer()
-    assert framer.feed(b"set " + b"k" * 1000) == ([], [b""])  # held back for now
-    _, out = framer.feed(b"k" * 2000)
-    assert framer.raw and framer.raw_reason == "line_too_long"
-    assert b"".join(out) == b"set " + b"k" * 3000  # given up: everything held goes through
+    assert framer.feed(b"set " + b"k" * 1000) == ([], [b"set " + b"k" * 1000])  # sent at once
+    assert framer.feed(b"k" * 2000) == ([], [b"k" * 2000])
+    assert framer.raw and framer.raw_reason == "line_too_long"  # memcached closes there
 
 
-def test_partial_line_is_held_until_complete() -> None:
+def test_a_partial_line_goes_upstream_at_once() -> None:
+    """memcached judges a line's bytes as they come (t/issue_50.t: with -B binary it closes
+    at a first text byte, newline or not): nothing waits for the end of the line."""
     framer = RequestFramer()
-    requests, out = framer.feed(b"set k 0 0 1\r\nx\r\nget")
-    assert [r.command for r in requests] == ["set"] and b"".join(out) == b"set k 0 0 1\r\nx\r\n"
-    requests, out = framer.feed(b" k\r\n")
-    assert [r.command for r in requests] == ["get"] and b"".join(out) == b"get k\r\n"
+    requests, out = framer.feed(b"set k 0 0 1\r\nx\r\nset j 0")
+    assert [r.command for r in requests] == ["set"]
+    assert b"".join(out) == b"set k 0 0 1\r\nx\r\nset j 0"
+    requests, out = framer.feed(b" 0 1 noreply\r\ny")
+    assert [r.command for r in requests] == ["set"] and requests[0].sentinel
+    assert b"".join(out) == b" 0 1 noreply\r\ny"  # its sentinel follows its block
+    requests, out = framer.feed(b"\r\nver")
+    assert requests == [] and b"".join(out) == b"\r\nmn\r\nver"
+    assert not framer.at_boundary  # (a request is under way: drain waits for it)
+    requests, out = framer.feed(b"sion\r\n")
+    assert [r.command for r in requests] == ["version"] and b"".join(out) == b"sion\r\n"
+    assert framer.at_boundary
+
+
+def test_a_partial_line_that_may_be_a_get_gets_an_mn_first_while_replies_are_due() -> None:
+    """A get of a key over 250 bytes makes memcached 1.6.18 drop the replies it has not sent
+    yet; its `mn` must go before the line's first byte, before the line is known."""
+    framer = RequestFramer()
+    requests, out = framer.feed(b"version\r\nge")
+    assert [r.command for r in requests] == ["version", "mn"] and requests[1].synthetic
+    assert b"".join(out) == b"version\r\nmn\r\nge"
+    requests, out = framer.feed(b"t " + b"k" * 251 + b"\r\n")
+    assert [r.command for r in requests] == ["get"] and requests[0].flush_before
+    assert b"".join(out) == b"t " + b"k" * 251 + b"\r\n"  # no second mn
+    # Nothing due: no mn (pending is the caller's FIFO of requests awaiting replies).
+    pending: list[object] = []
+    framer = RequestFramer(pending=pending)
+    assert framer.feed(b"get " + b"k" * 100) == ([], [b"get " + b"k" * 100])
+    requests, out = framer.feed(b"k" * 200 + b"\r\n")
+    assert [r.command for r in requests] == ["get"] and out == [b"k" * 200 + b"\r\n"]
+    pending.append(requests[0])  # its reply has not come back yet
+    requests, out = framer.feed(b"   g")
+    assert [r.command for r in requests] == ["mn"] and out == [b"", b"mn\r\n", b"   g"]
+    # A line whose first word is no get needs none, replies due or not.
+    framer = RequestFramer(pending=pending)
+    for start in (b"set k", b"delete", b"x", b"gett", b"mg k", b"get\r"):
+        assert framer.feed(start)[0] == [], start
+        framer.feed(b"\r\n")
+
+
+@pytest.mark.parametrize(
+    ("start", "may"),
+    [
+        (b"", True),
+        (b"   ", True),
+        (b"g", True),
+        (b"ge", True),
+        (b"get", True),
+        (b"gats", True),
+        (b"  bge", True),
+        (b"get ", True),
+        (b"gat 10 k", True),
+        (b"gett", False),
+        (b"set", False),
+        (b"get\r", False),
+        (b"GET", False),
+        (b"mg k", False),
+        (b"gets\0 k", False),
+    ],
+)
+def test_may_need_flush(start: bytes, may: bool) -> None:
+    assert may_need_flush(start) is may
 
 
 def test_get_with_too_long_key_gets_a_flushing_sentinel_first() -> None:
@@ -304,16 +370,60 @@ def _frame_all(chunks: list[bytes]) -> tuple[list[tuple[bytes, bytes | None, boo
     upstream = b""
     for chunk in chunks:
         got, out = framer.feed(chunk)
-        requests.extend(got)
+        requests.extend(r for r in got if not r.synthetic)
         upstream += b"".join(out)
     return [(r.line, r.data, r.sentinel) for r in requests], upstream
 
 
+def _boundaries(stream: bytes) -> set[int]:
+    """Where the requests of `stream` begin and end (it must not turn the framer raw)."""
+    requests, _ = RequestFramer().feed(stream)
+    points, pos = {0}, 0
+    for request in requests:
+        if not request.synthetic:
+            pos += len(request.line) + 1 + (request.data_len + 2 if request.data_len >= 0 else 0)
+            points.add(pos)
+    return points
+
+
+def _unsentinel(upstream: bytes, sent: bytes, boundaries: set[int]) -> tuple[bytes, int]:
+    """`upstream` without the `mn\\r\\n`s the framer put in, checking each is at a request
+    boundary of the client's bytes `sent`: (the client's bytes found, sentinels put in)."""
+    i = j = added = 0
+    while j < len(upstream):
+        if upstream[j : j + 4] == SENTINEL and sent[i : i + 4] != SENTINEL:
+            assert i in boundaries, (i, upstream[max(0, j - 20) : j + 20])
+            added += 1
+            j += 4
+            continue
+        assert upstream[j] == sent[i], (i, j)
+        i, j = i + 1, j + 1
+    return sent[:i], added
+
+
+@settings(deadline=None)  # (a busy CI machine: the work is small, its time is not the test)
 @given(st.lists(st.integers(min_value=0, max_value=len(STREAM)), max_size=30))
-def test_any_chunking_frames_identically(splits: list[int]) -> None:
+def test_any_chunking_frames_identically_and_holds_nothing_back(splits: list[int]) -> None:
+    """Whatever the chunks: the same requests; after every chunk, all the client's bytes so
+    far have gone upstream; sentinels only at request boundaries, one for each request that
+    needs one (and for each `mn` put before a line that may be a get of a long key)."""
     points = sorted(set(splits))
     chunks = [STREAM[a:b] for a, b in zip([0, *points], [*points, len(STREAM)], strict=True)]
-    assert _frame_all([c for c in chunks if c]) == _frame_all([STREAM])
+    chunks = [c for c in chunks if c]
+    assert _frame_all(chunks)[0] == _frame_all([STREAM])[0]
+    boundaries = _boundaries(STREAM)
+    framer = RequestFramer(capture=lambda r: True)
+    sent = upstream = b""
+    requests = []
+    for chunk in chunks:
+        got, out = framer.feed(chunk)
+        requests.extend(got)
+        sent += chunk
+        upstream += b"".join(out)
+        client_bytes, added = _unsentinel(upstream, sent, boundaries)
+        assert client_bytes == sent  # nothing held back
+        needed = [r for r in requests if r.synthetic or (r.sentinel and r.complete)]
+        assert added == len(needed)
 
 
 def test_reference_stream_shape() -> None:
