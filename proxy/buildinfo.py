@@ -32,7 +32,18 @@ COMPILED_MODULES: Final[tuple[str, ...]] = (
     "proxy.shadow.engine.keystate",
     "proxy.shadow.engine.history",
     "proxy.shadow.engine.merge",
+    "proxy.shadow.engine.scheduler",
+    "proxy.shadow.engine.executor",
+    "proxy.shadow.engine.dispatcher",
+    "proxy.shadow.handoff",
     "proxy.shadow.wire",
+    # The Redis side of the replay: the layout, the commands, the RESP connection.
+    "proxy.redis.layout",
+    "proxy.redis.store",
+    "proxy.redis.client",
+    # Counters bumped per request.
+    "proxy.metrics",
+    "proxy.memcache.words",
 )
 
 # Set to 1 (or true/yes) at install time for a pure-Python install even where a C compiler

@@ -65,6 +65,34 @@ class McValue:
     cas: int | None
 
 
+_FIELDS: Final = (
+    "action",
+    "cas",
+    "command",
+    "create",
+    "data",
+    "data_len",
+    "delta",
+    "exptime",
+    "flags",
+    "inferred",
+    "initial",
+    "key",
+    "mc_number",
+    "mc_status",
+    "mc_value",
+    "meta",
+    "mode",
+    "replied_at",
+    "replied_wall",
+    "sent_at",
+    "seq",
+    "session",
+    "too_large_deletes",
+    "want_cas",
+)
+
+
 @final
 class ShadowOp:
     """One key's share of a shadowed request: what the client asked, what Memcached answered,
@@ -75,32 +103,7 @@ class ShadowOp:
     batched, a worker behind) must not add its lag to the item's life. The op holds the unix
     time memcached computed (exptimes over 30 days are absolute already)."""
 
-    __slots__ = (
-        "action",
-        "cas",
-        "command",
-        "create",
-        "data",
-        "data_len",
-        "delta",
-        "exptime",
-        "flags",
-        "inferred",
-        "initial",
-        "key",
-        "mc_number",
-        "mc_status",
-        "mc_value",
-        "meta",
-        "mode",
-        "replied_at",
-        "replied_wall",
-        "sent_at",
-        "seq",
-        "session",
-        "too_large_deletes",
-        "want_cas",
-    )
+    __slots__ = _FIELDS
 
     def __init__(
         self,
@@ -169,7 +172,7 @@ class ShadowOp:
         """The same observation (every field): the plain-get shortcut is checked by it."""
         if not isinstance(other, ShadowOp):
             return NotImplemented
-        return all(getattr(self, name) == getattr(other, name) for name in ShadowOp.__slots__)
+        return all(getattr(self, name) == getattr(other, name) for name in _FIELDS)
 
     __hash__ = None  # type: ignore[assignment]
 
