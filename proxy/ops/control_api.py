@@ -267,7 +267,7 @@ class ControlAPI:
         request: Request, name: str, default: int, low: int, high: int | None
     ) -> int:
         values = request.query.get(name)
-        if not values:
+        if not values or not values[-1]:
             return default
         raw = values[-1]
         value = int(raw) if raw.isascii() and raw.isdigit() else -1

@@ -278,7 +278,7 @@ class Operations:
 
     async def get_history(self, request: Request) -> Response:
         """GET /api/history[?since=UNIX_TIME]: the console's series and events."""
-        since = request.query.get("since", ["0"])[-1]
+        since = request.query.get("since", ["0"])[-1] or "0"
         try:
             after = float(since)
         except ValueError:
