@@ -22,7 +22,7 @@ from proxy.ops.audit import AuditLog
 from proxy.ops.autopilot import Autopilot
 from proxy.ops.control_api import ControlAPI, RedisInfo
 from proxy.ops.readiness import DEFAULT_TARGET, build_readiness, to_html
-from proxy.ops.reload import WATCH_INTERVAL, ConfigReloader
+from proxy.ops.reload import WATCH_INTERVAL, ConfigReloader, ReloadResult
 from proxy.ops.report import merge_info
 from proxy.ops.timeline import EMPTY_BUCKETS, Reading, Timeline, cumulative_to_buckets
 from proxy.redis.client import parse_info
@@ -164,6 +164,7 @@ class Operations:
             apply=self._apply,
             watch_interval=watch_interval,
             clock=clock,
+            on_result=self._reloaded,
         )
         self.api = ControlAPI(
             control=control,
@@ -223,6 +224,17 @@ class Operations:
                 self.record_history()
             except Exception:  # the history must never stop the proxy
                 log.exception("history: cannot record a point")
+
+    def _reloaded(self, result: ReloadResult) -> None:
+        """Every reload, good or refused, in the audit trail (and so in the history)."""
+        self.audit.record(
+            "reload",
+            "config",
+            "running",
+            "reloaded" if result.ok else "kept",
+            self.reloader.describe(result),
+            at=result.at,
+        )
 
     def record_history(self) -> None:
         """Add the history point of the interval ending now, and the audit's new events."""
