@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import difflib
 import ipaddress
+import json
 import math
 import os
 import re
@@ -1298,3 +1299,69 @@ def _flag_fraction(text: str) -> float:
     if not 0.0 <= value <= 1.0:  # also rejects nan
         raise InvalidValue(f"must be a number between 0 and 1, got {text!r}")
     return value
+
+
+# --- printing a configuration ------------------------------------------------------------------
+
+SECRET_OPTIONS: Final = ("admin.token",)
+"""Options whose value is never printed (or shown by the admin API)."""
+
+
+def _yaml_value(value: Any) -> str:
+    """One option's value as YAML that this module reads back to the same value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, RedisURL):
+        return json.dumps(dataclasses.replace(value, password=None).to_url())
+    if isinstance(value, ListenerConfig):
+        fields = {"listen": str(value.listen), "memcached": str(value.memcached)}
+        if value.name:
+            fields["name"] = value.name
+        return "{" + ", ".join(f"{k}: {json.dumps(v)}" for k, v in fields.items()) + "}"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_yaml_value(item) for item in value) + "]"
+    return json.dumps(str(value))
+
+
+def render_config(config: Config) -> str:
+    """The configuration in effect (its file with the command line's flags over it) as
+    YAML: every option, those that differ from the defaults marked with the default. Secrets
+    (admin.token, a password in the Redis URL) are not printed."""
+    lines = [
+        "# memshadow: the configuration in effect, every option (memshadow --print-config).",
+        f"# From: {config.source}, with the command line's flags over it. Options marked",
+        "# 'default: ...' are yours; the others have their default. Secrets are not printed.",
+        "# The commented reference of every option: memshadow --print-config without --config.",
+        "",
+    ]
+    _render(Config, config, Config(), "", 0, lines)
+    return "\n".join(lines) + "\n"
+
+
+def _render(cls: type[Any], value: Any, default: Any, path: str, depth: int,
+            lines: list[str]) -> None:  # fmt: skip
+    pad = "  " * depth
+    for f in dataclasses.fields(cls):
+        dotted = f"{path}{f.name}"
+        mine, theirs = getattr(value, f.name), getattr(default, f.name)
+        if "section" in f.metadata:
+            lines.append(f"{pad}{f.name}:")
+            _render(f.metadata["section"], mine, theirs, f"{dotted}.", depth + 1, lines)
+            if depth == 0:
+                lines.append("")
+            continue
+        if "parse" not in f.metadata:
+            continue
+        if dotted in SECRET_OPTIONS and mine is not None:
+            lines.append(f"{pad}# {f.name}: (set, not printed)")
+            continue
+        text = f"{pad}{f.name}: {_yaml_value(mine)}"
+        if mine != theirs:
+            text += f"  # default: {_yaml_value(theirs)}"
+        if isinstance(mine, RedisURL) and mine.password is not None:
+            text += "  # its password is not printed"
+        lines.append(text)
