@@ -215,12 +215,10 @@ async def serve(config: Config, load: Callable[[], Config] | None = None) -> int
     hooks: dict[str, Any] = {}
     if config.shadow.redis is not None:
         # Built whenever Redis is configured, even at rate 0, so the rate can be raised live.
-        from proxy.shadow.examples import mismatches_route
         from proxy.shadow.service import build_shadow
 
         shadow = build_shadow(config, metrics)
         hooks = {"capture": shadow.capture, "observer": shadow.observe}
-        admin.add_route("GET", "/api/mismatches", mismatches_route(shadow.examples))
     servers = [
         ProxyServer(config, metrics, health, index=index, **hooks)
         for index, health in enumerate(healths)
@@ -244,6 +242,7 @@ async def serve(config: Config, load: Callable[[], Config] | None = None) -> int
         redis_primaries=shadow.redis_primaries if shadow is not None else None,
         load=load,
         configure_logging=configure_logging,
+        examples=shadow.examples if shadow is not None else None,
     )
 
     stop_requested = asyncio.Event()

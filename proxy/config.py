@@ -439,6 +439,48 @@ def _password_file(node: Node) -> str | None:
     return path
 
 
+MIN_EXAMPLES_SECRET: Final = 16
+"""Characters an examples secret needs at least: a short one could be guessed from hashes."""
+EXAMPLES_SECRET_ENV: Final = "MEMSHADOW_EXAMPLES_SECRET"
+
+
+def check_examples_secret(secret: str, where: str) -> str:
+    if len(secret) < MIN_EXAMPLES_SECRET:
+        raise InvalidValue(
+            f"{where} holds a secret of {len(secret)} characters; it needs at least "
+            f"{MIN_EXAMPLES_SECRET} (for example: openssl rand -hex 32)"
+        )
+    return secret
+
+
+def _examples_secret_file(node: Node) -> str | None:
+    path = _path(node)
+    if path is not None:
+        check_examples_secret(read_secret_file(path), repr(path))
+    return path
+
+
+def examples_secret(
+    shadow: ShadowConfig, environ: Mapping[str, str], source: str = DEFAULTS_SOURCE
+) -> tuple[bytes, str] | None:
+    """The examples' hash secret and where it came from (the environment variable wins over
+    shadow.examples_secret_file), or None when neither gives one. Raises ConfigError naming
+    ``source`` (the config file) and the option, never quoting the secret."""
+    from_environment = environ.get(EXAMPLES_SECRET_ENV)
+    try:
+        if from_environment:
+            text = one_line_secret(from_environment, EXAMPLES_SECRET_ENV)
+            return check_examples_secret(text, EXAMPLES_SECRET_ENV).encode(), EXAMPLES_SECRET_ENV
+        if shadow.examples_secret_file is not None:
+            path = shadow.examples_secret_file
+            text = check_examples_secret(read_secret_file(path), repr(path))
+            return text.encode(), "shadow.examples_secret_file"
+    except InvalidValue as exc:
+        key = EXAMPLES_SECRET_ENV if from_environment else "shadow.examples_secret_file"
+        raise ConfigError(source, exc.problem, key=key) from None
+    return None
+
+
 def _ca_file(node: Node) -> str | None:
     path = _readable_file(node)
     if path is not None:
@@ -813,6 +855,13 @@ class ShadowConfig:
     # only as keyed hashes and lengths unless reveal_examples is true.
     examples_per_kind: int = field(default=20, metadata=_parsed_by(_positive_int))
     reveal_examples: bool = field(default=False, metadata=_parsed_by(_boolean))
+    # The secret the examples' key and value hashes are keyed with, in a file (a mounted
+    # Secret), so a hash stays the same across restarts and instances and a suspect key
+    # can be looked up; MEMSHADOW_EXAMPLES_SECRET, when set, wins. None of both: a random
+    # secret per process.
+    examples_secret_file: str | None = field(
+        default=None, metadata=_parsed_by(_examples_secret_file)
+    )
     # Where the replay runs: "process" (a worker process, so its CPU and pauses never stall
     # the client path) or "inline" (on the proxy's own event loop).
     worker: ShadowWorker = field(
@@ -1226,6 +1275,7 @@ def check_complete(config: Config) -> Config:
             "Redis Cluster has database 0 only: use .../0",
             key="shadow.redis",
         )
+    examples_secret(shadow, os.environ, config.source)  # a bad secret stops the start
     if shadow.sample_rate > 0.0 and shadow.redis is None:
         raise ConfigError(
             config.source,

@@ -27,6 +27,7 @@ from proxy.ops.report import merge_info
 from proxy.ops.timeline import EMPTY_BUCKETS, Reading, Timeline, cumulative_to_buckets
 from proxy.redis.client import parse_info
 from proxy.shadow.control import ShadowControl
+from proxy.shadow.examples import MismatchExamples
 from proxy.shadow.stats import ShadowStats
 
 log = logging.getLogger("memshadow.ops")
@@ -147,6 +148,7 @@ class Operations:
         watch_interval: float = WATCH_INTERVAL,
         handle_sighup: bool = True,
         shadow_running: bool = True,
+        examples: MismatchExamples | None = None,
     ) -> None:
         self.control = control
         self.configure_logging = configure_logging
@@ -176,6 +178,7 @@ class Operations:
             redis_info=redis_info,
             clock=clock,
             shadow_running=shadow_running,
+            examples=examples,
         )
         self.api.install(admin)
         metrics.registry.register(OpsCollector(self.autopilot, self.reloader))
@@ -320,6 +323,7 @@ def install_ops(
     redis_primaries: RedisPrimaries | None = None,
     load: Callable[[], Config] | None = None,
     configure_logging: Callable[[LogConfig], None] | None = None,
+    examples: MismatchExamples | None = None,
 ) -> Operations:
     """cli.serve's one call: the operator pieces over the shadow's control and stats (or
     inert ones when no shadow runs, so the API and console still answer)."""
@@ -333,4 +337,5 @@ def install_ops(
         redis_info=redis_info_from(redis_primaries) if redis_primaries is not None else None,
         configure_logging=configure_logging,
         shadow_running=control is not None,
+        examples=examples,
     )
