@@ -758,6 +758,13 @@ class LatencyGuardConfig:
     # The p99 to compare with until one is measured with the shadow off (after a restart
     # with the shadow on, say): the operator's own figure, from their monitoring.
     baseline_p99: float | None = field(default=None, metadata=_parsed_by(_optional_duration))
+    # A breach trips the rule only once it has lasted this long (host noise passes; a
+    # breach shorter than the window cannot be told from a burst).
+    sustain: float = field(default=120.0, metadata=_parsed_by(_duration))
+    # The baseline is measured in comparable conditions: shadow-off time no older than
+    # this, at a client request rate within this factor of the current one.
+    baseline_max_age: float = field(default=6 * 3600.0, metadata=_parsed_by(_duration))
+    load_tolerance: float = field(default=2.0, metadata=_parsed_by(_ratio_above_one))
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ RedisInfo = Callable[[], Awaitable[Mapping[str, str]]]
 
 REDIS_INFO_TIMEOUT = 2.0
 MAX_AUDIT_LIMIT = 1000
-SHADOW_FIELDS = ("sample_rate", "enabled", "ramp", "halt", "reveal_examples", "reason")
+SHADOW_FIELDS = ("sample_rate", "enabled", "ramp", "halt", "reveal_examples", "evidence", "reason")
 MAX_KEY_BYTES = 4096  # a key to look up (memcached's own limit is 250)
 MAX_REASON_CHARS = 500
 RAMP_COMMANDS = ("pause", "resume")
@@ -80,6 +80,8 @@ class ControlAPI:
         clock: Callable[[], float] = time.time,
         shadow_running: bool = True,
         examples: MismatchExamples | None = None,
+        restart_evidence: Callable[[str, str], None] | None = None,
+        evidence: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.control = control
         self.stats = stats
@@ -93,6 +95,8 @@ class ControlAPI:
         # but nothing is sampled.
         self.shadow_running = shadow_running
         self.examples = examples
+        self.restart_evidence = restart_evidence
+        self.evidence = evidence
         self._console = load_console()
 
     def install(self, admin: AdminServer) -> None:
@@ -161,7 +165,11 @@ class ControlAPI:
             "guards": pilot["guards"],
             "halts_total": pilot["halts_total"],
             "figures": self.autopilot.figures(),
+            "rate_set_by": pilot["rate_set_by"],
+            "enabled_set_by": pilot["enabled_set_by"],
+            "redis_state": pilot["redis"] if self.shadow_running else {"state": "none"},
             "examples": self.examples.describe() if self.examples is not None else None,
+            "evidence": self.evidence() if self.evidence is not None else None,
             "config_source": config.source,
             "token_required": self.token() is not None,
         }
@@ -213,13 +221,21 @@ class ControlAPI:
                     "its holders see them: set admin.token or MEMSHADOW_ADMIN_TOKEN first "
                     "(or shadow.reveal_examples in the config)",
                 )
+        evidence = body.get("evidence")
+        if "evidence" in body:
+            if evidence != "restart":
+                raise HTTPError(400, f'evidence accepts only "restart", got {_show(evidence)}')
+            if self.restart_evidence is None:
+                raise HTTPError(409, "the readiness evidence cannot be restarted here")
         why = body.get("reason", "")
         if not isinstance(why, str) or len(why) > MAX_REASON_CHARS:
             raise HTTPError(400, f"reason must be text of at most {MAX_REASON_CHARS} characters")
         if "reason" in body and len(body) == 1:
-            raise HTTPError(400, "reason goes with a change (enabled, sample_rate...)")
+            raise HTTPError(400, "reason goes with a change (evidence, enabled, sample_rate...)")
 
         before = self._last_seq()
+        if evidence == "restart" and self.restart_evidence is not None:
+            self.restart_evidence("api", why.strip())
         if isinstance(reveal, bool) and self.examples is not None:
             was = self.examples.reveal
             if self.examples.set_reveal(reveal):

@@ -108,6 +108,7 @@ async def test_get_shadow_shows_the_live_state(env: Env) -> None:
         "action": None,
         "reason": None,
         "since": None,
+        "stopped_shadow": False,
     }
     assert state["ramp"]["configured"] is False
     assert state["token_required"] is False
@@ -163,7 +164,9 @@ async def test_clear_a_halt_through_the_api(env: Env) -> None:
     state = (await env.get("/api/shadow")).json()
     assert state["halt"]["halted"] is True and state["halt"]["rule"] == "errors"
     assert state["halt"]["action"] == "stop" and state["enabled"] is False
-    assert state["halt"]["reason"].startswith("shadow errors ratio 66.67%")
+    assert state["halt"]["reason"].startswith("Redis errors ratio 66.67%")
+    assert state["halt"]["stopped_shadow"] is True
+    assert state["enabled_set_by"]["source"] == "halt:errors"
     metrics = (await env.get("/metrics")).text
     assert "memshadow_shadow_halted 1.0" in metrics
     assert 'memshadow_shadow_halts_total{reason="errors"} 1.0' in metrics
@@ -428,3 +431,27 @@ async def test_a_suspect_key_is_looked_up_with_the_token() -> None:
         ):
             reply = await call(port, "POST", path, body, token=TOKEN)
             assert reply.status == 400 and problem in reply.text, reply.text
+
+
+async def test_coverage_in_traffic_in_the_api_and_a_metric(env: Env) -> None:
+    requests_seen = [0]
+    env.stats.client_requests_fn = lambda: requests_seen[0]
+    env.tick()
+    feed(env.stats, match=120)
+    requests_seen[0] = 1_000_000  # 10% of the keys carried 0.012% of the requests
+    env.stats.dropped["queue_full"] += 3
+    env.tick()
+    state = (await env.get("/api/shadow")).json()
+    window = state["figures"]["window"]
+    assert window["shadowed"] == 120 and window["client_requests"] == 1_000_000
+    assert window["traffic_share"] == pytest.approx(0.00012)
+    assert window["key_share"] == 0.1
+    assert window["dropped"] == [
+        {"name": "queue_full", "count": 3, "cause": "capacity",
+         "words": "the shadow's queue was full"}
+    ]  # fmt: skip
+    assert state["figures"]["totals"]["shadowed"] == 120
+    assert state["redis_state"] == {"state": "reachable", "since": None}
+    metrics = (await env.get("/metrics")).text
+    assert "memshadow_shadow_traffic_share 0.00012" in metrics
+    assert "memshadow_shadow_redis_reachable 1.0" in metrics
