@@ -243,6 +243,7 @@ async def serve(config: Config, load: Callable[[], Config] | None = None) -> int
         load=load,
         configure_logging=configure_logging,
         examples=shadow.examples if shadow is not None else None,
+        worker_pids=_worker_pids(shadow) if shadow is not None else None,
     )
 
     stop_requested = asyncio.Event()
@@ -343,6 +344,29 @@ async def _stop_all(
     if processes is not None:
         stops.append(processes.stop(timeout))
     await asyncio.gather(*stops)
+
+
+def _worker_pids(shadow: object) -> Callable[[], list[int]]:
+    """The shadow workers' process ids, as they are now: the service's own `worker_pids()`
+    when it has one; else read from a worker-process shadow's supervisors; else (inline)
+    this process, which then does the shadow's work."""
+    own = getattr(shadow, "worker_pids", None)
+    if callable(own):
+        return cast("Callable[[], list[int]]", own)
+
+    def pids() -> list[int]:
+        workers = getattr(shadow, "_workers", None)
+        if workers is None:
+            return [os.getpid()]
+        found = []
+        for worker in workers:
+            process = getattr(worker, "process", None)
+            pid = getattr(process, "pid", None)
+            if isinstance(pid, int) and process is not None and process.poll() is None:
+                found.append(pid)
+        return found
+
+    return pids
 
 
 def _not_ready(backends: tuple[ListenerConfig, ...], healths: list[UpstreamHealth]) -> str:

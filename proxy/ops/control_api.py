@@ -13,6 +13,7 @@ import hmac
 import json
 import math
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from importlib import resources
 from typing import Any
@@ -22,7 +23,7 @@ from proxy.config import option_paths
 from proxy.ops.audit import AuditLog
 from proxy.ops.autopilot import Autopilot
 from proxy.ops.reload import ConfigReloader, show_value
-from proxy.ops.report import build_report
+from proxy.ops.report import build_report, parse_commandstats, redis_own
 from proxy.shadow.control import ShadowControl
 from proxy.shadow.examples import MismatchExamples, mismatches_route
 from proxy.shadow.stats import ShadowStats
@@ -31,6 +32,9 @@ RedisInfo = Callable[[], Awaitable[Mapping[str, str]]]
 """Fetches Redis INFO (at least the memory and keyspace sections) as field -> value."""
 
 REDIS_INFO_TIMEOUT = 2.0
+OWN_WINDOW = 30.0  # Redis's own figures cover at least this much recent time when they can
+OWN_EVERY = 10.0
+OWN_KEEP = 60
 MAX_AUDIT_LIMIT = 1000
 SHADOW_FIELDS = ("sample_rate", "enabled", "ramp", "halt", "reveal_examples", "evidence", "reason")
 MAX_KEY_BYTES = 4096  # a key to look up (memcached's own limit is 250)
@@ -82,6 +86,7 @@ class ControlAPI:
         examples: MismatchExamples | None = None,
         restart_evidence: Callable[[str, str], None] | None = None,
         evidence: Callable[[], dict[str, Any]] | None = None,
+        worker_load: Callable[[], dict[str, Any] | None] | None = None,
     ) -> None:
         self.control = control
         self.stats = stats
@@ -97,6 +102,13 @@ class ControlAPI:
         self.examples = examples
         self.restart_evidence = restart_evidence
         self.evidence = evidence
+        self.worker_load = worker_load
+        # Redis's INFO commandstats as earlier reports read them, so its own figures cover
+        # the last minute or so (not all since Redis started): (when, command -> (calls,
+        # usec)), one every OWN_EVERY seconds at most.
+        self._commandstats: deque[tuple[float, dict[str, tuple[int, float]]]] = deque(
+            maxlen=OWN_KEEP
+        )
         self._console = load_console()
 
     def install(self, admin: AdminServer) -> None:
@@ -338,6 +350,17 @@ class ControlAPI:
             except Exception as exc:  # any failure to reach Redis is reported, not raised
                 error = f"cannot read Redis INFO: {exc}"
         redis = self.reloader.current.shadow.redis
+        now = self.clock()
+        own = redis_own(None)
+        if info is not None:
+            kept = self._commandstats
+            base = None
+            for at, figures in kept:  # the newest at least OWN_WINDOW old
+                if now - at >= OWN_WINDOW:
+                    base = (at, figures)
+            own = redis_own(info) if base is None else redis_own(info, base[1], now - base[0])
+            if not kept or now - kept[-1][0] >= OWN_EVERY:
+                kept.append((now, parse_commandstats(info)))
         report = build_report(
             self.stats,
             sample_rate=self.control.sample_rate if self.control.enabled else 0.0,
@@ -345,7 +368,9 @@ class ControlAPI:
             redis_info=info,
             redis_error=error,
             db=redis.db if redis is not None else 0,
-            now=self.clock(),
+            now=now,
+            worker=self.worker_load() if self.worker_load is not None else None,
+            own=own,
         )
         return report
 

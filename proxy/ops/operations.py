@@ -30,6 +30,7 @@ from proxy.ops.readiness import (
 )
 from proxy.ops.reload import WATCH_INTERVAL, ConfigReloader, ReloadResult
 from proxy.ops.report import merge_info
+from proxy.ops.saturation import WorkerLoad
 from proxy.ops.timeline import EMPTY_BUCKETS, Reading, Timeline, cumulative_to_buckets
 from proxy.redis.client import parse_info
 from proxy.shadow.control import ShadowControl
@@ -128,7 +129,7 @@ def redis_info_from(primaries: RedisPrimaries) -> RedisInfo:
         parts = []
         for execute in executes:
             fields: dict[str, str] = {}
-            for section in ("memory", "keyspace"):
+            for section in ("memory", "keyspace", "commandstats", "latencystats"):
                 fields.update(parse_info(await execute("INFO", section)))
             parts.append(fields)
         return merge_info(parts)
@@ -184,6 +185,7 @@ class Operations:
         handle_sighup: bool = True,
         shadow_running: bool = True,
         examples: MismatchExamples | None = None,
+        worker_pids: Callable[[], list[int]] | None = None,
     ) -> None:
         self.control = control
         self.configure_logging = configure_logging
@@ -203,6 +205,9 @@ class Operations:
             clock=clock,
             on_result=self._reloaded,
         )
+        # The shadow worker's CPU and CPU wait (the what-if's trust in Redis's figure),
+        # sampled with the history.
+        self.worker_load = WorkerLoad(worker_pids) if worker_pids is not None else None
         self.api = ControlAPI(
             control=control,
             stats=stats,
@@ -216,6 +221,7 @@ class Operations:
             examples=examples,
             restart_evidence=self.restart_evidence,
             evidence=self.evidence_state,
+            worker_load=self.worker_load.figures if self.worker_load is not None else None,
         )
         self.api.install(admin)
         metrics.registry.register(OpsCollector(self.autopilot, self.reloader))
@@ -300,6 +306,8 @@ class Operations:
 
     def record_history(self) -> None:
         """Add the history point of the interval ending now, and the audit's new events."""
+        if self.worker_load is not None:
+            self.worker_load.sample()
         self.timeline.note(self.audit.entries(since=self.timeline.audit_seq))
         stats = self._stats
         outcomes = {"match": 0, "mismatch": 0, "noise": 0}
@@ -388,6 +396,7 @@ def install_ops(
     load: Callable[[], Config] | None = None,
     configure_logging: Callable[[LogConfig], None] | None = None,
     examples: MismatchExamples | None = None,
+    worker_pids: Callable[[], list[int]] | None = None,
 ) -> Operations:
     """cli.serve's one call: the operator pieces over the shadow's control and stats (or
     inert ones when no shadow runs, so the API and console still answer)."""
@@ -402,4 +411,5 @@ def install_ops(
         configure_logging=configure_logging,
         shadow_running=control is not None,
         examples=examples,
+        worker_pids=worker_pids,
     )
