@@ -10,7 +10,7 @@ answers, every key cold).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
@@ -122,7 +122,3 @@ def describe(counts: Mapping[str, int], *, errors: bool) -> list[dict[str, objec
         for name, count in sorted(counts.items(), key=lambda item: (-item[1], item[0]))
         if count
     ]  # fmt: skip
-
-
-def names(reasons: Iterable[Reason]) -> tuple[str, ...]:
-    return tuple(reason.name for reason in reasons)

@@ -477,9 +477,20 @@ def test_console_looks_a_key_up_reveals_behind_the_token_and_restarts_evidence(
                 server.stats.count_comparison("get", "noise", "redis_evicted")
 
         server.run(record)
+        # The what-if says, in a sentence, when its Redis figure is the worker's starvation.
+        starved = {"seconds": 60.0, "cpu_share": 0.97, "wait_share": 0.38, "workers": 1}
+        server.ops.api.worker_load = lambda: starved
         browser.open(server.url)
         browser.wait_for(contains(browser, "#examples-privacy", "MEMSHADOW_EXAMPLES_SECRET"),
                          "the privacy line")  # fmt: skip
+        browser.wait_for(
+            lambda: browser.text("#trust").startswith(
+                "Not trustworthy: the shadow worker used 97% of a core and waited for a CPU "
+                "38.0% of the time over the last 60 s"
+            ),
+            "the what-if's word on its Redis figure",
+        )
+        assert "97% of a core" in browser.text("#service")
         assert "a key hashes the same across restarts; look one up below" in browser.text(
             "#examples-privacy"
         )
