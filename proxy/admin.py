@@ -293,7 +293,8 @@ class AdminServer:
         except HTTPError as exc:
             return exc.response(), True
         path, _, query = head.target.partition("?")
-        request = Request(head.method, path, head.headers, parse_qs(query), body)
+        # Blank values kept: `?verbose` is a flag with no value.
+        request = Request(head.method, path, head.headers, parse_qs(query, True), body)
         return await self.handle(request), head.method != "HEAD"
 
     # --- built-in routes -------------------------------------------------------------------
@@ -307,7 +308,8 @@ class AdminServer:
     async def _readyz(self, request: Request) -> Response:
         ready = self.ready()
         wants_json = "application/json" in request.headers.get("accept", "")
-        if self.readiness is not None and (wants_json or "verbose" in request.query):
+        verbose = request.query.get("verbose", ["0"])[-1].lower() not in ("0", "false", "no")
+        if self.readiness is not None and (wants_json or verbose):
             return Response.json(self.readiness(), status=200 if ready else 503)
         if ready:
             return Response.text("ready")

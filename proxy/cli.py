@@ -25,6 +25,7 @@ from proxy.config import (
     apply_overrides,
     check_complete,
     load_config,
+    render_config,
 )
 from proxy.errors import ConfigError
 from proxy.health import UpstreamHealth
@@ -68,7 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--print-config",
         action="store_true",
-        help="print the default configuration, every option commented, and exit",
+        help="print the configuration and exit: the commented defaults, or with --config "
+        "(and flags) the configuration in effect, yours marked",
+    )
+    parser.add_argument(
+        "--init-config",
+        metavar="PATH",
+        help="write a configuration of your own to PATH (every option commented, at its "
+        "default) and exit; an existing file is never overwritten",
     )
     parser.add_argument("--version", action="version", version=buildinfo.version_line())
     return parser
@@ -79,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error already printed
         return exc.code if isinstance(exc.code, int) else EXIT_CONFIG_ERROR
-    if args.print_config:
+    if args.init_config:
+        return init_config(args.init_config)
+    if args.print_config and not _given(args):
         sys.stdout.write(config_template())
         return EXIT_OK
     load = config_loader(args)
@@ -88,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    if args.print_config:
+        sys.stdout.write(render_config(config))
+        return EXIT_OK
     if args.check_config:
         print(f"config OK: {config.source}")
         return EXIT_OK
@@ -95,10 +108,45 @@ def main(argv: list[str] | None = None) -> int:
     return run(config, load)
 
 
+FLAG_OPTIONS = ("config", "listen", "memcached", "redis", "sample_rate", "admin", "workers")
+
+INIT_HEADER = """\
+# memshadow configuration of your own, written by `memshadow --init-config` (memshadow
+# {version}). Every option is here with its default and what it does: change what you need.
+# This file is yours: the defaults stay in the package (`memshadow --print-config` prints
+# them), and `memshadow --config {path} --print-config` shows what this file puts in effect.
+# Check it without starting anything: memshadow --config {path} --check-config
+"""
+
+
+def _given(args: argparse.Namespace) -> bool:
+    """Was a config file or a flag that changes it given?"""
+    return any(getattr(args, name) is not None for name in FLAG_OPTIONS)
+
+
 def config_template() -> str:
-    """The commented default configuration shipped in the package (config/memshadow.yaml in
-    the source tree is the same file)."""
+    """The commented default configuration shipped in the package: every option, each at
+    its default (the reference; a user's own file starts from it with --init-config)."""
     return (resources.files("proxy") / "memshadow.yaml").read_text(encoding="utf-8")
+
+
+def init_config(path: str) -> int:
+    """Write the commented defaults to ``path`` as the user's own file; never overwrite."""
+    template = config_template()
+    # The reference's own header (up to the first blank line) gives way to the user's.
+    body = template.split("\n\n", 1)[1]
+    text = INIT_HEADER.format(version=__version__, path=path) + "\n" + body
+    try:
+        with open(path, "x", encoding="utf-8") as f:
+            f.write(text)
+    except FileExistsError:
+        print(f"{path} exists already: not overwritten (remove it first)", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except OSError as exc:
+        print(f"cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    print(f"wrote {path}: edit it, then run memshadow --config {path}")
+    return EXIT_OK
 
 
 def config_loader(args: argparse.Namespace) -> Callable[[], Config]:
@@ -166,12 +214,10 @@ async def serve(config: Config, load: Callable[[], Config] | None = None) -> int
     hooks: dict[str, Any] = {}
     if config.shadow.redis is not None:
         # Built whenever Redis is configured, even at rate 0, so the rate can be raised live.
-        from proxy.shadow.examples import mismatches_route
         from proxy.shadow.service import build_shadow
 
         shadow = build_shadow(config, metrics)
         hooks = {"capture": shadow.capture, "observer": shadow.observe}
-        admin.add_route("GET", "/api/mismatches", mismatches_route(shadow.examples))
     servers = [
         ProxyServer(config, metrics, health, index=index, **hooks)
         for index, health in enumerate(healths)
@@ -198,6 +244,8 @@ async def serve(config: Config, load: Callable[[], Config] | None = None) -> int
         redis_primaries=shadow.redis_primaries if shadow is not None else None,
         load=load,
         configure_logging=configure_logging,
+        examples=shadow.examples if shadow is not None else None,
+        worker_pids=_worker_pids(shadow) if shadow is not None else None,
     )
 
     stop_requested = asyncio.Event()
@@ -300,6 +348,29 @@ async def _stop_all(
     if processes is not None:
         stops.append(processes.stop(timeout))
     await asyncio.gather(*stops)
+
+
+def _worker_pids(shadow: object) -> Callable[[], list[int]]:
+    """The shadow workers' process ids, as they are now: the service's own `worker_pids()`
+    when it has one; else read from a worker-process shadow's supervisors; else (inline)
+    this process, which then does the shadow's work."""
+    own = getattr(shadow, "worker_pids", None)
+    if callable(own):
+        return cast("Callable[[], list[int]]", own)
+
+    def pids() -> list[int]:
+        workers = getattr(shadow, "_workers", None)
+        if workers is None:
+            return [os.getpid()]
+        found = []
+        for worker in workers:
+            process = getattr(worker, "process", None)
+            pid = getattr(process, "pid", None)
+            if isinstance(pid, int) and process is not None and process.poll() is None:
+                found.append(pid)
+        return found
+
+    return pids
 
 
 def _not_ready(backends: tuple[ListenerConfig, ...], healths: list[UpstreamHealth]) -> str:

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import difflib
 import ipaddress
+import json
 import math
 import os
 import re
@@ -438,6 +439,48 @@ def _password_file(node: Node) -> str | None:
     return path
 
 
+MIN_EXAMPLES_SECRET: Final = 16
+"""Characters an examples secret needs at least: a short one could be guessed from hashes."""
+EXAMPLES_SECRET_ENV: Final = "MEMSHADOW_EXAMPLES_SECRET"
+
+
+def check_examples_secret(secret: str, where: str) -> str:
+    if len(secret) < MIN_EXAMPLES_SECRET:
+        raise InvalidValue(
+            f"{where} holds a secret of {len(secret)} characters; it needs at least "
+            f"{MIN_EXAMPLES_SECRET} (for example: openssl rand -hex 32)"
+        )
+    return secret
+
+
+def _examples_secret_file(node: Node) -> str | None:
+    path = _path(node)
+    if path is not None:
+        check_examples_secret(read_secret_file(path), repr(path))
+    return path
+
+
+def examples_secret(
+    shadow: ShadowConfig, environ: Mapping[str, str], source: str = DEFAULTS_SOURCE
+) -> tuple[bytes, str] | None:
+    """The examples' hash secret and where it came from (the environment variable wins over
+    shadow.examples_secret_file), or None when neither gives one. Raises ConfigError naming
+    ``source`` (the config file) and the option, never quoting the secret."""
+    from_environment = environ.get(EXAMPLES_SECRET_ENV)
+    try:
+        if from_environment:
+            text = one_line_secret(from_environment, EXAMPLES_SECRET_ENV)
+            return check_examples_secret(text, EXAMPLES_SECRET_ENV).encode(), EXAMPLES_SECRET_ENV
+        if shadow.examples_secret_file is not None:
+            path = shadow.examples_secret_file
+            text = check_examples_secret(read_secret_file(path), repr(path))
+            return text.encode(), "shadow.examples_secret_file"
+    except InvalidValue as exc:
+        key = EXAMPLES_SECRET_ENV if from_environment else "shadow.examples_secret_file"
+        raise ConfigError(source, exc.problem, key=key) from None
+    return None
+
+
 def _ca_file(node: Node) -> str | None:
     path = _readable_file(node)
     if path is not None:
@@ -715,6 +758,13 @@ class LatencyGuardConfig:
     # The p99 to compare with until one is measured with the shadow off (after a restart
     # with the shadow on, say): the operator's own figure, from their monitoring.
     baseline_p99: float | None = field(default=None, metadata=_parsed_by(_optional_duration))
+    # A breach trips the rule only once it has lasted this long (host noise passes; a
+    # breach shorter than the window cannot be told from a burst).
+    sustain: float = field(default=120.0, metadata=_parsed_by(_duration))
+    # The baseline is measured in comparable conditions: shadow-off time no older than
+    # this, at a client request rate within this factor of the current one.
+    baseline_max_age: float = field(default=6 * 3600.0, metadata=_parsed_by(_duration))
+    load_tolerance: float = field(default=2.0, metadata=_parsed_by(_ratio_above_one))
 
 
 @dataclass(frozen=True, slots=True)
@@ -812,6 +862,13 @@ class ShadowConfig:
     # only as keyed hashes and lengths unless reveal_examples is true.
     examples_per_kind: int = field(default=20, metadata=_parsed_by(_positive_int))
     reveal_examples: bool = field(default=False, metadata=_parsed_by(_boolean))
+    # The secret the examples' key and value hashes are keyed with, in a file (a mounted
+    # Secret), so a hash stays the same across restarts and instances and a suspect key
+    # can be looked up; MEMSHADOW_EXAMPLES_SECRET, when set, wins. None of both: a random
+    # secret per process.
+    examples_secret_file: str | None = field(
+        default=None, metadata=_parsed_by(_examples_secret_file)
+    )
     # Where the replay runs: "process" (a worker process, so its CPU and pauses never stall
     # the client path) or "inline" (on the proxy's own event loop).
     worker: ShadowWorker = field(
@@ -1225,6 +1282,7 @@ def check_complete(config: Config) -> Config:
             "Redis Cluster has database 0 only: use .../0",
             key="shadow.redis",
         )
+    examples_secret(shadow, os.environ, config.source)  # a bad secret stops the start
     if shadow.sample_rate > 0.0 and shadow.redis is None:
         raise ConfigError(
             config.source,
@@ -1298,3 +1356,69 @@ def _flag_fraction(text: str) -> float:
     if not 0.0 <= value <= 1.0:  # also rejects nan
         raise InvalidValue(f"must be a number between 0 and 1, got {text!r}")
     return value
+
+
+# --- printing a configuration ------------------------------------------------------------------
+
+SECRET_OPTIONS: Final = ("admin.token",)
+"""Options whose value is never printed (or shown by the admin API)."""
+
+
+def _yaml_value(value: Any) -> str:
+    """One option's value as YAML that this module reads back to the same value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, RedisURL):
+        return json.dumps(dataclasses.replace(value, password=None).to_url())
+    if isinstance(value, ListenerConfig):
+        fields = {"listen": str(value.listen), "memcached": str(value.memcached)}
+        if value.name:
+            fields["name"] = value.name
+        return "{" + ", ".join(f"{k}: {json.dumps(v)}" for k, v in fields.items()) + "}"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_yaml_value(item) for item in value) + "]"
+    return json.dumps(str(value))
+
+
+def render_config(config: Config) -> str:
+    """The configuration in effect (its file with the command line's flags over it) as
+    YAML: every option, those that differ from the defaults marked with the default. Secrets
+    (admin.token, a password in the Redis URL) are not printed."""
+    lines = [
+        "# memshadow: the configuration in effect, every option (memshadow --print-config).",
+        f"# From: {config.source}, with the command line's flags over it. Options marked",
+        "# 'default: ...' are yours; the others have their default. Secrets are not printed.",
+        "# The commented reference of every option: memshadow --print-config without --config.",
+        "",
+    ]
+    _render(Config, config, Config(), "", 0, lines)
+    return "\n".join(lines) + "\n"
+
+
+def _render(cls: type[Any], value: Any, default: Any, path: str, depth: int,
+            lines: list[str]) -> None:  # fmt: skip
+    pad = "  " * depth
+    for f in dataclasses.fields(cls):
+        dotted = f"{path}{f.name}"
+        mine, theirs = getattr(value, f.name), getattr(default, f.name)
+        if "section" in f.metadata:
+            lines.append(f"{pad}{f.name}:")
+            _render(f.metadata["section"], mine, theirs, f"{dotted}.", depth + 1, lines)
+            if depth == 0:
+                lines.append("")
+            continue
+        if "parse" not in f.metadata:
+            continue
+        if dotted in SECRET_OPTIONS and mine is not None:
+            lines.append(f"{pad}# {f.name}: (set, not printed)")
+            continue
+        text = f"{pad}{f.name}: {_yaml_value(mine)}"
+        if mine != theirs:
+            text += f"  # default: {_yaml_value(theirs)}"
+        if isinstance(mine, RedisURL) and mine.password is not None:
+            text += "  # its password is not printed"
+        lines.append(text)

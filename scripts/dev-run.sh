@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # `make run`: start memcached and redis-server on loopback (daemonised, pidfiles in .run/),
 # then memshadow in the foreground in front of them. The servers stop when memshadow does.
-# Extra arguments are passed to memshadow.
+# Extra arguments are passed to memshadow. The config is your own file, memshadow.yaml here
+# (MEMSHADOW_CONFIG=PATH for another), written by `memshadow --init-config` on the first run
+# and never overwritten; the shipped defaults stay in the package.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -84,7 +86,11 @@ echo "memcached on 127.0.0.1:$MEMCACHED_PORT, redis-server on 127.0.0.1:$REDIS_P
 
 # memshadow runs as a child we wait for, so that a SIGTERM to this script can be passed on.
 # Ctrl-C reaches memshadow directly from the terminal; this script just keeps waiting.
-"$ROOT/.venv/bin/memshadow" --config config/memshadow.yaml \
+CONFIG=${MEMSHADOW_CONFIG:-memshadow.yaml}
+if [ ! -e "$CONFIG" ]; then
+    "$ROOT/.venv/bin/memshadow" --init-config "$CONFIG" >&2
+fi
+"$ROOT/.venv/bin/memshadow" --config "$CONFIG" \
     --memcached "127.0.0.1:$MEMCACHED_PORT" --redis "redis://127.0.0.1:$REDIS_PORT/0" "$@" &
 MEMSHADOW_PID=$!
 trap 'kill -TERM "$MEMSHADOW_PID" 2>/dev/null || true' TERM

@@ -130,6 +130,35 @@ async def test_readyz_follows_the_callable(admin: AdminServer, readiness: Readin
     assert (await get(admin, "/readyz")).status == 200
 
 
+async def test_readyz_verbose_as_the_readme_writes_it(metrics: ProxyMetrics) -> None:
+    server = AdminServer(
+        HostPort("127.0.0.1", 0),
+        metrics,
+        ready=lambda: True,
+        readiness=lambda: {"ready": True, "listeners": []},
+    )
+    await server.start()
+    try:
+        for query in ("?verbose", "?verbose=1", "?verbose=true", "?x=1&verbose"):
+            reply = await get(server, "/readyz" + query)
+            assert reply.headers["content-type"] == "application/json", query
+            assert json.loads(reply.body) == {"ready": True, "listeners": []}
+        for query in ("", "?verbose=0", "?verbose=false", "?other"):
+            assert (await get(server, "/readyz" + query)).body == b"ready", query
+    finally:
+        await server.stop()
+
+
+async def test_metrics_export_no_created_series(admin: AdminServer, metrics: ProxyMetrics) -> None:
+    metrics.upstream_error("connect")
+    metrics.closed_by_proxy("idle_timeout")
+    text = (await get(admin, "/metrics")).body.decode()
+    assert "memshadow_upstream_errors_total" in text
+    assert "_created" not in text
+    helps = [line for line in text.splitlines() if line.startswith("# HELP")]
+    assert len(helps) == len(set(helps))
+
+
 async def test_head_answers_without_a_body(admin: AdminServer) -> None:
     reply = await get(admin, "/healthz", method="HEAD")
     assert reply.status == 200

@@ -27,7 +27,8 @@ from proxy.runtime import JsonLogFormatter
 from tests.support import ServerProcess, memcached_argv, memcached_stats
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = "config/memshadow.yaml"
+EXAMPLE = "config/memshadow.yaml"  # an example configuration of one's own
+DEFAULTS = "proxy/memshadow.yaml"  # the commented defaults, shipped in the package
 STARTED = re.compile(r"listening on (\S+), memcached (\S+), admin http://(\S+), ")
 
 
@@ -126,11 +127,34 @@ def test_version() -> None:
 def test_print_config_writes_the_commented_defaults(tmp_path: Path) -> None:
     result = memshadow("--print-config")
     assert result.returncode == 0 and result.stderr == ""
-    assert result.stdout == Path(EXAMPLE).read_text(encoding="utf-8")
+    assert result.stdout == (ROOT / DEFAULTS).read_text(encoding="utf-8")
     assert result.stdout.startswith("# memshadow configuration: every option")
     copy = tmp_path / "memshadow.yaml"
     copy.write_text(result.stdout, encoding="utf-8")
     assert memshadow("--config", str(copy), "--check-config").returncode == 0
+
+
+def test_a_config_of_one_s_own(tmp_path: Path) -> None:
+    mine = tmp_path / "mine.yaml"
+    result = memshadow("--init-config", str(mine))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"wrote {mine}: edit it, then run memshadow --config {mine}\n"
+    text = mine.read_text(encoding="utf-8")
+    assert text.startswith("# memshadow configuration of your own, written by")
+    assert memshadow("--config", str(mine), "--check-config").returncode == 0
+    # Never overwritten.
+    again = memshadow("--init-config", str(mine))
+    assert again.returncode == 2 and "exists already: not overwritten" in again.stderr
+    assert mine.read_text(encoding="utf-8") == text
+    # Edited, it is shown as the user's; the shipped defaults do not move.
+    mine.write_text(text.replace("    steps: []", "    steps: [0.02, 1.0]"), encoding="utf-8")
+    shown = memshadow("--config", str(mine), "--print-config")
+    assert shown.returncode == 0, shown.stderr
+    assert f"# From: {mine}" in shown.stdout
+    assert "    steps: [0.02, 1.0]  # default: []" in shown.stdout
+    assert memshadow("--print-config").stdout == (ROOT / DEFAULTS).read_text(encoding="utf-8")
+    flags = memshadow("--sample-rate", "0", "--print-config").stdout
+    assert "# From: defaults" in flags
 
 
 def test_check_config_defaults() -> None:
@@ -241,10 +265,10 @@ def test_bad_flag_values_exit_2(flags: list[str], message: str) -> None:
 
 
 def test_a_sample_rate_with_no_redis_is_refused(tmp_path: Path) -> None:
-    result = memshadow("--config", EXAMPLE, "--sample-rate", "0.5", "--check-config")
+    result = memshadow("--config", DEFAULTS, "--sample-rate", "0.5", "--check-config")
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr == (
-        f"{EXAMPLE}: shadow.sample_rate: is 0.5, but no Redis is set (shadow.redis, or "
+        f"{DEFAULTS}: shadow.sample_rate: is 0.5, but no Redis is set (shadow.redis, or "
         "--redis), so nothing would be shadowed: set one, or set the rate to 0\n"
     )
     # The rate may come from the file and the Redis from a flag, or the other way round.
@@ -421,7 +445,7 @@ def test_serves_clients_and_stops_on_sigterm(memcached: ServerProcess, loop: str
             "-m",
             "proxy",
             "--config",
-            EXAMPLE,
+            DEFAULTS,
             "--listen",
             "127.0.0.1:0",
             "--admin",
@@ -458,7 +482,7 @@ def test_the_health_probe_leaves_no_connection_events_in_memcached(
     """memcached's own suite runs through memshadow: its t/watcher.t and t/stats.t must not
     see a connection opened and closed every second by the readiness probe."""
     proc = Running(
-        [sys.executable, "-m", "proxy", "--config", EXAMPLE, "--listen", "127.0.0.1:0",
+        [sys.executable, "-m", "proxy", "--config", DEFAULTS, "--listen", "127.0.0.1:0",
          "--admin", "127.0.0.1:0", "--memcached", str(memcached.address)]
     )  # fmt: skip
     try:

@@ -25,11 +25,14 @@ from proxy.config import (
     load_config,
     option_paths,
     parse_config,
+    render_config,
 )
 from proxy.errors import ConfigError, InvalidValue, MemshadowError
 from tests.support import ThrowawayCA
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "memshadow.yaml"
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULTS = ROOT / "proxy" / "memshadow.yaml"  # the commented defaults, in the package
+EXAMPLE = ROOT / "config" / "memshadow.yaml"  # an example of one's own, a real file
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -117,24 +120,52 @@ def test_empty_sections_mean_defaults(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, "shadow:\nlimits:\nlog:\n")) == Config()
 
 
-def test_example_file_loads_and_equals_the_defaults() -> None:
-    config = load_config(str(EXAMPLE))
+def test_the_defaults_file_loads_and_equals_the_defaults() -> None:
+    config = load_config(str(DEFAULTS))
     assert config == Config()
-    assert config.source == str(EXAMPLE)
+    assert config.source == str(DEFAULTS)
 
 
-def test_example_file_sets_every_option() -> None:
-    tree = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
+def test_the_defaults_file_sets_every_option() -> None:
+    tree = yaml.safe_load(DEFAULTS.read_text(encoding="utf-8"))
     for dotted in option_paths():
         node = tree
         for part in dotted.split("."):
-            assert part in node, f"{dotted} is missing from {EXAMPLE.name}"
+            assert part in node, f"{dotted} is missing from {DEFAULTS.name}"
             node = node[part]
 
 
-def test_example_file_comments_every_option() -> None:
+def test_the_example_is_a_file_of_its_own_not_the_defaults() -> None:
+    # Editing the example (or a copy of it) must never edit the shipped defaults: no symlink.
+    assert not EXAMPLE.is_symlink() and EXAMPLE.is_file()
+    config = load_config(str(EXAMPLE))
+    assert config.shadow.ramp.steps == (0.01, 0.05, 0.25, 1.0)
+    assert config.shadow.redis is not None and config.shadow.sample_rate == 0.0
+    assert load_config(str(DEFAULTS)) == Config()
+
+
+def test_the_configuration_in_effect_prints_and_reads_back(tmp_path: Path) -> None:
+    path = write(tmp_path, "shadow:\n  redis: redis://127.0.0.1:6379/3\n  ramp:\n"
+                 "    steps: [0.01, 1.0]\n    hold: 2h\nlisteners:\n"
+                 "  - {listen: 127.0.0.1:0, memcached: 10.0.0.1:11211, name: a}\n"
+                 "admin:\n  token: hidden-t0ken\n")  # fmt: skip
+    config = load_config(path)
+    text = render_config(config)
+    assert f"# From: {path}" in text
+    assert "    steps: [0.01, 1.0]  # default: []" in text
+    assert "    hold: 7200.0  # default: 900.0" in text
+    assert "  # token: (set, not printed)" in text and "hidden-t0ken" not in text
+    assert "  sample_rate: 0.0\n" in text  # a default, unmarked
+    again = tmp_path / "again.yaml"
+    again.write_text(text, encoding="utf-8")
+    assert load_config(str(again)) == dataclasses.replace(
+        config, admin=dataclasses.replace(config.admin, token=None)
+    )
+
+
+def test_the_defaults_file_comments_every_option() -> None:
     # Each option line is preceded by a comment line (or shares the comment of a pair).
-    lines = EXAMPLE.read_text(encoding="utf-8").splitlines()
+    lines = DEFAULTS.read_text(encoding="utf-8").splitlines()
     for dotted in option_paths():
         leaf = dotted.rsplit(".", 1)[-1]
         index = next(i for i, line in enumerate(lines) if line.strip().startswith(f"{leaf}:"))

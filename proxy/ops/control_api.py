@@ -7,10 +7,13 @@ Reads are open; changes need ``Authorization: Bearer <token>`` when a token is c
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hmac
 import json
 import math
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from importlib import resources
 from typing import Any
@@ -20,16 +23,22 @@ from proxy.config import option_paths
 from proxy.ops.audit import AuditLog
 from proxy.ops.autopilot import Autopilot
 from proxy.ops.reload import ConfigReloader, show_value
-from proxy.ops.report import build_report
+from proxy.ops.report import build_report, parse_commandstats, redis_own
 from proxy.shadow.control import ShadowControl
+from proxy.shadow.examples import MismatchExamples, mismatches_route
 from proxy.shadow.stats import ShadowStats
 
 RedisInfo = Callable[[], Awaitable[Mapping[str, str]]]
 """Fetches Redis INFO (at least the memory and keyspace sections) as field -> value."""
 
 REDIS_INFO_TIMEOUT = 2.0
+OWN_WINDOW = 30.0  # Redis's own figures cover at least this much recent time when they can
+OWN_EVERY = 10.0
+OWN_KEEP = 60
 MAX_AUDIT_LIMIT = 1000
-SHADOW_FIELDS = ("sample_rate", "enabled", "ramp", "halt")
+SHADOW_FIELDS = ("sample_rate", "enabled", "ramp", "halt", "reveal_examples", "evidence", "reason")
+MAX_KEY_BYTES = 4096  # a key to look up (memcached's own limit is 250)
+MAX_REASON_CHARS = 500
 RAMP_COMMANDS = ("pause", "resume")
 HTML_CONTENT_TYPE = "text/html; charset=utf-8"
 # The console is one page with inline script and style that talks only to this server.
@@ -74,6 +83,10 @@ class ControlAPI:
         redis_info: RedisInfo | None = None,
         clock: Callable[[], float] = time.time,
         shadow_running: bool = True,
+        examples: MismatchExamples | None = None,
+        restart_evidence: Callable[[str, str], None] | None = None,
+        evidence: Callable[[], dict[str, Any]] | None = None,
+        worker_load: Callable[[], dict[str, Any] | None] | None = None,
     ) -> None:
         self.control = control
         self.stats = stats
@@ -86,6 +99,16 @@ class ControlAPI:
         # False when no shadow runs (no Redis configured): the settings are kept and shown,
         # but nothing is sampled.
         self.shadow_running = shadow_running
+        self.examples = examples
+        self.restart_evidence = restart_evidence
+        self.evidence = evidence
+        self.worker_load = worker_load
+        # Redis's INFO commandstats as earlier reports read them, so its own figures cover
+        # the last minute or so (not all since Redis started): (when, command -> (calls,
+        # usec)), one every OWN_EVERY seconds at most.
+        self._commandstats: deque[tuple[float, dict[str, tuple[int, float]]]] = deque(
+            maxlen=OWN_KEEP
+        )
         self._console = load_console()
 
     def install(self, admin: AdminServer) -> None:
@@ -96,6 +119,11 @@ class ControlAPI:
         admin.add_route("POST", "/api/reload", self.post_reload)
         admin.add_route("GET", "/api/audit", self.get_audit)
         admin.add_route("GET", "/api/report", self.get_report)
+        if self.examples is not None:
+            admin.add_route(
+                "GET", "/api/mismatches", mismatches_route(self.examples, self.may_see_text)
+            )
+            admin.add_route("POST", "/api/mismatches/lookup", self.post_lookup)
 
     # --- auth -----------------------------------------------------------------------------
 
@@ -116,6 +144,15 @@ class ControlAPI:
             )
         if not hmac.compare_digest(given.strip().encode(), token.encode()):
             raise _unauthorized("wrong admin token", "invalid_token")
+
+    def may_see_text(self, request: Request) -> bool:
+        """Plaintext of revealed examples goes only to who holds the token (anyone when no
+        token is set)."""
+        try:
+            self.authorize(request)
+        except HTTPError:
+            return False
+        return True
 
     # --- routes ---------------------------------------------------------------------------
 
@@ -140,6 +177,11 @@ class ControlAPI:
             "guards": pilot["guards"],
             "halts_total": pilot["halts_total"],
             "figures": self.autopilot.figures(),
+            "rate_set_by": pilot["rate_set_by"],
+            "enabled_set_by": pilot["enabled_set_by"],
+            "redis_state": pilot["redis"] if self.shadow_running else {"state": "none"},
+            "examples": self.examples.describe() if self.examples is not None else None,
+            "evidence": self.evidence() if self.evidence is not None else None,
             "config_source": config.source,
             "token_required": self.token() is not None,
         }
@@ -178,20 +220,83 @@ class ControlAPI:
         halt = body.get("halt")
         if "halt" in body and halt != "clear":
             raise HTTPError(400, f'halt accepts only "clear", got {_show(halt)}')
+        reveal = body.get("reveal_examples")
+        if "reveal_examples" in body:
+            if not isinstance(reveal, bool):
+                raise HTTPError(400, f"reveal_examples must be true or false, got {_show(reveal)}")
+            if self.examples is None:
+                raise HTTPError(409, "no shadow runs here, so there are no examples to reveal")
+            if reveal and self.token() is None:
+                raise HTTPError(
+                    409,
+                    "revealing keys and values at runtime needs an admin token, so that only "
+                    "its holders see them: set admin.token or MEMSHADOW_ADMIN_TOKEN first "
+                    "(or shadow.reveal_examples in the config)",
+                )
+        evidence = body.get("evidence")
+        if "evidence" in body:
+            if evidence != "restart":
+                raise HTTPError(400, f'evidence accepts only "restart", got {_show(evidence)}')
+            if self.restart_evidence is None:
+                raise HTTPError(409, "the readiness evidence cannot be restarted here")
+        why = body.get("reason", "")
+        if not isinstance(why, str) or len(why) > MAX_REASON_CHARS:
+            raise HTTPError(400, f"reason must be text of at most {MAX_REASON_CHARS} characters")
+        if "reason" in body and len(body) == 1:
+            raise HTTPError(400, "reason goes with a change (evidence, enabled, sample_rate...)")
 
         before = self._last_seq()
+        if evidence == "restart" and self.restart_evidence is not None:
+            self.restart_evidence("api", why.strip())
+        if isinstance(reveal, bool) and self.examples is not None:
+            was = self.examples.reveal
+            if self.examples.set_reveal(reveal):
+                self.audit.record(
+                    "api",
+                    "reveal_examples",
+                    was,
+                    reveal,
+                    why.strip()
+                    or ("examples recorded from now on keep their keys and values in plain "
+                        "text, shown only with the admin token" if reveal
+                        else "examples recorded from now on are private again"),
+                )  # fmt: skip
         if halt == "clear":
             self.autopilot.clear_halt("api")
         if isinstance(enabled, bool):
-            self.control.set_enabled(enabled, "api")
+            self.control.set_enabled(enabled, "api", why.strip())
         if rate is not None:
-            self.control.set_rate(float(rate), "api")
+            self.control.set_rate(float(rate), "api", why.strip())
         if ramp == "pause":
             self.autopilot.pause_ramp("api")
         elif ramp == "resume":
             self.autopilot.resume_ramp("api")
         changes = [entry.as_json() for entry in self.audit.entries(since=before)]
         return Response.json({"changes": changes, **self.state()})
+
+    async def post_lookup(self, request: Request) -> Response:
+        """POST /api/mismatches/lookup {"key": "..."} (or {"key_base64": "..."}): the key's
+        hash and its examples. Needs the token when one is set: it confirms a guessed key."""
+        self.authorize(request)
+        assert self.examples is not None
+        body = request.json()
+        if not isinstance(body, dict) or len(body) != 1 or not {"key", "key_base64"} & set(body):
+            raise HTTPError(400, 'the body must be {"key": "..."} or {"key_base64": "..."}')
+        if "key" in body:
+            text = body["key"]
+            if not isinstance(text, str) or not text:
+                raise HTTPError(400, "key must be a non-empty string")
+            key = text.encode()
+        else:
+            try:
+                key = base64.b64decode(str(body["key_base64"]), validate=True)
+            except (binascii.Error, ValueError):
+                raise HTTPError(400, "key_base64 is not valid base64") from None
+            if not key:
+                raise HTTPError(400, "key_base64 decodes to nothing")
+        if len(key) > MAX_KEY_BYTES:
+            raise HTTPError(400, f"a key has at most {MAX_KEY_BYTES} bytes")
+        return Response.json(self.examples.lookup(key, show_text=True))
 
     async def get_config(self, request: Request) -> Response:
         reloader = self.reloader
@@ -245,6 +350,17 @@ class ControlAPI:
             except Exception as exc:  # any failure to reach Redis is reported, not raised
                 error = f"cannot read Redis INFO: {exc}"
         redis = self.reloader.current.shadow.redis
+        now = self.clock()
+        own = redis_own(None)
+        if info is not None:
+            kept = self._commandstats
+            base = None
+            for at, figures in kept:  # the newest at least OWN_WINDOW old
+                if now - at >= OWN_WINDOW:
+                    base = (at, figures)
+            own = redis_own(info) if base is None else redis_own(info, base[1], now - base[0])
+            if not kept or now - kept[-1][0] >= OWN_EVERY:
+                kept.append((now, parse_commandstats(info)))
         report = build_report(
             self.stats,
             sample_rate=self.control.sample_rate if self.control.enabled else 0.0,
@@ -252,7 +368,9 @@ class ControlAPI:
             redis_info=info,
             redis_error=error,
             db=redis.db if redis is not None else 0,
-            now=self.clock(),
+            now=now,
+            worker=self.worker_load() if self.worker_load is not None else None,
+            own=own,
         )
         return report
 
@@ -267,7 +385,7 @@ class ControlAPI:
         request: Request, name: str, default: int, low: int, high: int | None
     ) -> int:
         values = request.query.get(name)
-        if not values:
+        if not values or not values[-1]:
             return default
         raw = values[-1]
         value = int(raw) if raw.isascii() and raw.isdigit() else -1

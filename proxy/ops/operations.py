@@ -21,12 +21,20 @@ from proxy.metrics import ProxyMetrics
 from proxy.ops.audit import AuditLog
 from proxy.ops.autopilot import Autopilot
 from proxy.ops.control_api import ControlAPI, RedisInfo
-from proxy.ops.readiness import DEFAULT_TARGET, build_readiness, to_html
-from proxy.ops.reload import WATCH_INTERVAL, ConfigReloader
+from proxy.ops.readiness import (
+    DEFAULT_MIN_TRAFFIC,
+    DEFAULT_TARGET,
+    Counts,
+    build_readiness,
+    to_html,
+)
+from proxy.ops.reload import WATCH_INTERVAL, ConfigReloader, ReloadResult
 from proxy.ops.report import merge_info
+from proxy.ops.saturation import WorkerLoad
 from proxy.ops.timeline import EMPTY_BUCKETS, Reading, Timeline, cumulative_to_buckets
 from proxy.redis.client import parse_info
 from proxy.shadow.control import ShadowControl
+from proxy.shadow.examples import MismatchExamples
 from proxy.shadow.stats import ShadowStats
 
 log = logging.getLogger("memshadow.ops")
@@ -69,10 +77,20 @@ class OpsCollector(Collector):
                 "memshadow_config_last_reload_success_timestamp_seconds",
                 "Unix time of the last successful config load.",
             ),
+            GaugeMetricFamily(
+                "memshadow_shadow_traffic_share",
+                "Share of the client requests handed to the shadow over the last minute (the "
+                "sample rate is the share of keys; with a skewed key mix the two differ).",
+            ),
+            GaugeMetricFamily(
+                "memshadow_shadow_redis_reachable",
+                "1 while Redis answers the shadow, 0 while it is unreachable (the shadow drops "
+                "what it cannot send and resumes by itself), absent when nothing was sent lately.",
+            ),
         ]
 
     def collect(self) -> Iterable[Metric]:
-        halted, halts, step, successful, success_at = self._families()
+        halted, halts, step, successful, success_at, share, reachable = self._families()
         pilot = self._autopilot
         assert isinstance(halted, GaugeMetricFamily)
         assert isinstance(halts, CounterMetricFamily)
@@ -85,7 +103,15 @@ class OpsCollector(Collector):
         step.add_metric([], pilot.ramp_step)
         successful.add_metric([], 1 if self._reloader.last_success else 0)
         success_at.add_metric([], self._reloader.last_success_at)
-        return [halted, halts, step, successful, success_at]
+        assert isinstance(share, GaugeMetricFamily)
+        assert isinstance(reachable, GaugeMetricFamily)
+        window = pilot.figures()["window"]
+        if window is not None and window["traffic_share"] is not None:
+            share.add_metric([], window["traffic_share"])
+        redis = pilot.redis_state()["state"]
+        if redis in ("reachable", "unreachable"):
+            reachable.add_metric([], 1 if redis == "reachable" else 0)
+        return [halted, halts, step, successful, success_at, share, reachable]
 
 
 RedisPrimaries = Callable[[], list[Callable[..., Awaitable[Any]]]]
@@ -103,12 +129,23 @@ def redis_info_from(primaries: RedisPrimaries) -> RedisInfo:
         parts = []
         for execute in executes:
             fields: dict[str, str] = {}
-            for section in ("memory", "keyspace"):
+            for section in ("memory", "keyspace", "commandstats", "latencystats"):
                 fields.update(parse_info(await execute("INFO", section)))
             parts.append(fields)
         return merge_info(parts)
 
     return info
+
+
+def _ratio_param(request: Request, name: str, default: float, what: str) -> float:
+    raw = request.query.get(name, [""])[-1] or str(default)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value < 1.0:
+        raise HTTPError(400, f"{name} must be {what} above 0 and below 1, got {raw!r}")
+    return value
 
 
 def _reread(config: Config) -> Config:
@@ -147,6 +184,8 @@ class Operations:
         watch_interval: float = WATCH_INTERVAL,
         handle_sighup: bool = True,
         shadow_running: bool = True,
+        examples: MismatchExamples | None = None,
+        worker_pids: Callable[[], list[int]] | None = None,
     ) -> None:
         self.control = control
         self.configure_logging = configure_logging
@@ -164,7 +203,11 @@ class Operations:
             apply=self._apply,
             watch_interval=watch_interval,
             clock=clock,
+            on_result=self._reloaded,
         )
+        # The shadow worker's CPU and CPU wait (the what-if's trust in Redis's figure),
+        # sampled with the history.
+        self.worker_load = WorkerLoad(worker_pids) if worker_pids is not None else None
         self.api = ControlAPI(
             control=control,
             stats=stats,
@@ -175,6 +218,10 @@ class Operations:
             redis_info=redis_info,
             clock=clock,
             shadow_running=shadow_running,
+            examples=examples,
+            restart_evidence=self.restart_evidence,
+            evidence=self.evidence_state,
+            worker_load=self.worker_load.figures if self.worker_load is not None else None,
         )
         self.api.install(admin)
         metrics.registry.register(OpsCollector(self.autopilot, self.reloader))
@@ -187,6 +234,11 @@ class Operations:
         admin.add_route("GET", "/api/history", self.get_history)
         admin.add_route("GET", "/api/readiness", self.get_readiness)
         self.started_at = clock()
+        # The readiness evidence runs from here (or from an operator's restart of it): the
+        # counts then, subtracted from the counts now.
+        self.evidence_since = self.started_at
+        self._evidence_base: Counts | None = None
+        self.evidence_restarted: dict[str, Any] | None = None
         listen = config.admin.listen
         if self.token() is None and not _is_loopback(listen.host):
             log.warning(
@@ -224,8 +276,38 @@ class Operations:
             except Exception:  # the history must never stop the proxy
                 log.exception("history: cannot record a point")
 
+    def restart_evidence(self, source: str, reason: str = "") -> None:
+        """Start the readiness evidence afresh, on purpose (after a Redis configuration fix,
+        say): the report, its ramp periods, the ramp step's evidence and the guards' windows
+        count from now. Audited; nothing restarts it silently."""
+        now = self._clock()
+        self._evidence_base = Counts.of(self._stats, self._requests.total())
+        self.evidence_restarted = {"source": source, "at": now, "reason": reason}
+        self.evidence_since = now
+        self.timeline.cut()
+        self.autopilot.restart_evidence()
+        self.audit.record(
+            source, "evidence", "running", "restarted", reason or "restarted by an operator"
+        )
+
+    def evidence_state(self) -> dict[str, Any]:
+        return {"since": self.evidence_since, "restarted": self.evidence_restarted}
+
+    def _reloaded(self, result: ReloadResult) -> None:
+        """Every reload, good or refused, in the audit trail (and so in the history)."""
+        self.audit.record(
+            "reload",
+            "config",
+            "running",
+            "reloaded" if result.ok else "kept",
+            self.reloader.describe(result),
+            at=result.at,
+        )
+
     def record_history(self) -> None:
         """Add the history point of the interval ending now, and the audit's new events."""
+        if self.worker_load is not None:
+            self.worker_load.sample()
         self.timeline.note(self.audit.entries(since=self.timeline.audit_seq))
         stats = self._stats
         outcomes = {"match": 0, "mismatch": 0, "noise": 0}
@@ -246,31 +328,36 @@ class Operations:
             errors=sum(stats.errors.values()),
             lag_buckets=list(stats.lag.buckets),
             client_buckets=client,
+            shadowed=sum(stats.shadowed.values()),
         )
         self.timeline.sample(self._clock(), reading)
 
     async def get_readiness(self, request: Request) -> Response:
-        """GET /api/readiness[?target=RATE][&format=html]: can the team switch to Redis?"""
-        raw = request.query.get("target", [str(DEFAULT_TARGET)])[-1]
-        try:
-            target = float(raw)
-        except ValueError:
-            target = -1.0
-        if not 0.0 < target < 1.0:
-            raise HTTPError(400, f"target must be a mismatch rate above 0 and below 1, got {raw!r}")
+        """GET /api/readiness[?target=RATE][&min_traffic=SHARE][&format=html]: can the team
+        switch to Redis?"""
+        target = _ratio_param(request, "target", DEFAULT_TARGET, "a mismatch rate")
+        min_traffic = _ratio_param(
+            request, "min_traffic", DEFAULT_MIN_TRAFFIC, "a share of the client requests"
+        )
         history = self.timeline.to_json()
         control = self.control
+        counts = Counts.of(self._stats, self._requests.total())
+        if self._evidence_base is not None:
+            counts = counts.minus(self._evidence_base)
+        since = self.evidence_since
         report = build_readiness(
-            self._stats,
-            started_at=self.started_at,
+            counts,
+            started_at=since,
             now=self._clock(),
             sample_rate=control.sample_rate if control.enabled else 0.0,
-            client_requests=self._requests.total(),
+            client_requests=counts.client_requests,
             history=history,
-            halts=[event for event in history["events"] if event["field"] == "halt"],
+            halts=[e for e in history["events"] if e["field"] == "halt" and e["t"] >= since],
             halted=self.autopilot.halt.as_json() if self.autopilot.halt is not None else None,
             what_if=await self.api.what_if(),
             target=target,
+            min_traffic=min_traffic,
+            restarted=self.evidence_restarted,
         )
         if request.query.get("format", [""])[-1] == "html":
             return Response(200, to_html(report).encode(), "text/html; charset=utf-8")
@@ -278,7 +365,7 @@ class Operations:
 
     async def get_history(self, request: Request) -> Response:
         """GET /api/history[?since=UNIX_TIME]: the console's series and events."""
-        since = request.query.get("since", ["0"])[-1]
+        since = request.query.get("since", ["0"])[-1] or "0"
         try:
             after = float(since)
         except ValueError:
@@ -308,6 +395,8 @@ def install_ops(
     redis_primaries: RedisPrimaries | None = None,
     load: Callable[[], Config] | None = None,
     configure_logging: Callable[[LogConfig], None] | None = None,
+    examples: MismatchExamples | None = None,
+    worker_pids: Callable[[], list[int]] | None = None,
 ) -> Operations:
     """cli.serve's one call: the operator pieces over the shadow's control and stats (or
     inert ones when no shadow runs, so the API and console still answer)."""
@@ -321,4 +410,6 @@ def install_ops(
         redis_info=redis_info_from(redis_primaries) if redis_primaries is not None else None,
         configure_logging=configure_logging,
         shadow_running=control is not None,
+        examples=examples,
+        worker_pids=worker_pids,
     )

@@ -64,6 +64,13 @@ class Evidence:
     noise: int
     upper_bound: float  # Wilson 95% upper bound of mismatches / compared
     needed: int
+    shadowed: int = 0  # requests handed to the shadow during the step
+    client_requests: int = 0  # every client request during the step
+
+    @property
+    def traffic_share(self) -> float | None:
+        """The share of the step's client requests the shadow saw."""
+        return self.shadowed / self.client_requests if self.client_requests > 0 else None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -72,6 +79,9 @@ class Evidence:
             "noise": self.noise,
             "mismatch_upper_bound": self.upper_bound,
             "comparisons_needed": self.needed,
+            "shadowed_requests": self.shadowed,
+            "client_requests": self.client_requests,
+            "traffic_share": self.traffic_share,
         }
 
 
@@ -199,6 +209,14 @@ class RampPolicy:
         target = self.config.mismatch_target
         if ev.compared < ev.needed:
             self.reason = f"hold: too few comparisons ({ev.compared}/{ev.needed})"
+            share = ev.traffic_share
+            if share is not None and share < self.rate / 10:
+                # Keys are sampled, not requests: with a skewed key mix the sampled keys can
+                # carry far less than their share of the traffic.
+                self.reason += (
+                    f": the sampled keys ({_percent(self.rate)} of keys) carried only "
+                    f"{_percent(share)} of this step's {ev.client_requests} requests"
+                )
             return None
         if ev.upper_bound >= target:
             self.reason = (
@@ -245,12 +263,21 @@ class RampPolicy:
             return None
         return RampMove(self.rate, self.index, self.reason)
 
-    def step_back(self, now: float, snapshot: StatsSnapshot) -> RampMove | None:
-        """Go down one step (a guard's step_back action); None when there is no lower step."""
-        if self.phase in (RampPhase.OFF, RampPhase.BASELINE) or self.index <= 0:
+    def step_back(
+        self, now: float, snapshot: StatsSnapshot, current_rate: float
+    ) -> RampMove | None:
+        """A guard's step_back: go to the highest step below the current rate, wherever that
+        rate came from (the ramp, an operator, a reload); None when no step is below it."""
+        if self.phase in (RampPhase.OFF, RampPhase.BASELINE):
             return None
-        self._enter(self.index - 1, now, snapshot)
-        self.reason = f"stepped back to step {self.index + 1}/{len(self.steps)}"
+        below = [i for i, step in enumerate(self.steps) if step < current_rate]
+        if not below:
+            return None
+        self._enter(below[-1], now, snapshot)
+        self.reason = (
+            f"stepped back from {current_rate:g} to step {self.index + 1}/{len(self.steps)} "
+            f"({self.rate:g}), the step below it"
+        )
         return RampMove(self.rate, self.index, self.reason)
 
     def restart_step(self, now: float, snapshot: StatsSnapshot) -> None:
@@ -308,4 +335,6 @@ class RampPolicy:
             noise=window.comparisons.get("noise", 0),
             upper_bound=wilson_upper(mismatches, compared),
             needed=self.needed,
+            shadowed=window.shadowed,
+            client_requests=window.client_requests,
         )

@@ -14,6 +14,7 @@ import html
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from proxy.ops.timeline import STEP_FIELDS
@@ -23,6 +24,52 @@ CONFIDENCE = 0.95
 DEFAULT_TARGET = 0.0001
 """The mismatch rate a switch tolerates by default (0.01%): ready once no mismatch is seen
 and the 95% upper bound of the rate is below it (about 30,000 clean comparisons)."""
+DEFAULT_MIN_TRAFFIC = 0.01
+"""The share of client requests the comparisons must come from (1%). Keys are sampled, not
+requests: with a skewed key mix, 1% of keys can carry 0.01% of the requests, and a verdict
+on those says little about the hot keys that carry the rest."""
+REDIS_EVICTED = "redis_evicted"
+"""The noise reason of a difference a Redis eviction caused: a capacity finding."""
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    """The shadow's cumulative counts at one moment (ShadowStats's counters, copied), so
+    the evidence can start from a chosen moment: counts now minus counts then."""
+
+    comparisons: Mapping[tuple[str, str], int]  # (command, outcome)
+    mismatches: Mapping[tuple[str, str], int]  # (command, kind)
+    noise: Mapping[tuple[str, str], int]  # (command, reason)
+    shadowed: Mapping[str, int]  # command
+    dropped: Mapping[str, int]  # reason
+    errors: Mapping[str, int]  # kind
+    client_requests: int
+
+    @classmethod
+    def of(cls, stats: ShadowStats, client_requests: int) -> Counts:
+        return cls(
+            dict(stats.comparisons),
+            dict(stats.mismatches),
+            dict(stats.noise),
+            dict(stats.shadowed),
+            dict(stats.dropped),
+            dict(stats.errors),
+            client_requests,
+        )
+
+    def minus(self, earlier: Counts) -> Counts:
+        def sub(a: Mapping[Any, int], b: Mapping[Any, int]) -> dict[Any, int]:
+            return {k: v - b.get(k, 0) for k, v in a.items() if v - b.get(k, 0) > 0}
+
+        return Counts(
+            sub(self.comparisons, earlier.comparisons),
+            sub(self.mismatches, earlier.mismatches),
+            sub(self.noise, earlier.noise),
+            sub(self.shadowed, earlier.shadowed),
+            sub(self.dropped, earlier.dropped),
+            sub(self.errors, earlier.errors),
+            max(0, self.client_requests - earlier.client_requests),
+        )
 
 
 def upper_bound(mismatches: int, comparisons: int, confidence: float = CONFIDENCE) -> float | None:
@@ -103,15 +150,20 @@ def _duration(seconds: float) -> str:
     return "1 minute" if minutes == 1 else f"{minutes} minutes"
 
 
-def per_step(history: Mapping[str, Any]) -> list[dict[str, Any]]:
+def per_step(history: Mapping[str, Any], since: float = 0.0) -> list[dict[str, Any]]:
     """Figures for each period of one ramp step and sample rate, in time order: the history's
-    `steps`, which cover the whole run (not only the points it still holds)."""
+    `steps`, which cover the whole run (not only the points it still holds); those that
+    began after ``since`` (the evidence's start)."""
     steps: list[dict[str, Any]] = []
     names = history.get("step_fields", STEP_FIELDS)
     for row in history.get("steps", []):
         period = dict(zip(names, row, strict=True))
+        if period["from"] <= since:
+            continue
         noise = period["noise"]
         comparisons = period["match"] + period["mismatch"] + noise
+        requests = period.get("requests", 0)
+        shadowed = period.get("shadowed", 0)
         steps.append(
             {
                 "sample_rate": period["sample_rate"],
@@ -122,13 +174,16 @@ def per_step(history: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "mismatches": period["mismatch"],
                 "noise": noise,
                 "upper_bound": upper_bound(period["mismatch"], comparisons - noise),
+                "client_requests": requests,
+                "shadowed_requests": shadowed,
+                "traffic_share": shadowed / requests if requests else None,
             }
         )
     return steps
 
 
 def build_readiness(
-    stats: ShadowStats,
+    stats: ShadowStats | Counts,
     *,
     started_at: float,
     now: float,
@@ -139,12 +194,17 @@ def build_readiness(
     halted: Mapping[str, Any] | None,
     what_if: Mapping[str, Any],
     target: float = DEFAULT_TARGET,
+    min_traffic: float = DEFAULT_MIN_TRAFFIC,
+    restarted: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The whole report as JSON-ready data. A verdict counts the comparisons that are not
-    noise: noise (races, expiry, evictions, lost writes) proves nothing either way."""
+    noise: noise (races, expiry, evictions, lost writes) proves nothing either way. The
+    evidence runs from ``started_at`` (the start, or when an operator restarted it:
+    ``restarted`` says who and why); ``stats`` are the counts since then."""
+    counts = stats if isinstance(stats, Counts) else Counts.of(stats, client_requests)
     outcomes: Counter[str] = Counter()
     commands: dict[str, dict[str, Any]] = {}
-    for (command, outcome), count in stats.comparisons.items():
+    for (command, outcome), count in counts.comparisons.items():
         outcomes[outcome] += count
         row = commands.setdefault(
             command, {"command": command, "comparisons": 0, "match": 0, "mismatch": 0, "noise": 0}
@@ -152,25 +212,30 @@ def build_readiness(
         row["comparisons"] += count
         row[outcome] = row.get(outcome, 0) + count
     kinds: Counter[str] = Counter()
-    for (command, kind), count in stats.mismatches.items():
+    for (command, kind), count in counts.mismatches.items():
         kinds[kind] += count
         commands.setdefault(command, {"command": command, "comparisons": 0, "match": 0,
                                       "mismatch": 0, "noise": 0})  # fmt: skip
         commands[command].setdefault("kinds", {})[kind] = count
     noise: Counter[str] = Counter()
-    for (_, reason), count in stats.noise.items():
+    for (_, reason), count in counts.noise.items():
         noise[reason] += count
     for row in commands.values():
         row["upper_bound"] = upper_bound(row["mismatch"], row["comparisons"] - row["noise"])
     mismatches = outcomes["mismatch"]
     judged = outcomes["match"] + mismatches
     bound = upper_bound(mismatches, judged)
-    shadowed = sum(stats.shadowed.values())
+    shadowed = sum(counts.shadowed.values())
+    requests = counts.client_requests
+    share = shadowed / requests if requests else None
+    evicted = noise.get(REDIS_EVICTED, 0)
     halt_list = list(halts)
     blockers: list[str] = []
     if mismatches:
         shown = ", ".join(f"{kind} {count}" for kind, count in kinds.most_common())
         blockers.append(f"{mismatches} mismatches ({shown}): see GET /api/mismatches")
+    if evicted:
+        blockers.append(_evicted_text(evicted))
     if bound is None:
         blockers.append("nothing compared yet")
     elif bound > target:
@@ -178,6 +243,13 @@ def build_readiness(
             f"not enough evidence: the 95% upper bound of the mismatch rate is "
             f"{_percent(bound)}, above the target {_percent(target)} (more comparisons, "
             "a higher sample rate or a longer period)"
+        )
+    if bound is not None and (share is None or share < min_traffic):
+        blockers.append(
+            f"too little of the traffic: the comparisons come from {_percent(share)} of the "
+            f"client requests (at least {_percent(min_traffic)} needed); the sampled keys "
+            f"({_percent(sample_rate)} of keys) are not the ones that carry the traffic: "
+            "raise the sample rate"
         )
     if halted is not None:
         blockers.append(f"the shadow is halted ({halted.get('rule')}: {halted.get('reason')})")
@@ -187,15 +259,37 @@ def build_readiness(
     else:
         verdict = (
             f"Ready: 0 mismatches in {_count(judged)} comparisons over {observed}, "
-            f"upper bound {_percent(bound)}"
+            f"upper bound {_percent(bound)}, from {_percent(share)} of the client requests"
+        )
+    notes = [
+        "Counts, per ramp step too, are since "
+        + ("this memshadow started" if restarted is None else "the evidence was restarted")
+        + (
+            f" (the oldest {history['steps_dropped']} ramp periods are no longer listed)."
+            if history.get("steps_dropped")
+            else "."
+        ),
+        "Noise (races, expiry boundaries, evictions, writes lost in a Redis failover) is "
+        "not evidence either way and is left out of the bounds.",
+        "upper_bound: the exact one-sided 95% upper bound of the mismatch rate "
+        "(Clopper-Pearson); with 0 mismatches in n comparisons it is about 3/n.",
+        "Coverage: keys are sampled by a hash of the key, so the sample rate is the share of "
+        "keys; the share of requests is what those keys carried, counted.",
+    ]
+    if evicted:
+        notes.append(
+            f"{REDIS_EVICTED}: differences a Redis eviction caused, one per key until it is "
+            "written again; a capacity result, not a protocol mismatch."
         )
     return {
         "generated_at": now,
         "observed_since": started_at,
         "observed_for": observed,
+        "evidence_restarted": dict(restarted) if restarted is not None else None,
         "ready": not blockers,
         "verdict": verdict,
         "target": target,
+        "min_traffic_share": min_traffic,
         "confidence": CONFIDENCE,
         "totals": {
             "comparisons": sum(outcomes.values()),
@@ -208,31 +302,32 @@ def build_readiness(
         "mismatch_kinds": dict(kinds),
         "noise_reasons": dict(noise.most_common()),
         "commands": sorted(commands.values(), key=lambda r: -r["comparisons"]),
-        "steps": per_step(history),
+        "steps": per_step(history, started_at if restarted is not None else 0.0),
         "coverage": {
             "sampled_key_fraction": sample_rate,
             "shadowed_requests": shadowed,
-            "client_requests": client_requests,
-            "traffic_share": shadowed / client_requests if client_requests else None,
-            "dropped": sum(stats.dropped.values()),
-            "errors": sum(stats.errors.values()),
+            "client_requests": requests,
+            "traffic_share": share,
+            "dropped": sum(counts.dropped.values()),
+            "errors": sum(counts.errors.values()),
         },
+        "capacity_findings": [
+            {"finding": REDIS_EVICTED, "count": evicted, "text": _evicted_text(evicted)}
+        ]
+        if evicted
+        else [],
         "halts": halt_list,
         "latency": what_if.get("service_time"),
         "capacity": what_if.get("capacity"),
-        "notes": [
-            "Counts, per ramp step too, are since this memshadow started"
-            + (
-                f" (the oldest {history['steps_dropped']} ramp periods are no longer listed)."
-                if history.get("steps_dropped")
-                else "."
-            ),
-            "Noise (races, expiry boundaries, evictions, writes lost in a Redis failover) is "
-            "not evidence either way and is left out of the bounds.",
-            "upper_bound: the exact one-sided 95% upper bound of the mismatch rate "
-            "(Clopper-Pearson); with 0 mismatches in n comparisons it is about 3/n.",
-        ],
+        "notes": notes,
     }
+
+
+def _evicted_text(count: int) -> str:
+    return (
+        f"Redis evicted {count} keys Memcached still held: this working set needs more than "
+        "maxmemory (a capacity result, not a protocol mismatch)"
+    )
 
 
 def to_html(report: Mapping[str, Any]) -> str:
@@ -254,9 +349,18 @@ def to_html(report: Mapping[str, Any]) -> str:
     ]
     steps = [
         [s["ramp_step"] or "-", _percent(s["sample_rate"]), _when(s["from"]), _when(s["until"]),
-         s["comparisons"], s["mismatches"], _percent(s["upper_bound"])]
+         s["comparisons"], s["mismatches"], _percent(s["upper_bound"]),
+         _percent(s.get("traffic_share"))]
         for s in report["steps"]
     ]  # fmt: skip
+    findings = "".join(f"<p>{e(f['text'])}.</p>" for f in report.get("capacity_findings", []))
+    restarted = report.get("evidence_restarted")
+    restart_note = (
+        f"<p class=\"muted\">Evidence restarted by {e(str(restarted.get('source')))}: "
+        f"{e(str(restarted.get('reason') or 'no reason given'))}.</p>"
+        if restarted
+        else ""
+    )
     noise = [[reason, count] for reason, count in report["noise_reasons"].items()]
     halts = [[_when(h.get("t")), h.get("source", ""), h.get("what", "")] for h in report["halts"]]
     latency = report.get("latency") or {}
@@ -281,6 +385,9 @@ th, td {{ text-align: left; padding: 3px 12px 3px 0; border-bottom: 1px solid #d
 <p class="muted">Generated {e(_when(report["generated_at"]))}, observed for
 {e(report["observed_for"])} (since {e(_when(report["observed_since"]))}).</p>
 <p class="verdict {status}">{e(report["verdict"])}</p>
+{restart_note}
+<h2>Capacity</h2>
+{findings or "<p>Redis evicted no key Memcached still held.</p>"}
 <h2>Totals</h2>
 {
         table(
@@ -300,7 +407,13 @@ th, td {{ text-align: left; padding: 3px 12px 3px 0; border-bottom: 1px solid #d
 <h2>By command</h2>
 {table(["command", "comparisons", "mismatches", "noise", "95% upper bound"], commands)}
 <h2>By ramp step</h2>
-{table(["step", "rate", "from", "until", "comparisons", "mismatches", "95% upper bound"], steps)}
+{
+        table(
+            ["step", "rate (keys)", "from", "until", "comparisons", "mismatches",
+             "95% upper bound", "share of requests"],
+            steps,
+        )
+    }
 <h2>Noise by reason</h2>
 {table(["reason", "count"], noise)}
 <h2>Coverage</h2>

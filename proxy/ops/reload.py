@@ -105,7 +105,10 @@ class ConfigReloader:
         apply: Apply,
         watch_interval: float = WATCH_INTERVAL,
         clock: Callable[[], float] = time.time,
+        on_result: Callable[[ReloadResult], None] | None = None,
     ) -> None:
+        """on_result is told every reload's outcome, good or bad (the audit trail)."""
+        self.on_result = on_result
         self.started = config  # what the listeners, the pools... were built from
         self.current = config
         self.load = load
@@ -142,6 +145,7 @@ class ConfigReloader:
             result = ReloadResult(False, now, trigger, source, error=str(exc))
             self.last_result = result
             log.error("config reload (%s) failed, keeping the running config: %s", trigger, exc)
+            self._tell(result)
             return result
         old = self.current
         applied = [p for p in changed_options(old, new) if is_live(p)]
@@ -163,7 +167,23 @@ class ConfigReloader:
                 "config options changed that need a restart to take effect: %s",
                 "; ".join(_restart_line(self.started, new, p) for p in restart),
             )
+        self._tell(result)
         return result
+
+    def _tell(self, result: ReloadResult) -> None:
+        if self.on_result is not None:
+            self.on_result(result)
+
+    def describe(self, result: ReloadResult) -> str:
+        """A reload's outcome in one line (the audit trail's reason)."""
+        if not result.ok:
+            kept = "the file was refused, the running config kept"
+            return f"{result.trigger}: {kept}: {result.error}"
+        applied = ", ".join(f"{p} = {show_value(self.current, p)}" for p in result.applied)
+        text = f"{result.trigger}: " + (applied or "no live option changed")
+        if result.restart_required:
+            text += "; needs a restart: " + ", ".join(result.restart_required)
+        return text
 
     # --- triggers -------------------------------------------------------------------------
 

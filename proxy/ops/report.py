@@ -42,10 +42,133 @@ def _latency(hist: LatencyHistogram | None) -> dict[str, Any]:
     }
 
 
-def service_times(stats: ShadowStats) -> dict[str, Any]:
+WAIT_UNTRUSTED = 0.02
+"""Share of the time the worker may wait for a CPU before its Redis service time is not
+trusted: a reply that arrives while the worker waits is read that much later, and the p99
+is made of such tails."""
+CPU_UNTRUSTED = 0.9
+"""Share of a core the worker may use: past it, it has no slack to read replies promptly."""
+
+
+def parse_commandstats(info: Mapping[str, str]) -> dict[str, tuple[int, float]]:
+    """INFO commandstats: command -> (calls, microseconds in all), from fields like
+    ``cmdstat_get: calls=10,usec=20,usec_per_call=2.00,...``."""
+    found: dict[str, tuple[int, float]] = {}
+    for name, value in info.items():
+        if not name.startswith("cmdstat_"):
+            continue
+        fields = dict(part.partition("=")[::2] for part in value.split(","))
+        try:
+            found[name.removeprefix("cmdstat_")] = (int(fields["calls"]), float(fields["usec"]))
+        except (KeyError, ValueError):
+            continue
+    return found
+
+
+def parse_latencystats(info: Mapping[str, str]) -> dict[str, dict[str, float]]:
+    """INFO latencystats (Redis 7+): command -> {"p50", "p99", "p99.9"} in microseconds."""
+    found: dict[str, dict[str, float]] = {}
+    for name, value in info.items():
+        if not name.startswith("latency_percentiles_usec_"):
+            continue
+        points: dict[str, float] = {}
+        for part in value.split(","):
+            label, _, number = part.partition("=")
+            try:
+                points[label.strip()] = float(number)
+            except ValueError:
+                continue
+        found[name.removeprefix("latency_percentiles_usec_")] = points
+    return found
+
+
+def redis_own(
+    info: Mapping[str, str] | None,
+    previous: Mapping[str, tuple[int, float]] | None = None,
+    seconds: float | None = None,
+    top: int = 6,
+) -> dict[str, Any]:
+    """Redis's own account of its commands (the cross-check): per command the microseconds
+    per call, over the time since ``previous`` when given (else since Redis started), and
+    the server-side p99 where Redis keeps one. The busiest commands first."""
+    if info is None:
+        return {"available": False, "commands": []}
+    now = parse_commandstats(info)
+    latency = parse_latencystats(info)
+    rows: list[dict[str, Any]] = []
+    for command, (calls, usec) in now.items():
+        base_calls, base_usec = (previous or {}).get(command, (0, 0.0))
+        if previous is not None and calls >= base_calls:
+            calls, usec = calls - base_calls, usec - base_usec
+        if calls <= 0:
+            continue
+        rows.append(
+            {
+                "command": command,
+                "calls": calls,
+                "usec_per_call": usec / calls,
+                "p99_usec": latency.get(command, {}).get("p99"),
+            }
+        )
+    rows.sort(key=lambda row: -row["calls"])
+    return {
+        "available": bool(now),
+        "over_seconds": seconds if previous is not None else None,
+        "commands": rows[:top],
+        "note": "INFO commandstats and latencystats: time inside Redis, without the network "
+        "or the client; for the whole Redis instance, not only the shadow's database",
+    }
+
+
+def trust(service: Mapping[str, Any], worker: Mapping[str, Any] | None,
+          own: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """Can Redis's service time as the shadow measured it be believed? Not when the worker
+    that measured it was short of CPU: it then read replies late. Says so in one sentence,
+    with Redis's own figures beside it."""
+    own_rows = own.get("commands") or []
+    own_text = ", ".join(
+        f"{row['command'].upper()} {row['usec_per_call']:.3g} µs" for row in own_rows[:3]
+    )
+    own_sentence = (
+        f" Redis itself reports {own_text} per call (INFO commandstats)." if own_text else ""
+    )
+    if worker is None:
+        return {
+            "trustworthy": None,
+            "sentence": "The shadow worker's CPU is not known yet (it is read from /proc every "
+            f"10 s), so this figure cannot be checked.{own_sentence}",
+        }
+    cpu, wait = worker["cpu_share"], worker.get("wait_share")
+    load = f"used {cpu:.0%} of a core"
+    if wait is not None:
+        load += f" and waited for a CPU {wait:.1%} of the time"
+    load += f" over the last {worker['seconds']:.0f} s"
+    starved = (wait is not None and wait >= WAIT_UNTRUSTED) or cpu >= CPU_UNTRUSTED
+    if starved:
+        sentence = (
+            f"Not trustworthy: the shadow worker {load}, so Redis's replies waited to be "
+            "read and the service time above includes that wait: it blames Redis for the "
+            f"shadow's own CPU starvation.{own_sentence} Lower the sample rate, give the "
+            "worker a core of its own, or judge Redis by its own figures."
+        )
+    else:
+        sentence = (
+            f"Trustworthy: the shadow worker {load}, so replies were read as they came: "
+            f"Redis's service time is Redis's own plus the network.{own_sentence}"
+        )
+    return {"trustworthy": not starved, "sentence": sentence}
+
+
+def service_times(
+    stats: ShadowStats,
+    *,
+    worker: Mapping[str, Any] | None = None,
+    own: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """Both stores' service time measured the same way (the write that carried a request to
     the read that brought its reply, on the store's connection), and the shadow's own delay
-    before Redis, apart: what Redis would cost a client, and what memshadow adds."""
+    before Redis, apart: what Redis would cost a client, and what memshadow adds. Beside
+    it: the worker's saturation, Redis's own figures, and whether to trust the figure."""
     memcached = LatencyHistogram()  # every command's together
     for hist in stats.memcached_latency.values():
         for index, count in enumerate(hist.buckets):
@@ -55,9 +178,13 @@ def service_times(stats: ShadowStats) -> dict[str, Any]:
     ratio = None
     if both["memcached"]["p99"] and both["redis"]["p99"] is not None:
         ratio = both["redis"]["p99"] / both["memcached"]["p99"]
+    own_figures = dict(own) if own is not None else redis_own(None)
     return {
         **both,
         "p99_ratio": ratio,
+        "worker": dict(worker) if worker is not None else None,
+        "redis_own": own_figures,
+        "trust": trust(both["redis"], worker, own_figures),
         "shadow_queueing": _latency(stats.queueing),
         "note": "service time: from the write that carried a request to the read that brought "
         "its reply, on the store's own connection (Memcached: the client path's requests that "
@@ -123,6 +250,13 @@ def merge_info(parts: Sequence[Mapping[str, str]]) -> dict[str, str]:
             for field, number in parse_keyspace(part.get(name, "")).items():
                 totals[field] = totals.get(field, 0) + number
         merged[name] = ",".join(f"{field}={number}" for field, number in totals.items())
+    commands: dict[str, tuple[int, float]] = {}
+    for part in parts:
+        for command, (calls, usec) in parse_commandstats(part).items():
+            known = commands.get(command, (0, 0.0))
+            commands[command] = (known[0] + calls, known[1] + usec)
+    for command, (calls, usec) in commands.items():
+        merged[f"cmdstat_{command}"] = f"calls={calls},usec={usec:g}"
     return merged
 
 
@@ -191,6 +325,8 @@ def build_report(
     redis_error: str | None = None,
     db: int = 0,
     now: float,
+    worker: Mapping[str, Any] | None = None,
+    own: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The whole report as JSON-ready data."""
     capacity: dict[str, Any] = {"sample_rate": sample_rate}
@@ -210,7 +346,7 @@ def build_report(
             capacity["ops"] = {"error": "not enough traffic history at this sample rate yet"}
     return {
         "generated_at": now,
-        "service_time": service_times(stats),
+        "service_time": service_times(stats, worker=worker, own=own),
         "latency": latency_table(stats),
         "latency_note": "seconds; both stores on the same shadowed requests since start; "
         "Redis's figure is the round trip as the shadow saw it (the command queued to its "

@@ -36,6 +36,7 @@ FIELDS = (
     "lag_p99",  # seconds from Memcached's reply to the verdict, p99 of the interval
     "client_p99",  # client requests' p99 in the interval (seconds), whatever the rate
     "requests",  # client requests in the interval
+    "shadowed",  # of them, handed to the shadow
 )
 
 STEP_FIELDS = (
@@ -46,6 +47,8 @@ STEP_FIELDS = (
     "match",  # verdicts in the period, by outcome
     "mismatch",
     "noise",
+    "requests",  # client requests in the period
+    "shadowed",  # of them, handed to the shadow
 )
 
 
@@ -63,6 +66,7 @@ class Reading:
     errors: int
     lag_buckets: Sequence[int]
     client_buckets: Sequence[int]
+    shadowed: int = 0  # requests handed to the shadow
 
 
 EMPTY_BUCKETS = (0,) * (len(DURATION_BUCKETS) + 1)
@@ -85,6 +89,12 @@ class Timeline:
         self.steps_dropped = 0  # the oldest periods, past MAX_STEPS
         self._last: Reading | None = None
         self._audit_seq = 0
+        self._cut = False  # the next sample starts a new period (evidence restarted)
+
+    def cut(self) -> None:
+        """Start a new period at the next sample, whatever the rate (the readiness evidence
+        was restarted: its periods must not mix figures from before)."""
+        self._cut = True
 
     def sample(self, now: float, reading: Reading) -> None:
         """Add the point for the interval that ends at `now` (the first reading only sets
@@ -98,16 +108,22 @@ class Timeline:
         match = max(0, reading.match - last.match)
         mismatch = max(0, reading.mismatch - last.mismatch)
         noise = max(0, reading.noise - last.noise)
+        shadowed = max(0, reading.shadowed - last.shadowed)
+        requests = sum(client)
         steps = self.steps
-        if not steps or (steps[-1][0], steps[-1][1]) != (reading.sample_rate, reading.ramp_step):
+        current = (reading.sample_rate, reading.ramp_step)
+        if not steps or self._cut or (steps[-1][0], steps[-1][1]) != current:
             if len(steps) == steps.maxlen:
                 self.steps_dropped += 1
-            steps.append([reading.sample_rate, reading.ramp_step, t, t, 0, 0, 0])
+            steps.append([reading.sample_rate, reading.ramp_step, t, t, 0, 0, 0, 0, 0])
+            self._cut = False
         period = steps[-1]
         period[3] = t
         period[4] += match
         period[5] += mismatch
         period[6] += noise
+        period[7] += requests
+        period[8] += shadowed
         self.points.append(
             (
                 t,
@@ -120,7 +136,8 @@ class Timeline:
                 max(0, reading.errors - last.errors),
                 _rounded(bucket_quantile(lag, 0.99)),
                 _rounded(bucket_quantile(client, 0.99)),
-                sum(client),
+                requests,
+                shadowed,
             )
         )
 

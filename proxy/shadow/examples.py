@@ -1,7 +1,12 @@
 """Mismatch examples: the last few per kind, private by default, for GET /api/mismatches and logs.
 
 Keys and values are turned into keyed hashes (HMAC-SHA256) and lengths when they are recorded,
-so no plaintext is kept in memory, served or logged unless the operator opts in (`reveal`).
+in the proxy process (the worker sends raw keys), so no plaintext is kept in memory, served or
+logged unless the operator opts in: `shadow.reveal_examples` in the config, or the runtime
+switch (`set_reveal`, which the admin API allows only behind its token) for the examples
+recorded from then on. The secret comes from the operator (MEMSHADOW_EXAMPLES_SECRET or
+shadow.examples_secret_file), so a hash is the same across restarts and a suspect key can be
+looked up (`lookup`); without one it is random per process.
 Each example is also logged as one JSON line on "memshadow.mismatch", at most
 `log_per_second` lines a second; the lines left out are counted and summarised.
 """
@@ -64,21 +69,35 @@ class MismatchExample:
     # How it came about: the re-read of both stores, the action taken (a repair) and the
     # key's last operations as the shadow saw them (see dispatcher._example).
     story: dict[str, JSONValue] | None = None
+    key_hash: str = ""  # the keyed hash, always (what a lookup matches)
+    revealed: bool = False  # recorded with plaintext (key, and value texts in the dicts)
 
-    def to_json(self) -> dict[str, JSONValue]:
+    def to_json(self, *, show_text: bool = True) -> dict[str, JSONValue]:
+        """As served; ``show_text`` False shows a revealed example as a private one."""
+        reveal = self.revealed and show_text
         shown: dict[str, JSONValue] = {
             "at": round(self.at, 3),
             "time": datetime.fromtimestamp(self.at, UTC).isoformat(timespec="milliseconds"),
             "kind": self.kind,
             "command": self.command,
-            "key": self.key,
-            "memcached": self.memcached,
-            "redis": self.redis,
+            "key": self.key if reveal else self.key_hash or self.key,
+            "key_hash": self.key_hash or self.key,
+            "memcached": self.memcached if reveal else _hide_text(self.memcached),
+            "redis": self.redis if reveal else _hide_text(self.redis),
             "detail": self.detail,
         }
         if self.story is not None:
-            shown["story"] = self.story
+            shown["story"] = self.story if reveal else _hide_text(self.story)
         return shown
+
+
+def _hide_text(value: Any) -> Any:
+    """A revealed value's text taken out again (length and hash stay)."""
+    if isinstance(value, dict):
+        return {k: _hide_text(v) for k, v in value.items() if k not in ("text", "truncated")}
+    if isinstance(value, list):
+        return [_hide_text(item) for item in value]
+    return value
 
 
 class MismatchExamples:
@@ -89,6 +108,11 @@ class MismatchExamples:
     restarts. `record` takes the two sides as dicts: bytes anywhere in them (values, keys)
     are hashed; str, numbers, bools and None are kept as they are, so they must not carry
     plaintext; other objects are shown by type name only.
+
+    `reveal` (the config's choice) records plaintext too, serves it by default and logs it;
+    `set_reveal` switches it at runtime, for the examples recorded from then on, whose
+    plaintext is served only to whom the caller allows (`to_json(show_text=...)`) and never
+    logged.
     """
 
     def __init__(
@@ -97,6 +121,7 @@ class MismatchExamples:
         reveal: bool = False,
         secret: bytes | None = None,
         *,
+        secret_source: str = "given",
         log_per_second: int = 10,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
@@ -105,8 +130,11 @@ class MismatchExamples:
         if per_kind < 1:
             raise ValueError(f"per_kind must be at least 1, got {per_kind}")
         self.per_kind = per_kind
-        self.reveal = reveal
+        self.reveal = reveal  # plaintext is recorded now
+        self.reveal_configured = reveal  # ...and by the config: served and logged by default
+        self.reveal_since: float | None = wall_clock() if reveal else None
         self._secret = secret if secret is not None else os.urandom(32)
+        self.secret_source = secret_source if secret is not None else None
         self.log_per_second = log_per_second
         self._clock = clock
         self._wall_clock = wall_clock
@@ -120,10 +148,29 @@ class MismatchExamples:
         self.suppressed_total = 0
 
     @classmethod
-    def for_config(cls, config: Config) -> MismatchExamples:
-        """The examples shadow.examples_per_kind and shadow.reveal_examples ask for."""
+    def for_config(
+        cls, config: Config, environ: Mapping[str, str] = os.environ
+    ) -> MismatchExamples:
+        """The examples shadow.examples_per_kind, shadow.reveal_examples and the secret
+        (MEMSHADOW_EXAMPLES_SECRET, else shadow.examples_secret_file) ask for."""
+        from proxy.config import examples_secret
+
         shadow = config.shadow
-        return cls(per_kind=shadow.examples_per_kind, reveal=shadow.reveal_examples)
+        secret = examples_secret(shadow, environ, config.source)
+        return cls(
+            per_kind=shadow.examples_per_kind,
+            reveal=shadow.reveal_examples,
+            secret=secret[0] if secret is not None else None,
+            secret_source=secret[1] if secret is not None else "given",
+        )
+
+    def set_reveal(self, reveal: bool) -> bool:
+        """Record plaintext from now on (or stop); False when nothing changes."""
+        if reveal == self.reveal:
+            return False
+        self.reveal = reveal
+        self.reveal_since = self._wall_clock() if reveal else None
+        return True
 
     # -- recording ---------------------------------------------------------------------------
 
@@ -138,15 +185,18 @@ class MismatchExamples:
         story: Mapping[str, Any] | None = None,
     ) -> MismatchExample:
         """Keep an example (dropping the oldest of its kind past `per_kind`) and log it."""
+        key_hash = self.hash(key)
         example = MismatchExample(
             at=self._wall_clock(),
             kind=kind,
             command=command,
-            key=escape_bytes(key) if self.reveal else self.hash(key),
+            key=escape_bytes(key) if self.reveal else key_hash,
             memcached=self._private_dict(memcached),
             redis=self._private_dict(redis),
             detail=detail,
             story=None if story is None else self._private_dict(story),
+            key_hash=key_hash,
+            revealed=self.reveal,
         )
         examples = self._kinds.get(kind)
         if examples is None:
@@ -187,14 +237,46 @@ class MismatchExamples:
 
     # -- reading -----------------------------------------------------------------------------
 
-    def to_json(self, kind: str | None = None) -> dict[str, JSONValue]:
-        """{"reveal": bool, "kinds": {kind: [examples, newest first]}} (one kind if given)."""
+    def to_json(
+        self, kind: str | None = None, *, show_text: bool | None = None
+    ) -> dict[str, JSONValue]:
+        """{"reveal": bool, "kinds": {kind: [examples, newest first]}} (one kind if given).
+        Plaintext recorded while revealing is shown when ``show_text`` (by default: when
+        the config reveals)."""
+        show = self.reveal_configured if show_text is None else show_text
         kinds = {
-            name: [example.to_json() for example in reversed(examples)]
+            name: [example.to_json(show_text=show) for example in reversed(examples)]
             for name, examples in self._kinds.items()
             if kind is None or name == kind
         }
         return {"reveal": self.reveal, "kinds": kinds}
+
+    def describe(self) -> dict[str, JSONValue]:
+        """How the examples are kept: reveal, since when, where the secret comes from."""
+        return {
+            "reveal": self.reveal,
+            "reveal_configured": self.reveal_configured,
+            "reveal_since": self.reveal_since,
+            "secret": self.secret_source,  # None: random for this process
+            "stable_hashes": self.secret_source is not None,
+            "recorded": self.recorded,
+        }
+
+    def lookup(self, key: bytes, *, show_text: bool = False) -> dict[str, JSONValue]:
+        """A suspect key's hash and the examples kept of it, newest first."""
+        key_hash = self.hash(key)
+        found = [
+            example.to_json(show_text=show_text)
+            for examples in self._kinds.values()
+            for example in examples
+            if example.key_hash == key_hash
+        ]
+        found.sort(key=lambda shown: -float(shown["at"]))
+        return {
+            "key_hash": key_hash,
+            "stable_hashes": self.secret_source is not None,
+            "examples": found,
+        }
 
     def examples(self, kind: str) -> list[MismatchExample]:
         """The examples kept for `kind`, newest first."""
@@ -210,7 +292,9 @@ class MismatchExamples:
             self._window_lines = 0
         if self._window_lines < self.log_per_second:
             self._window_lines += 1
-            line = {"event": "mismatch", **example.to_json()}
+            # Logs carry plaintext only when the config says so, never for a runtime reveal.
+            shown = example.to_json(show_text=self.reveal_configured)
+            line = {"event": "mismatch", **shown}
             self._logger.warning("%s", json.dumps(line, separators=(",", ":")))
         else:
             self._suppressed += 1
@@ -235,11 +319,20 @@ class MismatchExamples:
         self._suppressed = 0
 
 
-def mismatches_route(examples: MismatchExamples) -> Handler:
-    """The GET /api/mismatches handler for AdminServer.add_route; `?kind=value` filters."""
+def mismatches_route(
+    examples: MismatchExamples, may_see_text: Callable[[Request], bool] | None = None
+) -> Handler:
+    """The GET /api/mismatches handler for AdminServer.add_route; `?kind=value` filters.
+    ``may_see_text`` says whether a request may see plaintext (the admin token); without it,
+    plaintext is shown as the config says."""
 
     async def handler(request: Request) -> Response:
         kinds = request.query.get("kind")
-        return Response.json(examples.to_json(kinds[-1] if kinds else None))
+        kind = kinds[-1] if kinds and kinds[-1] else None
+        if may_see_text is None:
+            return Response.json(examples.to_json(kind))
+        shown = examples.to_json(kind, show_text=may_see_text(request))
+        shown["examples"] = examples.describe()
+        return Response.json(shown)
 
     return handler

@@ -29,13 +29,15 @@ OUTCOMES: Final = ("match", "mismatch", "noise")
 """Outcomes every shadowed command exports, at 0 until they happen."""
 DROP_REASONS: Final = (
     "queue_full",
+    "shadow_starved",
     "timeout",
     "redis_down",
     "redis_busy",
     "worker_down",
-    "shadow_starved",
 )
-"""Drop reasons exported at 0 from the start (the dispatcher's and the worker hand-off's)."""
+"""Drop reasons exported at 0 from the start (the dispatcher's and the worker hand-off's;
+shadow_starved: the worker's own CPU starvation, which the drops guard answers, never the
+errors guard). proxy/ops/causes.py says which cause each one is."""
 ERROR_KINDS: Final = (
     "redis_timeout",
     "redis_unavailable",

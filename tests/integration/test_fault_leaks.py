@@ -14,12 +14,18 @@ from pathlib import Path
 from pymemcache.client.base import Client
 from pymemcache.exceptions import MemcacheError
 
+from proxy.shadow.handoff import PIPE_BUFFER_LIMIT
 from tests.integration.test_connections_held import _rss_kb
 from tests.support import ServerProcess, memcached_argv, redis_argv, start_memshadow
 
 ROUNDS = 4
 FD_SLACK = 6  # connections being redialled at the moment of a count
 RSS_SLACK_MB = 12
+# A Redis restart or pause no longer stops the shadow (no guard answers Redis being down: it
+# resumes by itself), so the shadow runs through every round, and the proxy may hold what a
+# stalled worker has not taken yet: up to PIPE_BUFFER_LIMIT, as request tuples and then as
+# their encoded frame at once. Bounded by design; the allocator keeps the high-water mark.
+PROXY_RSS_SLACK_MB = RSS_SLACK_MB + 2 * PIPE_BUFFER_LIMIT / (1 << 20)
 
 
 def _fds(pid: int) -> int:
@@ -102,7 +108,7 @@ def test_repeated_faults_leak_nothing(tmp_path: Path) -> None:
         for fds, threads, rss, worker in figures[1:]:
             assert fds <= base_fds + FD_SLACK, figures
             assert threads <= base_threads, figures
-            assert (rss - base_rss) / 1024 < RSS_SLACK_MB, figures
+            assert (rss - base_rss) / 1024 < PROXY_RSS_SLACK_MB, figures
             assert len(worker) == 1, worker  # the shadow's worker, no other
             assert worker[0][1] != "Z", worker
             assert worker[0][2] <= base_worker[0][2] + FD_SLACK, figures

@@ -75,6 +75,7 @@ def test_tls_acl_and_secrets_never_shown(tmp_path: Path) -> None:
     password = "pw-" + secrets.token_hex(8)
     rotated = "pw-" + secrets.token_hex(8)
     token = "tok-" + secrets.token_hex(8)
+    examples_secret = "ex-" + secrets.token_hex(12)
     ca = ThrowawayCA(tmp_path)
     cert, key = ca.issue("memshadow")
     redis = ServerProcess(
@@ -103,7 +104,12 @@ def test_tls_acl_and_secrets_never_shown(tmp_path: Path) -> None:
         f"  redis_tls_key_file: {key}\n"
         "  sample_rate: 1.0\n"
     )
-    environ = dict(os.environ, MEMSHADOW_ADMIN_TOKEN=token, PYTHONPATH=str(ROOT))
+    environ = dict(
+        os.environ,
+        MEMSHADOW_ADMIN_TOKEN=token,
+        MEMSHADOW_EXAMPLES_SECRET=examples_secret,
+        PYTHONPATH=str(ROOT),
+    )
     environ.pop("MEMSHADOW_REDIS_PASSWORD", None)
     proc, port = start_memshadow("--config", str(config), env=environ)
     log: list[str] = []
@@ -164,7 +170,7 @@ def test_tls_acl_and_secrets_never_shown(tmp_path: Path) -> None:
     assert any("AUTH failed" in line for line in log), log  # the refusal was logged...
     assert any("shadow.redis (a secret in it changed)" in line for line in log), log
     everything = "\n".join([*log, *seen, checked])
-    for secret in (password, rotated, token):
+    for secret in (password, rotated, token, examples_secret):
         assert secret not in everything  # ...and no secret anywhere
 
 

@@ -42,7 +42,7 @@ def feed(
     for _ in range(noise):
         stats.count_comparison(command, "noise", "transient_race")
     if errors:
-        stats.errors["timeout"] += errors
+        stats.errors["redis_timeout"] += errors
     if dropped:
         stats.dropped["queue_full"] += dropped
 

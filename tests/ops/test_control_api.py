@@ -4,6 +4,7 @@ route, the console page, metrics, and every error message a client can trigger."
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import AsyncIterator
 
 import pytest
@@ -21,6 +22,7 @@ from proxy.config import (
 from proxy.metrics import ProxyMetrics
 from proxy.ops.operations import ADMIN_TOKEN_ENV, Operations
 from proxy.shadow.control import ShadowControl
+from proxy.shadow.examples import MismatchExamples
 from proxy.shadow.stats import ShadowStats
 from tests.ops.http import Reply, call
 from tests.ops.support import Clock, feed
@@ -33,13 +35,18 @@ class Env:
     """An admin server with the operator pieces over a ShadowControl nothing else uses."""
 
     def __init__(
-        self, config: Config, environ: dict[str, str] | None = None, rate: float = 0.1
+        self,
+        config: Config,
+        environ: dict[str, str] | None = None,
+        rate: float = 0.1,
+        examples: MismatchExamples | None = None,
     ) -> None:
         self.clock = Clock()
         self.metrics = ProxyMetrics()
         self.control = ShadowControl(rate)
         self.stats = ShadowStats()
         self.admin = AdminServer(HostPort("127.0.0.1", 0), self.metrics, ready=lambda: True)
+        self.examples = examples
         self.ops = Operations(
             config,
             admin=self.admin,
@@ -49,6 +56,7 @@ class Env:
             environ=environ or {},
             clock=self.clock,
             handle_sighup=False,
+            examples=examples,
         )
 
     async def __aenter__(self) -> Env:
@@ -100,6 +108,7 @@ async def test_get_shadow_shows_the_live_state(env: Env) -> None:
         "action": None,
         "reason": None,
         "since": None,
+        "stopped_shadow": False,
     }
     assert state["ramp"]["configured"] is False
     assert state["token_required"] is False
@@ -155,7 +164,9 @@ async def test_clear_a_halt_through_the_api(env: Env) -> None:
     state = (await env.get("/api/shadow")).json()
     assert state["halt"]["halted"] is True and state["halt"]["rule"] == "errors"
     assert state["halt"]["action"] == "stop" and state["enabled"] is False
-    assert state["halt"]["reason"].startswith("shadow errors ratio 66.67%")
+    assert state["halt"]["reason"].startswith("Redis errors ratio 66.67%")
+    assert state["halt"]["stopped_shadow"] is True
+    assert state["enabled_set_by"]["source"] == "halt:errors"
     metrics = (await env.get("/metrics")).text
     assert "memshadow_shadow_halted 1.0" in metrics
     assert 'memshadow_shadow_halts_total{reason="errors"} 1.0' in metrics
@@ -359,3 +370,88 @@ async def test_report_without_redis(env: Env) -> None:
     report = (await env.get("/api/report")).json()
     assert report["latency"] == []
     assert report["capacity"]["memory"] == {"error": "no Redis is configured (shadow.redis)"}
+
+
+# --- mismatch examples: lookup and a token-protected reveal ------------------------------------
+
+TOKEN = "s3cret-token"
+
+
+def _record(examples: MismatchExamples, key: bytes) -> None:
+    examples.record(
+        "value", "get", key, {"present": True, "value": b"plain"}, {"present": False}, ""
+    )
+
+
+async def test_a_runtime_reveal_needs_a_token_and_is_audited() -> None:
+    examples = MismatchExamples(secret=b"0123456789abcdef")
+    async with Env(config(), examples=examples) as env:
+        refused = await env.put({"reveal_examples": True})
+        assert refused.status == 409 and "needs an admin token" in refused.text
+        assert examples.reveal is False
+    examples = MismatchExamples(secret=b"0123456789abcdef")
+    async with Env(config(admin=AdminConfig(token=TOKEN)), examples=examples) as env:
+        _record(examples, b"user:before")
+        assert (await env.put({"reveal_examples": True})).status == 401
+        reply = await env.put({"reveal_examples": True, "reason": "INC-42"}, token=TOKEN)
+        assert reply.status == 200 and reply.json()["examples"]["reveal"] is True
+        (entry,) = reply.json()["changes"]
+        assert (entry["field"], entry["old"], entry["new"], entry["reason"]) == (
+            "reveal_examples", False, True, "INC-42"
+        )
+        _record(examples, b"user:after")
+        port = env.admin.address[1]
+        anyone = (await env.get("/api/mismatches")).json()
+        assert "user:after" not in json.dumps(anyone) and "plain" not in json.dumps(anyone)
+        holder = (await call(port, "GET", "/api/mismatches", token=TOKEN)).json()
+        keys = [e["key"] for e in holder["kinds"]["value"]]
+        assert keys == ["user:after", examples.hash(b"user:before")]
+        assert holder["examples"]["reveal"] is True
+        reply = await env.put({"reveal_examples": False}, token=TOKEN)
+        assert reply.json()["changes"][0]["new"] is False
+
+
+async def test_a_suspect_key_is_looked_up_with_the_token() -> None:
+    examples = MismatchExamples(secret=b"0123456789abcdef")
+    async with Env(config(admin=AdminConfig(token=TOKEN)), examples=examples) as env:
+        _record(examples, b"user:42")
+        _record(examples, b"user:43")
+        port = env.admin.address[1]
+        path = "/api/mismatches/lookup"
+        assert (await call(port, "POST", path, {"key": "user:42"})).status == 401
+        found = (await call(port, "POST", path, {"key": "user:42"}, token=TOKEN)).json()
+        assert found["key_hash"] == examples.hash(b"user:42")
+        assert [e["key_hash"] for e in found["examples"]] == [examples.hash(b"user:42")]
+        by_base64 = await call(port, "POST", path, {"key_base64": "dXNlcjo0Mg=="}, token=TOKEN)
+        assert by_base64.json()["key_hash"] == found["key_hash"]
+        for body, problem in (
+            ({"key": ""}, "key must be a non-empty string"),
+            ({"nope": 1}, 'the body must be {"key": "..."}'),
+            ({"key_base64": "%%"}, "key_base64 is not valid base64"),
+        ):
+            reply = await call(port, "POST", path, body, token=TOKEN)
+            assert reply.status == 400 and problem in reply.text, reply.text
+
+
+async def test_coverage_in_traffic_in_the_api_and_a_metric(env: Env) -> None:
+    requests_seen = [0]
+    env.stats.client_requests_fn = lambda: requests_seen[0]
+    env.tick()
+    feed(env.stats, match=120)
+    requests_seen[0] = 1_000_000  # 10% of the keys carried 0.012% of the requests
+    env.stats.dropped["queue_full"] += 3
+    env.tick()
+    state = (await env.get("/api/shadow")).json()
+    window = state["figures"]["window"]
+    assert window["shadowed"] == 120 and window["client_requests"] == 1_000_000
+    assert window["traffic_share"] == pytest.approx(0.00012)
+    assert window["key_share"] == 0.1
+    assert window["dropped"] == [
+        {"name": "queue_full", "count": 3, "cause": "capacity",
+         "words": "the shadow's queue was full"}
+    ]  # fmt: skip
+    assert state["figures"]["totals"]["shadowed"] == 120
+    assert state["redis_state"] == {"state": "reachable", "since": None}
+    metrics = (await env.get("/metrics")).text
+    assert "memshadow_shadow_traffic_share 0.00012" in metrics
+    assert "memshadow_shadow_redis_reachable 1.0" in metrics

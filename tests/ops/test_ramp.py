@@ -160,11 +160,38 @@ def test_halted_and_switched_off_never_promote() -> None:
 def test_step_back() -> None:
     stats = ShadowStats()
     ramp = policy(stats, start_rate=0.25)
-    move = ramp.step_back(T0, stats.snapshot())
+    move = ramp.step_back(T0, stats.snapshot(), 0.25)
     assert move is not None and move.rate == 0.05
-    ramp.step_back(T0, stats.snapshot())
+    assert move.reason == "stepped back from 0.25 to step 2/4 (0.05), the step below it"
+    ramp.step_back(T0, stats.snapshot(), 0.05)
     assert ramp.rate == 0.01
-    assert ramp.step_back(T0, stats.snapshot()) is None  # nothing below the first step
+    assert ramp.step_back(T0, stats.snapshot(), 0.01) is None  # nothing below the first step
+
+
+def test_step_back_is_from_the_current_rate_not_the_ramp_s_pointer() -> None:
+    stats = ShadowStats()
+    ramp = policy(stats, start_rate=0.01)  # the pointer on step 1
+    move = ramp.step_back(T0, stats.snapshot(), 1.0)  # the rate was set to 1.0 by hand
+    assert move is not None and move.rate == 0.25 and ramp.index == 2
+    move = ramp.step_back(T0, stats.snapshot(), 0.1)  # between steps
+    assert move is not None and move.rate == 0.05
+    assert ramp.step_back(T0, stats.snapshot(), 0.005) is None
+
+
+def test_a_step_whose_keys_carry_little_traffic_says_so() -> None:
+    stats = ShadowStats()
+    requests = [0]
+    stats.client_requests_fn = lambda: requests[0]
+    ramp = policy(stats)
+    feed(stats, match=12)
+    requests[0] = 100_000  # 1% of the keys carried 0.012% of the requests
+    assert ramp.tick(T0 + 600, stats.snapshot()) is None
+    assert ramp.reason == (
+        "hold: too few comparisons (12/381): the sampled keys (1% of keys) carried only "
+        "0.012% of this step's 100000 requests"
+    )
+    assert ramp.evidence is not None
+    assert ramp.evidence.as_json()["traffic_share"] == pytest.approx(0.00012)
 
 
 def test_baseline_phase_keeps_the_shadow_off_until_measured() -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 
+from proxy.config import AdminConfig
 from proxy.ops.readiness import _binomial_cdf, build_readiness, per_step, to_html, upper_bound
 from proxy.ops.timeline import EMPTY_BUCKETS, MAX_STEPS, Reading, Timeline
 from proxy.shadow.stats import ShadowStats
-from tests.ops.support import feed
+from tests.ops.support import feed, requests
 from tests.ops.test_control_api import Env, config
 
 
@@ -55,7 +56,8 @@ def test_ready_says_how_much_evidence_there_is() -> None:
     report = _report(_stats(match=40_000, noise=12))
     assert report["ready"] is True
     assert report["verdict"] == (
-        "Ready: 0 mismatches in 40k comparisons over 6.0 days, upper bound 0.007489%"
+        "Ready: 0 mismatches in 40k comparisons over 6.0 days, upper bound 0.007489%, from "
+        "40.01% of the client requests"
     )
     assert report["noise_reasons"] == {"transient_race": 12}
     assert report["coverage"]["traffic_share"] == pytest.approx(0.40012)  # type: ignore[index]
@@ -70,6 +72,39 @@ def test_what_blocks_readiness_is_said_plainly() -> None:
     assert row["mismatch"] == 3 and row["kinds"] == {"value": 3}
     halted = _report(_stats(match=50_000), halted={"rule": "errors", "reason": "too many"})
     assert "halted (errors: too many)" in halted["verdict"]  # type: ignore[operator]
+
+
+def test_evidence_from_too_little_of_the_traffic_cannot_pass() -> None:
+    # 1% of the keys, a skewed key mix: the sampled keys carried 0.012% of the requests.
+    report = _report(_stats(match=40_000), sample_rate=0.01, client_requests=333_000_000)
+    assert report["ready"] is False
+    assert "too little of the traffic: the comparisons come from 0.01201% of the client " \
+        "requests (at least 1% needed); the sampled keys (1% of keys) are not the ones that " \
+        "carry the traffic: raise the sample rate" in report["verdict"]  # fmt: skip
+    loose = _report(_stats(match=40_000), client_requests=333_000_000, min_traffic=0.0001)
+    assert loose["ready"] is True
+
+
+def test_redis_evictions_are_a_capacity_finding_never_a_mismatch() -> None:
+    stats = _stats(match=50_000)
+    for _ in range(120):
+        stats.count_comparison("get", "noise", "redis_evicted")
+    report = _report(stats)
+    assert report["ready"] is False
+    assert report["totals"]["mismatch"] == 0
+    assert "Redis evicted 120 keys Memcached still held: this working set needs more than " \
+        "maxmemory" in report["verdict"]  # fmt: skip
+    assert report["capacity_findings"] == [
+        {
+            "finding": "redis_evicted",
+            "count": 120,
+            "text": "Redis evicted 120 keys Memcached still held: this working set needs more "
+            "than maxmemory (a capacity result, not a protocol mismatch)",
+        }
+    ]
+    page = to_html(report)
+    assert "Redis evicted 120 keys Memcached still held" in page
+    assert "Redis evicted no key" in to_html(_report(_stats(match=50_000)))
 
 
 def test_per_step_figures_cover_the_whole_run_not_only_the_history() -> None:
@@ -121,6 +156,7 @@ def test_the_printable_page_carries_the_verdict_and_escapes_what_it_shows() -> N
 async def test_the_api_serves_json_and_html() -> None:
     async with Env(config()) as env:
         feed(env.stats, match=40_000)
+        requests(env.metrics.requests_for("default"), 40_000, 0.0001)
         env.ops.record_history()
         reply = await env.get("/api/readiness")
         assert reply.status == 200
@@ -133,6 +169,44 @@ async def test_the_api_serves_json_and_html() -> None:
         assert strict["ready"] is False
         bad = await env.get("/api/readiness?target=2")
         assert bad.status == 400 and "target" in bad.text
+
+
+async def test_the_evidence_restarts_only_on_purpose_and_is_audited() -> None:
+    async with Env(config(admin=AdminConfig(token="t0ken-for-tests"))) as env:
+        feed(env.stats, match=40_000, mismatch=3)
+        requests(env.metrics.requests_for("default"), 50_000, 0.0001)
+        env.ops.record_history()
+        before = (await env.get("/api/readiness")).json()
+        assert "3 mismatches" in before["verdict"]
+        refused = await env.put({"evidence": "restart"})
+        assert refused.status == 401
+        bad = await env.put({"evidence": "again"}, token="t0ken-for-tests")
+        assert bad.status == 400
+        env.clock.advance(60)
+        reply = await env.put(
+            {"evidence": "restart", "reason": "maxmemory raised to 8gb"}, token="t0ken-for-tests"
+        )
+        assert reply.status == 200
+        assert reply.json()["evidence"]["restarted"] == {
+            "source": "api", "at": env.clock.now, "reason": "maxmemory raised to 8gb"
+        }  # fmt: skip
+        (entry,) = reply.json()["changes"]
+        assert (entry["source"], entry["field"], entry["old"], entry["new"], entry["reason"]) == (
+            "api", "evidence", "running", "restarted", "maxmemory raised to 8gb"
+        )
+        after = (await env.get("/api/readiness")).json()
+        assert after["verdict"] == "Not ready: nothing compared yet"
+        assert after["observed_since"] == env.clock.now
+        feed(env.stats, match=40_000)
+        requests(env.metrics.requests_for("default"), 40_000, 0.0001)
+        env.clock.advance(10)
+        env.ops.record_history()
+        after = (await env.get("/api/readiness")).json()
+        assert after["ready"] is True and after["totals"]["judged"] == 40_000
+        assert [s["comparisons"] for s in after["steps"]] == [40_000]
+        assert "Evidence restarted by api: maxmemory raised to 8gb" in (
+            await env.get("/api/readiness?format=html")
+        ).text
 
 
 def test_the_observed_period_reads_well() -> None:

@@ -92,10 +92,39 @@ def test_good_file_applies_live_options(env: Env) -> None:
     assert result.restart_required == ()
     assert env.control.sample_rate == 0.25
     assert env.logging == [LogConfig(level="debug")]
-    entry = env.ops.audit.entries()[-1]
-    assert (entry.source, entry.field, entry.new) == ("reload", "sample_rate", 0.25)
-    assert entry.reason == f"shadow.sample_rate in {env.path}"
+    rate, reload = env.ops.audit.entries()[-2:]
+    assert (rate.source, rate.field, rate.new) == ("reload", "sample_rate", 0.25)
+    assert rate.reason == f"shadow.sample_rate in {env.path}"
+    # Every reload is in the audit trail (and so in the history's events), with what it did.
+    assert (reload.source, reload.field, reload.old, reload.new) == (
+        "reload", "config", "running", "reloaded"
+    )
+    assert reload.reason == "test: shadow.sample_rate = 0.25, log.level = debug"
     assert env.metric("memshadow_config_last_reload_successful") == 1.0
+
+
+def test_every_reload_is_audited_and_in_the_history(env: Env) -> None:
+    # A reload that changes only the ramp (no rate change to audit) is still there.
+    env.path.write_text(
+        env.path.read_text(encoding="utf-8").replace(
+            "  guards:", "  ramp:\n    steps: [0.5, 1.0]\n    hold: 1h\n  guards:"
+        ),
+        encoding="utf-8",
+    )
+    assert env.ops.reloader.reload("SIGHUP").ok
+    env.path.write_text("shadow: [", encoding="utf-8")
+    assert not env.ops.reloader.reload("file change").ok
+    trail = [(e.source, e.field, e.new, e.reason) for e in env.ops.audit.entries()]
+    reloads = [entry for entry in trail if entry[1] == "config"]
+    assert reloads[0][2] == "reloaded"
+    assert reloads[0][3].startswith("SIGHUP: shadow.ramp.steps = [0.5, 1.0], shadow.ramp.hold")
+    assert reloads[1][2] == "kept"
+    assert reloads[1][3].startswith(
+        "file change: the file was refused, the running config kept: " + str(env.path)
+    )
+    env.ops.record_history()
+    events = [e["what"] for e in env.ops.timeline.to_json()["events"] if e["field"] == "config"]
+    assert len(events) == 2 and events[0].startswith("config running -> reloaded by reload")
 
 
 def test_unchanged_file_changes_nothing(env: Env) -> None:
@@ -327,7 +356,11 @@ def test_sighup_reloads_a_running_memshadow(tmp_path: Path) -> None:
         state = call_sync(port, "GET", "/api/shadow").json()
         assert state["sample_rate"] == 0.35
         trail = call_sync(port, "GET", "/api/audit").json()["entries"]
-        assert [(e["source"], e["new"]) for e in trail] == [("reload", 0.35)]
+        assert [(e["source"], e["field"], e["new"]) for e in trail] == [
+            ("reload", "config", "kept"),
+            ("reload", "sample_rate", 0.35),
+            ("reload", "config", "reloaded"),
+        ]
         view = call_sync(port, "GET", "/api/shadow/config").json()
         assert view["last_reload"]["ok"] is True
         assert "SIGHUP: reloading the config" in "".join(log)

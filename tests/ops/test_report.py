@@ -153,6 +153,12 @@ async def test_report_from_a_real_redis(redis_server: ServerProcess) -> None:
     assert memory["used_memory_bytes"] > memory["startup_memory_bytes"] > 0
     assert memory["projected_keys"] == 400
     assert memory["low_bytes"] < memory["estimate_bytes"] < memory["high_bytes"]
+    # Redis's own figures, for the cross-check: it ran SET 200 times (at least).
+    own = report["service_time"]["redis_own"]
+    assert own["available"] is True
+    row = next(r for r in own["commands"] if r["command"] == "set")
+    assert row["calls"] >= 200 and row["usec_per_call"] > 0
+    assert row["p99_usec"] is not None  # Redis 7's latencystats
     ops_figures = report["capacity"]["ops"]
     assert ops_figures["window_seconds"] == 10
     assert ops_figures["estimate_per_second"] == pytest.approx(400 / 10 / 0.5)
@@ -215,3 +221,67 @@ def test_info_of_a_cluster_s_primaries_is_summed() -> None:
     assert merged["db0"] == "keys=7,expires=1,avg_ttl=5"
     assert merged["redis_version"] == "7.0.15"
     assert merge_info([]) == {}
+
+
+INFO = {
+    "cmdstat_get": "calls=1000,usec=2000,usec_per_call=2.00,rejected_calls=0,failed_calls=0",
+    "cmdstat_fcall": "calls=500,usec=29500,usec_per_call=59.00,rejected_calls=0,failed_calls=0",
+    "cmdstat_info": "calls=3,usec=300,usec_per_call=100.00,rejected_calls=0,failed_calls=0",
+    "latency_percentiles_usec_get": "p50=2.003,p99=5.023,p99.9=12.031",
+    "used_memory": "1000",
+}
+
+
+def test_redis_s_own_figures_over_a_recent_window() -> None:
+    from proxy.ops.report import parse_commandstats, parse_latencystats, redis_own
+
+    assert parse_commandstats(INFO)["get"] == (1000, 2000.0)
+    assert parse_latencystats(INFO) == {"get": {"p50": 2.003, "p99": 5.023, "p99.9": 12.031}}
+    since_start = redis_own(INFO)
+    assert [r["command"] for r in since_start["commands"]] == ["get", "fcall", "info"]
+    assert since_start["commands"][0]["p99_usec"] == 5.023
+    later = dict(INFO, cmdstat_get="calls=1100,usec=2500")
+    recent = redis_own(later, parse_commandstats(INFO), 60.0)
+    assert recent["over_seconds"] == 60.0
+    assert recent["commands"] == [
+        {"command": "get", "calls": 100, "usec_per_call": 5.0, "p99_usec": 5.023}
+    ]
+
+
+def test_a_starved_worker_makes_the_service_time_untrustworthy_in_words() -> None:
+    from proxy.ops.report import redis_own, trust
+
+    stats = ShadowStats()
+    stats.redis_service.observe(0.017)
+    own = redis_own(INFO)
+    starved = service_times(
+        stats, worker={"seconds": 60.0, "cpu_share": 0.97, "wait_share": 0.38, "workers": 1},
+        own=own,
+    )  # fmt: skip
+    assert starved["trust"] == {
+        "trustworthy": False,
+        "sentence": "Not trustworthy: the shadow worker used 97% of a core and waited for a CPU "
+        "38.0% of the time over the last 60 s, so Redis's replies waited to be read and the "
+        "service time above includes that wait: it blames Redis for the shadow's own CPU "
+        "starvation. Redis itself reports GET 2 µs, FCALL 59 µs, INFO 100 µs per call (INFO "
+        "commandstats). Lower the sample rate, give the worker a core of its own, or judge "
+        "Redis by its own figures.",
+    }
+    assert starved["worker"]["wait_share"] == 0.38
+    fine = trust({}, {"seconds": 60.0, "cpu_share": 0.3, "wait_share": 0.001}, own)
+    assert fine["trustworthy"] is True and fine["sentence"].startswith(
+        "Trustworthy: the shadow worker used 30% of a core and waited for a CPU 0.1% of the "
+        "time over the last 60 s"
+    )
+    unknown = trust({}, None, redis_own(None))
+    assert unknown["trustworthy"] is None and "cannot be checked" in unknown["sentence"]
+    # Without a readable schedstat, a busy worker alone is reason enough.
+    busy = trust({}, {"seconds": 10.0, "cpu_share": 0.95, "wait_share": None}, own)
+    assert busy["trustworthy"] is False
+
+
+def test_a_cluster_s_command_statistics_are_summed() -> None:
+    from proxy.ops.report import merge_info, parse_commandstats
+
+    merged = merge_info([INFO, {"cmdstat_get": "calls=10,usec=40"}])
+    assert parse_commandstats(merged)["get"] == (1010, 2040.0)

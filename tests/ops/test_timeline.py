@@ -64,6 +64,23 @@ def test_each_point_holds_what_changed_in_its_interval() -> None:
     assert row["match"] == 0 and row["lag_p99"] is None and row["client_p99"] is None
 
 
+def test_each_period_counts_its_requests_and_what_the_shadow_saw_of_them() -> None:
+    from proxy.ops.timeline import STEP_FIELDS
+
+    timeline = Timeline(resolution=10, span=3600)
+    timeline.sample(0.0, _reading())
+    timeline.sample(10.0, _reading(client_buckets=_buckets(0.0004, 1000), shadowed=12))
+    timeline.sample(20.0, _reading(client_buckets=_buckets(0.0004, 3000), shadowed=20))
+    assert dict(zip(FIELDS, timeline.points[-1], strict=True))["shadowed"] == 8
+    timeline.cut()  # the evidence restarted: a new period, though the rate is the same
+    timeline.sample(30.0, _reading(client_buckets=_buckets(0.0004, 3500), shadowed=25))
+    periods = [dict(zip(STEP_FIELDS, row, strict=True)) for row in timeline.steps]
+    assert [(p["from"], p["requests"], p["shadowed"]) for p in periods] == [
+        (10.0, 3000, 20),
+        (30.0, 500, 5),
+    ]
+
+
 def test_the_history_is_bounded_to_its_span() -> None:
     timeline = Timeline(resolution=10, span=24 * 3600)
     for i in range(10_000):

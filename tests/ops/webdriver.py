@@ -3,8 +3,10 @@ chromedriver from pytest without a Selenium dependency."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -40,13 +42,19 @@ class WebDriverError(Exception):
 class Browser:
     """One chromedriver process with one headless chromium session."""
 
-    def __init__(self, profile: Path) -> None:
+    def __init__(self, profile: Path, *, timezone: str | None = None) -> None:
+        """timezone: the browser's local time zone (TZ, e.g. "Asia/Tokyo"); the host's when
+        None."""
         assert CHROMIUM is not None and CHROMEDRIVER is not None
         self.port = free_port()
+        env = dict(os.environ)
+        if timezone is not None:
+            env["TZ"] = timezone
         self.driver = subprocess.Popen(
             [CHROMEDRIVER, f"--port={self.port}"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            env=env,
         )
         self.session = ""
         try:
@@ -112,6 +120,13 @@ class Browser:
 
     def script(self, source: str, *args: Any) -> Any:
         return self._session("POST", "/execute/sync", {"script": source, "args": list(args)})
+
+    def resize(self, width: int, height: int) -> None:
+        self._session("POST", "/window/rect", {"width": width, "height": height})
+
+    def screenshot(self, path: Path) -> None:
+        """The visible page as a PNG file (resize first for a whole long page)."""
+        path.write_bytes(base64.b64decode(self._session("GET", "/screenshot")))
 
     def wait_for(self, predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
         """Poll; the bound only stops a hung test, the test never depends on speed."""

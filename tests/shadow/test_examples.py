@@ -7,6 +7,7 @@ import hmac
 import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -78,6 +79,7 @@ def test_private_by_default() -> None:
                     "kind": "value",
                     "command": "get",
                     "key": keyed(b"user:1"),
+                    "key_hash": keyed(b"user:1"),
                     "memcached": {
                         "present": True,
                         "flags": 5,
@@ -266,3 +268,76 @@ async def test_route_serves_json() -> None:
     assert json.loads(response.body) == store.to_json()
     filtered = await handler(Request("GET", "/api/mismatches", query={"kind": ["flags"]}))
     assert list(json.loads(filtered.body)["kinds"]) == ["flags"]
+
+
+def test_a_configured_secret_keeps_hashes_stable_across_processes(tmp_path: Path) -> None:
+    from proxy.config import Config, ShadowConfig
+
+    secret = tmp_path / "secret"
+    secret.write_text("0123456789abcdef0123\n", encoding="utf-8")
+    config = Config(shadow=ShadowConfig(examples_secret_file=str(secret)))
+    first, second = MismatchExamples.for_config(config, {}), MismatchExamples.for_config(config, {})
+    assert first.hash(b"user:42") == second.hash(b"user:42") == keyed(
+        b"user:42", b"0123456789abcdef0123"
+    )
+    assert first.describe()["secret"] == "shadow.examples_secret_file"
+    # The environment wins over the file.
+    env = MismatchExamples.for_config(config, {"MEMSHADOW_EXAMPLES_SECRET": "x" * 20})
+    assert env.hash(b"k") == keyed(b"k", b"x" * 20)
+    assert env.describe()["secret"] == "MEMSHADOW_EXAMPLES_SECRET"
+    # Without either: random per process, and said so.
+    assert MismatchExamples.for_config(Config(), {}).describe()["stable_hashes"] is False
+
+
+def test_a_short_or_unreadable_secret_is_a_config_error(tmp_path: Path) -> None:
+    from proxy.config import ShadowConfig, examples_secret, load_config
+    from proxy.errors import ConfigError
+
+    short = tmp_path / "short"
+    short.write_text("abc\n", encoding="utf-8")
+    path = tmp_path / "memshadow.yaml"
+    path.write_text(f"shadow:\n  examples_secret_file: {short}\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert str(info.value) == (
+        f"{path}:2: shadow.examples_secret_file: '{short}' holds a secret of 3 characters; "
+        "it needs at least 16 (for example: openssl rand -hex 32)"
+    )
+    with pytest.raises(ConfigError) as info:
+        examples_secret(ShadowConfig(), {"MEMSHADOW_EXAMPLES_SECRET": "short"}, "my.yaml")
+    assert str(info.value).startswith("my.yaml: MEMSHADOW_EXAMPLES_SECRET: ")
+    assert "short" not in str(info.value).split(": ", 2)[2].replace("a secret", "")
+
+
+def test_lookup_finds_a_suspect_key_s_examples() -> None:
+    clock = iter(range(100))
+    store = examples(wall_clock=lambda: float(next(clock)))
+    record(store, "value", b"user:7")
+    record(store, "flags", b"user:8")
+    record(store, "missing_in_redis", b"user:7")
+    found = store.lookup(b"user:7")
+    assert found["key_hash"] == keyed(b"user:7")
+    assert [e["kind"] for e in found["examples"]] == ["missing_in_redis", "value"]  # newest first
+    assert store.lookup(b"nobody")["examples"] == []
+
+
+def test_a_runtime_reveal_applies_from_then_on_and_is_never_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="memshadow.mismatch")
+    store = examples()
+    record(store, "value", b"before")
+    assert store.set_reveal(True) and not store.set_reveal(True)
+    record(store, "value", b"after")
+    private = store.to_json()["kinds"]["value"]  # as the config says: private
+    assert [e["key"] for e in private] == [keyed(b"after"), keyed(b"before")]
+    assert "secret value" not in json.dumps(private)
+    shown = store.to_json(show_text=True)["kinds"]["value"]
+    assert shown[0]["key"] == "after" and shown[0]["key_hash"] == keyed(b"after")
+    assert shown[0]["memcached"]["value"]["text"] == "secret value"
+    assert shown[1]["key"] == keyed(b"before")  # recorded before: nothing to reveal
+    assert "text" not in shown[1]["memcached"]["value"]
+    assert "secret value" not in caplog.text and "after" not in caplog.text
+    store.set_reveal(False)
+    record(store, "value", b"later")
+    assert store.to_json(show_text=True)["kinds"]["value"][0]["key"] == keyed(b"later")
