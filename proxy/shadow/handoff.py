@@ -79,6 +79,8 @@ class Handoff:
         self.lanes = [Lane() for _ in range(shards)]
         self.stats = stats
         self.sampled = sampled
+        # Bytes of hand-off (in batches and the sockets' buffers) the process may hold.
+        self.budget = PIPE_BUFFER_LIMIT
         self.dropped: Counter[str] = Counter()  # this process's own drops
         self.worker_queue = 0  # requests queued in the workers (their last reports)
         self.stopping = False
@@ -225,7 +227,7 @@ class Handoff:
             if transport is not None:
                 used += transport.get_write_buffer_size()
             used += lane.size
-        return PIPE_BUFFER_LIMIT - used
+        return self.budget - used
 
     def _after_add(self) -> None:
         if not any(lane.batch for lane in self.lanes):

@@ -102,7 +102,7 @@ def test_a_killed_worker_is_restarted_and_clients_never_notice(
 def test_a_stalled_worker_costs_drops_not_latency_or_memory(
     worker_proxy: ProxyThread, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(proxy.shadow.handoff, "PIPE_BUFFER_LIMIT", 64 * 1024)
+    worker_proxy.call(lambda: setattr(worker_proxy.shadow.handoff, "budget", 64 * 1024))
     pid = worker_proxy.shadow.worker_pid
     os.kill(pid, signal.SIGSTOP)
     try:
@@ -205,7 +205,7 @@ def test_counters_never_go_back_across_a_restart(worker_proxy: ProxyThread) -> N
 def test_a_request_too_big_for_the_hand_off_is_dropped_and_its_key_made_cold(
     worker_proxy: ProxyThread, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(proxy.shadow.handoff, "PIPE_BUFFER_LIMIT", 64 * 1024)
+    worker_proxy.call(lambda: setattr(worker_proxy.shadow.handoff, "budget", 64 * 1024))
     client = Client(("127.0.0.1", worker_proxy.port), default_noreply=False, timeout=5)
     assert client.set("big", b"a")
     assert client.get("big") == b"a"

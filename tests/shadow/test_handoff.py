@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-import proxy.shadow.handoff
 from proxy.memcache.request import Request, RequestFramer
 from proxy.shadow.control import ShadowControl
 from proxy.shadow.handoff import Handoff
@@ -82,13 +81,11 @@ async def test_a_multi_key_get_reaches_every_owner_and_flush_all_every_worker() 
     assert hand.stats.shadowed == {"get": 1, "flush_all": 1}  # counted once each
 
 
-async def test_a_drop_is_marked_in_its_place_among_the_requests(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def test_a_drop_is_marked_in_its_place_among_the_requests() -> None:
     """The worker must make the key cold after the requests before the drop (they may warm
     it) and before those after it (they must not be judged against a stale Redis)."""
-    monkeypatch.setattr(proxy.shadow.handoff, "PIPE_BUFFER_LIMIT", 256 * 1024)
     hand, transports = handoff(1)
+    hand.budget = 256 * 1024
     big = b"b" * (300 * 1024)
     hand.observe(
         [
@@ -108,9 +105,9 @@ async def test_a_drop_is_marked_in_its_place_among_the_requests(
     ]
 
 
-async def test_the_budget_is_one_for_the_whole_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(proxy.shadow.handoff, "PIPE_BUFFER_LIMIT", 4 * 1024 * 1024)
+async def test_the_budget_is_one_for_the_whole_process() -> None:
     hand, transports = handoff(4)
+    hand.budget = 4 * 1024 * 1024
     for transport in transports[1:]:
         transport.buffered = 1024 * 1024 + 512 * 1024  # 4.5 MB waiting in the other three
     key = next(b"y%d" % i for i in range(100) if shard_of(b"y%d" % i, 4) == 0)
@@ -155,10 +152,10 @@ async def test_a_hand_off_that_raised_makes_every_key_cold_on_every_worker() -> 
     hand, transports = handoff(2)
     hand.observe([request(b"set k%d 0 0 1" % i, b"v") for i in range(6)], session=5)
 
-    def broken(requests: object, session: int) -> None:
+    def broken(key: bytes) -> bool:
         raise RuntimeError("shadow bug")
 
-    hand._observe = broken  # type: ignore[method-assign]
+    hand.sampled = broken
     with pytest.raises(RuntimeError):
         hand.observe([request(b"set k9 0 0 1", b"v")], session=5)
     await asyncio.sleep(0)  # its flush runs on the loop
