@@ -25,9 +25,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import cpu_seconds, free_port, memcaslap_config, parse_memcaslap, wait_ready
-
-HOST = "127.0.0.1"
+from harness import (
+    HOST,
+    Processes,
+    cpu_seconds,
+    free_port,
+    start_memcached,
+    start_redis,
+    wait_ready,
+)
+from run import memcaslap_config, parse_memcaslap
 
 
 def start_memshadow(tree: Path, mc_port: int, redis_port: int, args: argparse.Namespace):
@@ -70,15 +77,10 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=1.0)
     ap.add_argument("--worker", default="process")
     args = ap.parse_args()
-    mc_port, redis_port = free_port(), free_port()
-    servers = [
-        subprocess.Popen(["memcached", "-u", "nobody", "-p", str(mc_port), "-l", HOST,
-                          "-U", "0", "-t", "2"]),
-        subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", HOST,
-                          "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL),
-    ]  # fmt: skip
-    time.sleep(0.5)
-    conf = Path(tempfile.mkdtemp()) / "load.cnf"
+    servers = Processes(Path(tempfile.mkdtemp(prefix="memshadow-cpu-compare-")))
+    mc_port = start_memcached(servers, threads=2).port
+    redis_port = start_redis(servers).port
+    conf = servers.logdir / "load.cnf"
     memcaslap_config(conf, 32, 100, 0.9)
     results: dict[str, list[tuple[float, float]]] = {"old": [], "new": []}
     try:
@@ -104,8 +106,7 @@ def main() -> None:
                     flush=True,
                 )
     finally:
-        for server in servers:
-            server.terminate()
+        servers.close()
     for name, rows in results.items():
         cpu = statistics.median(r[0] for r in rows)
         tps = statistics.median(r[1] for r in rows)

@@ -10,7 +10,7 @@ figure (bench/run.py) stays the one that counts.
 
     python bench/shadow_cpu.py [--requests 50000] [--repeat 5] [--chunk 16] [--cluster]
 
---cluster replays on a 3-primary Redis Cluster (tests.support.RedisCluster, no replicas)
+--cluster replays on a 3-primary Redis Cluster (harness.start_redis_cluster, no replicas)
 instead of one redis-server: the cluster target's cost next to the single node's.
 """
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ import uvloop
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import HOST, free_port, wait_ready
+from harness import HOST, Processes, start_redis, start_redis_cluster
 
 from proxy.memcache.request import Captured
 from proxy.redis.store import RedisStore
@@ -39,7 +38,6 @@ from proxy.runtime import tune_gc
 from proxy.shadow.engine.dispatcher import DispatcherSettings, ShadowDispatcher
 from proxy.shadow.engine.mcreader import MemcachedReader
 from proxy.shadow.stats import ShadowStats
-from tests.support import RedisCluster
 
 
 def traffic(n: int, keys: int, seed: int) -> list[Captured]:
@@ -106,21 +104,10 @@ def main() -> None:
     ap.add_argument("--cluster", action="store_true", help="a 3-primary Redis Cluster")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as directory:
-        if args.cluster:
-            cluster = RedisCluster(directory, primaries=3, replicas=0).start()
-            ports = [server.port for server in cluster.servers]
-            stop = cluster.stop
-        else:
-            port = free_port()
-            redis = subprocess.Popen(
-                [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind",
-                 HOST, "--save", "", "--appendonly", "no", "--dir", directory],
-                stdout=subprocess.DEVNULL,
-            )  # fmt: skip
-            ports, stop = [port], redis.terminate
-            if why := wait_ready(redis, port, b"PING\r\n", b"+PONG", 10.0):
-                raise SystemExit(f"redis-server: {why}")
+        servers = Processes(Path(directory))
         try:
+            nodes = start_redis_cluster(servers) if args.cluster else [start_redis(servers)]
+            ports = [node.port for node in nodes]
             requests = traffic(args.requests, args.keys, seed=1)
             results = []
             for _ in range(args.repeat):
@@ -134,7 +121,7 @@ def main() -> None:
                 f"{args.repeat}; all: {', '.join(f'{r:.2f}' for r in results)})"
             )
         finally:
-            stop()
+            servers.close()
 
 
 if __name__ == "__main__":

@@ -18,15 +18,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import run as bench  # bench/run.py: process and memcaslap helpers
+from harness import (
+    HOST,
+    Processes,
+    Samples,
+    bucket_quantile,
+    histogram_buckets,
+    scrape,
+    start_memcached,
+    start_memshadow,
+    start_redis,
+)
+from harness import metric_total as total
+from run import LoadSpec, memcaslap_config, parse_memcaslap, run_memcaslap
 
-HOST = bench.HOST
-scrape = bench.scrape
-total = bench.metric_total
 
-
-def histogram_quantile(samples: bench.Samples, name: str, q: float) -> float:
-    bound = bench.bucket_quantile(bench.histogram_buckets(samples, name), q)
+def histogram_quantile(samples: Samples, name: str, q: float) -> float:
+    bound = bucket_quantile(histogram_buckets(samples, name), q)
     return float("nan") if bound is None else bound
 
 
@@ -37,40 +45,23 @@ def main() -> int:
     parser.add_argument("--config", help="memshadow YAML config (e.g. shadow.worker: inline)")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="memshadow-shadowfig-"))
-    procs = bench.Processes(workdir)
+    procs = Processes(workdir)
     try:
-        mc_port, redis_port, port, admin = (bench.free_port() for _ in range(4))
-        procs.start(
-            "memcached",
-            [shutil.which("memcached") or "/usr/bin/memcached", "-u", "nobody", "-p",
-             str(mc_port), "-l", HOST, "-U", "0", "-t", "1"],
+        mc_port, redis_port = start_memcached(procs).port, start_redis(procs).port
+        proxy, port, admin = start_memshadow(
+            procs,
+            "--listen", f"{HOST}:0", "--memcached", f"{HOST}:{mc_port}", "--admin", f"{HOST}:0",
+            "--redis", f"redis://{HOST}:{redis_port}/0", "--sample-rate", str(args.rate),
+            *(["--config", args.config] if args.config else []),
         )  # fmt: skip
-        procs.start(
-            "redis",
-            [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(redis_port),
-             "--bind", HOST, "--save", "", "--appendonly", "no"],
-        )  # fmt: skip
-        time.sleep(0.5)
-        proxy, _ = procs.start(
-            "memshadow",
-            [sys.executable, "-m", "proxy", "--listen", f"{HOST}:{port}",
-             "--memcached", f"{HOST}:{mc_port}", "--admin", f"{HOST}:{admin}",
-             "--redis", f"redis://{HOST}:{redis_port}/0", "--sample-rate", str(args.rate),
-             *(["--config", args.config] if args.config else [])],
-            cwd=bench.REPO_ROOT,
-        )  # fmt: skip
-        why = bench.wait_ready(proxy, port, b"version\r\n", b"VERSION ", 10)
-        if why:
-            print(f"memshadow did not start: {why}", file=sys.stderr)
-            return 1
         cfg = workdir / "memcaslap.cnf"
-        bench.memcaslap_config(cfg, 32, 100, 0.9)
-        spec = bench.LoadSpec(
+        memcaslap_config(cfg, 32, 100, 0.9)
+        spec = LoadSpec(
             memcaslap=shutil.which("memcaslap") or "/usr/bin/memcaslap",
             cfg=cfg, concurrency=16, threads=1, tps=0, probe_rate=0, probe_cpus=None,
             probe_rt=0, value_size=100,
         )  # fmt: skip
-        rc, out = bench.run_memcaslap(spec, port, args.seconds)
+        rc, out = run_memcaslap(spec, port, args.seconds)
         if rc != 0:
             print(out[-500:], file=sys.stderr)
             return 1
@@ -79,7 +70,7 @@ def main() -> int:
         requests = total(s, "memshadow_requests_total")
         shadowed = total(s, "memshadow_shadow_requests_total")
         workers = _children(proxy.pid)
-        tps = bench.parse_memcaslap(out)["tps"]
+        tps = parse_memcaslap(out)["tps"]
         print(
             f"rate {args.rate}: {tps:,.0f} ops/s, {requests:,.0f} client "
             f"requests, {shadowed:,.0f} shadowed; RSS memshadow {_rss_mib(proxy.pid):.1f} MiB"

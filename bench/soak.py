@@ -46,17 +46,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import run as bench  # noqa: E402  (bench/run.py: /metrics scraping)
+from harness import (  # noqa: E402
+    Processes,
+    metric_total,
+    scrape,
+    start_memcached,
+    start_memshadow,
+    start_redis,
+)
 from pymemcache.client.base import Client  # noqa: E402
 
-from tests.integration.hammer import full_mix  # noqa: E402
-from tests.support import (  # noqa: E402
-    ServerProcess,
-    free_port,
-    memcached_argv,
-    redis_argv,
-    start_memshadow,
-)
+from tests.integration.hammer import full_mix  # noqa: E402  (the suite's command mix)
 
 FAULTS = ("redis_restart", "memcached_restart", "burst")
 
@@ -193,8 +193,8 @@ def process_figures(pid: int) -> dict[str, float]:
 
 
 def metric_figures(admin: int) -> dict[str, float]:
-    samples = bench.scrape(admin)
-    total = bench.metric_total
+    samples = scrape(admin)
+    total = metric_total
     out = {
         "tasks": total(samples, "memshadow_event_loop_tasks"),
         "client_connections": total(samples, "memshadow_client_connections"),
@@ -230,20 +230,16 @@ class Fault:
 
 def soak(args: argparse.Namespace, out: Path) -> tuple[list[dict[str, Any]], list[Fault], int]:
     """Run; (samples, faults, proxy log lines that are errors)."""
-    memcached = ServerProcess(memcached_argv("-c", str(args.burst + 2048))).start()
-    redis = ServerProcess(redis_argv()).start()
-    admin = free_port()
+    procs = Processes(out)  # (their logs: out/memshadow.log, out/memcached.log...)
+    memcached = start_memcached(procs, "-c", str(args.burst + 2048), threads=2)
+    redis = start_redis(procs)
     config = out / "memshadow.yaml"
     config.write_text(
         f"listen: 127.0.0.1:0\nmemcached: 127.0.0.1:{memcached.port}\n"
-        f"admin: 127.0.0.1:{admin}\n"
+        f"admin: 127.0.0.1:0\n"
         f"shadow:\n  redis: redis://127.0.0.1:{redis.port}/0\n  sample_rate: {args.rate}\n"
     )
-    proc, port = start_memshadow("--config", str(config))
-    log_lines: list[str] = []
-    assert proc.stderr is not None
-    drain = threading.Thread(target=lambda: log_lines.extend(proc.stderr or ()), daemon=True)
-    drain.start()
+    proc, port, admin = start_memshadow(procs, "--config", str(config))
     load = Load(port, args.connections, args.seed)
     samples: list[dict[str, Any]] = []
     faults: list[Fault] = []
@@ -298,10 +294,8 @@ def soak(args: argparse.Namespace, out: Path) -> tuple[list[dict[str, Any]], lis
         proc.send_signal(signal.SIGTERM)
         with contextlib.suppress(Exception):
             proc.wait(30)
-        drain.join(10)
-        memcached.stop()
-        redis.stop()
-    (out / "memshadow.log").write_text("".join(log_lines))
+        procs.close()
+    log_lines = (out / "memshadow.log").read_text(errors="replace").splitlines()
     bad = [line for line in log_lines if "Traceback" in line or " ERROR " in line]
     return samples, faults, len(bad)
 

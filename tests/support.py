@@ -5,7 +5,9 @@ clients (raw sockets, pymemcache) against it."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import inspect
 import os
 import random
 import re
@@ -59,15 +61,6 @@ def start_memshadow(*args: str, **popen: Any) -> tuple[subprocess.Popen[str], in
     raise AssertionError("memshadow did not start")
 
 
-def eventually(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    """Poll until `condition()` holds; fail naming `what` after `timeout` seconds (a bound for
-    slow machines, never a measurement)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not reached within {timeout:g}s: {what}"
-        time.sleep(0.01)
-
-
 def memcached_stats(port: int) -> dict[str, str]:
     """A memcached's `stats`, on a connection of its own (which the figures then count)."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
@@ -102,16 +95,20 @@ def free_cluster_port() -> int:
 
 
 def wait_for_port(
-    port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 5.0
+    port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 30.0
 ) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """Until something listens on 127.0.0.1:port (fails at once if `proc` exits first)."""
+
+    def listening() -> bool:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.01)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+        try:
+            socket.create_connection(("127.0.0.1", port), 1.0).close()
+        except OSError:
+            return False
+        return True
+
+    wait_until(listening, timeout, f"something listening on 127.0.0.1:{port}")
 
 
 class ServerProcess:
@@ -211,7 +208,8 @@ def auth_file(line: str = "user:pass") -> Iterator[str]:
 
 
 class ProxyThread:
-    """memshadow's ProxyServer on a private event loop in a background thread."""
+    """memshadow's ProxyServer on a private event loop in a background thread. Started, its
+    shadow workers (shadow.worker: process) answer, unless `workers_ready` is False."""
 
     def __init__(
         self,
@@ -219,6 +217,7 @@ class ProxyThread:
         use_uvloop: bool = True,
         *,
         follow_memcached: bool = False,
+        workers_ready: bool = True,
         **server_kwargs: Any,
     ) -> None:
         """follow_memcached: as memshadow itself runs, each listener is open only while its
@@ -234,6 +233,7 @@ class ProxyThread:
         self.processes: Any = None  # workers: N: the extra proxy processes
         self._server_kwargs = server_kwargs
         self._use_uvloop = use_uvloop
+        self._workers_ready = workers_ready
         self.loop: asyncio.AbstractEventLoop | None = None
         self.server: Any = None
         self.servers: list[Any] = []
@@ -246,10 +246,29 @@ class ProxyThread:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="memshadow-test", daemon=True)
         self._thread.start()
-        if not self._ready.wait(10):
+        if not self._ready.wait(60):  # (a bound on a hang: a loaded host starts slowly)
             raise RuntimeError("proxy did not start")
         if self._error is not None:
             raise self._error
+        if self._workers_ready and hasattr(self.shadow, "worker_pids"):
+            wait_until(self._workers_answer, 120, "the shadow workers answering")
+
+    def _workers_answer(self) -> bool:
+        """Every shadow worker process connected, and answering (an idle round trip that
+        no worker's exit cut short). A loaded host may start the proxy before them."""
+        shadow = self.shadow
+
+        def connected() -> list[int | None] | None:
+            pids = list(shadow.worker_pids)
+            lanes = shadow.handoff.lanes
+            up = None not in pids and all(lane.writer() is not None for lane in lanes)
+            return pids if up else None
+
+        pids = self.call(connected)
+        if pids is None:
+            return False
+        self._idle(60)
+        return bool(self.call(connected) == pids)
 
     def _run(self) -> None:
         if self._use_uvloop:
@@ -349,30 +368,67 @@ class ProxyThread:
         the other proxy processes handed over, and their figures reported)."""
         if self.shadow is None:
             return
-        if self.processes is not None:
-            time.sleep(0.2)  # their last batches and ticks reach the shadow workers
+        if self.processes is None:
+            self._idle(timeout)
+            return
+        # The other processes hand over and report on clocks of their own: settled once a
+        # round (a report from each of them, sent after the round began, then the shadow
+        # idle) leaves every figure as the round before left it.
+        figures: object = None
+        deadline = time.monotonic() + timeout
+        while True:
+            self._fresh_reports(max(1.0, deadline - time.monotonic()))
+            self._idle(max(1.0, deadline - time.monotonic()))
+            previous, figures = figures, self.call(self._figures)
+            if figures == previous:
+                return
+            assert time.monotonic() < deadline, f"figures still moving after {timeout:g} s"
+
+    def _fresh_reports(self, timeout: float) -> None:
+        """Until every extra proxy process (workers: N) has reported again."""
+        heard = self.call(self._reports_heard)
+
+        def reported() -> bool:
+            now = self.call(self._reports_heard)
+            return all(a > b for a, b in zip(now, heard, strict=True))
+
+        wait_until(reported, timeout, "a report from every proxy process")
+
+    def _idle(self, timeout: float) -> None:
         self.run(lambda: asyncio.wait_for(self.shadow.idle(), timeout), timeout + 1)
-        if self.processes is not None:
-            time.sleep(1.5)  # proxy.processes.REPORT_INTERVAL: their figures reach us
+
+    def _reports_heard(self) -> list[float]:
+        """When each extra proxy process (workers: N) was last heard from."""
+        return [extra.last_heard for extra in self.processes._extras]
+
+    def _figures(self) -> tuple[object, ...]:
+        stats = self.shadow.stats
+        return (
+            self.metrics.requests.total(),
+            dict(stats.shadowed),
+            dict(stats.comparisons),
+            dict(stats.dropped),
+            dict(stats.errors),
+        )
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """Run fn on the proxy's loop and return its result."""
         assert self.loop is not None
-        result: list[Any] = []
-        done = threading.Event()
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
         def runner() -> None:
-            result.append(fn())
-            done.set()
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
 
         self.loop.call_soon_threadsafe(runner)
-        done.wait(5)
-        return result[0]
+        return future.result(30)  # (a bound on a hang: a loop stuck for 30 s)
 
     def stop(self) -> None:
         if self.loop is not None and self._stop is not None and self._thread is not None:
             self.loop.call_soon_threadsafe(self._stop.set)
-            self._thread.join(15)
+            self._thread.join(60)
 
 
 def proxy_config(
@@ -441,6 +497,11 @@ class RawClient:
                 break
             out += chunk
         return out
+
+    def read_to_close(self, timeout: float = 30.0) -> bytes:
+        """Everything the peer sends until it closes the connection (`closed` tells whether
+        it did within `timeout`: a bound on a hang)."""
+        return self.read_quiet(quiet=timeout, limit=timeout)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -602,22 +663,26 @@ class RedisCluster:
         )
         return done.stdout
 
-    def wait_ok(self, timeout: float = 30.0) -> None:
+    def wait_ok(self, timeout: float = 60.0) -> None:
         """Until every live node says cluster_state:ok and agrees on the slots' owners, and
         every replica is in sync with its primary."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            live = [s for s in self.servers if s.proc is not None]
-            states = [self.cli(s.port, "cluster", "info") for s in live]
-            slots = {self.cli(s.port, "cluster", "slots") for s in live}
-            replication = [self.cli(s.port, "info", "replication") for s in live]
-            synced = all(
-                "role:master" in info or "master_link_status:up" in info for info in replication
-            )
-            if all("cluster_state:ok" in state for state in states) and len(slots) == 1 and synced:
-                return
-            time.sleep(0.1)
-        raise RuntimeError("the Redis Cluster did not settle")
+        wait_until(self.is_ok, timeout, "the Redis Cluster settled")
+
+    def is_ok(self) -> bool:
+        live = [s for s in self.servers if s.proc is not None]
+        states = [self.cli(s.port, "cluster", "info") for s in live]
+        slots = {self.cli(s.port, "cluster", "slots") for s in live}
+        replication = [self.cli(s.port, "info", "replication") for s in live]
+        synced = all(
+            "role:master" in info or "master_link_status:up" in info for info in replication
+        )
+        return all("cluster_state:ok" in state for state in states) and len(slots) == 1 and synced
+
+    def epoch(self) -> int:
+        """The cluster's current epoch, as a live node sees it: it grows with every failover
+        and every slot handed to another primary."""
+        info = self.cli(self.live().port, "cluster", "info")
+        return int(re.search(r"cluster_current_epoch:(\d+)", info)[1])  # type: ignore[index]
 
     def primaries(self) -> list[ServerProcess]:
         """The live primaries that own slots, by CLUSTER NODES."""
@@ -719,12 +784,78 @@ def noise_reasons(proxy: ProxyThread) -> dict[str, int]:
     return _by_second(proxy.shadow.stats.noise)
 
 
-def wait_until(condition: Callable[[], object], timeout: float = 30.0, what: str = "") -> float:
-    """Poll `condition` until it holds; the seconds that took. Fails after `timeout` (a bound
-    on a hang, never a measure: nothing asserts how fast it held)."""
-    started = time.monotonic()
+def wait_until(condition: Callable[[], object], timeout: float = 30.0, what: str = "") -> None:
+    """Poll `condition` until it holds. The one way a test waits for an outcome: `timeout`
+    bounds a hang (it fails the test then, naming `what`), it never measures anything; a
+    test asserts what happened, never how fast."""
+    deadline = time.monotonic() + timeout
     while not condition():
-        if time.monotonic() - started > timeout:
+        if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout:g} s: {what or condition}")
         time.sleep(0.02)
-    return time.monotonic() - started
+
+
+async def wait_until_async(
+    condition: Callable[[], object], timeout: float = 30.0, what: str = ""
+) -> None:
+    """wait_until for a test running on an event loop: the loop runs while it polls, and
+    `condition` may be a coroutine function (awaited each time)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        held = condition()
+        if inspect.isawaitable(held):
+            held = await held
+        if held:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g} s: {what or condition}")
+        await asyncio.sleep(0.01)
+
+
+def shadow_drops(proxy: ProxyThread) -> int:
+    """Shadow work dropped so far, every reason together."""
+    return int(proxy.call(lambda: sum(proxy.shadow.stats.dropped.values())))
+
+
+def find_divergence(
+    proxy: ProxyThread,
+    name: str,
+    kind: str,
+    establish: Callable[[str], object],
+    inject: Callable[[str], object],
+    trigger: Callable[[str], object],
+    prepare: Callable[[], object] = lambda: None,
+    keys: Callable[[int], str] | None = None,
+    attempts: int = 5,
+) -> str:
+    """A real divergence of `kind`, found: on a fresh key, `establish(key)` (a write and a
+    read through the proxy: the key in step), `inject(key)` (a store changed behind the
+    proxy's back), `trigger(key)` (a request through the proxy that meets the difference).
+    Returns the key: keys(attempt), by default NAME:ATTEMPT.
+
+    The key's own operations run while nothing else goes through the shadow (`prepare()`,
+    a load for instance, runs before, and is judged first), so a drop counted meanwhile is
+    theirs: on a loaded host one may be dropped, which turns the key cold (correctly: the
+    trigger is then noise), and the divergence is made again on a fresh key. A divergence
+    not found while none of its key's operations was dropped fails the test."""
+
+    def found() -> int:
+        return int(proxy.call(lambda: mismatch_kinds(proxy).get(kind, 0)))
+
+    for attempt in range(attempts):
+        prepare()
+        proxy.settle(120)
+        key = keys(attempt) if keys is not None else f"{name}:{attempt}"
+        dropped = shadow_drops(proxy)
+        establish(key)
+        proxy.settle(120)
+        if shadow_drops(proxy) > dropped:
+            continue  # (cold: a fresh key)
+        inject(key)
+        before = found()
+        trigger(key)
+        proxy.settle(120)
+        if found() > before:
+            return key
+        assert shadow_drops(proxy) > dropped, f"{name}: not found, none of its operations dropped"
+    raise AssertionError(f"{name}: an operation of its key dropped {attempts} times in a row")

@@ -27,6 +27,7 @@ from proxy.admin import (
 )
 from proxy.config import HostPort
 from proxy.metrics import ProxyMetrics
+from tests.support import wait_until_async
 
 
 class Readiness:
@@ -369,9 +370,7 @@ async def test_stop_closes_idle_connections(metrics: ProxyMetrics) -> None:
     reader, writer = await asyncio.open_connection(*server.address)
     writer.write(b"GET /healthz HTTP/1.1\r\n")  # never finished
     await writer.drain()
-    async with asyncio.timeout(10):
-        while not server._connections:  # wait until the server has accepted it
-            await asyncio.sleep(0.01)
+    await wait_until_async(lambda: server._connections, what="the connection accepted")
     await asyncio.wait_for(server.stop(), 10)
     assert await asyncio.wait_for(reader.read(), 10) == b""
     writer.close()

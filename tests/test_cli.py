@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pymemcache.client.base import Client
@@ -24,7 +25,7 @@ from pymemcache.client.base import Client
 from proxy import __version__, buildinfo
 from proxy.cli import main
 from proxy.runtime import JsonLogFormatter
-from tests.support import ServerProcess, memcached_argv, memcached_stats
+from tests.support import ServerProcess, memcached_argv, memcached_stats, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = "config/memshadow.yaml"  # an example configuration of one's own
@@ -592,13 +593,17 @@ def test_a_killed_proxy_takes_its_shadow_worker_with_it(
         (worker,) = _children(proc.proc.pid)
         proc.proc.kill()  # SIGKILL: no clean-up at all; the worker sees its socket close
         proc.proc.wait()
-        deadline = time.monotonic() + 10
-        while Path(f"/proc/{worker}").exists() and time.monotonic() < deadline:
+        status = Path(f"/proc/{worker}/stat")
+
+        def gone() -> bool:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(worker, os.WNOHANG)  # not our child: init reaps it
-            time.sleep(0.05)
-        status = Path(f"/proc/{worker}/stat")
-        assert not status.exists() or status.read_text().split(") ", 1)[1][0] == "Z"
+            try:
+                return status.read_text().split(") ", 1)[1][0] == "Z"
+            except OSError:
+                return True
+
+        wait_until(gone, what=f"worker {worker} gone")
     finally:
         proc.kill()
 
@@ -630,16 +635,18 @@ def test_listeners_each_front_their_memcached_and_readyz_tells_them_apart(
         request = urllib.request.Request(
             f"http://127.0.0.1:{admin}/readyz", headers={"Accept": "application/json"}
         )
-        deadline = time.monotonic() + 10
-        while True:
+        answers: list[dict[str, Any]] = []
+
+        def probed() -> bool:
             try:
                 urllib.request.urlopen(request, timeout=10)
             except urllib.error.HTTPError as exc:  # 503: one Memcached is not reachable
-                body = json.loads(exc.read())
-                if not body["listeners"][1]["reason"].startswith("not probed"):
-                    break
-            assert time.monotonic() < deadline, "the dead backend was never probed"
-            time.sleep(0.1)
+                answers.append(json.loads(exc.read()))
+                return not answers[-1]["listeners"][1]["reason"].startswith("not probed")
+            return False
+
+        wait_until(probed, what="the dead backend probed")
+        body = answers[-1]
         assert body["ready"] is False
         states = {entry["name"]: entry["ready"] for entry in body["listeners"]}
         assert states == {"live": True, "gone": False}

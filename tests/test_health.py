@@ -13,7 +13,13 @@ import pytest
 
 from proxy.config import HostPort
 from proxy.health import UpstreamHealth
-from tests.support import ServerProcess, auth_file, memcached_argv, memcached_stats
+from tests.support import (
+    ServerProcess,
+    auth_file,
+    memcached_argv,
+    memcached_stats,
+    wait_until_async,
+)
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -33,13 +39,6 @@ async def fake_server(handler: Handler) -> AsyncIterator[HostPort]:
         yield HostPort("127.0.0.1", server.sockets[0].getsockname()[1])
     finally:
         server.close()
-
-
-async def wait_until(predicate: Callable[[], bool], limit: float = 10.0) -> None:
-    # A generous bound so a slow CI machine does not fail; the check is behaviour, not speed.
-    async with asyncio.timeout(limit):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 async def test_not_ready_before_the_first_probe(closed_port: HostPort) -> None:
@@ -79,10 +78,10 @@ async def test_follows_memcached_going_down_and_coming_back(memcached: ServerPro
     try:
         assert health.ready and changes == [True]
         memcached.stop()  # the kept connection closes: a connect right away is refused
-        await wait_until(lambda: not health.ready)
+        await wait_until_async(lambda: not health.ready)
         assert health.reason.startswith(f"cannot connect to memcached at {memcached.address}")
         memcached.start()
-        await wait_until(lambda: health.ready)
+        await wait_until_async(lambda: health.ready)
         assert health.reason == ""
         assert changes == [True, False, True]
     finally:
@@ -99,7 +98,7 @@ async def test_a_restart_is_seen_through_the_kept_connection_alone(
     try:
         assert health.connects == 1
         memcached.restart()
-        await wait_until(lambda: health.connects == 2)
+        await wait_until_async(lambda: health.connects == 2)
         assert health.ready
     finally:
         await health.stop()
@@ -115,7 +114,7 @@ async def test_note_failure_is_immediate_and_triggers_an_early_connect(
         health.note_failure("connect to 127.0.0.1:1 refused")
         assert not health.ready
         assert health.reason == "connect to 127.0.0.1:1 refused"
-        await wait_until(lambda: health.ready)
+        await wait_until_async(lambda: health.ready)
         assert health.connects == 2
     finally:
         await health.stop()

@@ -13,6 +13,7 @@ import proxy.runtime
 from proxy.config import Config, RedisURL
 from proxy.processes import ExtraProcess
 from proxy.shadow.wire import FrameDecoder, encode
+from tests.support import wait_until_async
 
 
 class Recorder(asyncio.Transport):
@@ -47,9 +48,8 @@ async def test_a_rate_change_right_behind_start_is_not_overwritten_by_it(
     extra.connection_made(control)
     start = ("start", pickle.dumps(config), 1, [], 1.0, True, [None, None], "t", [True])
     extra.data_received(b"".join(encode(start) + encode(("rate", 0.0, False))))
-    await asyncio.sleep(0.1)
+    await wait_until_async(lambda: ("ready",) in control.messages, what="booted")
     assert (extra.control.sample_rate, extra.control.enabled) == (0.0, False)
-    assert ("ready",) in control.messages
     await extra._stop(0.0)
     assert extra.finished.result() == 0
     assert control.messages[-1][0] == "figures"

@@ -28,6 +28,7 @@ the shadow (its keys turn cold).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import random
 import re
@@ -46,6 +47,7 @@ from tests.support import (
     proxy_config,
     redis_argv,
     totals,
+    wait_until,
 )
 
 MARKER = b"mg fuzz:end v O424242\r\n"
@@ -383,8 +385,14 @@ def settle(
     state both now hold."""
     direct, behind = twin.states()
     if direct.raw != behind.raw:
-        time.sleep(0.2)
-        direct, behind = twin.states()
+
+        def alike() -> bool:
+            nonlocal direct, behind
+            direct, behind = twin.states()
+            return direct.raw == behind.raw
+
+        with contextlib.suppress(AssertionError):  # (they stay different: recorded below)
+            wait_until(alike, 5.0, "the twins alike")
     if direct.raw != behind.raw:
         why = explain_divergence(before, direct, behind)
         with lock:

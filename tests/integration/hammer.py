@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from pymemcache.client.base import Client
 from pymemcache.exceptions import MemcacheClientError, MemcacheServerError
 
+from proxy.shadow.engine.worker import LATE
+from proxy.shadow.metrics import DROP_REASONS
+
 TTLS = (0, 0, 3600, 2)
 COMMANDS = (
     "get",
@@ -237,6 +240,31 @@ def figures(proxy: object) -> dict[str, object]:
         "dropped": dict(stats.dropped),
         "repairs": stats.repairs,
     }
+
+
+LOAD_DROPS = frozenset((*DROP_REASONS, LATE))
+"""Why a loaded host drops shadow work: the shadow could not keep up (its queue or its
+hand-off full, its worker or loop starved, a proxy process's requests too late for the
+merge), or Redis did not answer in time. How many depends on the machine's load, never on
+what the test checks."""
+
+
+def assert_drops_accounted(
+    proxy: object, out: dict[str, object], explained: frozenset[str] = LOAD_DROPS
+) -> None:
+    """Every drop of a run (`out`: its figures()) is counted under a reason the run
+    explains (`explained`: by default, a loaded host's), and exported as counted: the
+    memshadow_shadow_dropped_total series, one per reason, add up to what was dropped."""
+    dropped: dict[str, int] = out["dropped"]  # type: ignore[assignment]
+    assert {r: n for r, n in dropped.items() if r not in explained} == {}, dropped
+    text = proxy.metrics.render().decode()  # type: ignore[attr-defined]
+    exported = {
+        line.split('reason="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("memshadow_shadow_dropped_total{")
+    }
+    assert {r: n for r, n in exported.items() if n} == {r: float(n) for r, n in dropped.items()}
+    assert sum(exported.values()) == sum(dropped.values())
 
 
 def main() -> None:

@@ -19,9 +19,10 @@ import hiredis
 import pytest
 
 from proxy.config import Config, RedisURL
+from proxy.ops.causes import REDIS_REFUSALS
 from proxy.ops.operations import redis_info_from
 from proxy.ops.report import parse_keyspace
-from tests.integration.hammer import figures
+from tests.integration.hammer import LOAD_DROPS, assert_drops_accounted, figures
 from tests.integration.test_shadow import redis_call
 from tests.integration.test_verdicts import hammer_gives_no_false_alarm
 from tests.support import (
@@ -32,6 +33,7 @@ from tests.support import (
     ServerProcess,
     proxy_config,
     redis_argv,
+    wait_until,
 )
 
 
@@ -75,9 +77,16 @@ def test_the_hammer_on_a_cluster_gives_no_false_alarm(
     worker_mode: str, memcached: ServerProcess, cluster: RedisCluster
 ) -> None:
     proxy = _proxy(memcached, cluster.servers[0], worker_mode)
+    epoch = cluster.epoch()
     try:
         after = hammer_gives_no_false_alarm(proxy, memcached, lambda key: cluster_get(cluster, key))
-        assert after["dropped"] == {}
+        # What was dropped, the load explains (Redis or the shadow too slow for it): never a
+        # refusal given up or a write the cluster lost, unless a node did fail over (a host
+        # loaded past the cluster's 1 s node timeout: its epoch says so).
+        explained = LOAD_DROPS
+        if cluster.epoch() != epoch:
+            explained |= {"failover", *(f"redis_{refusal}" for refusal in REDIS_REFUSALS)}
+        assert_drops_accounted(proxy, after, explained)
         if worker_mode == "inline":
             assert proxy.shadow.store.is_cluster
 
@@ -150,9 +159,11 @@ def test_a_primary_killed_under_load_fails_over_without_false_alarm(
         print(f"\ncluster failed over {time.monotonic() - killed:.1f} s after the kill")
         if worker_mode == "inline":
             pool = _pool(proxy)
-            while not (pool.is_connected and pool.failovers):  # type: ignore[attr-defined]
-                assert time.monotonic() - killed < 30, "the shadow did not find the new primary"
-                time.sleep(0.05)
+            wait_until(
+                lambda: pool.is_connected and pool.failovers,  # type: ignore[attr-defined]
+                60,
+                "the shadow on the new primary",
+            )
             print(f"shadow on the promoted replica {time.monotonic() - killed:.1f} s after")
         matches.append(figures(proxy)["outcomes"].get("match", 0))  # type: ignore[union-attr]
 
@@ -174,10 +185,10 @@ def replica_pair() -> Iterator[tuple[ServerProcess, ServerProcess]]:
     primary = ServerProcess(redis_argv()).start()
     replica = ServerProcess(redis_argv("--replicaof", "127.0.0.1", str(primary.port))).start()
     try:
-        deadline = time.monotonic() + 10
-        while b"master_link_status:up" not in redis_call(replica.port, "INFO", "replication"):  # type: ignore[operator]
-            assert time.monotonic() < deadline, "the replica did not sync"
-            time.sleep(0.05)
+        wait_until(
+            lambda: b"master_link_status:up" in redis_call(replica.port, "INFO", "replication"),  # type: ignore[operator]
+            what="the replica in sync",
+        )
         yield primary, replica
     finally:
         replica.stop()

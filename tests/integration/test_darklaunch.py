@@ -25,6 +25,7 @@ from tests.support import (
     ProxyThread,
     RawClient,
     ServerProcess,
+    find_divergence,
     memcached_argv,
     mismatch_kinds,
     noise_reasons,
@@ -62,23 +63,21 @@ def _operate(proxy: ProxyThread, action: Callable[[ShadowControl], object]) -> N
     )
 
 
-def _mismatches(proxy: ProxyThread) -> int:
-    return int(proxy.call(lambda: sum(mismatch_kinds(proxy).values())))
-
-
-def _found(proxy: ProxyThread, kind: str) -> int:
-    return int(proxy.call(lambda: mismatch_kinds(proxy).get(kind, 0)))
-
-
-def _inject_and_find(proxy: ProxyThread, client: Client, redis: ServerProcess, key: str) -> None:
+def _inject_and_find(proxy: ProxyThread, client: Client, redis: ServerProcess, name: str) -> None:
     """A real divergence on a key established now: Redis loses it; the next read finds it."""
-    client.set(key, b"profile", flags=3)
-    assert client.get(key) == b"profile"
-    time.sleep(0.3)  # (the set and get judged: the key is in step)
-    redis_call(redis.port, "DEL", key)
-    before = _found(proxy, "missing_in_redis")
-    client.get(key)
-    wait_until(lambda: _found(proxy, "missing_in_redis") > before, what=f"{key} found")
+
+    def establish(key: str) -> None:
+        client.set(key, b"profile", flags=3)
+        assert client.get(key) == b"profile"
+
+    find_divergence(
+        proxy,
+        name,
+        "missing_in_redis",
+        establish,
+        lambda key: redis_call(redis.port, "DEL", key),
+        client.get,
+    )
 
 
 HOT = [f"hot{i}" for i in range(4)]
@@ -380,11 +379,21 @@ def test_every_divergence_is_still_found_with_redis_values_changed_behind_the_sh
     incr (the guard against making everything noise)."""
     with _shadow(memcached, redis_server, worker_mode) as proxy:
         client = Client(("127.0.0.1", proxy.port), default_noreply=False, timeout=10)
-        client.set("c", b"100", flags=3)
-        client.get("c")
-        proxy.settle()
-        redis_call(redis_server.port, "SET", "c", pack_value(3, 1, b"500"))
-        assert client.incr("c", 1) == 101
-        wait_until(lambda: _found(proxy, "value") == 1, what="incr:value found")
+
+        def establish(key: str) -> None:
+            client.set(key, b"100", flags=3)
+            client.get(key)
+
+        def trigger(key: str) -> None:
+            assert client.incr(key, 1) == 101
+
+        find_divergence(
+            proxy,
+            "c",
+            "value",
+            establish,
+            lambda key: redis_call(redis_server.port, "SET", key, pack_value(3, 1, b"500")),
+            trigger,
+        )
         client.close()
-        assert _mismatches(proxy) == 1
+        assert proxy.call(lambda: mismatch_kinds(proxy)) == {"value": 1}

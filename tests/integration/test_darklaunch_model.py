@@ -34,6 +34,7 @@ from tests.integration.test_shadow import mc_call, redis_call
 from tests.support import (
     ProxyThread,
     ServerProcess,
+    find_divergence,
     memcached_argv,
     mismatch_kinds,
     proxy_config,
@@ -195,21 +196,24 @@ class DarkLaunch(RuleBasedStateMachine):
         assert self.proxy is not None
         if self.rate < 1.0:
             self.set_rate(1.0)
-        key = f"injected{len(self.injected)}-{self.seed}"
         client = Client(("127.0.0.1", self.proxy.port), default_noreply=False, timeout=10)
-        client.set(key, b"profile", flags=3)
-        assert client.get(key) == b"profile"
-        self.proxy.settle(60)
-        if kind == "missing_in_redis":
-            redis_call(self.redis.port, "DEL", key)
-        elif kind == "value":
-            redis_call(self.redis.port, "SET", key, pack_value(3, 1, b"other"))
-        else:
-            redis_call(self.redis.port, "SET", key, pack_value(99, 1, b"profile"))
-        client.get(key)
+
+        def establish(key: str) -> None:
+            client.set(key, b"profile", flags=3)
+            assert client.get(key) == b"profile"
+
+        def diverge(key: str) -> None:
+            if kind == "missing_in_redis":
+                redis_call(self.redis.port, "DEL", key)
+            elif kind == "value":
+                redis_call(self.redis.port, "SET", key, pack_value(3, 1, b"other"))
+            else:
+                redis_call(self.redis.port, "SET", key, pack_value(99, 1, b"profile"))
+
+        name = f"injected{len(self.injected)}-{self.seed}"
+        find_divergence(self.proxy, name, kind, establish, diverge, client.get)
         client.close()
         self.injected[kind] = self.injected.get(kind, 0) + 1
-        wait_until(lambda: self._mismatches().get(kind, 0) >= self.injected[kind], 60, key)
         self.check()
 
     # -- helpers -----------------------------------------------------------------------------

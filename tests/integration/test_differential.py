@@ -25,10 +25,10 @@ from tests.support import (
     ProxyThread,
     RawClient,
     ServerProcess,
-    eventually,
     memcached_argv,
     memcached_stats,
     proxy_config,
+    wait_until,
 )
 
 
@@ -39,11 +39,16 @@ class Twin:
     proxy: ProxyThread
 
     def exchange(
-        self, chunks: list[bytes], gap: float = 0.0, quiet: float = 0.25, until: bytes | None = None
+        self,
+        chunks: list[bytes],
+        gap: float = 0.0,
+        quiet: float = 0.25,
+        until: bytes | None = None,
+        lockstep: bool = False,
     ) -> tuple[tuple[bytes, bool], tuple[bytes, bool]]:
         return (
-            _exchange(self.direct.port, chunks, gap, quiet, until),
-            _exchange(self.proxy.port, chunks, gap, quiet, until),
+            _exchange(self.direct.port, chunks, gap, quiet, until, lockstep),
+            _exchange(self.proxy.port, chunks, gap, quiet, until, lockstep),
         )
 
     def assert_same(
@@ -52,27 +57,40 @@ class Twin:
         gap: float = 0.0,
         quiet: float = 0.25,
         until: bytes | None = None,
+        lockstep: bool = False,
     ) -> bytes:
         if isinstance(chunks, bytes):
             chunks = [chunks]
-        direct, proxied = self.exchange(chunks, gap, quiet, until)
+        direct, proxied = self.exchange(chunks, gap, quiet, until, lockstep)
         assert proxied[1] == direct[1], f"connection fate differs: direct closed={direct[1]}"
         assert proxied[0] == direct[0]
         return direct[0]
 
 
 def _exchange(
-    port: int, chunks: list[bytes], gap: float, quiet: float, until: bytes | None = None
+    port: int,
+    chunks: list[bytes],
+    gap: float,
+    quiet: float,
+    until: bytes | None = None,
+    lockstep: bool = False,
 ) -> tuple[bytes, bool]:
+    """The replies to `chunks`, and whether the server closed the connection. `lockstep`:
+    each chunk ends with `mn`, and the next one is sent once its MN is back (one read each,
+    whatever the load); else a chunk `gap` seconds after the other. The replies end with
+    `until` or, when that is not known, `quiet` seconds of silence."""
     client = RawClient(port)
     out = b""
     try:
         for chunk in chunks:
             client.send(chunk)
-            if gap:
+            if lockstep:
+                out += client.read_quiet(30, limit=30, until=b"MN\r\n")
+            elif gap:
                 time.sleep(gap)
                 out += client.read_quiet(0.01, limit=gap + 1)
-        out += client.read_quiet(quiet, until=until)
+        if until is None or not out.endswith(until):
+            out += client.read_quiet(quiet, until=until)
     except (BrokenPipeError, ConnectionResetError):
         client.closed = True
         out += client.read_quiet(quiet)
@@ -138,13 +156,14 @@ CASES: dict[str, bytes | list[bytes]] = {
         b"set r:a 0 0 4294967299\r\nabc\r\nget r:a\r\nset r:a 4294967296 0 1\r\nq\r\ngets r:a\r\n"
         b"set r:a 0 0 2147483646\r\nget r:a\r\n"
     ),
-    # Sent one request per read: see test_get_with_long_key_keeps_earlier_replies for batches.
+    # Sent one request per read (LOCKSTEP: each one's MN awaited before the next): see
+    # test_get_with_long_key_keeps_earlier_replies for batches.
     "too long keys": [
-        b"get " + LONG_KEY + b"\r\n",
-        b"get ok " + LONG_KEY + b" ok\r\n",
-        b"gets " + LONG_KEY + b"\r\n",
-        b"set " + LONG_KEY + b" 0 0 1\r\nx\r\n",
-        b"delete " + LONG_KEY + b"\r\n",
+        b"get " + LONG_KEY + b"\r\nmn\r\n",
+        b"get ok " + LONG_KEY + b" ok\r\nmn\r\n",
+        b"gets " + LONG_KEY + b"\r\nmn\r\n",
+        b"set " + LONG_KEY + b" 0 0 1\r\nx\r\nmn\r\n",
+        b"delete " + LONG_KEY + b"\r\nmn\r\n",
         b"mg " + LONG_KEY + b" v\r\nms " + LONG_KEY + b" 1\r\nx\r\nmn\r\n",
     ],
     "wrong word counts": (
@@ -196,9 +215,16 @@ CASES: dict[str, bytes | list[bytes]] = {
 }
 
 
+LOCKSTEP = {"too long keys"}
+"""Cases whose chunks each end with `mn`: the next chunk goes once its MN is back."""
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_same_bytes_and_fate(twin: Twin, name: str) -> None:
     case = CASES[name]
+    if name in LOCKSTEP:
+        twin.assert_same(case, lockstep=True)
+        return
     twin.assert_same(
         case if isinstance(case, list) else [case], gap=0.05 if isinstance(case, list) else 0.0
     )
@@ -226,7 +252,7 @@ def test_long_get_line_arriving_in_pieces_is_served(twin: Twin) -> None:
     keys = b" ".join(b"lg:%05d" % i for i in range(3000))
     line = b"set lg:00007 0 0 2\r\nhi\r\nget " + keys + b"\r\n"
     chunks = [line[i : i + 4000] for i in range(0, len(line), 4000)]
-    reply = twin.assert_same(chunks, gap=0.01)
+    reply = twin.assert_same(chunks, gap=0.01, quiet=30, until=b"END\r\n")
     assert reply.endswith(b"VALUE lg:00007 0 2\r\nhi\r\nEND\r\n")
 
 
@@ -236,7 +262,7 @@ def test_huge_multiget(twin: Twin) -> None:
         for i in range(0, 5000, 3)
     )
     keys = b" ".join(b"hm:%d" % i for i in range(5000))
-    reply = twin.assert_same([setup + b"get " + keys + b"\r\n"], quiet=0.5)
+    reply = twin.assert_same([setup + b"get " + keys + b"\r\n"], quiet=30, until=b"END\r\n")
     assert reply.count(b"VALUE ") == len(range(0, 5000, 3))
 
 
@@ -250,7 +276,7 @@ def test_values_near_the_one_megabyte_limit(twin: Twin) -> None:
         b"set big 0 0 %d noreply\r\n" % (2 * biggest) + b"c" * (2 * biggest) + b"\r\n",
         b"mn\r\n",
     ]
-    reply = twin.assert_same(stream, gap=0.1, quiet=0.5)
+    reply = twin.assert_same(stream, gap=0.1, quiet=30, until=b"MN\r\n")
     assert reply.count(b"SERVER_ERROR object too large for cache") == 1
     assert reply.endswith(b"END\r\nMN\r\n")
 
@@ -376,7 +402,7 @@ def _start_of_a_line(server: ServerProcess, port: int) -> None:
             return int(memcached_stats(server.port)["bytes_read"]) - before - 7 * calls
 
         client.send(b"delete edge:ke")  # no newline yet
-        eventually(lambda: read() >= 14, f"memcached {server.port} read the start of a line")
+        wait_until(lambda: read() >= 14, what=f"memcached {server.port} read the start of a line")
         assert read() == 14
         client.send(b"y\r\n")
         assert client.read_until(b"\r\n") == b"NOT_FOUND\r\n"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import random
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
@@ -23,7 +22,13 @@ from proxy.config import Config, HostPort, ListenerConfig
 from proxy.redis.layout import unpack_value
 from tests.integration.hammer import figures
 from tests.integration.test_shadow import mc_call, mc_item, redis_call
-from tests.support import ProxyThread, ServerProcess, memcached_argv, proxy_config
+from tests.support import (
+    ProxyThread,
+    ServerProcess,
+    find_divergence,
+    memcached_argv,
+    proxy_config,
+)
 
 
 @pytest.fixture(params=["process", "inline"])
@@ -48,13 +53,6 @@ def _config(a: ServerProcess, b: ServerProcess, redis: ServerProcess, worker: st
             ListenerConfig(any_port, b.address, "cache-b"),
         ),
     )
-
-
-def _wait(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "not reported in time"
-        time.sleep(0.02)
 
 
 def test_two_listeners_a_hashing_client_and_one_shadow(
@@ -138,32 +136,41 @@ def test_two_listeners_a_hashing_client_and_one_shadow(
         proxy.settle(30)
         assert figures(proxy)["mismatches"] == {}
 
-        def in_step(listener: int) -> str:
-            """A key the hashing client sends to `listener`, written and read: in step."""
-            key = next(
+        def homed(listener: int) -> Callable[[int], str]:
+            """Keys the hashing client sends to `listener`."""
+            return lambda attempt: next(
                 k
-                for k in (f"probe:{listener}:{i}" for i in range(100))
+                for k in (f"probe:{listener}:{attempt}:{i}" for i in range(100))
                 if _home(router, proxy.ports, k) == listener
             )
+
+        def establish(key: str) -> None:
             router.set(key, b"original", expire=3600)
             router.get(key)
-            proxy.settle(30)
-            time.sleep(0.3)
-            return key
 
         # A key of the second backend changed behind the proxy: re-read there, a `value`
         # mismatch (re-read on the first backend, it would look missing instead).
-        key = in_step(1)
-        mc_call(memcached_b.port, b"set %s 0 3600 5\r\nother\r\n" % key.encode())
-        router.get(key)
-        _wait(lambda: any(k.endswith(":value") for k in figures(proxy)["mismatches"]))  # type: ignore[union-attr]
-        proxy.settle(30)
+        find_divergence(
+            proxy,
+            "on cache-b",
+            "value",
+            establish,
+            lambda key: mc_call(memcached_b.port, b"set %s 0 3600 5\r\nother\r\n" % key.encode()),
+            router.get,
+            keys=homed(1),
+        )
         assert figures(proxy)["mismatches"] == {"get:value": 1}
         # A key of the first backend deleted in Redis: missing_in_redis.
-        key = in_step(0)
-        redis_call(redis_server.port, "DEL", key)
-        router.get(key)
-        _wait(lambda: "get:missing_in_redis" in figures(proxy)["mismatches"])  # type: ignore[operator]
+        find_divergence(
+            proxy,
+            "on cache-a",
+            "missing_in_redis",
+            establish,
+            lambda key: redis_call(redis_server.port, "DEL", key),
+            router.get,
+            keys=homed(0),
+        )
+        assert figures(proxy)["mismatches"] == {"get:value": 1, "get:missing_in_redis": 1}
         router.close()
     finally:
         proxy.stop()

@@ -23,10 +23,10 @@ from tests.support import (
     RawClient,
     ServerProcess,
     auth_file,
-    eventually,
     memcached_argv,
     proxy_config,
     start_memshadow,
+    wait_until,
 )
 
 
@@ -110,7 +110,7 @@ def test_memcached_down_and_back_as_a_pymemcache_client_sees_it_directly(
     memcached.stop()
     assert _sets(direct, 1) == {"ConnectionRefusedError"}
     # memshadow knows at once (its idle connection to Memcached closed); every process.
-    eventually(lambda: _sets(proxied) == {"ConnectionRefusedError"}, "memshadow refuses")
+    wait_until(lambda: _sets(proxied) == {"ConnectionRefusedError"}, what="memshadow refuses")
     assert _sets(proxied, 40) == {"ConnectionRefusedError"}  # (one open process would take them)
     assert _sets(proxied, 5, noreply=False) == {"ConnectionRefusedError"}
     # An open connection: closed under its next request, then refused on reconnecting.
@@ -120,7 +120,7 @@ def test_memcached_down_and_back_as_a_pymemcache_client_sees_it_directly(
 
     memcached.start()  # returns once memcached accepts connections
     back = time.monotonic()
-    eventually(lambda: _set(proxied, noreply=False) == "True", "memshadow serves again")
+    wait_until(lambda: _set(proxied, noreply=False) == "True", what="memshadow serves again")
     record_property("reopen_delay_ms", round((time.monotonic() - back) * 1000, 1))
     assert _sets(proxied, 40, noreply=False) == {"True"}
     assert _sets(direct, 1) == {"True"}
@@ -138,7 +138,7 @@ def test_started_before_memcached_it_refuses_until_memcached_answers(
     memshadow = memshadow_factory("--memcached", str(memcached.address), "--workers", "2")
     assert _sets(memshadow.port) == _sets(memcached.port, 1) == {"ConnectionRefusedError"}
     memcached.start()
-    eventually(lambda: _sets(memshadow.port, noreply=False) == {"True"}, "memshadow serves")
+    wait_until(lambda: _sets(memshadow.port, noreply=False) == {"True"}, what="memshadow serves")
 
 
 def test_each_listener_refuses_only_while_its_own_memcached_is_down(
@@ -159,10 +159,10 @@ def test_each_listener_refuses_only_while_its_own_memcached_is_down(
         a, b = proxy.ports
         assert _sets(a) == _sets(b) == {"True"}
         other.stop()
-        eventually(lambda: _sets(b) == {"ConnectionRefusedError"}, "listener b refuses")
+        wait_until(lambda: _sets(b) == {"ConnectionRefusedError"}, what="listener b refuses")
         assert _sets(a, noreply=False) == {"True"}
         other.start()
-        eventually(lambda: _sets(b, noreply=False) == {"True"}, "listener b serves again")
+        wait_until(lambda: _sets(b, noreply=False) == {"True"}, what="listener b serves again")
     finally:
         proxy.stop()
         other.stop()

@@ -15,10 +15,8 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import hiredis
@@ -32,6 +30,7 @@ from tests.support import (
     memcached_argv,
     start_memshadow,
     tls_redis_argv,
+    wait_until,
 )
 
 
@@ -62,13 +61,6 @@ def _get(url: str) -> tuple[int, str]:
 def _metric(text: str, name: str, labels: str) -> float:
     pattern = re.escape(name) + r"\{[^}]*" + re.escape(labels) + r"[^}]*\} (\S+)"
     return sum(float(m) for m in re.findall(pattern, text))
-
-
-def _wait(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
 
 
 def test_tls_acl_and_secrets_never_shown(tmp_path: Path) -> None:
@@ -128,7 +120,7 @@ def test_tls_acl_and_secrets_never_shown(tmp_path: Path) -> None:
             text = _get(base + "/metrics")[1]
             return _metric(text, "memshadow_shadow_comparisons_total", 'outcome="match"')
 
-        _wait(lambda: matches() >= 200, "comparisons over TLS as alice")
+        wait_until(lambda: matches() >= 200, what="comparisons over TLS as alice")
         # Redis changes alice's password and drops her connections: memshadow's reconnects
         # are refused, counted, logged, and the clients see nothing of it.
         _tls_redis_call(redis.port, ca.cert, cert, key, "ACL", "SETUSER", "alice", "resetpass",
@@ -139,7 +131,7 @@ def test_tls_acl_and_secrets_never_shown(tmp_path: Path) -> None:
             text = _get(base + "/metrics")[1]
             return _metric(text, "memshadow_shadow_redis_connect_failures_total", 'reason="auth"')
 
-        _wait(lambda: auth_failures() > 0, "the refused password counted")
+        wait_until(lambda: auth_failures() > 0, what="the refused password counted")
         for i in range(20):
             client.set(f"after{i}", b"x", noreply=False)
             assert client.get(f"after{i}") == b"x"

@@ -21,7 +21,7 @@ import proxy.shadow.handoff
 import proxy.shadow.process
 from proxy.shadow.sampler import KeySampler
 from tests.integration.test_shadow import Hammers, assert_stores_equal
-from tests.support import ProxyThread, ServerProcess, proxy_config, totals
+from tests.support import ProxyThread, ServerProcess, proxy_config, totals, wait_until
 
 
 @pytest.fixture
@@ -42,15 +42,6 @@ def _pid_alive(pid: int) -> bool:
         return stat.read().split(") ", 1)[1][0] != "Z"
 
 
-def _wait_for(condition: object, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if callable(condition) and condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
-
-
 def test_the_worker_runs_apart_niced_and_ends_with_the_proxy(
     memcached: ServerProcess, redis_server: ServerProcess
 ) -> None:
@@ -66,7 +57,7 @@ def test_the_worker_runs_apart_niced_and_ends_with_the_proxy(
     assert totals(proxy) == {"match": 2}
     client.close()
     proxy.stop()
-    _wait_for(lambda: not _pid_alive(pid), 5)
+    wait_until(lambda: not _pid_alive(pid), what=f"worker {pid} gone")
 
 
 def test_a_killed_worker_is_restarted_and_clients_never_notice(
@@ -79,7 +70,7 @@ def test_a_killed_worker_is_restarted_and_clients_never_notice(
     first = worker_proxy.shadow.worker_pid
     before = sum(worker_proxy.shadow.stats.comparisons.values())
     os.kill(first, signal.SIGKILL)
-    _wait_for(lambda: worker_proxy.shadow.worker_pid not in (None, first))
+    wait_until(lambda: worker_proxy.shadow.worker_pid not in (None, first), what="restarted")
     hammers.join(30)
     assert errors == []
     assert hammers.result.operations > 0
@@ -156,7 +147,7 @@ def test_work_a_dead_worker_took_with_it_is_counted_as_dropped(
     for i in range(500):
         assert client.set(f"d{i}", b"v")
     os.kill(pid, signal.SIGKILL)
-    _wait_for(lambda: worker_proxy.shadow.worker_pid not in (None, pid))
+    wait_until(lambda: worker_proxy.shadow.worker_pid not in (None, pid), what="restarted")
     worker_proxy.settle()
     stats = worker_proxy.shadow.stats
     assert stats.shadowed["set"] == 500
@@ -187,11 +178,13 @@ def test_counters_never_go_back_across_a_restart(worker_proxy: ProxyThread) -> N
     sample()
     first = worker_proxy.shadow.worker_pid
     os.kill(first, signal.SIGKILL)
-    deadline = time.monotonic() + 15
-    while worker_proxy.shadow.worker_pid in (None, first) and time.monotonic() < deadline:
+
+    def restarted() -> bool:  # (sampled all along)
         client.get("c1")
         sample()
-        time.sleep(0.02)
+        return worker_proxy.shadow.worker_pid not in (None, first)
+
+    wait_until(restarted, what="the worker restarted")
     for i in range(100):
         client.get(f"c{i}")
     worker_proxy.settle()
@@ -233,7 +226,9 @@ def test_a_worker_that_cannot_start_does_not_hold_up_clients(
     # Were start() to wait for readiness, this would hold it far past ProxyThread's own
     # start-up wait: starting at all shows the first exit ended the wait.
     monkeypatch.setattr(proxy.shadow.process, "READY_TIMEOUT", 3600.0)
-    proxy_thread = ProxyThread(proxy_config(memcached, redis_server, 1.0, worker="process"))
+    proxy_thread = ProxyThread(
+        proxy_config(memcached, redis_server, 1.0, worker="process"), workers_ready=False
+    )
     proxy_thread.start()
     try:
         assert proxy_thread.shadow.stats.errors["worker_exit"] >= 1

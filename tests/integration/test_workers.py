@@ -13,15 +13,15 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from pymemcache.client.base import Client
 
-from tests.integration.hammer import Hammer, figures
-from tests.support import ProxyThread, ServerProcess, proxy_config, start_memshadow
+from tests.integration.hammer import Hammer, assert_drops_accounted, figures
+from tests.support import ProxyThread, ServerProcess, proxy_config, start_memshadow, wait_until
 
 
 @pytest.fixture
@@ -30,13 +30,6 @@ def two(memcached: ServerProcess, redis_server: ServerProcess) -> Iterator[Proxy
     proxy.start()
     yield proxy
     proxy.stop()
-
-
-def _wait(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "not reached in time"
-        time.sleep(0.05)
 
 
 def _label(proxy: ProxyThread) -> str:
@@ -91,7 +84,7 @@ def test_shadow_workers_killed_under_load_give_no_false_mismatch(two: ProxyThrea
     first = list(two.shadow.worker_pids)
     for pid in first:
         os.kill(pid, signal.SIGKILL)
-    _wait(lambda: all(p not in (None, *first) for p in two.shadow.worker_pids))
+    wait_until(lambda: all(p not in (None, *first) for p in two.shadow.worker_pids))
     hammer.join()
     two.settle(120)
     out = figures(two)
@@ -107,20 +100,30 @@ def test_metrics_add_up_and_a_rate_change_reaches_both_processes(two: ProxyThrea
     assert local > 0 and remote > 0
     assert local + remote == 16 * 50
     stats = two.shadow.stats
-    # At rate 1 every set of both processes was handed to the shadow, and judged.
+    # At rate 1 every set of both processes was handed to the shadow, and judged (or, on a
+    # loaded host, dropped: counted, for a reason the load explains).
     assert stats.shadowed["set"] == 800
-    assert not stats.dropped, stats.dropped
-    assert sum(n for (cmd, _), n in stats.comparisons.items() if cmd == "set") == 800
+    compared = sum(n for (cmd, _), n in stats.comparisons.items() if cmd == "set")
+    assert compared + sum(stats.dropped.values()) == 800, (compared, stats.dropped)
+    assert_drops_accounted(two, figures(two))
     text = two.metrics.render().decode()
     assert f'memshadow_requests_total{{command="set",listener="{_label(two)}"}} 800.0' in text
 
     two.call(lambda: two.shadow.control.set_rate(0.0, "test"))
-    time.sleep(0.2)  # (the extra process hears it over its control socket)
+
+    def heard() -> bool:  # the extra process hears it over its control socket
+        before = stats.shadowed["set"]
+        _sets(two.port, 8, 5, "probe")
+        two.settle()
+        return bool(stats.shadowed["set"] == before)
+
+    wait_until(heard, what="no set shadowed by either process")
+    shadowed = stats.shadowed["set"]
     _sets(two.port, 16, 50, "off")
     two.settle()
     local_after, remote_after = _local_and_remote(two)
     assert local_after > local and remote_after > remote
-    assert stats.shadowed["set"] == 800  # neither process sampled anything at rate 0
+    assert stats.shadowed["set"] == shadowed  # neither process sampled anything at rate 0
 
 
 def test_a_killed_extra_process_is_restarted_and_counters_never_go_back(two: ProxyThread) -> None:
@@ -130,7 +133,7 @@ def test_a_killed_extra_process_is_restarted_and_counters_never_go_back(two: Pro
     assert total == 320
     (pid,) = two.processes.pids
     os.kill(pid, signal.SIGKILL)
-    _wait(
+    wait_until(
         lambda: two.processes.pids[0] not in (None, pid) and two.processes.describe()[0]["serving"]
     )
     assert two.metrics.requests.total() >= total
@@ -169,11 +172,11 @@ def test_the_command_line_runs_two_processes_and_stops_them_all(
         drain = threading.Thread(target=proc.stderr.read, daemon=True)
         drain.start()
         # Two shadow workers and one extra proxy process.
-        _wait(lambda: len(_children(proc.pid)) == 3)
+        wait_until(lambda: len(_children(proc.pid)) == 3)
         _sets(port, 8, 10, "cli")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
-        _wait(lambda: not _children(proc.pid), timeout=5)
+        wait_until(lambda: not _children(proc.pid))
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -189,12 +192,12 @@ def test_no_process_is_left_when_the_first_one_is_killed(
     )
     proc, port = start_memshadow("--config", str(config))
     try:
-        _wait(lambda: len(_children(proc.pid)) == 1)
+        wait_until(lambda: len(_children(proc.pid)) == 1)
         (extra,) = _children(proc.pid)
         proc.kill()
         proc.wait(10)
         # It loses its control socket, drains its (no) clients and exits by itself.
-        _wait(lambda: not Path(f"/proc/{extra}").exists() or _zombie(extra), timeout=10)
+        wait_until(lambda: not Path(f"/proc/{extra}").exists() or _zombie(extra))
     finally:
         if proc.poll() is None:
             proc.kill()

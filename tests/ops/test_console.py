@@ -32,6 +32,7 @@ from proxy.shadow.examples import MismatchExamples
 from proxy.shadow.stats import ShadowStats
 from tests.ops.support import Clock, feed, requests
 from tests.ops.webdriver import CHROMEDRIVER, CHROMIUM, Browser
+from tests.support import wait_until
 
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None or CHROMEDRIVER is None,
@@ -129,30 +130,30 @@ def contains(browser: Browser, css: str, text: str) -> Callable[[], bool]:
 
 def test_console_drives_the_shadow(server: AdminThread, browser: Browser) -> None:
     browser.open(server.url)
-    browser.wait_for(
-        lambda: browser.text("#sample-rate") == "0.1 (as configured)", "the live rate"
+    wait_until(
+        lambda: browser.text("#sample-rate") == "0.1 (as configured)", what="the live rate"
     )
     assert browser.text("#status-pill") == "shadowing"
     assert browser.text("#halted") == "no"
     assert "no ramp configured" in browser.text("#ramp-phase")
-    browser.wait_for(
+    wait_until(
         lambda: "does not serve mismatch examples" in browser.text("#mismatches"),
-        "the missing examples route to be shown gracefully",
+        what="the missing examples route to be shown gracefully",
     )
 
     # Without the token the change is refused, and the page says why.
     browser.type("#rate-input", "0.37")
     browser.click("#set-rate")
-    browser.wait_for(lambda: browser.text("#message").startswith("401"), "the refusal")
+    wait_until(lambda: browser.text("#message").startswith("401"), what="the refusal")
     assert "needs the admin token" in browser.text("#message")
     assert server.run(lambda: server.control.sample_rate) == 0.1
 
     browser.type("#token", TOKEN)
     browser.click("#set-rate")
-    browser.wait_for(lambda: server.run(lambda: server.control.sample_rate) == 0.37, "new rate")
-    browser.wait_for(
+    wait_until(lambda: server.run(lambda: server.control.sample_rate) == 0.37, what="new rate")
+    wait_until(
         lambda: browser.text("#sample-rate").startswith("0.37 (set by an operator (API) at "),
-        "the page to follow",
+        what="the page to follow",
     )
     assert browser.text("#message") == "done: sample_rate 0.1 \u2192 0.37"
 
@@ -165,10 +166,10 @@ def test_console_drives_the_shadow(server: AdminThread, browser: Browser) -> Non
     browser.open(server.url)
     assert browser.script("return document.getElementById('token').value") == TOKEN
     browser.click("#kill")
-    browser.wait_for(lambda: not server.run(lambda: server.control.enabled), "the kill switch")
-    browser.wait_for(lambda: browser.text("#status-pill") == "shadow off", "the page to follow")
+    wait_until(lambda: not server.run(lambda: server.control.enabled), what="the kill switch")
+    wait_until(lambda: browser.text("#status-pill") == "shadow off", what="the page to follow")
     browser.click("#enable")
-    browser.wait_for(lambda: server.run(lambda: server.control.enabled), "shadowing back on")
+    wait_until(lambda: server.run(lambda: server.control.enabled), what="shadowing back on")
 
 
 def test_console_shows_a_halt_and_clears_it(server: AdminThread, browser: Browser) -> None:
@@ -181,7 +182,7 @@ def test_console_shows_a_halt_and_clears_it(server: AdminThread, browser: Browse
     server.run(trip)
     assert server.run(lambda: server.ops.autopilot.halt) is not None
     browser.open(server.url)
-    browser.wait_for(lambda: browser.text("#halted") == "yes", "the halt")
+    wait_until(lambda: browser.text("#halted") == "yes", what="the halt")
     assert browser.text("#halt-rule") == "the errors guard"
     assert browser.text("#halt-action") == "stop (it switched shadowing off)"
     assert browser.text("#status-pill") == "halted"
@@ -194,9 +195,9 @@ def test_console_shows_a_halt_and_clears_it(server: AdminThread, browser: Browse
     assert "errors" in browser.text("#audit")
     browser.type("#token", TOKEN)
     browser.click("#clear-halt")
-    browser.wait_for(lambda: server.run(lambda: server.ops.autopilot.halt) is None, "clearing")
+    wait_until(lambda: server.run(lambda: server.ops.autopilot.halt) is None, what="clearing")
     assert server.run(lambda: server.control.enabled)
-    browser.wait_for(lambda: browser.text("#halted") == "no", "the page to follow")
+    wait_until(lambda: browser.text("#halted") == "no", what="the page to follow")
 
 
 def test_console_tells_a_mismatch_s_story(browser: Browser) -> None:
@@ -248,11 +249,11 @@ def _tell_a_story(server: AdminThread, examples: MismatchExamples, browser: Brow
     server.run(record)
     browser.open(server.url)
     browser.type("#token", TOKEN)  # plaintext goes to token holders only
-    browser.wait_for(lambda: "key user:1" in browser.text("#mismatches"), "the example's line")
+    wait_until(lambda: "key user:1" in browser.text("#mismatches"), what="the example's line")
     line = browser.text("#mismatches summary")
     assert "get" in line and "value" in line
     browser.click("#mismatches summary")
-    browser.wait_for(lambda: "Answers compared" in browser.text("#mismatches"), "its details")
+    wait_until(lambda: "Answers compared" in browser.text("#mismatches"), what="its details")
     text = browser.text("#mismatches")
     assert '"profile" 7 bytes' in text and '"tampered" 8 bytes' in text  # side by side
     assert "Re-read (ordered)" in text
@@ -265,9 +266,9 @@ def _tell_a_story(server: AdminThread, examples: MismatchExamples, browser: Brow
     )
     assert marked == ["value", "value"]  # in the answers and in the re-read
     # The next poll keeps it open.
-    browser.wait_for(
+    wait_until(
         lambda: browser.script("return document.querySelector('#mismatches details').open") is True,
-        "still open",
+        what="still open",
     )
 
 
@@ -287,9 +288,9 @@ def test_console_charts_the_history_with_its_events(server: AdminThread, browser
 
     server.run(history)
     browser.open(server.url)
-    browser.wait_for(
+    wait_until(
         lambda: browser.script("return document.querySelectorAll('#charts svg').length") == 4,
-        "the four charts",
+        what="the four charts",
     )
     drawn = browser.script(
         "return [...document.querySelectorAll('#charts polyline')]"
@@ -317,9 +318,9 @@ def test_console_shows_the_readiness_verdict(server: AdminThread, browser: Brows
 
     server.run(served)
     browser.open(server.url)
-    browser.wait_for(
+    wait_until(
         lambda: browser.text("#readiness-verdict").startswith("Ready: 0 mismatches in 40k"),
-        "the verdict",
+        what="the verdict",
     )
     assert "ready" in browser.script(
         "return document.getElementById('readiness-verdict').className"
@@ -328,9 +329,9 @@ def test_console_shows_the_readiness_verdict(server: AdminThread, browser: Brows
     assert browser.text("#readiness-noise") == "transient_race 5"
     server.run(lambda: feed(server.stats, mismatch=2))
     browser.open(server.url)
-    browser.wait_for(
+    wait_until(
         lambda: browser.text("#readiness-verdict").startswith("Not ready: 2 mismatches"),
-        "the verdict to turn",
+        what="the verdict to turn",
     )
 
 
@@ -365,7 +366,7 @@ def test_console_says_who_stopped_it_redis_down_and_the_ramp_s_real_state(
 
         server.run(by_hand)
         browser.open(server.url)
-        browser.wait_for(contains(browser, "#ramp-phase", "but the live rate is 1"), "the ramp")
+        wait_until(contains(browser, "#ramp-phase", "but the live rate is 1"), what="the ramp")
         phase = browser.text("#ramp-phase")
         assert phase.startswith("paused, on step 1/4 (0.01); but the live rate is 1 (step 4), ")
         assert "set by an operator (API) at " in phase and phase.endswith(
@@ -391,7 +392,7 @@ def test_console_says_who_stopped_it_redis_down_and_the_ramp_s_real_state(
                 server.ops.autopilot.tick()
 
         server.run(outage)
-        browser.wait_for(lambda: browser.text("#status-pill") == "Redis down", "Redis down")
+        wait_until(lambda: browser.text("#status-pill") == "Redis down", what="Redis down")
         redis = browser.text("#redis")
         assert ": Redis is down, unreachable since " in redis
         assert "resumes by itself when Redis answers, every key cold" in redis
@@ -403,7 +404,7 @@ def test_console_says_who_stopped_it_redis_down_and_the_ramp_s_real_state(
 
         # The kill switch, said as such, with who and when.
         server.run(lambda: server.control.set_enabled(False, "api", "maintenance"))
-        browser.wait_for(contains(browser, "#shadow-status", "kill switch"), "the kill switch")
+        wait_until(contains(browser, "#shadow-status", "kill switch"), what="the kill switch")
         assert browser.text("#shadow-status").startswith(
             "off: kill switch, set by an operator (API) at "
         )
@@ -435,8 +436,8 @@ def test_console_has_one_time_format_local_with_the_zone(tmp_path: Path) -> None
 
         server.run(story)
         browser.open(server.url)
-        browser.wait_for(lambda: browser.text("#halted") == "yes", "the halt")
-        browser.wait_for(contains(browser, "#mismatches", "value"), "the example")
+        wait_until(lambda: browser.text("#halted") == "yes", what="the halt")
+        wait_until(contains(browser, "#mismatches", "value"), what="the example")
         tokyo = zoneinfo.ZoneInfo("Asia/Tokyo")
         shown = datetime.datetime.fromtimestamp(1_700_000_000, tokyo)
         assert browser.text("#mismatches summary").startswith(
@@ -481,14 +482,14 @@ def test_console_looks_a_key_up_reveals_behind_the_token_and_restarts_evidence(
         starved = {"seconds": 60.0, "cpu_share": 0.97, "wait_share": 0.38, "workers": 1}
         server.ops.api.worker_load = lambda: starved
         browser.open(server.url)
-        browser.wait_for(contains(browser, "#examples-privacy", "MEMSHADOW_EXAMPLES_SECRET"),
-                         "the privacy line")  # fmt: skip
-        browser.wait_for(
+        wait_until(contains(browser, "#examples-privacy", "MEMSHADOW_EXAMPLES_SECRET"),
+                         what="the privacy line")  # fmt: skip
+        wait_until(
             lambda: browser.text("#trust").startswith(
                 "Not trustworthy: the shadow worker used 97% of a core and waited for a CPU "
                 "38.0% of the time over the last 60 s"
             ),
-            "the what-if's word on its Redis figure",
+            what="the what-if's word on its Redis figure",
         )
         assert "97% of a core" in browser.text("#service")
         assert "a key hashes the same across restarts; look one up below" in browser.text(
@@ -498,14 +499,14 @@ def test_console_looks_a_key_up_reveals_behind_the_token_and_restarts_evidence(
         # Looking a key up needs the token (it confirms a guessed key).
         browser.type("#lookup-key", "user:42")
         browser.click("#lookup")
-        browser.wait_for(lambda: browser.text("#lookup-result").startswith("401"), "refusal")
+        wait_until(lambda: browser.text("#lookup-result").startswith("401"), what="refusal")
         browser.type("#token", TOKEN)
         browser.click("#lookup")
         digest = examples.hash(b"user:42")
-        browser.wait_for(
+        wait_until(
             lambda: browser.text("#lookup-result")
             == f"key hash #{digest}: 1 example(s) of this key, marked below",
-            "the lookup",
+            what="the lookup",
         )
         found = browser.script(
             "return [...document.querySelectorAll('#mismatches details.found')]"
@@ -514,27 +515,27 @@ def test_console_looks_a_key_up_reveals_behind_the_token_and_restarts_evidence(
         assert found == [digest]
         # The reveal: audited, for the examples recorded from then on, token holders only.
         browser.click("#reveal-on")
-        browser.wait_for(lambda: server.run(lambda: examples.reveal), "the reveal")
-        browser.wait_for(contains(browser, "#examples-privacy", "shown to admin token holders"),
-                         "the page to say so")  # fmt: skip
+        wait_until(lambda: server.run(lambda: examples.reveal), what="the reveal")
+        wait_until(contains(browser, "#examples-privacy", "shown to admin token holders"),
+                         what="the page to say so")  # fmt: skip
         server.run(lambda: examples.record(
             "value", "get", b"user:43", {"value": b"x"}, {"value": b"y"}, ""))  # fmt: skip
-        browser.wait_for(contains(browser, "#mismatches", "key user:43 #"), "the revealed key")
+        wait_until(contains(browser, "#mismatches", "key user:43 #"), what="the revealed key")
         assert "user:42" not in browser.text("#mismatches")  # recorded before: still private
         assert "reveal_examples" in browser.text("#audit")
         # Redis's evictions are a capacity result, said as such.
-        browser.wait_for(
+        wait_until(
             contains(browser, "#readiness-capacity", "Redis evicted 7 keys Memcached still held: "
-                     "this working set needs more than maxmemory"), "the capacity finding",
+                     "this working set needs more than maxmemory"), what="the capacity finding",
         )  # fmt: skip
         # Restarting the evidence is an audited act, with its reason.
         browser.type("#evidence-reason", "maxmemory raised")
         browser.click("#restart-evidence")
-        browser.wait_for(
+        wait_until(
             contains(browser, "#readiness-since", "restarted by api: maxmemory raised"),
-            "the restart",
+            what="the restart",
         )
-        browser.wait_for(lambda: browser.text("#readiness-capacity") == "", "a fresh report")
+        wait_until(lambda: browser.text("#readiness-capacity") == "", what="a fresh report")
         assert "evidence: running \u2192 restarted" in browser.text("#audit")
     finally:
         server.stop()

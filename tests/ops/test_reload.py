@@ -3,14 +3,13 @@ watcher (with a ConfigMap-style symlink swap), and SIGHUP to a real memshadow pr
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from proxy.shadow.control import ShadowControl
 from proxy.shadow.stats import ShadowStats
 from tests.ops.http import call, call_sync
 from tests.ops.support import feed
-from tests.support import free_port
+from tests.support import free_port, wait_until_async
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -242,15 +241,6 @@ def test_new_ramp_applies_at_once(env: Env) -> None:
 # --- the watcher -------------------------------------------------------------------------------
 
 
-async def wait_for(predicate: Callable[[], bool], what: str) -> None:
-    # A generous bound only against hanging; the tests never depend on how fast it is.
-    for _ in range(1000):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 async def test_watcher_reloads_on_a_content_change(tmp_path: Path) -> None:
     path = tmp_path / "memshadow.yaml"
     write(path)
@@ -258,11 +248,11 @@ async def test_watcher_reloads_on_a_content_change(tmp_path: Path) -> None:
     await env.ops.start()
     try:
         write(path, rate=0.7)
-        await wait_for(lambda: env.control.sample_rate == 0.7, "the new rate")
+        await wait_until_async(lambda: env.control.sample_rate == 0.7, what="the new rate")
         result = env.ops.reloader.last_result
         assert result is not None and result.trigger == "file change"
         path.write_text("shadow: [\n", encoding="utf-8")
-        await wait_for(lambda: not env.ops.reloader.last_success, "the failed reload")
+        await wait_until_async(lambda: not env.ops.reloader.last_success, what="the failed reload")
         assert env.control.sample_rate == 0.7
     finally:
         await env.ops.stop()
@@ -286,7 +276,7 @@ async def test_watcher_follows_a_configmap_symlink_swap(tmp_path: Path) -> None:
         version("..v2", 0.9)
         (tmp_path / "..data_tmp").symlink_to("..v2")
         os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
-        await wait_for(lambda: env.control.sample_rate == 0.9, "the swapped file")
+        await wait_until_async(lambda: env.control.sample_rate == 0.9, what="the swapped file")
     finally:
         await env.ops.stop()
 

@@ -9,14 +9,12 @@ import json
 import os
 import shutil
 import subprocess
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.support import free_port
+from tests.support import free_port, wait_until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -73,13 +71,12 @@ class Browser:
             raise
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+        def ready() -> bool:
             with contextlib.suppress(OSError, WebDriverError):
-                if self._call("GET", "/status").get("ready"):
-                    return
-            time.sleep(0.05)
-        raise WebDriverError("chromedriver did not become ready")
+                return bool(self._call("GET", "/status").get("ready"))
+            return False
+
+        wait_until(ready, what="chromedriver ready")
 
     def _call(self, method: str, path: str, body: Any = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
@@ -127,14 +124,6 @@ class Browser:
     def screenshot(self, path: Path) -> None:
         """The visible page as a PNG file (resize first for a whole long page)."""
         path.write_bytes(base64.b64decode(self._session("GET", "/screenshot")))
-
-    def wait_for(self, predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-        """Poll; the bound only stops a hung test, the test never depends on speed."""
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}")
-            time.sleep(0.05)
 
     def close(self) -> None:
         if self.session:

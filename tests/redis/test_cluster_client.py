@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
+import re
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -21,7 +21,7 @@ from proxy.redis.store import (
 )
 from proxy.redis.topology import key_slot
 from tests.redis.conftest import Server
-from tests.support import FaultRelay, RedisCluster, ServerProcess
+from tests.support import FaultRelay, RedisCluster, ServerProcess, wait_until_async
 
 StartRedis = Callable[..., Server]
 
@@ -65,8 +65,11 @@ async def test_each_key_lands_on_its_slots_primary(cluster: RedisCluster) -> Non
         items = await store.get_many(keys[:10])
         assert [item.data if item else None for item in items] == [b"v-" + k for k in keys[:10]]
         await store.flush()
-        await asyncio.sleep(0.1)
-        assert [await store.get(key) for key in keys] == [None] * len(keys)
+
+        async def flushed() -> bool:
+            return [await store.get(key) for key in keys] == [None] * len(keys)
+
+        await wait_until_async(flushed, what="every primary flushed")
     finally:
         await store.close()
 
@@ -162,26 +165,28 @@ async def test_readonly_is_retried_then_given_up(redis_factory: StartRedis) -> N
     store = RedisStore(pool)
     try:
         assert await store.start()
-        started = time.monotonic()
         with pytest.raises(RedisGaveUp) as refused:
             await store.delete(b"k")  # DEL: a write, refused by a replica
         assert refused.value.reason == "readonly"
-        assert time.monotonic() - started >= sum(RETRY_DELAYS) * 0.9
+        # Sent once, then again after each of the RETRY_DELAYS: the replica refused each.
+        tries = len(RETRY_DELAYS) + 1
+        assert f"{tries} tries" in str(refused.value)
+        assert _rejected_calls(replica) == tries
     finally:
         await store.close()
 
 
-async def _synced(replica: Server) -> None:
-    while b"master_link_status:up" not in _info(replica):
-        await asyncio.sleep(0.05)
-
-
-def _info(server: Server) -> bytes:
+def _info(server: Server, section: str = "replication") -> bytes:
     from tests.integration.test_shadow import redis_call
 
-    reply = redis_call(server.port, "INFO", "replication")
+    reply = redis_call(server.port, "INFO", section)
     assert isinstance(reply, bytes)
     return reply
+
+
+def _rejected_calls(server: Server) -> int:
+    """Commands the server refused (an error before running them), every command summed."""
+    return sum(int(n) for n in re.findall(rb"rejected_calls=(\d+)", _info(server, "commandstats")))
 
 
 async def test_a_failover_behind_one_endpoint_reports_the_recent_writes_first(
@@ -194,7 +199,7 @@ async def test_a_failover_behind_one_endpoint_reports_the_recent_writes_first(
 
     old = redis_factory("--repl-diskless-sync-delay", "0")
     new = redis_factory("--replicaof", "127.0.0.1", str(old.port))
-    await asyncio.wait_for(_synced(new), 10)
+    await wait_until_async(lambda: b"master_link_status:up" in _info(new), what="in sync")
     endpoint = FaultRelay(old.port)
     pool = RedisPool(f"redis://127.0.0.1:{endpoint.port}/0", 2, require_primary=True)
     store = RedisStore(pool)
@@ -225,12 +230,13 @@ async def test_a_restarted_redis_has_every_key_reported(redis_factory: StartRedi
         assert await store.start()
         await store.delete(b"k")
         server.restart()
-        for _ in range(100):
+
+        async def reported() -> bool:
             with contextlib.suppress(RedisError):
                 await store.delete(b"k")
-                if lost:
-                    break
-            await asyncio.sleep(0.05)
+            return bool(lost)
+
+        await wait_until_async(reported, what="the restart reported")
         assert lost == [(None, "replaced")]
     finally:
         await store.close()
@@ -257,12 +263,12 @@ async def test_closing_while_a_moved_command_waits_completes_it_once(
             store.get_command(key),
             lambda command, item, error, calls=calls: calls.append((item, error)),
         )
-        while pool.redirects["moved"] == 0:
-            await asyncio.sleep(0.001)
+        await wait_until_async(lambda p=pool: p.redirects["moved"], what="the MOVED")
         if attempt:
-            await asyncio.sleep(0.001 * attempt)
+            await asyncio.sleep(0.001 * attempt)  # (closing at another moment of the retry)
         await store.close()
-        await asyncio.sleep(0.05)
+        await wait_until_async(lambda c=calls: c, what="completed")
+        await asyncio.sleep(0.05)  # (a second completion would come by now)
         assert len(calls) == 1, calls
 
 
@@ -281,12 +287,13 @@ async def test_a_primary_restarted_empty_at_its_address_has_every_key_reported(
         owner = _owner(cluster, key)
         owner.restart()
         await asyncio.to_thread(cluster.wait_ok)
-        for _ in range(200):
+
+        async def reported() -> bool:
             with contextlib.suppress(RedisError):
                 await store.get(key)
-                if lost:
-                    break
-            await asyncio.sleep(0.05)
+            return bool(lost)
+
+        await wait_until_async(reported, what="the restart reported")
         assert lost == [(None, "replaced")]
         assert await store.get(key) is None  # (it did come back empty)
     finally:

@@ -15,13 +15,18 @@ import pytest
 
 from proxy.memcache.request import RequestFramer
 from proxy.redis.layout import pack_value, unpack_value
-from proxy.redis.store import (
-    RedisStore,
-)
+from proxy.redis.store import RedisStore
 from proxy.shadow.engine.dispatcher import DispatcherSettings, ShadowDispatcher
-from proxy.shadow.engine.mcreader import MemcachedReader
+from proxy.shadow.engine.mcreader import McItem, MemcachedReader
 from proxy.shadow.stats import ShadowStats
-from tests.support import FaultRelay, RawClient, ServerProcess, memcached_argv, redis_argv
+from tests.support import (
+    FaultRelay,
+    RawClient,
+    ServerProcess,
+    memcached_argv,
+    redis_argv,
+    wait_until_async,
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +57,22 @@ def redis_call(port: int, *args: bytes | str | int) -> object:
                 return reply
 
 
+class CountingReader(MemcachedReader):
+    """The dispatcher's Memcached reader, counting the reads Memcached has answered (a
+    re-read's first half: a test that changes the key after it waits for it)."""
+
+    answered = 0
+
+    async def get(self, key: bytes) -> McItem | None:
+        item = await super().get(key)
+        self.answered += 1
+        return item
+
+
 class Harness:
     """A dispatcher wired to real servers, fed the way the client path feeds it."""
 
-    reader: MemcachedReader
+    reader: CountingReader
 
     def __init__(
         self, mc: ServerProcess, redis: ServerProcess, url_options: str = "", **settings: float
@@ -63,7 +80,7 @@ class Harness:
         self.mc_port = mc.port
         self.redis_port = redis.port
         self.store = RedisStore.from_url(redis.url() + url_options, size=2)
-        self.reader = MemcachedReader("127.0.0.1", mc.port, timeout=2.0)
+        self.reader = CountingReader("127.0.0.1", mc.port, timeout=2.0)
         self.stats = ShadowStats()
         defaults: dict[str, float] = {"race_window": 0.2, "reread_delay": 0.01}
         self.dispatcher = ShadowDispatcher(
@@ -104,7 +121,7 @@ class Harness:
         self.dispatcher.observe([request.captured()], session, replied_at=time.perf_counter() - age)
 
     async def idle(self) -> None:
-        await asyncio.wait_for(self.dispatcher.idle(), 10)
+        await asyncio.wait_for(self.dispatcher.idle(), 30)
 
     def outcomes(self) -> dict[str, int]:
         counts: Counter[str] = Counter()
@@ -236,7 +253,8 @@ async def test_a_difference_is_judged_and_the_key_goes_on_in_order(shadow: Harne
     await shadow.idle()
     redis_call(shadow.redis_port, "SET", "k", pack_value(1, 1, b"tampered"))
     shadow.send(b"get k\r\n")  # a difference: classified in a task, after the race window
-    await asyncio.sleep(0.1)  # (the re-read comes before the next write)
+    # (the re-read has read Memcached before the next write reaches it)
+    await wait_until_async(lambda: shadow.reader.answered == 1, what="the re-read")
     shadow.send(b"set k 1 0 3\r\nnew\r\n")  # waits for that verdict
     shadow.send(b"get k\r\n")
     await shadow.idle()
@@ -300,14 +318,17 @@ async def test_redis_down_drops_every_queued_operation_and_the_shadow_resumes(
     shadow.send(b"set k 0 0 1\r\na\r\n")
     await shadow.idle()
     redis_proc.stop()
-    await asyncio.sleep(0.2)  # the connections notice
+    connections = shadow.store.pool.connections
+    await wait_until_async(
+        lambda: not any(c.is_connected for c in connections), what="the connections notice"
+    )
     for _ in range(5):
         shadow.send(b"get k\r\n")
         shadow.send(b"get other\r\n")
     await shadow.idle()
     assert shadow.stats.dropped == {"redis_down": 10}
     redis_proc.start()
-    assert await shadow.store.pool.wait_connected(5)
+    assert await shadow.store.pool.wait_connected(30)
     shadow.send(b"set k 0 0 1\r\nb\r\n")
     shadow.send(b"get k\r\n")
     await shadow.idle()
@@ -318,7 +339,7 @@ async def test_a_paused_redis_times_out_each_operation_once(
     mc_server: ServerProcess, redis_proc: ServerProcess
 ) -> None:
     redis_call(redis_proc.port, "FLUSHALL")
-    harness = Harness(mc_server, redis_proc, url_options="?timeout=0.2")
+    harness = Harness(mc_server, redis_proc, url_options="?timeout=1.0")
     await harness.start()
     try:
         redis_proc.pause()
@@ -336,16 +357,16 @@ async def test_a_paused_redis_times_out_each_operation_once(
 async def test_stop_with_operations_in_flight(
     mc_server: ServerProcess, redis_proc: ServerProcess
 ) -> None:
-    harness = Harness(mc_server, redis_proc)
+    # Redis's replies may take an hour: only stop's own timeout can end its wait.
+    harness = Harness(mc_server, redis_proc, url_options="?timeout=3600")
     await harness.start()
     redis_proc.pause()
     try:
         for i in range(20):
             harness.send(b"get k%d\r\n" % (i % 3))
-        await asyncio.sleep(0.05)
-        started = time.monotonic()
-        await harness.dispatcher.stop(timeout=0.2)
-        assert time.monotonic() - started < 1.0
+        chains = harness.dispatcher.scheduler._chains
+        await wait_until_async(lambda: chains, what="operations in flight")
+        await asyncio.wait_for(harness.dispatcher.stop(timeout=0.2), 30)
     finally:
         redis_proc.resume()
     await harness.store.close()
@@ -356,18 +377,30 @@ async def test_stop_with_operations_in_flight(
 async def test_requests_gather_for_the_batch_window_unless_a_batch_is_full(
     mc_server: ServerProcess, redis_proc: ServerProcess
 ) -> None:
-    harness = Harness(mc_server, redis_proc, batch_window=0.3, batch_size=3)
+    # A window of an hour: what does not wait for it is sent at once, what does is not
+    # sent during the test.
+    redis_call(redis_proc.port, "FLUSHALL")
+    _flush_memcached(mc_server)
+    harness = Harness(mc_server, redis_proc, batch_window=3600, batch_size=3)
+    await harness.start()
+    try:
+        for _ in range(3):
+            harness.send(b"get k\r\n")
+        # a full batch does not wait
+        await wait_until_async(lambda: harness.outcomes() == {"match": 3}, what="the batch")
+        sent = harness.stats.redis_commands
+        harness.send(b"set k 0 0 1\r\na\r\n")
+        for _ in range(10):
+            await asyncio.sleep(0.01)  # (the scheduler takes it, and waits)
+        assert harness.stats.redis_commands == sent  # still gathering
+    finally:
+        await harness.stop()
+    harness = Harness(mc_server, redis_proc, batch_window=0.05, batch_size=3)
     await harness.start()
     try:
         harness.send(b"set k 0 0 1\r\na\r\n")
-        await asyncio.sleep(0.1)
-        assert harness.stats.redis_commands == 0  # still gathering
-        await harness.idle()
+        await harness.idle()  # sent once the window has passed
         assert harness.outcomes() == {"match": 1}
-        for _ in range(3):
-            harness.send(b"get k\r\n")
-        await asyncio.sleep(0.1)
-        assert harness.outcomes() == {"match": 4}  # a full batch does not wait
     finally:
         await harness.stop()
 
@@ -465,7 +498,7 @@ async def _service_and_queueing(
             request.response = b"END\r\n"
             dispatcher.observe([request.captured()], 1)
             await asyncio.sleep(0.01)
-        await asyncio.wait_for(dispatcher.idle(), 20)
+        await asyncio.wait_for(dispatcher.idle(), 60)
     finally:
         await dispatcher.stop()
         await store.close()
@@ -480,10 +513,11 @@ async def test_redis_service_time_and_the_shadow_queueing_are_measured_apart(
     mc_server: ServerProcess, redis_proc: ServerProcess
 ) -> None:
     """A slower Redis moves the service time and not the queueing; a longer batching window
-    moves the queueing and not the service time."""
+    moves the queueing and not the service time. (What is injected is a lower bound, load
+    cannot shrink it; what is not is compared with it, never with a figure of the
+    machine's speed.)"""
     redis_call(redis_proc.port, "FLUSHALL")
     service, queueing = await _service_and_queueing(mc_server, redis_proc.port, 0.002)
-    assert service < 0.01 and queueing < 0.02
     relay = FaultRelay(redis_proc.port)
     relay.delay = 0.05
     try:
@@ -491,10 +525,11 @@ async def test_redis_service_time_and_the_shadow_queueing_are_measured_apart(
     finally:
         relay.close()
     assert slow_service >= 0.04  # the relay's 50 ms
-    assert same_queueing < 0.02
+    assert same_queueing < slow_service / 2  # (not in the queueing)
     same_service, slow_queueing = await _service_and_queueing(mc_server, redis_proc.port, 0.2)
-    assert same_service < 0.01
     assert slow_queueing >= 0.05  # requests wait up to the 200 ms window
+    assert same_service < slow_queueing / 2  # (not in the service time)
+    assert service < slow_service and queueing < slow_queueing
 
 
 async def test_equal_reads_alone_do_not_warm_a_key(shadow: Harness) -> None:

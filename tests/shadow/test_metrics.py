@@ -15,25 +15,9 @@ from proxy.shadow.metrics import (
     install_shadow_metrics,
 )
 from proxy.shadow.stats import ShadowStats
+from tests.test_metrics import EXPECTED_BOUNDS
 
-BOUNDS = [
-    "5e-05",
-    "0.0001",
-    "0.00025",
-    "0.0005",
-    "0.001",
-    "0.0025",
-    "0.005",
-    "0.01",
-    "0.025",
-    "0.05",
-    "0.1",
-    "0.25",
-    "0.5",
-    "1.0",
-    "2.5",
-    "+Inf",
-]
+BOUNDS = EXPECTED_BOUNDS  # the documented bucket bounds, as exported
 
 
 def render(registry: CollectorRegistry) -> list[str]:

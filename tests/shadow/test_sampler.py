@@ -1,16 +1,12 @@
 """KeySampler: sampled fraction, stability, the subset property, base64 keys, the capture hook.
 
-Micro-benchmark (opt-in, never a pass/fail test): MEMSHADOW_BENCH=1 pytest
-tests/shadow/test_sampler.py -k bench -s prints decide() per call at rate 0 and 0.01; the
-figures are quoted in proxy/shadow/sampler.py's docstring.
+(decide()'s cost per call, quoted in proxy/shadow/sampler.py: `python bench/micro.py sampler`.)
 """
 
 from __future__ import annotations
 
 import base64
-import os
 import random
-import timeit
 import zlib
 
 import pytest
@@ -200,23 +196,3 @@ def test_base64_decoding_follows_memcached() -> None:
     assert sampler.sampled_meta([b"mg", b"Zm9"])
     # In ms the word after the key is the length, never a flag.
     assert sampler.sampled_meta([b"ms", b"Zm9", b"b"])
-
-
-def test_bench_decide() -> None:
-    if not os.environ.get("MEMSHADOW_BENCH"):
-        pytest.skip("set MEMSHADOW_BENCH=1 to run the micro-benchmark")
-    number = 1_000_000
-    requests = {
-        "set": request(b"set user:12345 0 0 10"),
-        "get 1 key": request(b"get user:12345"),
-        "get 10 keys": request(b"get " + b" ".join(b"user:%d" % i for i in range(10))),
-        "mg": request(b"mg user:12345 v f t"),
-        "mg base64": request(b"mg dXNlcjoxMjM0NQ== b v f t"),
-        "version": request(b"version"),
-    }
-    for rate in (0.0, 0.01):
-        sampler = sampler_at(rate)
-        for name, req in requests.items():
-            env = {"decide": sampler.decide, "req": req}
-            best = min(timeit.repeat("decide(req)", globals=env, number=number, repeat=7))
-            print(f"rate {rate:<5} {name:12s} {best / number * 1e6:.3f} us/call")
