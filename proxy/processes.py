@@ -588,11 +588,13 @@ class ExtraProcess(asyncio.Protocol):
         if config.shadow.redis is not None:
             from proxy.shadow.coverage import CoverageAnnouncer
             from proxy.shadow.handoff import Handoff
+            from proxy.shadow.process import MERGE_TICK_INTERVAL
             from proxy.shadow.sampler import KeySampler
             from proxy.shadow.stats import ShadowStats
 
             self._sampler = KeySampler(self.control)
             self.handoff = Handoff(config.workers, ShadowStats(), self._sampler.sampled)
+            self.handoff.linger = MERGE_TICK_INTERVAL  # (sparse sampling: one write per tick)
             self.coverage = CoverageAnnouncer(self.control, self.handoff.coverage)
             self.coverage.attach(self._in_flight)
             self._token = token

@@ -1,8 +1,13 @@
 """The proxy side of the hand-off to shadow workers: batches, routed by key, never waited for.
 
 The client path calls `observe` with the sampled requests of one reply chunk; they are
-packed (wire.py) into the batch of the worker that owns their key (merge.shard_of) and
-written once per event-loop iteration, or as soon as a batch reaches FRAME_BYTES. Past
+packed (wire.py) into the batch of the worker that owns their key (shards.shard_of) and
+written once per event-loop iteration, or as soon as a batch reaches FRAME_BYTES. With a
+`linger` (the workers' processes set one), a batch shorter than COALESCE_ITEMS waits up to
+that long, or until the next tick, so that sparse sampling costs one write and one wake-up
+of the worker per linger, not one per request; a longer one goes at the end of the
+iteration. The requests' reply times are taken when they are observed, so waiting changes
+no verdict, only when it is given. Past
 PIPE_BUFFER_LIMIT bytes not yet taken by the workers, requests are dropped (queue_full); to
 a worker that is down or restarting, with reason worker_down. A drop is recorded in the
 batch where it happened, as a marker naming its keys (merge.MARKER): the worker makes them
@@ -39,6 +44,9 @@ LOST_KEYS_LIMIT: Final = 10_000
 made cold instead (one message, whatever was dropped)."""
 ITEM_OVERHEAD: Final = 64  # bytes a request tuple takes in a frame beyond its line, data, reply
 FLUSHES_KEPT: Final = 4
+COALESCE_ITEMS: Final = 64
+"""Requests waiting in batches past which they are written at the end of the loop iteration
+even with a linger (a busy proxy's batches fill in one iteration: they never wait)."""
 
 Group = tuple[int, float, Any]  # (session, replied_at, requests), or a drop marker
 
@@ -84,7 +92,9 @@ class Handoff:
         self.dropped: Counter[str] = Counter()  # this process's own drops
         self.worker_queue = 0  # requests queued in the workers (their last reports)
         self.stopping = False
+        self.linger = 0.0  # seconds a short batch may wait to be joined by more (see above)
         self._flush_handle: asyncio.Handle | None = None
+        self._flush_soon = False  # _flush_handle runs at the end of this iteration
         # The last flush_alls handed over: (sent, replied, words), told to every new socket.
         self.flushes: deque[tuple[float, float, list[bytes]]] = deque(maxlen=FLUSHES_KEPT)
 
@@ -235,8 +245,19 @@ class Handoff:
         self.stats.queue_depth = self.worker_queue + self.pending
         if any(lane.size >= FRAME_BYTES for lane in self.lanes):
             self.flush()
-        elif self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_soon(self.flush)
+            return
+        soon = self.linger <= 0.0 or self.pending >= COALESCE_ITEMS
+        handle = self._flush_handle
+        if handle is not None:
+            if self._flush_soon or not soon:
+                return
+            handle.cancel()
+        loop = asyncio.get_running_loop()
+        if soon:
+            self._flush_handle = loop.call_soon(self.flush)
+        else:
+            self._flush_handle = loop.call_later(self.linger, self.flush)
+        self._flush_soon = soon
 
     def _count_drop(self, reason: str) -> None:
         self.dropped[reason] += 1
@@ -247,8 +268,10 @@ class Handoff:
         each worker makes every key cold after what it is handed next (flush does it)."""
         for lane in self.lanes:
             lane.lost_overflow = True
-        if self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_soon(self.flush)
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        self._flush_handle = asyncio.get_running_loop().call_soon(self.flush)
+        self._flush_soon = True
 
     def _lose(self, lane: Lane, keys: list[bytes], now: float) -> None:
         """A change of these keys was dropped here: a marker in the batch, in its place."""
@@ -262,18 +285,24 @@ class Handoff:
 
     # -- writes -----------------------------------------------------------------------------
 
-    def flush(self) -> None:
-        """Once per loop iteration (or per FRAME_BYTES): hand each batch to its worker."""
+    def flush(self, tick: bool = False) -> None:
+        """Once per loop iteration, per linger or per FRAME_BYTES: hand each batch to its
+        worker. `tick`: and a tick to every worker after its batch (in the same write)."""
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
-        now = 0.0
+        now = time.perf_counter()  # (every batch's horizon, and the tick's)
+        trailer = encode(("tick", now)) if tick else None
         for lane in self.lanes:
             batch = lane.batch
             if not batch and not lane.lost_overflow:
+                if trailer is not None:
+                    transport = lane.writer()
+                    if transport is not None:
+                        transport.writelines(trailer)
                 continue
             if lane.lost_overflow:  # after everything: conservative for all of them
-                batch.append((MARKER, time.perf_counter(), None))
+                batch.append((MARKER, now, None))
             lane.batch = []
             lane.size = 0
             lane.lost = 0
@@ -286,8 +315,8 @@ class Handoff:
                 self.stats.dropped["worker_down"] += items
                 lane.cold = True
                 continue
-            now = time.perf_counter()
-            transport.writelines(encode(("batch", batch, now)))
+            message = encode(("batch", batch, now))
+            transport.writelines(message if trailer is None else [*message, *trailer])
             lane.sent += items
 
     def coverage(self, threshold: int, since: float) -> None:
@@ -302,14 +331,10 @@ class Handoff:
         """Tell every worker that it has everything observed until now: a verdict that needs
         ordered evidence waits for that (Scheduler.caught_up), and so does the merge of
         several proxies' streams (merge.Merger)."""
-        self.flush()
         if self.stopping:
+            self.flush()
             return
-        message = encode(("tick", time.perf_counter()))
-        for lane in self.lanes:
-            transport = lane.writer()
-            if transport is not None:
-                transport.writelines(message)
+        self.flush(tick=True)
 
     def send(self, shard: int, message: tuple[Any, ...]) -> bool:
         """Write a control message to one worker, after the batch it must follow."""
@@ -343,4 +368,11 @@ def _size(request: Request) -> int:
     return size
 
 
-__all__ = ["FRAME_BYTES", "ITEM_OVERHEAD", "LOST_KEYS_LIMIT", "PIPE_BUFFER_LIMIT", "Handoff"]
+__all__ = [
+    "COALESCE_ITEMS",
+    "FRAME_BYTES",
+    "ITEM_OVERHEAD",
+    "LOST_KEYS_LIMIT",
+    "PIPE_BUFFER_LIMIT",
+    "Handoff",
+]

@@ -147,6 +147,7 @@ class ShadowProcess:
         self.feed_token = secrets.token_hex(16) if self.shards > 1 else ""
         self.feeds_changed: FeedsChanged | None = None
         self.tick_interval = MERGE_TICK_INTERVAL if self.shards > 1 else TICK_INTERVAL
+        self.handoff.linger = self.tick_interval  # (sparse sampling: one write per tick)
         # The proxy's own connection(s), one per primary, for the operators' Redis INFO; its
         # refused connects count with the workers' (a bad password shows before any replay).
         self._info_failures: Counter[str] = Counter()

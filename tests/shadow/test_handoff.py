@@ -10,7 +10,7 @@ import pytest
 
 from proxy.memcache.request import Request, RequestFramer
 from proxy.shadow.control import ShadowControl
-from proxy.shadow.handoff import Handoff
+from proxy.shadow.handoff import COALESCE_ITEMS, Handoff
 from proxy.shadow.sampler import KeySampler
 from proxy.shadow.shards import shard_of
 from proxy.shadow.stats import ShadowStats
@@ -162,3 +162,62 @@ async def test_a_hand_off_that_raised_makes_every_key_cold_on_every_worker() -> 
     for transport in transports:
         ((_, groups, _),) = batches(transport)
         assert groups[-1][0] == MARKER and groups[-1][2] is None
+
+
+class CountingTransport(FakeTransport):
+    """Counts the writes (each one a send to the worker's socket: a wake-up)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def writelines(self, data: Any) -> None:
+        self.writes += 1
+        super().writelines(data)
+
+
+async def test_sparse_requests_wait_for_one_write_per_linger() -> None:
+    """Sparse sampling: each request alone would cost a write and a worker wake-up; with a
+    linger they are gathered, in order and with their own reply times, into one batch."""
+    hand = Handoff(1, ShadowStats(), KeySampler(ShadowControl(1.0)).sampled)
+    transport = CountingTransport()
+    hand.connect(0, transport)
+    hand.linger = 0.05
+    for i in range(5):
+        hand.observe([request(b"set k%d 0 0 1" % i, b"v")], session=i)
+        await asyncio.sleep(0)  # loop iterations pass: nothing is written yet
+    assert transport.writes == 0 and hand.pending == 5
+    await asyncio.sleep(0.1)
+    assert transport.writes == 1
+    ((_, groups, sent_at),) = batches(transport)
+    assert [g[0] for g in groups] == [0, 1, 2, 3, 4]  # (sessions, in order)
+    replied = [g[1] for g in groups]
+    assert replied == sorted(replied) and replied[-1] <= sent_at
+
+
+async def test_a_busy_batch_does_not_linger() -> None:
+    hand = Handoff(1, ShadowStats(), KeySampler(ShadowControl(1.0)).sampled)
+    transport = CountingTransport()
+    hand.connect(0, transport)
+    hand.linger = 10.0
+    hand.observe([request(b"set k%d 0 0 1" % i, b"v") for i in range(COALESCE_ITEMS)], session=1)
+    await asyncio.sleep(0)
+    assert transport.writes == 1 and hand.pending == 0
+
+
+async def test_a_tick_carries_the_lingering_batch_in_the_same_write() -> None:
+    hand = Handoff(2, ShadowStats(), KeySampler(ShadowControl(1.0)).sampled)
+    transports = [CountingTransport(), CountingTransport()]
+    for shard, transport in enumerate(transports):
+        hand.connect(shard, transport)
+    hand.linger = 10.0
+    key = next(b"y%d" % i for i in range(100) if shard_of(b"y%d" % i, 2) == 0)
+    hand.observe([request(b"set %s 0 0 1" % key, b"v")], session=1)
+    hand.tick()
+    assert [t.writes for t in transports] == [1, 1]  # the batch and the tick; the tick alone
+    (batch, tick) = transports[0].messages
+    assert batch[0] == "batch" and tick == ("tick", batch[2])  # one horizon for both
+    assert transports[1].messages == [tick]
+    assert hand.pending == 0
+    await asyncio.sleep(0)
+    assert [t.writes for t in transports] == [1, 1]  # (its timer was cancelled)
