@@ -17,10 +17,10 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any, cast
 
 from proxy import __version__, buildinfo
+from proxy.address import HostPort
 from proxy.admin import AdminServer
 from proxy.config import (
     Config,
-    HostPort,
     ListenerConfig,
     apply_overrides,
     check_complete,

@@ -25,7 +25,6 @@ from typing import Any, Final, TypeAlias, cast
 
 import hiredis
 
-from proxy.config import RedisURL
 from proxy.redis.errors import (
     NotPrimary,
     RedisBusy,
@@ -38,6 +37,7 @@ from proxy.redis.errors import (
     ShadowStarved,
 )
 from proxy.redis.topology import WriteLog, cluster_reply, is_cluster_refusal
+from proxy.redis.url import RedisURL, parse_url
 
 log = logging.getLogger(__name__)
 
@@ -129,16 +129,6 @@ TRYAGAIN, CLUSTERDOWN, MASTERDOWN) instead of to its caller: the encoded command
 and the completion, which the handler must call exactly once (after retrying, or not)."""
 
 ASKING = b"*1\r\n$6\r\nASKING\r\n"
-
-
-# URLs ---------------------------------------------------------------------------------------
-
-
-def parse_url(url: str) -> RedisURL:
-    """Parse a redis:// or rediss:// URL (config.RedisURL, the one URL type, with its query
-    options: ``timeout``, ``ssl_cert_reqs=none``, ``ssl_ca_certs``, ``ssl_certfile``,
-    ``ssl_keyfile``); ValueError when it is not one."""
-    return RedisURL.parse(url, options=True)
 
 
 _AUTH_REFUSALS: Final = (
@@ -574,7 +564,7 @@ class RedisConnection:
         the connections of a shadow, for its metrics). on_push: takes the messages
         published to a subscribed connection."""
         self._on_push = on_push
-        self.url = parse_url(url) if isinstance(url, str) else url
+        self.url = parse_url(url)
         self.refusals = refusals
         self.failures = failures
         # Refuse to talk to a replica (INFO replication in the handshake): after a failover
@@ -1021,7 +1011,7 @@ class RedisPool:
         node pools); by default the pool's own, for one Redis behind one endpoint."""
         if size < 1:
             raise ValueError("a Redis pool needs at least one connection")
-        self.url = parse_url(url) if isinstance(url, str) else url
+        self.url = parse_url(url)
         self.writes = WriteLog(failover_window)
         self.on_writes_lost: WritesLost | None = None
         self.retries = Retries()

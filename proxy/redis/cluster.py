@@ -33,7 +33,6 @@ from typing import Any
 
 import hiredis
 
-from proxy.config import RedisURL
 from proxy.redis.client import (
     FAILOVER_WINDOW,
     RETRY_DELAYS,
@@ -62,6 +61,7 @@ from proxy.redis.topology import (
     parse_shards,
     parse_slots,
 )
+from proxy.redis.url import RedisURL, parse_url
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class ClusterPool:
         failover_window: float = FAILOVER_WINDOW,
         failures: Counter[str] | None = None,
     ) -> None:
-        self.url = RedisURL.parse(url, options=True) if isinstance(url, str) else url
+        self.url = parse_url(url)
         if self.url.db:
             raise ValueError(
                 f"redis {self.url}: a Redis Cluster has database 0 only; the URL asks for "

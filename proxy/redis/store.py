@@ -18,7 +18,6 @@ from enum import StrEnum
 from importlib import resources
 from typing import Any, TypeVar, final
 
-from proxy.config import RedisURL
 from proxy.memcache.words import DELTA_MODES, STORE_MODES, Mode, Status
 from proxy.redis.client import (
     FAILOVER_WINDOW,
@@ -47,6 +46,7 @@ from proxy.redis.layout import (
     unpack_value,
 )
 from proxy.redis.topology import WriteLog
+from proxy.redis.url import RedisURL, parse_url
 
 log = logging.getLogger(__name__)
 
@@ -418,7 +418,7 @@ class RedisStore:
         `service_time` observes each reply's service time (write to read, seconds).
         cluster: "true" for a Redis Cluster, "auto" to ask the server at start().
         failures: counts failed connection attempts by reason (client.failure_reason)."""
-        parsed = RedisURL.parse(url, options=True) if isinstance(url, str) else url
+        parsed = parse_url(url)
         mode = ClusterMode(cluster)
 
         def make_pool(is_cluster: bool) -> RedisPool | ClusterPool:

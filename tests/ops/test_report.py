@@ -7,8 +7,9 @@ import dataclasses
 
 import pytest
 
+from proxy.address import HostPort
 from proxy.admin import AdminServer
-from proxy.config import Config, HostPort, RedisURL, ShadowConfig
+from proxy.config import Config, ShadowConfig
 from proxy.metrics import ProxyMetrics
 from proxy.ops.operations import Operations, redis_info_from
 from proxy.ops.report import (
@@ -21,6 +22,7 @@ from proxy.ops.report import (
     service_times,
 )
 from proxy.redis.client import RedisConnection, parse_info
+from proxy.redis.url import RedisURL
 from proxy.shadow.control import ShadowControl
 from proxy.shadow.stats import ShadowStats
 from tests.ops.http import call

@@ -17,14 +17,12 @@ from typing import Any
 import hiredis
 import pytest
 
-from proxy.config import RedisURL
 from proxy.memcache.words import Mode, Status
 from proxy.redis import client as client_module
 from proxy.redis.client import (
     RedisConnection,
     RedisPool,
     encode_command,
-    parse_url,
     resp_encode,
 )
 from proxy.redis.errors import (
@@ -60,42 +58,7 @@ def store_for(url: str, size: int = 1, **kwargs: float) -> RedisStore:
     return RedisStore(pool)
 
 
-# URLs and encoding ---------------------------------------------------------------------------
-
-
-def test_parse_url_defaults() -> None:
-    assert parse_url("redis://localhost") == RedisURL("localhost", 6379, 0)
-
-
-def test_parse_url_everything() -> None:
-    url = parse_url("rediss://al%40ice:p%3Ass@cache.example:6380/5?timeout=0.25")
-    assert url == RedisURL(
-        "cache.example", 6380, 5, username="al@ice", password="p:ss", tls=True, timeout=0.25
-    )
-    assert "p:ss" not in str(url) and "***" in str(url)
-    assert parse_url(url.to_url()) == url  # one URL type: what the config writes, the client reads
-
-
-def test_parse_url_password_only_and_options() -> None:
-    url = parse_url("redis://:secret@127.0.0.1?db=2")
-    assert (url.username, url.password, url.db) == (None, "secret", 2)
-    assert not parse_url("rediss://h?ssl_cert_reqs=none").tls_verify
-
-
-@pytest.mark.parametrize(
-    "bad",
-    [
-        "http://h",
-        "redis://h/x",
-        "redis://h:notaport",
-        "redis://h?timeout=-1",
-        "redis://h/-1",
-        "redis://h?tiemout=1",  # an unknown option is named, not ignored
-    ],
-)
-def test_parse_url_rejects(bad: str) -> None:
-    with pytest.raises(ValueError):
-        parse_url(bad)
+# encoding ---------------------------------------------------------------------------------
 
 
 def test_resp_encoder_matches_hiredis() -> None:
