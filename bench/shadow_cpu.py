@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import HOST, Processes, start_redis, start_redis_cluster
 
 from proxy.memcache.request import Captured
+from proxy.redis.connection import ConnectionOptions
 from proxy.redis.store import RedisStore
 from proxy.runtime import tune_gc
 from proxy.shadow.engine.dispatcher import DispatcherSettings, ShadowDispatcher
@@ -64,8 +65,8 @@ async def one_run(redis_port: int, requests: list[Captured], chunk: int, cluster
     stats = ShadowStats()
     store = RedisStore.from_url(  # as the worker builds it (service.py)
         f"redis://{HOST}:{redis_port}/0",
+        ConnectionOptions(service_time=stats.redis_service.observe),
         size=2,
-        service_time=stats.redis_service.observe,
         cluster="true" if cluster else "false",
     )
     assert await store.start()

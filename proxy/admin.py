@@ -15,7 +15,7 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs
 
-from proxy.config import HostPort
+from proxy.address import HostPort
 from proxy.errors import MemshadowError
 from proxy.metrics import ProxyMetrics
 

@@ -37,10 +37,15 @@ COMPILED_MODULES: Final[tuple[str, ...]] = (
     "proxy.shadow.engine.dispatcher",
     "proxy.shadow.handoff",
     "proxy.shadow.wire",
-    # The Redis side of the replay: the layout, the commands, the RESP connection.
+    # The Redis side of the replay: the layout, the commands, and the client a layer a
+    # module (RESP, the protocol, the connection, its retries, the pool).
     "proxy.redis.layout",
     "proxy.redis.store",
-    "proxy.redis.client",
+    "proxy.redis.resp",
+    "proxy.redis.protocol",
+    "proxy.redis.connection",
+    "proxy.redis.retry",
+    "proxy.redis.pool",
     # Counters bumped per request.
     "proxy.metrics",
     "proxy.memcache.words",

@@ -17,10 +17,10 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any, cast
 
 from proxy import __version__, buildinfo
+from proxy.address import HostPort
 from proxy.admin import AdminServer
 from proxy.config import (
     Config,
-    HostPort,
     ListenerConfig,
     apply_overrides,
     check_complete,
@@ -30,7 +30,7 @@ from proxy.config import (
 from proxy.errors import ConfigError
 from proxy.health import UpstreamHealth
 from proxy.metrics import ProxyMetrics
-from proxy.runtime import configure_logging
+from proxy.runtime import configure_logging, loop_factory
 
 if TYPE_CHECKING:
     from proxy.processes import ProxyProcesses
@@ -42,10 +42,6 @@ log = logging.getLogger("memshadow")
 EXIT_OK = 0
 EXIT_RUNTIME_ERROR = 1  # could not bind, or a forced (second-signal) shutdown
 EXIT_CONFIG_ERROR = 2  # same code argparse uses for bad usage
-
-# MEMSHADOW_LOOP=asyncio runs on the stdlib event loop instead of uvloop (for debugging, or
-# to compare the two).
-LOOP_ENV = "MEMSHADOW_LOOP"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,14 +169,6 @@ def run(config: Config, load: Callable[[], Config] | None = None) -> int:
     the configuration for hot reloads."""
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(serve(config, load))
-
-
-def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    if os.environ.get(LOOP_ENV, "uvloop").strip().lower() == "asyncio":
-        return None  # asyncio.Runner's default: the stdlib loop
-    import uvloop
-
-    return uvloop.new_event_loop
 
 
 async def serve(config: Config, load: Callable[[], Config] | None = None) -> int:

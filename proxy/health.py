@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol, cast
 
-from proxy.config import HostPort
+from proxy.address import HostPort
 
 log = logging.getLogger("memshadow.health")
 

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 from proxy.children import reap, start_child
 from proxy.listener import bind_sockets
 from proxy.metrics import ProxyMetrics, RequestState, add_request_states
+from proxy.runtime import loop_factory
 from proxy.shadow.control import ControlChange, ShadowControl
 from proxy.shadow.wire import FrameDecoder, WireError, encode
 
@@ -787,7 +788,6 @@ def main(argv: list[str] | None = None) -> int:
     # Its own process group: the first process, which got the signal, drives its stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from proxy.cli import loop_factory
 
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(_serve(int(args[0])))

@@ -1,15 +1,33 @@
-"""Process-wide settings shared by the proxy and its shadow worker: logging and the garbage
-collector. (The worker imports this, not cli.py, so no module imports its own caller.)"""
+"""Process-wide settings shared by the proxy, its worker processes and its shadow worker: the
+event loop, logging and the garbage collector. (They import this, not cli.py, so no module
+imports its own caller.)"""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import logging
+import os
 import sys
 import time
+from collections.abc import Callable
 
 from proxy.config import LogConfig
+
+LOOP_ENV = "MEMSHADOW_LOOP"
+"""MEMSHADOW_LOOP=asyncio runs on the stdlib event loop instead of uvloop (for debugging, or
+to compare the two)."""
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop for asyncio.Runner: uvloop's, unless MEMSHADOW_LOOP=asyncio."""
+    if os.environ.get(LOOP_ENV, "uvloop").strip().lower() == "asyncio":
+        return None  # asyncio.Runner's default: the stdlib loop
+    import uvloop
+
+    return uvloop.new_event_loop
+
 
 GC_THRESHOLDS = (50_000, 20, 100)
 """Cyclic garbage collector thresholds for the shadow worker process (CPython's are 700,

@@ -25,7 +25,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from proxy.config import Config, HostPort
+from proxy.address import HostPort
+from proxy.config import Config
 
 MEMCACHED = shutil.which("memcached") or "/usr/bin/memcached"
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -441,7 +442,7 @@ def proxy_config(
     config = Config()
     config = replace(config, listen=HostPort("127.0.0.1", 0), memcached=memcached.address)
     if redis is not None:
-        from proxy.config import RedisURL
+        from proxy.redis.url import RedisURL
 
         url = RedisURL.parse(f"redis://127.0.0.1:{redis.port}/0")
         config = replace(

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy.address import HostPort
 from proxy.admin import (
     MAX_BODY_BYTES,
     MAX_HEAD_BYTES,
@@ -25,7 +26,6 @@ from proxy.admin import (
     Response,
     parse_head,
 )
-from proxy.config import HostPort
 from proxy.metrics import ProxyMetrics
 from tests.support import wait_until_async
 

@@ -11,14 +11,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from proxy.address import HostPort
 from proxy.config import (
     COMMAND_LINE,
     Config,
-    HostPort,
     LimitsConfig,
     ListenerConfig,
     LogConfig,
-    RedisURL,
     ShadowConfig,
     apply_overrides,
     check_complete,
@@ -28,6 +27,7 @@ from proxy.config import (
     render_config,
 )
 from proxy.errors import ConfigError, InvalidValue, MemshadowError
+from proxy.redis.url import RedisURL
 from tests.support import ThrowawayCA
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 
-from proxy.config import HostPort
+from proxy.address import HostPort
 from proxy.health import UpstreamHealth
 from tests.support import (
     ServerProcess,

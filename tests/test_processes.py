@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 import proxy.runtime
-from proxy.config import Config, RedisURL
+from proxy.config import Config
 from proxy.processes import ExtraProcess
+from proxy.redis.url import RedisURL
 from proxy.shadow.wire import FrameDecoder, encode
 from tests.support import wait_until_async
 
@@ -86,7 +87,7 @@ async def test_the_first_process_acknowledges_each_report_of_a_failed_connect() 
     """Its answer carries the report's number, so the extra process knows it is not stale:
     down when its Memcached is (a change told to every process, or the state told to it
     alone), open at once when no Memcached is watched at all."""
-    from proxy.config import HostPort
+    from proxy.address import HostPort
     from proxy.health import UpstreamHealth
     from proxy.metrics import ProxyMetrics
     from proxy.processes import ProxyProcesses

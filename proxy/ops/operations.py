@@ -32,7 +32,7 @@ from proxy.ops.reload import WATCH_INTERVAL, ConfigReloader, ReloadResult
 from proxy.ops.report import merge_info
 from proxy.ops.saturation import WorkerLoad
 from proxy.ops.timeline import EMPTY_BUCKETS, Reading, Timeline, cumulative_to_buckets
-from proxy.redis.client import parse_info
+from proxy.redis.resp import parse_info
 from proxy.shadow.control import ShadowControl
 from proxy.shadow.examples import MismatchExamples
 from proxy.shadow.stats import ShadowStats

@@ -25,31 +25,17 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import ssl
 import time
-from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 import hiredis
 
-from proxy.config import RedisURL
-from proxy.redis.client import (
-    FAILOVER_WINDOW,
-    RETRY_DELAYS,
-    RedisConnection,
-    RedisPool,
-    Refusals,
-    ReplyCallback,
-    Retries,
-    Retry,
-    WritesLost,
-    deliver,
-    give_up,
-    parse_info,
-    send_later,
-)
+from proxy.redis.connection import DEFAULT_OPTIONS, ConnectionOptions, RedisConnection
 from proxy.redis.errors import RedisError, RedisReplyError, RedisUnavailable
+from proxy.redis.pool import FAILOVER_WINDOW, RedisPool, WritesLost
+from proxy.redis.protocol import Refusals, ReplyCallback, deliver
+from proxy.redis.resp import parse_info
+from proxy.redis.retry import RETRY_DELAYS, Retries, Retry, give_up, send_later
 from proxy.redis.topology import (
     SLOTS,
     Redirect,
@@ -62,6 +48,7 @@ from proxy.redis.topology import (
     parse_shards,
     parse_slots,
 )
+from proxy.redis.url import RedisURL, parse_url
 
 log = logging.getLogger(__name__)
 
@@ -90,20 +77,10 @@ def command_key(payload: bytes) -> bytes | None:
     return key if isinstance(key, bytes) else None
 
 
-async def detect_cluster(
-    url: RedisURL,
-    timeout: float,
-    *,
-    failures: Counter[str] | None = None,
-) -> bool:
-    """Whether the server at `url` runs in cluster mode (INFO cluster: cluster_enabled:1).
-    Raises RedisError when it cannot be asked."""
-    conn = RedisConnection(
-        dataclasses.replace(url, db=0),
-        connect_timeout=timeout,
-        timeout=timeout,
-        failures=failures,
-    )
+async def detect_cluster(url: RedisURL, options: ConnectionOptions) -> bool:
+    """Whether the server at `url` runs in cluster mode (INFO cluster: cluster_enabled:1),
+    asked on a connection of options.probe(). Raises RedisError when it cannot be asked."""
+    conn = RedisConnection(dataclasses.replace(url, db=0), options.probe())
     try:
         if not await conn.start():
             raise RedisUnavailable(f"redis {url}: {conn.last_error or 'unreachable'}")
@@ -120,38 +97,22 @@ class ClusterPool:
         self,
         url: str | RedisURL,
         size: int = 2,
+        options: ConnectionOptions = DEFAULT_OPTIONS,
         *,
-        timeout: float = 1.0,
-        connect_timeout: float = 2.0,
-        max_inflight: int = 1024,
-        backoff_initial: float = 0.05,
-        backoff_max: float = 2.0,
-        library: str | None = None,
-        ssl_context: ssl.SSLContext | None = None,
-        service_time: Callable[[float], None] | None = None,
         refresh_interval: float = REFRESH_INTERVAL,
         failover_window: float = FAILOVER_WINDOW,
-        failures: Counter[str] | None = None,
     ) -> None:
-        self.url = RedisURL.parse(url, options=True) if isinstance(url, str) else url
+        """options: those of every connection to a node (each node's pool checks that it
+        reaches a primary, whatever options.require_primary says)."""
+        self.url = parse_url(url)
         if self.url.db:
             raise ValueError(
                 f"redis {self.url}: a Redis Cluster has database 0 only; the URL asks for "
                 f"{self.url.db}"
             )
         self.size = size
-        self._pool_options: dict[str, Any] = {
-            "timeout": timeout,
-            "connect_timeout": connect_timeout,
-            "max_inflight": max_inflight,
-            "backoff_initial": backoff_initial,
-            "backoff_max": backoff_max,
-            "library": library,
-            "ssl_context": ssl_context,
-            "service_time": service_time,
-            "failures": failures,
-        }
-        self.connect_timeout = connect_timeout
+        self.options = options
+        self._node_options = dataclasses.replace(options, require_primary=True)
         self.refresh_interval = refresh_interval
         self.map = SlotMap()
         self._known = SlotMap()  # each slot's last known owner, for telling failovers
@@ -204,7 +165,7 @@ class ClusterPool:
         with contextlib.suppress(RedisError):
             await self.refresh()
         await asyncio.gather(
-            *(pool.wait_connected(self.connect_timeout) for pool in self._nodes.values())
+            *(pool.wait_connected(self.options.connect_timeout) for pool in self._nodes.values())
         )
         if self._maintainer is None:
             self._maintainer = asyncio.get_running_loop().create_task(
@@ -275,10 +236,7 @@ class ClusterPool:
         for host, port in dict.fromkeys(addresses):
             conn = RedisConnection(
                 dataclasses.replace(self.url, host=host, port=port),
-                timeout=self.connect_timeout,
-                connect_timeout=self.connect_timeout,
-                ssl_context=self._pool_options["ssl_context"],
-                failures=self._pool_options["failures"],
+                self.options.probe(),
                 name="map",
             )
             try:
@@ -366,9 +324,8 @@ class ClusterPool:
         pool = RedisPool(
             dataclasses.replace(self.url, host=host, port=port),
             self.size,
-            require_primary=True,
+            self._node_options,
             refusals=self._refusals,
-            **self._pool_options,
         )
         pool.on_writes_lost = self._node_replaced
         self._spawn(pool.start())
@@ -433,7 +390,7 @@ class ClusterPool:
         in the map; when neither can take it, again after a delay. Cancelled (closing)
         before it sends, `_cancelled` fails the command."""
         with contextlib.suppress(RedisError, TimeoutError):
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout(self.options.connect_timeout):
                 await self.refresh()
         node = self._nodes.get((redirect.host, redirect.port)) or self._owners[redirect.slot]
         try:

@@ -8,29 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
+import dataclasses
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from importlib import resources
 from typing import Any, TypeVar, final
 
-from proxy.config import RedisURL
 from proxy.memcache.words import DELTA_MODES, STORE_MODES, Mode, Status
-from proxy.redis.client import (
-    FAILOVER_WINDOW,
-    Arg,
-    RedisConnection,
-    RedisPool,
-    Reply,
-    WritesLost,
-    missing_function,
-    parse_info,
-)
 from proxy.redis.cluster import ClusterPool, detect_cluster
+from proxy.redis.connection import (
+    DEFAULT_OPTIONS,
+    ConnectionOptions,
+    RedisConnection,
+    missing_function,
+)
 from proxy.redis.errors import RedisError, RedisProtocolError, RedisReplyError, RedisUnavailable
 from proxy.redis.layout import (
     DEFAULT_ITEM_SIZE_MAX,
@@ -46,7 +40,10 @@ from proxy.redis.layout import (
     max_value_len,
     unpack_value,
 )
+from proxy.redis.pool import FAILOVER_WINDOW, RedisPool, WritesLost
+from proxy.redis.resp import Arg, Reply, parse_info
 from proxy.redis.topology import WriteLog
+from proxy.redis.url import RedisURL, parse_url
 
 log = logging.getLogger(__name__)
 
@@ -393,51 +390,35 @@ class RedisStore:
         """Told the keys (without the prefix) whose writes a failover of Redis lost."""
         self._make_pool: Callable[[bool], RedisPool | ClusterPool] | None = None
         self._deciding: asyncio.Task[None] | None = None
-        self._connect_timeout = 2.0
-        self._failures: Counter[str] | None = None  # (for the cluster detection's attempts)
+        self._options = DEFAULT_OPTIONS  # (from_url's: for the cluster detection)
         pool.on_writes_lost = self._writes_lost
 
     @classmethod
     def from_url(
         cls,
         url: str | RedisURL,
+        options: ConnectionOptions = DEFAULT_OPTIONS,
         *,
         size: int = 4,
-        timeout: float = 1.0,
-        max_inflight: int = 1024,
         item_size_max: int = DEFAULT_ITEM_SIZE_MAX,
         slab_chunk_max: int = DEFAULT_SLAB_CHUNK_MAX,
         key_prefix: bytes = b"",
-        service_time: Callable[[float], None] | None = None,
         cluster: ClusterMode | str = ClusterMode.OFF,
-        connect_timeout: float = 2.0,
         failover_window: float = FAILOVER_WINDOW,
-        failures: Counter[str] | None = None,
     ) -> RedisStore:
-        """A store over a new pool that loads the function library (call start());
-        `service_time` observes each reply's service time (write to read, seconds).
-        cluster: "true" for a Redis Cluster, "auto" to ask the server at start().
-        failures: counts failed connection attempts by reason (client.failure_reason)."""
-        parsed = RedisURL.parse(url, options=True) if isinstance(url, str) else url
+        """A store over a new pool of `size` connections a primary, each with `options` and
+        the function library (call start()). cluster: "true" for a Redis Cluster, "auto" to
+        ask the server at start()."""
+        parsed = parse_url(url)
         mode = ClusterMode(cluster)
+        options = dataclasses.replace(options, library=function_library())
 
         def make_pool(is_cluster: bool) -> RedisPool | ClusterPool:
-            # One Redis: its connections wait while the endpoint leads to a replica. A
-            # cluster's node pools check that themselves.
-            kind: Callable[..., RedisPool | ClusterPool] = (
-                ClusterPool if is_cluster else functools.partial(RedisPool, require_primary=True)
-            )
-            return kind(
-                parsed,
-                size,
-                timeout=timeout,
-                connect_timeout=connect_timeout,
-                max_inflight=max_inflight,
-                library=function_library(),
-                service_time=service_time,
-                failover_window=failover_window,
-                failures=failures,
-            )
+            if is_cluster:  # (its node pools check that they reach primaries)
+                return ClusterPool(parsed, size, options, failover_window=failover_window)
+            # One Redis: its connections wait while the endpoint leads to a replica.
+            single = dataclasses.replace(options, require_primary=True)
+            return RedisPool(parsed, size, single, failover_window=failover_window)
 
         first = make_pool(mode is ClusterMode.ON) if mode is not ClusterMode.AUTO else None
         store = cls(
@@ -446,10 +427,9 @@ class RedisStore:
             slab_chunk_max=slab_chunk_max,
             key_prefix=key_prefix,
         )
-        store._connect_timeout = connect_timeout
+        store._options = options
         if first is None:
             store._make_pool = make_pool
-            store._failures = failures
         return store
 
     async def start(self) -> bool:
@@ -458,7 +438,8 @@ class RedisStore:
         if self._make_pool is not None and self._deciding is None:
             self._deciding = asyncio.get_running_loop().create_task(self._decide())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._deciding), self._connect_timeout + 1)
+                deciding = asyncio.shield(self._deciding)
+                await asyncio.wait_for(deciding, self._options.connect_timeout + 1)
             return self.pool.is_connected
         return await self.pool.start()
 
@@ -468,9 +449,7 @@ class RedisStore:
         delay = 0.1
         while True:
             try:
-                is_cluster = await detect_cluster(
-                    url, self._connect_timeout, failures=self._failures
-                )
+                is_cluster = await detect_cluster(url, self._options)
                 break
             except RedisError as exc:
                 if delay == 0.1:  # once: the connect failures have their own summaries

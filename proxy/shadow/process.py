@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 from proxy.children import reap, start_child
 from proxy.memcache.request import Request
+from proxy.redis.connection import ConnectionOptions
 from proxy.redis.store import (
     RedisStore,
 )
@@ -153,11 +154,13 @@ class ShadowProcess:
         self._info_failures: Counter[str] = Counter()
         self._info = RedisStore.from_url(
             shadow.redis,
+            ConnectionOptions(
+                timeout=shadow.redis_timeout,
+                connect_timeout=config.upstream_connect_timeout,
+                failures=self._info_failures,
+            ),
             size=1,
-            timeout=shadow.redis_timeout,
             cluster=shadow.redis_cluster,
-            connect_timeout=config.upstream_connect_timeout,
-            failures=self._info_failures,
         )
         self._config_blob = pickle.dumps(config)
         self._workers: list[_Worker] = []

@@ -13,7 +13,8 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from proxy.memcache.request import Request
-from proxy.redis.client import RedisConnection, parse_info
+from proxy.redis.connection import ConnectionOptions, RedisConnection
+from proxy.redis.resp import parse_info
 from proxy.redis.store import (
     RedisStore,
 )
@@ -57,16 +58,19 @@ class ShadowEngine:
             raise ValueError("the shadow needs shadow.redis")
         self.config = config
         self.stats = stats
-        self.store = RedisStore.from_url(
-            shadow.redis,
-            size=shadow.redis_connections,
+        options = ConnectionOptions(
             timeout=shadow.redis_timeout,
+            connect_timeout=config.upstream_connect_timeout,
             max_inflight=max(64, shadow.max_inflight * 2),
             service_time=stats.redis_service.observe,
+            failures=stats.connect_failures,
+        )
+        self.store = RedisStore.from_url(
+            shadow.redis,
+            options,
+            size=shadow.redis_connections,
             cluster=shadow.redis_cluster,
             failover_window=shadow.redis_failover_window,
-            connect_timeout=config.upstream_connect_timeout,
-            failures=stats.connect_failures,
         )
         self.readers = [
             MemcachedReader(

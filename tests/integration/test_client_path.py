@@ -18,7 +18,7 @@ import pytest
 from pymemcache.client.base import Client
 from pymemcache.exceptions import MemcacheUnexpectedCloseError
 
-from proxy.config import HostPort
+from proxy.address import HostPort
 from tests.support import (
     FaultRelay,
     ProxyThread,

@@ -18,10 +18,11 @@ from pathlib import Path
 import hiredis
 import pytest
 
-from proxy.config import Config, RedisURL
+from proxy.config import Config
 from proxy.ops.causes import REDIS_REFUSALS
 from proxy.ops.operations import redis_info_from
 from proxy.ops.report import parse_keyspace
+from proxy.redis.url import RedisURL
 from tests.integration.hammer import LOAD_DROPS, assert_drops_accounted, figures
 from tests.integration.test_shadow import redis_call
 from tests.integration.test_verdicts import hammer_gives_no_false_alarm

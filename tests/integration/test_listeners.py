@@ -18,7 +18,8 @@ import pytest
 from pymemcache.client.hash import HashClient
 from pymemcache.exceptions import MemcacheClientError
 
-from proxy.config import Config, HostPort, ListenerConfig
+from proxy.address import HostPort
+from proxy.config import Config, ListenerConfig
 from proxy.redis.layout import unpack_value
 from tests.integration.hammer import figures
 from tests.integration.test_shadow import mc_call, mc_item, redis_call

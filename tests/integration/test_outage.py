@@ -17,7 +17,8 @@ from dataclasses import replace
 import pytest
 from pymemcache.client.base import Client
 
-from proxy.config import HostPort, ListenerConfig
+from proxy.address import HostPort
+from proxy.config import ListenerConfig
 from tests.support import (
     ProxyThread,
     RawClient,

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
+from proxy.address import HostPort
 from proxy.config import (
     AdminConfig,
     Config,
     ConfigError,
-    HostPort,
     apply_overrides,
     parse_config,
 )

@@ -14,19 +14,19 @@ from typing import Any
 
 import pytest
 
+from proxy.address import HostPort
 from proxy.admin import AdminServer
 from proxy.config import (
     AdminConfig,
     Config,
     GuardsConfig,
-    HostPort,
     LatencyGuardConfig,
     RampConfig,
-    RedisURL,
     ShadowConfig,
 )
 from proxy.metrics import ProxyMetrics
 from proxy.ops.operations import Operations
+from proxy.redis.url import RedisURL
 from proxy.shadow.control import ShadowControl
 from proxy.shadow.examples import MismatchExamples
 from proxy.shadow.stats import ShadowStats

@@ -9,12 +9,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from proxy.address import HostPort
 from proxy.admin import AdminServer
 from proxy.config import (
     AdminConfig,
     Config,
     GuardsConfig,
-    HostPort,
     LatencyGuardConfig,
     RampConfig,
     ShadowConfig,

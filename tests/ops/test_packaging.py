@@ -122,8 +122,9 @@ def test_image_config_is_valid_and_matches_the_image() -> None:
 
 def defined_metrics() -> set[str]:
     """Every sample name the code exports: its registries, collected for real."""
+    from proxy.address import HostPort
     from proxy.admin import AdminServer
-    from proxy.config import Config, HostPort
+    from proxy.config import Config
     from proxy.ops.operations import Operations
     from proxy.shadow.control import ShadowControl
     from proxy.shadow.stats import ShadowStats
@@ -181,8 +182,9 @@ def test_ops_metrics_on_the_dashboard_are_defined() -> None:
         for name in dashboard_metrics()
         if name.startswith(("memshadow_shadow_halt", "memshadow_shadow_ramp"))
     }
+    from proxy.address import HostPort
     from proxy.admin import AdminServer
-    from proxy.config import Config, HostPort
+    from proxy.config import Config
     from proxy.ops.operations import Operations
     from proxy.shadow.control import ShadowControl
     from proxy.shadow.stats import ShadowStats

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from proxy.address import HostPort
 from proxy.admin import AdminServer
-from proxy.config import HostPort, LogConfig, load_config
+from proxy.config import LogConfig, load_config
 from proxy.metrics import ProxyMetrics
 from proxy.ops.operations import Operations
 from proxy.shadow.control import ShadowControl

@@ -7,8 +7,9 @@ import dataclasses
 
 import pytest
 
+from proxy.address import HostPort
 from proxy.admin import AdminServer
-from proxy.config import Config, HostPort, RedisURL, ShadowConfig
+from proxy.config import Config, ShadowConfig
 from proxy.metrics import ProxyMetrics
 from proxy.ops.operations import Operations, redis_info_from
 from proxy.ops.report import (
@@ -20,7 +21,9 @@ from proxy.ops.report import (
     poisson_interval,
     service_times,
 )
-from proxy.redis.client import RedisConnection, parse_info
+from proxy.redis.connection import ConnectionOptions, RedisConnection
+from proxy.redis.resp import parse_info
+from proxy.redis.url import RedisURL
 from proxy.shadow.control import ShadowControl
 from proxy.shadow.stats import ShadowStats
 from tests.ops.http import call
@@ -166,7 +169,7 @@ async def test_report_from_a_real_redis(redis_server: ServerProcess) -> None:
 
 
 async def test_report_when_redis_is_down() -> None:
-    connection = RedisConnection("redis://127.0.0.1:1/0", connect_timeout=0.2)
+    connection = RedisConnection("redis://127.0.0.1:1/0", ConnectionOptions(connect_timeout=0.2))
     await connection.start()
     try:
         info = redis_info_from(lambda: [connection.execute])

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from pymemcache.client.base import Client
 
+from proxy.address import HostPort
 from proxy.admin import AdminServer
 from proxy.config import (
     GuardsConfig,
-    HostPort,
     LatencyGuardConfig,
     MismatchRuleConfig,
     RampConfig,

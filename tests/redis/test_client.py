@@ -14,19 +14,10 @@ from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
-import hiredis
 import pytest
 
-from proxy.config import RedisURL
 from proxy.memcache.words import Mode, Status
-from proxy.redis import client as client_module
-from proxy.redis.client import (
-    RedisConnection,
-    RedisPool,
-    encode_command,
-    parse_url,
-    resp_encode,
-)
+from proxy.redis.connection import ConnectionOptions, RedisConnection
 from proxy.redis.errors import (
     RedisBusy,
     RedisReplyError,
@@ -34,6 +25,7 @@ from proxy.redis.errors import (
     RedisUnavailable,
     ShadowStarved,
 )
+from proxy.redis.pool import RedisPool
 from proxy.redis.store import (
     RedisStore,
     function_library,
@@ -55,60 +47,16 @@ def raised_at_once(call: Coroutine[Any, Any, object]) -> BaseException:
     raise AssertionError(f"{call} waited instead of failing at once")
 
 
-def store_for(url: str, size: int = 1, **kwargs: float) -> RedisStore:
-    pool = RedisPool(url, size, library=function_library(), backoff_max=0.2, **kwargs)
-    return RedisStore(pool)
-
-
-# URLs and encoding ---------------------------------------------------------------------------
-
-
-def test_parse_url_defaults() -> None:
-    assert parse_url("redis://localhost") == RedisURL("localhost", 6379, 0)
-
-
-def test_parse_url_everything() -> None:
-    url = parse_url("rediss://al%40ice:p%3Ass@cache.example:6380/5?timeout=0.25")
-    assert url == RedisURL(
-        "cache.example", 6380, 5, username="al@ice", password="p:ss", tls=True, timeout=0.25
-    )
-    assert "p:ss" not in str(url) and "***" in str(url)
-    assert parse_url(url.to_url()) == url  # one URL type: what the config writes, the client reads
-
-
-def test_parse_url_password_only_and_options() -> None:
-    url = parse_url("redis://:secret@127.0.0.1?db=2")
-    assert (url.username, url.password, url.db) == (None, "secret", 2)
-    assert not parse_url("rediss://h?ssl_cert_reqs=none").tls_verify
-
-
-@pytest.mark.parametrize(
-    "bad",
-    [
-        "http://h",
-        "redis://h/x",
-        "redis://h:notaport",
-        "redis://h?timeout=-1",
-        "redis://h/-1",
-        "redis://h?tiemout=1",  # an unknown option is named, not ignored
-    ],
-)
-def test_parse_url_rejects(bad: str) -> None:
-    with pytest.raises(ValueError):
-        parse_url(bad)
-
-
-def test_resp_encoder_matches_hiredis() -> None:
-    args = (b"SET", "k\u00e9y", 12, b"\x00\r\nbin", 1.5, b"")
-    assert resp_encode(args) == bytes(hiredis.pack_command(args))
-    assert encode_command(args) == resp_encode(args)
+def store_for(url: str, size: int = 1) -> RedisStore:
+    options = ConnectionOptions(library=function_library(), backoff_max=0.2)
+    return RedisStore(RedisPool(url, size, options))
 
 
 # commands ------------------------------------------------------------------------------------
 
 
 async def test_pipelined_replies_match_their_commands(redis_shared: Server) -> None:
-    conn = RedisConnection(redis_shared.url(db=3), max_inflight=5000)
+    conn = RedisConnection(redis_shared.url(db=3), ConnectionOptions(max_inflight=5000))
     assert await conn.start()
     try:
         futures = [conn.send(b"ECHO", b"%d" % i) for i in range(2000)]
@@ -121,24 +69,16 @@ async def test_pipelined_replies_match_their_commands(redis_shared: Server) -> N
         await conn.close()
 
 
-async def test_commands_of_one_iteration_go_out_in_one_write(
-    redis_shared: Server, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    flushed: list[int] = []
-    original = client_module._RespProtocol._flush
-
-    def counting_flush(self: client_module._RespProtocol) -> None:
-        flushed.append(len(self._outbuf))
-        original(self)
-
-    monkeypatch.setattr(client_module._RespProtocol, "_flush", counting_flush)
+async def test_commands_of_one_iteration_go_out_in_one_write(redis_shared: Server) -> None:
     conn = RedisConnection(redis_shared.url(db=3))
     assert await conn.start()
     try:
-        flushed.clear()
+        protocol = conn._protocol
+        assert protocol is not None
+        before = protocol.batches
         futures = [conn.send(b"PING") for _ in range(100)]
         await asyncio.gather(*futures)
-        assert flushed == [100]
+        assert protocol.batches == before + 1
     finally:
         await conn.close()
 
@@ -223,7 +163,7 @@ def never_twice() -> Iterator[None]:
 
 
 async def test_callbacks_and_futures_share_one_ordered_pipeline(redis_shared: Server) -> None:
-    conn = RedisConnection(redis_shared.url(db=3), max_inflight=5000)
+    conn = RedisConnection(redis_shared.url(db=3), ConnectionOptions(max_inflight=5000))
     assert await conn.start()
     try:
         calls = [Calls() for _ in range(500)]
@@ -284,11 +224,13 @@ async def test_a_callback_may_send_the_next_command(redis_shared: Server) -> Non
 
 async def test_callback_send_fails_at_once_when_down_or_busy(redis_factory: StartRedis) -> None:
     never = Calls()
-    down = RedisConnection(f"redis://127.0.0.1:{free_port()}", connect_timeout=0.3)
+    down = RedisConnection(
+        f"redis://127.0.0.1:{free_port()}", ConnectionOptions(connect_timeout=0.3)
+    )
     with pytest.raises(RedisUnavailable):
         down.send_callback(never, b"PING")
     server = redis_factory()
-    conn = RedisConnection(server.url(), max_inflight=3, timeout=5.0)
+    conn = RedisConnection(server.url(), ConnectionOptions(max_inflight=3, timeout=5.0))
     assert await conn.start()
     try:
         server.pause()
@@ -309,7 +251,9 @@ async def test_callback_timeout_is_reported_once_and_resets_the_connection(
     redis_factory: StartRedis,
 ) -> None:
     server = redis_factory()
-    conn = RedisConnection(server.url(), timeout=1.0, connect_timeout=0.3, backoff_max=0.2)
+    conn = RedisConnection(
+        server.url(), ConnectionOptions(timeout=1.0, connect_timeout=0.3, backoff_max=0.2)
+    )
     assert await conn.start()
     try:
         server.pause()
@@ -343,7 +287,9 @@ async def test_a_starved_loop_reads_its_replies_before_calling_anything_timed_ou
     that came meanwhile are read first: no timeout; a command still unanswered after a
     hold-up longer than its timeout fails as ShadowStarved (a drop), not as Redis's fault."""
     server = redis_factory()
-    conn = RedisConnection(server.url(), timeout=0.2, connect_timeout=1.0, backoff_max=0.2)
+    conn = RedisConnection(
+        server.url(), ConnectionOptions(timeout=0.2, connect_timeout=1.0, backoff_max=0.2)
+    )
     assert await conn.start()
     try:
         answered = Calls()
@@ -372,7 +318,7 @@ async def test_a_starved_loop_reads_its_replies_before_calling_anything_timed_ou
 
 async def test_callbacks_fail_once_when_the_connection_is_lost(redis_factory: StartRedis) -> None:
     server = redis_factory()
-    conn = RedisConnection(server.url(), timeout=5.0, backoff_max=0.2)
+    conn = RedisConnection(server.url(), ConnectionOptions(timeout=5.0, backoff_max=0.2))
     assert await conn.start()
     try:
         server.pause()
@@ -397,7 +343,7 @@ async def test_callbacks_fail_once_when_the_connection_is_lost(redis_factory: St
 
 
 async def test_fcall_callback_reloads_a_missing_library_once(redis_shared: Server) -> None:
-    conn = RedisConnection(redis_shared.url(db=5), library=function_library())
+    conn = RedisConnection(redis_shared.url(db=5), ConnectionOptions(library=function_library()))
     assert await conn.start()
     try:
         await conn.execute(b"FUNCTION", b"DELETE", b"memshadow")
@@ -420,7 +366,9 @@ async def test_fcall_callback_reloads_a_missing_library_once(redis_shared: Serve
 
 
 async def test_redis_down_fails_fast() -> None:
-    conn = RedisConnection(f"redis://127.0.0.1:{free_port()}", connect_timeout=0.5)
+    conn = RedisConnection(
+        f"redis://127.0.0.1:{free_port()}", ConnectionOptions(connect_timeout=0.5)
+    )
     assert not await conn.start()
     assert conn.connect_failures >= 1 and not conn.is_connected
     assert isinstance(raised_at_once(conn.execute(b"PING")), RedisUnavailable)
@@ -449,20 +397,24 @@ async def test_redis_killed_then_back(redis_factory: StartRedis) -> None:
 
 
 async def test_a_redis_that_stays_down_is_logged_once_then_summarised(
-    redis_factory: StartRedis, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    redis_factory: StartRedis, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Four connections retrying make dozens of attempts: one warning when the outage
     starts, a summary per interval (never more often), one line when a connection succeeds
     again."""
-    monkeypatch.setattr(client_module, "OUTAGE_SUMMARY_INTERVAL", 0.5)
     server = redis_factory()
     server.stop()
-    pool = RedisPool(server.url(), 4, connect_timeout=0.3, backoff_initial=0.01, backoff_max=0.02)
-    caplog.set_level("INFO", logger="proxy.redis.client")
+    options = ConnectionOptions(
+        connect_timeout=0.3, backoff_initial=0.01, backoff_max=0.02, outage_summary=0.5
+    )
+    pool = RedisPool(server.url(), 4, options)
+    caplog.set_level("INFO", logger="proxy.redis.connection")
 
     def records(text: str) -> list[logging.LogRecord]:
         return [
-            r for r in caplog.records if r.name == "proxy.redis.client" and text in r.getMessage()
+            r
+            for r in caplog.records
+            if r.name == "proxy.redis.connection" and text in r.getMessage()
         ]
 
     assert not await pool.start()
@@ -488,7 +440,9 @@ async def test_a_redis_that_stays_down_is_logged_once_then_summarised(
 
 
 async def test_a_redis_host_that_does_not_resolve_is_named() -> None:
-    conn = RedisConnection("redis://no-such-host.invalid:6379", connect_timeout=2.0)
+    conn = RedisConnection(
+        "redis://no-such-host.invalid:6379", ConnectionOptions(connect_timeout=2.0)
+    )
     assert not await conn.start()
     assert conn.last_error is not None
     assert conn.last_error.startswith("cannot resolve the host 'no-such-host.invalid': ")
@@ -518,7 +472,9 @@ async def test_timeout_fails_the_command_and_resets_the_connection(
     redis_factory: StartRedis,
 ) -> None:
     server = redis_factory()
-    conn = RedisConnection(server.url(), timeout=1.0, connect_timeout=0.3, backoff_max=0.2)
+    conn = RedisConnection(
+        server.url(), ConnectionOptions(timeout=1.0, connect_timeout=0.3, backoff_max=0.2)
+    )
     assert await conn.start()
     try:
         server.pause()
@@ -546,7 +502,7 @@ async def test_timeout_fails_the_command_and_resets_the_connection(
 
 async def test_in_flight_bound_fails_fast_with_busy(redis_factory: StartRedis) -> None:
     server = redis_factory()
-    conn = RedisConnection(server.url(), max_inflight=5, timeout=5.0)
+    conn = RedisConnection(server.url(), ConnectionOptions(max_inflight=5, timeout=5.0))
     assert await conn.start()
     try:
         server.pause()
@@ -584,7 +540,9 @@ async def test_password_and_database_from_the_url(redis_factory: StartRedis) -> 
 async def test_wrong_password_never_connects(redis_factory: StartRedis) -> None:
     server = redis_factory("--requirepass", "s3cret")
     failures: Counter[str] = Counter()
-    conn = RedisConnection(server.url(auth=":wrong@"), backoff_max=0.1, failures=failures)
+    conn = RedisConnection(
+        server.url(auth=":wrong@"), ConnectionOptions(backoff_max=0.1, failures=failures)
+    )
     assert not await conn.start()
     assert conn.last_error is not None and "AUTH failed" in conn.last_error
     assert "wrong" not in conn.last_error
@@ -598,7 +556,9 @@ async def test_acl_user_and_password(redis_factory: StartRedis) -> None:
     server = redis_factory(
         "--user", "alice", "on", ">alicepw", "~*", "&*", "+@all", "--user", "default", "off"
     )  # fmt: skip
-    conn = RedisConnection(server.url(auth="alice:alicepw@"), library=function_library())
+    conn = RedisConnection(
+        server.url(auth="alice:alicepw@"), ConnectionOptions(library=function_library())
+    )
     assert await conn.start()
     assert await conn.execute(b"ACL", b"WHOAMI") == b"alice"
     await conn.close()
@@ -632,7 +592,9 @@ async def test_tls(tls_files: tuple[Path, Path]) -> None:
     try:
         context = ssl.create_default_context(cafile=str(cert))
         url = f"rediss://127.0.0.1:{server.port}/1"
-        store = RedisStore(RedisPool(url, 1, library=function_library(), ssl_context=context))
+        store = RedisStore(
+            RedisPool(url, 1, ConnectionOptions(library=function_library(), ssl_context=context))
+        )
         assert await store.start()
         assert (await store.store(Mode.SET, b"k", 0, 0, b"tls")).status is Status.STORED
         await store.close()
@@ -640,7 +602,9 @@ async def test_tls(tls_files: tuple[Path, Path]) -> None:
         assert await insecure.start()
         assert await insecure.execute(b"PING") == b"PONG"
         await insecure.close()
-        verified = RedisConnection(url, backoff_max=0.1)  # the default CAs do not know it
+        verified = RedisConnection(
+            url, ConnectionOptions(backoff_max=0.1)
+        )  # the default CAs do not know it
         assert not await verified.start()
         assert verified.last_error is not None and "CERTIFICATE" in verified.last_error.upper()
         await verified.close()
@@ -651,7 +615,9 @@ async def test_tls(tls_files: tuple[Path, Path]) -> None:
 async def attempt(url: str) -> tuple[bool, str, Counter[str]]:
     """Connect once (and PING): (whether it worked, the last error, failures by reason)."""
     failures: Counter[str] = Counter()
-    conn = RedisConnection(url, backoff_max=0.1, connect_timeout=2.0, failures=failures)
+    conn = RedisConnection(
+        url, ConnectionOptions(backoff_max=0.1, connect_timeout=2.0, failures=failures)
+    )
     try:
         up = await conn.start() and await conn.execute(b"PING") == b"PONG"
         return up, conn.last_error or "", failures
@@ -707,10 +673,8 @@ async def test_an_acl_user_without_the_rights_memshadow_needs(redis_factory: Sta
         "--user", "bob", "on", ">bobpw", "~*", "&*", "+@all", "-function",
     )  # fmt: skip
     failures: Counter[str] = Counter()
-    conn = RedisConnection(
-        server.url(auth="bob:bobpw@"), library=function_library(), backoff_max=0.1,
-        failures=failures,
-    )  # fmt: skip
+    options = ConnectionOptions(library=function_library(), backoff_max=0.1, failures=failures)
+    conn = RedisConnection(server.url(auth="bob:bobpw@"), options)
     assert not await conn.start()
     await conn.close()
     assert set(failures) == {"permission"}

@@ -13,9 +13,11 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from proxy.memcache.words import Status
-from proxy.redis.client import RETRY_DELAYS, RedisPool
 from proxy.redis.cluster import ClusterPool
+from proxy.redis.connection import ConnectionOptions
 from proxy.redis.errors import RedisError, RedisGaveUp
+from proxy.redis.pool import RedisPool
+from proxy.redis.retry import RETRY_DELAYS
 from proxy.redis.store import (
     RedisStore,
 )
@@ -149,7 +151,7 @@ async def test_a_cluster_with_a_database_in_its_url_is_refused(
 async def test_a_replica_is_not_taken_for_a_primary(redis_factory: StartRedis) -> None:
     primary = redis_factory()
     replica = redis_factory("--replicaof", "127.0.0.1", str(primary.port))
-    pool = RedisPool(replica.url(), 1, require_primary=True, connect_timeout=0.5)
+    pool = RedisPool(replica.url(), 1, ConnectionOptions(require_primary=True, connect_timeout=0.5))
     try:
         assert not await pool.start()
         assert "is a replica" in (pool.connections[0].last_error or "")
@@ -161,7 +163,7 @@ async def test_readonly_is_retried_then_given_up(redis_factory: StartRedis) -> N
     primary = redis_factory()
     replica = redis_factory("--replicaof", "127.0.0.1", str(primary.port))
     # A pool that does not check the role: as if the endpoint still led to the old primary.
-    pool = RedisPool(replica.url(), 1, backoff_max=0.1)
+    pool = RedisPool(replica.url(), 1, ConnectionOptions(backoff_max=0.1))
     store = RedisStore(pool)
     try:
         assert await store.start()
@@ -201,7 +203,9 @@ async def test_a_failover_behind_one_endpoint_reports_the_recent_writes_first(
     new = redis_factory("--replicaof", "127.0.0.1", str(old.port))
     await wait_until_async(lambda: b"master_link_status:up" in _info(new), what="in sync")
     endpoint = FaultRelay(old.port)
-    pool = RedisPool(f"redis://127.0.0.1:{endpoint.port}/0", 2, require_primary=True)
+    pool = RedisPool(
+        f"redis://127.0.0.1:{endpoint.port}/0", 2, ConnectionOptions(require_primary=True)
+    )
     store = RedisStore(pool)
     lost: list[tuple[list[bytes] | None, str]] = []
     store.on_writes_lost = lambda keys, reason: lost.append((keys, reason))
@@ -223,7 +227,9 @@ async def test_a_failover_behind_one_endpoint_reports_the_recent_writes_first(
 async def test_a_restarted_redis_has_every_key_reported(redis_factory: StartRedis) -> None:
     """Without persistence a restarted Redis is empty (new replication ids): every key."""
     server = redis_factory()
-    store = RedisStore(RedisPool(server.url(), 2, require_primary=True, backoff_max=0.1))
+    store = RedisStore(
+        RedisPool(server.url(), 2, ConnectionOptions(require_primary=True, backoff_max=0.1))
+    )
     lost: list[tuple[list[bytes] | None, str]] = []
     store.on_writes_lost = lambda keys, reason: lost.append((keys, reason))
     try:

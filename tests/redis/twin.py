@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from proxy.memcache.words import Mode, Status
-from proxy.redis.client import RedisPool
+from proxy.redis.connection import ConnectionOptions
 from proxy.redis.errors import RedisError
 from proxy.redis.layout import Item
+from proxy.redis.pool import RedisPool
 from proxy.redis.store import (
     Command,
     DeltaResult,
@@ -173,7 +174,9 @@ class Twin:
         self.mc = MemcachedText(mc_port)
         self.item_size_max = item_size_max
         self.slab_chunk_max = slab_chunk_max
-        pool = RedisPool(redis_url, pool_size, timeout=5.0, library=function_library())
+        pool = RedisPool(
+            redis_url, pool_size, ConnectionOptions(timeout=5.0, library=function_library())
+        )
         self.store = RedisStore(pool, item_size_max=item_size_max, slab_chunk_max=slab_chunk_max)
         assert self.run(self.store.start()), "redis did not connect"
         self.callbacks = CallbackStore(self.store)

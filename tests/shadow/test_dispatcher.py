@@ -14,6 +14,7 @@ import hiredis
 import pytest
 
 from proxy.memcache.request import RequestFramer
+from proxy.redis.connection import ConnectionOptions
 from proxy.redis.layout import pack_value, unpack_value
 from proxy.redis.store import RedisStore
 from proxy.shadow.engine.dispatcher import DispatcherSettings, ShadowDispatcher
@@ -479,7 +480,9 @@ async def _service_and_queueing(
     """Replay 40 misses of distinct keys, 10 ms apart: (Redis service p50, queueing p50)."""
     stats = ShadowStats()
     store = RedisStore.from_url(
-        f"redis://127.0.0.1:{redis_port}/0", size=1, service_time=stats.redis_service.observe
+        f"redis://127.0.0.1:{redis_port}/0",
+        ConnectionOptions(service_time=stats.redis_service.observe),
+        size=1,
     )
     reader = MemcachedReader("127.0.0.1", mc.port, timeout=2.0)
     dispatcher = ShadowDispatcher(

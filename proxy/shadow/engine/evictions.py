@@ -28,9 +28,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 from urllib.parse import unquote_to_bytes
 
-from proxy.config import RedisURL
-from proxy.redis.client import RedisConnection
+from proxy.redis.connection import ConnectionOptions, RedisConnection
 from proxy.redis.errors import RedisError, RedisReplyError
+from proxy.redis.url import RedisURL
 from proxy.shadow.engine.mcreader import MemcachedReader, MemcachedUnavailable
 
 log = logging.getLogger("memshadow.shadow")
@@ -235,8 +235,7 @@ class RedisEvictions:
         self._counted = -1
         self._conn = RedisConnection(
             url,
-            timeout=sync_timeout,
-            connect_timeout=connect_timeout,
+            ConnectionOptions(timeout=sync_timeout, connect_timeout=connect_timeout),
             name="evictions",
             on_push=self._pushed,
         )

@@ -16,9 +16,9 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from proxy.memcache.words import Mode
-from proxy.redis.client import WritesLost
 from proxy.redis.errors import RedisError
 from proxy.redis.layout import Item
+from proxy.redis.pool import WritesLost
 from proxy.redis.store import Command, ExpiryArg, ReadsDone
 
 
