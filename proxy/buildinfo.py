@@ -44,6 +44,7 @@ COMPILED_MODULES: Final[tuple[str, ...]] = (
     # Counters bumped per request.
     "proxy.metrics",
     "proxy.memcache.words",
+    "proxy.shadow.words",
 )
 
 # Set to 1 (or true/yes) at install time for a pure-Python install even where a C compiler

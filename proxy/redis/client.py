@@ -38,6 +38,7 @@ from proxy.redis.errors import (
     ShadowStarved,
 )
 from proxy.redis.topology import WriteLog, cluster_reply, is_cluster_refusal
+from proxy.shadow.words import ConnectFailure, DropReason
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ _AUTH_REFUSALS: Final = (
 """How Redis (5 to 7) refuses a password or asks for one, at the start of its error reply."""
 
 
-def failure_reason(exc: BaseException) -> str:
+def failure_reason(exc: BaseException) -> ConnectFailure:
     """Why a connection attempt failed, as a metric label: tls (the certificate or its host
     name refused, ours refused by the server, or no TLS), auth (the password refused or
     missing), permission (the ACL user may not run a command memshadow needs), dns,
@@ -160,23 +161,23 @@ def failure_reason(exc: BaseException) -> str:
     cause: BaseException | None = exc
     while cause is not None:  # (a TLS 1.3 refusal of our certificate ends the connection)
         if isinstance(cause, ssl.SSLError):
-            return "tls"
+            return ConnectFailure.TLS
         cause = cause.__cause__
     if isinstance(exc, socket.gaierror):
-        return "dns"
+        return ConnectFailure.DNS
     if isinstance(exc, ConnectionRefusedError):
-        return "refused"
+        return ConnectFailure.REFUSED
     if isinstance(exc, TimeoutError | RedisTimeout):
-        return "timeout"
+        return ConnectFailure.TIMEOUT
     if isinstance(exc, NotPrimary):
-        return "replica"
+        return ConnectFailure.REPLICA
     if isinstance(exc, RedisReplyError):
         reply = str(exc).partition(" failed: ")[2]  # (the handshake names its command)
         if reply.startswith(_AUTH_REFUSALS):
-            return "auth"
+            return ConnectFailure.AUTH
         if reply.startswith("NOPERM"):
-            return "permission"
-    return "other"
+            return ConnectFailure.PERMISSION
+    return ConnectFailure.OTHER
 
 
 # encoding -----------------------------------------------------------------------------------
@@ -1099,10 +1100,10 @@ class RedisPool:
             return  # the first server seen
         alive = max((c.last_read for c in self.connections), default=0.0)
         if replid2 == previous:  # the old primary's replica, promoted: all but the last writes
-            lost, reason = self.writes.before(alive or time.perf_counter()), "failover"
+            lost, reason = self.writes.before(alive or time.perf_counter()), DropReason.FAILOVER
             what = "a replica of the previous primary (a failover)"
         else:  # another data set altogether (a restart without persistence, a new server)
-            lost, reason, what = None, "replaced", "another server, or the same restarted"
+            lost, reason, what = None, DropReason.REPLACED, "another server, or the same restarted"
         log.warning("redis %s now leads to %s: recent writes may be lost", self.url, what)
         if self.on_writes_lost is not None:
             self.on_writes_lost(lost, reason)

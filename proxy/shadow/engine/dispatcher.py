@@ -54,7 +54,7 @@ from proxy.shadow.engine.classify import (
     place,
     signed_overflow,
 )
-from proxy.shadow.engine.compare import PADDING, Difference, compare_values, state_equal
+from proxy.shadow.engine.compare import PADDING, STATUS, Difference, compare_values, state_equal
 from proxy.shadow.engine.evictions import MEMCACHED, EvictionWatch
 from proxy.shadow.engine.executor import DONE, Executor
 from proxy.shadow.engine.history import HISTORY_STEPS, OpHistory, StepTuple, describe_steps
@@ -72,6 +72,7 @@ from proxy.shadow.engine.scheduler import Scheduler
 from proxy.shadow.engine.target import ShadowTarget
 from proxy.shadow.engine.translate import HIT, MISS, READ, McValue, ShadowOp, flush_delay
 from proxy.shadow.stats import ShadowStats
+from proxy.shadow.words import DropReason, ErrorKind, SkipReason
 
 LISTENER_MASK: Final = (1 << LISTENER_BITS) - 1
 
@@ -290,7 +291,7 @@ class ShadowDispatcher:
         self.casmap.clear()
         self.stats.cas_map_entries = 0
         if not replay:
-            self.stats.skipped["flush_all_not_replayed"] += 1
+            self.stats.skipped[SkipReason.FLUSH_ALL_NOT_REPLAYED] += 1
 
     def flush_seen(self, sent: float, replied: float, words: list[bytes]) -> None:
         """A flush_all the proxy handed over before this engine's stream began (a restarted
@@ -315,7 +316,7 @@ class ShadowDispatcher:
         establishes one (its old process may have answered it: such requests may still be
         on their way here, in the worker's pipe or held for ordering)."""
         log.warning("shadow: %s: it lost its items, so every key starts cold again", what)
-        self.stats.dropped["memcached_restart"] += 1
+        self.stats.dropped[DropReason.MEMCACHED_RESTART] += 1
         self.casmap.clear()  # (a new process hands out cas tokens from the start again)
         self.stats.cas_map_entries = 0
         self.keys.untrusted(float("-inf"), time.perf_counter())
@@ -325,10 +326,10 @@ class ShadowDispatcher:
         """An operation the proxy sent before the key's last repair read Memcached: the copy
         already holds its effect (skip it), or may hold it (skip it; the key turns cold)."""
         if place(op.sent_at, op.replied_at, state.fence_lo, state.fence_hi) == SUBSUMED:
-            self.stats.skipped["in_repair_copy"] += 1
+            self.stats.skipped[SkipReason.IN_REPAIR_COPY] += 1
             self._history(op, "in repair copy")
             return DONE
-        self.stats.skipped["repair_overlap"] += 1
+        self.stats.skipped[SkipReason.REPAIR_OVERLAP] += 1
         self._history(op, "overlaps repair")
         if op.action != READ:
             state.mark_lost(op.seq)
@@ -407,7 +408,7 @@ class ShadowDispatcher:
         stats.for_command(op.command).redis_latency.observe(time.perf_counter() - started)
         if isinstance(exc, ShadowStarved):  # this process's own lag: a drop, not a Redis fault
             self._history(op, "shadow starved")
-            self.scheduler.drop("shadow_starved", (op.key,), op.seq)
+            self.scheduler.drop(DropReason.SHADOW_STARVED, (op.key,), op.seq)
             return
         kind = _error_kind(exc)
         stats.errors[kind] += 1
@@ -415,9 +416,9 @@ class ShadowDispatcher:
         if isinstance(exc, RedisGaveUp):  # refused until the retries ran out (a failover...)
             self.scheduler.drop(kind, (op.key,), op.seq)
         elif isinstance(exc, RedisUnavailable | RedisTimeout | RedisBusy):
-            reason = "redis_busy" if isinstance(exc, RedisBusy) else "redis_down"
+            reason = DropReason.REDIS_BUSY if isinstance(exc, RedisBusy) else DropReason.REDIS_DOWN
             if isinstance(exc, RedisTimeout):
-                reason = "timeout"
+                reason = DropReason.TIMEOUT
             self.scheduler.drop(reason, (op.key,), op.seq)
         else:  # an error reply, or one this client cannot decode
             state.mark_lost(op.seq)
@@ -438,7 +439,7 @@ class ShadowDispatcher:
 
     def _internal_error(self, op: ShadowOp, state: KeyState) -> None:
         log.exception("shadow: cannot replay %s of a key", op.command)
-        self.stats.errors["internal"] += 1
+        self.stats.errors[ErrorKind.INTERNAL] += 1
         state.mark_lost(op.seq)
 
     def _finished(self, op: ShadowOp, started: float) -> None:
@@ -661,7 +662,7 @@ class ShadowDispatcher:
             return
         # Statuses are protocol words and safe to show; values and numbers go in the dicts
         # as bytes, which the example store hashes unless plain text is allowed.
-        detail = f"memcached={diff.memcached} redis={diff.redis}" if diff.kind == "status" else ""
+        detail = f"memcached={diff.memcached} redis={diff.redis}" if diff.kind == STATUS else ""
         story: dict[str, Any] = {
             "connection": op.session,
             "lag_ms": round((time.perf_counter() - op.replied_at) * 1000.0, 1),
@@ -680,7 +681,8 @@ class ShadowDispatcher:
                 "ordered": snapshot.ordered,
             }
         memcached, redis = answers
-        self.examples(diff.kind, command, op.key, memcached, redis, detail, story)
+        # (the kind as plain text: it crosses the worker's pipe, and marshal refuses enums)
+        self.examples(str(diff.kind), command, op.key, memcached, redis, detail, story)
 
     def _reader_for(self, key: bytes) -> MemcachedReader:
         """The reader of the Memcached that holds `key`: where its last request went."""
@@ -754,19 +756,19 @@ def _error_kind(exc: BaseException) -> str:
     if isinstance(exc, RedisReplyError):
         message = str(exc)
         if message.startswith("OOM"):
-            return "shadow_oom"
-        return "redis_reply"
+            return ErrorKind.SHADOW_OOM
+        return ErrorKind.REDIS_REPLY
     if isinstance(exc, RedisGaveUp):
         return f"redis_{exc.reason}"
     if isinstance(exc, RedisTimeout):
-        return "redis_timeout"
+        return ErrorKind.REDIS_TIMEOUT
     if isinstance(exc, RedisUnavailable):
-        return "redis_unavailable"
+        return ErrorKind.REDIS_UNAVAILABLE
     if isinstance(exc, RedisBusy):
-        return "redis_busy"
+        return ErrorKind.REDIS_BUSY
     if isinstance(exc, MemcachedUnavailable):
-        return "memcached_reader"
-    return "redis_other"
+        return ErrorKind.MEMCACHED_READER
+    return ErrorKind.REDIS_OTHER
 
 
 __all__ = ["DispatcherSettings", "ShadowDispatcher"]

@@ -32,6 +32,7 @@ from proxy.config import RedisURL
 from proxy.redis.client import RedisConnection
 from proxy.redis.errors import RedisError, RedisReplyError
 from proxy.shadow.engine.mcreader import MemcachedReader, MemcachedUnavailable
+from proxy.shadow.words import Store
 
 log = logging.getLogger("memshadow.shadow")
 
@@ -320,8 +321,8 @@ class RedisEvictions:
         return True
 
 
-MEMCACHED: Final = "memcached"
-REDIS: Final = "redis"
+MEMCACHED: Final = Store.MEMCACHED
+REDIS: Final = Store.REDIS
 
 RedisSource = tuple[RedisURL, Callable[[], Awaitable[int]]]
 """A Redis primary to watch: its URL, and its INFO stats evicted_keys."""
