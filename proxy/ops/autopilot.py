@@ -22,6 +22,7 @@ from proxy.ops.ramp import RampMove, RampPhase, RampPolicy
 from proxy.ops.report import TrafficWindow
 from proxy.shadow.control import ControlChange, ShadowControl
 from proxy.shadow.stats import ShadowStats, StatsSnapshot
+from proxy.shadow.words import GUARD_SEVERITY
 
 log = logging.getLogger("memshadow.autopilot")
 
@@ -169,7 +170,7 @@ class Autopilot:
 
     def _trip(self, trip: Trip, now: float, snapshot: StatsSnapshot) -> None:
         current = self.halt
-        if current is not None and trip.action.severity <= current.action.severity:
+        if current is not None and GUARD_SEVERITY[trip.action] <= GUARD_SEVERITY[current.action]:
             return  # already halted at least this hard
         self.halts_total[trip.rule] += 1
         source = f"halt:{trip.rule}"
