@@ -35,6 +35,9 @@ COMPILED_MODULES: Final[tuple[str, ...]] = (
     "proxy.shadow.engine.scheduler",
     "proxy.shadow.engine.executor",
     "proxy.shadow.engine.dispatcher",
+    "proxy.shadow.engine.verdict",
+    "proxy.shadow.engine.repair",
+    "proxy.shadow.engine.story",
     "proxy.shadow.handoff",
     "proxy.shadow.wire",
     # The Redis side of the replay: the layout, the commands, the RESP connection.
