@@ -24,7 +24,7 @@ from proxy.config import GuardRuleConfig, GuardsConfig, LatencyGuardConfig
 from proxy.metrics import DURATION_BUCKETS, LatencyHistogram, bucket_quantile
 from proxy.ops.causes import Cause, count_by_cause
 from proxy.shadow.stats import StatsSnapshot
-from proxy.shadow.words import GUARD_SEVERITY, GuardAction
+from proxy.shadow.words import GUARD_SEVERITY, GuardAction, Outcome
 
 # What a rule does when it trips: hold, step_back or stop (words.py; config.py checks the
 # YAML against the same words).
@@ -154,8 +154,8 @@ class MismatchRule(RatioRule):
         return config.mismatch
 
     def count(self, window: StatsSnapshot) -> Counted:
-        bad = window.comparisons.get("mismatch", 0)
-        return Counted(bad, window.comparisons.get("match", 0) + bad)
+        bad = window.comparisons.get(Outcome.MISMATCH, 0)
+        return Counted(bad, window.comparisons.get(Outcome.MATCH, 0) + bad)
 
 
 class RedisErrorRule(RatioRule):

@@ -422,7 +422,7 @@ class FeedSession(asyncio.Protocol):
             self.transport.abort()
         except Exception:  # a bad message must not end the worker's other work
             log.exception("shadow worker: cannot handle a feed message; closing the feed")
-            self.owner.stats.errors["internal"] += 1
+            self.owner.stats.errors[ErrorKind.INTERNAL] += 1
             self.transport.abort()  # (its keys turn cold; the proxy process reconnects)
 
     def connection_lost(self, exc: Exception | None) -> None:
