@@ -35,6 +35,9 @@ COMPILED_MODULES: Final[tuple[str, ...]] = (
     "proxy.shadow.engine.scheduler",
     "proxy.shadow.engine.executor",
     "proxy.shadow.engine.dispatcher",
+    "proxy.shadow.engine.verdict",
+    "proxy.shadow.engine.repair",
+    "proxy.shadow.engine.story",
     "proxy.shadow.handoff",
     "proxy.shadow.wire",
     # The Redis side of the replay: the layout, the commands, and the client a layer a
@@ -49,6 +52,7 @@ COMPILED_MODULES: Final[tuple[str, ...]] = (
     # Counters bumped per request.
     "proxy.metrics",
     "proxy.memcache.words",
+    "proxy.shadow.words",
 )
 
 # Set to 1 (or true/yes) at install time for a pure-Python install even where a C compiler

@@ -22,6 +22,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from proxy.address import HostPort
 from proxy.errors import ConfigError, InvalidValue, MemshadowError
 from proxy.redis.url import RedisURL
+from proxy.shadow.words import GuardAction
 
 DEFAULTS_SOURCE = "defaults"
 COMMAND_LINE = "command line"
@@ -347,7 +348,12 @@ def _boolean(node: Node) -> bool:
 
 _DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)?")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-GUARD_ACTIONS = ("hold", "step_back", "stop")
+GUARD_ACTIONS: Final = tuple(action.value for action in GuardAction)  # ops/guards.py's Action
+
+
+def _guard_action(default: GuardAction) -> str:
+    """A guard rule's action field: one of GUARD_ACTIONS."""
+    return field(default=default.value, metadata=_parsed_by(_choice_parser(GUARD_ACTIONS)))
 
 
 def _duration(node: Node) -> float:
@@ -487,7 +493,7 @@ class GuardRuleConfig:
     window: float = field(default=60.0, metadata=_parsed_by(_duration))
     min_count: int = field(default=200, metadata=_parsed_by(_positive_int))
     threshold: float = field(default=0.05, metadata=_parsed_by(_fraction))
-    action: str = field(default="stop", metadata=_parsed_by(_choice_parser(GUARD_ACTIONS)))
+    action: str = _guard_action(GuardAction.STOP)
 
 
 @dataclass(frozen=True, slots=True)
@@ -499,7 +505,7 @@ class LatencyGuardConfig:
     min_count: int = field(default=1000, metadata=_parsed_by(_positive_int))
     threshold: float = field(default=2.0, metadata=_parsed_by(_ratio_above_one))
     min_increase: float = field(default=0.001, metadata=_parsed_by(_duration))
-    action: str = field(default="stop", metadata=_parsed_by(_choice_parser(GUARD_ACTIONS)))
+    action: str = _guard_action(GuardAction.STOP)
     # The p99 to compare with until one is measured with the shadow off (after a restart
     # with the shadow on, say): the operator's own figure, from their monitoring.
     baseline_p99: float | None = field(default=None, metadata=_parsed_by(_optional_duration))
@@ -519,7 +525,7 @@ class MismatchRuleConfig(GuardRuleConfig):
     window: float = field(default=300.0, metadata=_parsed_by(_duration))
     min_count: int = field(default=1000, metadata=_parsed_by(_positive_int))
     threshold: float = field(default=0.01, metadata=_parsed_by(_fraction))
-    action: str = field(default="hold", metadata=_parsed_by(_choice_parser(GUARD_ACTIONS)))
+    action: str = _guard_action(GuardAction.HOLD)
 
 
 @dataclass(frozen=True, slots=True)
@@ -527,7 +533,7 @@ class DropRuleConfig(GuardRuleConfig):
     """The drop rule's own defaults (see GuardsConfig)."""
 
     threshold: float = field(default=0.01, metadata=_parsed_by(_fraction))
-    action: str = field(default="step_back", metadata=_parsed_by(_choice_parser(GUARD_ACTIONS)))
+    action: str = _guard_action(GuardAction.STEP_BACK)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,12 +20,13 @@ from proxy.memcache.numbers import (
     safe_strtoul,
     safe_strtoull,
 )
+from proxy.shadow.words import SkipReason
 
 # Reasons a request is not replayed (memshadow_shadow_skipped_total{reason}), from most to
 # least serious: when a request has several problems the first of these is reported.
-UNSHADOWABLE_INPUT: Final = "unshadowable_input"  # memcached 1.6.18 rejects the request
-META_UNEMULATED: Final = "meta_unemulated"  # a meta flag whose effect the shadow cannot copy
-NON_CANONICAL: Final = "non_canonical"  # accepted, but not spelled as a plain decimal etc.
+UNSHADOWABLE_INPUT: Final = SkipReason.UNSHADOWABLE_INPUT
+META_UNEMULATED: Final = SkipReason.META_UNEMULATED
+NON_CANONICAL: Final = SkipReason.NON_CANONICAL
 _SEVERITY: Final = (UNSHADOWABLE_INPUT, META_UNEMULATED, NON_CANONICAL)
 
 U32_MAX: Final = 2**32 - 1
@@ -156,7 +157,7 @@ class MetaRequest:
     flags: tuple[tuple[str, bytes], ...]  # (flag character, rest of the token), request order
     quiet: bool  # q
     base64: bool  # b
-    reason: str | None
+    reason: SkipReason | None
     datalen: int | None = None  # ms: the data block length
     mode: str | None = None  # ms: S E A P R (default S); ma: I or D (+ and - folded; default I)
     client_flags: int | None = None  # ms F (memcached's default: 0)
@@ -191,9 +192,9 @@ class _Problems:
     __slots__ = ("worst",)
 
     def __init__(self) -> None:
-        self.worst: str | None = None
+        self.worst: SkipReason | None = None
 
-    def add(self, reason: str) -> None:
+    def add(self, reason: SkipReason) -> None:
         if self.worst is None or _SEVERITY.index(reason) < _SEVERITY.index(self.worst):
             self.worst = reason
 
@@ -343,7 +344,7 @@ class StorageArgs(NamedTuple):
 _STORAGE_COMMANDS: Final = frozenset((b"set", b"add", b"replace", b"append", b"prepend", b"cas"))
 
 
-def canonical_storage(words: list[bytes]) -> StorageArgs | str:
+def canonical_storage(words: list[bytes]) -> StorageArgs | SkipReason:
     """The fields of a classic storage line, or the reason it must not be replayed.
 
     Canonical means: the exact word count with an optional last word that is exactly

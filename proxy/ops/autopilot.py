@@ -22,6 +22,7 @@ from proxy.ops.ramp import RampMove, RampPhase, RampPolicy
 from proxy.ops.report import TrafficWindow
 from proxy.shadow.control import ControlChange, ShadowControl
 from proxy.shadow.stats import ShadowStats, StatsSnapshot
+from proxy.shadow.words import GUARD_SEVERITY, Outcome
 
 log = logging.getLogger("memshadow.autopilot")
 
@@ -169,7 +170,7 @@ class Autopilot:
 
     def _trip(self, trip: Trip, now: float, snapshot: StatsSnapshot) -> None:
         current = self.halt
-        if current is not None and trip.action.severity <= current.action.severity:
+        if current is not None and GUARD_SEVERITY[trip.action] <= GUARD_SEVERITY[current.action]:
             return  # already halted at least this hard
         self.halts_total[trip.rule] += 1
         source = f"halt:{trip.rule}"
@@ -406,12 +407,12 @@ def _counts(figures: StatsSnapshot, key_share: float) -> dict[str, Any]:
         "traffic_share": _ratio(figures.shadowed, figures.client_requests),
         "key_share": key_share,
         "compared": compared,
-        "match": figures.comparisons.get("match", 0),
+        "match": figures.comparisons.get(Outcome.MATCH, 0),
         "mismatch": figures.mismatch_count,
-        "noise": figures.comparisons.get("noise", 0),
-        "match_ratio": _ratio(figures.comparisons.get("match", 0), compared),
+        "noise": figures.comparisons.get(Outcome.NOISE, 0),
+        "match_ratio": _ratio(figures.comparisons.get(Outcome.MATCH, 0), compared),
         "mismatch_ratio": _ratio(figures.mismatch_count, compared),
-        "noise_ratio": _ratio(figures.comparisons.get("noise", 0), compared),
+        "noise_ratio": _ratio(figures.comparisons.get(Outcome.NOISE, 0), compared),
         "drop_ratio": _ratio(figures.drop_count, figures.shadowed),
         "error_ratio": _ratio(figures.error_count, figures.shadowed),
         "mismatch_kinds": _named(figures.mismatches),

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
+from proxy.shadow.words import DropReason, ErrorKind
+
 
 class Cause(StrEnum):
     REDIS_FAULT = "redis_fault"  # Redis answered with an error, or too late: the errors rule
@@ -26,7 +28,7 @@ class Cause(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Reason:
-    name: str
+    name: str  # an ErrorKind or DropReason, or a redis_<refusal> made on the fly
     cause: Cause
     words: str  # what happened, for the console and the reports
 
@@ -42,32 +44,34 @@ def _table(*reasons: Reason) -> dict[str, Reason]:
 
 
 ERROR_KINDS: Final = _table(
-    Reason("redis_timeout", Cause.REDIS_FAULT, "Redis did not answer in time"),
-    Reason("redis_reply", Cause.REDIS_FAULT, "Redis answered with an error"),
-    Reason("shadow_oom", Cause.REDIS_FAULT, "Redis refused a write: out of memory (OOM)"),
-    Reason("redis_other", Cause.REDIS_FAULT, "Redis's answer could not be used"),
-    Reason("redis_unavailable", Cause.REDIS_DOWN, "Redis was not reachable"),
+    Reason(ErrorKind.REDIS_TIMEOUT, Cause.REDIS_FAULT, "Redis did not answer in time"),
+    Reason(ErrorKind.REDIS_REPLY, Cause.REDIS_FAULT, "Redis answered with an error"),
+    Reason(ErrorKind.SHADOW_OOM, Cause.REDIS_FAULT, "Redis refused a write: out of memory (OOM)"),
+    Reason(ErrorKind.REDIS_OTHER, Cause.REDIS_FAULT, "Redis's answer could not be used"),
+    Reason(ErrorKind.REDIS_UNAVAILABLE, Cause.REDIS_DOWN, "Redis was not reachable"),
     # The connection's own bound on commands in flight: the call was never sent.
-    Reason("redis_busy", Cause.CAPACITY, "too many commands already in flight to Redis"),
-    Reason("memcached_reader", Cause.SHADOW, "the shadow's re-read of Memcached failed"),
-    Reason("internal", Cause.SHADOW, "a bug in the shadow (logged with its traceback)"),
-    Reason("worker_exit", Cause.SHADOW, "the shadow worker process exited and was restarted"),
+    Reason(ErrorKind.REDIS_BUSY, Cause.CAPACITY, "too many commands already in flight to Redis"),
+    Reason(ErrorKind.MEMCACHED_READER, Cause.SHADOW, "the shadow's re-read of Memcached failed"),
+    Reason(ErrorKind.INTERNAL, Cause.SHADOW, "a bug in the shadow (logged with its traceback)"),
+    Reason(
+        ErrorKind.WORKER_EXIT, Cause.SHADOW, "the shadow worker process exited and was restarted"
+    ),
 )
 """Every error kind the shadow counts. A kind redis_<refusal> (a command Redis kept refusing
 past the retries: redis_loading, redis_readonly, redis_clusterdown...) is Redis down."""
 
 DROP_REASONS: Final = _table(
-    Reason("queue_full", Cause.CAPACITY, "the shadow's queue was full"),
-    Reason("shadow_starved", Cause.CAPACITY, "the shadow worker was starved of CPU"),
-    Reason("late_handoff", Cause.CAPACITY, "handed over too late to keep the key's order"),
-    Reason("redis_busy", Cause.CAPACITY, "too many commands already in flight to Redis"),
+    Reason(DropReason.QUEUE_FULL, Cause.CAPACITY, "the shadow's queue was full"),
+    Reason(DropReason.SHADOW_STARVED, Cause.CAPACITY, "the shadow worker was starved of CPU"),
+    Reason(DropReason.LATE_HANDOFF, Cause.CAPACITY, "handed over too late to keep the key's order"),
+    Reason(DropReason.REDIS_BUSY, Cause.CAPACITY, "too many commands already in flight to Redis"),
     # Counted with its error (redis_timeout), which the errors rule judges.
-    Reason("timeout", Cause.REDIS_FAULT, "Redis did not answer in time"),
-    Reason("redis_down", Cause.REDIS_DOWN, "Redis was not reachable"),
-    Reason("failover", Cause.REDIS_DOWN, "a Redis failover may have lost recent writes"),
-    Reason("replaced", Cause.REDIS_DOWN, "Redis was replaced by a server with other data"),
-    Reason("worker_down", Cause.SHADOW, "the shadow worker process was down"),
-    Reason("memcached_restart", Cause.MEMCACHED, "Memcached restarted"),
+    Reason(DropReason.TIMEOUT, Cause.REDIS_FAULT, "Redis did not answer in time"),
+    Reason(DropReason.REDIS_DOWN, Cause.REDIS_DOWN, "Redis was not reachable"),
+    Reason(DropReason.FAILOVER, Cause.REDIS_DOWN, "a Redis failover may have lost recent writes"),
+    Reason(DropReason.REPLACED, Cause.REDIS_DOWN, "Redis was replaced by a server with other data"),
+    Reason(DropReason.WORKER_DOWN, Cause.SHADOW, "the shadow worker process was down"),
+    Reason(DropReason.MEMCACHED_RESTART, Cause.MEMCACHED, "Memcached restarted"),
 )
 """Every drop reason the shadow counts; redis_<refusal> is Redis down, as for errors."""
 

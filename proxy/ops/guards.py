@@ -24,19 +24,11 @@ from proxy.config import GuardRuleConfig, GuardsConfig, LatencyGuardConfig
 from proxy.metrics import DURATION_BUCKETS, LatencyHistogram, bucket_quantile
 from proxy.ops.causes import Cause, count_by_cause
 from proxy.shadow.stats import StatsSnapshot
+from proxy.shadow.words import GUARD_SEVERITY, GuardAction, Outcome
 
-
-class Action(StrEnum):
-    HOLD = "hold"  # freeze the ramp where it is
-    STEP_BACK = "step_back"  # go to the ramp step below the current rate (hold when none)
-    STOP = "stop"  # switch shadowing off (the kill switch)
-
-    @property
-    def severity(self) -> int:
-        return _SEVERITY[self]
-
-
-_SEVERITY = {Action.HOLD: 1, Action.STEP_BACK: 2, Action.STOP: 3}
+# What a rule does when it trips: hold, step_back or stop (words.py; config.py checks the
+# YAML against the same words).
+Action = GuardAction
 
 
 class Exposure(StrEnum):
@@ -162,8 +154,8 @@ class MismatchRule(RatioRule):
         return config.mismatch
 
     def count(self, window: StatsSnapshot) -> Counted:
-        bad = window.comparisons.get("mismatch", 0)
-        return Counted(bad, window.comparisons.get("match", 0) + bad)
+        bad = window.comparisons.get(Outcome.MISMATCH, 0)
+        return Counted(bad, window.comparisons.get(Outcome.MATCH, 0) + bad)
 
 
 class RedisErrorRule(RatioRule):
@@ -290,7 +282,7 @@ class GuardPolicy:
         trip = self._latency_rule(now)
         if trip is not None:
             trips.append(trip)
-        trips.sort(key=lambda t: -t.action.severity)
+        trips.sort(key=lambda t: -GUARD_SEVERITY[t.action])
         return trips
 
     def status(self) -> list[RuleStatus]:

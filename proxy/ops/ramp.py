@@ -14,6 +14,7 @@ from typing import Any
 
 from proxy.config import RampConfig
 from proxy.shadow.stats import StatsSnapshot
+from proxy.shadow.words import Outcome
 
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
 
@@ -327,12 +328,12 @@ class RampPolicy:
 
     def _evidence(self, snapshot: StatsSnapshot) -> Evidence:
         window = snapshot.minus(self._step_snapshot)
-        mismatches = window.comparisons.get("mismatch", 0)
-        compared = window.comparisons.get("match", 0) + mismatches
+        mismatches = window.comparisons.get(Outcome.MISMATCH, 0)
+        compared = window.comparisons.get(Outcome.MATCH, 0) + mismatches
         return Evidence(
             compared=compared,
             mismatches=mismatches,
-            noise=window.comparisons.get("noise", 0),
+            noise=window.comparisons.get(Outcome.NOISE, 0),
             upper_bound=wilson_upper(mismatches, compared),
             needed=self.needed,
             shadowed=window.shadowed,

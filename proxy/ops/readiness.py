@@ -15,10 +15,11 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from proxy.ops.timeline import STEP_FIELDS
 from proxy.shadow.stats import ShadowStats
+from proxy.shadow.words import NoiseReason
 
 CONFIDENCE = 0.95
 DEFAULT_TARGET = 0.0001
@@ -28,7 +29,7 @@ DEFAULT_MIN_TRAFFIC = 0.01
 """The share of client requests the comparisons must come from (1%). Keys are sampled, not
 requests: with a skewed key mix, 1% of keys can carry 0.01% of the requests, and a verdict
 on those says little about the hot keys that carry the rest."""
-REDIS_EVICTED = "redis_evicted"
+REDIS_EVICTED: Final = NoiseReason.REDIS_EVICTED.value  # (plain text: it names a finding)
 """The noise reason of a difference a Redis eviction caused: a capacity finding."""
 
 

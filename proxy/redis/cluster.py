@@ -49,6 +49,7 @@ from proxy.redis.topology import (
     parse_slots,
 )
 from proxy.redis.url import RedisURL, parse_url
+from proxy.shadow.words import DropReason
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +297,7 @@ class ClusterPool:
                 keys = self.writes.before(alive or time.perf_counter())
                 if keys is not None:
                     keys = keys_of(keys, old, owner)
-                self.on_writes_lost(keys, "failover")
+                self.on_writes_lost(keys, DropReason.FAILOVER)
         if new.uncovered() and not old.uncovered():
             log.warning("redis cluster %s: %d slots have no primary", self.url, new.uncovered())
         pools: dict[str, RedisPool] = {}

@@ -27,6 +27,7 @@ from proxy.redis.errors import (
 from proxy.redis.protocol import Refusals, ReplyCallback, RespProtocol, deliver
 from proxy.redis.resp import ASKING, Arg, Reply, arg_bytes, encode_command, parse_info
 from proxy.redis.url import RedisURL, parse_url
+from proxy.shadow.words import ConnectFailure
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ _AUTH_REFUSALS: Final = (
 """How Redis (5 to 7) refuses a password or asks for one, at the start of its error reply."""
 
 
-def failure_reason(exc: BaseException) -> str:
+def failure_reason(exc: BaseException) -> ConnectFailure:
     """Why a connection attempt failed, as a metric label: tls (the certificate or its host
     name refused, ours refused by the server, or no TLS), auth (the password refused or
     missing), permission (the ACL user may not run a command memshadow needs), dns,
@@ -116,23 +117,23 @@ def failure_reason(exc: BaseException) -> str:
     cause: BaseException | None = exc
     while cause is not None:  # (a TLS 1.3 refusal of our certificate ends the connection)
         if isinstance(cause, ssl.SSLError):
-            return "tls"
+            return ConnectFailure.TLS
         cause = cause.__cause__
     if isinstance(exc, socket.gaierror):
-        return "dns"
+        return ConnectFailure.DNS
     if isinstance(exc, ConnectionRefusedError):
-        return "refused"
+        return ConnectFailure.REFUSED
     if isinstance(exc, TimeoutError | RedisTimeout):
-        return "timeout"
+        return ConnectFailure.TIMEOUT
     if isinstance(exc, NotPrimary):
-        return "replica"
+        return ConnectFailure.REPLICA
     if isinstance(exc, RedisReplyError):
         reply = str(exc).partition(" failed: ")[2]  # (the handshake names its command)
         if reply.startswith(_AUTH_REFUSALS):
-            return "auth"
+            return ConnectFailure.AUTH
         if reply.startswith("NOPERM"):
-            return "permission"
-    return "other"
+            return ConnectFailure.PERMISSION
+    return ConnectFailure.OTHER
 
 
 _MISSING_FUNCTION_PREFIXES = ("ERR Function not found", "NOSCRIPT")

@@ -17,6 +17,7 @@ from proxy.redis.protocol import Refusals, ReplyCallback, deliver
 from proxy.redis.retry import Retries, Retry, send_later
 from proxy.redis.topology import WriteLog, cluster_reply
 from proxy.redis.url import RedisURL, parse_url
+from proxy.shadow.words import DropReason
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +117,10 @@ class RedisPool:
             return  # the first server seen
         alive = max((c.last_read for c in self.connections), default=0.0)
         if replid2 == previous:  # the old primary's replica, promoted: all but the last writes
-            lost, reason = self.writes.before(alive or time.perf_counter()), "failover"
+            lost, reason = self.writes.before(alive or time.perf_counter()), DropReason.FAILOVER
             what = "a replica of the previous primary (a failover)"
         else:  # another data set altogether (a restart without persistence, a new server)
-            lost, reason, what = None, "replaced", "another server, or the same restarted"
+            lost, reason, what = None, DropReason.REPLACED, "another server, or the same restarted"
         log.warning("redis %s now leads to %s: recent writes may be lost", self.url, what)
         if self.on_writes_lost is not None:
             self.on_writes_lost(lost, reason)

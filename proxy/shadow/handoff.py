@@ -31,6 +31,7 @@ from proxy.memcache.request import Request
 from proxy.shadow.shards import shards_for
 from proxy.shadow.stats import ShadowStats
 from proxy.shadow.wire import COVERAGE, MARKER, RequestTuple, encode, pack_request
+from proxy.shadow.words import DropReason
 
 PIPE_BUFFER_LIMIT: Final = 8 * 1024 * 1024
 """Bytes handed to a worker but not taken by it yet (on top of the kernel's socket buffer),
@@ -161,11 +162,11 @@ class Handoff:
             for shard in shards_for(request.keys, shards, self.sampled):
                 lane = lanes[shard]
                 if lane.writer() is None or self.stopping:
-                    refused = "worker_down"
+                    refused = DropReason.WORKER_DOWN
                     lane.cold = True
                     continue
                 if size > room:
-                    refused = refused or "queue_full"
+                    refused = refused or DropReason.QUEUE_FULL
                     waiting = routed.pop(shard, None)
                     if waiting:  # (the requests before the drop keep their place)
                         lane.batch.append((session, now, waiting))
@@ -192,7 +193,7 @@ class Handoff:
             for request in requests:
                 if request.capture:
                     shadowed[request.command] += 1
-                    self._count_drop("worker_down")
+                    self._count_drop(DropReason.WORKER_DOWN)
                     lane.cold = True
             return
         room = self._room()
@@ -207,7 +208,7 @@ class Handoff:
                 self._flushed(request, now)
                 size = 0  # (never dropped for room: one lost makes every key cold for long)
             if size > room:
-                self._count_drop("queue_full")
+                self._count_drop(DropReason.QUEUE_FULL)
                 if items:  # (the requests before the drop keep their place)
                     lane.batch.append((session, now, items))
                     lane.items += len(items)
@@ -311,8 +312,8 @@ class Handoff:
             lane.items = 0
             transport = lane.writer()
             if transport is None:
-                self.dropped["worker_down"] += items
-                self.stats.dropped["worker_down"] += items
+                self.dropped[DropReason.WORKER_DOWN] += items
+                self.stats.dropped[DropReason.WORKER_DOWN] += items
                 lane.cold = True
                 continue
             message = encode(("batch", batch, now))

@@ -24,37 +24,34 @@ from prometheus_client.utils import floatToGoString
 from proxy.metrics import DURATION_BUCKETS, LatencyHistogram
 from proxy.shadow.control import ShadowControl
 from proxy.shadow.stats import ShadowStats
+from proxy.shadow.words import ConnectFailure, DropReason, ErrorKind, Outcome, Store
 
-OUTCOMES: Final = ("match", "mismatch", "noise")
+OUTCOMES: Final = tuple(Outcome)
 """Outcomes every shadowed command exports, at 0 until they happen."""
 DROP_REASONS: Final = (
-    "queue_full",
-    "shadow_starved",
-    "timeout",
-    "redis_down",
-    "redis_busy",
-    "worker_down",
+    DropReason.QUEUE_FULL,
+    DropReason.SHADOW_STARVED,
+    DropReason.TIMEOUT,
+    DropReason.REDIS_DOWN,
+    DropReason.REDIS_BUSY,
+    DropReason.WORKER_DOWN,
 )
 """Drop reasons exported at 0 from the start (the dispatcher's and the worker hand-off's;
 shadow_starved: the worker's own CPU starvation, which the drops guard answers, never the
 errors guard). proxy/ops/causes.py says which cause each one is."""
-ERROR_KINDS: Final = (
-    "redis_timeout",
-    "redis_unavailable",
-    "redis_busy",
-    "redis_reply",
-    "shadow_oom",
-    "redis_other",
-    "memcached_reader",
-    "internal",
-    "worker_exit",
-)
+ERROR_KINDS: Final = tuple(ErrorKind)
 """Error kinds exported at 0 from the start (the dispatcher's and the worker process's)."""
-CONNECT_FAILURE_REASONS: Final = ("tls", "auth", "dns", "refused", "timeout")
-EVICTION_STORES: Final = ("memcached", "redis")
+CONNECT_FAILURE_REASONS: Final = (
+    ConnectFailure.TLS,
+    ConnectFailure.AUTH,
+    ConnectFailure.DNS,
+    ConnectFailure.REFUSED,
+    ConnectFailure.TIMEOUT,
+)
+"""Reasons a connection to Redis failed, exported at 0 from the start (connection.failure_reason;
+permission, replica and other appear with their first count)."""
+EVICTION_STORES: Final = tuple(Store)
 """Stores whose evictions of sampled keys are counted, exported at 0 from the start."""
-"""Reasons a connection to Redis failed, exported at 0 from the start (client.failure_reason;
-replica and other appear with their first count)."""
 
 # Bucket labels spelled as prometheus_client's own Histogram spells them ("5e-05").
 _go_float: Callable[[float], str] = floatToGoString  # untyped upstream
@@ -105,7 +102,9 @@ class ShadowCollector(Collector):
             families.requests.add_metric([command], stats.shadowed[command])
         seen = set(stats.shadowed)
         seen.update(command for command, _ in stats.comparisons)
-        counts = dict.fromkeys(((c, o) for c in seen for o in OUTCOMES), 0)
+        counts: dict[tuple[str, str], int] = dict.fromkeys(
+            ((c, o) for c in seen for o in OUTCOMES), 0
+        )
         counts.update(stats.comparisons)
         for (command, outcome), n in sorted(counts.items()):
             families.comparisons.add_metric([command, outcome], n)

@@ -52,6 +52,7 @@ from proxy.shadow.wire import (
     empty_state,
     encode,
 )
+from proxy.shadow.words import DropReason, ErrorKind
 
 if TYPE_CHECKING:
     from proxy.config import Config
@@ -280,7 +281,7 @@ class ShadowProcess:
                 link = await self._spawn(worker)
             except Exception as exc:  # whatever it is, try again later
                 log.error("cannot start shadow worker %d: %s", worker.shard, exc)
-                self._errors["worker_exit"] += 1
+                self._errors[ErrorKind.WORKER_EXIT] += 1
                 self._refresh_stats()
                 await self._end_process(worker)
             else:
@@ -291,7 +292,7 @@ class ShadowProcess:
                 if self._stopping:
                     return
                 code = await self._end_process(worker)
-                self._errors["worker_exit"] += 1
+                self._errors[ErrorKind.WORKER_EXIT] += 1
                 self._refresh_stats()
                 if time.monotonic() - started >= STABLE_AFTER:
                     backoff = BACKOFF_INITIAL
@@ -359,7 +360,7 @@ class ShadowProcess:
         lane = self.handoff.lanes[worker.shard]
         lost = max(0, lane.sent - worker.received) + worker.state["queue_depth"]
         if lost:
-            self._dropped["worker_down"] += lost
+            self._dropped[DropReason.WORKER_DOWN] += lost
         worker.base = add_states(worker.base, worker.state)
         worker.state = empty_state()
         worker.exited += 1

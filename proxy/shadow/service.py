@@ -20,9 +20,10 @@ from proxy.redis.store import (
 )
 from proxy.shadow.control import ShadowControl
 from proxy.shadow.coverage import CoverageAnnouncer, InFlight
-from proxy.shadow.engine.dispatcher import DispatcherSettings, ExampleSink, ShadowDispatcher
+from proxy.shadow.engine.dispatcher import DispatcherSettings, ShadowDispatcher
 from proxy.shadow.engine.evictions import EvictionWatch
 from proxy.shadow.engine.mcreader import MemcachedReader, MemcachedUnavailable
+from proxy.shadow.engine.verdict import ExampleSink
 from proxy.shadow.examples import MismatchExamples
 from proxy.shadow.metrics import install_shadow_metrics
 from proxy.shadow.process import ShadowProcess

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from proxy.metrics import LatencyHistogram
+from proxy.shadow.words import Outcome
 
 if TYPE_CHECKING:
     from proxy.metrics import ProxyMetrics
@@ -29,7 +30,7 @@ class CommandFigures:
     def __init__(self, stats: ShadowStats, command: str) -> None:
         self._stats = stats
         self.command = command
-        self.match = (command, "match")  # the `comparisons` key of a match
+        self.match = (command, Outcome.MATCH)  # the `comparisons` key of a match
         self._memcached: LatencyHistogram | None = None
         self._redis: LatencyHistogram | None = None
         self._duration: LatencyHistogram | None = None
@@ -89,7 +90,7 @@ class StatsSnapshot:
 
     @property
     def mismatch_count(self) -> int:
-        return self.comparisons.get("mismatch", 0)
+        return self.comparisons.get(Outcome.MISMATCH, 0)
 
     @property
     def error_count(self) -> int:
@@ -151,9 +152,9 @@ class ShadowStats:
     def count_comparison(self, command: str, outcome: str, detail: str = "") -> None:
         """outcome: match | mismatch (detail = kind) | noise (detail = reason)."""
         self.comparisons[(command, outcome)] += 1
-        if outcome == "mismatch":
+        if outcome == Outcome.MISMATCH:
             self.mismatches[(command, detail)] += 1
-        elif outcome == "noise":
+        elif outcome == Outcome.NOISE:
             self.noise[(command, detail)] += 1
 
     def snapshot(self) -> StatsSnapshot:

@@ -168,13 +168,21 @@ def stats_state(stats: ShadowStats) -> dict[str, Any]:
     """ShadowStats as marshal-able plain data (everything but `shadowed`, which the proxy
     process counts itself as it hands requests over)."""
     return {
-        **{name: dict(getattr(stats, name)) for name in _COUNTERS},
+        **{name: _plain(getattr(stats, name)) for name in _COUNTERS},
         **{name: _histograms(getattr(stats, name)) for name in _HISTOGRAM_TABLES},
         "redis_commands": stats.redis_commands,
         "repairs": stats.repairs,
         **{name: _histogram(getattr(stats, name)) for name in _HISTOGRAMS},
         "queue_depth": stats.queue_depth,
         "cas_map_entries": stats.cas_map_entries,
+    }
+
+
+def _plain(counter: dict[Any, int]) -> dict[Any, int]:
+    """A counter with its labels as plain str: marshal refuses the words' StrEnum members."""
+    return {
+        (tuple(str(part) for part in label) if isinstance(label, tuple) else str(label)): n
+        for label, n in counter.items()
     }
 
 

@@ -364,7 +364,7 @@ def test_a_repair_restores_the_ttl_even_when_value_and_flags_are_equal(
 
         async def repair() -> str:
             state = dispatcher.keys.get(b"k")
-            return await dispatcher._repair(b"k", state, state.synced, None)
+            return await dispatcher.repairer.repair(b"k", state, state.synced, None)
 
         assert proxy.run(repair) == "copied to redis"
         ttl = redis_call(redis_server.port, "TTL", "k")

@@ -31,32 +31,33 @@ from proxy.shadow.engine.compare import (
     Difference,
 )
 from proxy.shadow.engine.translate import NON_NUMERIC
+from proxy.shadow.words import DiffKind, NoiseReason, Outcome, VerdictAction
 
-# Outcomes (memshadow_shadow_comparisons_total{outcome}).
-MATCH: Final = "match"
-NOISE: Final = "noise"
-MISMATCH: Final = "mismatch"
+# Outcomes, noise reasons and actions: the words are words.py's (REFERENCE 4.10 for the
+# noise reasons); the names here are what the rules below read.
+MATCH: Final = Outcome.MATCH
+NOISE: Final = Outcome.NOISE
+MISMATCH: Final = Outcome.MISMATCH
 
-# Noise reasons (memshadow_shadow_noise_total{reason}); REFERENCE 4.10.
-COLD_KEY: Final = "cold_key"
-TRANSIENT_RACE: Final = "transient_race"
-EXPIRY_BOUNDARY: Final = "expiry_boundary"
+COLD_KEY: Final = NoiseReason.COLD_KEY
+TRANSIENT_RACE: Final = NoiseReason.TRANSIENT_RACE
+EXPIRY_BOUNDARY: Final = NoiseReason.EXPIRY_BOUNDARY
 # The host's wall clock stepped (a VM's clock sync, an NTP step) since the key's expiry was
 # set: Redis keeps expiry times on the wall clock, memcached counts a TTL on a monotonic one,
 # so the stores expire such a key up to the step's size apart.
-CLOCK_STEP: Final = "clock_step"
-EVICTED: Final = "evicted"  # Memcached evicted the key (its watch stream named it)
+CLOCK_STEP: Final = NoiseReason.CLOCK_STEP
+EVICTED: Final = NoiseReason.EVICTED  # Memcached evicted the key (its watch stream named it)
 # Redis evicted the key (a keyspace notification named it): not a protocol difference but a
 # capacity finding (the working set needs more than Redis's maxmemory), counted apart.
-REDIS_EVICTED: Final = "redis_evicted"
-UNVERIFIED: Final = "unverified"
+REDIS_EVICTED: Final = NoiseReason.REDIS_EVICTED
+UNVERIFIED: Final = NoiseReason.UNVERIFIED
 # memcached's incr/decr parses a value made only of whitespace by reading on past its end
 # (strtoull skips the whitespace and the item's "\r\n"), so its answer depends on whatever
 # bytes follow the item in its slab memory: seen as a number after a set of b"\x0c".
 # The same parser, on a number of 2^63 or more, looks for a '-' with strchr() from the value
 # to the first NUL: past the item's end too, so the bytes that follow it in memory decide
 # whether the incr/decr is NON_NUMERIC (seen in the soak: 4 in 3.6M comparisons).
-MEMCACHED_OVERREAD: Final = "memcached_overread"
+MEMCACHED_OVERREAD: Final = NoiseReason.MEMCACHED_OVERREAD
 WHITESPACE: Final = b" \t\n\v\f\r"
 
 # A wall clock that moved this much against the monotonic one has stepped (Linux slews
@@ -64,16 +65,16 @@ WHITESPACE: Final = b" \t\n\v\f\r"
 STEP_SECONDS: Final = 0.25
 
 # What the shadow does after a verdict.
-KEEP: Final = "keep"  # nothing: Redis is as much in step as it was
-REPAIR: Final = "repair"  # copy Memcached's snapshot into Redis, fenced against the chain
-BACKFILL: Final = "backfill"  # a cold key: repair only when shadow.backfill is on
+KEEP: Final = VerdictAction.KEEP
+REPAIR: Final = VerdictAction.REPAIR
+BACKFILL: Final = VerdictAction.BACKFILL
 
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    outcome: str  # MATCH | NOISE | MISMATCH
-    reason: str  # noise reason, or mismatch kind
-    action: str = KEEP
+    outcome: Outcome
+    reason: NoiseReason | DiffKind  # noise reason, or mismatch kind
+    action: VerdictAction = KEEP
 
 
 @dataclass(frozen=True, slots=True)

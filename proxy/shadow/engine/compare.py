@@ -21,23 +21,24 @@ from proxy.shadow.engine.translate import (
     McValue,
     ShadowOp,
 )
+from proxy.shadow.words import DiffKind
 
-# Mismatch kinds (memshadow_shadow_mismatches_total{kind}).
-VALUE = "value"
-FLAGS = "flags"
-MISSING_IN_REDIS = "missing_in_redis"
-UNEXPECTED_IN_REDIS = "unexpected_in_redis"
-STATUS = "status"
-ERROR = "error"
-PADDING = "incr_padding"  # only trailing spaces differ on a number: noise, not a mismatch
+# How answers differ: mismatch kinds (memshadow_shadow_mismatches_total{kind}), words.py's.
+VALUE: Final = DiffKind.VALUE
+FLAGS: Final = DiffKind.FLAGS
+MISSING_IN_REDIS: Final = DiffKind.MISSING_IN_REDIS
+UNEXPECTED_IN_REDIS: Final = DiffKind.UNEXPECTED_IN_REDIS
+STATUS: Final = DiffKind.STATUS
+ERROR: Final = DiffKind.ERROR
+PADDING: Final = DiffKind.INCR_PADDING  # only spaces differ on a number: noise, not a mismatch
 # Not compared at all: a cas token whose gets was not shadowed, so Memcached's outcome was
 # followed (noise, never a mismatch).
-CAS_UNMAPPED = "cas_unmapped"
+CAS_UNMAPPED: Final = DiffKind.CAS_UNMAPPED
 
 
 @dataclass(frozen=True, slots=True)
 class Difference:
-    kind: str
+    kind: DiffKind
     memcached: str
     redis: str
 

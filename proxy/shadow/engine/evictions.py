@@ -32,6 +32,7 @@ from proxy.redis.connection import ConnectionOptions, RedisConnection
 from proxy.redis.errors import RedisError, RedisReplyError
 from proxy.redis.url import RedisURL
 from proxy.shadow.engine.mcreader import MemcachedReader, MemcachedUnavailable
+from proxy.shadow.words import Store
 
 log = logging.getLogger("memshadow.shadow")
 
@@ -319,8 +320,8 @@ class RedisEvictions:
         return True
 
 
-MEMCACHED: Final = "memcached"
-REDIS: Final = "redis"
+MEMCACHED: Final = Store.MEMCACHED
+REDIS: Final = Store.REDIS
 
 RedisSource = tuple[RedisURL, Callable[[], Awaitable[int]]]
 """A Redis primary to watch: its URL, and its INFO stats evicted_keys."""

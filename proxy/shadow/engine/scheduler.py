@@ -27,6 +27,7 @@ from proxy.shadow.engine.executor import ASYNC, SENT
 from proxy.shadow.engine.keystate import EVICTED, MISSED, NEVER, KeyState, KeyStates, wall_offset
 from proxy.shadow.engine.translate import FLUSH, READ, ShadowOp, Skip, translate
 from proxy.shadow.stats import ShadowStats
+from proxy.shadow.words import DropReason, ErrorKind
 
 log = logging.getLogger("memshadow.shadow")
 
@@ -126,7 +127,7 @@ class Scheduler:
             # keyless flush_all is never dropped for room: losing one makes every key cold
             # and its delay unknown)
             if (len(queue) + self._chained >= limit and request.keys) or self.stopping:
-                self.drop("queue_full", request.keys, seq)
+                self.drop(DropReason.QUEUE_FULL, request.keys, seq)
                 continue
             queue.append((request, now, session, seq))
         self.stats.queue_depth = len(queue) + self._chained
@@ -296,7 +297,7 @@ class Scheduler:
                     self._dispatch(request, replied_at, session, seq)
                 except Exception:  # a shadow bug must never reach the client path
                     log.exception("shadow: cannot handle %r", request)
-                    self.stats.errors["internal"] += 1
+                    self.stats.errors[ErrorKind.INTERNAL] += 1
             flush_reads()  # the round's reads: one MGET per connection
             while timed and not queue and timed[0][0] <= self._dispatched_until(timed=False):
                 await self._fire(self.seq)
@@ -516,7 +517,7 @@ class Scheduler:
 
     def _broken(self, key: bytes) -> None:
         log.exception("shadow: the chain of operations of a key broke")
-        self.stats.errors["internal"] += 1
+        self.stats.errors[ErrorKind.INTERNAL] += 1
         self._abandon(key)
 
 

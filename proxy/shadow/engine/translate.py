@@ -25,6 +25,7 @@ from proxy.memcache.reply import MalformedReply, MetaReply, parse_meta, parse_re
 from proxy.memcache.request import Captured
 from proxy.memcache.words import Mode, Status
 from proxy.redis.layout import DEFAULT_ITEM_SIZE_MAX, REALTIME_MAXDELTA, max_value_len
+from proxy.shadow.words import SkipReason
 
 U32_MAX: Final = 2**32 - 1
 U64_MAX: Final = 2**64 - 1
@@ -181,7 +182,7 @@ class ShadowOp:
 class Skip:
     """A shadowed request that is not replayed, and why (memshadow_shadow_skipped_total)."""
 
-    reason: str
+    reason: SkipReason
     keys: tuple[bytes, ...] = ()  # keys whose Redis copy may now differ (they turn cold)
 
 
@@ -198,14 +199,14 @@ def translate(
     operations. item_size_max: Memcached's (`stats settings`), for the value limit."""
     reply = request.response
     if reply is None:
-        return Skip("reply_not_captured", tuple(request.keys))
+        return Skip(SkipReason.REPLY_NOT_CAPTURED, tuple(request.keys))
     if request.command == "get" and len(request.words) == 2:
         ops = _plain_get(request.words[1], reply, sampled, seen)
         if ops is not None:
             return ops
     handler = _HANDLERS.get(request.command)
     if handler is None:
-        return Skip("not_shadowed")
+        return Skip(SkipReason.NOT_SHADOWED)
     return handler(_Context(request, reply, sampled, seen, item_size_max))
 
 
@@ -293,18 +294,18 @@ def _retrieval(ctx: _Context) -> Translation:
     gat = request.command in ("gat", "gats")
     keys = words[2:] if gat else words[1:]
     if not keys or any(len(k) > KEY_MAX_LENGTH for k in keys) or words[-1] == b"noreply":
-        return Skip("unshadowable_input")
+        return Skip(SkipReason.UNSHADOWABLE_INPUT)
     exptime = None
     if gat:
         exptime = canonical_int32(words[1])
         if exptime is None:
-            return Skip("non_canonical", tuple(k for k in keys if sampled(k)))
+            return Skip(SkipReason.NON_CANONICAL, tuple(k for k in keys if sampled(k)))
     try:
         parsed = parse_retrieval(reply)
     except MalformedReply:
-        return Skip("memcached_error")
+        return Skip(SkipReason.MEMCACHED_ERROR)
     if parsed.error is not None:
-        return Skip("memcached_error")
+        return Skip(SkipReason.MEMCACHED_ERROR)
     found: dict[bytes, McValue] = {}
     for item in parsed.items:
         found.setdefault(item.key, McValue(item.flags, item.data, item.cas))
@@ -336,17 +337,17 @@ def _storage(ctx: _Context) -> Translation:
     words = request.words
     key = words[1] if len(words) > 1 else b""
     args = canonical_storage(words)
-    if isinstance(args, str):
+    if isinstance(args, SkipReason):
         return Skip(args, (key,) if request.data_len >= 0 else ())
     if not request.data_ok:
-        return Skip("bad_data_chunk")  # memcached stored nothing
+        return Skip(SkipReason.BAD_DATA_CHUNK)  # memcached stored nothing
     mode = Mode(request.command)
     if request.data is None:
         # Too large to buffer: memcached refused it (set also deleted the old item).
         return [_too_large(ctx, key, mode, None if args.noreply else TOO_LARGE)]
     status = None if args.noreply else _store_outcome(_line(reply))
     if not args.noreply and status is None:
-        return Skip("memcached_error", (key,))
+        return Skip(SkipReason.MEMCACHED_ERROR, (key,))
     inferred = False
     if status is None and mode is Mode.SET:
         # A classic set with noreply that memcached took without an error (the sentinel
@@ -399,12 +400,12 @@ def _delete(ctx: _Context) -> Translation:
         or (len(words) == 4 and words[2] == b"0" and noreply)
     )
     if not valid or len(words[1]) > KEY_MAX_LENGTH:
-        return Skip("unshadowable_input")
+        return Skip(SkipReason.UNSHADOWABLE_INPUT)
     status: Status | None = None
     if not noreply:
         status = _DELETE_LINES.get(_line(reply))
         if status is None:
-            return Skip("memcached_error", (words[1],))
+            return Skip(SkipReason.MEMCACHED_ERROR, (words[1],))
     return [ShadowOp(request.command, DELETE, words[1], status, ctx.seen)]
 
 
@@ -417,10 +418,10 @@ def _arith(ctx: _Context) -> Translation:
     words = request.words
     noreply = words[-1] == b"noreply"
     if len(words) != 3 + noreply or len(words[1]) > KEY_MAX_LENGTH:
-        return Skip("unshadowable_input")
+        return Skip(SkipReason.UNSHADOWABLE_INPUT)
     key = words[1]
     if not is_canonical_decimal(words[2], U64_MAX):
-        return Skip("non_canonical", (key,))
+        return Skip(SkipReason.NON_CANONICAL, (key,))
     status: Status | None = None
     number: int | None = None
     if not noreply:
@@ -432,7 +433,7 @@ def _arith(ctx: _Context) -> Translation:
         elif line == b"CLIENT_ERROR cannot increment or decrement non-numeric value":
             status = NON_NUMERIC
         else:
-            return Skip("memcached_error", (key,))
+            return Skip(SkipReason.MEMCACHED_ERROR, (key,))
     mode = Mode(request.command)
     delta = int(words[2])
     op = ShadowOp(
@@ -446,15 +447,15 @@ def _touch(ctx: _Context) -> Translation:
     words = request.words
     noreply = words[-1] == b"noreply"
     if len(words) != 3 + noreply or len(words[1]) > KEY_MAX_LENGTH:
-        return Skip("unshadowable_input")
+        return Skip(SkipReason.UNSHADOWABLE_INPUT)
     exptime = canonical_int32(words[2])
     if exptime is None:
-        return Skip("non_canonical", (words[1],))
+        return Skip(SkipReason.NON_CANONICAL, (words[1],))
     status: Status | None = None
     if not noreply:
         status = _TOUCH_LINES.get(_line(reply))
         if status is None:
-            return Skip("memcached_error", (words[1],))
+            return Skip(SkipReason.MEMCACHED_ERROR, (words[1],))
     return [ShadowOp(request.command, TOUCH, words[1], status, ctx.seen, exptime=exptime)]
 
 
@@ -475,10 +476,10 @@ def _flush(ctx: _Context) -> Translation:
     request, reply = ctx.request, ctx.reply
     delay = flush_delay(request.words)
     if delay is None:
-        return Skip("memcached_error")
+        return Skip(SkipReason.MEMCACHED_ERROR)
     noreply = request.words[-1] == b"noreply"
     if not noreply and _line(reply) != b"OK":
-        return Skip("memcached_error")
+        return Skip(SkipReason.MEMCACHED_ERROR)
     status = None if noreply else Status.OK
     return [ShadowOp(request.command, FLUSH, b"", status, ctx.seen, exptime=delay)]
 
@@ -505,11 +506,11 @@ def _meta_reply(reply: bytes, key: bytes) -> MetaReply | Skip:
     try:
         parsed = parse_meta(reply)
     except MalformedReply:
-        return Skip("memcached_error", (key,))
+        return Skip(SkipReason.MEMCACHED_ERROR, (key,))
     if parsed.is_error:
         if parsed.line == b"CLIENT_ERROR cannot increment or decrement non-numeric value":
             return parsed
-        return Skip("memcached_error", (key,))
+        return Skip(SkipReason.MEMCACHED_ERROR, (key,))
     return parsed
 
 
@@ -519,14 +520,14 @@ def _mg(ctx: _Context) -> Translation:
     if isinstance(meta, Skip):
         return meta
     if meta.ttl is not None or meta.autoviv is not None or meta.recache is not None:
-        return Skip("meta_unemulated", (meta.key,))  # T changes the TTL, N/R create items
+        return Skip(SkipReason.META_UNEMULATED, (meta.key,))  # T changes the TTL, N/R create items
     parsed = _meta_reply(reply, meta.key)
     if isinstance(parsed, Skip):
         return parsed
     if parsed.code in ("", "EN"):  # quiet mode hides only a miss
         return [ShadowOp(request.command, READ, meta.key, MISS, ctx.seen, meta=True)]
     if parsed.code not in ("HD", "VA"):
-        return Skip("memcached_error", (meta.key,))
+        return Skip(SkipReason.MEMCACHED_ERROR, (meta.key,))
     returned = parsed.flags
     mc = McValue(
         int(returned["f"]) if "f" in returned else None,
@@ -548,12 +549,12 @@ def _ms(ctx: _Context) -> Translation:
         return meta
     key = meta.key
     if meta.invalidate:
-        return Skip("meta_unemulated", (key,))
+        return Skip(SkipReason.META_UNEMULATED, (key,))
     if not request.data_ok:
-        return Skip("bad_data_chunk")
+        return Skip(SkipReason.BAD_DATA_CHUNK)
     mode = _MS_MODES.get(meta.mode or "S")
     if mode is None:
-        return Skip("unshadowable_input", (key,))
+        return Skip(SkipReason.UNSHADOWABLE_INPUT, (key,))
     status: Status | None
     if not reply:
         status = STORED if meta.quiet else None
@@ -567,7 +568,7 @@ def _ms(ctx: _Context) -> Translation:
                 return parsed
             status = _META_STATUS.get(parsed.code)
             if status is None:
-                return Skip("memcached_error", (key,))
+                return Skip(SkipReason.MEMCACHED_ERROR, (key,))
     if meta.cas is not None and mode in (Mode.SET, Mode.REPLACE):
         mode = Mode.CAS
     if request.data is None:
@@ -597,7 +598,7 @@ def _md(ctx: _Context) -> Translation:
     if isinstance(meta, Skip):
         return meta
     if meta.invalidate or meta.ttl is not None or meta.has("x"):
-        return Skip("meta_unemulated", (meta.key,))
+        return Skip(SkipReason.META_UNEMULATED, (meta.key,))
     status: Status | None
     if not reply:
         status = DELETED if meta.quiet else None
@@ -607,7 +608,7 @@ def _md(ctx: _Context) -> Translation:
             return parsed
         status = _MD_STATUS.get(parsed.code)
         if status is None:
-            return Skip("memcached_error", (meta.key,))
+            return Skip(SkipReason.MEMCACHED_ERROR, (meta.key,))
     return [
         ShadowOp(request.command, DELETE, meta.key, status, ctx.seen, cas=meta.cas, meta=True)
     ]
@@ -623,7 +624,7 @@ def _ma(ctx: _Context) -> Translation:
         return meta
     key = meta.key
     if meta.ttl is not None and meta.autoviv is not None:
-        return Skip("meta_unemulated", (key,))  # N with T: order-dependent TTL rules
+        return Skip(SkipReason.META_UNEMULATED, (key,))  # N with T: order-dependent TTL rules
     parsed = _meta_reply(reply, key)
     if isinstance(parsed, Skip):
         return parsed
@@ -631,7 +632,7 @@ def _ma(ctx: _Context) -> Translation:
     number: int | None = None
     if parsed.code == "":
         if not meta.quiet:
-            return Skip("memcached_error", (key,))
+            return Skip(SkipReason.MEMCACHED_ERROR, (key,))
         status = STORED  # q hides only a successful update of an existing item
     elif parsed.is_error:
         status = NON_NUMERIC
@@ -642,7 +643,7 @@ def _ma(ctx: _Context) -> Translation:
     else:
         status = _META_STATUS.get(parsed.code)
         if status is None:
-            return Skip("memcached_error", (key,))
+            return Skip(SkipReason.MEMCACHED_ERROR, (key,))
     return [
         ShadowOp(
             request.command,

@@ -34,6 +34,7 @@ from proxy.shadow.wire import (
     stats_state,
     unpack_request,
 )
+from proxy.shadow.words import DropReason, ErrorKind
 
 if TYPE_CHECKING:
     from proxy.shadow.service import ShadowEngine
@@ -44,7 +45,7 @@ STATS_INTERVAL: Final = 0.5
 RELEASE_INTERVAL: Final = 0.05
 """With several proxy processes: how often the merge is looked at without a message (so a
 proxy that stopped ticking holds the others back for merge.Merger's stall at most)."""
-LATE: Final = "late_handoff"
+LATE: Final = DropReason.LATE_HANDOFF
 """Drop reason: another proxy process's requests came after later ones had been replayed
 (it was stalled): their keys turn cold instead of being replayed out of order."""
 
@@ -88,7 +89,7 @@ class WorkerSession(asyncio.Protocol):
                 self._handle(message)
             except Exception:  # a bad message must not end the worker's other work
                 log.exception("shadow worker: cannot handle %r", message[0])
-                self.stats.errors["internal"] += 1
+                self.stats.errors[ErrorKind.INTERNAL] += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         # The proxy process is gone (or told us to stop and closed): finish quickly.
@@ -421,7 +422,7 @@ class FeedSession(asyncio.Protocol):
             self.transport.abort()
         except Exception:  # a bad message must not end the worker's other work
             log.exception("shadow worker: cannot handle a feed message; closing the feed")
-            self.owner.stats.errors["internal"] += 1
+            self.owner.stats.errors[ErrorKind.INTERNAL] += 1
             self.transport.abort()  # (its keys turn cold; the proxy process reconnects)
 
     def connection_lost(self, exc: Exception | None) -> None:
