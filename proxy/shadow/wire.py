@@ -1,47 +1,12 @@
-"""The shadow worker's pipe, sans-IO: length-prefixed marshal frames and what travels in them.
+"""The pipes between memshadow's processes, sans-IO: length-prefixed marshal frames, and the
+shadow's data that travels in them (requests, stats).
 
-The proxy process and its shadow worker process exchange messages over one Unix stream
-socket. A frame is a 4-byte big-endian length and a `marshal` payload (both ends run the
-same interpreter and code, and marshal is the cheapest C-level encoder of tuples of bytes,
-str and numbers). A message is a tuple whose first item names it:
-
-proxy -> worker
-    ("start", config_pickle, coverage, nice, shard, shards, token, since)
-                                        first frame: the Config to run with (pickled: it
-                                        only ever comes from the proxy process that started
-                                        the worker, over a private socketpair); the sample
-                                        the proxy hands over every request of (a sampler
-                                        threshold, coverage.py); which shard of how many it
-                                        judges; the token other proxy processes' feeds must
-                                        show; the time from which on the proxy hands it what
-                                        it observes
-    ("batch", groups, sent_at)          observed requests; groups of (session, replied_at,
-                                        [request tuple, ...]), see pack_request, and, in
-                                        their place, drop markers (-1, at, keys or None:
-                                        every key) and changes of the sample (-2, at,
-                                        (threshold, since)); sent_at: everything observed
-                                        before it is in this frame or an earlier one
-    ("tick", now)                       every TICK_INTERVAL: nothing observed before `now`
-                                        is still to come (ordered evidence waits for it)
-    ("epoch", at)                       what was handed over before `at` may not have
-                                        reached the worker: every key is cold again
-    ("flush", sent, replied, words)     a flush_all handed over before this socket (its
-                                        delay may still be running: flush_seen)
-    ("idle", token)                     answer ("idle", token) once everything is judged
-    ("stop", timeout)                   finish (within timeout) and exit
-
-another proxy process -> worker (workers: N; on the worker's feed socket)
-    ("hello", token, since, coverage)   then batch, tick, epoch and flush as above, and
-    ("bye",)                            last: the stream ended with nothing lost
-
-worker -> proxy
-    ("stats", state, received)          ShadowStats as plain data (see stats_state), and how
-                                        many requests it has taken from batches so far
-    ("example", kind, command, key, memcached, redis, detail, story)   one mismatch example
-    ("idle", token)
-    ("ready", feed_address)             replaying (Redis and Memcached contacted or
-                                        retrying); where other proxy processes feed it
-                                        (None with one shard)
+A proxy process and a child of its (a shadow worker, an extra proxy process of `workers: N`)
+exchange messages over one Unix stream socket. A frame is a 4-byte big-endian length and a
+`marshal` payload (both ends run the same interpreter and code, and marshal is the cheapest
+C-level encoder of tuples of bytes, str and numbers). A message is a plain tuple whose first
+item names its kind; the kinds and their fields, of both kinds of child, are defined in
+messages.py.
 
 Times in requests are time.perf_counter() values of the proxy process: on Linux that is
 CLOCK_MONOTONIC, one clock for every process of the host, so the worker can compare them
