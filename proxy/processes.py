@@ -28,21 +28,20 @@ import logging
 import pickle
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final, cast
 
-from proxy.children import reap, start_child
+from proxy import messages
+from proxy.children import READY_TIMEOUT, ChildSlot, ParentLink, StopReading
 from proxy.listener import bind_sockets
 from proxy.metrics import ProxyMetrics, RequestState, add_request_states
 from proxy.runtime import loop_factory
 from proxy.shadow.control import ControlChange, ShadowControl
-from proxy.shadow.wire import FrameDecoder, WireError, encode
+from proxy.shadow.wire import WireError, encode
 
 if TYPE_CHECKING:
     from proxy.config import Config
@@ -57,14 +56,7 @@ log = logging.getLogger("memshadow.processes")
 
 REPORT_INTERVAL: Final = 1.0
 """How often an extra process reports its figures (the staleness of their part of
-/metrics)."""
-READY_TIMEOUT: Final = 10.0
-BACKOFF_INITIAL: Final = 0.5
-BACKOFF_MAX: Final = 10.0
-STABLE_AFTER: Final = 30.0
-HEARTBEAT_TIMEOUT: Final = 10.0
-"""An extra process silent this long (it reports every REPORT_INTERVAL) is stuck: it is
-killed and started again."""
+/metrics, and its heartbeat: children.HEARTBEAT_TIMEOUT)."""
 FEED_RETRY: Final = 0.5  # seconds between attempts to reach a shadow worker's feed socket
 FEED_WAIT: Final = 2.0  # an extra process waits this long for its feeds before serving
 
@@ -89,50 +81,45 @@ def listen_socket(host: str, port: int, *, first: bool = False) -> socket.socket
 # -- the first process's side -------------------------------------------------------------
 
 
-@dataclass
-class _Extra:
+class _Extra(ChildSlot):
     """One extra proxy process, as the first one sees it."""
 
-    index: int
-    process: subprocess.Popen[bytes] | None = None
-    transport: asyncio.Transport | None = None
-    closed: asyncio.Future[None] | None = None
-    ready: asyncio.Future[None] | None = None
-    supervisor: asyncio.Task[None] | None = None
-    up: bool = False
-    restarts: int = 0
-    last_heard: float = 0.0
-    # Per listener: the last report of a Memcached failure it sent us that we acted on.
-    acked: dict[int, int] = field(default_factory=dict)
-    # Figures of its earlier lives (counters never go back) and of the current one.
-    base_requests: dict[str, RequestState] = field(default_factory=dict)
-    last: dict[str, Any] = field(default_factory=dict)
-
-
-class _ExtraLink(asyncio.Protocol):
-    def __init__(self, owner: ProxyProcesses, extra: _Extra) -> None:
+    def __init__(self, owner: ProxyProcesses, index: int) -> None:
+        super().__init__("proxy process", index, "proxy.processes", owner.stopping, log)
         self.owner = owner
-        self.extra = extra
-        self.decoder = FrameDecoder()
+        self.up = False
+        # Per listener: the last report of a Memcached failure it sent us that we acted on.
+        self.acked: dict[int, int] = {}
+        # Figures of its earlier lives (counters never go back) and of the current one.
+        self.base_requests: dict[str, RequestState] = {}
+        self.last: dict[str, Any] = {}
+        self.handlers = {
+            "ready": self._ready,
+            "figures": partial(owner._merge, self),
+            "memcached_failed": partial(owner._memcached_failed, self),
+        }
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.extra.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
+    def launching(self) -> list[socket.socket]:
+        self.acked = {}  # a new life numbers its reports from 1
+        listens: list[socket.socket] = []
         try:
-            messages = self.decoder.feed(data)
-        except WireError as exc:
-            log.error("proxy process %d: %s; restarting it", self.extra.index, exc)
-            if self.extra.transport is not None:
-                self.extra.transport.abort()
-            return
-        for message in messages:
-            self.owner._received(self.extra, message)
+            for host, port in self.owner.addresses:
+                listens.append(listen_socket(host, port))
+        except BaseException:
+            for sock in listens:
+                sock.close()
+            raise
+        return listens
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        closed = self.extra.closed
-        if closed is not None and not closed.done():
-            closed.set_result(None)
+    def launched(self) -> None:
+        self.owner._launched(self)
+
+    def gone(self) -> None:
+        self.owner._gone(self)
+
+    def _ready(self) -> None:
+        self.up = True
+        self.set_ready()
 
 
 class ProxyProcesses:
@@ -154,7 +141,7 @@ class ProxyProcesses:
         self.shadow = shadow
         self.healths = healths or []
         self.addresses: list[tuple[str, int]] = []  # each listener's bound address
-        self._extras = [_Extra(index) for index in range(1, config.workers)]
+        self._extras = [_Extra(self, index) for index in range(1, config.workers)]
         self._config_blob = pickle.dumps(config)
         self._stopping = False
         if control is not None:
@@ -182,12 +169,8 @@ class ProxyProcesses:
 
     async def start(self) -> None:
         """Start the extra processes; wait (up to READY_TIMEOUT) until they serve."""
-        loop = asyncio.get_running_loop()
         for extra in self._extras:
-            extra.ready = loop.create_future()
-            extra.supervisor = loop.create_task(
-                self._supervise(extra), name=f"proxy-process-{extra.index}"
-            )
+            extra.start()
         waiting = [asyncio.shield(e.ready) for e in self._extras if e.ready is not None]
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.gather(*waiting), READY_TIMEOUT)
@@ -201,24 +184,20 @@ class ProxyProcesses:
         """Ask every extra process to drain its clients within `timeout`, then end it."""
         self._stopping = True
         for extra in self._extras:
-            self._send(extra, ("stop", timeout))
+            extra.send(messages.stop(timeout))
         closing = [asyncio.shield(e.closed) for e in self._extras if e.closed is not None]
         if closing:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*closing), timeout + 2.0)
         for extra in self._extras:
-            if extra.supervisor is not None:
-                extra.supervisor.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await extra.supervisor
-            await self._end(extra)
+            await extra.stop()
 
     def describe(self) -> list[dict[str, Any]]:
         """Each extra process for /readyz: index, pid, serving, restarts."""
         return [
             {
                 "index": extra.index,
-                "pid": extra.process.pid if extra.process is not None else None,
+                "pid": extra.pid,
                 "serving": extra.up,
                 "restarts": extra.restarts,
             }
@@ -227,98 +206,32 @@ class ProxyProcesses:
 
     @property
     def pids(self) -> list[int | None]:
-        return [e.process.pid if e.process is not None else None for e in self._extras]
+        return [extra.pid for extra in self._extras]
 
-    async def _supervise(self, extra: _Extra) -> None:
-        backoff = BACKOFF_INITIAL
-        while not self._stopping:
-            started = time.monotonic()
-            try:
-                await self._spawn(extra)
-            except Exception as exc:  # whatever it is, try again later
-                log.error("cannot start proxy process %d: %s", extra.index, exc)
-            else:
-                await self._watch(extra)
-                self._gone(extra)
-                if self._stopping:
-                    return
-                code = await self._end(extra)
-                if time.monotonic() - started >= STABLE_AFTER:
-                    backoff = BACKOFF_INITIAL
-                log.error(
-                    "proxy process %d exited (status %s); restarting it in %.1fs",
-                    extra.index,
-                    code,
-                    backoff,
-                )
-            extra.restarts += 1
-            if extra.ready is not None and not extra.ready.done():
-                extra.ready.set_result(None)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX)
+    def stopping(self) -> bool:
+        return self._stopping
 
-    async def _watch(self, extra: _Extra) -> None:
-        """Until its control socket closes; kill it if it stops reporting (it reports every
-        REPORT_INTERVAL, also while it drains)."""
-        closed = extra.closed
-        assert closed is not None
-        extra.last_heard = time.monotonic()
-        while not closed.done():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(closed), 1.0)
-            silent = time.monotonic() - extra.last_heard
-            if not closed.done() and silent > HEARTBEAT_TIMEOUT and not self._stopping:
-                log.error("proxy process %d silent for %.0fs; killing it", extra.index, silent)
-                if extra.process is not None:
-                    extra.process.kill()
-                if extra.transport is not None:
-                    extra.transport.abort()
-                await closed
-
-    async def _spawn(self, extra: _Extra) -> None:
-        extra.acked = {}  # a new life numbers its reports from 1
-        listens: list[socket.socket] = []
-        try:
-            for host, port in self.addresses:
-                listens.append(listen_socket(host, port))
-            fds = tuple(sock.fileno() for sock in listens)
-            extra.process, ours = start_child("proxy.processes", fds)
-        finally:
-            for sock in listens:  # the child holds them now
-                sock.close()
-        loop = asyncio.get_running_loop()
-        extra.closed = loop.create_future()
-        try:
-            ours.setblocking(False)
-            await loop.create_unix_connection(lambda: _ExtraLink(self, extra), sock=ours)
-        except BaseException:
-            ours.close()
-            extra.process.kill()
-            await self._end(extra)
-            raise
+    def _launched(self, extra: _Extra) -> None:
         shadow = self.shadow
         control = self.control
-        self._send(
-            extra,
-            (
-                "start",
+        extra.send(
+            messages.start_extra(
                 self._config_blob,
                 extra.index,
-                list(fds),
+                list(extra.fds),
                 control.sample_rate if control is not None else 0.0,
                 control.enabled if control is not None else False,
                 shadow.feed_addresses if shadow is not None else [],
                 shadow.feed_token if shadow is not None else "",
                 self._accepting(),
-            ),
+            )
         )
         if self._stopping:  # stop() came while it was being started
-            self._send(extra, ("stop", 0.0))
+            extra.send(messages.stop(0.0))
 
     def _gone(self, extra: _Extra) -> None:
         """Its figures so far stay (added to its successor's); its connections are gone."""
         extra.up = False
-        extra.transport = None
         requests = extra.last.get("requests", {})
         for label, state in requests.items():
             extra.base_requests[label] = add_request_states(
@@ -326,28 +239,6 @@ class ProxyProcesses:
             )
         extra.last = {}
         self.metrics.remote_connections[extra.index - 1] = 0
-
-    async def _end(self, extra: _Extra) -> int | None:
-        process = extra.process
-        if process is None:
-            return None
-        extra.process = None
-        return await reap(process)
-
-    def _received(self, extra: _Extra, message: tuple[Any, ...]) -> None:
-        extra.last_heard = time.monotonic()
-        kind = message[0]
-        if kind == "figures":
-            self._merge(extra, message[1])
-        elif kind == "ready":
-            extra.up = True
-            if extra.ready is not None and not extra.ready.done():
-                extra.ready.set_result(None)
-        elif kind == "memcached_failed":
-            _, listener, report, reason = message
-            self._memcached_failed(extra, listener, report, reason)
-        else:
-            log.warning("proxy process %d: unknown message %r", extra.index, kind)
 
     def _merge(self, extra: _Extra, figures: dict[str, Any]) -> None:
         """Mirror an extra process's cumulative figures: its request figures (plus its
@@ -375,16 +266,11 @@ class ProxyProcesses:
                 _whole(_increments(figures["dropped"], previous.get("dropped", {}))),
             )
 
-    def _send(self, extra: _Extra, message: tuple[Any, ...]) -> None:
-        transport = extra.transport
-        if transport is not None and not transport.is_closing():
-            transport.writelines(encode(message))
-
     def _control_changed(self, change: ControlChange) -> None:
         assert self.control is not None
-        message = ("rate", self.control.sample_rate, self.control.enabled)
+        message = messages.rate(self.control.sample_rate, self.control.enabled)
         for extra in self._extras:
-            self._send(extra, message)
+            extra.send(message)
 
     def _accepting(self) -> list[bool]:
         """Which listeners accept clients now (all of them when no Memcached is watched)."""
@@ -394,7 +280,7 @@ class ProxyProcesses:
 
     def _memcached_changed(self, listener: int, ready: bool) -> None:
         for extra in self._extras:
-            self._send(extra, ("accept", listener, ready, extra.acked.get(listener, 0)))
+            extra.send(messages.accept(listener, ready, extra.acked.get(listener, 0)))
 
     def _memcached_failed(self, extra: _Extra, listener: int, report: int, reason: str) -> None:
         """An extra process's client could not reach this listener's Memcached: it closed
@@ -403,17 +289,17 @@ class ProxyProcesses:
         the report, which the extra process waits for before it opens again."""
         extra.acked[listener] = report
         if listener >= len(self.healths):  # no Memcached watched: every listener stays open
-            self._send(extra, ("accept", listener, True, report))
+            extra.send(messages.accept(listener, True, report))
             return
         health = self.healths[listener]
         was = health.ready
         health.note_failure(f"{reason} (proxy process {extra.index})")
         if not was:  # no change to tell everyone: tell it alone that it is still down
-            self._send(extra, ("accept", listener, health.ready, report))
+            extra.send(messages.accept(listener, health.ready, report))
 
     def _feeds_changed(self, addresses: list[str | None]) -> None:
         for extra in self._extras:
-            self._send(extra, ("feeds", addresses))
+            extra.send(messages.feeds(addresses))
 
 
 def _increments(now: Mapping[str, float], before: Mapping[str, float]) -> dict[str, float]:
@@ -471,7 +357,7 @@ class _FirstsWord:
             return  # reported already; clients accepted before our listener closed
         self._reports += 1
         self._set(False)
-        self._owner._send(("memcached_failed", self._listener, self._reports, reason))
+        self._owner.send(messages.memcached_failed(self._listener, self._reports, reason))
 
     def told(self, ready: bool, acknowledged: int) -> None:
         """The first process's word: `acknowledged`, the last report of ours it had seen."""
@@ -486,15 +372,17 @@ class _FirstsWord:
                 listener(ready)
 
 
-class ExtraProcess(asyncio.Protocol):
+class ExtraProcess(ParentLink):
     """An extra proxy process: serves clients on the sockets it was given, feeds the shadow
     workers, obeys the first process (its control socket)."""
 
+    name = "proxy process"
+    log = log
+
     def __init__(self) -> None:
+        super().__init__()
         loop = asyncio.get_running_loop()
         self.finished: asyncio.Future[int] = loop.create_future()
-        self.decoder = FrameDecoder()
-        self.transport: asyncio.Transport | None = None
         self.config: Config | None = None
         self.metrics: ProxyMetrics | None = None
         self.control = ShadowControl(0.0, False)
@@ -511,54 +399,47 @@ class ExtraProcess(asyncio.Protocol):
         self._connecting: dict[int, str] = {}  # shard -> the address being dialled
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
+        self.handlers = {
+            "start": self._start,
+            "rate": self._rate,
+            "accept": self._accept,
+            "feeds": self._set_feeds,
+            "stop": self._told_stop,
+        }
 
     # -- the control socket -------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
+    def broken(self, exc: WireError) -> None:
+        log.error("proxy process: %s from the first process; stopping", exc)
+        self._spawn(self._stop(0.0))
 
-    def data_received(self, data: bytes) -> None:
+    def _start(self, *fields: Any) -> None:
+        # What it says applies at once: a rate or feeds message right behind it (in the
+        # same read) must not be overwritten by it later.
         try:
-            messages = self.decoder.feed(data)
-        except WireError as exc:
-            log.error("proxy process: %s from the first process; stopping", exc)
-            self._spawn(self._stop(0.0))
-            return
-        for message in messages:
-            kind = message[0]
-            if kind == "start":
-                # What it says applies at once: a rate or feeds message right behind it
-                # (in the same read) must not be overwritten by it later.
-                try:
-                    self._configure(*message[1:])
-                except Exception:
-                    log.exception("proxy process: cannot start")
-                    self._spawn(self._stop(0.0, code=1))
-                    return
-                self._spawn(self._serve_clients())
-            elif kind == "rate":
-                self.control.set_rate(message[1], "first process")
-                self.control.set_enabled(message[2], "first process")
-            elif kind == "accept":
-                _, listener, ready, acknowledged = message
-                if listener < len(self._memcached):
-                    self._memcached[listener].told(ready, acknowledged)
-            elif kind == "feeds":
-                self._set_feeds(message[1])
-            elif kind == "stop":
-                self._spawn(self._stop(float(message[1])))
-            else:
-                log.warning("proxy process: unknown message %r", kind)
+            self._configure(*fields)
+        except Exception:
+            log.exception("proxy process: cannot start")
+            self._spawn(self._stop(0.0, code=1))
+            raise StopReading from None  # (what came behind it is not for us)
+        self._spawn(self._serve_clients())
+
+    def _rate(self, rate: float, enabled: bool) -> None:
+        self.control.set_rate(rate, "first process")
+        self.control.set_enabled(enabled, "first process")
+
+    def _accept(self, listener: int, ready: bool, acknowledged: int) -> None:
+        if listener < len(self._memcached):
+            self._memcached[listener].told(ready, acknowledged)
+
+    def _told_stop(self, timeout: float) -> None:
+        self._spawn(self._stop(float(timeout)))
 
     def connection_lost(self, exc: Exception | None) -> None:
         # The first process is gone: drain our clients and end.
         self.transport = None
         timeout = self.config.shutdown_timeout if self.config is not None else 0.0
         self._spawn(self._stop(timeout))
-
-    def _send(self, message: tuple[Any, ...]) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.writelines(encode(message))
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -629,7 +510,7 @@ class ExtraProcess(asyncio.Protocol):
             log.exception("proxy process %d: cannot serve", self.index)
             await self._stop(0.0, code=1)
             return
-        self._send(("ready",))
+        self.send(messages.extra_ready())
 
     def _in_flight(self) -> list[deque[Request]]:
         """The requests this process's client sessions await replies to."""
@@ -645,7 +526,7 @@ class ExtraProcess(asyncio.Protocol):
         await asyncio.gather(*(server.stop(timeout) for server in self.servers))
         if self.handoff is not None:
             self.handoff.close(goodbye=True)
-        self._send(("figures", self._figures()))
+        self.send(messages.figures(self._figures()))
         for link in self._feed_links:
             if link is not None and link.transport is not None:
                 link.transport.close()
@@ -657,7 +538,7 @@ class ExtraProcess(asyncio.Protocol):
     async def _report(self) -> None:
         while not self.finished.done():
             await asyncio.sleep(REPORT_INTERVAL)
-            self._send(("figures", self._figures()))
+            self.send(messages.figures(self._figures()))
 
     def _figures(self) -> dict[str, Any]:
         metrics = self.metrics
@@ -749,7 +630,7 @@ class ExtraProcess(asyncio.Protocol):
             self._feed_links[shard] = link
             # Nothing observed before this is handed to the worker (connect() is next).
             assert self.coverage is not None
-            hello = ("hello", self._token, time.perf_counter(), self.coverage.announced)
+            hello = messages.hello(self._token, time.perf_counter(), self.coverage.announced)
             transport.writelines(encode(hello))
             assert self.handoff is not None
             # fresh=False: the worker runs already; what we dropped meanwhile is told first.

@@ -97,7 +97,7 @@ async def test_the_first_process_acknowledges_each_report_of_a_failed_connect() 
     unwatched = ProxyProcesses(config, metrics, None, None)
     one, other = unwatched._extras
     one.transport = Recorder()
-    unwatched._received(one, ("memcached_failed", 0, 1, "refused"))
+    one.dispatch(("memcached_failed", 0, 1, "refused"))
     assert one.transport.messages == [("accept", 0, True, 1)]
 
     health = UpstreamHealth(HostPort("127.0.0.1", 1))  # (never started: nothing is dialled)
@@ -105,11 +105,11 @@ async def test_the_first_process_acknowledges_each_report_of_a_failed_connect() 
     watched = ProxyProcesses(config, metrics, None, None, healths=[health])
     one, other = watched._extras
     one.transport, other.transport = Recorder(), Recorder()
-    watched._received(one, ("memcached_failed", 0, 1, "refused"))
+    one.dispatch(("memcached_failed", 0, 1, "refused"))
     assert not health.ready and "refused (proxy process 1)" in health.reason
     assert one.transport.messages == [("accept", 0, False, 1)]
     assert other.transport.messages == [("accept", 0, False, 0)]
-    watched._received(one, ("memcached_failed", 0, 2, "refused again"))  # still down
+    one.dispatch(("memcached_failed", 0, 2, "refused again"))  # still down
     assert one.transport.messages[-1] == ("accept", 0, False, 2)
     assert len(other.transport.messages) == 1
     health.note_success()  # Memcached answers again: everyone opens, the report acknowledged

@@ -25,13 +25,14 @@ import contextlib
 import logging
 import pickle
 import secrets
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, Final, cast
+from functools import partial
+from typing import TYPE_CHECKING, Any, Final
 
-from proxy.children import reap, start_child
+from proxy import messages
+from proxy.children import READY_TIMEOUT, ChildSlot
 from proxy.memcache.request import Request
 from proxy.redis.connection import ConnectionOptions
 from proxy.redis.store import (
@@ -44,14 +45,7 @@ from proxy.shadow.handoff import Handoff
 from proxy.shadow.metrics import install_shadow_metrics
 from proxy.shadow.sampler import KeySampler
 from proxy.shadow.stats import ShadowStats, client_requests
-from proxy.shadow.wire import (
-    FrameDecoder,
-    WireError,
-    add_states,
-    apply_stats_state,
-    empty_state,
-    encode,
-)
+from proxy.shadow.wire import add_states, apply_stats_state, empty_state
 from proxy.shadow.words import DropReason, ErrorKind
 
 if TYPE_CHECKING:
@@ -60,71 +54,63 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("memshadow.shadow")
 
-READY_TIMEOUT: Final = 10.0
 TICK_INTERVAL: Final = 0.05
 """How often the workers hear that they have everything observed so far (seconds)."""
 MERGE_TICK_INTERVAL: Final = 0.01
 """The same with several proxy processes: a worker releases one proxy's requests only once
 every proxy's horizon has passed them (merge.Merger), so an idle proxy's ticks pace them."""
 
-HEARTBEAT_TIMEOUT: Final = 10.0
-"""A worker silent this long (it reports every STATS_INTERVAL) is stuck: it is killed and
-restarted."""
-BACKOFF_INITIAL: Final = 0.5
-BACKOFF_MAX: Final = 10.0
-STABLE_AFTER: Final = 30.0  # a worker that lived this long restarts with the initial backoff
-
 FeedsChanged = Callable[[list[str | None]], None]
 """Told the workers' feed addresses (None: that worker is down) whenever one changes."""
 
 
-class _WorkerLink(asyncio.Protocol):
-    """The proxy's end of one worker's socket: decodes the worker's messages."""
-
-    def __init__(self, owner: ShadowProcess, worker: _Worker) -> None:
-        self.owner = owner
-        self.worker = worker
-        self.decoder = FrameDecoder()
-        self.transport: asyncio.Transport | None = None
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            messages = self.decoder.feed(data)
-        except WireError as exc:
-            log.error("shadow worker %d: %s; restarting it", self.worker.shard, exc)
-            assert self.transport is not None
-            self.transport.abort()
-            return
-        for message in messages:
-            self.owner._received(self.worker, message)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.closed.done():
-            self.closed.set_result(None)
-
-
-class _Worker:
+class _Worker(ChildSlot):
     """One shard's worker process, as its supervisor sees it."""
 
-    def __init__(self, shard: int) -> None:
+    def __init__(self, owner: ShadowProcess, shard: int) -> None:
+        super().__init__(
+            "shadow worker", shard, "proxy.shadow.engine.worker", owner.stopping, log
+        )
+        self.owner = owner
         self.shard = shard
-        self.link: _WorkerLink | None = None
-        self.process: subprocess.Popen[bytes] | None = None
-        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.supervisor: asyncio.Task[None] | None = None
         self.state = empty_state()  # the live worker's last report
         self.base = empty_state()  # the figures of this shard's workers that exited
-        self.exited = 0
+        self.exited_count = 0
         self.received = 0  # of the requests handed to the live worker, taken (last report)
-        self.last_heard = time.monotonic()
         self.feed_address: str | None = None
+        self.handlers = {
+            "stats": self._stats,
+            "example": owner.examples.record,
+            "idle": partial(owner._idle_answered, shard),
+            "ready": self._ready,
+        }
 
     def totals(self) -> dict[str, Any]:
-        return self.state if not self.exited else add_states(self.base, self.state)
+        return self.state if not self.exited_count else add_states(self.base, self.state)
+
+    def launched(self) -> None:
+        self.owner._launched(self)
+
+    def gone(self) -> None:
+        self.owner._worker_gone(self)
+        self.owner.handoff.connect(self.shard, None)
+
+    def start_failed(self) -> None:
+        self.owner._count_exit()
+
+    def exited(self, code: int | None) -> None:
+        self.owner._count_exit()
+
+    def _stats(self, state: dict[str, Any], received: int) -> None:
+        self.state = state
+        self.received = received
+        self.owner._refresh_stats()
+
+    def _ready(self, address: str | None = None) -> None:
+        if address != self.feed_address:
+            self.feed_address = address
+            self.owner._feeds_changed()
+        self.set_ready()
 
 
 class ShadowProcess:
@@ -197,20 +183,19 @@ class ShadowProcess:
     async def start(self) -> None:
         """Start the workers; wait (up to READY_TIMEOUT) until they replay, or first exit."""
         loop = asyncio.get_running_loop()
-        self._workers = [_Worker(shard) for shard in range(self.shards)]
+        self._workers = [_Worker(self, shard) for shard in range(self.shards)]
         for worker in self._workers:
-            worker.supervisor = loop.create_task(
-                self._supervise(worker), name=f"shadow-worker-{worker.shard}"
-            )
+            worker.start()
         self._tick_handle = loop.call_later(self.tick_interval, self._tick)
         info = loop.create_task(self._info.start())
-        ready = asyncio.gather(*(asyncio.shield(w.ready) for w in self._workers))
+        readies = [worker.ready for worker in self._workers if worker.ready is not None]
+        ready = asyncio.gather(*(asyncio.shield(r) for r in readies))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(ready, READY_TIMEOUT)
-        if not all(worker.ready.done() for worker in self._workers):
+        if not all(r.done() for r in readies):
             log.warning("shadow worker not ready after %gs; carrying on", READY_TIMEOUT)
-            for worker in self._workers:
-                worker.ready.cancel()
+            for r in readies:
+                r.cancel()
         await info
 
     async def stop(self, timeout: float = 2.0) -> None:
@@ -218,8 +203,12 @@ class ShadowProcess:
         self.handoff.flush()
         closing = []
         for worker in self._workers:
-            if worker.link is not None and self.handoff.send(worker.shard, ("stop", timeout)):
-                closing.append(asyncio.shield(worker.link.closed))
+            if (
+                worker.transport is not None
+                and worker.closed is not None
+                and self.handoff.send(worker.shard, messages.stop(timeout))
+            ):
+                closing.append(asyncio.shield(worker.closed))
         self._stopping = True
         self.coverage.close()
         self.handoff.close()
@@ -230,11 +219,7 @@ class ShadowProcess:
             self._tick_handle.cancel()
             self._tick_handle = None
         for worker in self._workers:
-            if worker.supervisor is not None:
-                worker.supervisor.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await worker.supervisor
-            await self._end_process(worker)
+            await worker.stop()
         self._release_waiters()
         await self._info.close()
 
@@ -246,7 +231,7 @@ class ShadowProcess:
         for worker in self._workers:
             key = (worker.shard, self._idle_token)
             waiter = asyncio.get_running_loop().create_future()
-            if self.handoff.send(worker.shard, ("idle", self._idle_token)):
+            if self.handoff.send(worker.shard, messages.idle(self._idle_token)):
                 self._idle_waiters[key] = waiter
                 waiters.append(waiter)
         if waiters:
@@ -267,91 +252,34 @@ class ShadowProcess:
 
     @property
     def worker_pids(self) -> list[int | None]:
-        return [w.process.pid if w.process is not None else None for w in self._workers]
+        return [worker.pid for worker in self._workers]
 
     @property
     def feed_addresses(self) -> list[str | None]:
         return [worker.feed_address for worker in self._workers]
 
-    async def _supervise(self, worker: _Worker) -> None:
-        backoff = BACKOFF_INITIAL
-        while not self._stopping:
-            started = time.monotonic()
-            try:
-                link = await self._spawn(worker)
-            except Exception as exc:  # whatever it is, try again later
-                log.error("cannot start shadow worker %d: %s", worker.shard, exc)
-                self._errors[ErrorKind.WORKER_EXIT] += 1
-                self._refresh_stats()
-                await self._end_process(worker)
-            else:
-                await self._watch(worker, link)
-                worker.link = None
-                self._worker_gone(worker)
-                self.handoff.connect(worker.shard, None)
-                if self._stopping:
-                    return
-                code = await self._end_process(worker)
-                self._errors[ErrorKind.WORKER_EXIT] += 1
-                self._refresh_stats()
-                if time.monotonic() - started >= STABLE_AFTER:
-                    backoff = BACKOFF_INITIAL
-                log.error(
-                    "shadow worker %d exited (status %s); restarting it in %.1fs",
-                    worker.shard,
-                    code,
-                    backoff,
-                )
-            if not worker.ready.done():
-                worker.ready.set_result(None)  # start() waits no longer for a failing worker
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX)
+    def stopping(self) -> bool:
+        return self._stopping
 
-    async def _watch(self, worker: _Worker, link: _WorkerLink) -> None:
-        """Until the worker's socket closes; kill the worker if it stops reporting."""
-        while not link.closed.done():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(link.closed), 1.0)
-            silent = time.monotonic() - worker.last_heard
-            if not link.closed.done() and silent > HEARTBEAT_TIMEOUT and not self._stopping:
-                log.error("shadow worker %d silent for %.0fs; killing it", worker.shard, silent)
-                if worker.process is not None:
-                    worker.process.kill()
-                if link.transport is not None:
-                    link.transport.abort()
-                await link.closed
-
-    async def _spawn(self, worker: _Worker) -> _WorkerLink:
-        worker.process, ours = start_child("proxy.shadow.engine.worker")
-        link = _WorkerLink(self, worker)
-        try:
-            ours.setblocking(False)
-            await asyncio.get_running_loop().create_unix_connection(lambda: link, sock=ours)
-        except BaseException:
-            ours.close()
-            worker.process.kill()
-            raise
-        assert link.transport is not None
+    def _launched(self, worker: _Worker) -> None:
         # The worker starts cold and takes the live rate from here.
         worker.received = 0
-        worker.last_heard = time.monotonic()
-        link.transport.writelines(
-            encode(
-                (
-                    "start",
-                    self._config_blob,
-                    self.coverage.announced,
-                    self.config.shadow.worker_nice,
-                    worker.shard,
-                    self.shards,
-                    self.feed_token,
-                    time.perf_counter(),  # nothing observed before is handed to it
-                )
+        worker.send(
+            messages.start_worker(
+                self._config_blob,
+                self.coverage.announced,
+                self.config.shadow.worker_nice,
+                worker.shard,
+                self.shards,
+                self.feed_token,
+                time.perf_counter(),  # nothing observed before is handed to it
             )
         )
-        worker.link = link
-        self.handoff.connect(worker.shard, link.transport)
-        return link
+        self.handoff.connect(worker.shard, worker.transport)
+
+    def _count_exit(self) -> None:
+        self._errors[ErrorKind.WORKER_EXIT] += 1
+        self._refresh_stats()
 
     def _worker_gone(self, worker: _Worker) -> None:
         """Keep the dead worker's figures, count what it took with it, release waiters."""
@@ -363,7 +291,7 @@ class ShadowProcess:
             self._dropped[DropReason.WORKER_DOWN] += lost
         worker.base = add_states(worker.base, worker.state)
         worker.state = empty_state()
-        worker.exited += 1
+        worker.exited_count += 1
         if worker.feed_address is not None:
             worker.feed_address = None
             self._feeds_changed()
@@ -380,38 +308,10 @@ class ShadowProcess:
                 waiter.set_result(None)
         self._idle_waiters.clear()
 
-    async def _end_process(self, worker: _Worker) -> int | None:
-        process = worker.process
-        if process is None:
-            return None
-        worker.process = None
-        return await reap(process)
-
-    # -- messages from the workers --------------------------------------------------------
-
-    def _received(self, worker: _Worker, message: tuple[Any, ...]) -> None:
-        worker.last_heard = time.monotonic()
-        kind = message[0]
-        if kind == "stats":
-            worker.state = message[1]
-            worker.received = message[2]
-            self._refresh_stats()
-        elif kind == "example":
-            _, example_kind, command, key, memcached, redis, detail, story = message
-            self.examples.record(example_kind, command, key, memcached, redis, detail, story)
-        elif kind == "idle":
-            waiter = self._idle_waiters.pop((worker.shard, message[1]), None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
-        elif kind == "ready":
-            address = message[1] if len(message) > 1 else None
-            if address != worker.feed_address:
-                worker.feed_address = address
-                self._feeds_changed()
-            if not worker.ready.done():
-                worker.ready.set_result(None)
-        else:
-            log.warning("shadow worker %d: unknown message %r", worker.shard, kind)
+    def _idle_answered(self, shard: int, token: int) -> None:
+        waiter = self._idle_waiters.pop((shard, token), None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _feeds_changed(self) -> None:
         if self.feeds_changed is not None:
