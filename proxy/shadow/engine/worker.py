@@ -21,6 +21,8 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Final, cast
 
+from proxy import messages
+from proxy.children import ParentLink
 from proxy.shadow.engine.merge import Merger
 from proxy.shadow.stats import ShadowStats
 from proxy.shadow.wire import (
@@ -30,7 +32,6 @@ from proxy.shadow.wire import (
     FrameDecoder,
     Group,
     WireError,
-    encode,
     stats_state,
     unpack_request,
 )
@@ -50,14 +51,21 @@ LATE: Final = DropReason.LATE_HANDOFF
 (it was stalled): their keys turn cold instead of being replayed out of order."""
 
 
-class WorkerSession(asyncio.Protocol):
+_MERGED: Final = frozenset({"batch", "tick", "epoch"})
+"""With several proxy processes, what the first one sends of its stream on the main socket
+is merged with the feeds' (feed(0, ...)); the rest is handled at once."""
+
+
+class WorkerSession(ParentLink):
     """The worker's end of the socket: runs the engine the proxy asks for."""
 
+    name = "shadow worker"
+    log = log
+
     def __init__(self) -> None:
+        super().__init__()
         loop = asyncio.get_running_loop()
         self.finished: asyncio.Future[None] = loop.create_future()
-        self.decoder = FrameDecoder()
-        self.transport: asyncio.Transport | None = None
         self.engine: ShadowEngine | None = None
         self.stats = ShadowStats()
         self.exit_code = 0
@@ -71,79 +79,79 @@ class WorkerSession(asyncio.Protocol):
         self.feed_token = ""
         self._feed_server: asyncio.AbstractServer | None = None
         self._feeds = 0
+        self.handlers = {
+            "start": self._start,
+            "batch": self._batch,
+            "tick": self._tick,
+            "epoch": self._epoch,
+            "flush": self._flush,
+            "idle": self._told_idle,
+            "stop": self._told_stop,
+        }
+        self._feed_handlers: messages.Handlers = {
+            "batch": self._feed_batch,
+            "tick": self._feed_tick,
+            "epoch": self._feed_epoch,
+            "flush": self._feed_flush,
+        }
 
     # -- socket -------------------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
+    def broken(self, exc: WireError) -> None:
+        log.error("shadow worker: %s", exc)
+        self._spawn(self._stop(0.5))
 
-    def data_received(self, data: bytes) -> None:
+    def handle(self, message: tuple[Any, ...]) -> None:
         try:
-            messages = self.decoder.feed(data)
-        except WireError as exc:
-            log.error("shadow worker: %s", exc)
-            self._spawn(self._stop(0.5))
-            return
-        for message in messages:
-            try:
-                self._handle(message)
-            except Exception:  # a bad message must not end the worker's other work
-                log.exception("shadow worker: cannot handle %r", message[0])
-                self.stats.errors[ErrorKind.INTERNAL] += 1
+            if self.merger is not None and message[0] in _MERGED:
+                self.feed(0, message)
+            else:
+                super().handle(message)
+        except Exception:  # a bad message must not end the worker's other work
+            log.exception("shadow worker: cannot handle %r", message[0])
+            self.stats.errors[ErrorKind.INTERNAL] += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         # The proxy process is gone (or told us to stop and closed): finish quickly.
         self.transport = None
         self._spawn(self._stop(0.5))
 
-    def _send(self, message: tuple[Any, ...]) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.writelines(encode(message))
-
     # -- messages -----------------------------------------------------------------------
 
-    def _handle(self, message: tuple[Any, ...]) -> None:
-        kind = message[0]
+    def _batch(self, groups: list[Group], sent_at: float) -> None:
         engine = self.engine
-        if kind == "batch":
-            if engine is None:  # never: "start" comes first, and a failed start exits
-                return
-            if self.merger is not None:
-                self.feed(0, message)
-                return
-            dispatcher = engine.dispatcher
-            for session, replied_at, items in message[1]:
-                if session > 0:
-                    self.received += len(items)
-                    dispatcher.observe(
-                        [unpack_request(item) for item in items], session, replied_at=replied_at
-                    )
-                elif session == MARKER:  # requests of these keys were dropped on the way
-                    _forget(dispatcher, items)
-                elif session == COVERAGE:
-                    dispatcher.coverage(0, *items)
-            dispatcher.tick(message[2])
-        elif kind == "tick":
-            if self.merger is not None:
-                self.feed(0, message)
-            elif engine is not None:
-                engine.dispatcher.tick(message[1])
-        elif kind == "epoch":
-            if self.merger is not None:
-                self.feed(0, message)
-            elif engine is not None:
-                engine.dispatcher.forget_all()
-        elif kind == "flush":
-            if engine is not None:  # a flush_all from before this socket (flush_seen)
-                engine.dispatcher.flush_seen(message[1], message[2], message[3])
-        elif kind == "idle":
-            self._spawn(self._idle(message[1]))
-        elif kind == "start":
-            self._start(*message[1:])
-        elif kind == "stop":
-            self._spawn(self._stop(float(message[1])))
-        else:
-            log.warning("shadow worker: unknown message %r", kind)
+        if engine is None:  # never: "start" comes first, and a failed start exits
+            return
+        dispatcher = engine.dispatcher
+        for session, replied_at, items in groups:
+            if session > 0:
+                self.received += len(items)
+                dispatcher.observe(
+                    [unpack_request(item) for item in items], session, replied_at=replied_at
+                )
+            elif session == MARKER:  # requests of these keys were dropped on the way
+                _forget(dispatcher, items)
+            elif session == COVERAGE:
+                dispatcher.coverage(0, *items)
+        dispatcher.tick(sent_at)
+
+    def _tick(self, now: float) -> None:
+        if self.engine is not None:
+            self.engine.dispatcher.tick(now)
+
+    def _epoch(self, at: float) -> None:
+        if self.engine is not None:
+            self.engine.dispatcher.forget_all()
+
+    def _flush(self, sent: float, replied: float, words: Any) -> None:
+        if self.engine is not None:  # a flush_all from before this socket (flush_seen)
+            self.engine.dispatcher.flush_seen(sent, replied, words)
+
+    def _told_idle(self, token: int) -> None:
+        self._spawn(self._idle(token))
+
+    def _told_stop(self, timeout: float) -> None:
+        self._spawn(self._stop(float(timeout)))
 
     def _start(
         self,
@@ -201,7 +209,7 @@ class WorkerSession(asyncio.Protocol):
         address = None
         if self._feed_server is not None:
             address = _address_of(self._feed_server)
-        self._send(("ready", address))
+        self.send(messages.worker_ready(address))
 
     # -- workers: N: every proxy process's stream, merged -----------------------------------
 
@@ -219,7 +227,7 @@ class WorkerSession(asyncio.Protocol):
         key turns cold, ordered after what it did deliver."""
         if self.merger is not None:
             if not clean:
-                self.feed(stream, ("epoch", time.perf_counter()))
+                self.feed(stream, messages.epoch(time.perf_counter()))
             self.merger.close(stream)
             self._release()
             if self.engine is not None:
@@ -228,36 +236,41 @@ class WorkerSession(asyncio.Protocol):
     def feed(self, stream: int, message: tuple[Any, ...]) -> None:
         """A batch, tick or epoch message of one proxy process's stream (stream 0: the first
         process, on the main socket)."""
-        engine, merger = self.engine, self.merger
-        if engine is None or merger is None:
+        if self.engine is None or self.merger is None:
             return
-        kind = message[0]
-        if kind == "batch":
-            groups = message[1]
-            if stream == 0:  # (`received` is what the first process handed over)
-                self.received += sum(len(g[2]) for g in groups if g[0] > 0)
-            if any(g[0] == COVERAGE for g in groups):  # (whose it is, once merged)
-                groups = [
-                    (COVERAGE, g[1], (stream, *g[2])) if g[0] == COVERAGE else g for g in groups
-                ]
-            late = merger.add(stream, groups, message[2])
-            if late:
-                self._late(late)
-        elif kind == "tick":
-            merger.tick(stream, message[1])
-        elif kind == "epoch":
-            # What this stream lost came before `at`. At once: a verdict still waiting for
-            # its evidence may have missed it (it turns unverified). And in order: a
-            # request released after this point from before `at` must not warm a key.
-            engine.dispatcher.forget_all()
-            late = merger.add(stream, [(MARKER, float(message[1]), None)], float("-inf"))
-            if late:
-                self._late(late)
-        elif kind == "flush":
-            engine.dispatcher.flush_seen(message[1], message[2], message[3])
-        else:
-            raise WireError(f"unexpected {kind!r} on a feed")
+        handler = self._feed_handlers.get(message[0])
+        if handler is None:
+            raise WireError(f"unexpected {message[0]!r} on a feed")
+        handler(stream, *message[1:])
         self._release()
+
+    def _feed_batch(self, stream: int, groups: list[Group], sent_at: float) -> None:
+        assert self.merger is not None
+        if stream == 0:  # (`received` is what the first process handed over)
+            self.received += sum(len(g[2]) for g in groups if g[0] > 0)
+        if any(g[0] == COVERAGE for g in groups):  # (whose it is, once merged)
+            groups = [(COVERAGE, g[1], (stream, *g[2])) if g[0] == COVERAGE else g for g in groups]
+        late = self.merger.add(stream, groups, sent_at)
+        if late:
+            self._late(late)
+
+    def _feed_tick(self, stream: int, now: float) -> None:
+        assert self.merger is not None
+        self.merger.tick(stream, now)
+
+    def _feed_epoch(self, stream: int, at: float) -> None:
+        # What this stream lost came before `at`. At once: a verdict still waiting for its
+        # evidence may have missed it (it turns unverified). And in order: a request
+        # released after this point from before `at` must not warm a key.
+        assert self.engine is not None and self.merger is not None
+        self.engine.dispatcher.forget_all()
+        late = self.merger.add(stream, [(MARKER, float(at), None)], float("-inf"))
+        if late:
+            self._late(late)
+
+    def _feed_flush(self, stream: int, sent: float, replied: float, words: Any) -> None:
+        assert self.engine is not None
+        self.engine.dispatcher.flush_seen(sent, replied, words)
 
     def _release(self) -> None:
         engine, merger = self.engine, self.merger
@@ -313,18 +326,10 @@ class WorkerSession(asyncio.Protocol):
             await asyncio.sleep(STATS_INTERVAL)
 
     def _send_stats(self) -> None:
-        self._send(("stats", stats_state(self.stats), self.received))
+        self.send(messages.stats(stats_state(self.stats), self.received))
 
-    def _example(
-        self,
-        kind: str,
-        command: str,
-        key: bytes,
-        memcached: dict[str, Any],
-        redis: dict[str, Any],
-        detail: str,
-        story: dict[str, Any],
-    ) -> None:
+    def _example(self, kind: str, *fields: Any) -> None:
+        """One mismatch example: its kind, then messages.example's other fields."""
         # Recorded (hashed, logged) by the proxy process, which holds the examples' secret.
         # It keeps the last examples_per_kind of each kind: more per second than that are
         # not worth hashing there (a mismatch storm must not load the client path).
@@ -335,7 +340,7 @@ class WorkerSession(asyncio.Protocol):
         if count >= self._examples_per_kind:
             return
         self._example_windows[kind] = (start, count + 1)
-        self._send(("example", kind, command, key, memcached, redis, detail, story))
+        self.send(messages.example(kind, *fields))
 
     async def _idle(self, token: int) -> None:
         if self.engine is not None:
@@ -343,7 +348,7 @@ class WorkerSession(asyncio.Protocol):
                 await asyncio.sleep(RELEASE_INTERVAL)  # other proxies' requests still held
             await self.engine.dispatcher.idle()
         self._send_stats()
-        self._send(("idle", token))
+        self.send(messages.idle(token))
 
     async def _stop(self, timeout: float) -> None:
         if self._stopping:
