@@ -308,6 +308,10 @@ def _increments(now: Mapping[str, float], before: Mapping[str, float]) -> dict[s
     }
 
 
+def _plain(counts: Mapping[str, int]) -> dict[str, int]:
+    return {str(key): n for key, n in counts.items()}
+
+
 def _whole(counts: dict[str, float]) -> dict[str, int]:
     return {key: int(value) for key, value in counts.items()}
 
@@ -549,8 +553,9 @@ class ExtraProcess(ParentLink):
             "requests": {label: stats.state() for label, stats in metrics.listeners.items()},
             "connections": metrics.connections,
             "counters": metrics.counters(),
-            "shadowed": dict(handoff.stats.shadowed) if handoff is not None else {},
-            "dropped": dict(handoff.dropped) if handoff is not None else {},
+            # (plain str keys: marshal refuses the DropReason members the hand-off counts by)
+            "shadowed": _plain(handoff.stats.shadowed) if handoff is not None else {},
+            "dropped": _plain(handoff.dropped) if handoff is not None else {},
         }
 
     async def _tick(self) -> None:
