@@ -1,6 +1,6 @@
 """`workers: N`: the extra proxy processes, and the first process that runs them.
 
-The first process (cli.py) does everything it does with one worker: the admin endpoint,
+The first process (cli.py) does everything it does with `workers: 1`: the admin endpoint,
 the operations (rate, ramp, halts, reload), the health probes, the shadow workers, and
 client traffic on its own listen sockets. It also starts N-1 more proxy processes
 (`python -m proxy.processes FD`), each given listen sockets of its own bound to the same
