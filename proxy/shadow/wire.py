@@ -48,8 +48,26 @@ class WireError(MemshadowError):
 
 def encode(message: tuple[Any, ...]) -> list[bytes]:
     """The frame of a message, as (header, payload) for transport.writelines (no copy)."""
-    payload = marshal.dumps(message)
+    try:
+        payload = marshal.dumps(message)
+    except ValueError:  # a str subclass (a StrEnum word) somewhere in it: sent as plain str
+        payload = marshal.dumps(_plain_value(message))
     return [_HEADER.pack(len(payload)), payload]
+
+
+def _plain_value(value: Any) -> Any:
+    """`value` with every str subclass inside it a plain str (what marshal can write)."""
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, tuple):
+        return tuple(_plain_value(v) for v in value)
+    if isinstance(value, list):
+        return [_plain_value(v) for v in value]
+    if isinstance(value, dict):
+        return {_plain_value(k): _plain_value(v) for k, v in value.items()}
+    if isinstance(value, set | frozenset):
+        return type(value)(_plain_value(v) for v in value)
+    return value
 
 
 class FrameDecoder:

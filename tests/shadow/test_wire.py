@@ -146,3 +146,14 @@ def test_states_add_up_so_counters_survive_a_worker_restart() -> None:
     assert mirror.lag.count == 2
     assert mirror.queue_depth == 3  # the newer worker's queue, not a sum
     assert mirror.cas_map_entries == 30  # ...and its cas map
+
+
+def test_a_word_of_the_vocabulary_crosses_as_plain_str_wherever_it_sits() -> None:
+    """marshal refuses str subclasses; a StrEnum member in any message must not make a
+    process unable to report (it once silenced an extra proxy process)."""
+    from proxy.shadow.words import DropReason
+
+    message = ("figures", {"dropped": {DropReason.QUEUE_FULL: 3}, "l": [DropReason.TIMEOUT]})
+    (decoded,) = FrameDecoder().feed(b"".join(encode(message)))
+    assert decoded == ("figures", {"dropped": {"queue_full": 3}, "l": ["timeout"]})
+    assert type(next(iter(decoded[1]["dropped"]))) is str
