@@ -611,13 +611,14 @@ class RedisStore:
         if args[0] != b"FCALL":
             return command.decode(await conn.execute(*args))
         try:
-            reply = await conn.execute(*args)
+            return command.decode(await conn.execute(*args))
         except RedisReplyError as exc:
             if conn.library is None or not missing_function(exc):
                 raise
-            await conn.reload_library()
-            reply = await conn.execute(*args)
-        return command.decode(reply)
+        # (Awaited outside the except block: compiled, an await inside it left the handled
+        # error as the context of unrelated later exceptions.)
+        await conn.reload_library()
+        return command.decode(await conn.execute(*args))
 
     def send(
         self, command: Command, done: Callable[[Command, Any, RedisError | None], None]

@@ -115,7 +115,11 @@ def hammer_gives_no_false_alarm(
     if differing:  # 2 s TTLs: an expiry between the two reads above; wait it out
         time.sleep(3.5)  # (the TTLs' own time: whatever differed then has expired now)
         differing = _differing(memcached, redis_get, differing)
-    assert differing == []
+    # (On failure: both stores' items and what the shadow said, to tell the cause.)
+    assert differing == [], (
+        [(key, mc_item(memcached.port, key), redis_get(key)) for key in differing],
+        after,
+    )
     return after
 
 

@@ -42,6 +42,7 @@ from proxy.shadow.engine.translate import (
     _retrieval,
     translate,
 )
+from proxy.shadow.words import SkipReason
 
 
 def op_for(stream: bytes, reply: bytes, sampled: object = None) -> list[ShadowOp] | Skip:
@@ -125,7 +126,9 @@ def test_plain_get_shortcut_agrees_on_any_reply(parts: list[bytes]) -> None:
 
 
 def test_get_error_reply_is_skipped() -> None:
-    assert op_for(b"get a\r\n", b"SERVER_ERROR out of memory\r\n") == Skip("memcached_error")
+    assert op_for(b"get a\r\n", b"SERVER_ERROR out of memory\r\n") == Skip(
+        SkipReason.MEMCACHED_ERROR
+    )
 
 
 @pytest.mark.parametrize(
