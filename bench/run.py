@@ -45,7 +45,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,11 +53,16 @@ from typing import Any
 from harness import (
     HOST,
     Processes,
+    Samples,
     affinity_preexec,
+    bucket_quantile,
     cpu_seconds,
     free_port,
+    histogram_buckets,
     log_tail,
+    metric_total,
     parse_cpus,
+    scrape,
     wait_ready,
 )
 
@@ -341,47 +345,6 @@ def run_load(spec: LoadSpec, mode: str, port: int, seconds: int, warmup: bool) -
     if mode == FIXED:
         return run_loadgen(spec, port, seconds, prefill=warmup)
     return run_memcaslap(spec, port, seconds, 1 if mode == SINGLE else None)
-
-
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$")
-Samples = list[tuple[str, str, float]]
-
-
-def scrape(port: int) -> Samples:
-    """memshadow's /metrics as (name, labels, value) samples."""
-    with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    samples = []
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if match:
-            samples.append((match[1], match[2] or "", float(match[3])))
-    return samples
-
-
-def metric_total(samples: Samples, name: str, label: str = "") -> float:
-    return sum(v for n, labels, v in samples if n == name and label in labels)
-
-
-def histogram_buckets(samples: Samples, name: str) -> dict[float, float]:
-    """le bound -> cumulative count."""
-    out: dict[float, float] = {}
-    for n, labels, v in samples:
-        if n == f"{name}_bucket":
-            bound = re.search(r'le="([^"]+)"', labels)
-            if bound:
-                out[float(bound[1])] = out.get(float(bound[1]), 0.0) + v
-    return out
-
-
-def bucket_quantile(buckets: dict[float, float], q: float) -> float | None:
-    """Upper bound of the bucket holding the q-quantile (None when empty)."""
-    ordered = sorted(buckets.items())
-    count = ordered[-1][1] if ordered else 0
-    for bound, cumulative in ordered:
-        if count and cumulative >= q * count:
-            return bound
-    return None
 
 
 def shadow_figures(before: Samples, after: Samples) -> dict[str, float | None]:
