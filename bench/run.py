@@ -301,19 +301,32 @@ def run_memcaslap(
     if spec.tps > 0 and concurrency is None:
         # memcaslap wants a k/m suffix ("--tps=5000" is refused); whole thousands are exact.
         argv.append(f"--tps={max(1, round(spec.tps / 1000))}k")
+    code, out, _ = run_tool("memcaslap", argv, seconds + 30, merge_stderr=True)
+    return code, out
+
+
+def run_tool(
+    name: str, argv: list[str], timeout: float, *, merge_stderr: bool
+) -> tuple[int, str, str]:
+    """Run a load generator in a process group of its own, killed after `timeout` seconds:
+    (exit code, -9 when killed; its stdout; its stderr, or "" when merged into stdout)."""
     proc = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        start_new_session=True,
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
+    killed = ""
     try:
-        out, _ = proc.communicate(timeout=seconds + 30)
+        out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         Processes.kill_group(proc)
-        out, _ = proc.communicate()
-        return -9, out.decode(errors="replace") + "\n[killed: memcaslap timed out]"
+        out, err = proc.communicate()
+        killed = f"\n[killed: {name} timed out]"
     finally:
         Processes.kill_group(proc, timeout=1)
-    return proc.returncode, out.decode(errors="replace")
+    text, errors = out.decode(errors="replace"), (err or b"").decode(errors="replace")
+    if killed:
+        return -9, text + killed, errors + killed
+    return proc.returncode, text, errors
 
 
 def run_loadgen(spec: LoadSpec, port: int, seconds: float, prefill: bool) -> tuple[int, str]:
@@ -325,20 +338,8 @@ def run_loadgen(spec: LoadSpec, port: int, seconds: float, prefill: bool) -> tup
         "--key-size", str(spec.key_size), "--value-size", str(spec.value_size),
         "--get-ratio", str(spec.get_ratio), *(["--prefill"] if prefill else []),
     ]  # fmt: skip
-    proc = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        out, err = proc.communicate(timeout=seconds + 60)
-    except subprocess.TimeoutExpired:
-        Processes.kill_group(proc)
-        out, err = proc.communicate()
-        return -9, err.decode(errors="replace") + "\n[killed: loadgen timed out]"
-    finally:
-        Processes.kill_group(proc, timeout=1)
-    text = out.decode(errors="replace")
-    return proc.returncode, text if text.strip() else err.decode(errors="replace")
+    code, out, err = run_tool("loadgen", argv, seconds + 60, merge_stderr=False)
+    return code, out if out.strip() and code != -9 else err
 
 
 def run_load(spec: LoadSpec, mode: str, port: int, seconds: int, warmup: bool) -> tuple[int, str]:
