@@ -14,12 +14,15 @@ processes (/proc: the proxy and its shadow worker). Per target we report the med
 rounds; ratios are computed per round (paired, same round = same machine conditions) and
 summarised by their median. --compiled-python runs every memshadow target twice: on the
 interpreter running this script (`make bench`: .venv, the sources, pure Python) and on the
-compiled build's (NAME-mypyc).
+compiled build's (NAME-mypyc). --tree NAME=PATH runs every memshadow target also on the sources
+at PATH (another checkout: a git worktree of an earlier commit), pure Python on this
+interpreter, as TARGET@NAME: the CPU of two versions of the code from one run, paired per round.
 
 Usage:
     python bench/run.py [--rounds 5] [--seconds 10] [--targets direct,relay,...]
                         [--modes saturated,fixed,single] [--fixed-rate 5000]
                         [--compiled-python .venv-compiled/bin/python]
+                        [--tree before=/path/to/an/earlier/checkout]
                         [--variant 'NAME=EXTRA MEMSHADOW ARGS'] [--json [PATH]]
 
 See bench/README.md for what is measured and how to read the ratios.
@@ -75,6 +78,7 @@ BUILTIN_TARGETS = ("direct", "nutcracker", "relay", "memshadow")
 SATURATED, FIXED, SINGLE = "saturated", "fixed", "single"
 MODES = (SATURATED, FIXED, SINGLE)
 COMPILED_SUFFIX = "-mypyc"  # the compiled build's twin of a memshadow target
+TREE_MARK = "@"  # TARGET@NAME: a memshadow target on the sources of --tree NAME=PATH
 # The halt rules off in the bench's configs: a saturated run on a shared machine trips them
 # (drops, Redis timeouts), and a halted shadow would be measured as rate 0 in every later run
 # of that target (seen: rate 1 in process mode shadowed nothing after its first run).
@@ -108,6 +112,7 @@ class Target:
     cpu_pid: int = 0  # whose CPU is the target's (direct: memcached's)
     python: str = ""  # memshadow targets: the interpreter ("": this one, the sources)
     build: str = ""  # memshadow targets: "pure" or "compiled", checked at start
+    tree: str = ""  # pure memshadow targets: the sources they run ("": this checkout's)
 
 
 def nutcracker_config(path: Path, listen: int, memcached: int) -> None:
@@ -167,10 +172,10 @@ def start_target(t: Target, procs: Processes, mc_port: int, workdir: Path,
             # Its own installed package: neither the sources' directory nor PYTHONPATH.
             env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
             cwd = workdir
-        else:
+        else:  # the sources, found first (`-m proxy` from their directory)
+            cwd = Path(t.tree) if t.tree else REPO_ROOT
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-                p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p))  # fmt: skip
-            cwd = REPO_ROOT
+                p for p in (str(cwd), os.environ.get("PYTHONPATH", "")) if p))  # fmt: skip
         t.proc, t.log = procs.start(t.name, t.argv, cpus=cpus, cwd=cwd, env=env)
         t.cpu_pid = t.proc.pid
     except OSError as exc:
@@ -587,9 +592,18 @@ def summarize(
         for name in names
         if name + COMPILED_SUFFIX in names
     }
+    # this checkout / another's (--tree): below 1, this checkout costs less CPU a request
+    this_vs_tree = {
+        twin: paired(
+            lambda r, name=name, twin=twin: get(r, name, "cpu_us") / get(r, twin, "cpu_us")
+        )
+        for twin in names
+        if TREE_MARK in twin and (name := twin.split(TREE_MARK)[0]) in names
+    }
     return {
         "targets": per_target,
         "compiled_vs_pure": compiled_vs_pure,
+        "this_vs_tree": this_vs_tree,
         "goals": cpu_goals(names, per_target, paired, get),
         "cpu_vs_relay": cpu_vs_relay,
         "ratios": ratios,
@@ -698,14 +712,18 @@ def render_overview(result: dict[str, Any]) -> list[str]:
     targets on both builds side by side, with the paired compiled / pure ratio."""
     modes = result["config"]["modes"]
     names = [t["name"] for t in result["targets"] if t["status"] != "skipped"]
-    bases = [n for n in names if not n.endswith(COMPILED_SUFFIX)]
+    bases = [n for n in names if not n.endswith(COMPILED_SUFFIX) and TREE_MARK not in n]
     has_compiled = any(n.endswith(COMPILED_SUFFIX) for n in names)
+    trees = sorted({n.split(TREE_MARK)[1] for n in names if TREE_MARK in n})
     head = "| target |"
     rule = "|---|"
     for mode in modes:
         head += f" {mode}: pure |" + (f" {mode}: compiled | {mode}: compiled/pure |"
                                        if has_compiled else "")  # fmt: skip
         rule += "---:|" + ("---:|---:|" if has_compiled else "")
+        for tree in trees:
+            head += f" {mode}: @{tree} | {mode}: this/@{tree} |"
+            rule += "---:|---:|"
     lines = [
         "CPU µs per request of the target's own processes (proxy + shadow worker; /proc), "
         "median [min..max] over rounds. compiled/pure: median of the per-round ratios.",
@@ -725,7 +743,17 @@ def render_overview(result: dict[str, Any]) -> list[str]:
                     row += f" {fmt_cpu(summ['targets'].get(twin))} | {fmt_ratio(ratio)} |"
                 else:
                     row += " - | - |"
+            for tree in trees:
+                other = f"{base}{TREE_MARK}{tree}"
+                if other in names:
+                    ratio = summ["this_vs_tree"].get(other)
+                    row += f" {fmt_cpu(summ['targets'].get(other))} | {fmt_ratio(ratio)} |"
+                else:
+                    row += " - | - |"
         lines.append(row)
+    if trees:
+        lines += ["", "this/@NAME: median of the per-round ratios of this checkout's CPU per "
+                  "request to the same target's on the sources of --tree NAME (pure Python)."]
     return lines
 
 
@@ -983,6 +1011,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="the interpreter of the compiled build (`make bench`: .venv-compiled/bin/python):"
         f" every memshadow target also runs on it, as NAME{COMPILED_SUFFIX}",
     )
+    ap.add_argument(
+        "--tree",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="another checkout's sources (a git worktree of an earlier commit): every "
+        f"memshadow target also runs on them, pure Python, as TARGET{TREE_MARK}NAME",
+    )
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1, help="memcaslap threads (1)")
     ap.add_argument("--key-size", type=int, default=32)
@@ -1034,6 +1070,17 @@ def select_targets(args: argparse.Namespace) -> list[Target]:
                                    python=os.path.abspath(args.compiled_python),
                                    build="compiled"))  # fmt: skip
         all_targets = both
+    for spec in args.tree:
+        tree_name, sep, path = spec.partition("=")
+        if not sep or not tree_name or not (Path(path) / "proxy" / "__main__.py").is_file():
+            raise SystemExit(f"--tree {spec!r}: NAME=PATH of a checkout with proxy/__main__.py")
+        source = str(Path(path).resolve())
+        all_targets += [
+            Target(f"{t.name}{TREE_MARK}{tree_name}", "memshadow", t.extra_args, build="pure",
+                   tree=source)
+            for t in list(all_targets)
+            if t.kind == "memshadow" and t.build != "compiled" and TREE_MARK not in t.name
+        ]
     names = [t.name for t in all_targets]
     if len(set(names)) != len(names):
         raise SystemExit(f"duplicate target names: {names}")
