@@ -21,6 +21,7 @@ from proxy.shadow.wire import (
     stats_state,
     unpack_request,
 )
+from proxy.shadow.words import DropReason
 
 
 def test_frames_come_out_whole_whatever_the_chunking() -> None:
@@ -151,8 +152,6 @@ def test_states_add_up_so_counters_survive_a_worker_restart() -> None:
 def test_a_word_of_the_vocabulary_crosses_as_plain_str_wherever_it_sits() -> None:
     """marshal refuses str subclasses; a StrEnum member in any message must not make a
     process unable to report (it once silenced an extra proxy process)."""
-    from proxy.shadow.words import DropReason
-
     message = ("figures", {"dropped": {DropReason.QUEUE_FULL: 3}, "l": [DropReason.TIMEOUT]})
     (decoded,) = FrameDecoder().feed(b"".join(encode(message)))
     assert decoded == ("figures", {"dropped": {"queue_full": 3}, "l": ["timeout"]})
