@@ -293,16 +293,15 @@ class RedisConnection:
     async def _supervise(self) -> None:
         delay = self.options.backoff_initial
         while not self._closing:
+            protocol: RespProtocol | None
             try:
                 protocol = await self._connect_once()
             except (OSError, TimeoutError, RedisError) as exc:
-                self.connect_failures += 1
-                failures = self.options.failures
-                if failures is not None:
-                    failures[failure_reason(exc)] += 1
-                self.last_error = _describe_failure(exc, self.url)
-                self._attempted.set()
-                _outage(self.url).failed(self.last_error, self.options.outage_summary)
+                self._connect_failed(exc)
+                protocol = None
+            if protocol is None:
+                # (the wait is outside the except block: compiled with mypyc, a coroutine
+                # suspended in one leaves its exception set for the whole thread)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, self.options.backoff_max)
                 continue
@@ -330,6 +329,15 @@ class RedisConnection:
                 self._protocol = None
             if not self._closing:
                 log.warning("redis %s (%s): connection lost, reconnecting", self.name, self.url)
+
+    def _connect_failed(self, exc: BaseException) -> None:
+        self.connect_failures += 1
+        failures = self.options.failures
+        if failures is not None:
+            failures[failure_reason(exc)] += 1
+        self.last_error = _describe_failure(exc, self.url)
+        self._attempted.set()
+        _outage(self.url).failed(self.last_error, self.options.outage_summary)
 
     async def _connect_once(self) -> RespProtocol:
         loop = asyncio.get_running_loop()

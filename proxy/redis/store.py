@@ -454,8 +454,9 @@ class RedisStore:
             except RedisError as exc:
                 if delay == 0.1:  # once: the connect failures have their own summaries
                     log.warning("redis %s: cannot tell whether it is a cluster yet: %s", url, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+            # (not in the except block: see RedisConnection._supervise)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
         if is_cluster and url.db:
             log.error(
                 "redis %s is a Redis Cluster node, and a cluster has database 0 only: set "

@@ -8,6 +8,7 @@ import itertools
 import logging
 import ssl
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 
 from proxy.memcache.words import Mode, Status
 from proxy.redis.connection import ConnectionOptions, RedisConnection
@@ -373,6 +375,38 @@ async def test_redis_down_fails_fast() -> None:
     assert conn.connect_failures >= 1 and not conn.is_connected
     assert isinstance(raised_at_once(conn.execute(b"PING")), RedisUnavailable)
     await conn.close()
+
+
+def test_a_connection_retrying_leaves_no_exception_behind() -> None:
+    """While a connection (and a store telling a cluster from a single Redis) retries a
+    refused connect, nothing else in the thread sees that failure: no stale sys.exc_info(),
+    no stale context on an unrelated exception (on the compiled build, a coroutine suspended
+    in an except block left both; see tests/test_build.py)."""
+
+    async def unrelated() -> BaseException:
+        try:
+            raise ValueError("unrelated")
+        except ValueError as exc:
+            return exc
+
+    loop = uvloop.new_event_loop()
+    url = f"redis://127.0.0.1:{free_port()}"
+    options = ConnectionOptions(connect_timeout=0.5, backoff_initial=0.01, backoff_max=0.02)
+    conn = RedisConnection(url, options)
+    store = RedisStore.from_url(url, cluster="auto", options=options)
+    try:
+        loop.run_until_complete(conn.start())
+        loop.create_task(store.start())
+        for _ in range(5):
+            loop.run_until_complete(asyncio.sleep(0.05))
+        assert conn.connect_failures >= 2
+        assert sys.exc_info() == (None, None, None)
+        assert loop.run_until_complete(unrelated()).__context__ is None
+        assert raised_at_once(conn.execute(b"PING")).__context__ is None
+    finally:
+        loop.run_until_complete(conn.close())
+        loop.run_until_complete(store.close())
+        loop.close()
 
 
 async def test_redis_killed_then_back(redis_factory: StartRedis) -> None:

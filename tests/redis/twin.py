@@ -26,12 +26,19 @@ T = TypeVar("T")
 
 TTL_TOLERANCE_S = 2.0
 
+PATIENCE_S = 60.0
+"""How long either server may take to answer (and Redis to be reconnected) before the twin
+gives up. Generous: the differential judges the answers, never their speed, and a loaded host
+can stall a process for seconds; a command that timed out would also leave the next example
+failing at once on a connection still being re-opened (hypothesis then reports the test as
+flaky instead of the stall)."""
+
 
 class MemcachedText:
     """Blocking memcached text-protocol client that returns raw reply lines and blocks."""
 
     def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=PATIENCE_S)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.file = self.sock.makefile("rb")
 
@@ -175,10 +182,12 @@ class Twin:
         self.item_size_max = item_size_max
         self.slab_chunk_max = slab_chunk_max
         pool = RedisPool(
-            redis_url, pool_size, ConnectionOptions(timeout=5.0, library=function_library())
+            redis_url,
+            pool_size,
+            ConnectionOptions(timeout=PATIENCE_S, library=function_library()),
         )
         self.store = RedisStore(pool, item_size_max=item_size_max, slab_chunk_max=slab_chunk_max)
-        assert self.run(self.store.start()), "redis did not connect"
+        assert self.loop.run_until_complete(self.store.start()), "redis did not connect"
         self.callbacks = CallbackStore(self.store)
         self._turn = 0
         self.cas_map: dict[tuple[bytes, int], int] = {}
@@ -190,11 +199,18 @@ class Twin:
         return self.store if self._turn % 2 else self.callbacks
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` on the twin's loop, once every Redis connection is up."""
+        pool = self.store.pool
+        if not pool.is_connected and not self.loop.run_until_complete(
+            pool.wait_connected(PATIENCE_S)
+        ):
+            coro.close()
+            raise AssertionError(f"redis not connected after {PATIENCE_S:.0f} s")
         return self.loop.run_until_complete(coro)
 
     def close(self) -> None:
         self.mc.close()
-        self.run(self.store.close())
+        self.loop.run_until_complete(self.store.close())
 
     def reset(self) -> None:
         assert self.mc.line(b"flush_all") == b"OK"
