@@ -572,11 +572,11 @@ def summarize(
             "added_p50_vs_relay": paired(added_ratio(name, "p50")),
             "added_mc_avg_vs_relay": paired(added_ratio(name, "mc_avg")),
         }
-    cpu_vs_relay = {
-        name: paired(lambda r, name=name: get(r, name, "cpu_us") / get(r, "relay", "cpu_us"))
-        for name in names
-        if "relay" in names
-    }
+    def cpu_ratio(name: str, base: str) -> dict[str, Any]:
+        """Per-round ratios of `name`'s CPU per request to `base`'s."""
+        return paired(lambda r: get(r, name, "cpu_us") / get(r, base, "cpu_us"))
+
+    cpu_vs_relay = {name: cpu_ratio(name, "relay") for name in names if "relay" in names}
     vs_baseline: dict[str, Any] = {}
     if baseline in names:
         vs_baseline = {name: paired(tps_ratio(name, baseline)) for name in names}
@@ -586,17 +586,13 @@ def summarize(
             "added_p99_us": paired(added("relay", "p99")),
         }
     compiled_vs_pure = {
-        name: paired(
-            lambda r, name=name: get(r, name + COMPILED_SUFFIX, "cpu_us") / get(r, name, "cpu_us")
-        )
+        name: cpu_ratio(name + COMPILED_SUFFIX, name)
         for name in names
         if name + COMPILED_SUFFIX in names
     }
     # this checkout / another's (--tree): below 1, this checkout costs less CPU a request
     this_vs_tree = {
-        twin: paired(
-            lambda r, name=name, twin=twin: get(r, name, "cpu_us") / get(r, twin, "cpu_us")
-        )
+        twin: cpu_ratio(name, twin)
         for twin in names
         if TREE_MARK in twin and (name := twin.split(TREE_MARK)[0]) in names
     }
