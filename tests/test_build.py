@@ -70,9 +70,12 @@ def test_every_listed_module_exists_once() -> None:
     assert "proxy.buildinfo" not in modules  # it must answer whatever was compiled
 
 
+SUSPENSIONS = (ast.Await, ast.AsyncFor, ast.AsyncWith, ast.Yield, ast.YieldFrom)
+
+
 def waits_while_handling(source: str) -> list[int]:
-    """Lines of the awaits (await, async for, async with) inside an except block or a finally
-    block of `source`."""
+    """Lines of the suspension points (await, async for, async with, yield) inside an except
+    block or a finally block of `source`."""
     lines = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ExceptHandler):
@@ -83,7 +86,7 @@ def waits_while_handling(source: str) -> list[int]:
             continue
         for statement in blocks:
             for inner in ast.walk(statement):
-                if isinstance(inner, ast.Await | ast.AsyncFor | ast.AsyncWith):
+                if isinstance(inner, SUSPENSIONS):
                     lines.append(inner.lineno)
     return sorted(set(lines))
 
@@ -99,8 +102,13 @@ def test_waits_while_handling_are_found() -> None:
         "        async with c():\n"
         "            pass\n"
         "    await d()\n"
+        "def g():\n"
+        "    try:\n"
+        "        yield 1\n"
+        "    except OSError:\n"
+        "        yield 2\n"
     )
-    assert waits_while_handling(source) == [5, 7]
+    assert waits_while_handling(source) == [5, 7, 14]
 
 
 def test_compiled_modules_never_wait_while_handling_an_exception() -> None:
@@ -108,8 +116,8 @@ def test_compiled_modules_never_wait_while_handling_an_exception() -> None:
     exception it handles set for the whole thread: every exception raised later in the process
     carries it as its context (a log of an unrelated error then shows a stale connect failure
     "during handling"), sys.exc_info() reports it, and it keeps its traceback's frames alive.
-    In a finally block an await can lose the exception (mypyc/mypyc#1114). The compiled
-    modules wait after the block instead."""
+    In a finally block an await can lose the exception (mypyc/mypyc#1114). A generator
+    suspended there is the same case. The compiled modules wait after the block instead."""
     found = {}
     for name in buildinfo.COMPILED_MODULES:
         path = (ROOT / Path(*name.split("."))).with_suffix(".py")
