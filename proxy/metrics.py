@@ -307,7 +307,8 @@ class ProxyMetrics:
         )
         self._upstream_errors = Counter(
             "memshadow_upstream_errors",
-            "Failures talking to Memcached, by kind (connect, timeout, closed, protocol).",
+            "Failures talking to Memcached, by kind: connect (refused or failed), "
+            "connect_timeout, disconnect (it closed a connection with requests in flight).",
             ["kind"],
             registry=self.registry,
         )

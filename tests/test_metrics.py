@@ -183,11 +183,11 @@ def test_client_connection_gauge() -> None:
 
 def test_error_and_unframed_counters_by_label() -> None:
     metrics = ProxyMetrics()
-    for kind in ["connect", "connect", "timeout"]:
+    for kind in ["connect", "connect", "connect_timeout"]:
         metrics.upstream_error(kind)
     metrics.unframed("line_too_long")
     assert value(metrics, "memshadow_upstream_errors_total", kind="connect") == 2
-    assert value(metrics, "memshadow_upstream_errors_total", kind="timeout") == 1
+    assert value(metrics, "memshadow_upstream_errors_total", kind="connect_timeout") == 1
     assert value(metrics, "memshadow_unframed_connections_total", reason="line_too_long") == 1
 
 
