@@ -6,8 +6,16 @@ import sys
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.support import ProxyThread, ServerProcess, memcached_argv, proxy_config, redis_argv
+
+# Property tests judge what code does, never how fast: hypothesis's default 200 ms deadline per
+# example (and its "too slow" health check) would fail one on a host that stalls.
+settings.register_profile(
+    "memshadow", deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("memshadow")
 
 
 @pytest.fixture

@@ -462,7 +462,7 @@ class RawClient:
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
-    def read_until(self, suffix: bytes, timeout: float = 5.0) -> bytes:
+    def read_until(self, suffix: bytes, timeout: float = 30.0) -> bytes:
         deadline = time.monotonic() + timeout
         out = b""
         while not out.endswith(suffix):

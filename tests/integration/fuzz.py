@@ -52,6 +52,8 @@ from tests.support import (
 
 MARKER = b"mg fuzz:end v O424242\r\n"
 MARKER_REPLY = b"EN O424242\r\n"
+PATIENCE_S = 30.0
+"""How long a server that should answer may take (a loaded host stalls processes)."""
 # memcached's LRU maintainer rewrites bumped items in the background (incr/decr padding then
 # depends on timing): two memcacheds would disagree with no proxy at all.
 DETERMINISTIC = ("-o", "no_lru_maintainer,no_lru_crawler")
@@ -110,17 +112,22 @@ def generate(rng: random.Random, keys: int = 8) -> bytes:
     return bytes(data)
 
 
-def exchange(port: int, chunks: list[bytes], quiet: float) -> tuple[bytes, bool]:
+def exchange(
+    port: int, chunks: list[bytes], quiet: float, marked: bool = False
+) -> tuple[bytes, bool]:
     """Send the chunks and the marker; read until the marker's reply, a close, or `quiet`
-    seconds of silence. (reply bytes, whether the server closed the connection)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    seconds of silence. (reply bytes, whether the server closed the connection).
+
+    marked: the other server answered the marker, so this one should too: wait for it (or a
+    close) up to PATIENCE_S instead of `quiet` (a stalled process is not a difference)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=PATIENCE_S)
     out = b""
     closed = False
     try:
         for chunk in chunks:
             sock.sendall(chunk)
         sock.sendall(MARKER)
-        sock.settimeout(quiet)
+        sock.settimeout(PATIENCE_S if marked else quiet)
         while not out.endswith(MARKER_REPLY):
             data = sock.recv(65536)
             if not data:
@@ -227,7 +234,7 @@ def parse_state(raw: bytes) -> State | None:
 
 def state(port: int) -> State:
     """The fuzzed keys (value, flags, cas, TTL) and the cas counter of one memcached."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=PATIENCE_S)
     out = b""
     try:
         sock.sendall(_STATE_PROBE)
@@ -433,7 +440,9 @@ def campaign(
             cut = rng.randrange(len(stream) + 1)
             chunks = [c for c in (stream[:cut], stream[cut:]) if c]
             direct = exchange(twin.direct.port, chunks, quiet)
-            proxied = exchange(twin.proxy.port, chunks, quiet)
+            proxied = exchange(
+                twin.proxy.port, chunks, quiet, marked=direct[0].endswith(MARKER_REPLY)
+            )
             before = settle(twin, stream, cut, before, findings, lock)
             with lock:
                 if not direct[0].endswith(MARKER_REPLY):

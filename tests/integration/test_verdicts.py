@@ -77,12 +77,16 @@ def _hammered(
     seconds: float,
     shared: list[str],
     during: Callable[[], None] | None = None,
+    stop_when_done: bool = False,
 ) -> Hammer:
-    """The hammer through `proxy` (`during()` run while it hammers), finished with no client
+    """The hammer through `proxy` (`during()` run while it hammers; with stop_when_done, the
+    hammer stops when during() returns, `seconds` only bounds it), finished with no client
     error, and its verdicts all in."""
     hammer = Hammer(proxy.port, connections, seconds, own_keys=10, shared=shared)
     if during is not None:
         during()
+        if stop_when_done:
+            hammer.stop()
     hammer.join()
     assert hammer.result.errors == []
     proxy.settle(120)
@@ -95,11 +99,13 @@ def hammer_gives_no_false_alarm(
     redis_get: RedisGet,
     seconds: float = 6.0,
     during: Callable[[], None] | None = None,
+    stop_when_done: bool = False,
 ) -> dict[str, object]:
     """The hammer through `proxy` (shadow with backfill), `during()` run while it hammers
     (a fault, a migration): no client error, no mismatch, and every key equal in both
     stores at the end. Returns the shadow's figures."""
-    hammer = _hammered(proxy, 32, seconds, [f"hot{i}" for i in range(6)], during)
+    hot = [f"hot{i}" for i in range(6)]
+    hammer = _hammered(proxy, 32, seconds, hot, during, stop_when_done)
     during = figures(proxy)
     print(f"\nhammer: {hammer.result.operations} operations, {during}")
     assert during["outcomes"].get("mismatch", 0) == 0, during["mismatches"]  # type: ignore[union-attr]

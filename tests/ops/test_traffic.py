@@ -110,7 +110,7 @@ def test_ramp_promotes_then_a_divergence_halts_and_an_operator_clears_it(
     stack: Stack, memcached: ServerProcess
 ) -> None:
     assert stack.api("GET", "/api/shadow")["sample_rate"] == 0.25
-    client = Client(("127.0.0.1", stack.proxy.port), default_noreply=False, timeout=5)
+    client = Client(("127.0.0.1", stack.proxy.port), default_noreply=False, timeout=30)
     stack.tick(0)
 
     # Step 1 (25% of keys): clean traffic, but the minimum hold is not over yet.
@@ -167,7 +167,7 @@ def test_ramp_promotes_then_a_divergence_halts_and_an_operator_clears_it(
 
 
 def test_report_from_real_traffic(stack: Stack, redis_server: ServerProcess) -> None:
-    client = Client(("127.0.0.1", stack.proxy.port), default_noreply=False, timeout=5)
+    client = Client(("127.0.0.1", stack.proxy.port), default_noreply=False, timeout=30)
     stack.tick(0)
     for key in KEYS:
         client.set(key, b"x" * 200)

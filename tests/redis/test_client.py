@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import select
 import ssl
 import subprocess
 import sys
@@ -281,6 +282,15 @@ async def test_callback_timeout_is_reported_once_and_resets_the_connection(
         await conn.close()
 
 
+def _wait_readable(conn: RedisConnection) -> None:
+    """Block (the loop held up) until the connection's socket has a reply to read."""
+    protocol = conn._protocol
+    assert protocol is not None and protocol._transport is not None
+    sock = protocol._transport.get_extra_info("socket")
+    readable, _, _ = select.select([sock], [], [], 30)
+    assert readable, "no reply from Redis in 30 s"
+
+
 async def test_a_starved_loop_reads_its_replies_before_calling_anything_timed_out(
     redis_factory: StartRedis,
 ) -> None:
@@ -297,7 +307,8 @@ async def test_a_starved_loop_reads_its_replies_before_calling_anything_timed_ou
         answered = Calls()
         conn.send_callback(answered, b"ECHO", b"quick")
         await asyncio.sleep(0)  # written
-        time.sleep(0.5)  # the loop is held up (CPU starvation): Redis answered long ago
+        _wait_readable(conn)  # Redis answered (whatever the host's load)...
+        time.sleep(0.5)  # ...and the loop is held up past the timeout (CPU starvation)
         assert await answered.wait() == (b"quick", None)
         assert conn.timeouts == 0 and conn.is_connected
         server.pause()
