@@ -614,49 +614,73 @@ class RedisCluster:
     """A Redis Cluster on loopback: `primaries` primaries with `replicas` replicas each, made
     with `redis-cli --cluster create`, a short cluster-node-timeout so failovers are quick."""
 
+    CREATE_ATTEMPTS = 3
+    """`redis-cli --cluster create` on a loaded host has been seen to fail once (exit status
+    1): a failed creation starts again on new nodes (new ports), at most this many times."""
+
     def __init__(self, directory: str, primaries: int = 3, replicas: int = 1) -> None:
         self.directory = directory
-        self.servers = [
-            ServerProcess(
-                lambda port: redis_argv(
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    f"nodes-{port}.conf",
-                    "--cluster-node-timeout",
-                    "1000",
-                    "--repl-diskless-sync-delay",  # replicas in sync at once, able to fail over
-                    "0",
-                    "--dir",
-                    directory,
-                )(port),
-                free_cluster_port(),
-            )
-            for _ in range(primaries * (1 + replicas))
-        ]
+        self.count = primaries * (1 + replicas)
         self.replicas = replicas
+        self.servers = self._nodes()
+
+    def _nodes(self) -> list[ServerProcess]:
+        """New nodes on ports whose pairs (port, bus port) are free and apart from each other."""
+        directory = self.directory
+        taken: set[int] = set()
+        servers = []
+        while len(servers) < self.count:
+            port = free_cluster_port()
+            if {port, port + 10000} & taken:
+                continue
+            taken |= {port, port + 10000}
+            servers.append(
+                ServerProcess(
+                    lambda port: redis_argv(
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        f"nodes-{port}.conf",
+                        "--cluster-node-timeout",
+                        "1000",
+                        "--repl-diskless-sync-delay",  # replicas in sync at once: can fail over
+                        "0",
+                        "--dir",
+                        directory,
+                    )(port),
+                    port,
+                )
+            )
+        return servers
 
     def start(self) -> RedisCluster:
-        for server in self.servers:
-            server.start()
-        addresses = [f"127.0.0.1:{server.port}" for server in self.servers]
-        replicas = str(self.replicas)
-        subprocess.run(
-            [
-                REDIS_CLI,
-                "--cluster",
-                "create",
-                *addresses,
-                "--cluster-replicas",
-                replicas,
-                "--cluster-yes",
-            ],
-            check=True,
-            stdout=subprocess.DEVNULL,
-            timeout=60,
-        )
-        self.wait_ok()
-        return self
+        failures = []
+        for _ in range(self.CREATE_ATTEMPTS):
+            for server in self.servers:
+                server.start()
+            addresses = [f"127.0.0.1:{server.port}" for server in self.servers]
+            created = subprocess.run(
+                [
+                    REDIS_CLI,
+                    "--cluster",
+                    "create",
+                    *addresses,
+                    "--cluster-replicas",
+                    str(self.replicas),
+                    "--cluster-yes",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            if created.returncode == 0:
+                self.wait_ok()
+                return self
+            said = (created.stdout + created.stderr)[-800:]
+            failures.append(f"exit {created.returncode}: {said}")
+            self.stop()
+            self.servers = self._nodes()
+        raise AssertionError(f"redis-cli --cluster create failed: {failures}")
 
     def cli(self, port: int, *args: str) -> str:
         done = subprocess.run(
