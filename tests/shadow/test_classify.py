@@ -297,8 +297,8 @@ def test_without_a_repair_everything_is_after() -> None:
 
 def test_the_redis_store_is_a_shadow_target() -> None:
     from proxy.redis.store import (
-    RedisStore,
-)
+        RedisStore,
+    )
     from proxy.shadow.engine.target import ShadowTarget
 
     # mypy checks the signatures where the engine is built; this checks nothing is missing.
@@ -309,6 +309,10 @@ def test_a_big_number_memcached_calls_non_numeric_is_its_overread() -> None:
     assert signed_overflow(b"9223372036854775808") and signed_overflow(b" +18446744073709551615x")
     assert not signed_overflow(b"9223372036854775807") and not signed_overflow(b"abc")
     assert not signed_overflow(b"18446744073709551616") and not signed_overflow(None)
+    # strtoull skips leading zeros: the number is still 2^63 or more (seen in memcached: 1 of
+    # 100 decrs of 00018446744073709551614 NON_NUMERIC after freed chunks of '-')
+    assert signed_overflow(b"000" + b"9" * 19) and signed_overflow(b"\t+0018446744073709551615")
+    assert not signed_overflow(b"0" * 30) and not signed_overflow(b"0" * 10 + b"1" * 12)
     diff = Difference(ERROR, "NON_NUMERIC", "STORED")
     assert judge_reread(diff, reread(memcached_signed_overflow=True)) == Verdict(
         NOISE, MEMCACHED_OVERREAD, REPAIR

@@ -115,12 +115,14 @@ class Reread:
 
 def signed_overflow(data: bytes | None) -> bool:
     """A value memcached's number parser scans past the end of for a '-' (MEMCACHED_OVERREAD):
-    a number (leading whitespace, an optional '+') from 2^63 up to 2^64 - 1."""
+    a number (leading whitespace, an optional '+', any leading zeros) from 2^63 up to
+    2^64 - 1."""
     if data is None:
         return False
     digits = data.lstrip(WHITESPACE).removeprefix(b"+")
     end = len(digits) - len(digits.lstrip(b"0123456789"))
-    return 0 < end <= 20 and 1 << 63 <= int(digits[:end]) < 1 << 64
+    number = digits[:end].lstrip(b"0")
+    return len(number) <= 20 and 1 << 63 <= int(number or b"0") < 1 << 64
 
 
 def blank(data: bytes | None) -> bool:
