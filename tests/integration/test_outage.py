@@ -180,7 +180,7 @@ def test_a_binary_only_memcached_is_served(memcached_binary: ServerProcess) -> N
         for port in (memcached_binary.port, proxy.port):
             client = RawClient(port)
             client.send(version)
-            replies.append(client.read_quiet(0.3, until=b"1.6.18"))
+            replies.append(client.read_quiet(30, limit=30, until=b"1.6.18"))
             client.close()
         assert replies[0] == replies[1] and replies[0].endswith(b"1.6.18")
         assert proxy.healths[0].ready
