@@ -23,6 +23,7 @@ from proxy.redis.store import (
     function_library,
 )
 from proxy.shadow.engine.classify import signed_overflow
+from tests.support import memcached_stats
 
 T = TypeVar("T")
 
@@ -40,6 +41,7 @@ class MemcachedText:
     """Blocking memcached text-protocol client that returns raw reply lines and blocks."""
 
     def __init__(self, port: int) -> None:
+        self.port = port
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=PATIENCE_S)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.file = self.sock.makefile("rb")
@@ -87,14 +89,7 @@ class MemcachedText:
     def clock_lag(self) -> float:
         """How far memcached's clock (whole seconds, ticked by a timer that a loaded host
         delays) is behind ours: its TTLs read that much longer than Redis's."""
-        self._send(b"stats", None)
-        mc_time = None
-        while (reply := self._line()) != b"END":
-            name, _, value = reply.removeprefix(b"STAT ").partition(b" ")
-            if name == b"time":
-                mc_time = int(value)
-        assert mc_time is not None, "memcached's stats have no time"
-        return max(0.0, time.time() - mc_time)
+        return max(0.0, time.time() - int(memcached_stats(self.port)["time"]))
 
     def meta(self, line: bytes, data: bytes | None = None) -> tuple[list[bytes], bytes | None]:
         """A meta command: the reply tokens, and the block of a VA reply."""
